@@ -1,0 +1,141 @@
+"""The CPU backend: device memory is the executor's own memory, kernels are CUDA C compiled
+for the host (kubecash.broker.cpukernels) and run across the executor's worker threads.
+
+Every backend offers the same methods; the executor calls nothing else:
+    alloc(size) -> ptr           free(ptr, size)
+    map_file(fd, size) -> ptr    unmap(ptr, size)          (shared host memory)
+    htod(dst, host_addr, n)      dtoh(host_addr, src, n)    dtod(dst, src, n)
+    memset(dst, value, width, count)
+    load_module(kind, source, image, options) -> module    unload_module(module)
+    get_function(module, name) -> (function, param_sizes)  get_global(module, name) -> (ptr, size)
+    launch(function, grid, block, shared, args)            synchronize()   close()
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from typing import Sequence
+
+from kubecash.client.errors import CUresult, error_from_code
+
+from . import cpukernels
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _mmap(size: int, fd: int = -1) -> int:
+    flags = mmap.MAP_SHARED if fd >= 0 else (mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # MAP_NORESERVE: quota accounting is ours; do not let overcommit heuristics refuse.
+    addr = _libc.mmap(None, max(size, 1), mmap.PROT_READ | mmap.PROT_WRITE,
+                      flags | getattr(mmap, "MAP_NORESERVE", 0), fd, 0)
+    if addr in (None, _MAP_FAILED):
+        err = ctypes.get_errno()
+        raise error_from_code(CUresult.CUDA_ERROR_OUT_OF_MEMORY,
+                      f"host mmap of {size} bytes failed: {os.strerror(err)}")
+    return addr
+
+
+class CpuBackend:
+    kind = "cpu"
+
+    def __init__(self, threads: int, cache_dir: str):
+        self.threads = max(1, threads)
+        self.cache_dir = cache_dir
+        self.launcher = cpukernels.Launcher(self.threads)
+        self._closed = False
+
+    # -- memory -------------------------------------------------------------------------
+    def alloc(self, size: int) -> int:
+        return _mmap(size)
+
+    def free(self, ptr: int, size: int) -> None:
+        _libc.munmap(ptr, max(size, 1))
+
+    def map_file(self, fd: int, size: int) -> int:
+        return _mmap(size, fd)
+
+    unmap = free
+
+    def htod(self, dst: int, host_addr: int, n: int) -> None:
+        ctypes.memmove(dst, host_addr, n)
+
+    dtoh = htod
+    dtod = htod
+
+    def memset(self, dst: int, value: int, width: int, count: int) -> None:
+        if width == 1:
+            ctypes.memset(dst, value & 0xFF, count)
+            return
+        nbytes = width * count
+        if nbytes == 0:
+            return
+        ctypes.memmove(dst, (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little"), width)
+        done = width
+        while done < nbytes:               # doubling copies: log2(count) memmoves
+            step = min(done, nbytes - done)
+            ctypes.memmove(dst + done, dst, step)
+            done += step
+
+    # -- modules and launches -------------------------------------------------------------
+    def load_module(self, kind: str, source: str | None, image: bytes | None,
+                    options: Sequence[str]) -> cpukernels.CompiledModule:
+        if kind != "cuda-c" or source is None:
+            raise error_from_code(CUresult.CUDA_ERROR_NO_BINARY_FOR_GPU,
+                          f"a CPU device runs CUDA C source only; a {kind} image with no "
+                          "known source cannot run here")
+        try:
+            return cpukernels.compile_module(source, options, cache_dir=self.cache_dir)
+        except cpukernels.UnsupportedConstructError as e:
+            raise error_from_code(CUresult.CUDA_ERROR_NOT_SUPPORTED,
+                          f"the CPU backend does not support {e.construct}", log=e.log) from None
+        except cpukernels.KernelCompileError as e:
+            raise error_from_code(CUresult.CUDA_ERROR_INVALID_SOURCE,
+                          "module does not compile: " + _first_error(e.log), log=e.log) from None
+
+    def unload_module(self, module: cpukernels.CompiledModule) -> None:
+        module.close()
+
+    def get_function(self, module: cpukernels.CompiledModule, name: str):
+        try:
+            k = module.kernel(name)
+        except KeyError:
+            raise error_from_code(CUresult.CUDA_ERROR_NOT_FOUND,
+                          f"no kernel named '{name}' in the module (it has: "
+                          f"{', '.join(sorted(set(k.name for k in module.kernels.values())))})") from None
+        return (module, k), k.param_sizes
+
+    def get_global(self, module: cpukernels.CompiledModule, name: str) -> tuple[int, int]:
+        try:
+            return module.global_symbol(name)
+        except KeyError:
+            raise error_from_code(CUresult.CUDA_ERROR_NOT_FOUND,
+                          f"no global variable named '{name}' in the module") from None
+
+    def launch(self, function, grid, block, shared: int, args: Sequence[bytes]) -> None:
+        module, kernel = function
+        try:
+            self.launcher.launch(module, kernel, tuple(grid), tuple(block), shared, args)
+        except ValueError as e:
+            raise error_from_code(CUresult.CUDA_ERROR_INVALID_VALUE, str(e)) from None
+
+    def synchronize(self) -> None:
+        pass  # launches and copies complete before they return
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.launcher.close()
+
+
+def _first_error(log: str) -> str:
+    for line in log.splitlines():
+        if "error" in line:
+            return line.strip()[:500]
+    return (log.strip().splitlines() or ["(no compiler output)"])[0][:500]

@@ -1,0 +1,45 @@
+"""`kubecash-broker`: the per-node daemon."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from . import config as cfg
+from .devices import discover
+from .server import Broker
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kubecash-broker",
+                                 description="KubeCASH broker: shares this node's accelerators "
+                                             "among tenants by time and memory quotas")
+    ap.add_argument("--config", required=True, help="quota file (TOML)")
+    ap.add_argument("--runtime-dir", help="override [broker] runtime_dir")
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    devices = discover()
+    try:
+        config = cfg.load(a.config, device_count=len(devices))
+    except cfg.ConfigError as e:
+        print(f"kubecash-broker: {e}", file=sys.stderr)
+        return 2
+    if a.runtime_dir:
+        import dataclasses
+        config = dataclasses.replace(config, broker=dataclasses.replace(
+            config.broker, runtime_dir=a.runtime_dir))
+    broker = Broker(config, devices)
+
+    def stop(*_):
+        broker.stopping = True
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    broker.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

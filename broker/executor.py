@@ -1,0 +1,825 @@
+"""Executor: the data plane. One process per (tenant, device), started and reaped by the broker.
+
+It owns the tenant's context on the device: allocations, modules, streams, events, the
+shared-memory segments it shares with the tenant's clients. Clients talk to it directly on
+`<tenant dir>/<device>.sock`; the broker talks to it on a private control socket.
+
+Threads
+- main: the only thread touching sockets and session tables; validates each request,
+  answers the immediate ones (alloc, module load bookkeeping, queries) and queues the rest.
+- runner: executes queued work in per-session FIFO order, one operation at a time, round
+  robin across sessions. Executing each session's requests in submission order is a valid
+  schedule for every CUDA stream semantics (stream order, legacy default stream, events
+  recorded before a wait), so streams only need to track what is pending on them.
+- compiler: module builds (seconds of g++) run off the main thread.
+Work done off the main thread comes back as callables on `self._calls`, with a pipe to wake
+the main loop.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import ctypes
+import dataclasses
+import logging
+import os
+import queue
+import secrets
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import zmq
+
+from kubecash.client import protocol as P
+from kubecash.client.errors import CUresult, CudaError, ProtocolError, error_from_code
+
+log = logging.getLogger("kubecash.executor")
+
+E = CUresult
+MAX_GRID = (2**31 - 1, 65535, 65535)
+MAX_BLOCK = (1024, 1024, 64)
+
+
+def _err(code: int, msg: str, log: str = "") -> CudaError:
+    return error_from_code(code, msg, log=log)
+
+
+@dataclasses.dataclass
+class Stream:
+    handle: int
+    pending: int = 0
+
+
+@dataclasses.dataclass
+class Event:
+    handle: int
+    pending: int = 0
+    time_ns: int | None = None
+
+
+@dataclasses.dataclass
+class HostAlloc:
+    size: int
+    path: str
+    fd: int
+
+
+@dataclasses.dataclass
+class Op:
+    fn: Callable[[], dict[str, Any] | None]
+    ident: bytes | None          # reply to this peer, or None for an async op
+    req_id: int
+    stream: Stream | None
+    event: Event | None = None
+    sync_point: bool = False     # its reply carries errors kept from earlier async work
+    kernel: bool = False
+    device: bool = False         # uses the device: runs only under the broker's lease
+
+
+class Session:
+    def __init__(self, token: bytes):
+        self.token = token
+        self.allocs: dict[int, int] = {}        # device pointer -> size
+        self.bases: list[int] = []              # sorted keys of allocs + host, for range checks
+        self.host: dict[int, HostAlloc] = {}    # mapped host memory, executor address -> alloc
+        self.modules: dict[int, Any] = {}
+        self.functions: dict[int, tuple[int, Any, tuple[int, ...]]] = {}
+        self.streams: dict[int, Stream] = {0: Stream(0)}
+        self.events: dict[int, Event] = {}
+        self.queue: collections.deque[Op] = collections.deque()
+        self.deferred: CudaError | None = None  # first error of an async op, until a sync point
+        self.staging: tuple[int, int] | None = None   # (executor address, size)
+        self.closed = False
+        self.in_ready = False                   # listed in the runner's round robin
+
+
+class Executor:
+    def __init__(self, tenant: str, device: dict[str, Any], runtime_dir: str, control: str,
+                 secret: bytes, memory_limit: int, threads: int, cache_dir: str,
+                 max_message_bytes: int = P.MAX_MESSAGE_BYTES,
+                 staging_bytes: int = P.DEFAULT_STAGING_BYTES):
+        self.tenant = tenant
+        self.device = device
+        self.dev_name = device["name"]
+        self.tenant_dir = P.tenant_dir(runtime_dir, tenant)
+        self.shm_dir = os.path.join(self.tenant_dir, "shm")
+        self.control_addr = control
+        self.secret = secret
+        self.memory_limit = memory_limit
+        self.memory_used = 0
+        self.max_message_bytes = max_message_bytes
+        self.staging_bytes = staging_bytes
+        self.sessions: dict[bytes, Session] = {}
+        self._handle = 0x1000
+        self._lock = threading.Lock()           # memory accounting and the run queue
+        self._cv = threading.Condition(self._lock)
+        self._ready: collections.deque[Session] = collections.deque()
+        self._stopping = False
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self.device_ns = 0
+        self.kernels = 0
+        self._stats_sent: tuple[int, int, int] | None = None
+        # device lease state (guarded by self._cv)
+        self._lease: int | None = None
+        self._lease_quantum = 0
+        self._lease_used = 0
+        self._lease_kernels = 0
+        self._wanted = False
+        self._preempted = False
+        if device["kind"] == "cpu":
+            from .backend_cpu import CpuBackend
+            self.backend = CpuBackend(threads, cache_dir)
+        else:
+            from .backend_cuda import CudaBackend  # noqa: F401  (GPU backend)
+            self.backend = CudaBackend(device, cache_dir)
+        self.compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile")
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.ctl = self.ctx.socket(zmq.DEALER)
+        self.ctl.setsockopt(zmq.LINGER, 1000)
+        self.runner = threading.Thread(target=self._run, name="runner", daemon=True)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _new_handle(self) -> int:
+        self._handle += 1
+        return self._handle
+
+    def _call_in_main(self, fn: Callable[[], None]) -> None:
+        self._calls.put(fn)
+        os.write(self._wake_w, b"x")
+
+    def _send(self, ident: bytes, payload: bytes) -> None:
+        try:
+            self.sock.send_multipart([ident, payload], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the client is gone or not reading; its session ends through the broker
+
+    def _report(self, op: str, **fields: Any) -> None:
+        self.ctl.send(P.pack({"v": P.VERSION, "op": op, **fields}))
+
+    def serve(self) -> None:
+        path = P.executor_socket_path(os.path.dirname(os.path.dirname(self.tenant_dir)),
+                                      self.tenant, self.dev_name)
+        os.makedirs(self.shm_dir, mode=0o700, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)
+        self.sock.bind(f"ipc://{path}")
+        self.ctl.connect(self.control_addr)
+        self.runner.start()
+        self._report("ready", tenant=self.tenant, device=self.dev_name, secret=self.secret,
+                     pid=os.getpid())
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.ctl, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_stats = time.monotonic()
+        try:
+            while not self._stopping:
+                events = dict(poller.poll(100))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
+                while True:
+                    try:
+                        call = self._calls.get_nowait()
+                    except queue.Empty:
+                        break
+                    try:
+                        call()
+                    except Exception:
+                        log.exception("internal error in deferred work")
+                if self.ctl in events:
+                    self._on_control(self.ctl.recv())
+                if self.sock in events:
+                    for _ in range(256):     # bounded batch so control stays responsive
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_client(frames)
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + 0.25
+                    self._send_stats()
+        finally:
+            self._shutdown()
+
+    def _send_stats(self) -> None:
+        stats = (self.device_ns, self.kernels, self.memory_used)
+        if stats != self._stats_sent:
+            self._stats_sent = stats
+            self._report("stats", device_ns=stats[0], kernels=stats[1], memory_used=stats[2])
+
+    def _shutdown(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self.runner.join(timeout=5)
+        for s in list(self.sessions.values()):
+            self._release(s)
+        self.compiler.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+        self.sock.close()
+        self.ctl.close()
+        self.ctx.term()
+
+    # -- control channel (from the broker) --------------------------------------------------
+    def _on_control(self, frame: bytes) -> None:
+        try:
+            msg = P.unpack(frame)
+            op = P.check_request(msg, P.CONTROL_OPS)
+        except ProtocolError as e:
+            log.error("bad control message: %s", e)
+            return
+        if op == "session_add":
+            self.sessions.setdefault(msg["session"], Session(msg["session"]))
+            self._report("session_added", session=msg["session"])
+        elif op == "session_end":
+            s = self.sessions.get(msg["session"])
+            if s is None or s.closed:
+                if s is None:
+                    self._report("session_ended", session=msg["session"])
+                return
+            s.closed = True
+            token = s.token
+
+            def ended() -> None:
+                self.sessions.pop(token, None)
+                self._report("session_ended", session=token)
+
+            def cleanup() -> None:         # runs on the runner, after the op in progress
+                self._release(s)
+                self._call_in_main(ended)
+            with self._cv:
+                s.queue.clear()
+                self._enqueue_locked(s, Op(cleanup, None, 0, None))
+        elif op == "grant":
+            self._on_grant(msg["lease"], msg["quantum_ns"])
+        elif op == "preempt":
+            with self._cv:
+                if self._lease == msg["lease"]:
+                    self._preempted = True
+        elif op == "set_quota":
+            self.memory_limit = msg["memory"]
+        elif op == "shutdown":
+            self._stopping = True
+
+    # -- client requests -----------------------------------------------------------------
+    def _on_client(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            if frames:
+                self._send(frames[0], P.error(0, E.CUDA_ERROR_INVALID_VALUE,
+                                              f"expected one message frame, got {len(frames) - 1}"))
+            return
+        ident, frame = frames
+        msg: Any = None
+        try:
+            msg = P.unpack(frame, self.max_message_bytes)
+            op = P.check_request(msg, P.EXECUTOR_OPS)
+            s = self.sessions.get(msg["session"])
+            if s is None or s.closed:
+                raise _err(E.CUDA_ERROR_INVALID_CONTEXT,
+                           "unknown or ended session (open one through the broker)")
+            result = getattr(self, "op_" + op)(s, msg, ident)
+            if result is not None:
+                self._send(ident, P.reply(msg["id"], **result))
+        except ProtocolError as e:
+            self._send(ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
+        except CudaError as e:
+            if isinstance(msg, dict) and msg.get("async") and msg.get("session") in self.sessions:
+                s = self.sessions[msg["session"]]
+                s.deferred = s.deferred or e
+            else:
+                self._send(ident, P.error(P.request_id_of(msg), e.code, e.message, e.log))
+        except Exception as e:  # a bug here must not take the tenant's executor down
+            log.exception("internal error handling a request")
+            self._send(ident, P.error(P.request_id_of(msg), E.CUDA_ERROR_UNKNOWN,
+                                      f"internal error: {type(e).__name__}: {e}"))
+
+    # helpers that look things up in the session's own tables
+    def _stream(self, s: Session, msg: dict) -> Stream:
+        h = msg.get("stream", 0) or 0
+        st = s.streams.get(h)
+        if st is None:
+            raise _err(E.CUDA_ERROR_INVALID_HANDLE, f"stream {h:#x} is not one of this session's")
+        return st
+
+    def _event(self, s: Session, h: int) -> Event:
+        ev = s.events.get(h)
+        if ev is None:
+            raise _err(E.CUDA_ERROR_INVALID_HANDLE, f"event {h:#x} is not one of this session's")
+        return ev
+
+    def _check_range(self, s: Session, ptr: int, n: int, what: str) -> None:
+        """[ptr, ptr+n) must lie inside one allocation (device or mapped host) of this session."""
+        i = bisect.bisect_right(s.bases, ptr) - 1
+        if i >= 0:
+            base = s.bases[i]
+            size = s.allocs.get(base)
+            if size is None:
+                size = s.host[base].size
+            if ptr + n <= base + size:
+                return
+            raise _err(E.CUDA_ERROR_INVALID_VALUE,
+                       f"{what} range {ptr:#x}+{n} runs past the end of its allocation "
+                       f"{base:#x}+{size}")
+        raise _err(E.CUDA_ERROR_INVALID_VALUE,
+                   f"{what} {ptr:#x} is not in any allocation of this session")
+
+    def _staging_range(self, s: Session, offset: int, n: int) -> int:
+        if s.staging is None:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE, "no staging segment: send 'attach' first")
+        addr, size = s.staging
+        if offset + n > size:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE,
+                       f"staging range {offset}+{n} exceeds the segment of {size} bytes")
+        return addr + offset
+
+    def _enqueue(self, s: Session, op: Op) -> None:
+        with self._cv:
+            self._enqueue_locked(s, op)
+
+    def _enqueue_locked(self, s: Session, op: Op) -> None:
+        if op.stream is not None:
+            op.stream.pending += 1
+        if op.event is not None:
+            op.event.pending += 1
+        s.queue.append(op)
+        if not s.in_ready:
+            s.in_ready = True
+            self._ready.append(s)
+        self._cv.notify()
+
+    def _queue_op(self, s: Session, msg: dict, ident: bytes, fn: Callable[[], Any], *,
+                  stream: Stream | None = None, event: Event | None = None,
+                  sync_point: bool = True, kernel: bool = False, device: bool = False) -> None:
+        asynchronous = bool(msg.get("async"))
+        self._enqueue(s, Op(fn, None if asynchronous else ident, msg["id"], stream, event,
+                            sync_point and not asynchronous, kernel, device or kernel))
+
+    # -- the runner and the device lease ------------------------------------------------
+    # Work that uses the device runs only while this executor holds the broker's lease for
+    # it. The runner asks for the lease when such work reaches the head of a queue, runs
+    # work until the quantum is spent, it is preempted, or nothing is left, then gives the
+    # lease back reporting the device time it measured.
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    if self._stopping:
+                        return
+                    if not self._ready:
+                        self._release_locked(more=False)
+                        self._cv.wait()
+                        continue
+                    s = self._ready[0]
+                    if not s.queue:
+                        self._ready.popleft()
+                        s.in_ready = False
+                        continue
+                    op = s.queue[0]
+                    if op.device and self._lease is None:
+                        if not self._wanted:
+                            self._wanted = True
+                            self._call_in_main(lambda: self._report("want"))
+                        self._cv.wait()
+                        continue
+                    self._ready.popleft()
+                    s.queue.popleft()
+                    if s.queue:
+                        self._ready.append(s)
+                    else:
+                        s.in_ready = False
+                    break
+            dt = self._execute(s, op)
+            if op.device:
+                with self._cv:
+                    if self._lease is not None:
+                        self._lease_used += dt
+                        self._lease_kernels += op.kernel
+                        if self._lease_used >= self._lease_quantum or self._preempted:
+                            self._release_locked(more=bool(self._ready))
+
+    def _release_locked(self, more: bool) -> None:
+        if self._lease is None:
+            return
+        fields = {"lease": self._lease, "used_ns": self._lease_used,
+                  "kernels": self._lease_kernels, "more": more}
+        self._lease = None
+        self._wanted = more           # the broker counts a release with more work as a want
+        self._call_in_main(lambda: self._report("release", **fields))
+
+    def _on_grant(self, lease: int, quantum_ns: int) -> None:
+        with self._cv:
+            self._lease, self._lease_quantum = lease, quantum_ns
+            self._lease_used = self._lease_kernels = 0
+            self._preempted = self._wanted = False
+            self._cv.notify_all()
+
+    def _execute(self, s: Session, op: Op) -> int:
+        t0 = time.perf_counter_ns()
+        result: dict[str, Any] | None = None
+        error: CudaError | None = None
+        try:
+            result = op.fn() or {}
+        except CudaError as e:
+            error = e
+        except Exception as e:
+            log.exception("internal error executing an operation")
+            error = _err(E.CUDA_ERROR_UNKNOWN, f"internal error: {type(e).__name__}: {e}")
+        dt = time.perf_counter_ns() - t0
+        with self._cv:
+            if op.device:
+                self.device_ns += dt
+            if op.kernel and error is None:
+                self.kernels += 1
+            if op.stream is not None:
+                op.stream.pending -= 1
+            if op.event is not None:
+                op.event.pending -= 1
+            if op.ident is None:
+                if error is not None and s.deferred is None:
+                    s.deferred = error
+                return dt
+            if op.sync_point and s.deferred is not None and error is None:
+                error, s.deferred = s.deferred, None
+        payload = (P.error(op.req_id, error.code, error.message, error.log) if error
+                   else P.reply(op.req_id, **result))
+        ident = op.ident
+        self._call_in_main(lambda: self._send(ident, payload))
+        return dt
+
+    # -- resources ----------------------------------------------------------------------
+    def _release(self, s: Session) -> None:
+        """Free everything a session holds (runs on the runner or at shutdown)."""
+        for ptr, size in list(s.allocs.items()):
+            self.backend.free(ptr, size)
+            with self._lock:
+                self.memory_used -= size
+        s.allocs.clear()
+        for ptr, h in list(s.host.items()):
+            self._drop_host(ptr, h)
+        s.host.clear()
+        s.bases.clear()
+        if s.staging:
+            self.backend.unmap(*s.staging)
+            s.staging = None
+        for m in s.modules.values():
+            self.backend.unload_module(m)
+        s.modules.clear()
+        s.functions.clear()
+
+    def _drop_host(self, ptr: int, h: HostAlloc) -> None:
+        self.backend.unmap(ptr, h.size)
+        os.close(h.fd)
+        try:
+            os.unlink(h.path)
+        except FileNotFoundError:
+            pass
+        if self.backend.kind == "cpu":       # on a CPU device host memory is device memory
+            with self._lock:
+                self.memory_used -= h.size
+
+    def _charge(self, size: int, what: str) -> None:
+        with self._lock:
+            if self.memory_used + size > self.memory_limit:
+                raise _err(E.CUDA_ERROR_OUT_OF_MEMORY,
+                           f"{what} of {size} bytes exceeds tenant '{self.tenant}' memory quota "
+                           f"on {self.dev_name}: limit {self.memory_limit} bytes, "
+                           f"{self.memory_used} in use")
+            self.memory_used += size
+
+    def _uncharge(self, size: int) -> None:
+        with self._lock:
+            self.memory_used -= size
+
+    def _shm_file(self, kind: str, size: int) -> tuple[str, int]:
+        name = f"{self.dev_name}-{secrets.token_hex(8)}.{kind}"
+        path = os.path.join(self.shm_dir, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return path, fd
+
+    # -- operations: each op_<name> handles the request of that name ----------------------
+    def op_attach(self, s: Session, msg: dict, ident: bytes):
+        if s.staging is None:
+            path, fd = self._shm_file("staging", self.staging_bytes)
+            try:
+                s.staging = (self.backend.map_file(fd, self.staging_bytes), self.staging_bytes)
+            finally:
+                os.close(fd)
+        else:
+            path = ""
+        return {"staging": os.path.basename(path), "staging_size": self.staging_bytes,
+                "memory_limit": self.memory_limit, "device": self.device}
+
+    def op_mem_alloc(self, s: Session, msg: dict, ident: bytes):
+        size = msg["size"]
+        if size == 0:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE, "cannot allocate 0 bytes")
+        self._charge(size, "allocation")
+        try:
+            ptr = self.backend.alloc(size)
+        except CudaError:
+            self._uncharge(size)
+            raise
+        s.allocs[ptr] = size
+        bisect.insort(s.bases, ptr)
+        return {"ptr": ptr}
+
+    def op_mem_free(self, s: Session, msg: dict, ident: bytes):
+        ptr = msg["ptr"]
+        size = s.allocs.pop(ptr, None)
+        if size is None:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE,
+                       f"{ptr:#x} is not the start of an allocation of this session")
+        s.bases.remove(ptr)
+
+        def free() -> None:               # after the work queued before it has run
+            self.backend.free(ptr, size)
+            self._uncharge(size)
+        self._queue_op(s, msg, ident, free)
+
+    def op_mem_info(self, s: Session, msg: dict, ident: bytes):
+        with self._lock:
+            return {"free": max(0, self.memory_limit - self.memory_used),
+                    "total": self.memory_limit}
+
+    def op_host_alloc(self, s: Session, msg: dict, ident: bytes):
+        size = msg["size"]
+        if size == 0:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE, "cannot allocate 0 bytes")
+        counts = self.backend.kind == "cpu"
+        if counts:
+            self._charge(size, "mapped host allocation")
+        try:
+            path, fd = self._shm_file("host", size)
+            ptr = self.backend.map_file(fd, size)
+        except (OSError, CudaError) as e:
+            if counts:
+                self._uncharge(size)
+            if isinstance(e, CudaError):
+                raise
+            raise _err(E.CUDA_ERROR_OUT_OF_MEMORY, f"mapped host allocation failed: {e}") from None
+        s.host[ptr] = HostAlloc(size, path, fd)
+        bisect.insort(s.bases, ptr)
+        return {"ptr": ptr, "path": os.path.basename(path)}
+
+    def op_host_mapped(self, s: Session, msg: dict, ident: bytes):
+        h = s.host.get(msg["ptr"])
+        if h is None:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE, f"{msg['ptr']:#x} is not a mapped host allocation")
+        try:                               # both sides have it mapped: the name can go
+            os.unlink(h.path)
+        except FileNotFoundError:
+            pass
+        return {}
+
+    def op_host_free(self, s: Session, msg: dict, ident: bytes):
+        ptr = msg["ptr"]
+        h = s.host.pop(ptr, None)
+        if h is None:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE, f"{ptr:#x} is not a mapped host allocation")
+        s.bases.remove(ptr)
+        self._queue_op(s, msg, ident, lambda: self._drop_host(ptr, h))
+
+    def op_memcpy_htod(self, s: Session, msg: dict, ident: bytes):
+        dst, n = msg["dst"], msg["size"]
+        self._check_range(s, dst, n, "destination")
+        st = self._stream(s, msg)
+        if "data" in msg:
+            data = msg["data"]
+            if len(data) != n:
+                raise _err(E.CUDA_ERROR_INVALID_VALUE, f"inline data is {len(data)} bytes, size says {n}")
+            fn = lambda: self.backend.htod(dst, data, n)  # noqa: E731
+        elif "offset" in msg:
+            if msg.get("async"):
+                raise _err(E.CUDA_ERROR_INVALID_VALUE, "a staged copy cannot be asynchronous")
+            src = self._staging_range(s, msg["offset"], n)
+            fn = lambda: self.backend.htod(dst, src, n)  # noqa: E731
+        else:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE, "memcpy_htod needs 'data' or 'offset'")
+        self._queue_op(s, msg, ident, fn, stream=st, device=True)
+
+    def op_memcpy_dtoh(self, s: Session, msg: dict, ident: bytes):
+        src, n = msg["src"], msg["size"]
+        self._check_range(s, src, n, "source")
+        st = self._stream(s, msg)
+        if "offset" in msg:
+            dst = self._staging_range(s, msg["offset"], n)
+            fn = lambda: self.backend.dtoh(dst, src, n)  # noqa: E731
+        elif n <= P.INLINE_MAX:
+            def fn():
+                buf = ctypes.create_string_buffer(n)
+                self.backend.dtoh(ctypes.addressof(buf), src, n)
+                return {"data": buf.raw}
+        else:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE,
+                       f"an inline copy is limited to {P.INLINE_MAX} bytes; use the staging segment")
+        self._queue_op(s, msg, ident, fn, stream=st, device=True)
+
+    def op_memcpy_dtod(self, s: Session, msg: dict, ident: bytes):
+        dst, src, n = msg["dst"], msg["src"], msg["size"]
+        self._check_range(s, dst, n, "destination")
+        self._check_range(s, src, n, "source")
+        self._queue_op(s, msg, ident, lambda: self.backend.dtod(dst, src, n), stream=self._stream(s, msg),
+                       device=True)
+
+    def op_memset(self, s: Session, msg: dict, ident: bytes):
+        dst, width, count = msg["dst"], msg["width"], msg["count"]
+        if width not in (1, 2, 4):
+            raise _err(E.CUDA_ERROR_INVALID_VALUE, f"memset element width must be 1, 2 or 4, not {width}")
+        self._check_range(s, dst, width * count, "destination")
+        value = msg["value"]
+        self._queue_op(s, msg, ident, lambda: self.backend.memset(dst, value, width, count),
+                       stream=self._stream(s, msg), device=True)
+
+    def op_module_load(self, s: Session, msg: dict, ident: bytes):
+        kind = msg["kind"]
+        if kind not in ("cuda-c", "ptx", "cubin", "fatbin"):
+            raise _err(E.CUDA_ERROR_INVALID_VALUE, f"unknown module kind '{kind}'")
+        args = (kind, msg.get("source"), msg.get("image"), tuple(msg.get("options", ())))
+        rid = msg["id"]
+
+        def build() -> None:
+            try:
+                module = self.backend.load_module(*args)
+            except CudaError as e:
+                err = P.error(rid, e.code, e.message, e.log)   # `e` is unbound after except
+                self._call_in_main(lambda: self._send(ident, err))
+                return
+            except Exception as e:
+                log.exception("module build failed")
+                err = P.error(rid, E.CUDA_ERROR_UNKNOWN, f"internal error: {e}")
+                self._call_in_main(lambda: self._send(ident, err))
+                return
+
+            def register() -> None:
+                if s.closed:
+                    self.backend.unload_module(module)
+                    return
+                h = self._new_handle()
+                s.modules[h] = module
+                self._send(ident, P.reply(rid, module=h))
+            self._call_in_main(register)
+        self.compiler.submit(build)
+
+    def op_module_unload(self, s: Session, msg: dict, ident: bytes):
+        m = s.modules.pop(msg["module"], None)
+        if m is None:
+            raise _err(E.CUDA_ERROR_INVALID_HANDLE, f"module {msg['module']:#x} is not one of this session's")
+        for fh in [fh for fh, (mh, _, _) in s.functions.items() if mh == msg["module"]]:
+            del s.functions[fh]
+        self._queue_op(s, msg, ident, lambda: self.backend.unload_module(m))
+
+    def _module(self, s: Session, h: int):
+        m = s.modules.get(h)
+        if m is None:
+            raise _err(E.CUDA_ERROR_INVALID_HANDLE, f"module {h:#x} is not one of this session's")
+        return m
+
+    def op_get_function(self, s: Session, msg: dict, ident: bytes):
+        fn, sizes = self.backend.get_function(self._module(s, msg["module"]), msg["name"])
+        h = self._new_handle()
+        s.functions[h] = (msg["module"], fn, tuple(sizes))
+        return {"function": h, "param_sizes": list(sizes)}
+
+    def op_get_global(self, s: Session, msg: dict, ident: bytes):
+        ptr, size = self.backend.get_global(self._module(s, msg["module"]), msg["name"])
+        return {"ptr": ptr, "size": size}
+
+    def op_launch(self, s: Session, msg: dict, ident: bytes):
+        entry = s.functions.get(msg["function"])
+        if entry is None:
+            raise _err(E.CUDA_ERROR_INVALID_HANDLE, f"function {msg['function']:#x} is not one of this session's")
+        _, fn, sizes = entry
+        grid, block, args = msg["grid"], msg["block"], msg["args"]
+        if len(grid) != 3 or len(block) != 3:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE, "grid and block must have 3 dimensions")
+        for what, dims, lim in (("grid", grid, MAX_GRID), ("block", block, MAX_BLOCK)):
+            if any(not 1 <= d <= m for d, m in zip(dims, lim)):
+                raise _err(E.CUDA_ERROR_INVALID_VALUE, f"{what} {tuple(dims)} outside 1..{lim}")
+        if block[0] * block[1] * block[2] > 1024:
+            raise _err(E.CUDA_ERROR_INVALID_VALUE,
+                       f"block {tuple(block)} has {block[0] * block[1] * block[2]} threads; at most 1024")
+        if msg["shared"] > self.device.get("max_shared_memory_per_block", 48 << 10):
+            raise _err(E.CUDA_ERROR_INVALID_VALUE, f"{msg['shared']} bytes of dynamic shared memory "
+                       "exceeds the device's limit")
+        if len(args) != len(sizes) or any(len(a) != n for a, n in zip(args, sizes)):
+            raise _err(E.CUDA_ERROR_INVALID_VALUE,
+                       f"kernel takes {len(sizes)} parameters of sizes {list(sizes)}; got "
+                       f"{len(args)} of sizes {[len(a) for a in args]}")
+        shared = msg["shared"]
+        self._queue_op(s, msg, ident, lambda: self.backend.launch(fn, grid, block, shared, args),
+                       stream=self._stream(s, msg), sync_point=False, kernel=True)
+
+    def op_stream_create(self, s: Session, msg: dict, ident: bytes):
+        h = self._new_handle()
+        s.streams[h] = Stream(h)
+        return {"stream": h}
+
+    def op_stream_destroy(self, s: Session, msg: dict, ident: bytes):
+        if msg["stream"] == 0 or s.streams.pop(msg["stream"], None) is None:
+            raise _err(E.CUDA_ERROR_INVALID_HANDLE, f"stream {msg['stream']:#x} is not one of this session's")
+        return {}   # work already queued on it still runs (as in CUDA)
+
+    def op_stream_sync(self, s: Session, msg: dict, ident: bytes):
+        self._stream(s, msg)
+        self._queue_op(s, msg, ident, lambda: None)
+
+    def op_stream_query(self, s: Session, msg: dict, ident: bytes):
+        return {"ready": self._stream(s, msg).pending == 0}
+
+    def op_stream_wait_event(self, s: Session, msg: dict, ident: bytes):
+        # Work runs in submission order, so the event's last record is already ahead of
+        # anything queued after this: validation is all there is to do.
+        self._stream(s, msg)
+        self._event(s, msg["event"])
+        if not msg.get("async"):
+            return {}
+
+    def op_event_create(self, s: Session, msg: dict, ident: bytes):
+        h = self._new_handle()
+        s.events[h] = Event(h)
+        return {"event": h}
+
+    def op_event_destroy(self, s: Session, msg: dict, ident: bytes):
+        if s.events.pop(msg["event"], None) is None:
+            raise _err(E.CUDA_ERROR_INVALID_HANDLE, f"event {msg['event']:#x} is not one of this session's")
+        return {}
+
+    def op_event_record(self, s: Session, msg: dict, ident: bytes):
+        ev = self._event(s, msg["event"])
+
+        def record() -> None:
+            ev.time_ns = time.perf_counter_ns()
+        self._queue_op(s, msg, ident, record, stream=self._stream(s, msg), event=ev, sync_point=False)
+
+    def op_event_sync(self, s: Session, msg: dict, ident: bytes):
+        self._event(s, msg["event"])
+        self._queue_op(s, msg, ident, lambda: None)
+
+    def op_event_query(self, s: Session, msg: dict, ident: bytes):
+        return {"ready": self._event(s, msg["event"]).pending == 0}
+
+    def op_event_elapsed(self, s: Session, msg: dict, ident: bytes):
+        a, b = self._event(s, msg["start"]), self._event(s, msg["end"])
+        if a.pending or b.pending:
+            raise _err(E.CUDA_ERROR_NOT_READY, "an event has not completed yet")
+        if a.time_ns is None or b.time_ns is None:
+            raise _err(E.CUDA_ERROR_INVALID_HANDLE, "an event was never recorded")
+        return {"ms": (b.time_ns - a.time_ns) / 1e6}
+
+    def op_ctx_sync(self, s: Session, msg: dict, ident: bytes):
+        self._queue_op(s, msg, ident, lambda: None)
+
+
+def _die_with_parent() -> None:
+    """An executor must not outlive its broker (PR_SET_PDEATHSIG, Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kubecash-executor")
+    ap.add_argument("--tenant", required=True)
+    ap.add_argument("--device-json", required=True)
+    ap.add_argument("--runtime-dir", required=True)
+    ap.add_argument("--control", required=True)
+    ap.add_argument("--memory-limit", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache-dir", required=True)
+    ap.add_argument("--max-message-bytes", type=int, default=P.MAX_MESSAGE_BYTES)
+    a = ap.parse_args(argv)
+    import json
+    logging.basicConfig(level=os.environ.get("KUBECASH_LOG_LEVEL", "WARNING"),
+                        format=f"%(asctime)s executor[{a.tenant}/%(process)d] %(levelname)s %(message)s")
+    _die_with_parent()
+    secret = os.environ.pop("KUBECASH_EXECUTOR_SECRET", "").encode()
+    ex = Executor(a.tenant, json.loads(a.device_json), a.runtime_dir, a.control, secret,
+                  a.memory_limit, a.threads, a.cache_dir, a.max_message_bytes)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(ex, "_stopping", True))
+    ex.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,603 @@
+"""The broker: the control plane of one node.
+
+It serves each tenant on its own socket `<runtime_dir>/tenants/<tenant>/broker.sock` (a
+session's tenant is the socket it came in on, never a name it claims), starts one executor
+per (tenant, device) when a session first opens that device, ends it with the tenant's last
+session, and purges sessions whose heartbeats stop. It never runs tenant code and never
+holds tenant data: per-kernel traffic goes straight from clients to their executor.
+
+The loop follows the Majordomo pattern (poll with the heartbeat interval, purge dead peers
+each pass) with monotonic deadlines, no assertions on network input, and each session's
+in-flight requests tracked so that a dead executor or session fails them cleanly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import zmq
+
+from kubecash.client import protocol as P
+from kubecash.client.errors import CUresult, ProtocolError
+
+from . import config as cfg
+from .devices import Device, discover
+from .scheduler import NS, DeviceScheduler, LimitBucket
+
+log = logging.getLogger("kubecash.broker")
+E = CUresult
+EXECUTOR_START_TIMEOUT_S = 30.0
+EXECUTOR_STOP_TIMEOUT_S = 5.0
+
+
+@dataclasses.dataclass
+class PendingOpen:
+    session: "ClientSession"
+    ident: bytes
+    req_id: int
+
+
+@dataclasses.dataclass
+class ExecutorProc:
+    tenant: "TenantState"
+    device: Device
+    proc: subprocess.Popen
+    started: float
+    ident: bytes | None = None             # control-socket routing id once it said "ready"
+    sessions: set[bytes] = dataclasses.field(default_factory=set)
+    pending: dict[bytes, PendingOpen] = dataclasses.field(default_factory=dict)
+    stopping: float | None = None          # when shutdown was asked
+    device_ns: int = 0
+    kernels: int = 0
+    memory_used: int = 0
+
+
+@dataclasses.dataclass
+class ClientSession:
+    token: bytes
+    tenant: "TenantState"
+    ident: bytes                            # routing id of the client's main socket
+    pid: int
+    last_seen: float
+    devices: set[str] = dataclasses.field(default_factory=set)
+    failed: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TenantState:
+    config: cfg.Tenant               # replaced (not mutated) on live quota changes
+    sock: zmq.Socket
+    dir: str
+    sessions: dict[bytes, ClientSession] = dataclasses.field(default_factory=dict)
+    executors: dict[str, ExecutorProc] = dataclasses.field(default_factory=dict)
+
+
+class Broker:
+    def __init__(self, config: cfg.Config, devices: list[Device] | None = None):
+        self.config = config
+        self.settings = config.broker
+        self.devices = {d.name: d for d in (devices if devices is not None else discover())}
+        self.runtime_dir = os.path.abspath(self.settings.runtime_dir)
+        self.private_dir = os.path.join(self.runtime_dir, "private")
+        self.control_addr = f"ipc://{self.private_dir}/control.sock"
+        self.secret = secrets.token_hex(16).encode()
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.tenants: dict[str, TenantState] = {}
+        self.sessions: dict[bytes, ClientSession] = {}
+        self.stopping = False
+        self.poller = zmq.Poller()
+        self._sock_tenant: dict[zmq.Socket, TenantState] = {}
+        self.on_ready: Callable[[], None] | None = None
+        self._closed = False
+        quantum_ns = int(self.settings.quantum_ms * 1e6)
+        self.schedulers = {name: DeviceScheduler(name, quantum_ns) for name in self.devices}
+        self.buckets: dict[str, LimitBucket] = {}     # per tenant: its limit spans devices
+        self.admin = self.ctx.socket(zmq.ROUTER)
+        self.admin.setsockopt(zmq.LINGER, 0)
+        self.admin.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self.started_ns = time.monotonic_ns()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create the runtime directory and bind every socket (clearing stale ones)."""
+        os.makedirs(self.runtime_dir, exist_ok=True)
+        os.makedirs(self.private_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.private_dir, 0o700)
+        tenants_root = os.path.join(self.runtime_dir, "tenants")
+        # A previous broker's leftovers (sockets, shared-memory files) must not block us.
+        shutil.rmtree(tenants_root, ignore_errors=True)
+        os.makedirs(tenants_root, exist_ok=True)
+        os.makedirs(self.settings.resolved_cache_dir, mode=0o700, exist_ok=True)
+        ctl_path = self.control_addr[len("ipc://"):]
+        if os.path.exists(ctl_path):
+            os.unlink(ctl_path)
+        self.control.bind(self.control_addr)
+        self.poller.register(self.control, zmq.POLLIN)
+        admin_path = os.path.join(self.runtime_dir, "admin.sock")
+        if os.path.exists(admin_path):
+            os.unlink(admin_path)
+        old_umask = os.umask(0o077)            # owner-only from the moment it exists
+        try:
+            self.admin.bind(f"ipc://{admin_path}")
+        finally:
+            os.umask(old_umask)
+        self.poller.register(self.admin, zmq.POLLIN)
+        now = time.monotonic_ns()
+        for sched in self.schedulers.values():
+            sched.created_ns = now
+        for t in self.config.tenants.values():
+            self._add_tenant(t)
+        log.info("serving %d tenant(s) on %s; devices: %s", len(self.tenants), self.runtime_dir,
+                 ", ".join(self.devices))
+
+    def _add_tenant(self, t: cfg.Tenant) -> None:
+        d = P.tenant_dir(self.runtime_dir, t.name)
+        os.makedirs(os.path.join(d, "shm"), exist_ok=True)
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)     # broker requests are small
+        sock.bind(f"ipc://{P.broker_socket_path(self.runtime_dir, t.name)}")
+        ts = TenantState(t, sock, d)
+        self.tenants[t.name] = ts
+        self._sock_tenant[sock] = ts
+        self.buckets[t.name] = LimitBucket(t.quota.limit, int(self.settings.quantum_ms * 1e6),
+                                           last_ns=time.monotonic_ns())
+        self.poller.register(sock, zmq.POLLIN)
+
+    def serve_forever(self) -> None:
+        self.start()
+        if self.on_ready:
+            self.on_ready()
+        try:
+            while not self.stopping:
+                self.serve_once(timeout_s=min(0.1, self.settings.heartbeat_interval_s))
+        finally:
+            self.close()
+
+    def serve_once(self, timeout_s: float) -> None:
+        now = time.monotonic_ns()
+        for sched in self.schedulers.values():   # wake when a capped tenant regains credit
+            wait = sched.ns_until_next_eligible(now) if sched.holder is None else None
+            if wait is not None:
+                timeout_s = min(timeout_s, wait / NS)
+        for sock, _ in self.poller.poll(max(0, int(timeout_s * 1000))):
+            for _ in range(256):   # drain a bounded batch from each ready socket
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if sock is self.control:
+                    self._on_control(frames)
+                elif sock is self.admin:
+                    self._on_admin(frames)
+                else:
+                    self._on_tenant(self._sock_tenant[sock], frames)
+        self._housekeeping()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for s in list(self.sessions.values()):
+            self._end_session(s, "broker shutting down")
+        for t in self.tenants.values():
+            for ex in list(t.executors.values()):
+                self._stop_executor(ex)
+        deadline = time.monotonic() + EXECUTOR_STOP_TIMEOUT_S
+        for t in self.tenants.values():
+            for ex in list(t.executors.values()):
+                try:
+                    ex.proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    ex.proc.kill()
+                    ex.proc.wait()
+                self._executor_gone(ex, "broker shutting down")
+        for t in self.tenants.values():
+            t.sock.close()
+        self.admin.close()
+        self.control.close()
+        self.ctx.term()
+        shutil.rmtree(os.path.join(self.runtime_dir, "tenants"), ignore_errors=True)
+
+    # -- tenant sockets -------------------------------------------------------------------
+    def _on_tenant(self, t: TenantState, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            if frames:
+                self._send(t.sock, frames[0], P.error(0, E.CUDA_ERROR_INVALID_VALUE,
+                                                      "expected one message frame"))
+            return
+        ident, frame = frames
+        msg: Any = None
+        try:
+            msg = P.unpack(frame, 1 << 20)
+            op = P.check_request(msg, P.BROKER_OPS)
+            if op == "hello":
+                result = self._hello(t, ident, msg)
+            else:
+                s = self.sessions.get(msg["session"])
+                if s is None or s.tenant is not t:
+                    raise _Refused(E.CUDA_ERROR_INVALID_CONTEXT,
+                                   "unknown or ended session (send hello to open one)")
+                s.last_seen = time.monotonic()
+                result = getattr(self, "_op_" + op)(s, ident, msg)
+            if result is not None:
+                self._send(t.sock, ident, P.reply(msg["id"], **result))
+        except ProtocolError as e:
+            self._send(t.sock, ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
+        except _Refused as e:
+            self._send(t.sock, ident, P.error(P.request_id_of(msg), e.code, e.message))
+        except Exception as e:  # a bug in one handler must not take the node down
+            log.exception("internal error handling a tenant request")
+            self._send(t.sock, ident, P.error(P.request_id_of(msg), E.CUDA_ERROR_UNKNOWN,
+                                              f"internal error: {type(e).__name__}"))
+
+    @staticmethod
+    def _send(sock: zmq.Socket, ident: bytes, payload: bytes) -> None:
+        try:
+            sock.send_multipart([ident, payload], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # peer gone or not reading; heartbeats will tell
+
+    def _hello(self, t: TenantState, ident: bytes, msg: dict) -> dict:
+        token = secrets.token_bytes(16)
+        s = ClientSession(token, t, ident, msg.get("pid", 0), time.monotonic())
+        t.sessions[token] = s
+        self.sessions[token] = s
+        log.info("tenant %s: session %s opened (pid %s)", t.config.name, token.hex()[:8], s.pid)
+        return {"session": token, "tenant": t.config.name,
+                "heartbeat_interval": self.settings.heartbeat_interval_s,
+                "heartbeat_timeout": self.settings.heartbeat_timeout_s,
+                "devices": [self._device_view(t, d) for d in self.devices.values()
+                            if t.config.may_use(d.name)]}
+
+    def _device_view(self, t: TenantState, d: Device) -> dict:
+        q = t.config.quota_for(d.name)
+        return {**d.describe(), "memory_limit": self._memory_limit(q, d),
+                "weight": q.weight, "limit": q.limit, "class": q.klass}
+
+    @staticmethod
+    def _memory_limit(q: cfg.Quota, d: Device) -> int:
+        return d.total_memory if q.memory is None else min(q.memory, d.total_memory)
+
+    def _op_heartbeat(self, s: ClientSession, ident: bytes, msg: dict) -> dict:
+        return {}
+
+    def _op_close(self, s: ClientSession, ident: bytes, msg: dict) -> dict:
+        self._end_session(s, "closed by the client")
+        return {}
+
+    def _op_status(self, s: ClientSession, ident: bytes, msg: dict) -> dict:
+        t = s.tenant
+        return {"tenant": t.config.name, "sessions": len(t.sessions),
+                "devices": {name: {"memory_used": ex.memory_used, "device_ns": ex.device_ns,
+                                   "kernels": ex.kernels, "pid": ex.proc.pid}
+                            for name, ex in t.executors.items()}}
+
+    def _op_open_device(self, s: ClientSession, ident: bytes, msg: dict) -> dict | None:
+        name = msg["device"]
+        t = s.tenant
+        d = self.devices.get(name)
+        if d is None or not t.config.may_use(name):
+            raise _Refused(E.CUDA_ERROR_INVALID_DEVICE,
+                           f"device '{name[:64]}' is not available to tenant '{t.config.name}'")
+        if name in s.failed:
+            code, why = s.failed[name]
+            raise _Refused(code, why)
+        ex = t.executors.get(name)
+        if ex is None:
+            ex = self._spawn_executor(t, d)
+        if s.token in ex.sessions:
+            return self._open_reply(ex)
+        ex.pending[s.token] = PendingOpen(s, ident, msg["id"])
+        if ex.ident is not None:
+            self._control_send(ex, "session_add", session=s.token)
+        return None   # answered when the executor confirms the session
+
+    def _open_reply(self, ex: ExecutorProc) -> dict:
+        return {"address": os.path.basename(P.executor_socket_path(
+                    self.runtime_dir, ex.tenant.config.name, ex.device.name)),
+                "memory_limit": self._memory_limit(ex.tenant.config.quota_for(ex.device.name),
+                                                   ex.device)}
+
+    # -- sessions -----------------------------------------------------------------------
+    def _end_session(self, s: ClientSession, why: str) -> None:
+        if self.sessions.pop(s.token, None) is None:
+            return
+        t = s.tenant
+        t.sessions.pop(s.token, None)
+        log.info("tenant %s: session %s ended (%s)", t.config.name, s.token.hex()[:8], why)
+        for ex in list(t.executors.values()):
+            ex.pending.pop(s.token, None)
+            if s.token in ex.sessions:
+                ex.sessions.discard(s.token)
+                self._control_send(ex, "session_end", session=s.token)
+            if not ex.sessions and not ex.pending and not t.sessions:
+                self._stop_executor(ex)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        timeout = self.settings.heartbeat_timeout_s
+        for s in [s for s in self.sessions.values() if now - s.last_seen > timeout]:
+            self._end_session(s, f"no heartbeat for {timeout:g} s")
+        for t in self.tenants.values():
+            for ex in list(t.executors.values()):
+                rc = ex.proc.poll()
+                if rc is not None:
+                    self._executor_gone(ex, _exit_reason(rc))
+                elif ex.ident is None and now - ex.started > EXECUTOR_START_TIMEOUT_S:
+                    ex.proc.kill()
+                elif ex.stopping is not None and now - ex.stopping > EXECUTOR_STOP_TIMEOUT_S:
+                    ex.proc.kill()
+        for name in self.schedulers:
+            self._schedule(name)
+
+    # -- executors ----------------------------------------------------------------------
+    def _spawn_executor(self, t: TenantState, d: Device) -> ExecutorProc:
+        q = t.config.quota_for(d.name)
+        threads = self.settings.executor_threads or d.properties.get("cores", 1)
+        cmd = [sys.executable, "-m", "kubecash.broker.executor",
+               "--tenant", t.config.name, "--device-json", json.dumps(d.describe()),
+               "--runtime-dir", self.runtime_dir, "--control", self.control_addr,
+               "--memory-limit", str(self._memory_limit(q, d)), "--threads", str(threads),
+               "--cache-dir", self.settings.resolved_cache_dir,
+               "--max-message-bytes", str(self.settings.max_message_bytes)]
+        env = dict(os.environ, KUBECASH_EXECUTOR_SECRET=self.secret.decode())
+        env.pop("KUBECASH_BROKER", None)   # the executor is never itself a brokered client
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, close_fds=True)
+        ex = ExecutorProc(t, d, proc, time.monotonic())
+        t.executors[d.name] = ex
+        log.info("tenant %s: executor for %s started (pid %d)", t.config.name, d.name, proc.pid)
+        return ex
+
+    def _stop_executor(self, ex: ExecutorProc) -> None:
+        if ex.stopping is None:
+            ex.stopping = time.monotonic()
+            if ex.ident is not None:
+                self._control_send(ex, "shutdown")
+            else:
+                ex.proc.terminate()
+
+    def _executor_gone(self, ex: ExecutorProc, why: str) -> None:
+        t = ex.tenant
+        if t.executors.get(ex.device.name) is not ex:
+            return
+        del t.executors[ex.device.name]
+        self.schedulers[ex.device.name].remove(t.config.name)
+        self._schedule(ex.device.name)
+        clean = ex.stopping is not None
+        (log.info if clean else log.error)("tenant %s: executor for %s ended: %s",
+                                           t.config.name, ex.device.name, why)
+        if not clean:
+            code = (E.CUDA_ERROR_ILLEGAL_ADDRESS if "SIGSEGV" in why or "SIGBUS" in why
+                    else E.CUDA_ERROR_LAUNCH_FAILED)
+            message = (f"the executor of tenant '{t.config.name}' on {ex.device.name} "
+                       f"ended ({why}); this session's context on that device is lost")
+            for token in ex.sessions | set(ex.pending):
+                s = self.sessions.get(token)
+                if s is None:
+                    continue
+                s.failed[ex.device.name] = (code, message)
+                self._send(t.sock, s.ident, P.event("executor_died", device=ex.device.name,
+                                                    code=int(code), error=message))
+            for p in ex.pending.values():
+                self._send(t.sock, p.ident, P.error(p.req_id, code, message))
+        # Remove what the executor left in the tenant's directory.
+        for path in glob.glob(os.path.join(t.dir, "shm", f"{ex.device.name}-*")):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        try:
+            os.unlink(P.executor_socket_path(self.runtime_dir, t.config.name, ex.device.name))
+        except OSError:
+            pass
+        if not clean and not t.sessions:
+            return
+
+    def _control_send(self, ex: ExecutorProc, op: str, **fields: Any) -> None:
+        if ex.ident is not None:
+            self._send(self.control, ex.ident, P.pack({"v": P.VERSION, "op": op, **fields}))
+
+    def _on_control(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        ident, frame = frames
+        try:
+            msg = P.unpack(frame)
+            op = P.check_request(msg, P.EXECUTOR_REPORTS)
+        except ProtocolError as e:
+            log.error("bad message on the control socket: %s", e)
+            return
+        ex = self._executor_by_ident(ident)
+        if op == "ready":
+            if not secrets.compare_digest(msg["secret"], self.secret):
+                log.error("control socket: 'ready' with a wrong secret refused")
+                return
+            t = self.tenants.get(msg["tenant"])
+            ex = t.executors.get(msg["device"]) if t else None
+            if ex is None or ex.proc.pid != msg["pid"]:
+                log.error("control socket: 'ready' from an unknown executor refused")
+                return
+            ex.ident = ident
+            q = t.config.quota_for(ex.device.name)
+            self.schedulers[ex.device.name].add(t.config.name, q.weight, q.klass,
+                                                self.buckets[t.config.name])
+            if ex.stopping is not None:
+                self._control_send(ex, "shutdown")
+                return
+            for token in ex.pending:
+                self._control_send(ex, "session_add", session=token)
+            return
+        if ex is None:
+            return
+        if op == "session_added":
+            p = ex.pending.pop(msg["session"], None)
+            if p is None or msg["session"] not in self.sessions:
+                self._control_send(ex, "session_end", session=msg["session"])
+                return
+            ex.sessions.add(msg["session"])
+            p.session.devices.add(ex.device.name)
+            self._send(ex.tenant.sock, p.ident, P.reply(p.req_id, **self._open_reply(ex)))
+        elif op == "want":
+            sched = self.schedulers[ex.device.name]
+            if sched.want(ex.tenant.config.name, time.monotonic_ns()):
+                holder = sched.holder
+                hx = self.tenants[holder.tenant].executors.get(ex.device.name) if holder else None
+                if hx is not None:
+                    self._control_send(hx, "preempt", lease=sched.lease)
+            self._schedule(ex.device.name)
+        elif op == "release":
+            self.schedulers[ex.device.name].release(
+                ex.tenant.config.name, msg["lease"], msg["used_ns"], msg["kernels"], msg["more"],
+                time.monotonic_ns())
+            self._schedule(ex.device.name)
+        elif op == "stats":
+            ex.device_ns, ex.kernels, ex.memory_used = msg["device_ns"], msg["kernels"], msg["memory_used"]
+
+    def _schedule(self, device: str) -> None:
+        """Lease the device to the next holder if it is free and someone may run."""
+        sched = self.schedulers[device]
+        g = sched.next_grant(time.monotonic_ns())
+        if g is None:
+            return
+        ex = self.tenants[g.entity.tenant].executors.get(device)
+        if ex is None or ex.ident is None:
+            sched.remove(g.entity.tenant)
+            return
+        self._control_send(ex, "grant", lease=g.lease, quantum_ns=g.quantum_ns)
+
+    # -- the operator's socket ----------------------------------------------------------
+    def _on_admin(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        ident, frame = frames
+        msg: Any = None
+        try:
+            msg = P.unpack(frame, 1 << 20)
+            op = P.check_request(msg, P.ADMIN_OPS)
+            result = getattr(self, "_admin_" + op)(msg)
+            self._send(self.admin, ident, P.reply(msg["id"], **result))
+        except ProtocolError as e:
+            self._send(self.admin, ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
+        except _Refused as e:
+            self._send(self.admin, ident, P.error(P.request_id_of(msg), e.code, e.message))
+        except Exception as e:
+            log.exception("internal error handling an admin request")
+            self._send(self.admin, ident, P.error(P.request_id_of(msg), E.CUDA_ERROR_UNKNOWN,
+                                                  f"internal error: {type(e).__name__}: {e}"))
+
+    def _admin_status(self, msg: dict) -> dict:
+        now = time.monotonic_ns()
+        devices = {}
+        for name, d in self.devices.items():
+            sched = self.schedulers[name]
+            busy = {}
+            for w in (1, 10, 60):
+                span = min(w * NS, now - sched.created_ns) or 1
+                busy[f"{w}s"] = sum(u for e in sched.entities.values()
+                                    for t, u in e.history if t >= now - w * NS) / span
+            devices[name] = {**d.describe(), "busy": busy, "busy_ns": sched.busy_ns,
+                             "holder": sched.holder.tenant if sched.holder else None,
+                             "draining": sched.draining}
+        tenants = {}
+        for name, t in self.tenants.items():
+            per_dev = {}
+            for dname, d in self.devices.items():
+                if not t.config.may_use(dname):
+                    continue
+                q = t.config.quota_for(dname)
+                ex = t.executors.get(dname)
+                e = self.schedulers[dname].entities.get(name)
+                per_dev[dname] = {
+                    "weight": q.weight, "limit": q.limit, "class": q.klass,
+                    "memory_limit": self._memory_limit(q, d),
+                    "memory_used": ex.memory_used if ex else 0,
+                    "executor_pid": ex.proc.pid if ex else None,
+                    "used_ns": e.used_ns if e else 0, "kernels": e.kernels if e else 0,
+                    "grants": e.grants if e else 0, "queue_wait_ns": e.wait_ns if e else 0,
+                    "share": self.schedulers[dname].shares(e, now) if e else {},
+                    "runnable": bool(e and e.runnable),
+                }
+            tenants[name] = {"sessions": len(t.sessions), "devices": per_dev}
+        return {"devices": devices, "tenants": tenants, "uptime_s": (now - self.started_ns) / NS,
+                "quantum_ms": self.settings.quantum_ms}
+
+    def _admin_set_quota(self, msg: dict) -> dict:
+        t = self.tenants.get(msg["tenant"])
+        if t is None:
+            raise _Refused(E.CUDA_ERROR_INVALID_VALUE, f"no tenant '{msg['tenant']}'")
+        device = msg.get("device")
+        if device is not None and device not in self.devices:
+            raise _Refused(E.CUDA_ERROR_INVALID_DEVICE, f"no device '{device}'")
+        table = {k: msg[k] for k in ("weight", "memory", "class") if k in msg}
+        if "limit" in msg:
+            table["limit"] = msg["limit"]
+        remove_limit = "limit" in table and table["limit"] <= 0
+        if remove_limit:
+            del table["limit"]
+        try:
+            base = t.config.quota_for(device) if device else t.config.quota
+            q = cfg._quota("brokerctl", f"tenant '{t.config.name}'", table, base, len(self.devices))
+        except cfg.ConfigError as e:
+            raise _Refused(E.CUDA_ERROR_INVALID_VALUE, str(e)) from None
+        if remove_limit:
+            q = dataclasses.replace(q, limit=None)
+        if device:
+            per = dict(t.config.per_device, **{device: q})
+            t.config = dataclasses.replace(t.config, per_device=per)
+        else:
+            per = {d: dataclasses.replace(pq, **{f: getattr(q, f) for f in ("weight", "limit", "klass", "memory")
+                                                 if getattr(q, f) != getattr(t.config.quota, f)})
+                   for d, pq in t.config.per_device.items()}
+            t.config = dataclasses.replace(t.config, quota=q, per_device=per)
+        self._apply_quota(t)
+        return {"tenant": t.config.name}
+
+    def _apply_quota(self, t: TenantState) -> None:
+        """Push a tenant's (changed) quota to the scheduler and its executors, live."""
+        now = time.monotonic_ns()
+        self.buckets[t.config.name].set_rate(t.config.quota.limit, now)
+        for dname, sched in self.schedulers.items():
+            q = t.config.quota_for(dname)
+            e = sched.entities.get(t.config.name)
+            if e is not None:
+                e.weight, e.klass = q.weight, q.klass
+            ex = t.executors.get(dname)
+            if ex is not None:
+                self._control_send(ex, "set_quota", memory=self._memory_limit(q, ex.device))
+            self._schedule(dname)
+
+    def _executor_by_ident(self, ident: bytes) -> ExecutorProc | None:
+        for t in self.tenants.values():
+            for ex in t.executors.values():
+                if ex.ident == ident:
+                    return ex
+        return None
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = int(code)
+        self.message = message
+
+
+def _exit_reason(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with status {rc}"

@@ -1,0 +1,86 @@
+"""The main job on the built-in default: a CPU-backend broker with the example quota file and
+example tenants running real kernels, then what each tenant was configured for and got.
+
+    python examples/demo.py [--seconds 8] [--config examples/quota.toml]"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from kubecash.broker import config as cfg          # noqa: E402
+from kubecash.broker.ctl import AdminClient         # noqa: E402
+from kubecash.broker.scheduler import expected_shares  # noqa: E402
+from kubecash.client import protocol as P           # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=os.path.join(HERE, "quota.toml"))
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--device", default="cpu0")
+    a = ap.parse_args()
+    conf = cfg.load(a.config)
+    runtime = tempfile.mkdtemp(prefix="kc-demo-", dir="/tmp")
+    print(f"starting kubecash-broker with {os.path.relpath(a.config)} (runtime dir {runtime})")
+    broker = subprocess.Popen([sys.executable, "-m", "kubecash.broker.daemon", "--config", a.config,
+                               "--runtime-dir", runtime, "--log-level", "WARNING"])
+    workers: list[subprocess.Popen] = []
+    try:
+        deadline = time.monotonic() + 20
+        while not all(os.path.exists(P.broker_socket_path(runtime, t)) for t in conf.tenants):
+            if broker.poll() is not None or time.monotonic() > deadline:
+                print("the broker did not start", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
+        for t in conf.tenants:
+            env = dict(os.environ, KUBECASH_BROKER=f"ipc://{P.broker_socket_path(runtime, t)}")
+            workers.append(subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "tenant_worker.py"), "--seconds",
+                 str(a.seconds + 2), "--device", a.device], env=env, stdout=subprocess.PIPE, text=True))
+        for w in workers:                      # every tenant compiled its kernel and is ready
+            w.stdout.readline()
+        print(f"{len(workers)} tenants running saxpy-style kernels for {a.seconds:g} s ...")
+        with AdminClient(runtime) as admin:
+            time.sleep(1.0)                    # let every queue fill before measuring
+            before = admin.call("status")
+            time.sleep(a.seconds)
+            after = admin.call("status")
+        results = [json.loads(w.communicate(timeout=120)[0].strip().splitlines()[-1]) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+        broker.terminate()
+        broker.wait(20)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+    used = {t: after["tenants"][t]["devices"][a.device]["used_ns"]
+            - before["tenants"][t]["devices"][a.device]["used_ns"] for t in conf.tenants}
+    wall = after["uptime_s"] - before["uptime_s"]
+    quotas = {t: (tc.quota_for(a.device).weight, tc.quota_for(a.device).limit)
+              for t, tc in conf.tenants.items()}
+    want = expected_shares(quotas)
+    print(f"\n{'tenant':<8} {'weight':>6} {'limit':>6} {'memory':>9}  {'expected':>8} {'achieved':>8}"
+          f" {'kernels':>8}  results")
+    for t, r in zip(conf.tenants, results):
+        q = conf.tenants[t].quota_for(a.device)
+        mem = "-" if q.memory is None else f"{q.memory >> 20}MiB"
+        print(f"{t:<8} {q.weight:>6} {q.limit if q.limit else '-':>6} {mem:>9}  {want[t]:>8.1%}"
+              f" {used[t] / 1e9 / wall:>8.1%} {r['kernels']:>8}  {'correct' if r['ok'] else 'WRONG'}")
+    busy = sum(used.values()) / 1e9 / wall
+    print(f"\ndevice {a.device} busy {busy:.1%} of {wall:.1f} s "
+          "(shares are of device time, measured by the executors)")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""KubeCASH: userspace accelerator virtualization runtime."""

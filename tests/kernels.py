@@ -1,0 +1,45 @@
+"""CUDA C sources shared by the tests (real kernels, compiled for the CPU backend)."""
+
+VECADD = r"""
+extern "C" __global__ void vadd(const float* a, const float* b, float* c, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) c[i] = a[i] + b[i];
+}
+"""
+
+SAXPY = r"""
+extern "C" __global__ void saxpy(float a, const float* x, float* y, unsigned long long n) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i] + y[i];
+}
+"""
+
+GRID2D = r"""
+extern "C" __global__ void scale2d(const double* in, double* out, int rows, int cols, double k) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    int r = blockIdx.y * blockDim.y + threadIdx.y;
+    if (r < rows && c < cols) out[r * cols + c] = in[r * cols + c] * k + r - c;
+}
+"""
+
+SCALARS = r"""
+#include <stdint.h>
+extern "C" __global__ void widths(int8_t a, uint8_t b, int16_t c, uint16_t d, int32_t e,
+                                  uint32_t f, int64_t g, uint64_t h, float x, double y,
+                                  double* out) {
+    out[0] = a; out[1] = b; out[2] = c; out[3] = d; out[4] = e;
+    out[5] = f; out[6] = (double)g; out[7] = (double)h; out[8] = x; out[9] = y;
+}
+"""
+
+SEGFAULT = r"""
+extern "C" __global__ void crash(int* p) { *(volatile int*)0 = 1; p[0] = 2; }
+"""
+
+SPIN = r"""
+extern "C" __global__ void spin(float* out, int iters) {
+    float x = out[0];
+    for (int i = 0; i < iters; i++) x = x * 0.999999f + 1e-7f;
+    out[0] = x;
+}
+"""

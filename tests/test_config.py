@@ -1,0 +1,62 @@
+"""Quota file validation: errors name the file, the tenant and the field."""
+import pytest
+
+from kubecash.broker import config as cfg
+
+EXAMPLE = "examples/quota.toml"
+
+
+def test_example_file_loads():
+    c = cfg.load(EXAMPLE)
+    assert c.tenants, "the example quota file defines tenants"
+    for t in c.tenants.values():
+        assert t.quota.weight >= 1
+
+
+def test_sizes():
+    assert cfg.parse_size("512MiB") == 512 << 20
+    assert cfg.parse_size("8GiB") == 8 << 30
+    assert cfg.parse_size("1.5GB") == 1_500_000_000
+    assert cfg.parse_size(4096) == 4096
+    with pytest.raises(ValueError):
+        cfg.parse_size("lots")
+
+
+@pytest.mark.parametrize("tenant, field, message", [
+    ({"weight": 0}, "weight", "1 to 10000"),
+    ({"weight": -5}, "weight", "1 to 10000"),
+    ({"weight": 2.5}, "weight", "integer"),
+    ({"limit": 0.00001}, "limit", "0.0001"),
+    ({"limit": 3.0}, "limit", "number of devices"),
+    ({"class": "urgent"}, "class", "batch, latency"),
+    ({"memory": "lots"}, "memory", "not a size"),
+    ({"colour": "red"}, "colour", "unknown field"),
+])
+def test_invalid_tenant_fields(tenant, field, message):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.parse({"tenants": {"alice": tenant}}, "q.toml", device_count=2)
+    text = str(e.value)
+    assert text.startswith("q.toml: ") and "tenant 'alice'" in text and f"'{field}'" in text
+    assert message in text
+
+
+def test_per_device_override_and_devices():
+    c = cfg.parse({"tenants": {"a": {"memory": "1GiB", "weight": 200, "devices": ["cpu0"],
+                                     "device": {"gpu0": {"memory": "2GiB"}}}}})
+    t = c.tenants["a"]
+    assert t.quota_for("cpu0").memory == 1 << 30
+    assert t.quota_for("gpu0").memory == 2 << 30 and t.quota_for("gpu0").weight == 200
+    assert t.may_use("cpu0") and not t.may_use("gpu1")
+
+
+def test_broken_files(tmp_path):
+    p = tmp_path / "q.toml"
+    p.write_text("[tenants.a\nweight = 1")
+    with pytest.raises(cfg.ConfigError, match="not valid TOML"):
+        cfg.load(str(p))
+    with pytest.raises(cfg.ConfigError, match="cannot read"):
+        cfg.load(str(tmp_path / "missing.toml"))
+    with pytest.raises(cfg.ConfigError, match="tenant 'bad name!'"):
+        cfg.parse({"tenants": {"bad name!": {}}})
+    with pytest.raises(cfg.ConfigError, match="heartbeat_timeout_s"):
+        cfg.parse({"broker": {"heartbeat_interval_s": 5, "heartbeat_timeout_s": 1}})

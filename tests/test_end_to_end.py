@@ -1,0 +1,182 @@
+"""A real broker, real executors, real kernels: results must equal numpy's."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import kubecash.client as kc
+from kubecash.client import protocol as P
+
+from conftest import run_client
+from kernels import GRID2D, SAXPY, SCALARS, VECADD
+
+
+def test_vector_add(session):
+    dev = session.device("cpu0")
+    n = 100_003                      # not a multiple of the block: the bounds check matters
+    rng = np.random.default_rng(1)
+    a, b = rng.random(n, dtype=np.float32), rng.random(n, dtype=np.float32)
+    with dev.allocate(a.nbytes) as da, dev.allocate(b.nbytes) as db, dev.allocate(a.nbytes) as dc:
+        da.copy_from(a)
+        db.copy_from(b)
+        k = dev.load_module(VECADD).get_kernel("vadd")
+        assert k.param_sizes == (8, 8, 8, 4)
+        dev.launch(k, grid=((n + 255) // 256,), block=(256,), args=[da, db, dc, np.int32(n)])
+        out = dc.copy_to(np.empty(n, np.float32))
+    np.testing.assert_array_equal(out, a + b)
+
+
+def test_saxpy_on_a_stream_with_events(session):
+    dev = session.device("cpu0")
+    n = 1 << 20                      # 4 MiB per array: crosses the staging segment in chunks
+    x = np.arange(n, dtype=np.float32)
+    y = np.full(n, 2.0, np.float32)
+    dx, dy = dev.allocate(x.nbytes), dev.allocate(y.nbytes)
+    s = dev.create_stream()
+    start, end = dev.create_event(), dev.create_event()
+    dx.copy_from(x, stream=s)
+    dy.copy_from(y, stream=s)
+    k = dev.load_module(SAXPY).get_kernel("saxpy")
+    start.record(s)
+    dev.launch(k, (n // 256,), (256,), [np.float32(3.0), dx, dy, np.uint64(n)], stream=s)
+    end.record(s)
+    s.synchronize()
+    assert s.query() and end.query()
+    assert end.elapsed_ms(start) > 0
+    out = dy.copy_to(np.empty(n, np.float32), stream=s)
+    np.testing.assert_array_equal(out, np.float32(3.0) * x + y)
+    for r in (s, start, end, dx, dy):
+        r.close()
+        r.close()                    # idempotent
+
+
+def test_2d_grid(session):
+    dev = session.device("cpu0")
+    rows, cols = 123, 77
+    a = np.random.default_rng(2).random((rows, cols))
+    din, dout = dev.allocate(a.nbytes), dev.allocate(a.nbytes)
+    din.copy_from(a)
+    k = dev.load_module(GRID2D).get_kernel("scale2d")
+    dev.launch(k, grid=((cols + 15) // 16, (rows + 7) // 8), block=(16, 8),
+               args=[din, dout, rows, cols, 1.5])
+    out = dout.copy_to(np.empty_like(a))
+    r, c = np.indices((rows, cols))
+    np.testing.assert_array_equal(out, a * 1.5 + r - c)
+
+
+def test_scalars_of_each_width(session):
+    dev = session.device("cpu0")
+    out = dev.allocate(10 * 8)
+    k = dev.load_module(SCALARS).get_kernel("widths")
+    vals = [np.int8(-7), np.uint8(250), np.int16(-30000), np.uint16(65000), np.int32(-2**31 + 3),
+            np.uint32(2**32 - 5), np.int64(-2**40 - 1), np.uint64(2**40 + 3),
+            np.float32(1.25), np.float64(-3.0625)]
+    dev.launch(k, (1,), (1,), [*vals, out])
+    got = out.copy_to(np.empty(10, np.float64))
+    np.testing.assert_array_equal(got, np.array([float(v) for v in vals]))
+    # Python ints and floats are encoded to the parameter's width from the signature.
+    dev.launch(k, (1,), (1,), [-1, 255, -2, 3, -4, 5, -6, 7, 0.5, 0.25, out])
+    np.testing.assert_array_equal(out.copy_to(np.empty(10, np.float64)),
+                                  [-1, 255, -2, 3, -4, 5, -6, 7, 0.5, 0.25])
+
+
+def test_memset_and_device_to_device(session):
+    dev = session.device("cpu0")
+    a, b = dev.allocate(4096), dev.allocate(4096)
+    a.fill(0xAB)
+    np.testing.assert_array_equal(a.copy_to(np.empty(4096, np.uint8)), 0xAB)
+    a.fill(0x12345678, width=4)
+    b.copy_from(a)
+    np.testing.assert_array_equal(b.copy_to(np.empty(1024, np.uint32)), 0x12345678)
+    b.fill(0xBEEF, width=2)
+    np.testing.assert_array_equal(b.copy_to(np.empty(2048, np.uint16)), 0xBEEF)
+
+
+def test_mapped_host_memory_is_zero_copy(session):
+    dev = session.device("cpu0")
+    n = 4096
+    with dev.allocate_host(n * 4) as ha, dev.allocate_host(n * 4) as hb, dev.allocate_host(n * 4) as hc:
+        np.frombuffer(ha.view, np.float32)[:] = np.arange(n)
+        np.frombuffer(hb.view, np.float32)[:] = 1.0
+        k = dev.load_module(VECADD).get_kernel("vadd")
+        dev.launch(k, (n // 256,), (256,), [ha, hb, hc, n])    # the kernel reads host memory
+        dev.synchronize()
+        np.testing.assert_array_equal(np.frombuffer(hc.view, np.float32), np.arange(n) + 1.0)
+
+
+def test_large_copy_round_trip_through_staging(session):
+    dev = session.device("cpu0")
+    data = np.random.default_rng(3).integers(0, 255, 80 << 20, dtype=np.uint8)  # > 2 staging segments
+    with dev.allocate(data.nbytes) as d:
+        d.copy_from(data)
+        out = d.copy_to(np.empty_like(data))
+    assert np.array_equal(out, data)
+
+
+def test_two_tenants_run_at_once_each_on_its_own_executor(broker):
+    code = f"""
+        import json, numpy as np, kubecash.client as kc
+        src = {VECADD!r}
+        with kc.connect() as s:
+            dev = s.device("cpu0")
+            n = 1 << 16
+            a = np.arange(n, dtype=np.float32)
+            da, dc = dev.allocate(a.nbytes), dev.allocate(a.nbytes)
+            da.copy_from(a)
+            k = dev.load_module(src).get_kernel("vadd")
+            for _ in range(50):
+                dev.launch(k, (n // 256,), (256,), [da, da, dc, n])
+            ok = bool(np.array_equal(dc.copy_to(np.empty(n, np.float32)), 2 * a))
+            import time
+            deadline = time.monotonic() + 10   # executor statistics reach the broker in <= 0.25 s
+            while s.status()["devices"]["cpu0"]["kernels"] < 50 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            print(json.dumps({{"ok": ok, "tenant": s.tenant, "status": s.status()["devices"]["cpu0"]}}))
+    """
+    procs = [run_client(code, broker.address(t)) for t in ("alice", "bob")]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out))
+    assert [r["tenant"] for r in results] == ["alice", "bob"]
+    assert all(r["ok"] for r in results)
+    assert results[0]["status"]["pid"] != results[1]["status"]["pid"]   # separate executors
+    assert all(r["status"]["kernels"] == 50 for r in results)
+
+
+def test_executor_ends_with_the_tenants_last_session(broker):
+    import os
+    import time
+    with broker.connect("alice") as s:
+        s.device("cpu0").allocate(1024)
+        pid = s.status()["devices"]["cpu0"]["pid"]
+        assert os.path.exists(P.executor_socket_path(broker.runtime_dir, "alice", "cpu0"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("executor still running after its tenant's last session closed")
+    assert not os.path.exists(P.executor_socket_path(broker.runtime_dir, "alice", "cpu0"))
+
+
+def test_session_properties_report_the_quota(broker):
+    with broker.connect("alice") as s:
+        dev = s.device(0)
+        assert dev.name == "cpu0" and dev.kind == "cpu"
+        assert dev.total_memory == 256 << 20
+        free, total = dev.mem_info()
+        assert total == 256 << 20 and free == total
+        dev.allocate(1 << 20)
+        assert dev.mem_info()[0] == total - (1 << 20)
+        assert dev.properties["max_threads_per_block"] == 1024
+    with pytest.raises(kc.CudaError) as e:
+        with broker.connect("alice") as s:
+            s.device("gpu7")
+    assert e.value.name == "CUDA_ERROR_INVALID_DEVICE"

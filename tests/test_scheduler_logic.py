@@ -1,0 +1,110 @@
+"""The scheduler's decisions, replayed on a simulated clock (no sockets, deterministic)."""
+import random
+
+import pytest
+
+from kubecash.broker.scheduler import NS, DeviceScheduler, LimitBucket, expected_shares
+
+Q = 10_000_000  # 10 ms quantum
+
+
+def simulate(sched, kernel_ns, seconds, wants=None, now=0, on_tick=None):
+    """Every tenant saturates with kernels of kernel_ns[t]; returns used ns per tenant."""
+    for t in kernel_ns:
+        if wants is None or t in wants:
+            sched.want(t, now)
+    end = now + int(seconds * NS)
+    start_used = {t: e.used_ns for t, e in sched.entities.items()}
+    while now < end:
+        if on_tick:
+            on_tick(now)
+        g = sched.next_grant(now)
+        if g is None:
+            wait = sched.ns_until_next_eligible(now)
+            now += int(wait) if wait else 1_000_000
+            continue
+        used = 0
+        t = g.entity.tenant
+        while used < g.quantum_ns:          # the executor runs whole kernels until the quantum is spent
+            used += kernel_ns[t]
+        now += used
+        sched.release(t, g.lease, used, used // kernel_ns[t], True, now)
+    return {t: e.used_ns - start_used[t] for t, e in sched.entities.items()}, now
+
+
+def make(quotas, now=0):
+    s = DeviceScheduler("cpu0", Q)
+    s.created_ns = now
+    for t, (w, lim, klass) in quotas.items():
+        s.add(t, w, klass, LimitBucket(lim, Q, last_ns=now))
+    return s
+
+
+def test_weights_one_to_three():
+    s = make({"a": (100, None, "batch"), "b": (300, None, "batch")})
+    used, _ = simulate(s, {"a": 3_000_000, "b": 7_000_000}, 10)
+    share_a = used["a"] / sum(used.values())
+    assert share_a == pytest.approx(0.25, abs=0.01)
+
+
+def test_eight_random_weights():
+    rng = random.Random(5)
+    quotas = {f"t{i}": (rng.randint(1, 1000), None, "batch") for i in range(8)}
+    s = make(quotas)
+    used, _ = simulate(s, {t: rng.randint(1, 20) * 1_000_000 for t in quotas}, 30)
+    total = sum(used.values())
+    want = expected_shares({t: (w, l) for t, (w, l, _) in quotas.items()})
+    assert max(abs(used[t] / total - want[t]) for t in quotas) < 0.01
+
+
+@pytest.mark.parametrize("limit, seconds, kernel", [(0.1, 10, 3_000_000), (0.001, 60, 1_000_000),
+                                                    (0.0001, 600, 1_000_000)])
+def test_limit_alone_is_a_hard_cap(limit, seconds, kernel):
+    s = make({"a": (100, limit, "batch")})
+    used, now = simulate(s, {"a": kernel}, seconds)
+    assert used["a"] / now == pytest.approx(limit, rel=0.05)
+
+
+def test_limit_with_weights_redistributes_the_rest():
+    s = make({"a": (300, None, "batch"), "b": (100, None, "batch"), "c": (100, 0.1, "batch")})
+    used, now = simulate(s, {"a": 2_000_000, "b": 2_000_000, "c": 2_000_000}, 20)
+    want = expected_shares({"a": (300, None), "b": (100, None), "c": (100, 0.1)})
+    for t in used:
+        assert used[t] / now == pytest.approx(want[t], abs=0.01)
+
+
+def test_idle_tenant_never_blocks_others():
+    s = make({"a": (100, None, "batch"), "idle": (10000, None, "batch")})
+    used, now = simulate(s, {"a": 1_000_000, "idle": 1_000_000}, 1, wants={"a"})
+    assert used["idle"] == 0 and used["a"] == pytest.approx(now, rel=0.01)
+
+
+def test_latency_tenant_preempts_batch_and_goes_first():
+    s = make({"batch": (100, None, "batch"), "lat": (100, None, "latency")})
+    s.want("batch", 0)
+    g = s.next_grant(0)
+    assert g.entity.tenant == "batch"
+    assert s.want("lat", 1000) is True             # holder must stop at its next kernel
+    s.release("batch", g.lease, 5_000_000, 1, True, 5_000_000)
+    assert s.next_grant(5_000_000).entity.tenant == "lat"
+
+
+def test_woken_tenant_does_not_bank_idle_time():
+    s = make({"a": (100, None, "batch"), "b": (100, None, "batch")})
+    used, now = simulate(s, {"a": 1_000_000, "b": 1_000_000}, 5, wants={"a"})
+    used2, _ = simulate(s, {"a": 1_000_000, "b": 1_000_000}, 2, now=now)
+    assert used2["b"] / sum(used2.values()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_live_weight_change_applies_within_a_period():
+    s = make({"a": (100, None, "batch"), "b": (100, None, "batch")})
+    _, now = simulate(s, {"a": 1_000_000, "b": 1_000_000}, 2)
+    s.entities["b"].weight = 400
+    used, _ = simulate(s, {"a": 1_000_000, "b": 1_000_000}, 1, now=now)
+    assert used["b"] / sum(used.values()) == pytest.approx(0.8, abs=0.02)
+
+
+def test_expected_shares_water_filling():
+    assert expected_shares({"a": (300, None), "b": (100, None), "c": (100, 0.1)}) == \
+        pytest.approx({"a": 0.675, "b": 0.225, "c": 0.1})
+    assert expected_shares({"a": (100, 0.2)}) == {"a": 0.2}
