@@ -183,7 +183,7 @@ _TOKEN_BODY = r"""
   | (?P<lc>//[^\n]*)
   | (?P<bc>/\*.*?\*/)
   | (?P<ubc>/\*.*)
-  | (?P<raw>(?:u8|[uUL])?R"(?P<delim>[^ ()\\\t\v\f\n"]{0,16})\(.*?\)(?P=delim)")
+  | (?P<raw>(?:u8|[uUL])?R")
   | (?P<str>(?:u8|[uUL])?"(?:\\.|[^"\\\n])*"?)
   | (?P<chr>(?:u8|[uUL])?'(?:\\.|[^'\\\n])*'?)
   | (?P<num>\.?[0-9](?:[eEpP][+-]|'(?=[0-9A-Za-z_])|[0-9A-Za-z_.])*)
@@ -194,7 +194,7 @@ _TOKEN_BODY = r"""
 # Raw source: no directive lines to skip (they are what we look for).
 _RAW_TOKEN_RE = re.compile(r"(?P<nothing>(?!))" + _TOKEN_BODY, re.S | re.X)
 # Preprocessed output: a line starting with '#' is a linemarker or #pragma.
-_PP_TOKEN_RE = re.compile(r"(?P<pp>(?m:^)[ \t]*(?:\#|%:)[^\n]*)" + _TOKEN_BODY, re.S | re.X)
+_PP_TOKEN_RE = re.compile(r"(?P<pp>(?m:^)[ \t\f\v]*(?:\#|%:)[^\n]*)" + _TOKEN_BODY, re.S | re.X)
 _DIGRAPHS = {"<%": "{", "%>": "}", "<:": "[", ":>": "]", "%:": "#", "%:%:": "##"}
 
 
@@ -241,20 +241,17 @@ def _sanitize_directives(source: str) -> str:
     (line numbers kept).  Works on the logical lines the compiler sees: after line
     splicing, with comments replaced by spaces."""
     spliced, pos_at, removed_at = _splice(source)
-    clean = []  # same length as `spliced`: comments and raw-string bodies blanked
+    clean = []  # same length as `spliced`, comments blanked
     for m in _RAW_TOKEN_RE.finditer(spliced):
         kind, text = m.lastgroup, m.group()
         if kind in ("lc", "bc", "ubc"):
             clean.append(re.sub(r"[^\n]", " ", text) if kind == "lc" else " " * len(text))
         elif kind == "raw":
-            # A splice inside a raw string is undone by the compiler but not by us: refuse
-            # rather than risk disagreeing about where the literal ends.
-            k = bisect.bisect_right(pos_at, m.start())
-            if k < len(pos_at) and pos_at[k] < m.end():
-                raise UnsupportedConstructError("line continuation inside a raw string literal")
-            head = text.index("(") + 1
-            clean.append(text[:head] + " " * (len(text) - head - len(m.group("delim")) - 2)
-                         + text[len(text) - len(m.group("delim")) - 2:])
+            # The start of a raw string (matched alone: scanning for its end could take
+            # quadratic time).  A raw string spans lines, and whether `xR"(` starts one
+            # depends on identifier rules (non-ASCII letters...) where we could disagree
+            # with g++ and so miss a directive it sees.  Kernels do not need them: refuse.
+            raise UnsupportedConstructError("raw string literal")
         else:
             clean.append(text)
     code = "".join(clean)
@@ -352,8 +349,6 @@ class _Tokens:
         self.pp_lines: list[tuple[int, int]] = []
         for m in _PP_TOKEN_RE.finditer(text):
             k = m.lastgroup
-            if k == "delim":  # the raw-string alternative reports its inner group last
-                k = "raw"
             if k in ("ws", "lc", "bc", "ubc"):
                 continue
             if k == "pp":
@@ -391,13 +386,12 @@ def _analyze(text: str) -> _Analysis:
     edits: list[tuple[int, int, str]] = []
 
     # -- lines that would become directives when this text is compiled -------------------
-    pp_out = []
     for a, b in tk.pp_lines:
         line = text[a:b]
-        mm = re.fullmatch(r'[ \t]*#[ \t]*(\d+)[ \t]+("(?:[^"\\]|\\.)*")(?:[ \t]+\d+)*[ \t]*', line)
+        mm = re.fullmatch(r'[ \t\f\v]*#[ \t]*(\d+)[ \t]+("(?:[^"\\]|\\.)*")(?:[ \t]+\d+)*[ \t]*', line)
         if mm:  # linemarker: keep the line numbers, drop the include-stack flags
             edits.append((a, b, f"#line {mm.group(1)} {mm.group(2)}"))
-        elif re.match(r"[ \t]*(?:#|%:)[ \t]*pragma\b", line):
+        elif re.match(r"[ \t\f\v]*(?:#|%:)[ \t\f\v]*pragma\b", line):
             if re.search(r"\bdependency\b", line):
                 raise UnsupportedConstructError("#pragma GCC dependency", "it reads host files")
         else:

@@ -7,19 +7,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from kubecash.broker import config as cfg          # noqa: E402
-from kubecash.broker.ctl import AdminClient         # noqa: E402
+from kubecash.broker.local import LocalBroker        # noqa: E402
 from kubecash.broker.scheduler import expected_shares  # noqa: E402
-from kubecash.client import protocol as P           # noqa: E402
 
 
 def main() -> int:
@@ -29,39 +26,29 @@ def main() -> int:
     ap.add_argument("--device", default="cpu0")
     a = ap.parse_args()
     conf = cfg.load(a.config)
-    runtime = tempfile.mkdtemp(prefix="kc-demo-", dir="/tmp")
-    print(f"starting kubecash-broker with {os.path.relpath(a.config)} (runtime dir {runtime})")
-    broker = subprocess.Popen([sys.executable, "-m", "kubecash.broker.daemon", "--config", a.config,
-                               "--runtime-dir", runtime, "--log-level", "WARNING"])
+    print(f"starting kubecash-broker with {os.path.relpath(a.config)} on the CPU backend")
     workers: list[subprocess.Popen] = []
-    try:
-        deadline = time.monotonic() + 20
-        while not all(os.path.exists(P.broker_socket_path(runtime, t)) for t in conf.tenants):
-            if broker.poll() is not None or time.monotonic() > deadline:
-                print("the broker did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.05)
-        for t in conf.tenants:
-            env = dict(os.environ, KUBECASH_BROKER=f"ipc://{P.broker_socket_path(runtime, t)}")
-            workers.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "tenant_worker.py"), "--seconds",
-                 str(a.seconds + 2), "--device", a.device], env=env, stdout=subprocess.PIPE, text=True))
-        for w in workers:                      # every tenant compiled its kernel and is ready
-            w.stdout.readline()
-        print(f"{len(workers)} tenants running saxpy-style kernels for {a.seconds:g} s ...")
-        with AdminClient(runtime) as admin:
-            time.sleep(1.0)                    # let every queue fill before measuring
-            before = admin.call("status")
-            time.sleep(a.seconds)
-            after = admin.call("status")
-        results = [json.loads(w.communicate(timeout=120)[0].strip().splitlines()[-1]) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-        broker.terminate()
-        broker.wait(20)
-        shutil.rmtree(runtime, ignore_errors=True)
+    with LocalBroker(config_path=a.config, log_level="WARNING") as broker:
+        try:
+            for t in conf.tenants:
+                workers.append(subprocess.Popen(
+                    [sys.executable, os.path.join(HERE, "tenant_worker.py"), "--seconds",
+                     str(a.seconds + 2), "--device", a.device], env=broker.env(t),
+                    stdout=subprocess.PIPE, text=True))
+            for w in workers:                  # every tenant compiled its kernel and is ready
+                w.stdout.readline()
+            print(f"{len(workers)} tenants running kernels for {a.seconds:g} s ...")
+            with broker.admin() as admin:
+                time.sleep(1.0)                # let every queue fill before measuring
+                before = admin.call("status")
+                time.sleep(a.seconds)
+                after = admin.call("status")
+            results = [json.loads(w.communicate(timeout=120)[0].strip().splitlines()[-1])
+                       for w in workers]
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    w.kill()
 
     used = {t: after["tenants"][t]["devices"][a.device]["used_ns"]
             - before["tenants"][t]["devices"][a.device]["used_ns"] for t in conf.tenants}

@@ -2,100 +2,32 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 from typing import Any
 
 import pytest
 import zmq
 
 import kubecash.client as kc
-from kubecash.client import protocol as P
+from kubecash.broker.local import LocalBroker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(v)
-
-
-def toml_dumps(broker: dict, tenants: dict[str, dict]) -> str:
-    lines = ["[broker]"] + [f"{k} = {_toml_value(v)}" for k, v in broker.items()]
-    for name, t in tenants.items():
-        lines.append(f"\n[tenants.{name}]")
-        per_dev = t.get("device", {})
-        lines += [f"{k} = {_toml_value(v)}" for k, v in t.items() if k != "device"]
-        for dev, dt in per_dev.items():
-            lines.append(f"[tenants.{name}.device.{dev}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in dt.items()]
-    return "\n".join(lines) + "\n"
-
-
-class BrokerProcess:
-    """A kubecash-broker daemon started as a real subprocess on a private runtime dir."""
+class BrokerProcess(LocalBroker):
+    """A real kubecash-broker daemon with test settings: fast heartbeats, shared kernel cache."""
 
     def __init__(self, tenants: dict[str, dict], cache_dir: str, **broker: Any):
-        # ipc:// paths must stay short (about 100 bytes): a short private directory.
-        self.runtime_dir = broker.pop("runtime_dir", None) or tempfile.mkdtemp(prefix="kc-", dir="/tmp")
-        settings = {"runtime_dir": self.runtime_dir, "cache_dir": cache_dir,
-                    "heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 1.5,
-                    "executor_threads": 2, **broker}
-        self.config_path = os.path.join(self.runtime_dir, "quota.toml")
-        with open(self.config_path, "w") as f:
-            f.write(toml_dumps(settings, tenants))
-        self.tenants = list(tenants)
-        self.log_path = os.path.join(self.runtime_dir, "broker.log")
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubecash.broker.daemon", "--config", self.config_path,
-             "--log-level", "INFO"], stdout=self._log, stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if k != "KUBECASH_BROKER"})
-        deadline = time.monotonic() + 20
-        while not all(os.path.exists(self.socket_path(t)) for t in self.tenants):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("broker did not start:\n" + self.log())
-            time.sleep(0.02)
-
-    def socket_path(self, tenant: str) -> str:
-        return P.broker_socket_path(self.runtime_dir, tenant)
-
-    def address(self, tenant: str) -> str:
-        return f"ipc://{self.socket_path(tenant)}"
+        settings = {"cache_dir": cache_dir, "heartbeat_interval_s": 0.25,
+                    "heartbeat_timeout_s": 1.5, "executor_threads": 2, **broker}
+        super().__init__(tenants, **settings)
 
     def connect(self, tenant: str) -> kc.Session:
         return kc.connect(self.address(tenant))
 
-    def log(self) -> str:
-        self._log.flush()
-        with open(self.log_path) as f:
-            return f.read()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+    stop = LocalBroker.close
 
 
 @pytest.fixture(scope="session")

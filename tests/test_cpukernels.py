@@ -323,6 +323,7 @@ def test_bad_option_is_refused(cache_dir):
     ("# /* sneaky */ include <fenv.h>\n", "fenv.h"),          # comment between # and keyword
     ("int x;\r#include <fenv.h>\n", "fenv.h"),                # a lone CR ends a line for g++
     ("#define A /*\n*/ 1\n/* x */ # include <fenv.h>\n", "fenv.h"),
+    ('const char* s = R"x(\n#include <fenv.h>\n)x";\n', "raw string literal"),
     ("#include <cuda_fp16.h>\n", "cuda_fp16.h"),
 ])
 def test_includes_are_refused_without_running_the_compiler(cache_dir, src, construct):

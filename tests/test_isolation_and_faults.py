@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import kubecash.client as kc
-from kubecash.client import protocol as P
 
 from conftest import run_client
 from kernels import SEGFAULT, VECADD

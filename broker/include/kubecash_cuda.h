@@ -388,6 +388,11 @@ __KC_AI long long clock64(void) {
 #undef __noinline__
 #undef __launch_bounds__
 #undef __align__
+/* Layout and visibility pragmas the tenant left open must not reach libc's structures or
+ * our exported entry points. */
+#pragma pack(push)
+#pragma pack()
+#pragma GCC visibility push(default)
 #include <setjmp.h>
 #include <ucontext.h>
 #include <dlfcn.h>
