@@ -16,7 +16,8 @@ import ctypes
 import ctypes.util
 import mmap
 import os
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 from kubecash.client.errors import CUresult, error_from_code
 
@@ -28,6 +29,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+SLICE_NS = 1_000_000        # a preemptible kernel checks for preemption about every 1 ms
 
 
 def _mmap(size: int, fd: int = -1) -> int:
@@ -48,7 +50,7 @@ class CpuBackend:
     def __init__(self, threads: int, cache_dir: str):
         self.threads = max(1, threads)
         self.cache_dir = cache_dir
-        self.launcher = cpukernels.Launcher(self.threads)
+        self.launcher = cpukernels.Launcher(self.threads, nice=10)
         self._closed = False
 
     # -- memory -------------------------------------------------------------------------
@@ -86,7 +88,9 @@ class CpuBackend:
     # -- modules and launches -------------------------------------------------------------
     def load_module(self, kind: str, source: str | None, image: bytes | None,
                     options: Sequence[str]) -> cpukernels.CompiledModule:
-        if kind != "cuda-c" or source is None:
+        # A PTX/CUBIN/fatbin image runs here only when it comes with the CUDA C source it
+        # was compiled from (the shim ties NVRTC output to its source): that is compiled.
+        if source is None or kind not in ("cuda-c", "ptx", "cubin", "fatbin"):
             raise error_from_code(CUresult.CUDA_ERROR_NO_BINARY_FOR_GPU,
                           f"a CPU device runs CUDA C source only; a {kind} image with no "
                           "known source cannot run here")
@@ -118,10 +122,36 @@ class CpuBackend:
             raise error_from_code(CUresult.CUDA_ERROR_NOT_FOUND,
                           f"no global variable named '{name}' in the module") from None
 
-    def launch(self, function, grid, block, shared: int, args: Sequence[bytes]) -> None:
+    def launch(self, function, grid, block, shared: int, args: Sequence[bytes], *,
+               should_yield: Callable[[], bool] | None = None,
+               progress: list[int] | None = None) -> bool:
+        """Run a kernel; True when it has completed.
+
+        With `should_yield`, the grid runs in slices of about SLICE_NS, and between slices
+        the kernel stops if should_yield() says so, returning False with the next block in
+        progress[0]; calling again with the same progress resumes it. Blocks are
+        independent, so a latency tenant need not wait for a long kernel to end."""
         module, kernel = function
+        grid, block = tuple(grid), tuple(block)
         try:
-            self.launcher.launch(module, kernel, tuple(grid), tuple(block), shared, args)
+            if should_yield is None:
+                self.launcher.launch(module, kernel, grid, block, shared, args)
+                return True
+            total = grid[0] * grid[1] * grid[2]
+            progress = progress if progress is not None else [0]
+            step = self.threads               # first slice: one block per worker, timed
+            while progress[0] < total:
+                first = progress[0]
+                last = min(total, first + step)
+                t0 = time.perf_counter_ns()
+                self.launcher.launch(module, kernel, grid, block, shared, args,
+                                     first_block=first, last_block=last)
+                took = max(1, time.perf_counter_ns() - t0)
+                progress[0] = last
+                step = max(self.threads, int((last - first) * SLICE_NS / took))
+                if progress[0] < total and should_yield():
+                    return False
+            return True
         except ValueError as e:
             raise error_from_code(CUresult.CUDA_ERROR_INVALID_VALUE, str(e)) from None
 

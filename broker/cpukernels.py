@@ -1062,7 +1062,7 @@ def _dims(v, what: str, limits: tuple[int, int, int]) -> tuple[int, int, int]:
 class Launcher:
     """A persistent pool of worker threads that run kernels' blocks."""
 
-    def __init__(self, nthreads: int, *, fiber_stack_bytes: int = 64 << 10):
+    def __init__(self, nthreads: int, *, fiber_stack_bytes: int = 64 << 10, nice: int = 0):
         if not isinstance(nthreads, int) or nthreads < 1:
             raise ValueError(f"nthreads must be a positive integer, got {nthreads!r}")
         if fiber_stack_bytes < 32 << 10:
@@ -1071,6 +1071,7 @@ class Launcher:
         self._closed = False
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._workers = [_WorkerState(fiber_stack_bytes) for _ in range(nthreads)]
+        self._nice = nice
         self._threads = []
         for i, w in enumerate(self._workers):
             t = threading.Thread(target=self._loop, args=(w,), name=f"kubecash-cpu-{i}", daemon=True)
@@ -1082,6 +1083,13 @@ class Launcher:
         return len(self._workers)
 
     def _loop(self, w: _WorkerState) -> None:
+        if self._nice:
+            # Kernel threads yield to the control plane (broker, executors' message loops,
+            # clients) sharing these cores, so hand-overs and latency work are not delayed.
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+            except (OSError, AttributeError):
+                pass
         caddr = ctypes.addressof(w.c)
         while True:
             job = w.queue.get()
@@ -1099,8 +1107,13 @@ class Launcher:
                 self._results.put(e)
 
     def launch(self, module: CompiledModule, kernel: KernelInfo, grid: tuple[int, int, int],
-               block: tuple[int, int, int], shared_bytes: int, args: Sequence[bytes]) -> None:
-        """Run the kernel over the grid; returns when every block has run."""
+               block: tuple[int, int, int], shared_bytes: int, args: Sequence[bytes], *,
+               first_block: int = 0, last_block: int | None = None) -> None:
+        """Run the kernel over the grid; returns when every block has run.
+
+        With first_block/last_block, only the blocks of linear index [first, last) run: a
+        kernel can be run in slices (blocks are independent), so it can yield the device
+        between slices."""
         # Everything is validated before anything runs.
         grid = _dims(grid, "grid", _MAX_GRID)
         block = _dims(block, "block", _MAX_BLOCK)
@@ -1121,13 +1134,18 @@ class Launcher:
             idx = module._acquire(kernel)
             try:
                 run = module._run
-                nblocks = grid[0] * grid[1] * grid[2]
-                counter = ctypes.c_uint64(0)
+                total = grid[0] * grid[1] * grid[2]
+                nblocks = total if last_block is None else last_block
+                if not 0 <= first_block < nblocks <= total:
+                    raise ValueError(f"block range [{first_block}, {nblocks}) outside the "
+                                     f"grid's {total} blocks")
+                # Workers grab block indices from the counter until it reaches nblocks.
+                counter = ctypes.c_uint64(first_block)
                 L = _KcLaunch((ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*block),
                               nblocks, ctypes.addressof(counter), shared_bytes, module._id)
                 job = (run, idx, ctypes.addressof(argv), ctypes.addressof(L),
                        module.uses_fibers, threads)
-                nw = min(len(self._workers), nblocks)
+                nw = min(len(self._workers), nblocks - first_block)
                 for w in self._workers[:nw]:
                     w.queue.put(job)
                 errors = [self._results.get() for _ in range(nw)]

@@ -26,6 +26,8 @@ import logging
 import os
 import queue
 import secrets
+import select
+import socket
 import signal
 import sys
 import threading
@@ -41,6 +43,7 @@ from kubecash.client.errors import CUresult, CudaError, ProtocolError, error_fro
 log = logging.getLogger("kubecash.executor")
 
 E = CUresult
+SUSPENDED = object()     # what a preempted kernel's op returns: run the rest later
 MAX_GRID = (2**31 - 1, 65535, 65535)
 MAX_BLOCK = (1024, 1024, 64)
 
@@ -53,6 +56,7 @@ def _err(code: int, msg: str, log: str = "") -> CudaError:
 class Stream:
     handle: int
     pending: int = 0
+    waiters: list = dataclasses.field(default_factory=list)   # (session, ident, request id)
 
 
 @dataclasses.dataclass
@@ -60,6 +64,7 @@ class Event:
     handle: int
     pending: int = 0
     time_ns: int | None = None
+    waiters: list = dataclasses.field(default_factory=list)   # (session, ident, request id)
 
 
 @dataclasses.dataclass
@@ -100,7 +105,7 @@ class Session:
 
 class Executor:
     def __init__(self, tenant: str, device: dict[str, Any], runtime_dir: str, control: str,
-                 secret: bytes, memory_limit: int, threads: int, cache_dir: str,
+                 secret: bytes, lease_fd: int, memory_limit: int, threads: int, cache_dir: str,
                  max_message_bytes: int = P.MAX_MESSAGE_BYTES,
                  staging_bytes: int = P.DEFAULT_STAGING_BYTES):
         self.tenant = tenant
@@ -126,10 +131,12 @@ class Executor:
         self.device_ns = 0
         self.kernels = 0
         self._stats_sent: tuple[int, int, int] | None = None
-        # device lease state (guarded by self._cv)
+        # device lease state: the runner thread's alone
         self._lease: int | None = None
         self._lease_quantum = 0
         self._lease_used = 0
+        self._lease_t0: int | None = None
+        self._lease_preemptible = False
         self._lease_kernels = 0
         self._wanted = False
         self._preempted = False
@@ -146,6 +153,9 @@ class Executor:
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.ctl = self.ctx.socket(zmq.DEALER)
         self.ctl.setsockopt(zmq.LINGER, 1000)
+        self.lease_sock = socket.socket(fileno=lease_fd)
+        self._lease_poll = select.poll()
+        self._lease_poll.register(lease_fd, select.POLLIN)
         self.runner = threading.Thread(target=self._run, name="runner", daemon=True)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -263,12 +273,6 @@ class Executor:
             with self._cv:
                 s.queue.clear()
                 self._enqueue_locked(s, Op(cleanup, None, 0, None))
-        elif op == "grant":
-            self._on_grant(msg["lease"], msg["quantum_ns"])
-        elif op == "preempt":
-            with self._cv:
-                if self._lease == msg["lease"]:
-                    self._preempted = True
         elif op == "set_quota":
             self.memory_limit = msg["memory"]
         elif op == "shutdown":
@@ -371,60 +375,99 @@ class Executor:
     # Work that uses the device runs only while this executor holds the broker's lease for
     # it. The runner asks for the lease when such work reaches the head of a queue, runs
     # work until the quantum is spent, it is preempted, or nothing is left, then gives the
-    # lease back reporting the device time it measured.
+    # lease back reporting the device time it measured. Lease traffic goes over a private
+    # socketpair the broker made at spawn time, read and written by the runner alone: a
+    # hand-over is two direct process wake-ups (ZeroMQ's I/O threads would add four more).
     def _run(self) -> None:
+        try:
+            self._run_loop(self.lease_sock)
+        finally:
+            self.lease_sock.close()
+
+    def _run_loop(self, ls: socket.socket) -> None:
         while True:
+            s: Session | None = None
+            op: Op | None = None
             with self._cv:
                 while True:
                     if self._stopping:
                         return
                     if not self._ready:
-                        self._release_locked(more=False)
-                        self._cv.wait()
-                        continue
+                        if self._lease is None and not self._wanted:
+                            self._cv.wait()      # idle, and no grant can be on its way
+                            continue
+                        break
                     s = self._ready[0]
                     if not s.queue:
                         self._ready.popleft()
                         s.in_ready = False
+                        s = None
                         continue
-                    op = s.queue[0]
-                    if op.device and self._lease is None:
-                        if not self._wanted:
-                            self._wanted = True
-                            self._call_in_main(lambda: self._report("want"))
-                        self._cv.wait()
-                        continue
+                    if s.queue[0].device and (self._lease is None or self._preempted):
+                        break
+                    op = s.queue.popleft()
                     self._ready.popleft()
-                    s.queue.popleft()
                     if s.queue:
                         self._ready.append(s)
                     else:
                         s.in_ready = False
                     break
-            dt = self._execute(s, op)
-            if op.device:
-                with self._cv:
-                    if self._lease is not None:
-                        self._lease_used += dt
-                        self._lease_kernels += op.kernel
-                        if self._lease_used >= self._lease_quantum or self._preempted:
-                            self._release_locked(more=bool(self._ready))
+            if op is None:
+                if self._lease is not None:      # nothing to run, or asked to stop
+                    self._give_back(ls, more=s is not None)
+                    continue
+                if s is not None and not self._wanted:
+                    self._wanted = True
+                    ls.send(P.pack({"v": P.VERSION, "op": "want"}))
+                self._poll_lease(ls, 100)
+                continue
+            if op.device and self._lease is not None and self._lease_t0 is None:
+                self._lease_t0 = time.perf_counter_ns()
+            self._execute(s, op)
+            if op.device and self._lease is not None:
+                # The device is charged for the whole time it is held, from the start of the
+                # lease's first work to the end of its last (what runs between is the tenant's).
+                self._lease_used = time.perf_counter_ns() - self._lease_t0
+                self._lease_kernels += op.kernel
+                self._poll_lease(ls, 0)          # a preemption may have come meanwhile
+                if self._lease_used >= self._lease_quantum or self._preempted:
+                    with self._cv:
+                        more = bool(self._ready)
+                    self._give_back(ls, more=more)
 
-    def _release_locked(self, more: bool) -> None:
-        if self._lease is None:
-            return
-        fields = {"lease": self._lease, "used_ns": self._lease_used,
-                  "kernels": self._lease_kernels, "more": more}
+    def _poll_lease(self, ls: socket.socket, timeout_ms: int) -> None:
+        """Take grants and preemptions from the broker (runner thread only)."""
+        while self._lease_poll.poll(timeout_ms):
+            timeout_ms = 0
+            frame = ls.recv(65536)
+            if not frame:                   # the broker is gone: so is our reason to run
+                self._stopping = True
+                return
+            try:
+                msg = P.unpack(frame)
+                op = P.check_request(msg, P.CONTROL_OPS)
+            except ProtocolError as e:
+                log.error("bad lease message: %s", e)
+                continue
+            if op == "grant":
+                self._lease, self._lease_quantum = msg["lease"], msg["quantum_ns"]
+                self._lease_preemptible = msg.get("preemptible", False)
+                self._lease_used = self._lease_kernels = 0
+                self._lease_t0 = None
+                self._preempted = self._wanted = False
+            elif op == "preempt" and msg["lease"] == self._lease:
+                self._preempted = True
+
+    def _should_yield(self) -> bool:
+        """Between slices of a preemptible kernel: has the broker asked for the device?"""
+        self._poll_lease(self.lease_sock, 0)
+        return self._preempted
+
+    def _give_back(self, ls: socket.socket, more: bool) -> None:
+        ls.send(P.pack({"v": P.VERSION, "op": "release", "lease": self._lease,
+                        "used_ns": self._lease_used, "kernels": self._lease_kernels, "more": more}))
         self._lease = None
         self._wanted = more           # the broker counts a release with more work as a want
-        self._call_in_main(lambda: self._report("release", **fields))
-
-    def _on_grant(self, lease: int, quantum_ns: int) -> None:
-        with self._cv:
-            self._lease, self._lease_quantum = lease, quantum_ns
-            self._lease_used = self._lease_kernels = 0
-            self._preempted = self._wanted = False
-            self._cv.notify_all()
 
     def _execute(self, s: Session, op: Op) -> int:
         t0 = time.perf_counter_ns()
@@ -432,6 +475,14 @@ class Executor:
         error: CudaError | None = None
         try:
             result = op.fn() or {}
+            if result is SUSPENDED:           # preempted mid-kernel: it stays at the head
+                with self._cv:
+                    s.queue.appendleft(op)
+                    if s.in_ready:
+                        self._ready.remove(s)
+                    s.in_ready = True
+                    self._ready.appendleft(s)
+                return time.perf_counter_ns() - t0
         except CudaError as e:
             error = e
         except Exception as e:
@@ -443,10 +494,16 @@ class Executor:
                 self.device_ns += dt
             if op.kernel and error is None:
                 self.kernels += 1
-            if op.stream is not None:
-                op.stream.pending -= 1
-            if op.event is not None:
-                op.event.pending -= 1
+            woken = []
+            for obj in (op.stream, op.event):
+                if obj is not None:
+                    obj.pending -= 1
+                    if obj.pending == 0 and obj.waiters:
+                        woken += [(ident, self._sync_payload_locked(ws, rid))
+                                  for ws, ident, rid in obj.waiters]
+                        obj.waiters.clear()
+            if woken:
+                self._call_in_main(lambda: [self._send(i, p) for i, p in woken])
             if op.ident is None:
                 if error is not None and s.deferred is None:
                     s.deferred = error
@@ -725,7 +782,17 @@ class Executor:
                        f"kernel takes {len(sizes)} parameters of sizes {list(sizes)}; got "
                        f"{len(args)} of sizes {[len(a) for a in args]}")
         shared = msg["shared"]
-        self._queue_op(s, msg, ident, lambda: self.backend.launch(fn, grid, block, shared, args),
+        progress = [0]
+
+        def run():
+            # Preemptible only while a latency tenant shares the device (slicing costs a
+            # little); a preempted kernel is resumed from `progress` at the next lease.
+            if not self._lease_preemptible:
+                return self.backend.launch(fn, grid, block, shared, args) and None
+            done = self.backend.launch(fn, grid, block, shared, args,
+                                       should_yield=self._should_yield, progress=progress)
+            return None if done else SUSPENDED
+        self._queue_op(s, msg, ident, run,
                        stream=self._stream(s, msg), sync_point=False, kernel=True)
 
     def op_stream_create(self, s: Session, msg: dict, ident: bytes):
@@ -738,9 +805,30 @@ class Executor:
             raise _err(E.CUDA_ERROR_INVALID_HANDLE, f"stream {msg['stream']:#x} is not one of this session's")
         return {}   # work already queued on it still runs (as in CUDA)
 
+    def _sync_payload_locked(self, s: Session, rid: int) -> bytes:
+        """The reply of a synchronizing request: an error kept from async work, or success."""
+        if s.deferred is not None:
+            e, s.deferred = s.deferred, None
+            return P.error(rid, e.code, e.message, e.log)
+        return P.reply(rid)
+
+    def _wait_for(self, s: Session, obj: "Stream | Event", ident: bytes, rid: int) -> None:
+        """Answer when everything queued on `obj` so far has run (now, if it has)."""
+        with self._cv:
+            if obj.pending:
+                obj.waiters.append((s, ident, rid))
+                return
+            payload = self._sync_payload_locked(s, rid)
+        self._send(ident, payload)
+
     def op_stream_sync(self, s: Session, msg: dict, ident: bytes):
-        self._stream(s, msg)
-        self._queue_op(s, msg, ident, lambda: None)
+        st = self._stream(s, msg)
+        if st.handle == 0:
+            # The legacy default stream orders against every blocking stream: wait for all
+            # of this session's work queued so far.
+            self._queue_op(s, msg, ident, lambda: None)
+        else:
+            self._wait_for(s, st, ident, msg["id"])
 
     def op_stream_query(self, s: Session, msg: dict, ident: bytes):
         return {"ready": self._stream(s, msg).pending == 0}
@@ -771,8 +859,7 @@ class Executor:
         self._queue_op(s, msg, ident, record, stream=self._stream(s, msg), event=ev, sync_point=False)
 
     def op_event_sync(self, s: Session, msg: dict, ident: bytes):
-        self._event(s, msg["event"])
-        self._queue_op(s, msg, ident, lambda: None)
+        self._wait_for(s, self._event(s, msg["event"]), ident, msg["id"])
 
     def op_event_query(self, s: Session, msg: dict, ident: bytes):
         return {"ready": self._event(s, msg["event"]).pending == 0}
@@ -804,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device-json", required=True)
     ap.add_argument("--runtime-dir", required=True)
     ap.add_argument("--control", required=True)
+    ap.add_argument("--lease-fd", type=int, required=True)
     ap.add_argument("--memory-limit", type=int, required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", required=True)
@@ -815,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     secret = os.environ.pop("KUBECASH_EXECUTOR_SECRET", "").encode()
     ex = Executor(a.tenant, json.loads(a.device_json), a.runtime_dir, a.control, secret,
-                  a.memory_limit, a.threads, a.cache_dir, a.max_message_bytes)
+                  a.lease_fd, a.memory_limit, a.threads, a.cache_dir, a.max_message_bytes)
     signal.signal(signal.SIGTERM, lambda *_: setattr(ex, "_stopping", True))
     ex.serve()
     return 0

@@ -7,9 +7,10 @@ reports the device time it actually used. That measured time is charged:
 
 - weight (1-10000): each (tenant, device) has a virtual time, advanced by used/weight. The
   next holder is the runnable entity with the least virtual time; an entity that wakes up
-  from idle starts at the least virtual time of those already running, so idle time is not
-  banked (work-conserving, like CFS). Overruns (a kernel longer than the quantum) are
-  charged in full, so shares hold over time whatever the kernel length.
+  from idle keeps at most WAKE_CREDIT_NS of lag behind those already running, so a short
+  pause keeps its share and a long idle is not banked (work-conserving, like CFS).
+  Overruns (a kernel longer than the quantum) are charged in full, so shares hold over time
+  whatever the kernel length.
 - limit (0.0001 and up, a fraction of one device's time; above 1 it spans devices): a
   credit per tenant that accrues at rate `limit` and is spent by measured device time. A
   tenant may take a lease only while its credit is positive; debt from an overrun is repaid
@@ -34,6 +35,7 @@ import itertools
 NS = 1_000_000_000
 MIN_PERIOD_NS = 100_000_000          # 100 ms
 LATENCY_SLACK_NS = 50_000_000        # weighted ns a latency tenant may run ahead of batch
+WAKE_CREDIT_NS = 50_000_000          # weighted ns of lag an entity keeps across a short idle
 WINDOWS_S = (1, 10, 60)
 
 
@@ -145,7 +147,9 @@ class DeviceScheduler:
         e = self.entities.get(tenant)
         if e is None or e.runnable or e is self.holder:
             return False
-        e.vtime = max(e.vtime, self._min_vtime())
+        # Clients go idle for a moment between batches (a synchronize round trip): keep a
+        # bounded lag so that does not cost them their share, without banking long idles.
+        e.vtime = max(e.vtime, self._min_vtime() - WAKE_CREDIT_NS)
         e.runnable = True
         e.want_since = now
         h = self.holder

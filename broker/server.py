@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,12 +55,17 @@ class ExecutorProc:
     proc: subprocess.Popen
     started: float
     ident: bytes | None = None             # control-socket routing id once it said "ready"
+    lease_sock: socket.socket | None = None   # private socketpair end: leases go there
     sessions: set[bytes] = dataclasses.field(default_factory=set)
     pending: dict[bytes, PendingOpen] = dataclasses.field(default_factory=dict)
     stopping: float | None = None          # when shutdown was asked
     device_ns: int = 0
     kernels: int = 0
     memory_used: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.ident is not None
 
 
 @dataclasses.dataclass
@@ -99,11 +105,15 @@ class Broker:
         self.stopping = False
         self.poller = zmq.Poller()
         self._sock_tenant: dict[zmq.Socket, TenantState] = {}
+        self._by_ident: dict[bytes, ExecutorProc] = {}     # control-socket routing ids
+        self._lease_fds: dict[int, ExecutorProc] = {}      # lease socketpair fds
         self.on_ready: Callable[[], None] | None = None
         self._closed = False
         quantum_ns = int(self.settings.quantum_ms * 1e6)
         self.schedulers = {name: DeviceScheduler(name, quantum_ns) for name in self.devices}
-        self.buckets: dict[str, LimitBucket] = {}     # per tenant: its limit spans devices
+        # Limit credit: one bucket per tenant (its limit spans its devices), plus one per
+        # (tenant, device) whose per-device table overrides the limit.
+        self.buckets: dict[tuple[str, str | None], LimitBucket] = {}
         self.admin = self.ctx.socket(zmq.ROUTER)
         self.admin.setsockopt(zmq.LINGER, 0)
         self.admin.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
@@ -152,8 +162,7 @@ class Broker:
         ts = TenantState(t, sock, d)
         self.tenants[t.name] = ts
         self._sock_tenant[sock] = ts
-        self.buckets[t.name] = LimitBucket(t.quota.limit, int(self.settings.quantum_ms * 1e6),
-                                           last_ns=time.monotonic_ns())
+
         self.poller.register(sock, zmq.POLLIN)
 
     def serve_forever(self) -> None:
@@ -173,6 +182,11 @@ class Broker:
             if wait is not None:
                 timeout_s = min(timeout_s, wait / NS)
         for sock, _ in self.poller.poll(max(0, int(timeout_s * 1000))):
+            if isinstance(sock, int):
+                ex = self._lease_fds.get(sock)
+                if ex is not None:
+                    self._on_lease(ex)
+                continue
             for _ in range(256):   # drain a bounded batch from each ready socket
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -301,7 +315,7 @@ class Broker:
         if s.token in ex.sessions:
             return self._open_reply(ex)
         ex.pending[s.token] = PendingOpen(s, ident, msg["id"])
-        if ex.ident is not None:
+        if ex.ready:
             self._control_send(ex, "session_add", session=s.token)
         return None   # answered when the executor confirms the session
 
@@ -336,7 +350,7 @@ class Broker:
                 rc = ex.proc.poll()
                 if rc is not None:
                     self._executor_gone(ex, _exit_reason(rc))
-                elif ex.ident is None and now - ex.started > EXECUTOR_START_TIMEOUT_S:
+                elif not ex.ready and now - ex.started > EXECUTOR_START_TIMEOUT_S:
                     ex.proc.kill()
                 elif ex.stopping is not None and now - ex.stopping > EXECUTOR_STOP_TIMEOUT_S:
                     ex.proc.kill()
@@ -355,8 +369,20 @@ class Broker:
                "--max-message-bytes", str(self.settings.max_message_bytes)]
         env = dict(os.environ, KUBECASH_EXECUTOR_SECRET=self.secret.decode())
         env.pop("KUBECASH_BROKER", None)   # the executor is never itself a brokered client
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, close_fds=True)
-        ex = ExecutorProc(t, d, proc, time.monotonic())
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(cmd + ["--lease-fd", str(theirs.fileno())], env=env,
+                                    stdin=subprocess.DEVNULL, close_fds=True,
+                                    pass_fds=(theirs.fileno(),))
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        mine.setblocking(False)
+        ex = ExecutorProc(t, d, proc, time.monotonic(), lease_sock=mine)
+        self._lease_fds[mine.fileno()] = ex
+        self.poller.register(mine.fileno(), zmq.POLLIN)
         t.executors[d.name] = ex
         log.info("tenant %s: executor for %s started (pid %d)", t.config.name, d.name, proc.pid)
         return ex
@@ -374,6 +400,11 @@ class Broker:
         if t.executors.get(ex.device.name) is not ex:
             return
         del t.executors[ex.device.name]
+        self._by_ident.pop(ex.ident, None)
+        if ex.lease_sock is not None:
+            self._forget_lease_fd(ex)
+            ex.lease_sock.close()
+            ex.lease_sock = None
         self.schedulers[ex.device.name].remove(t.config.name)
         self._schedule(ex.device.name)
         clean = ex.stopping is not None
@@ -420,26 +451,10 @@ class Broker:
         except ProtocolError as e:
             log.error("bad message on the control socket: %s", e)
             return
-        ex = self._executor_by_ident(ident)
         if op == "ready":
-            if not secrets.compare_digest(msg["secret"], self.secret):
-                log.error("control socket: 'ready' with a wrong secret refused")
-                return
-            t = self.tenants.get(msg["tenant"])
-            ex = t.executors.get(msg["device"]) if t else None
-            if ex is None or ex.proc.pid != msg["pid"]:
-                log.error("control socket: 'ready' from an unknown executor refused")
-                return
-            ex.ident = ident
-            q = t.config.quota_for(ex.device.name)
-            self.schedulers[ex.device.name].add(t.config.name, q.weight, q.klass,
-                                                self.buckets[t.config.name])
-            if ex.stopping is not None:
-                self._control_send(ex, "shutdown")
-                return
-            for token in ex.pending:
-                self._control_send(ex, "session_add", session=token)
+            self._executor_ready(ident, msg)
             return
+        ex = self._by_ident.get(ident)
         if ex is None:
             return
         if op == "session_added":
@@ -450,21 +465,71 @@ class Broker:
             ex.sessions.add(msg["session"])
             p.session.devices.add(ex.device.name)
             self._send(ex.tenant.sock, p.ident, P.reply(p.req_id, **self._open_reply(ex)))
-        elif op == "want":
-            sched = self.schedulers[ex.device.name]
-            if sched.want(ex.tenant.config.name, time.monotonic_ns()):
-                holder = sched.holder
-                hx = self.tenants[holder.tenant].executors.get(ex.device.name) if holder else None
-                if hx is not None:
-                    self._control_send(hx, "preempt", lease=sched.lease)
-            self._schedule(ex.device.name)
-        elif op == "release":
-            self.schedulers[ex.device.name].release(
-                ex.tenant.config.name, msg["lease"], msg["used_ns"], msg["kernels"], msg["more"],
-                time.monotonic_ns())
-            self._schedule(ex.device.name)
         elif op == "stats":
             ex.device_ns, ex.kernels, ex.memory_used = msg["device_ns"], msg["kernels"], msg["memory_used"]
+
+    def _executor_ready(self, ident: bytes, msg: dict) -> None:
+        if not secrets.compare_digest(msg["secret"], self.secret):
+            log.error("control socket: 'ready' with a wrong secret refused")
+            return
+        t = self.tenants.get(msg["tenant"])
+        ex = t.executors.get(msg["device"]) if t else None
+        if ex is None or ex.proc.pid != msg["pid"] or ex.ident is not None:
+            log.error("control socket: 'ready' from an unknown executor refused")
+            return
+        ex.ident = ident
+        self._by_ident[ident] = ex
+        q = t.config.quota_for(ex.device.name)
+        self.schedulers[ex.device.name].add(t.config.name, q.weight, q.klass,
+                                            self._bucket_for(t, ex.device.name))
+        if ex.stopping is not None:
+            self._control_send(ex, "shutdown")
+            return
+        for token in ex.pending:
+            self._control_send(ex, "session_add", session=token)
+
+    def _on_lease(self, ex: ExecutorProc) -> None:
+        """Wants and releases from an executor's runner, on its private socketpair."""
+        for _ in range(64):
+            try:
+                frame = ex.lease_sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                frame = b""
+            if not frame:                 # the executor closed its end: it is exiting
+                self._forget_lease_fd(ex)
+                return
+            try:
+                msg = P.unpack(frame)
+                op = P.check_request(msg, P.EXECUTOR_REPORTS)
+            except ProtocolError as e:
+                log.error("bad lease message from %s/%s: %s", ex.tenant.config.name, ex.device.name, e)
+                continue
+            sched = self.schedulers[ex.device.name]
+            now = time.monotonic_ns()
+            if op == "want":
+                if sched.want(ex.tenant.config.name, now) and sched.holder is not None:
+                    hx = self.tenants[sched.holder.tenant].executors.get(ex.device.name)
+                    if hx is not None:
+                        self._lease_send(hx, "preempt", lease=sched.lease)
+            elif op == "release":
+                sched.release(ex.tenant.config.name, msg["lease"], msg["used_ns"], msg["kernels"],
+                              msg["more"], now)
+            self._schedule(ex.device.name)
+
+    def _forget_lease_fd(self, ex: ExecutorProc) -> None:
+        fd = ex.lease_sock.fileno()
+        if self._lease_fds.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def _lease_send(self, ex: ExecutorProc, op: str, **fields: Any) -> None:
+        if ex.lease_sock is not None:
+            try:
+                ex.lease_sock.send(P.pack({"v": P.VERSION, "op": op, **fields}))
+            except OSError as e:   # it is exiting; its death is handled by housekeeping
+                log.info("lease message to %s/%s not sent: %s", ex.tenant.config.name,
+                         ex.device.name, e)
 
     def _schedule(self, device: str) -> None:
         """Lease the device to the next holder if it is free and someone may run."""
@@ -473,10 +538,13 @@ class Broker:
         if g is None:
             return
         ex = self.tenants[g.entity.tenant].executors.get(device)
-        if ex is None or ex.ident is None:
+        if ex is None or ex.lease_sock is None:
             sched.remove(g.entity.tenant)
             return
-        self._control_send(ex, "grant", lease=g.lease, quantum_ns=g.quantum_ns)
+        preemptible = g.entity.klass == "batch" and any(
+            e.klass == "latency" for e in sched.entities.values())
+        self._lease_send(ex, "grant", lease=g.lease, quantum_ns=g.quantum_ns,
+                         preemptible=preemptible)
 
     # -- the operator's socket ----------------------------------------------------------
     def _on_admin(self, frames: list[bytes]) -> None:
@@ -565,26 +633,31 @@ class Broker:
         self._apply_quota(t)
         return {"tenant": t.config.name}
 
+    def _bucket_for(self, t: TenantState, device: str) -> LimitBucket:
+        """The limit credit `device` draws on, its rate brought up to date."""
+        limit = t.config.quota_for(device).limit
+        key = (t.config.name, device if limit != t.config.quota.limit else None)
+        now = time.monotonic_ns()
+        b = self.buckets.get(key)
+        if b is None:
+            b = self.buckets[key] = LimitBucket(limit, int(self.settings.quantum_ms * 1e6),
+                                                last_ns=now)
+        elif b.rate != limit:
+            b.set_rate(limit, now)
+        return b
+
     def _apply_quota(self, t: TenantState) -> None:
         """Push a tenant's (changed) quota to the scheduler and its executors, live."""
-        now = time.monotonic_ns()
-        self.buckets[t.config.name].set_rate(t.config.quota.limit, now)
         for dname, sched in self.schedulers.items():
             q = t.config.quota_for(dname)
             e = sched.entities.get(t.config.name)
             if e is not None:
                 e.weight, e.klass = q.weight, q.klass
+                e.bucket = self._bucket_for(t, dname)
             ex = t.executors.get(dname)
             if ex is not None:
                 self._control_send(ex, "set_quota", memory=self._memory_limit(q, ex.device))
             self._schedule(dname)
-
-    def _executor_by_ident(self, ident: bytes) -> ExecutorProc | None:
-        for t in self.tenants.values():
-            for ex in t.executors.values():
-                if ex.ident == ident:
-                    return ex
-        return None
 
 
 class _Refused(Exception):

@@ -108,7 +108,7 @@ EXECUTOR_OPS: dict[str, dict[str, F]] = {
 ADMIN_OPS: dict[str, dict[str, F]] = {
     "status": {},
     "set_quota": {"tenant": F(str, maxlen=64), "device": F(str, required=False, maxlen=64),
-                  "weight": F(int, required=False, lo=1, hi=10000),
+                  "weight": F(int, required=False),   # ranges: checked by the config rules
                   "limit": F((int, float), required=False),      # <= 0 removes the limit
                   "memory": F(int, required=False, lo=0, hi=1 << 62),
                   "class": F(str, required=False, maxlen=16)},
@@ -226,12 +226,15 @@ def executor_socket_path(runtime_dir: str, tenant: str, device: str) -> str:
 
 
 # Control channel between the broker (ROUTER, private socket) and its executors (DEALER).
+# Leases (grant, preempt; want, release) travel instead over a SOCK_SEQPACKET socketpair the
+# broker creates for each executor: one message per packet, same encoding.
 # broker -> executor
 CONTROL_OPS: dict[str, dict[str, F]] = {
     "session_add": {"session": SESSION},
     "session_end": {"session": SESSION},
     "set_quota": {"memory": F(int, lo=0, hi=1 << 62)},
-    "grant": {"lease": F(int, lo=1, hi=U64), "quantum_ns": F(int, lo=1, hi=I64_MAX)},
+    "grant": {"lease": F(int, lo=1, hi=U64), "quantum_ns": F(int, lo=1, hi=I64_MAX),
+              "preemptible": F(bool, required=False)},   # a latency tenant shares the device
     "preempt": {"lease": F(int, lo=1, hi=U64)},
     "shutdown": {},
 }

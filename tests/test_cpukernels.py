@@ -424,3 +424,18 @@ def test_refused_after_preprocessing(cache_dir, src, construct):
     with pytest.raises(ck.UnsupportedConstructError) as e:
         ck.compile_module(src, cache_dir=cache_dir)
     assert e.value.construct == construct
+
+
+def test_a_grid_runs_in_slices_of_blocks(cache_dir):
+    """A preemptible launch runs block ranges [first, last): together they are the kernel."""
+    src = 'extern "C" __global__ void mark(int* o) { o[blockIdx.x * blockDim.x + threadIdx.x] = blockIdx.x + 1; }'
+    mod = ck.compile_module(src, cache_dir=cache_dir)
+    k = mod.kernel("mark")
+    out = np.zeros(10 * 32, np.int32)
+    with ck.Launcher(2) as L:
+        L.launch(mod, k, (10, 1, 1), (32, 1, 1), 0, [ptr(out)], first_block=0, last_block=3)
+        assert np.array_equal(out[:96], np.repeat(np.arange(1, 4), 32)) and not out[96:].any()
+        L.launch(mod, k, (10, 1, 1), (32, 1, 1), 0, [ptr(out)], first_block=3, last_block=10)
+        with pytest.raises(ValueError, match="block range"):
+            L.launch(mod, k, (10, 1, 1), (32, 1, 1), 0, [ptr(out)], first_block=5, last_block=11)
+    assert np.array_equal(out, np.repeat(np.arange(1, 11), 32))

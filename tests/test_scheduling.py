@@ -1,0 +1,140 @@
+"""Time quotas against a real broker: behaviour with generous bounds (numbers: bench/fairness.py)."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+import kubecash.client as kc
+
+from conftest import ROOT
+
+WORKER = os.path.join(ROOT, "examples", "tenant_worker.py")
+
+
+def start_worker(broker, tenant: str, seconds: float, iters: int = 4000, **extra) -> subprocess.Popen:
+    argv = [sys.executable, WORKER, "--seconds", str(seconds), "--iters", str(iters),
+            "--blocks", "8"]
+    for k, v in extra.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    p = subprocess.Popen(argv, env=dict(os.environ, KUBECASH_BROKER=broker.address(tenant)),
+                         stdout=subprocess.PIPE, text=True)
+    assert json.loads(p.stdout.readline())["ready"]
+    return p
+
+
+def finish(p: subprocess.Popen) -> dict:
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["ok"], "the kernels computed a wrong result"
+    return r
+
+
+def used(admin, tenant: str) -> int:
+    return admin.call("status")["tenants"][tenant]["devices"]["cpu0"]["used_ns"]
+
+
+def window(admin, tenants, seconds: float) -> tuple[dict[str, float], float]:
+    st0 = admin.call("status")
+    time.sleep(seconds)
+    st1 = admin.call("status")
+    d = {t: (st1["tenants"][t]["devices"]["cpu0"]["used_ns"] - st0["tenants"][t]["devices"]["cpu0"]["used_ns"]) / 1e9
+         for t in tenants}
+    return d, st1["uptime_s"] - st0["uptime_s"]
+
+
+def test_a_limit_caps_a_tenant_even_on_an_idle_device(broker_factory):
+    b = broker_factory({"capped": {"limit": 0.2}})
+    p = start_worker(b, "capped", 4)
+    with b.admin() as admin:
+        time.sleep(0.5)
+        u, wall = window(admin, ["capped"], 2.5)
+    finish(p)
+    assert 0.1 < u["capped"] / wall < 0.3, u["capped"] / wall
+
+
+def test_weights_divide_a_contended_device(broker_factory):
+    b = broker_factory({"light": {"weight": 100}, "heavy": {"weight": 300}})
+    ps = [start_worker(b, t, 8) for t in ("light", "heavy")]
+    with b.admin() as admin:
+        time.sleep(1)
+        u, _ = window(admin, ["light", "heavy"], 2.5)
+        # live change: equal weights now
+        admin.call("set_quota", tenant="heavy", weight=100)
+        time.sleep(0.3)
+        u2, _ = window(admin, ["light", "heavy"], 1.5)
+        st = admin.call("status")
+    for p in ps:
+        finish(p)
+    share = u["light"] / (u["light"] + u["heavy"])
+    assert 0.15 < share < 0.35, share
+    share2 = u2["light"] / (u2["light"] + u2["heavy"])
+    assert 0.4 < share2 < 0.6, share2
+    assert st["tenants"]["heavy"]["devices"]["cpu0"]["weight"] == 100
+    dev = st["tenants"]["light"]["devices"]["cpu0"]
+    assert dev["kernels"] > 0 and dev["grants"] > 0 and set(dev["share"]) == {"1s", "10s", "60s"}
+
+
+def test_an_idle_tenant_never_blocks_others(broker_factory):
+    b = broker_factory({"idle": {"weight": 10000}, "busy": {"weight": 1}})
+    with b.connect("idle") as s:
+        d = s.device("cpu0")
+        d.allocate(1 << 20)                 # a live executor with nothing queued
+        d.synchronize()
+        p = start_worker(b, "busy", 3)
+        with b.admin() as admin:
+            time.sleep(0.5)
+            u, wall = window(admin, ["idle", "busy"], 2)
+        finish(p)
+    assert u["idle"] < 0.05
+    assert u["busy"] / wall > 0.5
+
+
+def test_a_latency_tenant_goes_ahead_of_batch_work(broker_factory):
+    b = broker_factory({"batch": {"class": "batch"}, "lat": {"class": "latency"}})
+    # Batch kernels of about half a second each keep the device busy.
+    p = start_worker(b, "batch", 8, iters=300_000, depth=2)
+    with b.connect("lat") as s:
+        dev = s.device("cpu0")
+        out = dev.allocate(4 * 128)
+        k = dev.load_module(
+            'extern "C" __global__ void one(float* o) { o[threadIdx.x] += 1.0f; }').get_kernel("one")
+        dev.synchronize()
+        time.sleep(0.5)
+        times = []
+        for _ in range(8):
+            t0 = time.perf_counter()
+            dev.launch(k, (1,), (128,), [out])
+            dev.synchronize()
+            times.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+    with b.admin() as admin:
+        st = admin.call("status")
+    p.kill()
+    p.communicate()
+    # Waiting for the batch kernel in flight would take ~0.25 s on average; the latency
+    # tenant preempts it between blocks.
+    assert statistics.median(times) < 0.1, times
+    assert st["tenants"]["batch"]["devices"]["cpu0"]["kernels"] >= 1
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"weight": 0}, "field 'weight'"),
+    ({"limit": 0.00001}, "field 'limit'"),
+    ({"class": "urgent"}, "field 'class'"),
+])
+def test_invalid_live_changes_are_refused_and_change_nothing(broker, fields, message):
+    with broker.admin() as admin:
+        with pytest.raises(kc.InvalidValueError) as e:
+            admin.call("set_quota", tenant="alice", **fields)
+        assert "tenant 'alice'" in str(e.value) and message in str(e.value)
+        q = admin.call("status")["tenants"]["alice"]["devices"]["cpu0"]
+        assert (q["weight"], q["limit"], q["class"]) == (100, None, "batch")
+        with pytest.raises(kc.InvalidValueError, match="no tenant 'mallory'"):
+            admin.call("set_quota", tenant="mallory", weight=5)
