@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def stop(*_):
         broker.stopping = True
+    def reload(*_):
+        broker.reload_requested = True
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     broker.serve_forever()
     return 0
 

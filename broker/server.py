@@ -103,6 +103,8 @@ class Broker:
         self.tenants: dict[str, TenantState] = {}
         self.sessions: dict[bytes, ClientSession] = {}
         self.stopping = False
+        self.reload_requested = False          # set by SIGHUP; acted on in the loop
+        self._retired: list[TenantState] = []  # removed by a reload, executors still exiting
         self.poller = zmq.Poller()
         self._sock_tenant: dict[zmq.Socket, TenantState] = {}
         self._by_ident: dict[bytes, ExecutorProc] = {}     # control-socket routing ids
@@ -171,6 +173,12 @@ class Broker:
             self.on_ready()
         try:
             while not self.stopping:
+                if self.reload_requested:
+                    self.reload_requested = False
+                    try:
+                        self.reload()
+                    except _Refused as e:
+                        log.error("%s", e.message)
                 self.serve_once(timeout_s=min(0.1, self.settings.heartbeat_interval_s))
         finally:
             self.close()
@@ -345,7 +353,7 @@ class Broker:
         timeout = self.settings.heartbeat_timeout_s
         for s in [s for s in self.sessions.values() if now - s.last_seen > timeout]:
             self._end_session(s, f"no heartbeat for {timeout:g} s")
-        for t in self.tenants.values():
+        for t in [*self.tenants.values(), *self._retired]:
             for ex in list(t.executors.values()):
                 rc = ex.proc.poll()
                 if rc is not None:
@@ -354,6 +362,7 @@ class Broker:
                     ex.proc.kill()
                 elif ex.stopping is not None and now - ex.stopping > EXECUTOR_STOP_TIMEOUT_S:
                     ex.proc.kill()
+        self._retired = [t for t in self._retired if t.executors]
         for name in self.schedulers:
             self._schedule(name)
 
@@ -601,6 +610,65 @@ class Broker:
             tenants[name] = {"sessions": len(t.sessions), "devices": per_dev}
         return {"devices": devices, "tenants": tenants, "uptime_s": (now - self.started_ns) / NS,
                 "quantum_ms": self.settings.quantum_ms}
+
+    def _admin_reload(self, msg: dict) -> dict:
+        return self.reload()
+
+    def reload(self) -> dict:
+        """Re-read the quota file and apply it atomically; an invalid file changes nothing."""
+        try:
+            new = cfg.load(self.config.path, device_count=len(self.devices))
+        except cfg.ConfigError as e:
+            raise _Refused(E.CUDA_ERROR_INVALID_VALUE,
+                           f"reload refused, the running configuration stays: {e}") from None
+        restart_only = ("runtime_dir", "cache_dir", "max_message_bytes")
+        pending = [k for k in restart_only if getattr(new.broker, k) != getattr(self.settings, k)
+                   and not (k == "runtime_dir" and os.path.abspath(new.broker.runtime_dir) == self.runtime_dir)]
+        self.settings = dataclasses.replace(
+            new.broker, **{k: getattr(self.settings, k) for k in restart_only})
+        self.config = dataclasses.replace(new, broker=self.settings)
+        quantum_ns = int(self.settings.quantum_ms * 1e6)
+        for sched in self.schedulers.values():
+            sched.quantum_ns = quantum_ns
+        for b in self.buckets.values():
+            b.quantum_ns = quantum_ns
+        removed = [n for n in self.tenants if n not in new.tenants]
+        added = [n for n in new.tenants if n not in self.tenants]
+        for name in removed:
+            self._retire_tenant(self.tenants[name])
+        for name in added:
+            self._add_tenant(new.tenants[name])
+        for name, t in self.tenants.items():
+            if name not in added and t.config != new.tenants[name]:
+                t.config = new.tenants[name]
+                self._apply_quota(t)
+        log.info("configuration reloaded from %s: %d tenants (added %s, removed %s)%s",
+                 self.config.path, len(self.tenants), added or "none", removed or "none",
+                 f"; {', '.join(pending)} take effect at restart" if pending else "")
+        return {"tenants": sorted(self.tenants), "added": added, "removed": removed,
+                "restart_needed_for": pending}
+
+    def _retire_tenant(self, t: TenantState) -> None:
+        """A tenant removed from the configuration: its sessions end cleanly, its socket goes."""
+        for s in list(t.sessions.values()):
+            self._send(t.sock, s.ident, P.event("session_ended", code=int(E.CUDA_ERROR_DEINITIALIZED),
+                                                error=f"tenant '{t.config.name}' was removed "
+                                                      "from the broker's configuration"))
+            self._end_session(s, "tenant removed from the configuration")
+        for name, sched in self.schedulers.items():
+            sched.remove(t.config.name)
+        for ex in list(t.executors.values()):
+            self._stop_executor(ex)
+        self.poller.unregister(t.sock)
+        del self._sock_tenant[t.sock]
+        t.sock.close()
+        del self.tenants[t.config.name]
+        if t.executors:
+            self._retired.append(t)
+        try:
+            os.unlink(P.broker_socket_path(self.runtime_dir, t.config.name))
+        except OSError:
+            pass
 
     def _admin_set_quota(self, msg: dict) -> dict:
         t = self.tenants.get(msg["tenant"])

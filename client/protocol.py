@@ -107,6 +107,7 @@ EXECUTOR_OPS: dict[str, dict[str, F]] = {
 # The operator's socket (<runtime_dir>/admin.sock, owner-only): what brokerctl speaks.
 ADMIN_OPS: dict[str, dict[str, F]] = {
     "status": {},
+    "reload": {},
     "set_quota": {"tenant": F(str, maxlen=64), "device": F(str, required=False, maxlen=64),
                   "weight": F(int, required=False),   # ranges: checked by the config rules
                   "limit": F((int, float), required=False),      # <= 0 removes the limit

@@ -185,7 +185,10 @@ class Session(_Resource):
             msg = P.unpack(frame)
         except ProtocolError:
             return
-        if msg.get("event") == "executor_died" and isinstance(msg.get("device"), str):
+        if msg.get("event") == "session_ended":       # e.g. the tenant was removed
+            self._broken = error_from_code(msg.get("code", CUresult.CUDA_ERROR_DEINITIALIZED),
+                                           str(msg.get("error", "session ended by the broker")))
+        elif msg.get("event") == "executor_died" and isinstance(msg.get("device"), str):
             self._failed[msg["device"]] = error_from_code(
                 msg.get("code", CUresult.CUDA_ERROR_LAUNCH_FAILED), str(msg.get("error", "")))
         elif isinstance(msg.get("id"), int) and msg["id"]:
