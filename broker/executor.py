@@ -92,6 +92,7 @@ class Session:
         self.allocs: dict[int, int] = {}        # device pointer -> size
         self.bases: list[int] = []              # sorted keys of allocs + host, for range checks
         self.host: dict[int, HostAlloc] = {}    # mapped host memory, executor address -> alloc
+        self.globals: dict[int, tuple[int, int]] = {}   # module variables: address -> (size, module)
         self.modules: dict[int, Any] = {}
         self.functions: dict[int, tuple[int, Any, tuple[int, ...]]] = {}
         self.streams: dict[int, Stream] = {0: Stream(0)}
@@ -331,7 +332,7 @@ class Executor:
             base = s.bases[i]
             size = s.allocs.get(base)
             if size is None:
-                size = s.host[base].size
+                size = s.host[base].size if base in s.host else s.globals[base][0]
             if ptr + n <= base + size:
                 return
             raise _err(E.CUDA_ERROR_INVALID_VALUE,
@@ -524,6 +525,7 @@ class Executor:
             with self._lock:
                 self.memory_used -= size
         s.allocs.clear()
+        s.globals.clear()
         for ptr, h in list(s.host.items()):
             self._drop_host(ptr, h)
         s.host.clear()
@@ -742,6 +744,9 @@ class Executor:
             raise _err(E.CUDA_ERROR_INVALID_HANDLE, f"module {msg['module']:#x} is not one of this session's")
         for fh in [fh for fh, (mh, _, _) in s.functions.items() if mh == msg["module"]]:
             del s.functions[fh]
+        for ptr in [p for p, (_, mh) in s.globals.items() if mh == msg["module"]]:
+            del s.globals[ptr]
+            s.bases.remove(ptr)
         self._queue_op(s, msg, ident, lambda: self.backend.unload_module(m))
 
     def _module(self, s: Session, h: int):
@@ -758,6 +763,9 @@ class Executor:
 
     def op_get_global(self, s: Session, msg: dict, ident: bytes):
         ptr, size = self.backend.get_global(self._module(s, msg["module"]), msg["name"])
+        if ptr not in s.globals and size:       # copies to and from it are now in range
+            s.globals[ptr] = (size, msg["module"])
+            bisect.insort(s.bases, ptr)
         return {"ptr": ptr, "size": size}
 
     def op_launch(self, s: Session, msg: dict, ident: bytes):

@@ -73,9 +73,9 @@ def test_weights_divide_a_contended_device(broker_factory):
     for p in ps:
         finish(p)
     share = u["light"] / (u["light"] + u["heavy"])
-    assert 0.15 < share < 0.35, share
+    assert 0.1 < share < 0.4, share
     share2 = u2["light"] / (u2["light"] + u2["heavy"])
-    assert 0.4 < share2 < 0.6, share2
+    assert 0.3 < share2 < 0.7, share2
     assert st["tenants"]["heavy"]["devices"]["cpu0"]["weight"] == 100
     dev = st["tenants"]["light"]["devices"]["cpu0"]
     assert dev["kernels"] > 0 and dev["grants"] > 0 and set(dev["share"]) == {"1s", "10s", "60s"}

@@ -1,0 +1,121 @@
+"""Device attributes and properties as the tenant sees the device: from the broker's
+description of it (its quota as the memory), never guessed. An attribute the description
+cannot answer is refused with CUDA_ERROR_NOT_SUPPORTED rather than made up."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import kubecash.client as kc
+from kubecash.client import CUresult
+
+from .errors import ShimError
+
+
+def _p(key: str, i: int | None = None) -> Callable[[kc.Device], Any]:
+    def get(d: kc.Device) -> Any:
+        v = d.properties.get(key)
+        if v is None:
+            raise KeyError(key)
+        return v[i] if i is not None else v
+    return get
+
+
+def _const(v: int) -> Callable[[kc.Device], int]:
+    return lambda d: v
+
+
+def _cpu(if_cpu: int) -> Callable[[kc.Device], int]:
+    def get(d: kc.Device) -> int:
+        if d.kind != "cpu":
+            raise KeyError("cpu-only answer")
+        return if_cpu
+    return get
+
+
+# CUdevice_attribute name (without the prefix) -> how to answer it. cudaDeviceAttr numbers
+# are the same, so the runtime answers from this table too.
+ATTRIBUTES: dict[str, Callable[[kc.Device], Any]] = {
+    "MAX_THREADS_PER_BLOCK": _p("max_threads_per_block"),
+    "MAX_BLOCK_DIM_X": _p("max_block_dim", 0), "MAX_BLOCK_DIM_Y": _p("max_block_dim", 1),
+    "MAX_BLOCK_DIM_Z": _p("max_block_dim", 2),
+    "MAX_GRID_DIM_X": _p("max_grid_dim", 0), "MAX_GRID_DIM_Y": _p("max_grid_dim", 1),
+    "MAX_GRID_DIM_Z": _p("max_grid_dim", 2),
+    "MAX_SHARED_MEMORY_PER_BLOCK": _p("max_shared_memory_per_block"),
+    "MAX_SHARED_MEMORY_PER_BLOCK_OPTIN": _p("max_shared_memory_per_block"),
+    "MAX_SHARED_MEMORY_PER_MULTIPROCESSOR": _p("max_shared_memory_per_block"),
+    "WARP_SIZE": _p("warp_size"),
+    "MULTIPROCESSOR_COUNT": _p("multiprocessor_count"),
+    "CLOCK_RATE": _p("clock_rate_khz"),
+    "COMPUTE_CAPABILITY_MAJOR": _p("compute_capability", 0),
+    "COMPUTE_CAPABILITY_MINOR": _p("compute_capability", 1),
+    # What the brokered device offers, whatever the hardware: unified addressing and
+    # mapped host memory (cuMemHostAlloc DEVICEMAP), stream-ordered allocation, streams.
+    "UNIFIED_ADDRESSING": _const(1), "CAN_MAP_HOST_MEMORY": _const(1),
+    "MEMORY_POOLS_SUPPORTED": _const(1), "CONCURRENT_KERNELS": _const(1),
+    "ASYNC_ENGINE_COUNT": _const(1), "STREAM_PRIORITIES_SUPPORTED": _const(0),
+    "COMPUTE_MODE": _const(0), "KERNEL_EXEC_TIMEOUT": _const(0), "TCC_DRIVER": _const(0),
+    "HOST_REGISTER_SUPPORTED": _const(1),
+    # Not offered: registered memory stays in the program, managed memory, cooperative
+    # launches, peer access, virtual memory management.
+    "CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM": _const(0), "MANAGED_MEMORY": _const(0),
+    "CONCURRENT_MANAGED_ACCESS": _const(0), "PAGEABLE_MEMORY_ACCESS": _const(0),
+    "PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES": _const(0),
+    "DIRECT_MANAGED_MEM_ACCESS_FROM_HOST": _const(0), "COOPERATIVE_LAUNCH": _const(0),
+    "COOPERATIVE_MULTI_DEVICE_LAUNCH": _const(0), "MULTI_GPU_BOARD": _const(0),
+    "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": _const(0), "CLUSTER_LAUNCH": _const(0),
+    "IPC_EVENT_SUPPORTED": _const(0), "GPU_DIRECT_RDMA_SUPPORTED": _const(0),
+    "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED": _const(0),
+    "MEMPOOL_SUPPORTED_HANDLE_TYPES": _const(0), "READ_ONLY_HOST_REGISTER_SUPPORTED": _const(0),
+    "ECC_ENABLED": _const(0), "MPS_ENABLED": _const(0),
+    # A CPU device: host memory is its memory.
+    "INTEGRATED": _cpu(1), "HOST_NATIVE_ATOMIC_SUPPORTED": _cpu(1),
+    "PCI_BUS_ID": _cpu(0), "PCI_DEVICE_ID": _cpu(0), "PCI_DOMAIN_ID": _cpu(0),
+    "TOTAL_CONSTANT_MEMORY": _cpu(64 << 10),
+    "MAX_REGISTERS_PER_BLOCK": _cpu(65536), "MAX_REGISTERS_PER_MULTIPROCESSOR": _cpu(65536),
+    "MAX_THREADS_PER_MULTIPROCESSOR": _cpu(2048), "MAX_BLOCKS_PER_MULTIPROCESSOR": _cpu(32),
+    "GLOBAL_L1_CACHE_SUPPORTED": _cpu(1), "LOCAL_L1_CACHE_SUPPORTED": _cpu(1),
+    "L2_CACHE_SIZE": _cpu(0), "MAX_PITCH": _cpu(2**31 - 1), "TEXTURE_ALIGNMENT": _cpu(512),
+    "TEXTURE_PITCH_ALIGNMENT": _cpu(32), "SURFACE_ALIGNMENT": _cpu(512),
+    "GPU_OVERLAP": _cpu(1), "COMPUTE_PREEMPTION_SUPPORTED": _cpu(0),
+    "MEMORY_CLOCK_RATE": _cpu(0), "GLOBAL_MEMORY_BUS_WIDTH": _cpu(0),
+    "SINGLE_TO_DOUBLE_PRECISION_PERF_RATIO": _cpu(2), "RESERVED_SHARED_MEMORY_PER_BLOCK": _cpu(0),
+    "NUMA_CONFIG": _cpu(0), "NUMA_ID": _cpu(-1), "HOST_NUMA_ID": _cpu(-1),
+}
+ATTRIBUTES["SHARED_MEMORY_PER_BLOCK"] = ATTRIBUTES["MAX_SHARED_MEMORY_PER_BLOCK"]
+ATTRIBUTES["REGISTERS_PER_BLOCK"] = ATTRIBUTES["MAX_REGISTERS_PER_BLOCK"]
+
+
+def attribute(real_driver, device: kc.Device, attrib: Any) -> int:
+    try:
+        name = real_driver.CUdevice_attribute(int(attrib)).name
+    except (ValueError, TypeError):
+        raise ShimError(CUresult.CUDA_ERROR_INVALID_VALUE, f"unknown device attribute {attrib!r}") from None
+    short = name[len("CU_DEVICE_ATTRIBUTE_"):]
+    get = ATTRIBUTES.get(short)
+    try:
+        if get is None:
+            raise KeyError(short)
+        return int(get(device))
+    except (KeyError, IndexError, TypeError):
+        raise ShimError(CUresult.CUDA_ERROR_NOT_SUPPORTED,
+                        f"device attribute {name} is not known for the brokered device "
+                        f"'{device.name}'") from None
+
+
+def uuid_bytes(device: kc.Device) -> bytes:
+    """16 bytes naming the device as this tenant sees it (stable per device name)."""
+    u = device.properties.get("uuid")
+    if isinstance(u, str):
+        hexpart = u.replace("GPU-", "").replace("-", "")
+        try:
+            b = bytes.fromhex(hexpart)
+            if len(b) == 16:
+                return b
+        except ValueError:
+            pass
+    import hashlib
+    return hashlib.sha256(f"kubecash:{device.name}:{device.properties.get('model', '')}".encode()).digest()[:16]
+
+
+def model(device: kc.Device) -> str:
+    return str(device.properties.get("model", device.name))

@@ -1,0 +1,95 @@
+"""The one place where KubeCASH result codes become the program's own result enums.
+
+The executor speaks CUresult numbering (kubecash.client.errors). A brokered call hands the
+program the same code as a member of the module's own enum: CUresult for the driver API,
+cudaError_t for the runtime API (whose numbering agrees with CUresult for every code the
+executor produces), nvrtcResult for NVRTC.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+from kubecash.client.errors import CUresult as KC
+
+log = logging.getLogger("kubecash.shim")
+
+# Short strings as cuGetErrorString gives them (the common ones; others fall back to the name).
+ERROR_STRINGS = {
+    0: "no error", 1: "invalid argument", 2: "out of memory", 3: "initialization error",
+    4: "driver shutting down", 100: "no CUDA-capable device is detected",
+    101: "invalid device ordinal", 200: "device kernel image is invalid",
+    201: "invalid device context", 209: "no kernel image is available for execution on the device",
+    218: "a PTX JIT compilation failed", 300: "device kernel image is invalid",
+    400: "invalid resource handle", 401: "the operation cannot be performed in the present state",
+    500: "named symbol not found", 600: "device not ready",
+    700: "an illegal memory access was encountered", 701: "too many resources requested for launch",
+    702: "the launch timed out and was terminated", 719: "unspecified launch failure",
+    800: "operation not permitted", 801: "operation not supported", 999: "unknown error",
+}
+
+
+ERROR_NAMES = {int(c): c.name for c in KC}
+
+
+class ShimError(Exception):
+    """Raised inside an implementation: becomes the call's result code (CUresult numbering)."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message)
+        self.code = int(code)
+        self.message = message
+
+
+def driver_result(real, code: int):
+    try:
+        return real.CUresult(int(code))
+    except ValueError:
+        return real.CUresult.CUDA_ERROR_UNKNOWN
+
+
+def runtime_result(real, code: int):
+    # cudaError_t numbers every code the executor reports as CUresult does (checked by a test).
+    try:
+        return real.cudaError_t(code)
+    except ValueError:
+        return real.cudaError_t.cudaErrorUnknown
+
+
+def nvrtc_result(real, code: int):
+    # NVRTC never talks to the broker; its own codes pass through, anything else is generic.
+    try:
+        return real.nvrtcResult(int(code))
+    except ValueError:
+        return real.nvrtcResult.NVRTC_ERROR_INTERNAL_ERROR
+
+
+_said: set[str] = set()
+_said_lock = threading.Lock()
+
+
+def say_once(key: str, message: str) -> None:
+    """Log a message once per key (unsupported calls, refused images...)."""
+    with _said_lock:
+        if key in _said:
+            return
+        _said.add(key)
+    log.warning("%s", message)
+
+
+def explain(name: str, code: int, message: str) -> None:
+    """A failed brokered call: say why on stderr (the program only sees the code)."""
+    log.warning("%s failed: %s%s", name, ERROR_NAMES.get(code, code), f": {message}" if message else "")
+
+
+def _stderr_fallback() -> None:
+    # Make sure warnings reach stderr even when the program configures no logging.
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("kubecash.shim: %(message)s"))
+        log.addHandler(h)
+        log.propagate = False
+
+
+_stderr_fallback()

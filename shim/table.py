@@ -1,0 +1,165 @@
+"""Every call the shim intercepts, in one table: module, name, and how it is answered.
+
+    BROKERED     a request to the broker or the tenant's executor (kubecash.client)
+    LOCAL        answered in the program without the broker (error names, versions, NVRTC,
+                 bookkeeping such as flags and hints)
+    UNSUPPORTED  returns CUDA_ERROR_NOT_SUPPORTED / cudaErrorNotSupported (pynvml:
+                 NVMLError_NotSupported) and logs the call's name once
+
+A call of the real module that is not listed is UNSUPPORTED too (never passed to the real
+driver, which would escape the broker); its types, enums and constants are re-exported
+from the real module so isinstance and == comparisons hold. NVRTC is the exception: it
+compiles in the program and cannot reach a device, so its unlisted calls pass through
+(PASSTHROUGH_UNLISTED). tests/test_shim_table.py checks that every name listed here exists
+in cuda-python's own modules and that every BROKERED/LOCAL row has an implementation.
+"""
+from __future__ import annotations
+
+BROKERED, LOCAL, UNSUPPORTED = "brokered", "local", "unsupported"
+
+DRIVER = "cuda.bindings.driver"
+RUNTIME = "cuda.bindings.runtime"
+NVRTC = "cuda.bindings.nvrtc"
+NVRTC_V2 = "cuda.bindings._v2.nvrtc"        # the pythonic NVRTC bindings
+PYNVML = "pynvml"
+
+# Import names that resolve to the brokered modules: the legacy cuda-python names are the
+# same modules under their old names.
+ALIASES = {
+    DRIVER: DRIVER, RUNTIME: RUNTIME, NVRTC: NVRTC, NVRTC_V2: NVRTC_V2, PYNVML: PYNVML,
+    "cuda.cuda": DRIVER, "cuda.cudart": RUNTIME, "cuda.nvrtc": NVRTC,
+}
+
+# What counts as an API call of each module (a callable, not a type, named so): unlisted
+# ones become UNSUPPORTED; everything else of the real module is re-exported.
+API_PREFIXES = {DRIVER: ("cu",), RUNTIME: ("cuda",), NVRTC: ("nvrtc",), NVRTC_V2: (),
+                PYNVML: ("nvml", "_nvml", "c_nvml")}
+PASSTHROUGH_UNLISTED = {NVRTC, NVRTC_V2}
+
+
+def _rows(kind: str, names: str) -> dict[str, str]:
+    return {n: kind for n in names.split()}
+
+
+TABLE: dict[str, dict[str, str]] = {
+    DRIVER: {
+        **_rows(BROKERED, """
+            cuInit cuDeviceGetCount cuDeviceGet cuDeviceGetName cuDeviceGetAttribute
+            cuDeviceTotalMem cuDeviceComputeCapability cuDeviceGetUuid cuDeviceCanAccessPeer
+            cuDeviceGetDefaultMemPool cuDeviceGetMemPool
+            cuCtxCreate cuCtxDestroy cuCtxSetCurrent cuCtxGetCurrent cuCtxPushCurrent
+            cuCtxPopCurrent cuCtxGetDevice cuCtxGetFlags cuCtxSynchronize
+            cuDevicePrimaryCtxRetain cuDevicePrimaryCtxRelease cuDevicePrimaryCtxReset
+            cuDevicePrimaryCtxGetState cuDevicePrimaryCtxSetFlags
+            cuMemAlloc cuMemFree cuMemGetInfo cuMemGetAddressRange
+            cuMemAllocHost cuMemHostAlloc cuMemFreeHost cuMemHostGetDevicePointer cuMemHostGetFlags
+            cuMemHostRegister cuMemHostUnregister
+            cuMemcpyHtoD cuMemcpyDtoH cuMemcpyDtoD cuMemcpyHtoDAsync cuMemcpyDtoHAsync
+            cuMemcpyDtoDAsync cuMemcpy cuMemcpyAsync
+            cuMemsetD8 cuMemsetD16 cuMemsetD32 cuMemsetD8Async cuMemsetD16Async cuMemsetD32Async
+            cuMemAllocAsync cuMemAllocFromPoolAsync cuMemFreeAsync
+            cuMemPoolGetAttribute cuMemPoolSetAttribute cuMemPoolTrimTo
+            cuModuleLoadData cuModuleLoadDataEx cuModuleLoadFatBinary cuModuleLoad cuModuleUnload
+            cuModuleGetFunction cuModuleGetGlobal cuFuncSetCacheConfig cuFuncSetAttribute
+            cuLaunchKernel
+            cuStreamCreate cuStreamCreateWithPriority cuStreamDestroy cuStreamSynchronize
+            cuStreamQuery cuStreamWaitEvent
+            cuEventCreate cuEventRecord cuEventSynchronize cuEventQuery cuEventElapsedTime
+            cuEventDestroy
+        """),
+        **_rows(LOCAL, "cuDriverGetVersion cuGetErrorName cuGetErrorString"),
+        # Listed for the record (unlisted calls behave the same): what samples use that a
+        # brokered device does not offer.
+        **_rows(UNSUPPORTED, """
+            cuMemAllocManaged cuMemCreate cuMemMap cuMemUnmap cuMemRelease cuMemAddressReserve
+            cuMemAddressFree cuMemSetAccess cuMemGetAllocationGranularity cuMemcpyPeer
+            cuMemcpyPeerAsync cuCtxEnablePeerAccess cuIpcGetMemHandle cuIpcOpenMemHandle
+            cuLaunchCooperativeKernel cuLaunchKernelEx cuLaunchHostFunc cuStreamAddCallback
+            cuStreamBeginCapture cuStreamEndCapture cuGraphCreate cuGraphInstantiate
+            cuGraphLaunch cuTexObjectCreate cuSurfObjectCreate cuArrayCreate cuArray3DCreate
+            cuMipmappedArrayCreate cuLinkCreate cuLinkAddData cuLinkComplete cuLibraryLoadData
+            cuLibraryGetKernel cuPointerGetAttribute cuPointerGetAttributes cuDeviceGetPCIBusId
+            cuFuncGetAttribute cuOccupancyMaxActiveBlocksPerMultiprocessor
+            cuOccupancyMaxPotentialBlockSize cuGetProcAddress cuCtxGetApiVersion
+        """),
+    },
+    RUNTIME: {
+        **_rows(BROKERED, """
+            cudaGetDeviceCount cudaSetDevice cudaGetDevice cudaInitDevice cudaSetDeviceFlags
+            cudaGetDeviceFlags cudaDeviceGetAttribute cudaGetDeviceProperties
+            cudaDeviceSynchronize cudaDeviceReset cudaDeviceCanAccessPeer
+            cudaMalloc cudaFree cudaMemGetInfo cudaMallocHost cudaHostAlloc cudaFreeHost
+            cudaHostGetDevicePointer cudaHostGetFlags cudaHostRegister cudaHostUnregister
+            cudaMemcpy cudaMemcpyAsync cudaMemset cudaMemsetAsync
+            cudaMallocAsync cudaMallocFromPoolAsync cudaFreeAsync cudaDeviceGetDefaultMemPool
+            cudaDeviceGetMemPool cudaMemPoolSetAttribute cudaMemPoolGetAttribute cudaMemPoolTrimTo
+            cudaStreamCreate cudaStreamCreateWithFlags cudaStreamCreateWithPriority
+            cudaStreamDestroy cudaStreamSynchronize cudaStreamQuery cudaStreamWaitEvent
+            cudaEventCreate cudaEventCreateWithFlags cudaEventRecord cudaEventSynchronize
+            cudaEventQuery cudaEventElapsedTime cudaEventDestroy
+        """),
+        **_rows(LOCAL, """
+            cudaDriverGetVersion cudaRuntimeGetVersion cudaGetErrorName cudaGetErrorString
+            cudaGetLastError cudaPeekAtLastError
+        """),
+        **_rows(UNSUPPORTED, """
+            cudaMallocManaged cudaMallocPitch cudaMalloc3D cudaMallocArray cudaMemcpy2D
+            cudaMemcpy3D cudaMemcpyPeer cudaDeviceEnablePeerAccess cudaIpcGetMemHandle
+            cudaIpcOpenMemHandle cudaLaunchHostFunc cudaStreamAddCallback
+            cudaStreamBeginCapture cudaStreamEndCapture cudaGraphCreate cudaGraphInstantiate
+            cudaGraphLaunch cudaCreateTextureObject cudaCreateSurfaceObject
+            cudaPointerGetAttributes cudaFuncGetAttributes cudaLibraryLoadData
+            cudaLibraryGetKernel cudaGraphicsMapResources cudaMemAdvise cudaMemPrefetchAsync
+        """),
+    },
+    NVRTC: {
+        # Recorded (source, options, produced images), then passed to the real NVRTC.
+        **_rows(LOCAL, """
+            nvrtcCreateProgram nvrtcCompileProgram nvrtcDestroyProgram nvrtcGetPTX nvrtcGetCUBIN
+        """),
+        # Passed to the real NVRTC unchanged (listed here for the record).
+        **_rows(LOCAL + ":passthrough", """
+            nvrtcVersion nvrtcGetPTXSize nvrtcGetCUBINSize nvrtcGetProgramLogSize
+            nvrtcGetProgramLog nvrtcGetErrorString nvrtcAddNameExpression nvrtcGetLoweredName
+            nvrtcGetNumSupportedArchs nvrtcGetSupportedArchs nvrtcGetLTOIRSize nvrtcGetLTOIR
+            nvrtcGetOptiXIRSize nvrtcGetOptiXIR
+        """),
+    },
+    NVRTC_V2: {
+        **_rows(LOCAL, "create_program compile_program destroy_program get_ptx get_cubin"),
+        **_rows(LOCAL + ":passthrough", """
+            version get_ptx_size get_cubin_size get_program_log get_program_log_size
+            get_error_string add_name_expression get_lowered_name get_supported_archs
+            get_num_supported_archs
+        """),
+    },
+    PYNVML: {
+        **_rows(BROKERED, """
+            nvmlInit nvmlInitWithFlags nvmlShutdown nvmlDeviceGetCount
+            nvmlDeviceGetHandleByIndex nvmlDeviceGetHandleByUUID nvmlDeviceGetIndex
+            nvmlDeviceGetUUID nvmlDeviceGetName nvmlDeviceGetMemoryInfo
+            nvmlDeviceGetCudaComputeCapability nvmlDeviceGetMultiGpuBoard
+        """),
+        **_rows(LOCAL, """
+            nvmlSystemGetDriverVersion nvmlSystemGetCudaDriverVersion
+            nvmlSystemGetCudaDriverVersion_v2 nvmlSystemGetNVMLVersion
+        """),
+        # Pure helpers of the pynvml module that never call NVML.
+        **_rows(LOCAL + ":passthrough", "nvmlStructToFriendlyObject nvmlFriendlyObjectToStruct"),
+        **_rows(UNSUPPORTED, """
+            nvmlDeviceGetUtilizationRates nvmlDeviceGetComputeRunningProcesses
+            nvmlDeviceGetBAR1MemoryInfo nvmlDeviceGetTemperature nvmlDeviceGetPowerUsage
+            nvmlDeviceGetClockInfo nvmlDeviceGetPciInfo nvmlDeviceGetPersistenceMode
+        """),
+    },
+}
+
+
+def kind(module: str, name: str) -> str:
+    """How `module.name` is answered (UNSUPPORTED when not listed)."""
+    k = TABLE.get(module, {}).get(name, UNSUPPORTED)
+    return k.split(":")[0]
+
+
+def passthrough(module: str, name: str) -> bool:
+    return TABLE.get(module, {}).get(name, "").endswith(":passthrough")
