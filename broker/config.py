@@ -8,6 +8,13 @@
     executor_threads = 0               # CPU backend worker threads per executor (0 = all cores)
     cache_dir = ""                     # compiled-kernel cache ("" = <runtime_dir>/cache)
     max_message_bytes = 67108864
+    metrics_address = "127.0.0.1:9464" # Prometheus /metrics ("" = off; port 0 = any free port)
+    admin_socket = ""                  # brokerctl's socket, owner-only ("" = <runtime_dir>/admin.sock)
+    max_sessions_per_tenant = 256      # open sessions per tenant (a hello past it is refused)
+    max_handles_per_session = 65536    # allocations + streams + events + modules + functions
+    max_modules_per_session = 256      # loaded (and loading) modules per session and device
+    max_module_bytes = 8388608         # module source/image size (protocol caps: 8 MiB source, 32 MiB image)
+    max_queued_ops_per_session = 4096  # executor-side queued work per session (see README)
 
     [tenants.alice]                    # a tenant: a name of [A-Za-z0-9_.-], 1-64 chars
     memory = "512MiB"                  # per-device memory quota (absent = the device's memory)
@@ -90,6 +97,18 @@ class BrokerSettings:
     executor_threads: int = 0
     cache_dir: str = ""
     max_message_bytes: int = 64 << 20
+    metrics_address: str = "127.0.0.1:9464"   # Prometheus endpoint "host:port"; "" = off
+    admin_socket: str = ""                    # brokerctl's socket ("" = <runtime_dir>/admin.sock)
+    # Per-tenant bounds on what a tenant can make the broker and its executors hold (issue 7).
+    max_sessions_per_tenant: int = 256
+    max_handles_per_session: int = 65536
+    max_modules_per_session: int = 256
+    max_module_bytes: int = 8 << 20
+    max_queued_ops_per_session: int = 4096
+
+    @property
+    def resolved_admin_socket(self) -> str:
+        return self.admin_socket or os.path.join(self.runtime_dir, "admin.sock")
 
     @property
     def resolved_cache_dir(self) -> str:
@@ -179,6 +198,15 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
             raise _fail(path, at, str(e)) from None
         settings[key] = value
     broker = dataclasses.replace(defaults, **settings)
+    if broker.metrics_address:
+        host, sep, port = broker.metrics_address.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise _fail(path, "[broker] field 'metrics_address'",
+                        f"must be \"host:port\" (or \"\" for none), got {broker.metrics_address!r}")
+    for key in ("max_message_bytes", "max_sessions_per_tenant", "max_handles_per_session",
+                "max_modules_per_session", "max_module_bytes", "max_queued_ops_per_session"):
+        if getattr(broker, key) < 1:      # 0 would refuse everything: not a way to say "unbounded"
+            raise _fail(path, f"[broker] field '{key}'", "must be at least 1")
     if broker.heartbeat_timeout_s <= broker.heartbeat_interval_s:
         raise _fail(path, "[broker] field 'heartbeat_timeout_s'",
                     "must be larger than heartbeat_interval_s")

@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import zmq
@@ -13,6 +14,7 @@ import zmq
 from kubecash.client import protocol as P
 from kubecash.client.errors import BrokerUnavailable, KubecashError, error_from_code
 
+from . import cdi
 from .config import parse_size
 
 DEFAULT_RUNTIME_DIR = "/run/kubecash"
@@ -66,10 +68,10 @@ def _mib(n: int) -> str:
 
 
 def format_status(st: dict) -> str:
-    lines = ["DEVICE  KIND  MEMORY      BUSY(10s)  HOLDER"]
+    lines = ["DEVICE  KIND  MEMORY      BUSY(10s)  HOLDER        STATE"]
     for name, d in st["devices"].items():
         lines.append(f"{name:<7} {d['kind']:<5} {_mib(d['total_memory']):>10}  {_pct(d['busy']['10s']):>9}  "
-                     f"{d['holder'] or '-'}")
+                     f"{d['holder'] or '-':<13} {'draining' if d['draining'] else 'serving'}")
     lines.append("")
     lines.append("TENANT        DEVICE  SESS  WEIGHT  LIMIT   CLASS    SHARE(10s)  MEMORY USED/LIMIT      KERNELS")
     for tname, t in st["tenants"].items():
@@ -79,6 +81,40 @@ def format_status(st: dict) -> str:
                          f"{d['class']:<7}  {_pct(d['share'].get('10s')):>9}  "
                          f"{_mib(d['memory_used']):>8}/{_mib(d['memory_limit']):<10}  {d['kernels']:>9}")
     return "\n".join(lines)
+
+
+def _set_fields(a: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {"tenant": a.tenant}
+    if a.device:
+        fields["device"] = a.device
+    if a.weight is not None:
+        fields["weight"] = a.weight
+    if a.limit is not None:
+        fields["limit"] = a.limit
+    if a.memory is not None:
+        fields["memory"] = parse_size(a.memory)
+    if a.klass:
+        fields["class"] = a.klass
+    if len(fields) == 1 + ("device" in fields):
+        raise ValueError("set: nothing to change (give --weight, --limit, --memory or --class)")
+    return fields
+
+
+def _top(c: AdminClient, count: int | None) -> None:
+    """A live view, refreshed every second until interrupted (or `count` frames)."""
+    n = 0
+    try:
+        while count is None or n < count:
+            st = c.call("status")
+            sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+            sys.stdout.write(f"kubecash broker  up {st['uptime_s']:.0f}s  quantum {st['quantum_ms']:g} ms  "
+                             f"{time.strftime('%H:%M:%S')}\n\n{format_status(st)}\n")
+            sys.stdout.flush()
+            n += 1
+            if count is None or n < count:
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,11 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tenants", help="tenants and their quotas")
     sp = sub.add_parser("set", help="change a tenant's quota live")
     sp.add_argument("tenant")
-    sp.add_argument("--device")
+    sp.add_argument("--device", help="only on this device (default: the tenant's quota)")
     sp.add_argument("--weight", type=int)
     sp.add_argument("--limit", type=float, help="fraction of device time; 0 removes the cap")
     sp.add_argument("--memory", help='e.g. "512MiB"')
     sp.add_argument("--class", dest="klass", choices=["batch", "latency"])
+    ev = sub.add_parser("evict", help="end a tenant's sessions and free everything it holds")
+    ev.add_argument("tenant")
+    dr = sub.add_parser("drain", help="grant no new leases on a device (running work completes)")
+    dr.add_argument("device")
+    dr.add_argument("--undo", action="store_true", help="resume granting leases")
+    sub.add_parser("reload", help="re-read the quota file (an invalid one changes nothing)")
+    tp = sub.add_parser("top", help="live view, refreshed every second")
+    tp.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    cd = sub.add_parser("cdi", help="write a CDI spec: one device per tenant")
+    cd.add_argument("--output", "-o", help="file to write (default: standard output)")
+    cd.add_argument("--container-runtime-dir", default="/run/kubecash",
+                    help="where containers see the runtime dir (default /run/kubecash)")
     a = ap.parse_args(argv)
     try:
         with AdminClient(a.runtime_dir, socket=a.socket) as c:
@@ -113,20 +161,36 @@ def main(argv: list[str] | None = None) -> int:
                                          for d, q in t["devices"].items())
                         print(f"{name} ({t['sessions']} sessions) {devs}")
             elif a.cmd == "set":
-                fields: dict[str, Any] = {"tenant": a.tenant}
-                if a.device:
-                    fields["device"] = a.device
-                if a.weight is not None:
-                    fields["weight"] = a.weight
-                if a.limit is not None:
-                    fields["limit"] = a.limit
-                if a.memory is not None:
-                    fields["memory"] = parse_size(a.memory)
-                if a.klass:
-                    fields["class"] = a.klass
-                r = c.call("set_quota", **fields)
+                r = c.call("set_quota", **_set_fields(a))
                 print(json.dumps(r) if a.json else f"updated {r['tenant']}")
-    except (KubecashError, ValueError) as e:
+            elif a.cmd == "evict":
+                r = c.call("evict", tenant=a.tenant)
+                print(json.dumps(r) if a.json else
+                      f"evicted {r['tenant']}: {r['sessions_ended']} sessions ended")
+            elif a.cmd == "drain":
+                r = c.call("drain", device=a.device, undo=a.undo)
+                print(json.dumps(r) if a.json else
+                      f"{r['device']}: {'draining' if r['draining'] else 'granting leases'}")
+            elif a.cmd == "reload":
+                r = c.call("reload")
+                print(json.dumps(r) if a.json else
+                      f"reloaded: {len(r['tenants'])} tenants (added {', '.join(r['added']) or 'none'}; "
+                      f"removed {', '.join(r['removed']) or 'none'})")
+            elif a.cmd == "top":
+                _top(c, a.count)
+            elif a.cmd == "cdi":
+                st = c.call("status")
+                doc = json.dumps(cdi.spec(st["runtime_dir"], st["tenants"],
+                                          container_runtime_dir=a.container_runtime_dir), indent=2)
+                if a.output:
+                    tmp = a.output + ".tmp"
+                    with open(tmp, "w") as f:
+                        f.write(doc + "\n")
+                    os.replace(tmp, a.output)     # CDI runtimes never see half a file
+                    print(json.dumps({"written": a.output}) if a.json else f"wrote {a.output}")
+                else:
+                    print(doc)
+    except (KubecashError, ValueError, OSError) as e:
         print(f"brokerctl: {e}", file=sys.stderr)
         return 1
     return 0

@@ -46,6 +46,9 @@ E = CUresult
 SUSPENDED = object()     # what a preempted kernel's op returns: run the rest later
 MAX_GRID = (2**31 - 1, 65535, 65535)
 MAX_BLOCK = (1024, 1024, 64)
+# Per-session bounds (the broker passes its [broker] settings; these are the defaults).
+DEFAULT_LIMITS = {"max_handles_per_session": 65536, "max_modules_per_session": 256,
+                  "max_module_bytes": 8 << 20, "max_queued_ops_per_session": 4096}
 
 
 def _err(code: int, msg: str, log: str = "") -> CudaError:
@@ -102,13 +105,20 @@ class Session:
         self.staging: tuple[int, int] | None = None   # (executor address, size)
         self.closed = False
         self.in_ready = False                   # listed in the runner's round robin
+        self.building = 0                       # module loads submitted, not yet registered
+        self.fn_names: dict[tuple[int, str], int] = {}   # (module, name) -> function handle
+
+    def handle_count(self) -> int:
+        """Everything the session holds a handle to (what max_handles_per_session bounds)."""
+        return (len(self.allocs) + len(self.host) + len(self.streams) - 1 + len(self.events)
+                + len(self.modules) + self.building + len(self.functions))
 
 
 class Executor:
     def __init__(self, tenant: str, device: dict[str, Any], runtime_dir: str, control: str,
                  secret: bytes, lease_fd: int, memory_limit: int, threads: int, cache_dir: str,
                  max_message_bytes: int = P.MAX_MESSAGE_BYTES,
-                 staging_bytes: int = P.DEFAULT_STAGING_BYTES):
+                 staging_bytes: int = P.DEFAULT_STAGING_BYTES, limits: dict | None = None):
         self.tenant = tenant
         self.device = device
         self.dev_name = device["name"]
@@ -120,6 +130,7 @@ class Executor:
         self.memory_used = 0
         self.max_message_bytes = max_message_bytes
         self.staging_bytes = staging_bytes
+        self.limits = {**DEFAULT_LIMITS, **(limits or {})}
         self.sessions: dict[bytes, Session] = {}
         self._handle = 0x1000
         self._lock = threading.Lock()           # memory accounting and the run queue
@@ -141,6 +152,7 @@ class Executor:
         self._lease_kernels = 0
         self._wanted = False
         self._preempted = False
+        self._suspended = False    # the last op run was a kernel preempted mid-grid
         if device["kind"] == "cpu":
             from .backend_cpu import CpuBackend
             self.backend = CpuBackend(threads, cache_dir)
@@ -365,9 +377,33 @@ class Executor:
             self._ready.append(s)
         self._cv.notify()
 
+    def _check_handles(self, s: Session, what: str) -> None:
+        n, limit = s.handle_count(), self.limits["max_handles_per_session"]
+        if n >= limit:
+            raise _err(E.CUDA_ERROR_OUT_OF_MEMORY,
+                       f"cannot create {what}: this session holds {n} handles (allocations, "
+                       f"streams, events, modules, functions) on {self.dev_name}, the broker's "
+                       f"max_handles_per_session is {limit}; free some first")
+
+    def _check_queue(self, s: Session, msg: dict) -> None:
+        """Bound the work a session may have queued (max_queued_ops_per_session).
+
+        Asynchronous work past the bound is refused (its error is kept for the next
+        synchronization, as for any async failure; the client library blocks before it
+        gets there, like a full CUDA push buffer). A synchronous request is accepted up to
+        twice the bound, so a client can always wait for its queue to drain."""
+        limit = self.limits["max_queued_ops_per_session"]
+        n = len(s.queue)
+        if n >= (limit if msg.get("async") else 2 * limit):
+            raise _err(E.CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
+                       f"{msg['op']} not queued: this session has {n} operations queued on "
+                       f"{self.dev_name}, the broker's max_queued_ops_per_session is {limit}; "
+                       "synchronize before queueing more")
+
     def _queue_op(self, s: Session, msg: dict, ident: bytes, fn: Callable[[], Any], *,
                   stream: Stream | None = None, event: Event | None = None,
                   sync_point: bool = True, kernel: bool = False, device: bool = False) -> None:
+        self._check_queue(s, msg)
         asynchronous = bool(msg.get("async"))
         self._enqueue(s, Op(fn, None if asynchronous else ident, msg["id"], stream, event,
                             sync_point and not asynchronous, kernel, device or kernel))
@@ -429,7 +465,7 @@ class Executor:
                 # The device is charged for the whole time it is held, from the start of the
                 # lease's first work to the end of its last (what runs between is the tenant's).
                 self._lease_used = time.perf_counter_ns() - self._lease_t0
-                self._lease_kernels += op.kernel
+                self._lease_kernels += op.kernel and not self._suspended
                 self._poll_lease(ls, 0)          # a preemption may have come meanwhile
                 if self._lease_used >= self._lease_quantum or self._preempted:
                     with self._cv:
@@ -465,8 +501,11 @@ class Executor:
         return self._preempted
 
     def _give_back(self, ls: socket.socket, more: bool) -> None:
-        ls.send(P.pack({"v": P.VERSION, "op": "release", "lease": self._lease,
-                        "used_ns": self._lease_used, "kernels": self._lease_kernels, "more": more}))
+        msg = {"v": P.VERSION, "op": "release", "lease": self._lease,
+               "used_ns": self._lease_used, "kernels": self._lease_kernels, "more": more}
+        if self._suspended:
+            msg["suspended"] = True
+        ls.send(P.pack(msg))
         self._lease = None
         self._wanted = more           # the broker counts a release with more work as a want
 
@@ -474,9 +513,11 @@ class Executor:
         t0 = time.perf_counter_ns()
         result: dict[str, Any] | None = None
         error: CudaError | None = None
+        self._suspended = False
         try:
             result = op.fn() or {}
             if result is SUSPENDED:           # preempted mid-kernel: it stays at the head
+                self._suspended = True
                 with self._cv:
                     s.queue.appendleft(op)
                     if s.in_ready:
@@ -585,12 +626,15 @@ class Executor:
         else:
             path = ""
         return {"staging": os.path.basename(path), "staging_size": self.staging_bytes,
-                "memory_limit": self.memory_limit, "device": self.device}
+                "memory_limit": self.memory_limit, "device": self.device,
+                "max_queued_ops": self.limits["max_queued_ops_per_session"],
+                "max_message_bytes": self.max_message_bytes}
 
     def op_mem_alloc(self, s: Session, msg: dict, ident: bytes):
         size = msg["size"]
         if size == 0:
             raise _err(E.CUDA_ERROR_INVALID_VALUE, "cannot allocate 0 bytes")
+        self._check_handles(s, "an allocation")
         self._charge(size, "allocation")
         try:
             ptr = self.backend.alloc(size)
@@ -603,6 +647,7 @@ class Executor:
 
     def op_mem_free(self, s: Session, msg: dict, ident: bytes):
         ptr = msg["ptr"]
+        self._check_queue(s, msg)          # before the tables change: a refusal changes nothing
         size = s.allocs.pop(ptr, None)
         if size is None:
             raise _err(E.CUDA_ERROR_INVALID_VALUE,
@@ -623,6 +668,7 @@ class Executor:
         size = msg["size"]
         if size == 0:
             raise _err(E.CUDA_ERROR_INVALID_VALUE, "cannot allocate 0 bytes")
+        self._check_handles(s, "a mapped host allocation")
         counts = self.backend.kind == "cpu"
         if counts:
             self._charge(size, "mapped host allocation")
@@ -651,6 +697,7 @@ class Executor:
 
     def op_host_free(self, s: Session, msg: dict, ident: bytes):
         ptr = msg["ptr"]
+        self._check_queue(s, msg)
         h = s.host.pop(ptr, None)
         if h is None:
             raise _err(E.CUDA_ERROR_INVALID_VALUE, f"{ptr:#x} is not a mapped host allocation")
@@ -712,23 +759,43 @@ class Executor:
         kind = msg["kind"]
         if kind not in ("cuda-c", "ptx", "cubin", "fatbin"):
             raise _err(E.CUDA_ERROR_INVALID_VALUE, f"unknown module kind '{kind}'")
+        limit = self.limits["max_module_bytes"]
+        for field in ("source", "image"):
+            n = len(msg[field]) if field in msg else 0
+            if n > limit:
+                raise _err(E.CUDA_ERROR_INVALID_VALUE,
+                           f"module {field} of {n} bytes exceeds the broker's max_module_bytes "
+                           f"({limit})")
+        nmod, limit = len(s.modules) + s.building, self.limits["max_modules_per_session"]
+        if nmod >= limit:
+            raise _err(E.CUDA_ERROR_OUT_OF_MEMORY,
+                       f"cannot load another module: this session has {nmod} modules loaded or "
+                       f"loading on {self.dev_name}, the broker's max_modules_per_session is "
+                       f"{limit}; unload some first")
+        self._check_handles(s, "a module")
         args = (kind, msg.get("source"), msg.get("image"), tuple(msg.get("options", ())))
         rid = msg["id"]
+        s.building += 1                    # counted until it is registered or has failed
+
+        def failed(err: bytes) -> None:
+            s.building -= 1
+            self._send(ident, err)
 
         def build() -> None:
             try:
                 module = self.backend.load_module(*args)
             except CudaError as e:
                 err = P.error(rid, e.code, e.message, e.log)   # `e` is unbound after except
-                self._call_in_main(lambda: self._send(ident, err))
+                self._call_in_main(lambda: failed(err))
                 return
             except Exception as e:
                 log.exception("module build failed")
                 err = P.error(rid, E.CUDA_ERROR_UNKNOWN, f"internal error: {e}")
-                self._call_in_main(lambda: self._send(ident, err))
+                self._call_in_main(lambda: failed(err))
                 return
 
             def register() -> None:
+                s.building -= 1
                 if s.closed:
                     self.backend.unload_module(module)
                     return
@@ -739,11 +806,14 @@ class Executor:
         self.compiler.submit(build)
 
     def op_module_unload(self, s: Session, msg: dict, ident: bytes):
+        self._check_queue(s, msg)
         m = s.modules.pop(msg["module"], None)
         if m is None:
             raise _err(E.CUDA_ERROR_INVALID_HANDLE, f"module {msg['module']:#x} is not one of this session's")
         for fh in [fh for fh, (mh, _, _) in s.functions.items() if mh == msg["module"]]:
             del s.functions[fh]
+        for key in [k for k in s.fn_names if k[0] == msg["module"]]:
+            del s.fn_names[key]
         for ptr in [p for p, (_, mh) in s.globals.items() if mh == msg["module"]]:
             del s.globals[ptr]
             s.bases.remove(ptr)
@@ -757,8 +827,12 @@ class Executor:
 
     def op_get_function(self, s: Session, msg: dict, ident: bytes):
         fn, sizes = self.backend.get_function(self._module(s, msg["module"]), msg["name"])
-        h = self._new_handle()
-        s.functions[h] = (msg["module"], fn, tuple(sizes))
+        key = (msg["module"], msg["name"])
+        h = s.fn_names.get(key)            # one handle per kernel, as cuModuleGetFunction
+        if h is None:
+            self._check_handles(s, "a function handle")
+            h = s.fn_names[key] = self._new_handle()
+            s.functions[h] = (msg["module"], fn, tuple(sizes))
         return {"function": h, "param_sizes": list(sizes)}
 
     def op_get_global(self, s: Session, msg: dict, ident: bytes):
@@ -804,6 +878,7 @@ class Executor:
                        stream=self._stream(s, msg), sync_point=False, kernel=True)
 
     def op_stream_create(self, s: Session, msg: dict, ident: bytes):
+        self._check_handles(s, "a stream")
         h = self._new_handle()
         s.streams[h] = Stream(h)
         return {"stream": h}
@@ -824,6 +899,11 @@ class Executor:
         """Answer when everything queued on `obj` so far has run (now, if it has)."""
         with self._cv:
             if obj.pending:
+                limit = 2 * self.limits["max_queued_ops_per_session"]
+                if len(obj.waiters) >= limit:    # synchronize requests nobody waits for
+                    raise _err(E.CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
+                               f"{len(obj.waiters)} synchronize requests already wait on this "
+                               f"stream or event (2 x max_queued_ops_per_session)")
                 obj.waiters.append((s, ident, rid))
                 return
             payload = self._sync_payload_locked(s, rid)
@@ -850,6 +930,7 @@ class Executor:
             return {}
 
     def op_event_create(self, s: Session, msg: dict, ident: bytes):
+        self._check_handles(s, "an event")
         h = self._new_handle()
         s.events[h] = Event(h)
         return {"event": h}
@@ -904,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", required=True)
     ap.add_argument("--max-message-bytes", type=int, default=P.MAX_MESSAGE_BYTES)
+    ap.add_argument("--limits", default="{}", help="JSON: per-session bounds (DEFAULT_LIMITS keys)")
     a = ap.parse_args(argv)
     import json
     logging.basicConfig(level=os.environ.get("KUBECASH_LOG_LEVEL", "WARNING"),
@@ -911,7 +993,8 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     secret = os.environ.pop("KUBECASH_EXECUTOR_SECRET", "").encode()
     ex = Executor(a.tenant, json.loads(a.device_json), a.runtime_dir, a.control, secret,
-                  a.lease_fd, a.memory_limit, a.threads, a.cache_dir, a.max_message_bytes)
+                  a.lease_fd, a.memory_limit, a.threads, a.cache_dir, a.max_message_bytes,
+                  limits={k: int(v) for k, v in json.loads(a.limits).items() if k in DEFAULT_LIMITS})
     signal.signal(signal.SIGTERM, lambda *_: setattr(ex, "_stopping", True))
     ex.serve()
     return 0

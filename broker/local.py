@@ -52,7 +52,9 @@ class LocalBroker:
         if config_path is None:
             config_path = os.path.join(self.runtime_dir, "quota.toml")
             with open(config_path, "w") as f:
-                f.write(toml_dumps({"runtime_dir": self.runtime_dir, **broker}, tenants or {}))
+                # Any free port for metrics, so brokers side by side do not collide.
+                settings = {"runtime_dir": self.runtime_dir, "metrics_address": "127.0.0.1:0", **broker}
+                f.write(toml_dumps(settings, tenants or {}))
         self.config_path = config_path
         from . import config as cfg
         self.tenants = list(cfg.load(config_path).tenants)

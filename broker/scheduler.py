@@ -28,6 +28,7 @@ timestamps, which makes it testable and lets benchmarks replay it.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import itertools
@@ -37,6 +38,7 @@ MIN_PERIOD_NS = 100_000_000          # 100 ms
 LATENCY_SLACK_NS = 50_000_000        # weighted ns a latency tenant may run ahead of batch
 WAKE_CREDIT_NS = 50_000_000          # weighted ns of lag an entity keeps across a short idle
 WINDOWS_S = (1, 10, 60)
+WAIT_BOUNDS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclasses.dataclass
@@ -101,7 +103,7 @@ class Entity:
     kernels: int = 0
     grants: int = 0
     wait_ns: int = 0                  # time spent runnable waiting for a lease
-    wait_samples: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=4096))
+    wait_counts: list = dataclasses.field(default_factory=lambda: [0] * len(WAIT_BOUNDS_S))
     history: collections.deque = dataclasses.field(default_factory=collections.deque)  # (t, used)
 
 
@@ -199,7 +201,9 @@ class DeviceScheduler:
         if e.want_since is not None:
             waited = now - e.want_since
             e.wait_ns += waited
-            e.wait_samples.append(waited)
+            i = bisect.bisect_left(WAIT_BOUNDS_S, waited / NS)
+            if i < len(WAIT_BOUNDS_S):     # beyond the last bound: counted in +Inf only
+                e.wait_counts[i] += 1
             e.want_since = None
         e.grants += 1
         self.holder, self.lease, self.lease_start = e, next(self._leases), now
@@ -211,6 +215,11 @@ class DeviceScheduler:
         return min(waits) if waits else None
 
     # -- accounting ----------------------------------------------------------------------
+    def queue_wait(self, e: Entity) -> dict:
+        """The queue-wait histogram: per-bucket counts (not cumulative), sum, count."""
+        return {"bounds": list(WAIT_BOUNDS_S), "counts": list(e.wait_counts),
+                "sum": e.wait_ns / NS, "count": e.grants}
+
     def shares(self, e: Entity, now: int) -> dict[str, float]:
         """Share of the device achieved over sliding windows of 1, 10 and 60 s."""
         out = {}

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
@@ -32,13 +32,16 @@ from kubecash.client import protocol as P
 from kubecash.client.errors import CUresult, ProtocolError
 
 from . import config as cfg
+from . import metrics
 from .devices import Device, discover
+from .notify import Notifier
 from .scheduler import NS, DeviceScheduler, LimitBucket
 
 log = logging.getLogger("kubecash.broker")
 E = CUresult
 EXECUTOR_START_TIMEOUT_S = 30.0
 EXECUTOR_STOP_TIMEOUT_S = 5.0
+PUBLISH_INTERVAL_S = 1.0      # metrics snapshot and systemd STATUS= refresh
 
 
 @dataclasses.dataclass
@@ -62,6 +65,8 @@ class ExecutorProc:
     device_ns: int = 0
     kernels: int = 0
     memory_used: int = 0
+    kernel_carry_ns: int = 0               # run time of a preempted kernel in earlier leases
+    kill_reason: str | None = None         # why the broker killed it (max_kernel_seconds)
 
     @property
     def ready(self) -> bool:
@@ -109,8 +114,11 @@ class Broker:
         self._sock_tenant: dict[zmq.Socket, TenantState] = {}
         self._by_ident: dict[bytes, ExecutorProc] = {}     # control-socket routing ids
         self._lease_fds: dict[int, ExecutorProc] = {}      # lease socketpair fds
-        self.on_ready: Callable[[], None] | None = None
         self._closed = False
+        self.notifier = Notifier()
+        self.collector = metrics.BrokerCollector()
+        self._metrics_server = None
+        self.metrics_address: str | None = None
         quantum_ns = int(self.settings.quantum_ms * 1e6)
         self.schedulers = {name: DeviceScheduler(name, quantum_ns) for name in self.devices}
         # Limit credit: one bucket per tenant (its limit spans its devices), plus one per
@@ -128,16 +136,27 @@ class Broker:
         os.makedirs(self.private_dir, mode=0o700, exist_ok=True)
         os.chmod(self.private_dir, 0o700)
         tenants_root = os.path.join(self.runtime_dir, "tenants")
-        # A previous broker's leftovers (sockets, shared-memory files) must not block us.
-        shutil.rmtree(tenants_root, ignore_errors=True)
         os.makedirs(tenants_root, exist_ok=True)
+        # A previous broker's leftovers (sockets, shared-memory files) must not block us.
+        # Tenant directories themselves stay: running containers have them bind-mounted,
+        # and a new directory would not be what they see.
+        for name in os.listdir(tenants_root):
+            d = os.path.join(tenants_root, name)
+            if name not in self.config.tenants:
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            for leftover in glob.glob(os.path.join(d, "*.sock")) + glob.glob(os.path.join(d, "shm", "*")):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
         os.makedirs(self.settings.resolved_cache_dir, mode=0o700, exist_ok=True)
         ctl_path = self.control_addr[len("ipc://"):]
         if os.path.exists(ctl_path):
             os.unlink(ctl_path)
         self.control.bind(self.control_addr)
         self.poller.register(self.control, zmq.POLLIN)
-        admin_path = os.path.join(self.runtime_dir, "admin.sock")
+        admin_path = self.settings.resolved_admin_socket
         if os.path.exists(admin_path):
             os.unlink(admin_path)
         old_umask = os.umask(0o077)            # owner-only from the moment it exists
@@ -159,7 +178,8 @@ class Broker:
         os.makedirs(os.path.join(d, "shm"), exist_ok=True)
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)     # broker requests are small
+        # broker requests are small; a larger frame makes ZeroMQ drop the connection
+        sock.setsockopt(zmq.MAXMSGSIZE, self._broker_msg_max)
         sock.bind(f"ipc://{P.broker_socket_path(self.runtime_dir, t.name)}")
         ts = TenantState(t, sock, d)
         self.tenants[t.name] = ts
@@ -169,19 +189,43 @@ class Broker:
 
     def serve_forever(self) -> None:
         self.start()
-        if self.on_ready:
-            self.on_ready()
+        if self.settings.metrics_address:
+            served = metrics.serve(self.settings.metrics_address, self.collector)
+            if served:
+                self._metrics_server, self.metrics_address = served
+        self._publish()
+        self.notifier.ready(self._status_line())
+        next_publish = time.monotonic() + PUBLISH_INTERVAL_S
         try:
             while not self.stopping:
                 if self.reload_requested:
                     self.reload_requested = False
+                    self.notifier.reloading()
                     try:
                         self.reload()
                     except _Refused as e:
                         log.error("%s", e.message)
+                    self.notifier.ready(self._status_line())
                 self.serve_once(timeout_s=min(0.1, self.settings.heartbeat_interval_s))
+                if time.monotonic() >= next_publish:
+                    next_publish = time.monotonic() + PUBLISH_INTERVAL_S
+                    self._publish()
+                    self.notifier.status(self._status_line())
+                self.notifier.tick()
         finally:
+            self.notifier.stopping()
             self.close()
+
+    def _publish(self) -> None:
+        """Hand the metrics endpoint a fresh snapshot (it never reads live state)."""
+        self.collector.publish(self._admin_status({}))
+
+    def _status_line(self) -> str:
+        sessions = sum(len(t.sessions) for t in self.tenants.values())
+        executors = sum(len(t.executors) for t in self.tenants.values())
+        draining = [n for n, sc in self.schedulers.items() if sc.draining]
+        return (f"{len(self.tenants)} tenants, {sessions} sessions, {executors} executors on "
+                f"{', '.join(self.devices)}" + (f"; draining {', '.join(draining)}" if draining else ""))
 
     def serve_once(self, timeout_s: float) -> None:
         now = time.monotonic_ns()
@@ -226,12 +270,21 @@ class Broker:
                     ex.proc.kill()
                     ex.proc.wait()
                 self._executor_gone(ex, "broker shutting down")
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self.notifier.close()
         for t in self.tenants.values():
             t.sock.close()
         self.admin.close()
         self.control.close()
         self.ctx.term()
-        shutil.rmtree(os.path.join(self.runtime_dir, "tenants"), ignore_errors=True)
+        for t in self.tenants.values():     # sockets go; the (mounted) directories stay
+            for leftover in glob.glob(os.path.join(t.dir, "*.sock")) + glob.glob(os.path.join(t.dir, "shm", "*")):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
 
     # -- tenant sockets -------------------------------------------------------------------
     def _on_tenant(self, t: TenantState, frames: list[bytes]) -> None:
@@ -243,7 +296,7 @@ class Broker:
         ident, frame = frames
         msg: Any = None
         try:
-            msg = P.unpack(frame, 1 << 20)
+            msg = P.unpack(frame, self._broker_msg_max)
             op = P.check_request(msg, P.BROKER_OPS)
             if op == "hello":
                 result = self._hello(t, ident, msg)
@@ -272,7 +325,17 @@ class Broker:
         except zmq.ZMQError:
             pass  # peer gone or not reading; heartbeats will tell
 
+    @property
+    def _broker_msg_max(self) -> int:
+        return min(1 << 20, self.settings.max_message_bytes)
+
     def _hello(self, t: TenantState, ident: bytes, msg: dict) -> dict:
+        limit = self.settings.max_sessions_per_tenant
+        if len(t.sessions) >= limit:
+            raise _Refused(E.CUDA_ERROR_NOT_PERMITTED,
+                           f"tenant '{t.config.name}' has {len(t.sessions)} sessions open, the "
+                           f"broker's max_sessions_per_tenant is {limit}; close one (or wait "
+                           f"{self.settings.heartbeat_timeout_s:g} s for dead ones to expire)")
         token = secrets.token_bytes(16)
         s = ClientSession(token, t, ident, msg.get("pid", 0), time.monotonic())
         t.sessions[token] = s
@@ -363,8 +426,31 @@ class Broker:
                 elif ex.stopping is not None and now - ex.stopping > EXECUTOR_STOP_TIMEOUT_S:
                     ex.proc.kill()
         self._retired = [t for t in self._retired if t.executors]
+        self._enforce_kernel_time()
         for name in self.schedulers:
             self._schedule(name)
+
+    def _enforce_kernel_time(self) -> None:
+        """max_kernel_seconds. A lease lasts at most a quantum plus the kernel that crosses
+        it, so a lease held longer than quantum + max_kernel_seconds (counting what a
+        preempted kernel already ran in earlier leases) means a kernel ran past the limit:
+        its executor is killed, and its sessions get a sticky CUDA_ERROR_LAUNCH_TIMEOUT."""
+        now = time.monotonic_ns()
+        for dname, sched in self.schedulers.items():
+            e = sched.holder
+            t = self.tenants.get(e.tenant) if e is not None else None
+            ex = t.executors.get(dname) if t is not None else None
+            if ex is None or ex.kill_reason is not None:
+                continue
+            limit_s = t.config.quota_for(dname).max_kernel_seconds
+            if limit_s <= 0:
+                continue
+            if now - sched.lease_start + ex.kernel_carry_ns > sched.quantum_ns + limit_s * NS:
+                ex.kill_reason = (f"a kernel ran longer than max_kernel_seconds = {limit_s:g} s, "
+                                  f"tenant '{t.config.name}''s limit; the broker ended the executor")
+                log.error("tenant %s: executor for %s killed: %s", t.config.name, dname,
+                          ex.kill_reason)
+                ex.proc.kill()
 
     # -- executors ----------------------------------------------------------------------
     def _spawn_executor(self, t: TenantState, d: Device) -> ExecutorProc:
@@ -375,7 +461,10 @@ class Broker:
                "--runtime-dir", self.runtime_dir, "--control", self.control_addr,
                "--memory-limit", str(self._memory_limit(q, d)), "--threads", str(threads),
                "--cache-dir", self.settings.resolved_cache_dir,
-               "--max-message-bytes", str(self.settings.max_message_bytes)]
+               "--max-message-bytes", str(self.settings.max_message_bytes),
+               "--limits", json.dumps({k: getattr(self.settings, k) for k in (
+                   "max_handles_per_session", "max_modules_per_session", "max_module_bytes",
+                   "max_queued_ops_per_session")})]
         env = dict(os.environ, KUBECASH_EXECUTOR_SECRET=self.secret.decode())
         env.pop("KUBECASH_BROKER", None)   # the executor is never itself a brokered client
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -416,11 +505,13 @@ class Broker:
             ex.lease_sock = None
         self.schedulers[ex.device.name].remove(t.config.name)
         self._schedule(ex.device.name)
-        clean = ex.stopping is not None
+        clean = ex.stopping is not None and ex.kill_reason is None
+        why = ex.kill_reason or why
         (log.info if clean else log.error)("tenant %s: executor for %s ended: %s",
                                            t.config.name, ex.device.name, why)
         if not clean:
-            code = (E.CUDA_ERROR_ILLEGAL_ADDRESS if "SIGSEGV" in why or "SIGBUS" in why
+            code = (E.CUDA_ERROR_LAUNCH_TIMEOUT if ex.kill_reason else
+                    E.CUDA_ERROR_ILLEGAL_ADDRESS if "SIGSEGV" in why or "SIGBUS" in why
                     else E.CUDA_ERROR_LAUNCH_FAILED)
             message = (f"the executor of tenant '{t.config.name}' on {ex.device.name} "
                        f"ended ({why}); this session's context on that device is lost")
@@ -523,8 +614,11 @@ class Broker:
                     if hx is not None:
                         self._lease_send(hx, "preempt", lease=sched.lease)
             elif op == "release":
-                sched.release(ex.tenant.config.name, msg["lease"], msg["used_ns"], msg["kernels"],
-                              msg["more"], now)
+                held_ns = now - sched.lease_start
+                if sched.release(ex.tenant.config.name, msg["lease"], msg["used_ns"],
+                                 msg["kernels"], msg["more"], now):
+                    # a kernel preempted mid-grid keeps counting toward max_kernel_seconds
+                    ex.kernel_carry_ns = ex.kernel_carry_ns + held_ns if msg.get("suspended") else 0
             self._schedule(ex.device.name)
 
     def _forget_lease_fd(self, ex: ExecutorProc) -> None:
@@ -605,11 +699,40 @@ class Broker:
                     "used_ns": e.used_ns if e else 0, "kernels": e.kernels if e else 0,
                     "grants": e.grants if e else 0, "queue_wait_ns": e.wait_ns if e else 0,
                     "share": self.schedulers[dname].shares(e, now) if e else {},
+                    "queue_wait": self.schedulers[dname].queue_wait(e) if e else
+                    {"bounds": [], "counts": [], "sum": 0.0, "count": 0},
                     "runnable": bool(e and e.runnable),
                 }
             tenants[name] = {"sessions": len(t.sessions), "devices": per_dev}
         return {"devices": devices, "tenants": tenants, "uptime_s": (now - self.started_ns) / NS,
-                "quantum_ms": self.settings.quantum_ms}
+                "quantum_ms": self.settings.quantum_ms, "runtime_dir": self.runtime_dir,
+                "metrics_address": self.metrics_address, "config": self.config.path}
+
+    def _admin_evict(self, msg: dict) -> dict:
+        """End every session of a tenant now; its executors exit and free everything."""
+        t = self.tenants.get(msg["tenant"])
+        if t is None:
+            raise _Refused(E.CUDA_ERROR_INVALID_VALUE, f"no tenant '{msg['tenant']}'")
+        ended = len(t.sessions)
+        for s in list(t.sessions.values()):
+            self._send(t.sock, s.ident, P.event("session_ended", code=int(E.CUDA_ERROR_DEINITIALIZED),
+                                                error=f"tenant '{t.config.name}' was evicted by the operator"))
+            self._end_session(s, "evicted by the operator")
+        for ex in list(t.executors.values()):
+            self._stop_executor(ex)
+        return {"tenant": t.config.name, "sessions_ended": ended}
+
+    def _admin_drain(self, msg: dict) -> dict:
+        """No new leases on the device (work running now completes); undo resumes."""
+        sched = self.schedulers.get(msg["device"])
+        if sched is None:
+            raise _Refused(E.CUDA_ERROR_INVALID_DEVICE, f"no device '{msg['device']}'")
+        sched.draining = not msg.get("undo", False)
+        if not sched.draining:
+            self._schedule(msg["device"])
+        log.info("device %s %s", msg["device"], "draining" if sched.draining else "resumed")
+        return {"device": msg["device"], "draining": sched.draining,
+                "holder": sched.holder.tenant if sched.holder else None}
 
     def _admin_reload(self, msg: dict) -> dict:
         return self.reload()
@@ -621,7 +744,8 @@ class Broker:
         except cfg.ConfigError as e:
             raise _Refused(E.CUDA_ERROR_INVALID_VALUE,
                            f"reload refused, the running configuration stays: {e}") from None
-        restart_only = ("runtime_dir", "cache_dir", "max_message_bytes")
+        restart_only = ("runtime_dir", "cache_dir", "max_message_bytes", "metrics_address",
+                        "admin_socket")
         pending = [k for k in restart_only if getattr(new.broker, k) != getattr(self.settings, k)
                    and not (k == "runtime_dir" and os.path.abspath(new.broker.runtime_dir) == self.runtime_dir)]
         self.settings = dataclasses.replace(

@@ -11,7 +11,7 @@
         ├── NotReadyError         CUDA_ERROR_NOT_READY (600): a query found work still pending
         ├── CompileError          CUDA_ERROR_INVALID_SOURCE/INVALID_PTX/NO_BINARY_FOR_GPU; .log
         ├── NotSupportedError     CUDA_ERROR_NOT_SUPPORTED (801)
-        └── LaunchFailedError     context-fatal codes (700, 714-719): the executor is gone;
+        └── LaunchFailedError     context-fatal codes (700, 702, 714-719): the executor is gone;
                                   the error is sticky for the session on that device
 
 Codes use CUresult numbering so the shim can hand them back to cuda-python programs
@@ -121,8 +121,9 @@ class LaunchFailedError(CudaError):
     pass
 
 
-# Codes after which the context is unusable (CUDA calls these "sticky").
-STICKY_CODES = frozenset({700, 714, 715, 716, 717, 718, 719})
+# Codes after which the context is unusable (CUDA calls these "sticky"); 702: a kernel ran
+# past max_kernel_seconds and the broker ended its executor.
+STICKY_CODES = frozenset({700, 702, 714, 715, 716, 717, 718, 719})
 
 _BY_CODE: dict[int, type[CudaError]] = {
     CUresult.CUDA_ERROR_OUT_OF_MEMORY: OutOfMemoryError,

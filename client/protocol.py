@@ -108,6 +108,8 @@ EXECUTOR_OPS: dict[str, dict[str, F]] = {
 ADMIN_OPS: dict[str, dict[str, F]] = {
     "status": {},
     "reload": {},
+    "evict": {"tenant": F(str, maxlen=64)},
+    "drain": {"device": F(str, maxlen=64), "undo": F(bool, required=False)},
     "set_quota": {"tenant": F(str, maxlen=64), "device": F(str, required=False, maxlen=64),
                   "weight": F(int, required=False),   # ranges: checked by the config rules
                   "limit": F((int, float), required=False),      # <= 0 removes the limit
@@ -247,7 +249,10 @@ EXECUTOR_REPORTS: dict[str, dict[str, F]] = {
     "session_ended": {"session": SESSION},
     "want": {},
     "release": {"lease": F(int, lo=1, hi=U64), "used_ns": F(int, lo=0, hi=I64_MAX),
-                "kernels": F(int, lo=0, hi=I64_MAX), "more": F(bool)},
+                "kernels": F(int, lo=0, hi=I64_MAX), "more": F(bool),
+                # a preempted kernel is still running: its time so far carries to the next
+                # lease, so max_kernel_seconds bounds a kernel run in slices too
+                "suspended": F(bool, required=False)},
     "stats": {"device_ns": F(int, lo=0, hi=I64_MAX), "kernels": F(int, lo=0, hi=I64_MAX),
               "memory_used": F(int, lo=0, hi=I64_MAX)},
 }

@@ -70,6 +70,9 @@ class _Channel:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
         self.stash: dict[int, dict] = {}
+        # What the far end accepts: ZeroMQ drops a larger frame (and the connection) with no
+        # reply, so a request past it is refused here rather than left waiting forever.
+        self.max_bytes = P.MAX_MESSAGE_BYTES
 
     def close(self) -> None:
         self.sock.close()
@@ -144,7 +147,12 @@ class Session(_Resource):
         msg = {"v": P.VERSION, "id": rid, "op": op, **fields}
         if asynchronous:
             msg["async"] = True
-        ch.sock.send(P.pack(msg))
+        frame = P.pack(msg)
+        if len(frame) > ch.max_bytes:
+            raise error_from_code(CUresult.CUDA_ERROR_INVALID_VALUE,
+                                  f"{op} request of {len(frame)} bytes exceeds the broker's "
+                                  f"max_message_bytes ({ch.max_bytes})")
+        ch.sock.send(frame)
         return rid
 
     def _wait(self, ch: _Channel, rid: int, *, timeout: float | None = None,
@@ -254,6 +262,8 @@ class Device:
         self._ch: _Channel | None = None
         self._staging: mmap.mmap | None = None
         self._staging_size = 0
+        self._queue_window = 0       # async requests allowed in flight (from the executor)
+        self._posted = 0             # async requests sent since the last context sync
 
     @property
     def total_memory(self) -> int:
@@ -275,6 +285,13 @@ class Device:
             a = s._wait(self._ch, s._send(self._ch, "attach", {"session": s.token}),
                         watch=self.name, timeout=60)
             self.memory_limit = a["memory_limit"]
+            if isinstance(a.get("max_message_bytes"), int):
+                self._ch.max_bytes = a["max_message_bytes"]
+            # The executor queues at most max_queued_ops per session: like a full CUDA push
+            # buffer, the client blocks (a context sync) well before that.
+            q = a.get("max_queued_ops")
+            self._queue_window = max(1, int(q) // 2) if isinstance(q, int) else 1 << 62
+            self._posted = 0
             if a["staging"]:
                 path = os.path.join(s.tenant_dir, "shm", a["staging"])
                 fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -301,6 +318,8 @@ class Device:
             if self.name in s._failed:
                 raise s._failed[self.name]
             ch = self._conn()
+            if op == "ctx_sync":
+                self._posted = 0
             return s._wait(ch, s._send(ch, op, {"session": s.token, **fields}), watch=self.name)
 
     def _post(self, op: str, **fields: Any) -> None:
@@ -310,7 +329,14 @@ class Device:
             s._check_open()
             if self.name in s._failed:
                 raise s._failed[self.name]
-            s._send(self._conn(), op, {"session": s.token, **fields}, asynchronous=True)
+            ch = self._conn()
+            s._send(ch, op, {"session": s.token, **fields}, asynchronous=True)
+            self._posted += 1
+            if self._posted >= self._queue_window:
+                # Back-pressure: wait for the queue to drain. An error of earlier async
+                # work surfaces here, as CUDA may report it from any later call.
+                self._posted = 0
+                s._wait(ch, s._send(ch, "ctx_sync", {"session": s.token}), watch=self.name)
 
     # -- memory ---------------------------------------------------------------------------
     def allocate(self, size: int) -> "Buffer":

@@ -1,0 +1,113 @@
+"""Prometheus metrics (prometheus-client): per tenant and device, plus broker health.
+
+The broker loop is single-threaded and owns its state; the HTTP server runs in a thread of
+its own. So the loop publishes a snapshot (the same dict `brokerctl status --json` prints)
+about once a second, and scrapes read the latest snapshot: metrics and status always agree,
+and a scrape never touches live state.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+
+log = logging.getLogger("kubecash.broker.metrics")
+
+
+class BrokerCollector:
+    def __init__(self) -> None:
+        self.snapshot: dict[str, Any] | None = None
+        self.snapshot_time = 0.0
+
+    def publish(self, snapshot: dict[str, Any]) -> None:
+        self.snapshot, self.snapshot_time = snapshot, time.monotonic()   # one reference swap
+
+    def collect(self):
+        st, at = self.snapshot, self.snapshot_time
+        up = GaugeMetricFamily("kubecash_broker_up", "1 while the broker serves")
+        up.add_metric([], 1.0 if st is not None else 0.0)
+        yield up
+        if st is None:
+            return
+        age = GaugeMetricFamily("kubecash_broker_snapshot_age_seconds",
+                                "Seconds since the broker loop last published its state "
+                                "(grows if the loop stalls)")
+        age.add_metric([], time.monotonic() - at)
+        yield age
+        uptime = GaugeMetricFamily("kubecash_broker_uptime_seconds", "Seconds since the broker started")
+        uptime.add_metric([], st["uptime_s"])
+        yield uptime
+
+        td = ["tenant", "device"]
+        used = CounterMetricFamily("kubecash_device_seconds", "Device time used (measured by "
+                                   "the executors, charged per lease)", labels=td)
+        kernels = CounterMetricFamily("kubecash_kernels", "Kernels run", labels=td)
+        leases = CounterMetricFamily("kubecash_leases", "Device leases granted", labels=td)
+        share = GaugeMetricFamily("kubecash_share_ratio", "Share of the device's time achieved "
+                                  "over a sliding window", labels=td + ["window"])
+        weight = GaugeMetricFamily("kubecash_weight", "Configured weight", labels=td)
+        limit = GaugeMetricFamily("kubecash_limit_ratio", "Configured hard limit (fraction of "
+                                  "device time; absent when none)", labels=td)
+        mem_used = GaugeMetricFamily("kubecash_memory_used_bytes", "Memory the tenant holds", labels=td)
+        mem_limit = GaugeMetricFamily("kubecash_memory_limit_bytes", "Memory quota", labels=td)
+        wait = HistogramMetricFamily("kubecash_queue_wait_seconds", "Time runnable work waited "
+                                     "for a device lease", labels=td)
+        sessions = GaugeMetricFamily("kubecash_sessions", "Open client sessions", labels=["tenant"])
+        executors = GaugeMetricFamily("kubecash_executor_up", "1 while the tenant's executor "
+                                      "for the device runs", labels=td)
+        for tenant, t in st["tenants"].items():
+            sessions.add_metric([tenant], t["sessions"])
+            for device, d in t["devices"].items():
+                lv = [tenant, device]
+                used.add_metric(lv, d["used_ns"] / 1e9)
+                kernels.add_metric(lv, d["kernels"])
+                leases.add_metric(lv, d["grants"])
+                for window, value in d["share"].items():
+                    share.add_metric(lv + [window], value)
+                weight.add_metric(lv, d["weight"])
+                if d["limit"] is not None:
+                    limit.add_metric(lv, d["limit"])
+                mem_used.add_metric(lv, d["memory_used"])
+                mem_limit.add_metric(lv, d["memory_limit"])
+                executors.add_metric(lv, 1.0 if d["executor_pid"] else 0.0)
+                h = d["queue_wait"]
+                cumulative, buckets = 0, []
+                for bound, count in zip(h["bounds"], h["counts"]):
+                    cumulative += count
+                    buckets.append((repr(float(bound)), cumulative))
+                buckets.append(("+Inf", h["count"]))
+                wait.add_metric(lv, buckets, h["sum"])
+        yield from (used, kernels, leases, share, weight, limit, mem_used, mem_limit, wait,
+                    sessions, executors)
+
+        busy = GaugeMetricFamily("kubecash_device_busy_ratio", "Fraction of the device's time "
+                                 "leased to tenants over a sliding window", labels=["device", "window"])
+        total = GaugeMetricFamily("kubecash_device_memory_bytes", "Device memory", labels=["device"])
+        draining = GaugeMetricFamily("kubecash_device_draining", "1 while the device grants no "
+                                     "new leases", labels=["device"])
+        for device, d in st["devices"].items():
+            for window, value in d["busy"].items():
+                busy.add_metric([device, window], value)
+            total.add_metric([device], d["total_memory"])
+            draining.add_metric([device], 1.0 if d["draining"] else 0.0)
+        yield from (busy, total, draining)
+
+
+def serve(address: str, collector: BrokerCollector) -> tuple[Any, str] | None:
+    """Serve /metrics on "host:port" (port 0: any free port). Returns (server, bound address),
+    or None after logging why it could not (the broker keeps serving tenants)."""
+    host, _, port = address.rpartition(":")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    try:
+        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    except (OSError, ValueError) as e:
+        log.error("metrics endpoint on %s not started: %s", address, e)
+        return None
+    bound = f"{host or '0.0.0.0'}:{server.server_port}"
+    log.info("metrics on http://%s/metrics", bound)
+    return server, bound
