@@ -251,3 +251,17 @@ def test_metrics_endpoint_serves_prometheus_text_agreeing_with_status(broker):
               if smp.name.endswith("_count") and smp.labels["tenant"] == "alice"]
     assert counts[0].value == alice["grants"] > 0
     assert "# TYPE kubecash_device_seconds_total counter" in text
+
+
+def test_the_admin_socket_is_owner_only(broker):
+    mode = os.stat(broker.admin_path).st_mode & 0o777
+    assert mode & 0o077 == 0, oct(mode)
+
+
+def test_the_broker_refuses_to_start_on_an_invalid_file(tmp_path):
+    bad = tmp_path / "quota.toml"
+    bad.write_text('[broker]\nruntime_dir = "/tmp/x"\n[tenants.alice]\nweight = 0\n')
+    p = subprocess.run([os.path.join(os.path.dirname(sys.executable), "kubecash-broker"),
+                        "--config", str(bad)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert f"{bad}: tenant 'alice', field 'weight': must be an integer from 1 to 10000" in p.stderr
