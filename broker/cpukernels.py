@@ -1087,7 +1087,9 @@ class Launcher:
             # Kernel threads yield to the control plane (broker, executors' message loops,
             # clients) sharing these cores, so hand-overs and latency work are not delayed.
             try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+                tid = threading.get_native_id()   # relative to the executor's own niceness
+                os.setpriority(os.PRIO_PROCESS, tid,
+                               min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._nice))
             except (OSError, AttributeError):
                 pass
         caddr = ctypes.addressof(w.c)
