@@ -38,7 +38,7 @@ from typing import Any, Callable
 import zmq
 
 from kubecash.client import protocol as P
-from kubecash.client.errors import CUresult, CudaError, ProtocolError, error_from_code
+from kubecash.client.errors import STICKY_CODES, CUresult, CudaError, ProtocolError, error_from_code
 
 log = logging.getLogger("kubecash.executor")
 
@@ -495,6 +495,18 @@ class Executor:
             elif op == "preempt" and msg["lease"] == self._lease:
                 self._preempted = True
 
+    def _maybe_fatal(self, error: CudaError | None) -> None:
+        """A context-fatal ("sticky") device error ends this executor: its context is
+        unusable. The broker hears why and tells this tenant's sessions; others go on."""
+        if error is None or error.code not in STICKY_CODES:
+            return
+
+        def die() -> None:
+            log.error("context-fatal error, exiting: %s", error)
+            self._report("fatal", code=error.code, error=error.message[:500])
+            self._stopping = True
+        self._call_in_main(die)
+
     def _should_yield(self) -> bool:
         """Between slices of a preemptible kernel: has the broker asked for the device?"""
         self._poll_lease(self.lease_sock, 0)
@@ -549,6 +561,7 @@ class Executor:
             if op.ident is None:
                 if error is not None and s.deferred is None:
                     s.deferred = error
+                self._maybe_fatal(error)
                 return dt
             if op.sync_point and s.deferred is not None and error is None:
                 error, s.deferred = s.deferred, None
@@ -556,6 +569,7 @@ class Executor:
                    else P.reply(op.req_id, **result))
         ident = op.ident
         self._call_in_main(lambda: self._send(ident, payload))
+        self._maybe_fatal(error)
         return dt
 
     # -- resources ----------------------------------------------------------------------

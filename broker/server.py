@@ -62,6 +62,7 @@ class ExecutorProc:
     sessions: set[bytes] = dataclasses.field(default_factory=set)
     pending: dict[bytes, PendingOpen] = dataclasses.field(default_factory=dict)
     stopping: float | None = None          # when shutdown was asked
+    fatal: tuple[int, str] | None = None   # the context-fatal error it reported before exiting
     device_ns: int = 0
     kernels: int = 0
     memory_used: int = 0
@@ -513,6 +514,8 @@ class Broker:
             code = (E.CUDA_ERROR_LAUNCH_TIMEOUT if ex.kill_reason else
                     E.CUDA_ERROR_ILLEGAL_ADDRESS if "SIGSEGV" in why or "SIGBUS" in why
                     else E.CUDA_ERROR_LAUNCH_FAILED)
+            if ex.fatal is not None:          # it told us the device error that ended it
+                code, why = ex.fatal[0], f"context-fatal device error: {ex.fatal[1]}"
             message = (f"the executor of tenant '{t.config.name}' on {ex.device.name} "
                        f"ended ({why}); this session's context on that device is lost")
             for token in ex.sessions | set(ex.pending):
@@ -565,6 +568,8 @@ class Broker:
             ex.sessions.add(msg["session"])
             p.session.devices.add(ex.device.name)
             self._send(ex.tenant.sock, p.ident, P.reply(p.req_id, **self._open_reply(ex)))
+        elif op == "fatal":
+            ex.fatal = (msg["code"], msg["error"])
         elif op == "stats":
             ex.device_ns, ex.kernels, ex.memory_used = msg["device_ns"], msg["kernels"], msg["memory_used"]
 

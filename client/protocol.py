@@ -247,6 +247,7 @@ EXECUTOR_REPORTS: dict[str, dict[str, F]] = {
               "pid": F(int, lo=0, hi=I64_MAX)},
     "session_added": {"session": SESSION},
     "session_ended": {"session": SESSION},
+    "fatal": {"code": F(int, lo=0, hi=I64_MAX), "error": F(str, maxlen=1000)},
     "want": {},
     "release": {"lease": F(int, lo=1, hi=U64), "used_ns": F(int, lo=0, hi=I64_MAX),
                 "kernels": F(int, lo=0, hi=I64_MAX), "more": F(bool),

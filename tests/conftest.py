@@ -30,6 +30,29 @@ class BrokerProcess(LocalBroker):
     stop = LocalBroker.close
 
 
+def _gpu_count() -> int:
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+
+
+GPU_COUNT = _gpu_count()
+
+
+@pytest.fixture(params=["cpu0", pytest.param("gpu0", marks=pytest.mark.gpu)])
+def dev_name(request) -> str:
+    """The device a device-generic test runs on: the CPU backend always, gpu0 where present."""
+    if request.param.startswith("gpu") and GPU_COUNT == 0:
+        pytest.skip("no NVIDIA GPU here (NVML finds none): GPU backend tests skipped")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def kernel_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("kernel-cache"))

@@ -23,10 +23,9 @@ extern "C" __global__ void scale2d(const double* in, double* out, int rows, int 
 """
 
 SCALARS = r"""
-#include <stdint.h>
-extern "C" __global__ void widths(int8_t a, uint8_t b, int16_t c, uint16_t d, int32_t e,
-                                  uint32_t f, int64_t g, uint64_t h, float x, double y,
-                                  double* out) {
+extern "C" __global__ void widths(signed char a, unsigned char b, short c, unsigned short d,
+                                  int e, unsigned int f, long long g, unsigned long long h,
+                                  float x, double y, double* out) {
     out[0] = a; out[1] = b; out[2] = c; out[3] = d; out[4] = e;
     out[5] = f; out[6] = (double)g; out[7] = (double)h; out[8] = x; out[9] = y;
 }

@@ -13,8 +13,8 @@ from conftest import run_client
 from kernels import GRID2D, SAXPY, SCALARS, VECADD
 
 
-def test_vector_add(session):
-    dev = session.device("cpu0")
+def test_vector_add(session, dev_name):
+    dev = session.device(dev_name)
     n = 100_003                      # not a multiple of the block: the bounds check matters
     rng = np.random.default_rng(1)
     a, b = rng.random(n, dtype=np.float32), rng.random(n, dtype=np.float32)
@@ -28,8 +28,8 @@ def test_vector_add(session):
     np.testing.assert_array_equal(out, a + b)
 
 
-def test_saxpy_on_a_stream_with_events(session):
-    dev = session.device("cpu0")
+def test_saxpy_on_a_stream_with_events(session, dev_name):
+    dev = session.device(dev_name)
     n = 1 << 20                      # 4 MiB per array: crosses the staging segment in chunks
     x = np.arange(n, dtype=np.float32)
     y = np.full(n, 2.0, np.float32)
@@ -52,8 +52,8 @@ def test_saxpy_on_a_stream_with_events(session):
         r.close()                    # idempotent
 
 
-def test_2d_grid(session):
-    dev = session.device("cpu0")
+def test_2d_grid(session, dev_name):
+    dev = session.device(dev_name)
     rows, cols = 123, 77
     a = np.random.default_rng(2).random((rows, cols))
     din, dout = dev.allocate(a.nbytes), dev.allocate(a.nbytes)
@@ -66,8 +66,8 @@ def test_2d_grid(session):
     np.testing.assert_array_equal(out, a * 1.5 + r - c)
 
 
-def test_scalars_of_each_width(session):
-    dev = session.device("cpu0")
+def test_scalars_of_each_width(session, dev_name):
+    dev = session.device(dev_name)
     out = dev.allocate(10 * 8)
     k = dev.load_module(SCALARS).get_kernel("widths")
     vals = [np.int8(-7), np.uint8(250), np.int16(-30000), np.uint16(65000), np.int32(-2**31 + 3),
@@ -82,8 +82,8 @@ def test_scalars_of_each_width(session):
                                   [-1, 255, -2, 3, -4, 5, -6, 7, 0.5, 0.25])
 
 
-def test_memset_and_device_to_device(session):
-    dev = session.device("cpu0")
+def test_memset_and_device_to_device(session, dev_name):
+    dev = session.device(dev_name)
     a, b = dev.allocate(4096), dev.allocate(4096)
     a.fill(0xAB)
     np.testing.assert_array_equal(a.copy_to(np.empty(4096, np.uint8)), 0xAB)
@@ -94,8 +94,8 @@ def test_memset_and_device_to_device(session):
     np.testing.assert_array_equal(b.copy_to(np.empty(2048, np.uint16)), 0xBEEF)
 
 
-def test_mapped_host_memory_is_zero_copy(session):
-    dev = session.device("cpu0")
+def test_mapped_host_memory_is_zero_copy(session, dev_name):
+    dev = session.device(dev_name)
     n = 4096
     with dev.allocate_host(n * 4) as ha, dev.allocate_host(n * 4) as hb, dev.allocate_host(n * 4) as hc:
         np.frombuffer(ha.view, np.float32)[:] = np.arange(n)
@@ -106,8 +106,8 @@ def test_mapped_host_memory_is_zero_copy(session):
         np.testing.assert_array_equal(np.frombuffer(hc.view, np.float32), np.arange(n) + 1.0)
 
 
-def test_large_copy_round_trip_through_staging(session):
-    dev = session.device("cpu0")
+def test_large_copy_round_trip_through_staging(session, dev_name):
+    dev = session.device(dev_name)
     data = np.random.default_rng(3).integers(0, 255, 80 << 20, dtype=np.uint8)  # > 2 staging segments
     with dev.allocate(data.nbytes) as d:
         d.copy_from(data)
@@ -115,12 +115,12 @@ def test_large_copy_round_trip_through_staging(session):
     assert np.array_equal(out, data)
 
 
-def test_two_tenants_run_at_once_each_on_its_own_executor(broker):
+def test_two_tenants_run_at_once_each_on_its_own_executor(broker, dev_name):
     code = f"""
         import json, numpy as np, kubecash.client as kc
         src = {VECADD!r}
         with kc.connect() as s:
-            dev = s.device("cpu0")
+            dev = s.device({dev_name!r})
             n = 1 << 16
             a = np.arange(n, dtype=np.float32)
             da, dc = dev.allocate(a.nbytes), dev.allocate(a.nbytes)
@@ -131,9 +131,9 @@ def test_two_tenants_run_at_once_each_on_its_own_executor(broker):
             ok = bool(np.array_equal(dc.copy_to(np.empty(n, np.float32)), 2 * a))
             import time
             deadline = time.monotonic() + 10   # executor statistics reach the broker in <= 0.25 s
-            while s.status()["devices"]["cpu0"]["kernels"] < 50 and time.monotonic() < deadline:
+            while s.status()["devices"][{dev_name!r}]["kernels"] < 50 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            print(json.dumps({{"ok": ok, "tenant": s.tenant, "status": s.status()["devices"]["cpu0"]}}))
+            print(json.dumps({{"ok": ok, "tenant": s.tenant, "status": s.status()["devices"][{dev_name!r}]}}))
     """
     procs = [run_client(code, broker.address(t)) for t in ("alice", "bob")]
     results = []
@@ -178,8 +178,8 @@ def test_session_properties_report_the_quota(broker):
     assert e.value.name == "CUDA_ERROR_INVALID_DEVICE"
 
 
-def test_module_globals_can_be_copied_to_and_from(session):
-    dev = session.device("cpu0")
+def test_module_globals_can_be_copied_to_and_from(session, dev_name):
+    dev = session.device(dev_name)
     mod = dev.load_module(r"""
         __constant__ float scale[4];
         __device__ int hits;
