@@ -531,6 +531,7 @@ def new_stream(dev: int, ctx: int, flags: int) -> int:
     st = STATE.dev(dev).create_stream(flags)
     h = STATE.new_handle()
     STATE.streams[h] = (dev, st, ctx)
+    STATE.stream_flags[h] = flags
     return h
 
 
@@ -549,6 +550,7 @@ def stream_destroy(hStream) -> None:
     if h in (0, 1, 2) or h not in STATE.streams:
         raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, f"stream {h:#x} is not valid")
     _, st, _ = STATE.streams.pop(h)
+    STATE.stream_flags.pop(h, None)
     st.close()
 
 
@@ -658,6 +660,268 @@ def cuEventElapsedTime(hStart, hEnd):
 def cuEventDestroy(hEvent):
     STATE.ctx()
     event_destroy(hEvent)
+    return ()
+
+
+# -- pointer attributes (from the shim's own tables) ------------------------------------------
+def pointer_info(p: int) -> dict | None:
+    """What the program's allocations say about address `p`: None when it is in none."""
+    hit = STATE.alloc_containing(p)
+    if hit is not None:
+        base, a = hit
+        pool = STATE.pools.get(a.dev)
+        return {"type": "device", "dev": a.dev, "ctx": a.ctx, "base": base, "size": a.size,
+                "device_ptr": p, "host_ptr": None, "mapped": False, "buffer_id": a.buffer_id,
+                "pool": pool.handle if (a.pooled and pool is not None and pool.handle) else None}
+    pin = STATE.pinned_by_exec(p)                 # the device address of pinned host memory
+    if pin is not None:
+        off = p - pin.buf.ptr
+        return {"type": "host", "dev": pin.dev, "ctx": pin.ctx, "base": pin.buf.ptr,
+                "size": pin.size, "device_ptr": p, "host_ptr": pin.local + off, "mapped": True,
+                "buffer_id": pin.local, "pool": None}
+    pin = STATE.pinned_at(p)
+    if pin is not None:
+        off = p - pin.local
+        return {"type": "host", "dev": pin.dev, "ctx": pin.ctx, "base": pin.buf.ptr,
+                "size": pin.size, "device_ptr": pin.buf.ptr + off, "host_ptr": p, "mapped": True,
+                "buffer_id": pin.local, "pool": None}
+    reg = STATE.registered_at(p)
+    if reg is not None:
+        return {"type": "host", "dev": STATE.ctx().dev, "ctx": STATE.ctx().handle,
+                "base": reg.local, "size": reg.size, "device_ptr": "registered", "host_ptr": p,
+                "mapped": False, "buffer_id": reg.local, "pool": None}
+    return None
+
+
+def _pointer_attribute(info: dict, attr) -> Any:
+    try:
+        name = real.CUpointer_attribute(int(attr)).name[len("CU_POINTER_ATTRIBUTE_"):]
+    except (ValueError, TypeError):
+        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"unknown pointer attribute {attr!r}") from None
+    mt = real.CUmemorytype
+    if name == "CONTEXT":
+        return real.CUcontext(info["ctx"])
+    if name == "MEMORY_TYPE":
+        return int(mt.CU_MEMORYTYPE_DEVICE if info["type"] == "device" else mt.CU_MEMORYTYPE_HOST)
+    if name == "DEVICE_ORDINAL":
+        return info["dev"]
+    if name == "DEVICE_POINTER":
+        if info["device_ptr"] == "registered":
+            device_pointer_of_host(info["host_ptr"])          # raises, saying why
+        return real.CUdeviceptr(info["device_ptr"])
+    if name == "HOST_POINTER":
+        if info["host_ptr"] is None:
+            raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "device memory has no host address")
+        return info["host_ptr"]
+    if name == "RANGE_START_ADDR":
+        return real.CUdeviceptr(info["base"])
+    if name == "RANGE_SIZE":
+        return info["size"]
+    if name == "MAPPED":
+        return bool(info["mapped"] or info["type"] == "device")
+    if name in ("IS_MANAGED", "IS_LEGACY_CUDA_IPC_CAPABLE"):
+        return False
+    if name == "SYNC_MEMOPS":
+        return True                  # the executor orders copies itself
+    if name == "BUFFER_ID":
+        return int(info["buffer_id"])
+    if name in ("ALLOWED_HANDLE_TYPES", "IS_GPU_DIRECT_RDMA_CAPABLE"):
+        return 0
+    if name == "ACCESS_FLAGS":
+        return 3                     # CU_POINTER_ATTRIBUTE_ACCESS_FLAG_READWRITE
+    if name == "MEMPOOL_HANDLE":
+        if info["pool"] is None:
+            raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "the memory is not from a memory pool")
+        return real.CUmemoryPool(info["pool"])
+    raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED,
+                    f"pointer attribute CU_POINTER_ATTRIBUTE_{name} is not supported")
+
+
+def cuPointerGetAttribute(attribute, ptr):
+    STATE.ctx()
+    p = handle_int(ptr)
+    info = pointer_info(p)
+    if info is None:
+        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"{p:#x} was not allocated, mapped or "
+                        "registered through this program's brokered device")
+    return (_pointer_attribute(info, attribute),)
+
+
+def cuPointerGetAttributes(numAttributes, attributes, ptr):
+    STATE.ctx()
+    attrs = list(attributes or ())
+    if as_int(numAttributes, "numAttributes") != len(attrs):
+        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "numAttributes does not match attributes")
+    info = pointer_info(handle_int(ptr))
+    if info is None:
+        # As the driver does for an address it does not know: "not device memory" answers.
+        out = []
+        for a in attrs:
+            nm = real.CUpointer_attribute(int(a)).name
+            out.append(real.CUcontext(0) if nm.endswith("_CONTEXT") else
+                       real.CUdeviceptr(0) if nm.endswith(("DEVICE_POINTER", "RANGE_START_ADDR")) else
+                       -2 if nm.endswith("DEVICE_ORDINAL") else
+                       False if nm.endswith(("IS_MANAGED", "MAPPED", "SYNC_MEMOPS",
+                                             "IS_LEGACY_CUDA_IPC_CAPABLE")) else 0)
+        return (out,)
+    return ([_pointer_attribute(info, a) for a in attrs],)
+
+
+# -- function attributes and occupancy (from the device's own limits) --------------------------
+def _dev_attr(dev: int, short: str) -> int:
+    return devattr.attribute(real, STATE.dev(dev),
+                             getattr(real.CUdevice_attribute, "CU_DEVICE_ATTRIBUTE_" + short))
+
+
+def cuFuncGetAttribute(attrib, hfunc):
+    f = STATE.function(hfunc)
+    try:
+        name = real.CUfunction_attribute(int(attrib)).name
+    except (ValueError, TypeError):
+        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"unknown function attribute {attrib!r}") from None
+    if name == "CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK":
+        return (_dev_attr(f.dev, "MAX_THREADS_PER_BLOCK"),)
+    if name in ("CU_FUNC_ATTRIBUTE_PTX_VERSION", "CU_FUNC_ATTRIBUTE_BINARY_VERSION"):
+        return (_dev_attr(f.dev, "COMPUTE_CAPABILITY_MAJOR") * 10
+                + _dev_attr(f.dev, "COMPUTE_CAPABILITY_MINOR"),)
+    raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED,
+                    f"function attribute {name} is not known for a kernel on the brokered device")
+
+
+def blocks_per_sm(dev: int, block_size: int, dynamic_smem: int) -> int:
+    """Resident blocks per multiprocessor as the device's reported limits allow."""
+    if block_size <= 0 or block_size > _dev_attr(dev, "MAX_THREADS_PER_BLOCK"):
+        return 0
+    if dynamic_smem > _dev_attr(dev, "MAX_SHARED_MEMORY_PER_BLOCK"):
+        return 0
+    n = min(_dev_attr(dev, "MAX_BLOCKS_PER_MULTIPROCESSOR"),
+            _dev_attr(dev, "MAX_THREADS_PER_MULTIPROCESSOR") // block_size)
+    if dynamic_smem > 0:
+        n = min(n, _dev_attr(dev, "MAX_SHARED_MEMORY_PER_MULTIPROCESSOR") // dynamic_smem)
+    return max(n, 0)
+
+
+def cuOccupancyMaxActiveBlocksPerMultiprocessor(func, blockSize, dynamicSMemSize):
+    f = STATE.function(func)
+    return (blocks_per_sm(f.dev, as_int(blockSize, "blockSize"),
+                          as_int(dynamicSMemSize, "dynamicSMemSize")),)
+
+
+def cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(func, blockSize, dynamicSMemSize, flags):
+    return cuOccupancyMaxActiveBlocksPerMultiprocessor(func, blockSize, dynamicSMemSize)
+
+
+def cuOccupancyMaxPotentialBlockSize(func, blockSizeToDynamicSMemSize, dynamicSMemSize,
+                                     blockSizeLimit):
+    f = STATE.function(func)
+    if blockSizeToDynamicSMemSize not in (None, 0) and handle_int(blockSizeToDynamicSMemSize):
+        raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED,
+                        "cuOccupancyMaxPotentialBlockSize with a blockSizeToDynamicSMemSize "
+                        "callback is not supported; pass None and dynamicSMemSize")
+    smem = as_int(dynamicSMemSize, "dynamicSMemSize")
+    limit = as_int(blockSizeLimit, "blockSizeLimit")
+    warp = _dev_attr(f.dev, "WARP_SIZE")
+    top = _dev_attr(f.dev, "MAX_THREADS_PER_BLOCK")
+    if limit > 0:
+        top = min(top, limit)
+    best, best_threads = 0, -1
+    for bs in range(top, 0, -1):             # the largest block size of the best occupancy
+        if bs % warp and bs != top:
+            continue
+        threads = blocks_per_sm(f.dev, bs, smem) * bs
+        if threads > best_threads:
+            best, best_threads = bs, threads
+    if best_threads <= 0:
+        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "no block size fits the kernel's shared memory")
+    return (blocks_per_sm(f.dev, best, smem) * _dev_attr(f.dev, "MULTIPROCESSOR_COUNT"), best)
+
+
+# -- stream queries and host functions ------------------------------------------------------
+def cuCtxGetStreamPriorityRange():
+    STATE.ctx()
+    return (0, 0)                    # priorities are not supported: (least, greatest) = (0, 0)
+
+
+def stream_entry(hStream, dev_default: int) -> tuple[int, int, int]:
+    """(device, ctx handle, flags) of a stream argument (the NULL stream: the current context's)."""
+    h = handle_int(hStream)
+    dev, _ = STATE.stream(hStream, dev_default)
+    if h in (0, 1, 2):
+        c = STATE.current()
+        return dev, (c.handle if c else 0), 0
+    _, _, ctx = STATE.streams[h]
+    return dev, ctx, STATE.stream_flags.get(h, 0)
+
+
+def cuStreamGetFlags(hStream):
+    return (stream_entry(hStream, STATE.ctx().dev)[2],)
+
+
+def cuStreamGetPriority(hStream):
+    stream_entry(hStream, STATE.ctx().dev)
+    return (0,)
+
+
+def cuStreamGetCtx(hStream):
+    return (real.CUcontext(stream_entry(hStream, STATE.ctx().dev)[1]),)
+
+
+def cuStreamGetDevice(hStream):
+    return (real.CUdevice(stream_entry(hStream, STATE.ctx().dev)[0]),)
+
+
+_HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_STREAM_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+
+
+def _user_data(userData) -> int:
+    if userData is None:
+        return 0
+    addr, _ = host_address(userData, "userData")
+    return addr
+
+
+def run_host_function(hStream, fn, userData, dev_default: int, callback: bool) -> None:
+    """cuLaunchHostFunc / cuStreamAddCallback: the function runs once the work queued before it
+    on the stream is done, and the work queued after it starts after it returned. The shim
+    waits for the stream and calls the function in the calling thread (the brokered device
+    cannot call into this process), which keeps both orders; the call itself blocks."""
+    if fn is None or (not callable(fn) and handle_int(fn) == 0):
+        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "the host function is NULL")
+    stream_sync(hStream, dev_default)
+    data = _user_data(userData)
+    if callable(fn) and not hasattr(fn, "getPtr"):
+        if isinstance(fn, ctypes._CFuncPtr):
+            fn(handle_int(hStream), 0, data) if callback else fn(data)
+        else:                        # a plain Python callable
+            fn(hStream, E.CUDA_SUCCESS, userData) if callback else fn(userData)
+        return
+    addr = handle_int(fn)
+    if callback:
+        _STREAM_CB(addr)(handle_int(hStream), 0, data)
+    else:
+        _HOST_FN(addr)(data)
+
+
+def cuLaunchHostFunc(hStream, fn, userData):
+    run_host_function(hStream, fn, userData, STATE.ctx().dev, callback=False)
+    return ()
+
+
+def cuStreamAddCallback(hStream, callback, userData, flags):
+    if as_int(flags, "flags") != 0:
+        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "flags must be 0")
+    run_host_function(hStream, callback, userData, STATE.ctx().dev, callback=True)
+    return ()
+
+
+def cuProfilerStart():
+    STATE.ctx()
+    return ()                        # no profiler is attached to a brokered device: a no-op
+
+
+def cuProfilerStop():
+    STATE.ctx()
     return ()
 
 

@@ -32,6 +32,13 @@ _ALIASES = {
     "cuda.cudart": "cuda.bindings.runtime",
     "cuda.nvrtc": "cuda.bindings.nvrtc",
 }
+# Keep in step with table.REFUSED_MODULES.
+_REFUSED = {
+    "cuda.core": "cuda.core calls the CUDA driver from compiled code (cuda.bindings.cydriver), "
+                 "which the KubeCASH shim cannot broker; under KUBECASH_BROKER it is refused "
+                 "rather than let it use a device outside the broker. Use cuda.bindings.driver "
+                 "or cuda.bindings.runtime (brokered), or unset KUBECASH_BROKER.",
+}
 ENV = "KUBECASH_BROKER"
 
 _bypass = threading.local()      # names being imported for real by this thread
@@ -119,10 +126,34 @@ def _implementations(canonical: str, real):
     return nvml
 
 
+class _Refused(importlib.abc.Loader):
+    """A module the shim cannot broker: importing it fails, saying why."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        raise ImportError(f"kubecash.shim: {self.reason}", name=module.__name__)
+
+
+def _refused(fullname: str) -> str | None:
+    for name, reason in _REFUSED.items():
+        if fullname == name or fullname.startswith(name + "."):
+            return reason
+    return None
+
+
 class ShimFinder(importlib.abc.MetaPathFinder):
-    """Resolves the CUDA module names to brokered modules."""
+    """Resolves the CUDA module names to brokered modules (and refuses the ones it cannot
+    broker)."""
 
     def find_spec(self, fullname, path=None, target=None):
+        reason = _refused(fullname)
+        if reason is not None:
+            return importlib.machinery.ModuleSpec(fullname, _Refused(reason), origin="kubecash.shim")
         canonical = _ALIASES.get(fullname)
         if canonical is None or fullname in _bypassed():
             return None

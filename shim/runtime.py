@@ -343,6 +343,66 @@ def cudaEventDestroy(event):
     return ()
 
 
+def cudaDeviceGetStreamPriorityRange():
+    _ctx()
+    return (0, 0)                    # priorities are not supported: (least, greatest) = (0, 0)
+
+
+def cudaStreamGetFlags(hStream):
+    return (driver.stream_entry(hStream, _dev())[2],)
+
+
+def cudaStreamGetPriority(hStream):
+    driver.stream_entry(hStream, _dev())
+    return (0,)
+
+
+def cudaStreamGetDevice(hStream):
+    return (driver.stream_entry(hStream, _dev())[0],)
+
+
+def cudaLaunchHostFunc(stream, fn, userData):
+    driver.run_host_function(stream, fn, userData, _dev(), callback=False)
+    return ()
+
+
+def cudaStreamAddCallback(stream, callback, userData, flags):
+    if as_int(flags, "flags") != 0:
+        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "flags must be 0")
+    driver.run_host_function(stream, callback, userData, _dev(), callback=True)
+    return ()
+
+
+def cudaPointerGetAttributes(ptr):
+    _ctx()
+    a = real.cudaPointerAttributes()
+    try:
+        p, _ = host_address(ptr, "ptr")
+    except ShimError:
+        p = 0
+    info = driver.pointer_info(p) if p else None
+    mt = real.cudaMemoryType
+    if info is None:                 # CUDA 11+: unregistered host memory is an answer
+        a.type, a.device, a.devicePointer, a.hostPointer = mt.cudaMemoryTypeUnregistered, -2, 0, p
+        return (a,)
+    a.type = mt.cudaMemoryTypeDevice if info["type"] == "device" else mt.cudaMemoryTypeHost
+    a.device = info["dev"]
+    dp = info["device_ptr"]
+    a.devicePointer = 0 if dp == "registered" else dp
+    a.hostPointer = info["host_ptr"] or 0
+    return (a,)
+
+
+def cudaProfilerStart():
+    _ctx()
+    return ()                        # no profiler is attached to a brokered device: a no-op
+
+
+def cudaProfilerStop():
+    _ctx()
+    return ()
+
+
 # -- errors (answered locally) ------------------------------------------------------------------
 def _code(error) -> int:
     try:

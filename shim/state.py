@@ -60,6 +60,7 @@ class Alloc:
     size: int
     ctx: int
     pooled: bool = False          # from cuMemAllocAsync / cudaMallocAsync
+    buffer_id: int = 0            # CU_POINTER_ATTRIBUTE_BUFFER_ID: never reused in the process
 
 
 @dataclasses.dataclass
@@ -107,6 +108,8 @@ class State:
         self.modules: dict[int, Mod] = {}
         self.functions: dict[int, Func] = {}
         self.streams: dict[int, tuple[int, kc.Stream, int]] = {}   # shim -> (dev, stream, ctx)
+        self.stream_flags: dict[int, int] = {}                     # shim stream -> its flags
+        self._buffer_ids = itertools.count(1)
         self.events: dict[int, tuple[int, kc.Event, int]] = {}
         self.pools: dict[int, Pool] = {}
         self.device_flags: dict[int, int] = {}
@@ -235,6 +238,7 @@ class State:
         for h, (dev, st, owner) in list(self.streams.items()):
             if owner == ctx:
                 self.streams.pop(h, None)
+                self.stream_flags.pop(h, None)
                 st.close()
         for h, (dev, ev, owner) in list(self.events.items()):
             if owner == ctx:
@@ -316,7 +320,7 @@ class State:
         if n <= 0:
             raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "allocation size must be positive")
         ptr = self.dev(dev)._call("mem_alloc", size=n)["ptr"]
-        self.allocs[ptr] = Alloc(dev, n, ctx, pooled)
+        self.allocs[ptr] = Alloc(dev, n, ctx, pooled, next(self._buffer_ids))
         if pooled:
             pool = self.pool(dev)
             pool.used += n

@@ -30,6 +30,16 @@ ALIASES = {
     "cuda.cuda": DRIVER, "cuda.cudart": RUNTIME, "cuda.nvrtc": NVRTC,
 }
 
+# Modules that would reach the real driver from compiled code, out of the shim's reach: under
+# KUBECASH_BROKER importing them fails with this reason instead of using a device behind the
+# broker's back (quotas, isolation). A name here covers its submodules.
+REFUSED_MODULES = {
+    "cuda.core": "cuda.core calls the CUDA driver from compiled code (cuda.bindings.cydriver), "
+                 "which the KubeCASH shim cannot broker; under KUBECASH_BROKER it is refused "
+                 "rather than let it use a device outside the broker. Use cuda.bindings.driver "
+                 "or cuda.bindings.runtime (brokered), or unset KUBECASH_BROKER.",
+}
+
 # What counts as an API call of each module (a callable, not a type, named so): unlisted
 # ones become UNSUPPORTED; everything else of the real module is re-exported.
 API_PREFIXES = {DRIVER: ("cu",), RUNTIME: ("cuda",), NVRTC: ("nvrtc",), NVRTC_V2: (),
@@ -66,21 +76,27 @@ TABLE: dict[str, dict[str, str]] = {
             cuStreamQuery cuStreamWaitEvent
             cuEventCreate cuEventRecord cuEventSynchronize cuEventQuery cuEventElapsedTime
             cuEventDestroy
+            cuLaunchHostFunc cuStreamAddCallback
         """),
-        **_rows(LOCAL, "cuDriverGetVersion cuGetErrorName cuGetErrorString"),
+        **_rows(LOCAL, """
+            cuDriverGetVersion cuGetErrorName cuGetErrorString
+            cuPointerGetAttribute cuPointerGetAttributes cuFuncGetAttribute
+            cuOccupancyMaxActiveBlocksPerMultiprocessor
+            cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags cuOccupancyMaxPotentialBlockSize
+            cuCtxGetStreamPriorityRange cuStreamGetFlags cuStreamGetPriority cuStreamGetCtx
+            cuStreamGetDevice cuProfilerStart cuProfilerStop
+        """),
         # Listed for the record (unlisted calls behave the same): what samples use that a
         # brokered device does not offer.
         **_rows(UNSUPPORTED, """
             cuMemAllocManaged cuMemCreate cuMemMap cuMemUnmap cuMemRelease cuMemAddressReserve
             cuMemAddressFree cuMemSetAccess cuMemGetAllocationGranularity cuMemcpyPeer
             cuMemcpyPeerAsync cuCtxEnablePeerAccess cuIpcGetMemHandle cuIpcOpenMemHandle
-            cuLaunchCooperativeKernel cuLaunchKernelEx cuLaunchHostFunc cuStreamAddCallback
+            cuLaunchCooperativeKernel cuLaunchKernelEx
             cuStreamBeginCapture cuStreamEndCapture cuGraphCreate cuGraphInstantiate
             cuGraphLaunch cuTexObjectCreate cuSurfObjectCreate cuArrayCreate cuArray3DCreate
             cuMipmappedArrayCreate cuLinkCreate cuLinkAddData cuLinkComplete cuLibraryLoadData
-            cuLibraryGetKernel cuPointerGetAttribute cuPointerGetAttributes cuDeviceGetPCIBusId
-            cuFuncGetAttribute cuOccupancyMaxActiveBlocksPerMultiprocessor
-            cuOccupancyMaxPotentialBlockSize cuGetProcAddress cuCtxGetApiVersion
+            cuLibraryGetKernel cuDeviceGetPCIBusId cuGetProcAddress cuCtxGetApiVersion
         """),
     },
     RUNTIME: {
@@ -97,18 +113,23 @@ TABLE: dict[str, dict[str, str]] = {
             cudaStreamDestroy cudaStreamSynchronize cudaStreamQuery cudaStreamWaitEvent
             cudaEventCreate cudaEventCreateWithFlags cudaEventRecord cudaEventSynchronize
             cudaEventQuery cudaEventElapsedTime cudaEventDestroy
+            cudaLaunchHostFunc cudaStreamAddCallback
         """),
         **_rows(LOCAL, """
             cudaDriverGetVersion cudaRuntimeGetVersion cudaGetErrorName cudaGetErrorString
             cudaGetLastError cudaPeekAtLastError
+            cudaPointerGetAttributes cudaDeviceGetStreamPriorityRange cudaStreamGetFlags
+            cudaStreamGetPriority cudaStreamGetDevice cudaProfilerStart cudaProfilerStop
         """),
+        # A pure helper of cuda-python (builds a struct, calls no driver): passed through.
+        **_rows(LOCAL + ":passthrough", "cudaCreateChannelDesc"),
         **_rows(UNSUPPORTED, """
             cudaMallocManaged cudaMallocPitch cudaMalloc3D cudaMallocArray cudaMemcpy2D
             cudaMemcpy3D cudaMemcpyPeer cudaDeviceEnablePeerAccess cudaIpcGetMemHandle
-            cudaIpcOpenMemHandle cudaLaunchHostFunc cudaStreamAddCallback
+            cudaIpcOpenMemHandle cudaMalloc3DArray
             cudaStreamBeginCapture cudaStreamEndCapture cudaGraphCreate cudaGraphInstantiate
             cudaGraphLaunch cudaCreateTextureObject cudaCreateSurfaceObject
-            cudaPointerGetAttributes cudaFuncGetAttributes cudaLibraryLoadData
+            cudaFuncGetAttributes cudaLibraryLoadData
             cudaLibraryGetKernel cudaGraphicsMapResources cudaMemAdvise cudaMemPrefetchAsync
         """),
     },

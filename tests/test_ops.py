@@ -108,11 +108,13 @@ def test_drain_grants_no_new_leases_until_undone(broker):
             dev.launch(k, (n // 256,), (256,), [a, a, a, n])
             dev.synchronize()
             done.set()
-        t = threading.Thread(target=work)
+        t = threading.Thread(target=work, daemon=True)
         t.start()
-        assert not done.wait(1.0), "work ran on a draining device"
-        assert "draining" in ctl(broker, "status").stdout
-        ctl(broker, "drain", "cpu0", "--undo")
+        try:
+            assert not done.wait(1.0), "work ran on a draining device"
+            assert "draining" in ctl(broker, "status").stdout
+        finally:                            # never leave the worker blocked on the session
+            ctl(broker, "drain", "cpu0", "--undo")
         assert done.wait(20), "work did not resume after the drain was undone"
         t.join()
         np.testing.assert_array_equal(a.copy_to(np.empty(n, np.float32)), 2.0)
