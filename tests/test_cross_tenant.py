@@ -1,0 +1,148 @@
+"""One tenant trying another's device pointers, handles, sockets and shared-memory names:
+all refused, and the victim's data never shows up on the attacker's side."""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+
+import pytest
+
+import kubecash.client as kc
+from kubecash.client import protocol as P
+
+SECRET = b"alice's secret!!" * 4
+READER = r"""
+extern "C" __global__ void peek(const unsigned char* src, unsigned char* dst, int n) {
+    int i = threadIdx.x;
+    if (i < n) dst[i] = src[i];
+}
+"""
+
+
+def _raw_call(raw_socket, address: str, **msg) -> dict:
+    sock = raw_socket(address)
+    sock.send(P.pack({"v": 1, "id": 77, **msg}))
+    r = P.unpack(sock.recv())
+    assert r["id"] == 77
+    return r
+
+
+def test_sockets_and_tokens_of_another_tenant_are_refused(broker, raw_socket):
+    with broker.connect("alice") as a, broker.connect("bob") as b:
+        a.device("cpu0").allocate(16)
+        b.device("cpu0").allocate(16)
+        alice_exec = f"ipc://{P.executor_socket_path(broker.runtime_dir, 'alice', 'cpu0')}"
+        bob_exec = f"ipc://{P.executor_socket_path(broker.runtime_dir, 'bob', 'cpu0')}"
+        # bob reaching alice's executor socket: with his own token, with forged ones
+        for token in (b.token, secrets.token_bytes(16), b"\0" * 16, a.token[:8] + b.token[8:]):
+            for op in ({"op": "mem_info"}, {"op": "mem_alloc", "size": 16}, {"op": "attach"}):
+                r = _raw_call(raw_socket, alice_exec, session=token, **op)
+                assert not r["ok"] and r["code"] == kc.CUresult.CUDA_ERROR_INVALID_CONTEXT, r
+        # ... and alice's broker socket, with his token: not a session of this socket's tenant
+        for op in ({"op": "status"}, {"op": "heartbeat"}, {"op": "open_device", "device": "cpu0"},
+                   {"op": "close"}):
+            r = _raw_call(raw_socket, broker.address("alice"), session=b.token, **op)
+            assert not r["ok"] and r["code"] == kc.CUresult.CUDA_ERROR_INVALID_CONTEXT, r
+        # alice's (stolen) token sent on bob's sockets is no better
+        r = _raw_call(raw_socket, broker.address("bob"), op="status", session=a.token)
+        assert r["code"] == kc.CUresult.CUDA_ERROR_INVALID_CONTEXT
+        r = _raw_call(raw_socket, bob_exec, op="mem_info", session=a.token)
+        assert r["code"] == kc.CUresult.CUDA_ERROR_INVALID_CONTEXT
+        # nothing was created for anyone, and both sessions still work
+        assert a.status()["devices"]["cpu0"]["memory_used"] in (0, 16)
+        assert a.device("cpu0").mem_info()[0] == (256 << 20) - 16
+        assert b.device("cpu0").mem_info()[0] == (256 << 20) - 16
+
+
+def test_device_pointers_of_another_tenant_are_refused(broker):
+    with broker.connect("alice") as a, broker.connect("bob") as b:
+        da, db = a.device("cpu0"), b.device("cpu0")
+        secret = da.allocate(len(SECRET))
+        secret.copy_from(SECRET)
+        host = da.allocate_host(4096)
+        host.view[:len(SECRET)] = SECRET
+        mine = db.allocate(len(SECRET))
+        # (bob's own allocations may lie below alice's addresses: then "runs past the end")
+        refused = "not in any allocation|runs past the end of its allocation"
+        for ptr in (secret.ptr, secret.ptr + 8, host.ptr):
+            with pytest.raises(kc.InvalidValueError, match=refused):
+                db._call("memcpy_dtoh", src=ptr, size=8)
+            with pytest.raises(kc.InvalidValueError, match=refused):
+                db._call("memcpy_htod", dst=ptr, size=4, data=b"evil")
+            with pytest.raises(kc.InvalidValueError, match=refused):
+                db._call("memcpy_dtod", dst=mine.ptr, src=ptr, size=8)
+            with pytest.raises(kc.InvalidValueError, match=refused):
+                db._call("memset", dst=ptr, value=0, width=1, count=8)
+            with pytest.raises(kc.InvalidValueError):
+                db._call("host_mapped", ptr=ptr)
+            with pytest.raises(kc.InvalidValueError):
+                db._call("host_free", ptr=ptr)
+        # A kernel of bob's given alice's address dereferences it in bob's own executor (a
+        # separate process): it either faults there or reads bob's memory, never alice's.
+        peek = db.load_module(READER).get_kernel("peek")
+        db.launch(peek, (1,), (len(SECRET),), [secret.ptr, mine, len(SECRET)])
+        try:
+            db.synchronize()
+            assert bytes(mine.copy_to()) != SECRET
+        except kc.LaunchFailedError:
+            pass
+        # alice's data is intact
+        assert bytes(secret.copy_to()) == SECRET
+        assert bytes(host.view[:len(SECRET)]) == SECRET
+
+
+def test_shared_memory_names_cannot_reach_another_tenant(broker, raw_socket, tmp_path):
+    # No request names a file: segments are named by the executor (random, in the
+    # tenant's own shm directory) and reached by offsets inside the session's own segment.
+    path_like = {n for t in (P.BROKER_OPS, P.EXECUTOR_OPS) for f in t.values() for n in f
+                 if "path" in n or "file" in n or n == "shm"}
+    assert not path_like
+    with broker.connect("alice") as a, broker.connect("bob") as b:
+        da, db = a.device("cpu0"), b.device("cpu0")
+        ha = da.allocate_host(4096)
+        ha.view[:4] = b"mine"
+        hb = db.allocate_host(4096)
+        buf = db.allocate(4096)
+        alice_shm = os.path.join(broker.runtime_dir, "tenants", "alice", "shm")
+        bob_shm = os.path.join(broker.runtime_dir, "tenants", "bob", "shm")
+        alice_names = set(os.listdir(alice_shm))
+        # files the executor handed out are plain names inside the tenant's own directory
+        assert all("/" not in n and n.startswith("cpu0-") for n in alice_names | set(os.listdir(bob_shm)))
+        tok = b.token
+        bob_exec = f"ipc://{P.executor_socket_path(broker.runtime_dir, 'bob', 'cpu0')}"
+        for name in [*alice_names, "../../alice/shm/" + next(iter(alice_names), "x"),
+                     "/etc/passwd", "../alice/shm"]:
+            for field in ("path", "staging", "name_of_segment"):      # unknown fields
+                r = _raw_call(raw_socket, bob_exec, op="memcpy_dtoh", session=tok, src=buf.ptr,
+                              size=8, **{field: name})
+                assert not r["ok"] and "unknown field" in r["error"], r
+            r = _raw_call(raw_socket, broker.address("bob"), op="open_device", session=tok,
+                          device=name[:64])
+            assert not r["ok"] and r["code"] == kc.CUresult.CUDA_ERROR_INVALID_DEVICE
+        # staged copies address bob's own segment by offset, never past its end
+        for off, n in ((P.DEFAULT_STAGING_BYTES, 1), (P.DEFAULT_STAGING_BYTES - 4, 8), (1 << 40, 8)):
+            with pytest.raises(kc.InvalidValueError, match="staging"):
+                db._call("memcpy_dtoh", src=buf.ptr, size=n, offset=off)
+        # a module cannot read a file either: includes and include paths are refused
+        for src, opts in (('#include "../../alice/shm/x"\n__global__ void f(){}', []),
+                          ('#include "/etc/passwd"\n', []),
+                          ('extern "C" __global__ void f(int*p){}', ["-I" + alice_shm]),
+                          ('extern "C" __global__ void f(int*p){}', ["-include", "/etc/passwd"])):
+            with pytest.raises(kc.CudaError):
+                db.load_module(src, options=opts)
+        # A symlink planted in bob's shm directory, named like an executor's file and
+        # pointing at alice's segment, is removed as a link when bob's executor ends: the
+        # target (alice's file) is not followed.
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"keep")
+        os.symlink(victim, os.path.join(bob_shm, "cpu0-planted.host"))
+        hb.close()
+        b.close()
+        deadline = time.monotonic() + 15
+        while os.path.lexists(os.path.join(bob_shm, "cpu0-planted.host")):
+            assert time.monotonic() < deadline, "bob's executor files not cleaned"
+            time.sleep(0.05)
+        assert victim.read_bytes() == b"keep"
+        assert bytes(ha.view[:4]) == b"mine"          # alice's mapping is untouched
+        assert da.mem_info()[0] == (256 << 20) - 4096

@@ -1,0 +1,251 @@
+"""Faults: a killed client, a killed executor, a kernel that never ends, a killed broker.
+Each hits only what it must; the times measured are printed (run with -s to see them)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import kubecash.client as kc
+
+from conftest import BrokerProcess, run_client
+from kernels import SPIN, VECADD
+
+FOREVER = r"""
+extern "C" __global__ void forever(volatile int* flag) { while (flag[0] == 0) { } }
+"""
+TINY = r"""
+extern "C" __global__ void tiny(int* p) { p[threadIdx.x] += 1; }
+"""
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def _alice_cpu0(admin) -> dict:
+    return admin.call("status")["tenants"]["alice"]["devices"]["cpu0"]
+
+
+HOLDER = """
+    import sys, kubecash.client as kc
+    s = kc.connect()
+    d = s.device("cpu0")
+    bufs = [d.allocate(16 << 20) for _ in range(4)]
+    for b in bufs:
+        b.fill(7)
+    d.synchronize()
+    print("allocated", flush=True)
+    sys.stdin.read()          # hold everything until killed
+"""
+
+
+@pytest.mark.parametrize("heartbeat", [(0.25, 1.5), (1.0, 5.0)], ids=["test-heartbeat", "defaults"])
+def test_client_sigkill_reclaims_memory_and_executor(broker_factory, heartbeat):
+    interval, timeout = heartbeat
+    b = broker_factory(heartbeat_interval_s=interval, heartbeat_timeout_s=timeout)
+    p = run_client(HOLDER, b.address("alice"), stdin=subprocess.PIPE)
+    try:
+        assert p.stdout.readline().strip() == "allocated"
+        with b.admin() as admin:
+            wait_for(lambda: _alice_cpu0(admin)["memory_used"] == 64 << 20, 10, "the allocations")
+            pid = _alice_cpu0(admin)["executor_pid"]
+            t0 = time.monotonic()
+            p.kill()
+            p.wait()
+            wait_for(lambda: _alice_cpu0(admin)["memory_used"] == 0 and
+                     admin.call("status")["tenants"]["alice"]["sessions"] == 0, timeout + 20,
+                     "the session to end and its memory to be freed")
+            freed = time.monotonic() - t0
+            wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 20, "the executor to exit")
+            gone = time.monotonic() - t0
+        print(f"\n[client SIGKILL, heartbeat {interval:g}/{timeout:g} s] memory freed after "
+              f"{freed:.2f} s, executor exited after {gone:.2f} s")
+        # the session ends after the heartbeat timeout (and not much later)
+        assert timeout - interval - 0.2 <= freed < timeout + 10, freed
+        with b.connect("bob") as other:            # nothing else was disturbed
+            assert other.device("cpu0").allocate(16).size == 16
+    finally:
+        for f in (p.stdout, p.stderr, p.stdin):
+            f.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_executor_sigkill_fails_only_that_tenants_sessions(broker):
+    with broker.connect("alice") as a1, broker.connect("alice") as a2, broker.connect("bob") as b:
+        d1, d2, db = a1.device("cpu0"), a2.device("cpu0"), b.device("cpu0")
+        d1.allocate(16)
+        d2.allocate(16)
+        n = 1024
+        x = np.arange(n, dtype=np.float32)
+        bx, by = db.allocate(x.nbytes), db.allocate(x.nbytes)
+        bx.copy_from(x)
+        kb = db.load_module(VECADD).get_kernel("vadd")
+        bob_pid = b.status()["devices"]["cpu0"]["pid"]
+        pid = a1.status()["devices"]["cpu0"]["pid"]
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        for d in (d1, d2):               # every session of alice on that device: sticky
+            err = wait_for(lambda: _error_of(d.mem_info), 15, "alice's sessions to see it")
+            assert isinstance(err, kc.LaunchFailedError) and "killed by SIGKILL" in str(err)
+            assert "alice" in str(err)
+            with pytest.raises(kc.LaunchFailedError):
+                d.allocate(16)
+        print(f"\n[executor SIGKILL] sessions failed after {time.monotonic() - t0:.2f} s")
+        db.launch(kb, (n // 256,), (256,), [bx, bx, by, n])
+        np.testing.assert_array_equal(by.copy_to(np.empty(n, np.float32)), 2 * x)
+        assert b.status()["devices"]["cpu0"]["pid"] == bob_pid
+    with broker.connect("alice") as fresh:            # a new session gets a new executor
+        assert fresh.device("cpu0").allocate(16).size == 16
+        assert fresh.status()["devices"]["cpu0"]["pid"] != pid
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except kc.KubecashError as e:
+        return e
+    return None
+
+
+def test_a_kernel_that_never_ends_is_ended_by_max_kernel_seconds(broker_factory):
+    b = broker_factory({"alice": {"memory": "64MiB", "max_kernel_seconds": 1},
+                        "bob": {"memory": "64MiB"}})
+    with b.connect("alice") as a, b.connect("bob") as o:
+        da, do = a.device("cpu0"), o.device("cpu0")
+        spin = da.load_module(SPIN).get_kernel("spin")
+        out = da.allocate(4)
+        out.copy_from(np.zeros(1, np.float32))
+        da.launch(spin, (1,), (1,), [out, 20_000_000])   # a short kernel under the bound: fine
+        da.synchronize()
+        flag = da.allocate(4)
+        flag.copy_from(np.zeros(1, np.int32))
+        k = da.load_module(FOREVER).get_kernel("forever")
+        tiny = do.load_module(TINY).get_kernel("tiny")
+        cnt = do.allocate(4)
+        cnt.copy_from(np.zeros(1, np.int32))
+        pid = a.status()["devices"]["cpu0"]["pid"]
+        t0 = time.monotonic()
+        da.launch(k, (1,), (1,), [flag])
+        ev = da.create_event()
+        ev.record()
+        do.launch(tiny, (1,), (1,), [cnt])             # bob waits for the device meanwhile
+        # polled (not a blocking synchronize), so that a missing bound fails, not hangs
+        err = wait_for(lambda: _error_of(ev.query), 20, "the kernel to be ended")
+        took = time.monotonic() - t0
+        with pytest.raises(kc.LaunchFailedError) as e:
+            da.synchronize()
+        assert type(err) is type(e.value)
+        assert e.value.name == "CUDA_ERROR_LAUNCH_TIMEOUT"
+        assert "max_kernel_seconds = 1 s" in str(e.value) and "alice" in str(e.value)
+        with pytest.raises(kc.LaunchFailedError):       # sticky
+            da.allocate(16)
+        do.synchronize()
+        bob_done = time.monotonic() - t0
+        assert cnt.copy_to(np.empty(1, np.int32))[0] == 1
+        print(f"\n[max_kernel_seconds=1] kernel ended after {took:.2f} s; bob's queued kernel "
+              f"ran after {bob_done:.2f} s")
+        assert 1.0 <= took < 10, took
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the executor to be gone")
+
+
+def test_max_kernel_seconds_counts_a_kernel_run_in_preempted_slices(broker_factory):
+    """A batch kernel sliced by a latency tenant's preemptions still hits the bound: its
+    time carries across leases (each lease alone stays short)."""
+    b = broker_factory({"alice": {"memory": "64MiB", "max_kernel_seconds": 1},
+                        "bob": {"memory": "64MiB", "class": "latency"}}, executor_threads=1)
+    with b.connect("alice") as a, b.connect("bob") as o:
+        da, do = a.device("cpu0"), o.device("cpu0")
+        spin = da.load_module(SPIN).get_kernel("spin")
+        out = da.allocate(4)
+        tiny = do.load_module(TINY).get_kernel("tiny")
+        cnt = do.allocate(4)
+        cnt.copy_from(np.zeros(1, np.int32))
+        stop = threading.Event()
+        bob_kernels = [0]
+
+        def latency_load():              # bob keeps wanting the device: alice is preempted
+            while not stop.is_set():
+                do.launch(tiny, (1,), (1,), [cnt])
+                do.synchronize()
+                bob_kernels[0] += 1
+                time.sleep(0.002)
+        th = threading.Thread(target=latency_load, daemon=True)
+        th.start()
+        try:
+            wait_for(lambda: bob_kernels[0] > 5, 10, "bob's kernels")
+            t0 = time.monotonic()
+            # 2^31-1 blocks of ~1 ms each: never ends in practice, runs in slices
+            da.launch(spin, (2**31 - 1,), (1,), [out, 300_000])
+            ev = da.create_event()
+            ev.record()
+            wait_for(lambda: _error_of(ev.query), 30, "the sliced kernel to be ended")
+            took = time.monotonic() - t0
+            with pytest.raises(kc.LaunchFailedError) as e:
+                da.synchronize()
+        finally:
+            stop.set()
+            th.join(10)
+        assert e.value.name == "CUDA_ERROR_LAUNCH_TIMEOUT" and "max_kernel_seconds" in str(e.value)
+        print(f"\n[max_kernel_seconds=1, sliced] kernel ended after {took:.2f} s wall, "
+              f"bob ran {bob_kernels[0]} kernels")
+        assert 1.0 <= took < 20, took
+        assert bob_kernels[0] > 10 and not th.is_alive()
+        assert do.mem_info()[1] == 64 << 20           # bob's session is fine
+
+
+def test_broker_sigkill_and_restart(kernel_cache):
+    b = BrokerProcess({"alice": {}, "bob": {}}, kernel_cache)
+    b2 = None
+    try:
+        s = b.connect("alice")
+        d = s.device("cpu0")
+        d.allocate(4096)
+        host = d.allocate_host(4096)                   # a shared-memory file while it runs
+        pid = s.status()["devices"]["cpu0"]["pid"]
+        shm = os.path.join(b.runtime_dir, "tenants", "alice", "shm")
+        stale = os.path.join(shm, "cpu0-stale.host")   # one it never got to remove
+        with open(stale, "wb") as f:
+            f.write(b"x")
+        t0 = time.monotonic()
+        b.proc.send_signal(signal.SIGKILL)
+        b.proc.wait()
+        err = wait_for(lambda: _error_of(d.mem_info) or _error_of(s.status), 20,
+                       "the client to notice")
+        noticed = time.monotonic() - t0
+        assert isinstance(err, (kc.BrokerUnavailable, kc.LaunchFailedError)), err
+        assert "broker" in str(err) or "executor" in str(err), err
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the executor to die with it")
+        host.close()
+        s.close()
+        t1 = time.monotonic()
+        b2 = BrokerProcess({"alice": {}, "bob": {}}, kernel_cache, runtime_dir=b.runtime_dir)
+        # (LocalBroker returns once the sockets exist: the old ones still do, so wait)
+        wait_for(lambda: not os.path.exists(stale), 20, "the new broker to clear leftovers")
+        assert not os.listdir(shm), os.listdir(shm)
+        with b2.connect("alice") as s2:                # the same address serves again
+            restarted = time.monotonic() - t1
+            d2 = s2.device("cpu0")
+            buf = d2.allocate(16)
+            buf.copy_from(b"0123456789abcdef")
+            assert bytes(buf.copy_to()) == b"0123456789abcdef"
+            assert s2.status()["devices"]["cpu0"]["pid"] != pid
+        print(f"\n[broker SIGKILL] client error after {noticed:.2f} s ({type(err).__name__}); "
+              f"new broker serving after {restarted:.2f} s")
+    finally:
+        if b2 is not None:
+            b2.stop()
+        b.stop()
