@@ -67,12 +67,25 @@ class LocalBroker:
             stdout=self._log, stderr=subprocess.STDOUT,
             env={k: v for k, v in os.environ.items() if k != "KUBECASH_BROKER"})
         deadline = time.monotonic() + start_timeout
-        while not all(os.path.exists(self.socket_path(t)) for t in self.tenants) or \
-                not os.path.exists(self.admin_path):
+        # Serving means answering: sockets left by an earlier broker on the same runtime
+        # dir exist before this one has bound them.
+        while not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError("the broker did not start:\n" + self.log())
             time.sleep(0.02)
+
+    def _answers(self) -> bool:
+        if not (os.path.exists(self.admin_path) and
+                all(os.path.exists(self.socket_path(t)) for t in self.tenants)):
+            return False
+        from kubecash.client.errors import KubecashError
+        try:
+            with self.admin() as a:
+                a.timeout = 0.5
+                return a.call("status")["uptime_s"] >= 0
+        except KubecashError:
+            return False
 
     @property
     def admin_path(self) -> str:

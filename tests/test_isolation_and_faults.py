@@ -1,8 +1,6 @@
 """Quotas, isolation and faults: each tenant is alone with its own memory and executor."""
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import numpy as np
@@ -10,7 +8,6 @@ import pytest
 
 import kubecash.client as kc
 
-from conftest import run_client
 from kernels import SEGFAULT, VECADD
 
 
@@ -86,36 +83,6 @@ def test_handles_of_another_session_or_tenant_are_refused(broker):
         assert da.mem_info()[1] == 256 << 20       # alice's session still works
 
 
-def test_client_killed_with_sigkill_has_its_memory_freed(broker):
-    code = """
-        import sys, kubecash.client as kc
-        s = kc.connect()
-        d = s.device("cpu0")
-        bufs = [d.allocate(16 << 20) for _ in range(8)]
-        for b in bufs:
-            b.fill(7)
-        d.synchronize()
-        print("allocated", flush=True)
-        sys.stdin.read()          # hold everything until killed
-    """
-    p = run_client(code, broker.address("alice"), stdin=__import__("subprocess").PIPE)
-    assert p.stdout.readline().strip() == "allocated"
-    with broker.connect("alice") as watcher:
-        wait_for(lambda: watcher.status()["devices"]["cpu0"]["memory_used"] == 128 << 20, 10,
-                 "the allocations to show")
-        t0 = time.monotonic()
-        p.kill()
-        p.wait()
-        wait_for(lambda: watcher.status()["devices"].get("cpu0", {}).get("memory_used", 0) == 0
-                 if "cpu0" in watcher.status()["devices"] else True, 30, "memory to be freed")
-        freed_after = time.monotonic() - t0
-        # heartbeat timeout is 1.5 s in the test broker; a generous bound
-        assert freed_after < 15, freed_after
-    p.stdout.close()
-    p.stderr.close()
-    p.stdin.close()
-
-
 def test_a_segfaulting_kernel_ends_only_its_tenants_executor(broker):
     with broker.connect("alice") as a, broker.connect("bob") as b:
         da, db = a.device("cpu0"), b.device("cpu0")
@@ -137,30 +104,3 @@ def test_a_segfaulting_kernel_ends_only_its_tenants_executor(broker):
         np.testing.assert_array_equal(by.copy_to(np.empty(n, np.float32)), 2 * x)
     with broker.connect("alice") as fresh:            # a new session gets a new executor
         assert fresh.device("cpu0").allocate(16).size == 16
-
-
-def test_broker_restart_leaves_nothing_blocking(kernel_cache):
-    from conftest import BrokerProcess
-    b = BrokerProcess({"alice": {}}, kernel_cache)
-    b2 = None
-    try:
-        s = b.connect("alice")
-        pid = wait_for(lambda: s.device("cpu0").allocate(4096) and s.status()["devices"]["cpu0"]["pid"],
-                       10, "the executor")
-        b.proc.send_signal(signal.SIGKILL)
-        b.proc.wait()
-        with pytest.raises(kc.KubecashError) as e:   # the next call gets a clear error
-            for _ in range(100):
-                s.device("cpu0").mem_info()
-                time.sleep(0.1)
-        assert isinstance(e.value, (kc.BrokerUnavailable, kc.LaunchFailedError)), e.value
-        s.close()
-        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the executor to die with its broker")
-        # A new broker on the same runtime dir starts despite the stale sockets and files.
-        b2 = BrokerProcess({"alice": {}}, kernel_cache, runtime_dir=b.runtime_dir)
-        with b2.connect("alice") as s2:
-            assert s2.device("cpu0").allocate(16).size == 16
-    finally:
-        if b2 is not None:
-            b2.stop()
-        b.stop()
