@@ -23,6 +23,7 @@
     class = "batch"                    # or "latency"
     devices = ["cpu0"]                 # devices it may use (absent = all)
     max_kernel_seconds = 0             # 0 = no bound
+    owner = "1000:1000"                # uid[:gid] its containers run as (absent: root only)
 
     [tenants.alice.device.gpu0]        # per-device overrides of memory/weight/limit/class
     memory = "8GiB"
@@ -48,6 +49,28 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10*
 TENANT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 CLASSES = ("batch", "latency")
 QUOTA_FIELDS = ("memory", "weight", "limit", "class", "max_kernel_seconds")
+
+
+def parse_owner(value: Any) -> tuple[int, int]:
+    """"1000", "1000:1000", "alice" or "alice:staff" (names looked up here) -> (uid, gid)."""
+    import grp
+    import pwd
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        raise ValueError('expected "uid[:gid]" (numbers or names), e.g. "1000:1000"')
+    user, _, group = value.partition(":")
+    try:
+        if user.isdigit():
+            uid = int(user)
+            default_gid = uid
+        else:
+            pw = pwd.getpwnam(user)
+            uid, default_gid = pw.pw_uid, pw.pw_gid
+        gid = default_gid if not group else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError as e:
+        raise ValueError(f"no such user or group on this node: {e.args[0]}") from None
+    return uid, gid
 
 
 def parse_size(value: Any) -> int:
@@ -80,6 +103,7 @@ class Tenant:
     quota: Quota
     devices: tuple[str, ...] | None = None          # None = every device
     per_device: dict[str, Quota] = dataclasses.field(default_factory=dict)
+    owner: tuple[int, int] | None = None            # uid, gid its containers run as; None: root
 
     def quota_for(self, device: str) -> Quota:
         return self.per_device.get(device, self.quota)
@@ -226,6 +250,12 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
         if devices is not None and (not isinstance(devices, list) or
                                     not all(isinstance(d, str) for d in devices)):
             raise _fail(path, f"{where}, field 'devices'", "must be a list of device names")
+        owner = None
+        if "owner" in t:
+            try:
+                owner = parse_owner(t.pop("owner"))
+            except ValueError as e:
+                raise _fail(path, f"{where}, field 'owner'", str(e)) from None
         per_dev_tbl = t.pop("device", {})
         if not isinstance(per_dev_tbl, dict):
             raise _fail(path, f"{where}, field 'device'", "must be a table of devices")
@@ -236,7 +266,7 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
                 raise _fail(path, f"{where}, device '{dev}'", "must be a table")
             per_device[dev] = _quota(path, f"{where}, device '{dev}'", dt, quota, device_count)
         tenants[name] = Tenant(name, quota, tuple(devices) if devices is not None else None,
-                               per_device)
+                               per_device, owner)
     return Config(path, broker, tenants)
 
 

@@ -132,6 +132,7 @@ class Executor:
         self.staging_bytes = staging_bytes
         self.limits = {**DEFAULT_LIMITS, **(limits or {})}
         self.sessions: dict[bytes, Session] = {}
+        self.owner: tuple[int, int] | None = None   # uid, gid of the tenant's containers
         self._handle = 0x1000
         self._lock = threading.Lock()           # memory accounting and the run queue
         self._cv = threading.Condition(self._lock)
@@ -196,6 +197,7 @@ class Executor:
         if os.path.exists(path):
             os.unlink(path)
         self.sock.bind(f"ipc://{path}")
+        os.chmod(path, 0o666)        # the tenant directory (0700, the tenant's uid) guards it
         self.ctl.connect(self.control_addr)
         self.runner.start()
         self._report("ready", tenant=self.tenant, device=self.dev_name, secret=self.secret,
@@ -622,6 +624,8 @@ class Executor:
         path = os.path.join(self.shm_dir, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
+            if self.owner is not None:     # the tenant's containers map it as their uid
+                os.fchown(fd, *self.owner)
             os.ftruncate(fd, size)
         except OSError:
             os.close(fd)
@@ -998,6 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-limit", type=int, required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", required=True)
+    ap.add_argument("--owner", default="", help="uid:gid of the tenant's containers")
     ap.add_argument("--max-message-bytes", type=int, default=P.MAX_MESSAGE_BYTES)
     ap.add_argument("--limits", default="{}", help="JSON: per-session bounds (DEFAULT_LIMITS keys)")
     a = ap.parse_args(argv)
@@ -1009,6 +1014,9 @@ def main(argv: list[str] | None = None) -> int:
     ex = Executor(a.tenant, json.loads(a.device_json), a.runtime_dir, a.control, secret,
                   a.lease_fd, a.memory_limit, a.threads, a.cache_dir, a.max_message_bytes,
                   limits={k: int(v) for k, v in json.loads(a.limits).items() if k in DEFAULT_LIMITS})
+    if a.owner:
+        uid, gid = a.owner.split(":")
+        ex.owner = (int(uid), int(gid))
     signal.signal(signal.SIGTERM, lambda *_: setattr(ex, "_stopping", True))
     ex.serve()
     return 0

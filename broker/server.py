@@ -138,6 +138,10 @@ class Broker:
         os.chmod(self.private_dir, 0o700)
         tenants_root = os.path.join(self.runtime_dir, "tenants")
         os.makedirs(tenants_root, exist_ok=True)
+        # Containers' uids must traverse down to their own tenant directory, but not list
+        # who else is here.
+        os.chmod(self.runtime_dir, os.stat(self.runtime_dir).st_mode & 0o7777 | 0o011)
+        os.chmod(tenants_root, 0o711)
         # A previous broker's leftovers (sockets, shared-memory files) must not block us.
         # Tenant directories themselves stay: running containers have them bind-mounted,
         # and a new directory would not be what they see.
@@ -176,12 +180,15 @@ class Broker:
 
     def _add_tenant(self, t: cfg.Tenant) -> None:
         d = P.tenant_dir(self.runtime_dir, t.name)
-        os.makedirs(os.path.join(d, "shm"), exist_ok=True)
+        _own_tenant_dir(d, t.owner)
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # broker requests are small; a larger frame makes ZeroMQ drop the connection
         sock.setsockopt(zmq.MAXMSGSIZE, self._broker_msg_max)
         sock.bind(f"ipc://{P.broker_socket_path(self.runtime_dir, t.name)}")
+        # Connecting needs write permission on the socket file; the 0700 directory (owned by
+        # the tenant's uid) is what keeps everyone else out.
+        os.chmod(P.broker_socket_path(self.runtime_dir, t.name), 0o666)
         ts = TenantState(t, sock, d)
         self.tenants[t.name] = ts
         self._sock_tenant[sock] = ts
@@ -462,6 +469,7 @@ class Broker:
                "--runtime-dir", self.runtime_dir, "--control", self.control_addr,
                "--memory-limit", str(self._memory_limit(q, d)), "--threads", str(threads),
                "--cache-dir", self.settings.resolved_cache_dir,
+               "--owner", "" if t.config.owner is None else "%d:%d" % t.config.owner,
                "--max-message-bytes", str(self.settings.max_message_bytes),
                "--limits", json.dumps({k: getattr(self.settings, k) for k in (
                    "max_handles_per_session", "max_modules_per_session", "max_module_bytes",
@@ -769,6 +777,8 @@ class Broker:
             self._add_tenant(new.tenants[name])
         for name, t in self.tenants.items():
             if name not in added and t.config != new.tenants[name]:
+                if t.config.owner != new.tenants[name].owner:
+                    _own_tenant_dir(t.dir, new.tenants[name].owner)   # executors: next start
                 t.config = new.tenants[name]
                 self._apply_quota(t)
         log.info("configuration reloaded from %s: %d tenants (added %s, removed %s)%s",
@@ -862,6 +872,16 @@ class _Refused(Exception):
         super().__init__(message)
         self.code = int(code)
         self.message = message
+
+
+def _own_tenant_dir(d: str, owner: tuple[int, int] | None) -> None:
+    """A tenant's directory: 0700, owned by the uid its containers run as (root if none), so
+    only they (and root) reach its sockets and shared-memory files."""
+    os.makedirs(os.path.join(d, "shm"), exist_ok=True)
+    uid, gid = owner if owner is not None else (os.getuid(), os.getgid())
+    for path in (d, os.path.join(d, "shm")):
+        os.chown(path, uid, gid)
+        os.chmod(path, 0o700)
 
 
 def _exit_reason(rc: int) -> str:

@@ -1,0 +1,70 @@
+"""A tenant's directory belongs to the uid its containers run as: they reach their sockets and
+shared memory, and nobody else does (root aside)."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kernels import VECADD
+
+NOBODY = 65534
+
+CLIENT = textwrap.dedent(f"""
+    import os, sys, kubecash.client as kc
+    # Become the container's uid once the interpreter is loaded (it lives under /root here).
+    uid = int(sys.argv[1])
+    os.setgroups([]); os.setgid(uid); os.setuid(uid)
+    try:
+        s = kc.connect(timeout=3)
+    except kc.KubecashError as e:
+        print("refused:", e); sys.exit(3)
+    with s:
+        d = s.device("cpu0")
+        n = 100_000                                     # > the inline limit: staged via shm
+        a = d.allocate(4 * n)
+        a.copy_from(bytes(range(256)) * (4 * n // 256) + bytes(4 * n % 256))
+        h = d.allocate_host(4096)                       # a mapped shared-memory file
+        h.view[:4] = b"abcd"
+        a.copy_from(h)
+        k = d.load_module({VECADD!r}).get_kernel("vadd")
+        d.launch(k, (1,), (32,), [a, a, a, 32])
+        d.synchronize()
+        assert bytes(a.copy_to(bytearray(4)))  # round trip works
+        print("ok")
+""")
+
+
+def run_as(uid: int, broker, tenant: str) -> subprocess.CompletedProcess:
+    env = dict(broker.env(tenant), HOME="/tmp")
+    return subprocess.run([sys.executable, "-c", CLIENT, str(uid)], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
+def test_tenant_directory_is_owned_by_its_containers_uid(broker_factory):
+    b = broker_factory({"web": {"owner": f"{NOBODY}:{NOBODY}"}, "ops": {}})
+    d = os.path.join(b.runtime_dir, "tenants", "web")
+    st = os.stat(d)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o700)
+    p = run_as(NOBODY, b, "web")
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+    # The same uid cannot reach a tenant it does not own (root-only here).
+    p = run_as(NOBODY, b, "ops")
+    assert p.returncode == 3 and "refused" in p.stdout, (p.stdout, p.stderr)
+    ops = os.stat(os.path.join(b.runtime_dir, "tenants", "ops"))
+    assert (ops.st_uid, stat.S_IMODE(ops.st_mode)) == (0, 0o700)
+
+
+def test_owner_is_validated(tmp_path):
+    from kubecash.broker import config as cfg
+    assert cfg.parse({"tenants": {"a": {"owner": "1000"}}}).tenants["a"].owner == (1000, 1000)
+    assert cfg.parse({"tenants": {"a": {"owner": "nobody"}}}).tenants["a"].owner[0] == NOBODY
+    with pytest.raises(cfg.ConfigError, match="tenant 'a', field 'owner': no such user"):
+        cfg.parse({"tenants": {"a": {"owner": "no-such-user-here"}}})
+    with pytest.raises(cfg.ConfigError, match="field 'owner'"):
+        cfg.parse({"tenants": {"a": {"owner": True}}})
