@@ -105,6 +105,7 @@ class Session:
         self.staging: tuple[int, int] | None = None   # (executor address, size)
         self.closed = False
         self.in_ready = False                   # listed in the runner's round robin
+        self.ident: bytes | None = None         # the client's socket, for kernel output
         self.building = 0                       # module loads submitted, not yet registered
         self.fn_names: dict[tuple[int, str], int] = {}   # (module, name) -> function handle
 
@@ -309,6 +310,7 @@ class Executor:
             if s is None or s.closed:
                 raise _err(E.CUDA_ERROR_INVALID_CONTEXT,
                            "unknown or ended session (open one through the broker)")
+            s.ident = ident                   # where kernel output for this session goes
             result = getattr(self, "op_" + op)(s, msg, ident)
             if result is not None:
                 self._send(ident, P.reply(msg["id"], **result))
@@ -497,6 +499,67 @@ class Executor:
             elif op == "preempt" and msg["lease"] == self._lease:
                 self._preempted = True
 
+    # -- kernel output (device printf) ---------------------------------------------------
+    # Kernels write to this process's stdout (the CPU backend's printf; the CUDA driver's
+    # device printf buffer). fd 1 is a pipe drained by a thread into a bounded buffer; after
+    # each kernel it goes to the session that ran it, as a "stdout" event the client prints.
+    # (All sessions of an executor are one tenant: nothing crosses tenants.)
+    OUTPUT_MAX = 1 << 20
+
+    def _capture_output(self) -> None:
+        r, w = os.pipe()
+        os.dup2(w, 1)
+        os.close(w)
+        os.set_blocking(r, False)
+        sys.stdout = open(os.devnull, "w")   # Python-level prints of ours never mix in
+        self._out_fd = r
+        self._out = bytearray()
+        self._out_dropped = 0
+        self._out_lock = threading.Lock()
+        threading.Thread(target=self._drain_output, name="stdout", daemon=True).start()
+
+    def _drain_output(self) -> None:
+        """Keeps the pipe from filling (a full pipe would block a printing kernel)."""
+        while True:
+            try:
+                select.select([self._out_fd], [], [])
+            except (OSError, ValueError):
+                return
+            with self._out_lock:
+                if not self._read_output_locked():
+                    return
+
+    def _read_output_locked(self) -> bool:
+        """Move what the pipe holds into the buffer; reading only under the lock means no
+        bytes are ever in flight outside it. False once the pipe is closed."""
+        while True:
+            try:
+                data = os.read(self._out_fd, 65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            room = max(0, self.OUTPUT_MAX - len(self._out))
+            self._out += data[:room]
+            self._out_dropped += len(data) - min(len(data), room)
+
+    def _forward_output(self, s: Session) -> None:
+        if getattr(self, "_out_fd", None) is None:
+            return
+        _libc_fflush(None)                      # C stdio buffers what kernels print
+        with self._out_lock:
+            self._read_output_locked()
+            data, dropped = bytes(self._out), self._out_dropped
+            self._out.clear()
+            self._out_dropped = 0
+        if dropped:
+            data += f"\n[kubecash: {dropped} bytes of kernel output dropped]\n".encode()
+        if data and s.ident is not None:
+            ident = s.ident
+            self._call_in_main(lambda: self._send(ident, P.event("stdout", data=data)))
+
     def _maybe_fatal(self, error: CudaError | None) -> None:
         """A context-fatal ("sticky") device error ends this executor: its context is
         unusable. The broker hears why and tells this tenant's sessions; others go on."""
@@ -545,6 +608,8 @@ class Executor:
             log.exception("internal error executing an operation")
             error = _err(E.CUDA_ERROR_UNKNOWN, f"internal error: {type(e).__name__}: {e}")
         dt = time.perf_counter_ns() - t0
+        if op.kernel:
+            self._forward_output(s)
         with self._cv:
             if op.device:
                 self.device_ns += dt
@@ -983,6 +1048,13 @@ class Executor:
         self._queue_op(s, msg, ident, lambda: None)
 
 
+def _libc_fflush(stream) -> None:
+    try:
+        ctypes.CDLL(None).fflush(stream)
+    except (OSError, AttributeError):
+        pass
+
+
 def _die_with_parent() -> None:
     """An executor must not outlive its broker (PR_SET_PDEATHSIG, Linux)."""
     try:
@@ -1017,6 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.owner:
         uid, gid = a.owner.split(":")
         ex.owner = (int(uid), int(gid))
+    ex._capture_output()
     signal.signal(signal.SIGTERM, lambda *_: setattr(ex, "_stopping", True))
     ex.serve()
     return 0

@@ -19,6 +19,7 @@ import itertools
 import mmap
 import os
 import struct
+import sys
 import threading
 import time
 from typing import Any, Iterable, Sequence
@@ -192,6 +193,17 @@ class Session(_Resource):
         try:
             msg = P.unpack(frame)
         except ProtocolError:
+            return
+        if msg.get("event") == "stdout" and isinstance(msg.get("data"), bytes):
+            # What this session's kernels printed (device printf), at the next call, like
+            # CUDA delivering its printf buffer at synchronization.
+            out = getattr(sys.stdout, "buffer", None)
+            if out is not None:
+                sys.stdout.flush()
+                out.write(msg["data"])
+                out.flush()
+            else:
+                sys.stdout.write(msg["data"].decode(errors="replace"))
             return
         if msg.get("event") == "session_ended":       # e.g. the tenant was removed
             self._broken = error_from_code(msg.get("code", CUresult.CUDA_ERROR_DEINITIALIZED),

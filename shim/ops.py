@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import re
 from typing import Any
 
 import kubecash.client as kc
@@ -17,7 +16,6 @@ from .hostmem import as_int, host_address, host_view
 from .state import STATE, Func, Mod, handle_int
 
 E = CUresult
-_PRINTF = re.compile(r"\bprintf\s*\(")
 
 
 def _stream_handle(st: kc.Stream | None) -> int:
@@ -130,10 +128,6 @@ def load_module(data: bytes, ctx_handle: int, dev: int) -> int:
     if known is not None:
         source = images.inline_headers(known.source, known.headers)
         fields.update(source=source, options=images.cpu_options(known.options))
-        if _PRINTF.search(source):
-            say_once("printf", "a kernel of this program calls printf: device printf output is "
-                     "written by the tenant's KubeCASH executor (the node's broker log), not to "
-                     "this program's stdout")
     elif device.kind == "cpu":
         raise ShimError(E.CUDA_ERROR_NO_BINARY_FOR_GPU,
                         f"a {kind} image with no known source cannot run on the CPU device "

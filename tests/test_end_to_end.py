@@ -201,3 +201,28 @@ def test_module_globals_can_be_copied_to_and_from(session, dev_name):
     mod.close()
     with pytest.raises(kc.InvalidValueError):        # gone with its module
         dev._call("memcpy_dtoh", src=ptr, size=4)
+
+
+def test_kernel_printf_reaches_the_program_that_ran_it(broker):
+    code = r"""
+        import kubecash.client as kc
+        with kc.connect() as s:
+            d = s.device("cpu0")
+            k = d.load_module('extern "C" __global__ void hi(int n) { if (threadIdx.x < 2) printf("hello %d from %d\\n", n, threadIdx.x); }').get_kernel("hi")
+            d.launch(k, (1,), (32,), [7])
+            d.synchronize()
+            print("after sync", flush=True)
+    """
+    other = run_client("""
+        import kubecash.client as kc
+        with kc.connect() as s:
+            d = s.device("cpu0"); d.allocate(16); d.synchronize()
+            print("quiet", flush=True)
+    """, broker.address("bob"))
+    p = run_client(code, broker.address("alice"))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    lines = out.splitlines()
+    assert sorted(lines[:2]) == ["hello 7 from 0", "hello 7 from 1"], out
+    assert lines[2] == "after sync"
+    assert other.communicate(timeout=120)[0].strip() == "quiet"   # nothing crossed tenants

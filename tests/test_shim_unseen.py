@@ -208,12 +208,12 @@ print("RUNTIME OK")
 """
 
 
-def test_runtime_pointer_attributes_host_function_helpers_and_printf_notice(broker):
+def test_runtime_pointer_attributes_host_function_helpers_and_printf(broker):
     out, err = run(broker, RUNTIME_PROGRAM)
     assert "RUNTIME OK" in out, out
     assert "cudaMalloc3DArray is not supported" in err, err
-    # Device printf cannot reach this program's stdout: said once, not left silent.
-    assert err.count("a kernel of this program calls printf") == 1, err
+    # Device printf reaches this program's stdout (delivered by the executor at the next call).
+    assert "fill: n=" in out, out
     assert "cudaCreateChannelDesc" not in err, err
 
 
