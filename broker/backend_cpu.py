@@ -47,10 +47,18 @@ def _mmap(size: int, fd: int = -1) -> int:
 class CpuBackend:
     kind = "cpu"
 
-    def __init__(self, threads: int, cache_dir: str):
+    def __init__(self, threads: int, cache_dir: str, *, sandbox: bool = True,
+                 on_sandbox_violation: Callable[[str, int, str], None] | None = None):
+        """sandbox: kernels run on seccomp-confined threads (kubecash.broker.sandbox); a
+        kernel's refused system call calls on_sandbox_violation(message, nr, name), after
+        which the process ends by SIGSYS."""
         self.threads = max(1, threads)
         self.cache_dir = cache_dir
-        self.launcher = cpukernels.Launcher(self.threads, nice=10)
+        self.launcher = cpukernels.Launcher(self.threads, nice=10, sandbox=sandbox,
+                                            cache_dir=cache_dir)
+        if sandbox and on_sandbox_violation is not None:
+            from . import sandbox as _sandbox
+            _sandbox.set_violation_handler(on_sandbox_violation)
         self._closed = False
 
     # -- memory -------------------------------------------------------------------------

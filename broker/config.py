@@ -15,6 +15,7 @@
     max_modules_per_session = 256      # loaded (and loading) modules per session and device
     max_module_bytes = 8388608         # module source/image size (protocol caps: 8 MiB source, 32 MiB image)
     max_queued_ops_per_session = 4096  # executor-side queued work per session (see README)
+    sandbox = true                     # confine CPU-backend kernels with seccomp (see README)
 
     [tenants.alice]                    # a tenant: a name of [A-Za-z0-9_.-], 1-64 chars
     memory = "512MiB"                  # per-device memory quota (absent = the device's memory)
@@ -129,6 +130,9 @@ class BrokerSettings:
     max_modules_per_session: int = 256
     max_module_bytes: int = 8 << 20
     max_queued_ops_per_session: int = 4096
+    # CPU backend: kernels run on threads confined by a seccomp filter (no files, sockets or
+    # programs). false runs tenant native code unconfined, with the executor's privileges.
+    sandbox: bool = True
 
     @property
     def resolved_admin_socket(self) -> str:
@@ -210,6 +214,9 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
             if want is str:
                 if not isinstance(value, str):
                     raise ValueError(f"expected a string, got {value!r}")
+            elif want is bool:
+                if not isinstance(value, bool):
+                    raise ValueError(f"expected true or false, got {value!r}")
             elif want is int:
                 value = int(_number(value, integer=True))
                 if value < 0:

@@ -14,9 +14,10 @@ A module's CUDA C source becomes a shared object built by the host g++:
 4. ``g++ -O2 -shared -fPIC`` builds it; the .so is cached by content hash and loaded
    privately (a fresh copy per load, so two loads never share ``__device__`` globals).
 
-:class:`Launcher` runs a kernel's blocks on N persistent worker threads.  Each worker
-calls the module's ``__kc_run`` through ctypes (which drops the GIL), grabbing block
-indices from one shared atomic counter.  A block's threads run as a plain loop, or, in
+:class:`Launcher` runs a kernel's blocks on N persistent native worker threads
+(:mod:`kubecash.broker.sandbox`: each confined by a seccomp filter before it runs tenant
+code).  Each worker calls the module's ``__kc_run``, grabbing block indices from one shared
+atomic counter.  A block's threads run as a plain loop, or, in
 modules that use ``__syncthreads``, as fibers switched with ``_setjmp``/``_longjmp``.
 """
 from __future__ import annotations
@@ -30,17 +31,19 @@ import json
 import mmap
 import os
 import platform
-import queue
 import re
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Sequence
+
+from . import sandbox as _sandbox
 
 __all__ = [
     "KernelCompileError", "UnsupportedConstructError", "compile_module", "CompiledModule",
@@ -49,7 +52,7 @@ __all__ = [
 
 # Bump whenever the generated code or its contract with the header changes: part of the
 # cache key, so stale .so files are never reused.
-_GENERATOR_VERSION = "kubecash-cpukernels-3"
+_GENERATOR_VERSION = "kubecash-cpukernels-4"
 _ABI_VERSION = 1  # must equal __KC_ABI in kubecash_cuda.h
 _INCLUDE_DIR = Path(__file__).resolve().parent / "include"
 _HEADER_PATH = _INCLUDE_DIR / "kubecash_cuda.h"
@@ -61,6 +64,9 @@ _MAX_BLOCK_THREADS = 1024
 _MAX_BLOCK = (1024, 1024, 64)
 _MAX_GRID = (2**31 - 1, 65535, 65535)
 _DEFAULT_CUDA_ARCH = 700
+_MAX_COMPILER_FILE_BYTES = 256 << 20   # RLIMIT_FSIZE of the compiler: preprocessed text, objects
+_MAX_PREPROCESSED_BYTES = 64 << 20    # the expanded source we go on to analyse and compile
+_MAX_COMPILER_LOG_CHARS = 1 << 20      # compiler messages kept (a bomb can print a lot)
 
 # Headers kubecash_cuda.h already stands in for: an #include of one of these is dropped.
 _INCLUDE_WHITELIST = frozenset({
@@ -315,6 +321,7 @@ _REFUSED_WHY = {
     "tex": "textures and surfaces are not available",
     "probe": "it probes host files",
 }
+_LOAD_TIME_ATTRS = frozenset({"constructor", "destructor", "section", "ifunc", "init_priority"})
 _BARRIERS = frozenset({"__syncthreads", "__syncthreads_count", "__syncthreads_and",
                        "__syncthreads_or"})
 _PAREN_ATTRS = frozenset({"__launch_bounds__", "__attribute__", "__align__", "alignas",
@@ -423,6 +430,21 @@ def _analyze(text: str) -> _Analysis:
         raise UnsupportedConstructError("volatile with __shared__ (warp-synchronous code)",
                                         "threads of a warp do not run in lockstep here")
     fibers = bool(ids & _BARRIERS)
+    # Code that would run when the module is loaded or unloaded runs outside the sandbox
+    # (on the executor's own threads): refuse the attributes that put it there. Dynamic
+    # initializers are caught in the built object (_check_load_time_code).
+    for i in range(tk.n):
+        if T[i] in ("__attribute__", "__attribute") and i + 1 < tk.n and T[i + 1] == "(":
+            end = tk.match(i + 1)
+        elif T[i] == "[" and i + 1 < tk.n and T[i + 1] == "[":
+            end = tk.match(i)
+        else:
+            continue
+        for j in range(i + 1, end):
+            if K[j] == "id" and T[j].strip("_") in _LOAD_TIME_ATTRS:
+                raise UnsupportedConstructError(f"attribute {T[j].strip('_')}",
+                                                "code that runs at load or unload time, or in a "
+                                                "chosen section, is not allowed")
 
     kernels: list[tuple[str, str]] = []
     kernel_seen: set[str] = set()
@@ -669,7 +691,8 @@ def _compiler_identity(cxx: str) -> str:
 
 
 def _run_compiler(argv: list[str], *, cwd: str, deadline: float, memory_limit_bytes: int,
-                  what: str) -> str:
+                  what: str, file_limit_bytes: int = 0) -> str:
+    file_limit = file_limit_bytes or _MAX_COMPILER_FILE_BYTES
     timeout = deadline - time.monotonic()
     if timeout <= 0:
         raise KernelCompileError(f"compile timed out ({what})")
@@ -679,6 +702,9 @@ def _run_compiler(argv: list[str], *, cwd: str, deadline: float, memory_limit_by
         lim = memory_limit_bytes if hard == resource.RLIM_INFINITY else min(memory_limit_bytes, hard)
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        # No file it writes (preprocessed text, assembly, the object) may grow past this: a
+        # macro expansion bomb ends with SIGXFSZ instead of filling the disk or our memory.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
     # A clean environment: no CPATH, DEPENDENCIES_OUTPUT and the like; plain-ASCII messages.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C",
@@ -696,11 +722,17 @@ def _run_compiler(argv: list[str], *, cwd: str, deadline: float, memory_limit_by
             pass
         out, err = p.communicate()
         raise KernelCompileError(f"compile timed out ({what})",
-                                 err.decode("utf-8", "replace") + f"\n{what} timed out") from None
-    log = err.decode("utf-8", "replace")
+                                 f"error: {what} timed out (the compile's time bound)\n"
+                                 + err.decode("utf-8", "replace")[-_MAX_COMPILER_LOG_CHARS:]) from None
+    log = err.decode("utf-8", "replace")[-_MAX_COMPILER_LOG_CHARS:]
     if p.returncode != 0:
+        # The bound that stopped it goes first: it is what the tenant is told.
+        if p.returncode == -signal.SIGXFSZ or "File size limit exceeded" in log:
+            why = f"{what} output exceeds {file_limit >> 20} MiB: runaway macro or template expansion"
+            raise KernelCompileError(f"module does not compile ({why})", f"error: {why}\n{log}")
         if p.returncode < 0 or "virtual memory exhausted" in log or "out of memory" in log:
-            log += f"\n({what} was killed or ran out of its {memory_limit_bytes} byte memory limit)"
+            why = f"{what} ran out of its {memory_limit_bytes >> 20} MiB memory limit or was killed"
+            raise KernelCompileError(f"module does not compile ({why})", f"error: {why}\n{log}")
         raise KernelCompileError(f"module does not compile ({what} failed)", log)
     return out.decode("utf-8", "replace")
 
@@ -710,7 +742,7 @@ def _cxx_flags() -> list[str]:
             "-fno-strict-aliasing",          # CUDA code casts float* to float4* and the like
             "-fno-gnu-unique",               # keep each loaded instance's statics its own
             "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # longjmp between stacks
-            "-fdiagnostics-color=never", "-I", str(_INCLUDE_DIR)]
+            "-fdiagnostics-color=never", "-fmax-errors=50", "-I", str(_INCLUDE_DIR)]
 
 
 def _build(source: str, opts: _Options, out_path: Path, *, work: str, deadline: float,
@@ -723,9 +755,13 @@ def _build(source: str, opts: _Options, out_path: Path, *, work: str, deadline: 
                 f'#line 1 "{_TENANT_FILE}"\n' + source + "\n")
     argv = [cxx, f"-std={opts.std}", "-E", "-D__KC_SCAN__=1", f"-D__CUDA_ARCH__={opts.arch}"]
     argv += [f"-D{d}" for d in opts.defines]
-    argv += ["-fdiagnostics-color=never", "-I", str(_INCLUDE_DIR), scan_path]
-    pp = _run_compiler(argv, cwd=work, deadline=deadline,
-                       memory_limit_bytes=memory_limit_bytes, what="preprocessor")
+    pp_path = os.path.join(work, "scan.ii")
+    argv += ["-fdiagnostics-color=never", "-fmax-errors=50", "-I", str(_INCLUDE_DIR), "-o", pp_path,
+             scan_path]
+    _run_compiler(argv, cwd=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes,
+                  what="preprocessor", file_limit_bytes=_MAX_PREPROCESSED_BYTES)
+    with open(pp_path, encoding="utf-8", errors="replace") as f:   # at most the file cap
+        pp = f.read()
     m = re.search(rf"^{_SENTINEL}[ \t]*$", pp, re.M)
     if not m:
         raise KernelCompileError("internal error: tenant source not found after preprocessing", pp[-2000:])
@@ -740,7 +776,41 @@ def _build(source: str, opts: _Options, out_path: Path, *, work: str, deadline: 
             "-Wl,-z,noexecstack", "-o", tmp_out, tu_path, "-ldl"]
     _run_compiler(argv, cwd=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes,
                   what="compiler")
+    _check_load_time_code(tmp_out)
     os.replace(tmp_out, out_path)  # atomic: concurrent builders of one key never clash
+
+
+_DT_INIT_ARRAYSZ, _DT_FINI_ARRAYSZ, _DT_PREINIT_ARRAYSZ = 27, 28, 33
+
+
+def _check_load_time_code(path: str) -> None:
+    """Refuse a module with initializers or finalizers of its own: dlopen/dlclose would run
+    them on the executor's unconfined threads. A module built here has exactly one entry
+    in each of .init_array and .fini_array (crtbegin's frame_dummy and
+    __do_global_dtors_aux); a namespace-scope object with a dynamic initializer or a
+    destructor adds one. (CUDA has no dynamic initialization of device variables.)"""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise KernelCompileError("internal error: the module is not a 64-bit little-endian ELF object")
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    sizes = {}
+    for i in range(phnum):
+        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if p_type != 2:   # PT_DYNAMIC
+            continue
+        for off in range(p_offset, p_offset + p_filesz, 16):
+            tag, val = struct.unpack_from("<qQ", data, off)
+            if tag == 0:
+                break
+            sizes[tag] = val
+    if (sizes.get(_DT_INIT_ARRAYSZ, 0) > 8 or sizes.get(_DT_FINI_ARRAYSZ, 0) > 8
+            or sizes.get(_DT_PREINIT_ARRAYSZ, 0)):
+        raise UnsupportedConstructError(
+            "code that runs when the module is loaded or unloaded",
+            "a namespace-scope variable with a dynamic initializer or a destructor; "
+            "initialize globals, __device__ and __constant__ variables with constants")
 
 
 _header_cache: tuple[float, str] | None = None
@@ -972,7 +1042,11 @@ class CompiledModule:
 
 
 def _dlclose(lib: ctypes.CDLL) -> None:
+    # dlclose runs the module's finalizers (destructors of function-local statics a kernel
+    # constructed): tenant code, so it runs on a confined thread like the kernels.
     try:
+        if _sandbox.confined_dlclose(lib._handle):
+            return
         import _ctypes
         _ctypes.dlclose(lib._handle)
     except (ImportError, AttributeError, OSError):
@@ -1010,7 +1084,6 @@ class _WorkerState:
     """One worker thread's reusable resources: dynamic shared memory and fiber stacks."""
 
     def __init__(self, stack_bytes: int):
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.c = _KcWorker()
         self._shared = ctypes.create_string_buffer(MAX_SHARED_BYTES + 64)
         base = ctypes.addressof(self._shared)
@@ -1062,51 +1135,26 @@ def _dims(v, what: str, limits: tuple[int, int, int]) -> tuple[int, int, int]:
 class Launcher:
     """A persistent pool of worker threads that run kernels' blocks."""
 
-    def __init__(self, nthreads: int, *, fiber_stack_bytes: int = 64 << 10, nice: int = 0):
+    def __init__(self, nthreads: int, *, fiber_stack_bytes: int = 64 << 10, nice: int = 0,
+                 sandbox: bool = True, cache_dir: os.PathLike | str | None = None):
+        """nthreads native worker threads (kubecash.broker.sandbox.Pool). With `sandbox`
+        (the default) each is confined by a seccomp filter before it runs any kernel; nice
+        lowers their priority so the control plane sharing the cores goes first; cache_dir
+        keeps the built sandbox runtime."""
         if not isinstance(nthreads, int) or nthreads < 1:
             raise ValueError(f"nthreads must be a positive integer, got {nthreads!r}")
         if fiber_stack_bytes < 32 << 10:
             raise ValueError("fiber_stack_bytes must be at least 32 KiB")
         self._lock = threading.Lock()   # one launch at a time uses the workers
         self._closed = False
-        self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._workers = [_WorkerState(fiber_stack_bytes) for _ in range(nthreads)]
-        self._nice = nice
-        self._threads = []
-        for i, w in enumerate(self._workers):
-            t = threading.Thread(target=self._loop, args=(w,), name=f"kubecash-cpu-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._pool = _sandbox.Pool([ctypes.addressof(w.c) for w in self._workers], nice=nice,
+                                   sandbox=sandbox, cache_dir=cache_dir)
+        self.sandboxed = sandbox
 
     @property
     def nthreads(self) -> int:
         return len(self._workers)
-
-    def _loop(self, w: _WorkerState) -> None:
-        if self._nice:
-            # Kernel threads yield to the control plane (broker, executors' message loops,
-            # clients) sharing these cores, so hand-overs and latency work are not delayed.
-            try:
-                tid = threading.get_native_id()   # relative to the executor's own niceness
-                os.setpriority(os.PRIO_PROCESS, tid,
-                               min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._nice))
-            except (OSError, AttributeError):
-                pass
-        caddr = ctypes.addressof(w.c)
-        while True:
-            job = w.queue.get()
-            if job is None:
-                w.free_stacks()
-                return
-            run, idx, argv, launch, fibers, threads = job
-            try:
-                if fibers:
-                    w.ensure_stacks(threads)
-                rc = run(idx, argv, launch, caddr)   # the GIL is released for the call
-                self._results.put(None if rc == 0 else
-                                  RuntimeError(f"kernel block runner failed (code {rc})"))
-            except BaseException as e:  # noqa: BLE001 -- handed to the launching thread
-                self._results.put(e)
 
     def launch(self, module: CompiledModule, kernel: KernelInfo, grid: tuple[int, int, int],
                block: tuple[int, int, int], shared_bytes: int, args: Sequence[bytes], *,
@@ -1145,28 +1193,28 @@ class Launcher:
                 counter = ctypes.c_uint64(first_block)
                 L = _KcLaunch((ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*block),
                               nblocks, ctypes.addressof(counter), shared_bytes, module._id)
-                job = (run, idx, ctypes.addressof(argv), ctypes.addressof(L),
-                       module.uses_fibers, threads)
                 nw = min(len(self._workers), nblocks - first_block)
-                for w in self._workers[:nw]:
-                    w.queue.put(job)
-                errors = [self._results.get() for _ in range(nw)]
+                if module.uses_fibers:     # the workers are idle: set up their stacks here
+                    for w in self._workers[:nw]:
+                        w.ensure_stacks(threads)
+                # Blocks until every worker is done (the GIL is released for the call).
+                rcs = self._pool.run(ctypes.cast(run, ctypes.c_void_p).value, idx,
+                                     ctypes.addressof(argv), ctypes.addressof(L), nw)
                 del argbuf, counter, L  # kept alive until every worker has finished
             finally:
                 module._release()
-        for e in errors:
-            if e is not None:
-                raise e
+        for rc in rcs:
+            if rc != 0:
+                raise RuntimeError(f"kernel block runner failed (code {rc})")
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._pool.close()
             for w in self._workers:
-                w.queue.put(None)
-        for t in self._threads:
-            t.join()
+                w.free_stacks()
 
     def __enter__(self) -> "Launcher":
         return self

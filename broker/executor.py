@@ -74,7 +74,6 @@ class Event:
 class HostAlloc:
     size: int
     path: str
-    fd: int
 
 
 @dataclasses.dataclass
@@ -87,6 +86,7 @@ class Op:
     sync_point: bool = False     # its reply carries errors kept from earlier async work
     kernel: bool = False
     device: bool = False         # uses the device: runs only under the broker's lease
+    release: bool = False        # frees something: still runs if the session ends first
 
 
 class Session:
@@ -103,6 +103,7 @@ class Session:
         self.queue: collections.deque[Op] = collections.deque()
         self.deferred: CudaError | None = None  # first error of an async op, until a sync point
         self.staging: tuple[int, int] | None = None   # (executor address, size)
+        self.staging_path: str | None = None    # its file; the client unlinks it once mapped
         self.closed = False
         self.in_ready = False                   # listed in the runner's round robin
         self.ident: bytes | None = None         # the client's socket, for kernel output
@@ -119,7 +120,8 @@ class Executor:
     def __init__(self, tenant: str, device: dict[str, Any], runtime_dir: str, control: str,
                  secret: bytes, lease_fd: int, memory_limit: int, threads: int, cache_dir: str,
                  max_message_bytes: int = P.MAX_MESSAGE_BYTES,
-                 staging_bytes: int = P.DEFAULT_STAGING_BYTES, limits: dict | None = None):
+                 staging_bytes: int = P.DEFAULT_STAGING_BYTES, limits: dict | None = None,
+                 sandbox: bool = True):
         self.tenant = tenant
         self.device = device
         self.dev_name = device["name"]
@@ -157,7 +159,8 @@ class Executor:
         self._suspended = False    # the last op run was a kernel preempted mid-grid
         if device["kind"] == "cpu":
             from .backend_cpu import CpuBackend
-            self.backend = CpuBackend(threads, cache_dir)
+            self.backend = CpuBackend(threads, cache_dir, sandbox=sandbox,
+                                      on_sandbox_violation=self._sandbox_violation)
         else:
             from .backend_cuda import CudaBackend  # noqa: F401  (GPU backend)
             self.backend = CudaBackend(device, cache_dir)
@@ -287,7 +290,11 @@ class Executor:
                 self._release(s)
                 self._call_in_main(ended)
             with self._cv:
+                # Queued work is dropped, but not the frees: their handles already left
+                # the session's tables, so only running them releases what they hold.
+                kept = [op for op in s.queue if op.release]
                 s.queue.clear()
+                s.queue.extend(kept)
                 self._enqueue_locked(s, Op(cleanup, None, 0, None))
         elif op == "set_quota":
             self.memory_limit = msg["memory"]
@@ -315,7 +322,14 @@ class Executor:
             if result is not None:
                 self._send(ident, P.reply(msg["id"], **result))
         except ProtocolError as e:
-            self._send(ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
+            token = msg.get("session") if isinstance(msg, dict) else None
+            s = self.sessions.get(token) if isinstance(token, bytes) else None
+            if s is not None and msg.get("async") is True:
+                # Nobody waits for an async request's reply: keep the error for the next
+                # synchronization, as for any asynchronous failure.
+                s.deferred = s.deferred or _err(P.PROTOCOL_ERROR_CODE, str(e))
+            else:
+                self._send(ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
         except CudaError as e:
             if isinstance(msg, dict) and msg.get("async") and msg.get("session") in self.sessions:
                 s = self.sessions[msg["session"]]
@@ -406,11 +420,12 @@ class Executor:
 
     def _queue_op(self, s: Session, msg: dict, ident: bytes, fn: Callable[[], Any], *,
                   stream: Stream | None = None, event: Event | None = None,
-                  sync_point: bool = True, kernel: bool = False, device: bool = False) -> None:
+                  sync_point: bool = True, kernel: bool = False, device: bool = False,
+                  release: bool = False) -> None:
         self._check_queue(s, msg)
         asynchronous = bool(msg.get("async"))
         self._enqueue(s, Op(fn, None if asynchronous else ident, msg["id"], stream, event,
-                            sync_point and not asynchronous, kernel, device or kernel))
+                            sync_point and not asynchronous, kernel, device or kernel, release))
 
     # -- the runner and the device lease ------------------------------------------------
     # Work that uses the device runs only while this executor holds the broker's lease for
@@ -444,10 +459,16 @@ class Executor:
                         s.in_ready = False
                         s = None
                         continue
-                    if s.queue[0].device and (self._lease is None or self._preempted):
-                        break
+                    # The first session (round robin) whose next op can run now: one
+                    # waiting for the device must not hold up others' frees, syncs, cleanup.
+                    on_device = self._lease is not None and not self._preempted
+                    pick = next((c for c in self._ready if c.queue and
+                                 (on_device or not c.queue[0].device)), None)
+                    if pick is None:
+                        break                    # s needs the device
+                    s = pick
                     op = s.queue.popleft()
-                    self._ready.popleft()
+                    self._ready.remove(s)
                     if s.queue:
                         self._ready.append(s)
                     else:
@@ -572,6 +593,20 @@ class Executor:
             self._stopping = True
         self._call_in_main(die)
 
+    def _sandbox_violation(self, message: str, nr: int, name: str) -> None:
+        """A kernel made a system call the CPU backend's sandbox refused (runs on the
+        sandbox's watcher thread; the offending worker is parked in its SIGSYS handler).
+        Tell the broker why, then return: the sandbox ends this process by SIGSYS."""
+        sent = threading.Event()
+
+        def report() -> None:
+            log.error("%s", message)
+            self._report("fatal", code=int(E.CUDA_ERROR_LAUNCH_FAILED), error=message[:1000])
+            sent.set()
+        self._call_in_main(report)
+        sent.wait(2.0)
+        time.sleep(0.3)      # let ZeroMQ's I/O thread deliver it before the process ends
+
     def _should_yield(self) -> bool:
         """Between slices of a preemptible kernel: has the broker asked for the device?"""
         self._poll_lease(self.lease_sock, 0)
@@ -596,6 +631,8 @@ class Executor:
             if result is SUSPENDED:           # preempted mid-kernel: it stays at the head
                 self._suspended = True
                 with self._cv:
+                    if s.closed:              # its session ended meanwhile: drop the rest
+                        return time.perf_counter_ns() - t0
                     s.queue.appendleft(op)
                     if s.in_ready:
                         self._ready.remove(s)
@@ -615,6 +652,8 @@ class Executor:
                 self.device_ns += dt
             if op.kernel and error is None:
                 self.kernels += 1
+            if op.ident is None and error is not None and s.deferred is None:
+                s.deferred = error            # before waiters answer: their sync reports it
             woken = []
             for obj in (op.stream, op.event):
                 if obj is not None:
@@ -626,8 +665,6 @@ class Executor:
             if woken:
                 self._call_in_main(lambda: [self._send(i, p) for i, p in woken])
             if op.ident is None:
-                if error is not None and s.deferred is None:
-                    s.deferred = error
                 self._maybe_fatal(error)
                 return dt
             if op.sync_point and s.deferred is not None and error is None:
@@ -655,6 +692,12 @@ class Executor:
         if s.staging:
             self.backend.unmap(*s.staging)
             s.staging = None
+        if s.staging_path:       # a client that died before unlinking it leaves the name
+            try:
+                os.unlink(s.staging_path)
+            except FileNotFoundError:
+                pass
+            s.staging_path = None
         for m in s.modules.values():
             self.backend.unload_module(m)
         s.modules.clear()
@@ -662,7 +705,6 @@ class Executor:
 
     def _drop_host(self, ptr: int, h: HostAlloc) -> None:
         self.backend.unmap(ptr, h.size)
-        os.close(h.fd)
         try:
             os.unlink(h.path)
         except FileNotFoundError:
@@ -702,6 +744,7 @@ class Executor:
     def op_attach(self, s: Session, msg: dict, ident: bytes):
         if s.staging is None:
             path, fd = self._shm_file("staging", self.staging_bytes)
+            s.staging_path = path
             try:
                 s.staging = (self.backend.map_file(fd, self.staging_bytes), self.staging_bytes)
             finally:
@@ -740,7 +783,7 @@ class Executor:
         def free() -> None:               # after the work queued before it has run
             self.backend.free(ptr, size)
             self._uncharge(size)
-        self._queue_op(s, msg, ident, free)
+        self._queue_op(s, msg, ident, free, release=True)
 
     def op_mem_info(self, s: Session, msg: dict, ident: bytes):
         with self._lock:
@@ -755,16 +798,25 @@ class Executor:
         counts = self.backend.kind == "cpu"
         if counts:
             self._charge(size, "mapped host allocation")
+        path = None
         try:
             path, fd = self._shm_file("host", size)
-            ptr = self.backend.map_file(fd, size)
+            try:
+                ptr = self.backend.map_file(fd, size)
+            finally:
+                os.close(fd)                  # the mapping stays; no fd per allocation
         except (OSError, CudaError) as e:
             if counts:
                 self._uncharge(size)
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             if isinstance(e, CudaError):
                 raise
             raise _err(E.CUDA_ERROR_OUT_OF_MEMORY, f"mapped host allocation failed: {e}") from None
-        s.host[ptr] = HostAlloc(size, path, fd)
+        s.host[ptr] = HostAlloc(size, path)
         bisect.insort(s.bases, ptr)
         return {"ptr": ptr, "path": os.path.basename(path)}
 
@@ -785,7 +837,7 @@ class Executor:
         if h is None:
             raise _err(E.CUDA_ERROR_INVALID_VALUE, f"{ptr:#x} is not a mapped host allocation")
         s.bases.remove(ptr)
-        self._queue_op(s, msg, ident, lambda: self._drop_host(ptr, h))
+        self._queue_op(s, msg, ident, lambda: self._drop_host(ptr, h), release=True)
 
     def op_memcpy_htod(self, s: Session, msg: dict, ident: bytes):
         dst, n = msg["dst"], msg["size"]
@@ -900,7 +952,7 @@ class Executor:
         for ptr in [p for p, (_, mh) in s.globals.items() if mh == msg["module"]]:
             del s.globals[ptr]
             s.bases.remove(ptr)
-        self._queue_op(s, msg, ident, lambda: self.backend.unload_module(m))
+        self._queue_op(s, msg, ident, lambda: self.backend.unload_module(m), release=True)
 
     def _module(self, s: Session, h: int):
         m = s.modules.get(h)
@@ -952,10 +1004,13 @@ class Executor:
         def run():
             # Preemptible only while a latency tenant shares the device (slicing costs a
             # little); a preempted kernel is resumed from `progress` at the next lease.
-            if not self._lease_preemptible:
+            if not self._lease_preemptible and progress[0] == 0:
                 return self.backend.launch(fn, grid, block, shared, args) and None
+            # A kernel suspended mid-grid resumes where it stopped, preemptible or not:
+            # blocks that ran must not run again.
+            yield_check = self._should_yield if self._lease_preemptible else (lambda: False)
             done = self.backend.launch(fn, grid, block, shared, args,
-                                       should_yield=self._should_yield, progress=progress)
+                                       should_yield=yield_check, progress=progress)
             return None if done else SUSPENDED
         self._queue_op(s, msg, ident, run,
                        stream=self._stream(s, msg), sync_point=False, kernel=True)
@@ -1077,6 +1132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--owner", default="", help="uid:gid of the tenant's containers")
     ap.add_argument("--max-message-bytes", type=int, default=P.MAX_MESSAGE_BYTES)
     ap.add_argument("--limits", default="{}", help="JSON: per-session bounds (DEFAULT_LIMITS keys)")
+    ap.add_argument("--no-sandbox", action="store_true",
+                    help="CPU backend: run kernels unconfined (no seccomp filter)")
     a = ap.parse_args(argv)
     import json
     logging.basicConfig(level=os.environ.get("KUBECASH_LOG_LEVEL", "WARNING"),
@@ -1085,7 +1142,8 @@ def main(argv: list[str] | None = None) -> int:
     secret = os.environ.pop("KUBECASH_EXECUTOR_SECRET", "").encode()
     ex = Executor(a.tenant, json.loads(a.device_json), a.runtime_dir, a.control, secret,
                   a.lease_fd, a.memory_limit, a.threads, a.cache_dir, a.max_message_bytes,
-                  limits={k: int(v) for k, v in json.loads(a.limits).items() if k in DEFAULT_LIMITS})
+                  limits={k: int(v) for k, v in json.loads(a.limits).items() if k in DEFAULT_LIMITS},
+                  sandbox=not a.no_sandbox)
     if a.owner:
         uid, gid = a.owner.split(":")
         ex.owner = (int(uid), int(gid))

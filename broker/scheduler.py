@@ -38,6 +38,7 @@ MIN_PERIOD_NS = 100_000_000          # 100 ms
 LATENCY_SLACK_NS = 50_000_000        # weighted ns a latency tenant may run ahead of batch
 WAKE_CREDIT_NS = 50_000_000          # weighted ns of lag an entity keeps across a short idle
 WINDOWS_S = (1, 10, 60)
+HISTORY_BUCKET_NS = 100_000_000      # shares are summed from 100 ms buckets
 WAIT_BOUNDS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -178,7 +179,11 @@ class DeviceScheduler:
         e.vtime += used_ns * 100 / e.weight      # in ns at the default weight
         e.bucket.charge(used_ns, now)
         self.busy_ns += used_ns
-        e.history.append((now, used_ns))
+        bucket = now - now % HISTORY_BUCKET_NS     # bounded history: 600 buckets per minute
+        if e.history and e.history[-1][0] == bucket:
+            e.history[-1] = (bucket, e.history[-1][1] + used_ns)
+        else:
+            e.history.append((bucket, used_ns))
         horizon = now - WINDOWS_S[-1] * NS
         while e.history and e.history[0][0] < horizon:
             e.history.popleft()
@@ -211,6 +216,8 @@ class DeviceScheduler:
 
     def ns_until_next_eligible(self, now: int) -> float | None:
         """When nothing is eligible but someone is runnable: how long until one is."""
+        if self.draining:
+            return None                     # nothing will be granted: no reason to wake
         waits = [e.bucket.ns_until_eligible(now) for e in self.entities.values() if e.runnable]
         return min(waits) if waits else None
 

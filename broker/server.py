@@ -16,6 +16,7 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -49,6 +50,7 @@ class PendingOpen:
     session: "ClientSession"
     ident: bytes
     req_id: int
+    also: list = dataclasses.field(default_factory=list)   # (ident, req_id) of repeated opens
 
 
 @dataclasses.dataclass
@@ -92,6 +94,8 @@ class TenantState:
     dir: str
     sessions: dict[bytes, ClientSession] = dataclasses.field(default_factory=dict)
     executors: dict[str, ExecutorProc] = dataclasses.field(default_factory=dict)
+    # opens that came while the device's executor was shutting down: served by the next one
+    waiting_opens: dict[str, dict[bytes, PendingOpen]] = dataclasses.field(default_factory=dict)
 
 
 class Broker:
@@ -241,16 +245,24 @@ class Broker:
             wait = sched.ns_until_next_eligible(now) if sched.holder is None else None
             if wait is not None:
                 timeout_s = min(timeout_s, wait / NS)
-        for sock, _ in self.poller.poll(max(0, int(timeout_s * 1000))):
+        for sock, _ in self.poller.poll(max(0, math.ceil(timeout_s * 1000))):
             if isinstance(sock, int):
                 ex = self._lease_fds.get(sock)
                 if ex is not None:
                     self._on_lease(ex)
                 continue
             for _ in range(256):   # drain a bounded batch from each ready socket
+                # An earlier message of this batch may have closed it (a reload removing
+                # the tenant): skip what is no longer ours.
+                if sock.closed or not (sock is self.control or sock is self.admin
+                                       or sock in self._sock_tenant):
+                    break
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
+                    break
+                except zmq.ZMQError as e:
+                    log.error("receive failed on a socket: %s", e)
                     break
                 if sock is self.control:
                     self._on_control(frames)
@@ -389,10 +401,21 @@ class Broker:
             code, why = s.failed[name]
             raise _Refused(code, why)
         ex = t.executors.get(name)
+        if ex is not None and ex.stopping is not None:
+            # It is exiting and will not take the session; the next executor will.
+            waiting = t.waiting_opens.setdefault(name, {})
+            if s.token in waiting:
+                waiting[s.token].also.append((ident, msg["id"]))
+            else:
+                waiting[s.token] = PendingOpen(s, ident, msg["id"])
+            return None
         if ex is None:
             ex = self._spawn_executor(t, d)
         if s.token in ex.sessions:
             return self._open_reply(ex)
+        if s.token in ex.pending:           # asked again before the first was answered
+            ex.pending[s.token].also.append((ident, msg["id"]))
+            return None
         ex.pending[s.token] = PendingOpen(s, ident, msg["id"])
         if ex.ready:
             self._control_send(ex, "session_add", session=s.token)
@@ -411,6 +434,8 @@ class Broker:
         t = s.tenant
         t.sessions.pop(s.token, None)
         log.info("tenant %s: session %s ended (%s)", t.config.name, s.token.hex()[:8], why)
+        for waiting in t.waiting_opens.values():
+            waiting.pop(s.token, None)
         for ex in list(t.executors.values()):
             ex.pending.pop(s.token, None)
             if s.token in ex.sessions:
@@ -474,6 +499,8 @@ class Broker:
                "--limits", json.dumps({k: getattr(self.settings, k) for k in (
                    "max_handles_per_session", "max_modules_per_session", "max_module_bytes",
                    "max_queued_ops_per_session")})]
+        if not self.settings.sandbox:
+            cmd.append("--no-sandbox")
         env = dict(os.environ, KUBECASH_EXECUTOR_SECRET=self.secret.decode())
         env.pop("KUBECASH_BROKER", None)   # the executor is never itself a brokered client
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -497,6 +524,10 @@ class Broker:
     def _stop_executor(self, ex: ExecutorProc) -> None:
         if ex.stopping is None:
             ex.stopping = time.monotonic()
+            # An exiting executor must not be granted the device.
+            if self.tenants.get(ex.tenant.config.name) is ex.tenant:
+                self.schedulers[ex.device.name].remove(ex.tenant.config.name)
+                self._schedule(ex.device.name)
             if ex.ident is not None:
                 self._control_send(ex, "shutdown")
             else:
@@ -512,8 +543,12 @@ class Broker:
             self._forget_lease_fd(ex)
             ex.lease_sock.close()
             ex.lease_sock = None
-        self.schedulers[ex.device.name].remove(t.config.name)
-        self._schedule(ex.device.name)
+        # A tenant removed by a reload may have been added again under the same name: the
+        # scheduler entry and the files by that name are the new tenant's then.
+        current = self.tenants.get(t.config.name) is t
+        if current:
+            self.schedulers[ex.device.name].remove(t.config.name)
+            self._schedule(ex.device.name)
         clean = ex.stopping is not None and ex.kill_reason is None
         why = ex.kill_reason or why
         (log.info if clean else log.error)("tenant %s: executor for %s ended: %s",
@@ -523,7 +558,8 @@ class Broker:
                     E.CUDA_ERROR_ILLEGAL_ADDRESS if "SIGSEGV" in why or "SIGBUS" in why
                     else E.CUDA_ERROR_LAUNCH_FAILED)
             if ex.fatal is not None:          # it told us the device error that ended it
-                code, why = ex.fatal[0], f"context-fatal device error: {ex.fatal[1]}"
+                code, why = ex.fatal[0], (f"killed by SIGSYS: {ex.fatal[1]}" if "SIGSYS" in why
+                                          else f"context-fatal device error: {ex.fatal[1]}")
             message = (f"the executor of tenant '{t.config.name}' on {ex.device.name} "
                        f"ended ({why}); this session's context on that device is lost")
             for token in ex.sessions | set(ex.pending):
@@ -535,6 +571,8 @@ class Broker:
                                                     code=int(code), error=message))
             for p in ex.pending.values():
                 self._send(t.sock, p.ident, P.error(p.req_id, code, message))
+        if not current:
+            return
         # Remove what the executor left in the tenant's directory.
         for path in glob.glob(os.path.join(t.dir, "shm", f"{ex.device.name}-*")):
             try:
@@ -545,8 +583,14 @@ class Broker:
             os.unlink(P.executor_socket_path(self.runtime_dir, t.config.name, ex.device.name))
         except OSError:
             pass
-        if not clean and not t.sessions:
-            return
+        # Opens that waited for this executor to go get a fresh one.
+        waiting = {tok: p for tok, p in t.waiting_opens.pop(ex.device.name, {}).items()
+                   if tok in self.sessions}
+        if clean:
+            waiting.update({tok: p for tok, p in ex.pending.items() if tok in self.sessions})
+        if waiting and not self._closed:
+            nx = self._spawn_executor(t, ex.device)
+            nx.pending.update(waiting)
 
     def _control_send(self, ex: ExecutorProc, op: str, **fields: Any) -> None:
         if ex.ident is not None:
@@ -569,13 +613,18 @@ class Broker:
         if ex is None:
             return
         if op == "session_added":
+            if msg["session"] in ex.sessions:
+                return                      # a repeated confirmation changes nothing
             p = ex.pending.pop(msg["session"], None)
             if p is None or msg["session"] not in self.sessions:
                 self._control_send(ex, "session_end", session=msg["session"])
                 return
             ex.sessions.add(msg["session"])
             p.session.devices.add(ex.device.name)
-            self._send(ex.tenant.sock, p.ident, P.reply(p.req_id, **self._open_reply(ex)))
+            answer = P.reply(p.req_id, **self._open_reply(ex))
+            self._send(ex.tenant.sock, p.ident, answer)
+            for ident2, rid in p.also:
+                self._send(ex.tenant.sock, ident2, P.reply(rid, **self._open_reply(ex)))
         elif op == "fatal":
             ex.fatal = (msg["code"], msg["error"])
         elif op == "stats":
@@ -885,6 +934,9 @@ def _own_tenant_dir(d: str, owner: tuple[int, int] | None) -> None:
 
 
 def _exit_reason(rc: int) -> str:
+    if rc == -signal.SIGSYS:   # the CPU backend's seccomp sandbox (kubecash.broker.sandbox)
+        return ("killed by SIGSYS: the sandbox refused a system call made by a kernel (kernels "
+                "may not open files, create sockets, start programs or make other host system calls)")
     if rc < 0:
         try:
             return f"killed by {signal.Signals(-rc).name}"

@@ -170,6 +170,10 @@ def check_request(msg: dict[str, Any], table: dict[str, dict[str, F]]) -> str:
             _check_field("request", name, spec, msg[name])
         elif spec.required:
             raise ProtocolError(f"request lacks field '{name}'")
+    # Requests from clients and operators are answered, so they carry an id; only the
+    # broker-executor control messages go without.
+    if "id" not in msg and table is not CONTROL_OPS and table is not EXECUTOR_REPORTS:
+        raise ProtocolError("request lacks field 'id'")
     if msg["v"] != VERSION:
         raise ProtocolError(f"protocol version {msg['v']} is not supported (this side speaks {VERSION})")
     op = msg["op"]

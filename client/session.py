@@ -71,6 +71,7 @@ class _Channel:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
         self.stash: dict[int, dict] = {}
+        self.abandoned: set[int] = set()     # ids whose waiter gave up: their replies are dropped
         # What the far end accepts: ZeroMQ drops a larger frame (and the connection) with no
         # reply, so a request past it is refused here rather than left waiting forever.
         self.max_bytes = P.MAX_MESSAGE_BYTES
@@ -179,6 +180,7 @@ class Session(_Resource):
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    ch.abandoned.add(rid)
                     raise BrokerUnavailable(f"no answer from {self.address} within {timeout:g} s")
                 wait_ms = min(wait_ms, max(1, int(left * 1000)))
             for sock, _ in poller.poll(wait_ms):
@@ -212,7 +214,10 @@ class Session(_Resource):
             self._failed[msg["device"]] = error_from_code(
                 msg.get("code", CUresult.CUDA_ERROR_LAUNCH_FAILED), str(msg.get("error", "")))
         elif isinstance(msg.get("id"), int) and msg["id"]:
-            ch.stash[msg["id"]] = msg
+            if msg["id"] in ch.abandoned:
+                ch.abandoned.discard(msg["id"])
+            else:
+                ch.stash[msg["id"]] = msg
 
     def _call(self, ch: _Channel, op: str, *, timeout: float | None = None,
               watch: str | None = None, **fields: Any) -> dict:
@@ -228,7 +233,11 @@ class Session(_Resource):
             while not self._hb_stop.wait(interval):
                 ch.sock.send(P.pack({"v": P.VERSION, "id": 1, "op": "heartbeat",
                                      "session": self.token}))
-                if ch.sock.poll(int(timeout * 1000)):
+                deadline = time.monotonic() + timeout
+                # Short polls, so close() never waits long for this thread.
+                while not self._hb_stop.is_set() and time.monotonic() < deadline:
+                    if not ch.sock.poll(100):
+                        continue
                     try:
                         msg = P.unpack(ch.sock.recv())
                     except ProtocolError:
@@ -239,10 +248,13 @@ class Session(_Resource):
                         self._broken = error_from_code(msg.get("code", 201),
                                                        f"session ended by the broker: {msg.get('error')}")
                         return
+                    break
                 if time.monotonic() - last_ok > timeout and not self._closed:
                     self._broken = BrokerUnavailable(
                         f"the broker at {self.address} stopped answering heartbeats")
                     return
+        except zmq.ZMQError:
+            return                           # the session is closing under us
         finally:
             ch.close()
 
@@ -460,6 +472,8 @@ class Device:
         """Queue `kernel` on `stream` (default stream if None). Asynchronous, as in CUDA."""
         if kernel.device is not self:
             raise ValueError("kernel belongs to another device")
+        if not 0 <= int(shared_mem) <= 1 << 32:
+            raise ValueError(f"shared_mem={shared_mem} is not a valid byte count")
         self._post("launch", function=kernel.handle, grid=_dim3(grid), block=_dim3(block),
                    shared=int(shared_mem), stream=_stream_handle(stream),
                    args=encode_args(args, kernel.param_sizes))

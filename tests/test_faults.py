@@ -84,6 +84,36 @@ def test_client_sigkill_reclaims_memory_and_executor(broker_factory, heartbeat):
             p.wait()
 
 
+DIES_BEFORE_UNLINKING_STAGING = """
+    import os, signal
+    import kubecash.client.session as S
+    real = os.unlink
+    def unlink(path, *a, **k):
+        if path.endswith(".staging"):                 # killed between attach and unlink
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, *a, **k)
+    S.os.unlink = unlink
+    import kubecash.client as kc
+    kc.connect().device("cpu0").allocate(16)
+"""
+
+
+def test_client_killed_before_unlinking_its_staging_segment_leaves_no_file(broker):
+    """The executor lives on (another session): the dead session's segment name must go
+    when its session ends, not when the executor does (found by bench/soak.py's design)."""
+    with broker.connect("alice") as keep:
+        keep.device("cpu0").allocate(16)
+        shm = os.path.join(broker.runtime_dir, "tenants", "alice", "shm")
+        p = run_client(DIES_BEFORE_UNLINKING_STAGING, broker.address("alice"))
+        p.communicate(timeout=60)
+        assert p.returncode == -signal.SIGKILL
+        assert len(os.listdir(shm)) == 1               # the dead client's staging segment
+        with broker.admin() as admin:
+            wait_for(lambda: admin.call("status")["tenants"]["alice"]["sessions"] == 1, 20,
+                     "the dead session to end")
+        wait_for(lambda: not os.listdir(shm), 10, "its segment to be removed")
+
+
 def test_executor_sigkill_fails_only_that_tenants_sessions(broker):
     with broker.connect("alice") as a1, broker.connect("alice") as a2, broker.connect("bob") as b:
         d1, d2, db = a1.device("cpu0"), a2.device("cpu0"), b.device("cpu0")

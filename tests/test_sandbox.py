@@ -1,0 +1,270 @@
+"""The CPU backend's sandbox: tenant kernels are native code on the host and must not get
+out. Each attempt below (open a file, create a socket, run a program, a raw syscall(),
+code at module load or unload) is refused, the tenant is told why, the side effect did not
+happen, and the broker and the other tenants keep serving. Compiles are bounded."""
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import numpy as np
+import pytest
+
+import kubecash.client as kc
+from kubecash.broker import cpukernels as ck
+from kubecash.broker import sandbox as sb
+from kubecash.broker.config import ConfigError, parse
+
+from kernels import VECADD
+
+pytestmark = pytest.mark.skipif(not sb.arch_supported(), reason="no sandbox table for this CPU")
+
+# Each kernel tries one way out; {path} is a host path it must not create.
+ESCAPES = {
+    "open": (r'''
+        extern "C" int open(const char*, int, ...);
+        extern "C" __global__ void k(int* r) { r[0] = open("{path}", 0101 /* O_WRONLY|O_CREAT */, 0644); }
+        ''', "openat"),
+    "fopen": (r'''
+        extern "C" __global__ void k(int* r) { FILE* f = fopen("{path}", "w"); if (f) fputs("x", f); r[0] = f != 0; }
+        ''', "openat"),
+    "socket": (r'''
+        struct sockaddr_un { unsigned short family; char path[108]; };
+        extern "C" int socket(int, int, int); extern "C" int bind(int, const void*, unsigned);
+        extern "C" __global__ void k(int* r) {
+            sockaddr_un a = {1 /* AF_UNIX */, "{path}"};
+            int s = socket(1, 1, 0); r[0] = s; if (s >= 0) r[1] = bind(s, &a, sizeof a);
+        }''', "socket"),
+    "system": (r'''
+        extern "C" int system(const char*);
+        extern "C" __global__ void k(int* r) { r[0] = system("touch {path}"); }
+        ''', None),
+    "fork": (r'''
+        extern "C" int fork(); extern "C" int creat(const char*, unsigned); extern "C" void _exit(int);
+        extern "C" __global__ void k(int* r) { int p = fork(); if (p == 0) { creat("{path}", 0644); _exit(0); } r[0] = p; }
+        ''', None),
+    "execve": (r'''
+        extern "C" int execve(const char*, char* const[], char* const[]);
+        extern "C" __global__ void k(int* r) {
+            const char* argv[] = {"/usr/bin/touch", "{path}", 0};
+            r[0] = execve(argv[0], (char* const*)argv, 0);
+        }''', "execve"),
+    "syscall": (r'''
+        extern "C" long syscall(long, ...);
+        extern "C" __global__ void k(int* r) {   /* openat(AT_FDCWD, path, O_WRONLY|O_CREAT, 0644) by number */
+            r[0] = (int)syscall({openat}, -100, "{path}", 0101, 0644);
+        }''', "openat"),
+}
+
+
+def _source(kind: str, path: str) -> tuple[str, str | None]:
+    src, name = ESCAPES[kind]
+    return src.replace("{path}", path).replace("{openat}", str(_openat_nr())), name
+
+
+def _openat_nr() -> int:
+    return {0xC000003E: 257, 0xC00000B7: 56}[sb.policy()["audit_arch"]]
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except kc.KubecashError as e:
+        return e
+    return None
+
+
+def _bob_still_serves(b) -> None:
+    db = b.device("cpu0")
+    n = 1024
+    x = np.arange(n, dtype=np.float32)
+    bx, by = db.allocate(x.nbytes), db.allocate(x.nbytes)
+    bx.copy_from(x)
+    k = db.load_module(VECADD).get_kernel("vadd")
+    db.launch(k, (n // 256,), (256,), [bx, bx, by, n])
+    np.testing.assert_array_equal(by.copy_to(np.empty(n, np.float32)), 2 * x)
+
+
+@pytest.mark.parametrize("kind", list(ESCAPES))
+def test_a_kernel_that_tries_to_get_out_is_refused(broker, tmp_path, kind):
+    target = str(tmp_path / f"made-by-{kind}")
+    src, name = _source(kind, target)
+    with broker.connect("alice") as a, broker.connect("alice") as a2, broker.connect("bob") as b:
+        da, da2 = a.device("cpu0"), a2.device("cpu0")
+        da2.allocate(16)
+        pid = a.status()["devices"]["cpu0"]["pid"]
+        r = da.allocate(64)
+        k = da.load_module(src).get_kernel("k")
+        da.launch(k, (2,), (4,), [r])
+        with pytest.raises(kc.LaunchFailedError) as e:
+            da.synchronize()
+        msg = str(e.value)
+        assert "sandbox refused" in msg and "alice" in msg and "SIGSYS" in msg, msg
+        if name is not None:
+            # the executor names the call (unless the broker saw the death first: rare)
+            assert f"system call {name} " in msg or "refused a system call" in msg, msg
+        # sticky for every session of alice on that device; the executor is gone
+        err = _error_of(lambda: da2.allocate(16))
+        assert isinstance(err, kc.LaunchFailedError) and "sandbox refused" in str(err)
+        assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)
+        # the side effect did not happen
+        time.sleep(0.1)
+        assert not os.path.exists(target), f"{kind}: {target} was created"
+        _bob_still_serves(b)
+    with broker.connect("alice") as fresh:          # a new session gets a new executor
+        assert fresh.device("cpu0").allocate(16).size == 16
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+ALLOWED = r'''
+extern "C" void* malloc(unsigned long); extern "C" void free(void*);
+extern "C" __global__ void ok(int* out, int n) {
+    __shared__ int s[64];
+    int* big = (int*)malloc(8 << 20);           /* mmap'd by malloc */
+    big[0] = threadIdx.x; big[(2 << 20) - 1] = 1;
+    s[threadIdx.x] = big[0] + big[(2 << 20) - 1];
+    free(big);
+    __syncthreads();
+    out[blockIdx.x * 64 + threadIdx.x] = s[63 - threadIdx.x] + n;
+    if (threadIdx.x == 0 && blockIdx.x == 0) printf("sandboxed kernel says %d\n", n);
+}
+'''
+
+
+def test_what_kernels_need_is_allowed(session):
+    """malloc/free (brk, mmap), fibers (__syncthreads: makecontext, _setjmp, mmap'd stacks),
+    printf: all inside the sandbox."""
+    d = session.device("cpu0")
+    out = d.allocate(4 * 64 * 8)
+    k = d.load_module(ALLOWED).get_kernel("ok")
+    for n in (1, 2):
+        d.launch(k, (8,), (64,), [out, n])
+    got = out.copy_to(np.empty(64 * 8, np.int32)).reshape(8, 64)
+    np.testing.assert_array_equal(got, np.tile(64 - np.arange(64), (8, 1)) + 2)
+
+
+def test_code_that_would_run_at_load_time_is_refused(session, tmp_path):
+    d = session.device("cpu0")
+    target = str(tmp_path / "made-at-load")
+    for src in (
+        f'extern "C" int system(const char*); static int x = system("touch {target}");\n'
+        'extern "C" __global__ void k(int* p) { p[0] = x; }',
+        f'extern "C" int system(const char*); __attribute__((constructor)) static void c() {{ system("touch {target}"); }}\n'
+        'extern "C" __global__ void k(int* p) {}',
+        f'extern "C" int system(const char*); struct D {{ ~D() {{ system("touch {target}"); }} }} d;\n'
+        'extern "C" __global__ void k(int* p) {}',
+    ):
+        with pytest.raises(kc.NotSupportedError, match="load|constructor"):
+            d.load_module(src)
+    assert not os.path.exists(target)
+    assert d.allocate(16).size == 16                 # nothing else happened
+
+
+def test_code_that_would_run_at_unload_time_runs_confined(session, tmp_path):
+    """A function-local static's destructor runs when the module is unloaded: on a
+    confined thread too."""
+    d = session.device("cpu0")
+    target = str(tmp_path / "made-at-unload")
+    mod = d.load_module(f'''
+        extern "C" int system(const char*);
+        struct D {{ int v = 1; ~D() {{ system("touch {target}"); }} }};
+        extern "C" __global__ void k(int* p) {{ static D d; p[0] = d.v; }}''')
+    p = d.allocate(4)
+    d.launch(mod.get_kernel("k"), (1,), (1,), [p])
+    assert p.copy_to(np.empty(1, np.int32))[0] == 1
+    mod.close()
+    err = None
+    deadline = time.monotonic() + 10
+    while err is None and time.monotonic() < deadline:
+        err = _error_of(lambda: d.allocate(16))
+        time.sleep(0.05)
+    assert isinstance(err, kc.LaunchFailedError) and "sandbox refused" in str(err), err
+    assert not os.path.exists(target)
+
+
+def test_sandbox_false_runs_kernels_unconfined(broker_factory, tmp_path):
+    """The switch does what it says (and is why it defaults to true)."""
+    b = broker_factory(sandbox=False)
+    target = str(tmp_path / "made-unconfined")
+    src, _ = _source("open", target)
+    with b.connect("alice") as s:
+        d = s.device("cpu0")
+        r = d.allocate(64)
+        d.launch(d.load_module(src).get_kernel("k"), (1,), (1,), [r])
+        d.synchronize()
+    assert os.path.exists(target)
+
+
+def test_sandbox_setting_is_a_boolean():
+    assert parse({"broker": {}}).broker.sandbox is True
+    assert parse({"broker": {"sandbox": False}}).broker.sandbox is False
+    with pytest.raises(ConfigError, match="sandbox.*true or false"):
+        parse({"broker": {"sandbox": 1}})
+
+
+# -- the filter itself ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_the_allow_list_per_architecture(machine):
+    pol = sb.policy(machine)
+    allowed = set(pol["allowed"]) | set(pol["conditional"])
+    for name in ("open", "openat", "openat2", "creat", "socket", "connect", "bind", "socketpair",
+                 "execve", "execveat", "fork", "vfork", "clone", "clone3", "kill", "tkill",
+                 "ptrace", "mount", "chroot", "setuid", "read", "ioctl", "rt_sigaction",
+                 "prctl", "seccomp", "process_vm_writev", "memfd_create", "io_uring_setup"):
+        assert name not in allowed
+    nr = {"x86_64": {"openat": 257, "write": 1, "futex": 202, "mmap": 9},
+          "aarch64": {"openat": 56, "write": 64, "futex": 98, "mmap": 222}}[machine]
+    assert pol["conditional"]["write"] == nr["write"] and pol["allowed"]["futex"] == nr["futex"]
+    assert sb.syscall_name(nr["openat"], pol["audit_arch"]) == "openat"
+    prog = sb.build_filter(1234, machine)
+    code, jt, jf, k = struct.unpack_from("<HBBI", prog, 8)
+    assert (code, k) == (0x15, pol["audit_arch"])       # the architecture is checked first
+    assert len(prog) % 8 == 0 and len(prog) // 8 < 100
+
+
+def test_no_table_no_kernels(monkeypatch):
+    monkeypatch.setattr(sb.platform, "machine", lambda: "riscv64")
+    with pytest.raises(sb.SandboxError, match="riscv64.*sandbox = false"):
+        ck.Launcher(1)
+
+
+# -- compiles are bounded -------------------------------------------------------------------
+
+MACRO_BOMB = "\n".join([f"#define A0 {'x' * 200} {'x' * 200} {'x' * 200} {'x' * 200}"] +
+                       [f"#define A{i} A{i-1} A{i-1} A{i-1} A{i-1}" for i in range(1, 11)]) + "\nA10\n"
+CONSTEXPR_BOMB = r'''
+constexpr long f() { long s = 0; for (long i = 0; i < 200000; i++) for (long j = 0; j < 200000; j++) s += i ^ j; return s; }
+static_assert(f() != 1, "");
+extern "C" __global__ void k(int* p) {}'''
+MEMORY_BOMB = r'''
+struct S { int a[1 << 24]; };
+constexpr S make() { S s{}; for (int i = 0; i < 4096; i++) for (int j = 0; j < 4096; j++) s.a[i * 4096 + j] = i + j; return s; }
+constexpr S big = make();
+extern "C" __global__ void k(int* p) { p[0] = big.a[5]; }'''
+
+
+def test_a_macro_bomb_is_stopped_with_a_clear_error(session):
+    d = session.device("cpu0")
+    t0 = time.monotonic()
+    with pytest.raises(kc.CompileError, match="exceeds 64 MiB: runaway macro"):
+        d.load_module(MACRO_BOMB)
+    assert time.monotonic() - t0 < 30
+    assert d.allocate(16).size == 16
+
+
+def test_compile_time_and_memory_are_bounded(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(ck.KernelCompileError, match="timed out"):
+        ck.compile_module(CONSTEXPR_BOMB, cache_dir=tmp_path, timeout_s=2)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(ck.KernelCompileError, match="256 MiB memory limit"):
+        ck.compile_module(MEMORY_BOMB, cache_dir=tmp_path, memory_limit_bytes=256 << 20, timeout_s=60)
