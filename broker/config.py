@@ -7,6 +7,7 @@
     heartbeat_timeout_s = 5.0          # ... and are dropped after this much silence
     executor_threads = 0               # CPU backend worker threads per executor (0 = all cores)
     cache_dir = ""                     # compiled-kernel cache ("" = <runtime_dir>/cache)
+    cache_max_bytes = 2147483648       # cap on that cache; the oldest builds go first
     max_message_bytes = 67108864
     metrics_address = "127.0.0.1:9464" # Prometheus /metrics ("" = off; port 0 = any free port)
     admin_socket = ""                  # brokerctl's socket, owner-only ("" = <runtime_dir>/admin.sock)
@@ -121,6 +122,7 @@ class BrokerSettings:
     heartbeat_timeout_s: float = 5.0
     executor_threads: int = 0
     cache_dir: str = ""
+    cache_max_bytes: int = 2 << 30            # compiled-kernel cache cap (oldest evicted first)
     max_message_bytes: int = 64 << 20
     metrics_address: str = "127.0.0.1:9464"   # Prometheus endpoint "host:port"; "" = off
     admin_socket: str = ""                    # brokerctl's socket ("" = <runtime_dir>/admin.sock)

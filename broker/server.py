@@ -43,6 +43,8 @@ E = CUresult
 EXECUTOR_START_TIMEOUT_S = 30.0
 EXECUTOR_STOP_TIMEOUT_S = 5.0
 PUBLISH_INTERVAL_S = 1.0      # metrics snapshot and systemd STATUS= refresh
+CACHE_TRIM_INTERVAL_S = 30.0  # how often the compiled-kernel cache is held to its cap
+STALE_BUILD_S = 600.0         # a build or load file this old was left by a killed executor
 
 
 @dataclasses.dataclass
@@ -114,6 +116,7 @@ class Broker:
         self.sessions: dict[bytes, ClientSession] = {}
         self.stopping = False
         self.reload_requested = False          # set by SIGHUP; acted on in the loop
+        self._next_trim = 0.0                  # first pass trims the compiled-kernel cache
         self._retired: list[TenantState] = []  # removed by a reload, executors still exiting
         self.poller = zmq.Poller()
         self._sock_tenant: dict[zmq.Socket, TenantState] = {}
@@ -227,6 +230,42 @@ class Broker:
         finally:
             self.notifier.stopping()
             self.close()
+
+    def _trim_cache(self) -> None:
+        """Hold the compiled-kernel cache (shared by all tenants' executors) to its cap, so
+        no tenant can fill the node's disk by loading ever new modules. Executors load
+        private copies, so removing a cached build never disturbs one in use."""
+        d = self.settings.resolved_cache_dir
+        now = time.time()
+        builds, total = [], 0
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+                if e.name.startswith((".build-", ".load-")):
+                    if now - st.st_mtime > STALE_BUILD_S:
+                        shutil.rmtree(e.path) if e.is_dir(follow_symlinks=False) else os.unlink(e.path)
+                elif e.name.endswith(".so"):
+                    builds.append((st.st_mtime, st.st_size, e.path))
+                    total += st.st_size
+            except OSError:
+                continue
+        if total <= self.settings.cache_max_bytes:
+            return
+        builds.sort()
+        target = self.settings.cache_max_bytes * 0.8
+        for _, size, path in builds:
+            if total <= target:
+                break
+            try:
+                os.unlink(path)
+                total -= size
+            except OSError:
+                pass
+        log.info("compiled-kernel cache trimmed to %d bytes", total)
 
     def _publish(self) -> None:
         """Hand the metrics endpoint a fresh snapshot (it never reads live state)."""
@@ -459,6 +498,9 @@ class Broker:
                 elif ex.stopping is not None and now - ex.stopping > EXECUTOR_STOP_TIMEOUT_S:
                     ex.proc.kill()
         self._retired = [t for t in self._retired if t.executors]
+        if time.monotonic() >= self._next_trim:
+            self._next_trim = time.monotonic() + CACHE_TRIM_INTERVAL_S
+            self._trim_cache()
         self._enforce_kernel_time()
         for name in self.schedulers:
             self._schedule(name)

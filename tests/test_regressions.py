@@ -100,3 +100,34 @@ def test_reload_removing_a_tenant_while_it_sends(broker_factory, raw_socket):
     assert b.alive()
     with b.connect("alice") as s:
         assert s.device("cpu0").allocate(16).size == 16
+
+
+def test_the_kernel_cache_is_held_to_its_cap(broker_factory, tmp_path):
+    import os
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for i in range(10):                       # ten old builds of 1 MiB each
+        p = cache / f"{i:064x}.so"
+        p.write_bytes(b"\0" * (1 << 20))
+        os.utime(p, (1000 + i, 1000 + i))
+    stale = cache / ".build-old"
+    stale.mkdir()
+    os.utime(stale, (1000, 1000))
+    from conftest import BrokerProcess
+    b = BrokerProcess({"t": {}}, str(cache), cache_max_bytes=4 << 20)
+    try:
+        deadline = time.monotonic() + 10
+        while len(list(cache.glob("*.so"))) > 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = sorted(p.name for p in cache.glob("*.so"))
+        assert left == [f"{i:064x}.so" for i in (7, 8, 9)]      # the newest, within 80 % of the cap
+        assert not stale.exists()
+        with b.connect("t") as s:              # and kernels still build and run
+            d = s.device("cpu0")
+            k = d.load_module(COUNT).get_kernel("inc")
+            c = d.allocate(8)
+            c.copy_from(np.zeros(1, np.uint64))
+            d.launch(k, (3,), (1,), [c, 1])
+            assert int(c.copy_to(np.empty(1, np.uint64))[0]) == 3
+    finally:
+        b.stop()
