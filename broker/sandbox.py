@@ -21,7 +21,8 @@ Anything else -- ``open``/``openat``/``openat2``/``creat``, ``socket``/``connect
 ``mount``, ``setuid``, ``read``, ``ioctl``... -- is refused with ``SECCOMP_RET_TRAP``: the
 call does not happen, and the thread gets SIGSYS. Our SIGSYS handler records which call
 it was, lets the executor tell the broker ("the sandbox refused system call openat"), and
-the process ends by SIGSYS (after at most 5 s even if nobody reports). A system call made
+the process ends by SIGSYS -- after at most 2 s even if nobody reports (a call made while
+holding a libc lock, as fork does, gets the unnamed message). A system call made
 under another ABI (i386 ``int 0x80`` on x86-64) kills the process at once.
 
 Tenant code can also run at load and unload time: compile_module refuses modules whose
@@ -466,7 +467,7 @@ static void on_sigsys(int sig, siginfo_t* si, void* uc) {
         }
         if (g_watched) {  /* the executor reports it and ends the process; else we do */
             struct timespec ts = {0, 10 * 1000 * 1000};
-            for (int i = 0; i < 500; i++) nanosleep(&ts, 0);
+            for (int i = 0; i < 200; i++) nanosleep(&ts, 0);   /* 2 s */
         }
     }
     /* Default action: in a confined thread rt_sigaction is itself refused, and a SIGSYS
