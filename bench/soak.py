@@ -566,13 +566,6 @@ class Soak:
             d = v["devices"][DEVICE]
             pid = d["executor_pid"]
             ex[t] = (pid, rss(pid), d["memory_used"], *rss_parts(pid))
-        ops = 0
-        errs = 0
-        for c in self.clients:
-            r = parse_report(c.report) if self.a.count_live_ops else None
-            if r:
-                ops += sum(r["ops"].values())
-                errs += len(r["errors"])
         # CPU use since the last sample: broker, executors (together), live clients (together)
         cpu = {"broker": 0.0, "ex": 0.0, "cli": 0.0}
         prev, self.cpu_prev = self.cpu_prev, {}
@@ -590,7 +583,7 @@ class Soak:
              "clients": sum(1 for c in self.clients if c.proc.poll() is None),
              "shm": len(files), "stale": len(stale_now), "kills": self.kills,
              "kernels": sum(v["devices"][DEVICE]["kernels"] for v in st["tenants"].values()),
-             "load": os.getloadavg()[0], "live_ops": ops, "live_errors": errs}
+             "load": os.getloadavg()[0]}
         self.samples.append(s)
         ex_rss = [e[1] for e in ex.values() if e[1]]
         print(f"{s['t']:7.1f} {s['clients']:4d} {s['sessions']:5d} {mib(s['broker']):>8} "
@@ -903,8 +896,6 @@ def main() -> int:
     ap.add_argument("--hang-s", type=float, default=60.0, help="no progress this long is a hang")
     ap.add_argument("--stop-timeout", type=float, default=30.0)
     ap.add_argument("--reclaim-timeout", type=float, default=60.0)
-    ap.add_argument("--count-live-ops", action="store_true",
-                    help="read every live client's report at each sample (costs CPU)")
     # the client process
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--once", action="store_true", help=argparse.SUPPRESS)

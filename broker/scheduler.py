@@ -106,6 +106,7 @@ class Entity:
     wait_ns: int = 0                  # time spent runnable waiting for a lease
     wait_counts: list = dataclasses.field(default_factory=lambda: [0] * len(WAIT_BOUNDS_S))
     history: collections.deque = dataclasses.field(default_factory=collections.deque)  # (t, used)
+    active: bool = True               # an executor is there to take leases
 
 
 @dataclasses.dataclass
@@ -130,25 +131,40 @@ class DeviceScheduler:
 
     # -- membership ------------------------------------------------------------------------
     def add(self, tenant: str, weight: int, klass: str, bucket: LimitBucket) -> Entity:
-        e = Entity(tenant, self.device, weight, klass, bucket)
-        e.vtime = self._min_vtime()
-        self.entities[tenant] = e
+        """A tenant's executor for this device is ready. Its accounting (device time,
+        kernels, histograms) carries over from its earlier executors: counters only grow."""
+        e = self.entities.get(tenant)
+        vtime = self._min_vtime()
+        if e is None:
+            e = self.entities[tenant] = Entity(tenant, self.device, weight, klass, bucket)
+        e.weight, e.klass, e.bucket = weight, klass, bucket
+        e.active, e.runnable, e.want_since = True, False, None
+        e.vtime = max(e.vtime, vtime)
         return e
 
     def remove(self, tenant: str) -> None:
-        e = self.entities.pop(tenant, None)
-        if e is not None and self.holder is e:
-            self.holder, self.lease = None, None
+        """Its executor is gone or going: no more leases (the accounting stays)."""
+        e = self.entities.get(tenant)
+        if e is not None:
+            e.active, e.runnable, e.want_since = False, False, None
+            if self.holder is e:
+                self.holder, self.lease = None, None
+
+    def forget(self, tenant: str) -> None:
+        """The tenant left the configuration."""
+        self.remove(tenant)
+        self.entities.pop(tenant, None)
 
     def _min_vtime(self) -> float:
         active = [e.vtime for e in self.entities.values() if e.runnable or e is self.holder]
-        return min(active) if active else max((e.vtime for e in self.entities.values()), default=0.0)
+        return min(active) if active else max(
+            (e.vtime for e in self.entities.values() if e.active), default=0.0)
 
     # -- events --------------------------------------------------------------------------
     def want(self, tenant: str, now: int) -> bool:
         """`tenant` has work queued. Returns True when the holder should be preempted."""
         e = self.entities.get(tenant)
-        if e is None or e.runnable or e is self.holder:
+        if e is None or not e.active or e.runnable or e is self.holder:
             return False
         # Clients go idle for a moment between batches (a synchronize round trip): keep a
         # bounded lag so that does not cost them their share, without banking long idles.

@@ -886,7 +886,7 @@ class Broker:
                                                       "from the broker's configuration"))
             self._end_session(s, "tenant removed from the configuration")
         for name, sched in self.schedulers.items():
-            sched.remove(t.config.name)
+            sched.forget(t.config.name)
         for ex in list(t.executors.values()):
             self._stop_executor(ex)
         self.poller.unregister(t.sock)
