@@ -655,7 +655,7 @@ def _analyze(text: str) -> _Analysis:
 
 def _generate(an: _Analysis) -> str:
     """Code appended after the tenant text: the runtime and the tables it exports."""
-    g = [f'#line 1 "<kubecash-generated>"',
+    g = ['#line 1 "<kubecash-generated>"',
          f"#define __KC_FIBERS {1 if an.fibers else 0}",
          "#define __KC_RUNTIME__ 1",
          '#include "kubecash_cuda.h"',
