@@ -3,7 +3,8 @@
 #   bench/gpu_check.sh OUTDIR [gpu0]
 # Installs the project from bench/wheels/ (made by bench/gpu_wheels.sh) if it is missing,
 # runs the GPU tests, the data-path and the fairness benchmarks on one device, writes the
-# full logs to OUTDIR and prints a short table last. Budget: 8 minutes.
+# full logs to OUTDIR and prints a short table last. Budget: 8 minutes. With the device
+# tool: run bench/gpu_wheels.sh here first and name bench/wheels in `carry`.
 set -u
 out=${1:?usage: bench/gpu_check.sh OUTDIR [DEVICE]}
 dev=${2:-gpu0}
@@ -28,7 +29,7 @@ run() {   # name, seconds, command...
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
     local last
-    last=$(grep -E '^[0-9]+ passed|passed|failed' "$out/$name.log" | tail -1)
+    last=$(grep -E 'passed|failed|skipped|no tests ran' "$out/$name.log" | tail -1)
     printf '%-10s rc=%-3s %s\n' "$name" "$rc" "${last:-(no summary; see $name.log)}" >>"$out/summary.txt"
 }
 : >"$out/summary.txt"
