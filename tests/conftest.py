@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from typing import Any
 
 import pytest
@@ -102,6 +103,17 @@ def raw_socket():
     for s in socks:
         s.close()
     ctx.term()
+
+
+def wait_for(pred, timeout: float, what: str):
+    """Poll `pred` until it returns something true (returned), or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def run_client(code: str, address: str, timeout: float = 120, **popen: Any) -> subprocess.Popen:

@@ -13,7 +13,7 @@ import pytest
 
 import kubecash.client as kc
 
-from conftest import BrokerProcess, run_client
+from conftest import BrokerProcess, run_client, wait_for
 from kernels import SPIN, VECADD
 
 FOREVER = r"""
@@ -24,14 +24,6 @@ extern "C" __global__ void tiny(int* p) { p[threadIdx.x] += 1; }
 """
 
 
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def _alice_cpu0(admin) -> dict:

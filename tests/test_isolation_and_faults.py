@@ -1,7 +1,6 @@
 """Quotas, isolation and faults: each tenant is alone with its own memory and executor."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -11,14 +10,6 @@ import kubecash.client as kc
 from kernels import SEGFAULT, VECADD
 
 
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_memory_quota_holds_exactly_at_its_boundary(broker_factory):
