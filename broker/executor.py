@@ -265,8 +265,7 @@ class Executor:
     # -- control channel (from the broker) --------------------------------------------------
     def _on_control(self, frame: bytes) -> None:
         try:
-            msg = P.unpack(frame)
-            op = P.check_request(msg, P.CONTROL_OPS)
+            op, msg = P.decode(frame, P.CONTROL_OPS)
         except ProtocolError as e:
             log.error("bad control message: %s", e)
             return
@@ -506,8 +505,7 @@ class Executor:
                 self._stopping = True
                 return
             try:
-                msg = P.unpack(frame)
-                op = P.check_request(msg, P.CONTROL_OPS)
+                op, msg = P.decode(frame, P.CONTROL_OPS)
             except ProtocolError as e:
                 log.error("bad lease message: %s", e)
                 continue

@@ -643,8 +643,7 @@ class Broker:
             return
         ident, frame = frames
         try:
-            msg = P.unpack(frame)
-            op = P.check_request(msg, P.EXECUTOR_REPORTS)
+            op, msg = P.decode(frame, P.EXECUTOR_REPORTS)
         except ProtocolError as e:
             log.error("bad message on the control socket: %s", e)
             return
@@ -705,8 +704,7 @@ class Broker:
                 self._forget_lease_fd(ex)
                 return
             try:
-                msg = P.unpack(frame)
-                op = P.check_request(msg, P.EXECUTOR_REPORTS)
+                op, msg = P.decode(frame, P.EXECUTOR_REPORTS)
             except ProtocolError as e:
                 log.error("bad lease message from %s/%s: %s", ex.tenant.config.name, ex.device.name, e)
                 continue

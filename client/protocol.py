@@ -193,6 +193,13 @@ def check_request(msg: dict[str, Any], table: dict[str, dict[str, F]]) -> str:
     return op
 
 
+def decode(frame: bytes, table: dict[str, dict[str, F]],
+           max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[str, dict[str, Any]]:
+    """unpack + check_request: (op, message), or ProtocolError saying what is wrong."""
+    msg = unpack(frame, max_bytes)
+    return check_request(msg, table), msg
+
+
 def reply(req_id: int, **result: Any) -> bytes:
     return pack({"v": VERSION, "id": req_id, "ok": True, **result})
 

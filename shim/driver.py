@@ -11,7 +11,7 @@ from typing import Any
 from kubecash.client import CUresult
 
 from . import devattr, images, ops
-from .errors import ERROR_NAMES, ERROR_STRINGS, ShimError, say_once
+from .errors import ERROR_NAMES, ERROR_STRINGS, ShimError, result_code, say_once
 from .hostmem import as_int, host_address
 from .state import STATE, Ctx, Registered, handle_int
 
@@ -926,15 +926,10 @@ def cuProfilerStop():
 
 
 # -- errors (answered locally) -----------------------------------------------------------------
-def _code(error) -> int:
-    try:
-        return int(error)
-    except (TypeError, ValueError):
-        return int(getattr(error, "value", -1))
 
 
 def cuGetErrorName(error):
-    code = _code(error)
+    code = result_code(error)
     try:
         return (real.CUresult(code).name.encode(),)
     except ValueError:
@@ -942,7 +937,7 @@ def cuGetErrorName(error):
 
 
 def cuGetErrorString(error):
-    code = _code(error)
+    code = result_code(error)
     try:
         name = real.CUresult(code).name
     except ValueError:

@@ -42,6 +42,14 @@ class ShimError(Exception):
         self.message = message
 
 
+def result_code(error) -> int:
+    """The number of a result enum, an int, or anything with .value (error-name calls)."""
+    try:
+        return int(error)
+    except (TypeError, ValueError):
+        return int(getattr(error, "value", -1))
+
+
 def driver_result(real, code: int):
     try:
         return real.CUresult(int(code))

@@ -10,7 +10,7 @@ from typing import Any
 from kubecash.client import CUresult
 
 from . import devattr, driver, ops
-from .errors import ERROR_STRINGS, ShimError
+from .errors import ERROR_STRINGS, ShimError, result_code
 from .hostmem import as_int, host_address
 from .state import STATE
 
@@ -404,22 +404,17 @@ def cudaProfilerStop():
 
 
 # -- errors (answered locally) ------------------------------------------------------------------
-def _code(error) -> int:
-    try:
-        return int(error)
-    except (TypeError, ValueError):
-        return int(getattr(error, "value", -1))
 
 
 def cudaGetErrorName(error):
     try:
-        return (real.cudaError_t(_code(error)).name.encode(),)
+        return (real.cudaError_t(result_code(error)).name.encode(),)
     except ValueError:
         return (b"cudaErrorUnknown",)
 
 
 def cudaGetErrorString(error):
-    code = _code(error)
+    code = result_code(error)
     try:
         name = real.cudaError_t(code).name
     except ValueError:
