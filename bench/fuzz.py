@@ -44,6 +44,7 @@ sys.path.insert(0, ROOT)
 
 import kubecash.client as kc                       # noqa: E402
 from kubecash.client import protocol as P          # noqa: E402
+from kubecash.broker.server import BROKER_MESSAGE_MAX  # noqa: E402
 from kubecash.client.errors import code_name        # noqa: E402
 
 VECADD = r"""
@@ -53,7 +54,7 @@ extern "C" __global__ void vadd(const float* a, const float* b, float* c, int n)
 }
 """
 PROBE_BASE = 1 << 62            # probe ids; fuzzed ids stay below unless mutated
-BROKER_FRAME_MAX = 1 << 20      # the broker's tenant sockets (min(1 MiB, max_message_bytes))
+BROKER_FRAME_MAX = BROKER_MESSAGE_MAX   # the broker's tenant sockets (16 KiB)
 MESSAGE_MAX = 1 << 20           # max_message_bytes of the fuzzed broker: its executors' cap too
 
 
@@ -82,8 +83,11 @@ class Target:
     """One socket under fuzz: a DEALER to a broker or executor ROUTER, plus its probe."""
 
     def __init__(self, ctx: zmq.Context, address: str, frame_max: int, probe: dict, timeout: float,
-                 counts: collections.Counter | None = None):
+                 counts: collections.Counter | None = None, answers_oversize: bool = False):
         self.ctx, self.address, self.frame_max = ctx, address, frame_max
+        # The broker's gate discards an oversized frame and answers (id 0) on the same
+        # connection; an executor's ZeroMQ drops it with the connection.
+        self.answers_oversize = answers_oversize
         self.probe, self.timeout = probe, timeout
         self.probes = 0
         self.sock: zmq.Socket | None = None
@@ -115,7 +119,7 @@ class Target:
             want_id = P.request_id_of(msg)
             optional = isinstance(msg, dict) and msg.get("async") is True
         self.sock.send_multipart(frames)
-        if oversize:
+        if oversize and not self.answers_oversize:
             # ZeroMQ discards it and the connection with it: reconnect, then the probe below
             # checks the server still serves.
             time.sleep(0.01)
@@ -423,7 +427,7 @@ class FuzzRun:
         self.bt = Target(self.ctx, self.broker.address(self.tenant),
                          min(BROKER_FRAME_MAX, self.max_message_bytes),
                          {"v": 1, "op": "heartbeat", "session": tok}, self.timeout,
-                         self.counts["broker"])
+                         self.counts["broker"], answers_oversize=True)
         self.et = Target(self.ctx, exec_addr, self.max_message_bytes,
                          {"v": 1, "op": "mem_info", "session": tok}, self.timeout,
                          self.counts["executor"])

@@ -29,9 +29,12 @@ minutes 1-2 of 10, after warm-up) with the median over the last 10 % (the last m
 Executors live as long as their tenant has a session; with many clients per tenant they
 normally live the whole run. Growth is computed per executor process present in both windows
 and summed; an executor replaced in between is listed and left out (a fresh process says
-nothing about growth).
+nothing about growth). An executor's RSS includes what it holds for its tenant: the
+allocations in use (memory_used) and the shared-memory segments it maps (staging, pinned host
+buffers), which rise and fall with what the clients hold at that moment. Its *own* memory is
+RSS less those two; that is what must not grow. Both are printed.
 
-Verdicts: broker RSS growth <= 5 %; executors' RSS growth <= 5 %; no stale segments during
+Verdicts: broker RSS growth <= 5 %; executors' own memory growth <= 5 %; no stale segments during
 the run; 0 segments left at the end; 0 client errors (wrong results, unexpected exceptions,
 crashes, hangs); no executor ended uncleanly; broker alive and serving; everything
 reclaimed. The last line is `N passed, M failed`.
@@ -442,6 +445,50 @@ def rss_parts(pid: int | None) -> tuple[int, int]:
     return anon, file
 
 
+ARENA_ALIGN = 64 << 20   # glibc's per-thread malloc arenas are 64 MiB-aligned on 64-bit
+
+
+def anon_regions(pid: int | None) -> dict[str, int]:
+    """Private memory by where it lives: the main malloc heap ([heap]: Python objects over
+    512 bytes, C libraries called from the main thread), other threads' malloc arenas (ZeroMQ's
+    I/O thread), and other anonymous mappings (Python's small-object arenas, large malloc
+    blocks, stacks). Says which allocator a growth comes from."""
+    out = {"heap": 0, "thread arenas": 0, "other anon": 0}
+    cur = None
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for ln in f:
+                parts = ln.split()
+                if parts and "-" in parts[0] and len(parts) >= 5:
+                    name = parts[5] if len(parts) > 5 else ""
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    cur = ("heap" if name == "[heap]" else
+                           "thread arenas" if not name and lo % ARENA_ALIGN == 0 and hi - lo <= ARENA_ALIGN else
+                           "other anon" if not name else None)
+                elif parts and parts[0] == "Anonymous:" and cur:
+                    out[cur] += int(parts[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def segment_rss(pid: int | None, prefix: str) -> int:
+    """Resident bytes of the shared-memory segments under `prefix` that `pid` maps (the
+    tenant's staging and pinned host buffers: its data, not the executor's)."""
+    total, inside = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for ln in f:
+                parts = ln.split()
+                if parts and "-" in parts[0] and len(parts) >= 5:
+                    inside = len(parts) > 5 and parts[5].startswith(prefix)
+                elif inside and parts and parts[0] == "Rss:":
+                    total += int(parts[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return total
+
+
 def cpu_s(pid: int | None) -> float | None:
     import psutil
     if not pid:
@@ -565,7 +612,8 @@ class Soak:
         for t, v in st["tenants"].items():
             d = v["devices"][DEVICE]
             pid = d["executor_pid"]
-            ex[t] = (pid, rss(pid), d["memory_used"], *rss_parts(pid))
+            seg = segment_rss(pid, os.path.join(self.broker.runtime_dir, "tenants", t, "shm") + "/")
+            ex[t] = (pid, rss(pid), d["memory_used"], *rss_parts(pid), seg)
         # CPU use since the last sample: broker, executors (together), live clients (together)
         cpu = {"broker": 0.0, "ex": 0.0, "cli": 0.0}
         prev, self.cpu_prev = self.cpu_prev, {}
@@ -579,6 +627,7 @@ class Soak:
         cpu = {k: v / span for k, v in cpu.items()}
         s = {"t": now - self.t0, "broker": rss(self.broker.proc.pid), "ex": ex, "cpu": cpu,
              "broker_parts": rss_parts(self.broker.proc.pid),
+             "broker_regions": anon_regions(self.broker.proc.pid),
              "sessions": sum(v["sessions"] for v in st["tenants"].values()),
              "clients": sum(1 for c in self.clients if c.proc.poll() is None),
              "shm": len(files), "stale": len(stale_now), "kills": self.kills,
@@ -748,10 +797,14 @@ def growth_report(sk: Soak, a: argparse.Namespace) -> None:
     slope = trend([(s["t"], s["broker"]) for s in sk.samples if s["t"] >= 0.1 * T and s["broker"]])
     ba = [statistics.median(s["broker_parts"][i] for s in w) for w in (base, end) for i in (0, 1)]
     print(f"     broker anon {mib(ba[0])} -> {mib(ba[2])} MiB, file-backed {mib(ba[1])} -> {mib(ba[3])} MiB")
+    print("     broker anon by region: " + ", ".join(
+        f"{k} {mib(statistics.median(s['broker_regions'][k] for s in base))} -> "
+        f"{mib(statistics.median(s['broker_regions'][k] for s in end))} MiB"
+        for k in base[0]["broker_regions"]))
     verdict("broker RSS growth", g <= a.max_growth,
             f"{mib(b0)} MiB -> {mib(b1)} MiB ({g:+.2%}, limit +{a.max_growth:.0%}); "
             f"trend after warm-up {slope / 2**20 * 60:+.2f} MiB/min")
-    tot0 = tot1 = 0.0
+    tot0 = tot1 = own0 = own1 = 0.0
     lines, replaced = [], []
     for t in sk.tenants:
         p0 = {s["ex"][t][0] for s in base} - {None}
@@ -763,6 +816,14 @@ def growth_report(sk: Soak, a: argparse.Namespace) -> None:
             r1 = statistics.median(s["ex"][t][1] for s in end if s["ex"][t][0] == pid and s["ex"][t][1])
             tot0 += r0
             tot1 += r1
+            # The executor's own memory: its RSS less what it holds for the tenant (the
+            # allocations in use and the mapped segments), which moves with the clients.
+            def own(ws):
+                return statistics.median(s["ex"][t][1] - s["ex"][t][2] - s["ex"][t][5]
+                                         for s in ws if s["ex"][t][0] == pid and s["ex"][t][1])
+            o0, o1 = own(base), own(end)
+            own0 += o0
+            own1 += o1
             sl = trend([(s["t"], s["ex"][t][1]) for s in sk.samples
                         if s["t"] >= 0.1 * T and s["ex"][t][0] == pid and s["ex"][t][1]])
             def med(ws, i):
@@ -770,8 +831,9 @@ def growth_report(sk: Soak, a: argparse.Namespace) -> None:
             lines.append(f"{t} pid {pid}: {mib(r0)} -> {mib(r1)} MiB ({r1 / r0 - 1:+.2%}, "
                          f"{sl / 2**20 * 60:+.2f} MiB/min); anon {mib(med(base, 3))} -> "
                          f"{mib(med(end, 3))}, of it device memory in use {mib(med(base, 2))} -> "
-                         f"{mib(med(end, 2))}; file-backed (segments, libraries) "
-                         f"{mib(med(base, 4))} -> {mib(med(end, 4))}")
+                         f"{mib(med(end, 2))}; file-backed {mib(med(base, 4))} -> "
+                         f"{mib(med(end, 4))}, of it the tenant's segments {mib(med(base, 5))} -> "
+                         f"{mib(med(end, 5))}; own {mib(o0)} -> {mib(o1)} MiB ({o1 / o0 - 1:+.2%})")
         else:
             replaced.append(f"{t} (pids {sorted(p0)} in the baseline, {sorted(p1)} at the end)")
     pids = {s["ex"][t][0] for s in sk.samples for t in sk.tenants} - {None}
@@ -782,11 +844,14 @@ def growth_report(sk: Soak, a: argparse.Namespace) -> None:
         print("     not compared (executor replaced between the windows): " + "; ".join(replaced))
     if tot0:
         g = tot1 / tot0 - 1
-        verdict("executors RSS growth", g <= a.max_growth,
-                f"sum over {len(lines)} executors alive in both windows: {mib(tot0)} MiB -> "
-                f"{mib(tot1)} MiB ({g:+.2%}, limit +{a.max_growth:.0%})")
+        print(f"     executors' RSS, sum over {len(lines)} alive in both windows: {mib(tot0)} MiB -> "
+              f"{mib(tot1)} MiB ({g:+.2%}), tenant data included")
+        g = own1 / own0 - 1
+        verdict("executors' own memory growth", g <= a.max_growth,
+                f"RSS less the tenant's allocations in use and mapped segments, sum over "
+                f"{len(lines)}: {mib(own0)} MiB -> {mib(own1)} MiB ({g:+.2%}, limit +{a.max_growth:.0%})")
     else:
-        verdict("executors RSS growth", False, "no executor lived through both windows")
+        verdict("executors' own memory growth", False, "no executor lived through both windows")
 
 
 def trend(points: list[tuple[float, float]]) -> float:

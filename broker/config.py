@@ -16,6 +16,8 @@
     max_modules_per_session = 256      # loaded (and loading) modules per session and device
     max_module_bytes = 8388608         # module source/image size (protocol caps: 8 MiB source, 32 MiB image)
     max_queued_ops_per_session = 4096  # executor-side queued work per session (see README)
+    max_connections_per_tenant = 600   # open connections to a tenant's broker socket (2 per session)
+    max_requests_per_tenant_s = 2000   # broker requests per second and tenant (past it: back-pressure)
     sandbox = true                     # confine CPU-backend kernels with seccomp (see README)
 
     [tenants.alice]                    # a tenant: a name of [A-Za-z0-9_.-], 1-64 chars
@@ -132,6 +134,8 @@ class BrokerSettings:
     max_modules_per_session: int = 256
     max_module_bytes: int = 8 << 20
     max_queued_ops_per_session: int = 4096
+    max_connections_per_tenant: int = 600     # a session holds two (requests, heartbeats)
+    max_requests_per_tenant_s: float = 2000.0
     # CPU backend: kernels run on threads confined by a seccomp filter (no files, sockets or
     # programs). false runs tenant native code unconfined, with the executor's privileges.
     sandbox: bool = True
@@ -237,7 +241,8 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
             raise _fail(path, "[broker] field 'metrics_address'",
                         f"must be \"host:port\" (or \"\" for none), got {broker.metrics_address!r}")
     for key in ("max_message_bytes", "max_sessions_per_tenant", "max_handles_per_session",
-                "max_modules_per_session", "max_module_bytes", "max_queued_ops_per_session"):
+                "max_modules_per_session", "max_module_bytes", "max_queued_ops_per_session",
+                "max_connections_per_tenant"):
         if getattr(broker, key) < 1:      # 0 would refuse everything: not a way to say "unbounded"
             raise _fail(path, f"[broker] field '{key}'", "must be at least 1")
     if broker.heartbeat_timeout_s <= broker.heartbeat_interval_s:

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import queue
+import resource
 import secrets
 import select
 import socket
@@ -297,6 +298,7 @@ class Executor:
                 self._enqueue_locked(s, Op(cleanup, None, 0, None))
         elif op == "set_quota":
             self.memory_limit = msg["memory"]
+            bound_memory(self.device["kind"], self.memory_limit)
         elif op == "shutdown":
             self._stopping = True
 
@@ -1108,6 +1110,28 @@ def _libc_fflush(stream) -> None:
         pass
 
 
+EXECUTOR_OVERHEAD_BYTES = 1 << 30   # interpreter, libraries, worker stacks, requests in flight
+
+
+def bound_memory(kind: str, memory_limit: int) -> None:
+    """An executor serves one tenant, but the node's memory is everyone's. On the CPU backend,
+    whose device memory is the executor's own private memory, cap the process at the tenant's
+    quota plus overhead (RLIMIT_DATA, soft), so nothing the tenant sends (a multi-frame message
+    libzmq buffers whole, say) can make it take more: past it an allocation fails and at worst
+    the executor dies, which only that tenant notices. Not on GPUs: the CUDA driver's own
+    mappings are not sized by the quota (untested there)."""
+    if kind != "cpu":
+        return
+    try:
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        soft = memory_limit + EXECUTOR_OVERHEAD_BYTES
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+    except (OSError, ValueError) as e:
+        log.warning("could not bound the executor's memory: %s", e)
+
+
 def _die_with_parent() -> None:
     """An executor must not outlive its broker (PR_SET_PDEATHSIG, Linux)."""
     try:
@@ -1137,11 +1161,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("KUBECASH_LOG_LEVEL", "WARNING"),
                         format=f"%(asctime)s executor[{a.tenant}/%(process)d] %(levelname)s %(message)s")
     _die_with_parent()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # a crash must not write tenant data to disk
     secret = os.environ.pop("KUBECASH_EXECUTOR_SECRET", "").encode()
     ex = Executor(a.tenant, json.loads(a.device_json), a.runtime_dir, a.control, secret,
                   a.lease_fd, a.memory_limit, a.threads, a.cache_dir, a.max_message_bytes,
                   limits={k: int(v) for k, v in json.loads(a.limits).items() if k in DEFAULT_LIMITS},
                   sandbox=not a.no_sandbox)
+    bound_memory(ex.device["kind"], a.memory_limit)
     if a.owner:
         uid, gid = a.owner.split(":")
         ex.owner = (int(uid), int(gid))

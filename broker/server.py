@@ -35,6 +35,7 @@ from kubecash.client.errors import CUresult, ProtocolError
 from . import config as cfg
 from . import metrics
 from .devices import Device, discover
+from .gate import Event, Gate
 from .notify import Notifier
 from .scheduler import NS, DeviceScheduler, LimitBucket
 
@@ -44,6 +45,8 @@ EXECUTOR_START_TIMEOUT_S = 30.0
 EXECUTOR_STOP_TIMEOUT_S = 5.0
 PUBLISH_INTERVAL_S = 1.0      # metrics snapshot and systemd STATUS= refresh
 CACHE_TRIM_INTERVAL_S = 30.0  # how often the compiled-kernel cache is held to its cap
+BROKER_MESSAGE_MAX = 16 << 10  # broker requests (hello, open, heartbeat...) are far smaller
+GATE_BATCH = 64               # raw chunks read from one tenant's socket per pass
 STALE_BUILD_S = 600.0         # a build or load file this old was left by a killed executor
 
 
@@ -89,10 +92,10 @@ class ClientSession:
     failed: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)      # kept in sets: identity is what matters
 class TenantState:
     config: cfg.Tenant               # replaced (not mutated) on live quota changes
-    sock: zmq.Socket
+    gate: Gate                       # its socket
     dir: str
     sessions: dict[bytes, ClientSession] = dataclasses.field(default_factory=dict)
     executors: dict[str, ExecutorProc] = dataclasses.field(default_factory=dict)
@@ -120,6 +123,7 @@ class Broker:
         self._retired: list[TenantState] = []  # removed by a reload, executors still exiting
         self.poller = zmq.Poller()
         self._sock_tenant: dict[zmq.Socket, TenantState] = {}
+        self._paused: set[TenantState] = set()     # over their request rate: not polled
         self._by_ident: dict[bytes, ExecutorProc] = {}     # control-socket routing ids
         self._lease_fds: dict[int, ExecutorProc] = {}      # lease socketpair fds
         self._closed = False
@@ -188,19 +192,17 @@ class Broker:
     def _add_tenant(self, t: cfg.Tenant) -> None:
         d = P.tenant_dir(self.runtime_dir, t.name)
         _own_tenant_dir(d, t.owner)
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        # broker requests are small; a larger frame makes ZeroMQ drop the connection
-        sock.setsockopt(zmq.MAXMSGSIZE, self._broker_msg_max)
-        sock.bind(f"ipc://{P.broker_socket_path(self.runtime_dir, t.name)}")
+        gate = Gate(self.ctx, f"ipc://{P.broker_socket_path(self.runtime_dir, t.name)}",
+                    tenant=t.name, max_bytes=self._broker_msg_max,
+                    max_connections=self.settings.max_connections_per_tenant,
+                    rate=self.settings.max_requests_per_tenant_s)
         # Connecting needs write permission on the socket file; the 0700 directory (owned by
         # the tenant's uid) is what keeps everyone else out.
         os.chmod(P.broker_socket_path(self.runtime_dir, t.name), 0o666)
-        ts = TenantState(t, sock, d)
+        ts = TenantState(t, gate, d)
         self.tenants[t.name] = ts
-        self._sock_tenant[sock] = ts
-
-        self.poller.register(sock, zmq.POLLIN)
+        self._sock_tenant[gate.sock] = ts
+        self.poller.register(gate.sock, zmq.POLLIN)
 
     def serve_forever(self) -> None:
         self.start()
@@ -284,17 +286,27 @@ class Broker:
             wait = sched.ns_until_next_eligible(now) if sched.holder is None else None
             if wait is not None:
                 timeout_s = min(timeout_s, wait / NS)
+        for t in self.tenants.values():          # tenants over their request rate wait
+            t.gate.refill(now / NS)
+            if t.gate.paused:
+                timeout_s = min(timeout_s, t.gate.seconds_to_resume())
+            elif t in self._paused:
+                self._paused.discard(t)
+                self.poller.register(t.gate.sock, zmq.POLLIN)
         for sock, _ in self.poller.poll(max(0, math.ceil(timeout_s * 1000))):
             if isinstance(sock, int):
                 ex = self._lease_fds.get(sock)
                 if ex is not None:
                     self._on_lease(ex)
                 continue
+            t = self._sock_tenant.get(sock)
+            if t is not None:
+                self._on_gate(t)
+                continue
             for _ in range(256):   # drain a bounded batch from each ready socket
                 # An earlier message of this batch may have closed it (a reload removing
                 # the tenant): skip what is no longer ours.
-                if sock.closed or not (sock is self.control or sock is self.admin
-                                       or sock in self._sock_tenant):
+                if sock.closed:
                     break
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -305,10 +317,8 @@ class Broker:
                     break
                 if sock is self.control:
                     self._on_control(frames)
-                elif sock is self.admin:
-                    self._on_admin(frames)
                 else:
-                    self._on_tenant(self._sock_tenant[sock], frames)
+                    self._on_admin(frames)
         self._housekeeping()
 
     def close(self) -> None:
@@ -334,7 +344,7 @@ class Broker:
             self._metrics_server.server_close()
         self.notifier.close()
         for t in self.tenants.values():
-            t.sock.close()
+            t.gate.close()
         self.admin.close()
         self.control.close()
         self.ctx.term()
@@ -346,13 +356,29 @@ class Broker:
                     pass
 
     # -- tenant sockets -------------------------------------------------------------------
-    def _on_tenant(self, t: TenantState, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            if frames:
-                self._send(t.sock, frames[0], P.error(0, E.CUDA_ERROR_INVALID_VALUE,
-                                                      "expected one message frame"))
-            return
-        ident, frame = frames
+    def _on_gate(self, t: TenantState) -> None:
+        """A bounded batch from one tenant's socket; a tenant past its request rate is left
+        unread (back-pressure) until its budget refills."""
+        for kind, ident, what in t.gate.receive(GATE_BATCH):
+            if t.gate.sock.closed:          # an earlier request's reload removed the tenant
+                return
+            if kind is Event.MESSAGE:
+                self._on_tenant(t, ident, what)
+            elif kind is Event.REFUSED:
+                t.gate.send(ident, P.error(0, E.CUDA_ERROR_INVALID_VALUE, what))
+            else:
+                self._connection_closed(t, ident)
+        if t.gate.paused and t not in self._paused and not t.gate.sock.closed:
+            self._paused.add(t)
+            self.poller.unregister(t.gate.sock)
+
+    def _connection_closed(self, t: TenantState, ident: bytes) -> None:
+        """A client's main socket closes only when it closes its session or exits: end what
+        it left open now, rather than at the heartbeat timeout."""
+        for s in [s for s in t.sessions.values() if s.ident == ident]:
+            self._end_session(s, "client connection closed")
+
+    def _on_tenant(self, t: TenantState, ident: bytes, frame: bytes) -> None:
         msg: Any = None
         try:
             msg = P.unpack(frame, self._broker_msg_max)
@@ -367,14 +393,14 @@ class Broker:
                 s.last_seen = time.monotonic()
                 result = getattr(self, "_op_" + op)(s, ident, msg)
             if result is not None:
-                self._send(t.sock, ident, P.reply(msg["id"], **result))
+                t.gate.send(ident, P.reply(msg["id"], **result))
         except ProtocolError as e:
-            self._send(t.sock, ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
+            t.gate.send(ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
         except _Refused as e:
-            self._send(t.sock, ident, P.error(P.request_id_of(msg), e.code, e.message))
+            t.gate.send(ident, P.error(P.request_id_of(msg), e.code, e.message))
         except Exception as e:  # a bug in one handler must not take the node down
             log.exception("internal error handling a tenant request")
-            self._send(t.sock, ident, P.error(P.request_id_of(msg), E.CUDA_ERROR_UNKNOWN,
+            t.gate.send(ident, P.error(P.request_id_of(msg), E.CUDA_ERROR_UNKNOWN,
                                               f"internal error: {type(e).__name__}"))
 
     @staticmethod
@@ -386,7 +412,7 @@ class Broker:
 
     @property
     def _broker_msg_max(self) -> int:
-        return min(1 << 20, self.settings.max_message_bytes)
+        return min(BROKER_MESSAGE_MAX, self.settings.max_message_bytes)
 
     def _hello(self, t: TenantState, ident: bytes, msg: dict) -> dict:
         limit = self.settings.max_sessions_per_tenant
@@ -609,10 +635,10 @@ class Broker:
                 if s is None:
                     continue
                 s.failed[ex.device.name] = (code, message)
-                self._send(t.sock, s.ident, P.event("executor_died", device=ex.device.name,
+                t.gate.send(s.ident, P.event("executor_died", device=ex.device.name,
                                                     code=int(code), error=message))
             for p in ex.pending.values():
-                self._send(t.sock, p.ident, P.error(p.req_id, code, message))
+                t.gate.send(p.ident, P.error(p.req_id, code, message))
         if not current:
             return
         # Remove what the executor left in the tenant's directory.
@@ -663,9 +689,9 @@ class Broker:
             ex.sessions.add(msg["session"])
             p.session.devices.add(ex.device.name)
             answer = P.reply(p.req_id, **self._open_reply(ex))
-            self._send(ex.tenant.sock, p.ident, answer)
+            ex.tenant.gate.send(p.ident, answer)
             for ident2, rid in p.also:
-                self._send(ex.tenant.sock, ident2, P.reply(rid, **self._open_reply(ex)))
+                ex.tenant.gate.send(ident2, P.reply(rid, **self._open_reply(ex)))
         elif op == "fatal":
             ex.fatal = (msg["code"], msg["error"])
         elif op == "stats":
@@ -805,7 +831,11 @@ class Broker:
                     {"bounds": [], "counts": [], "sum": 0.0, "count": 0},
                     "runnable": bool(e and e.runnable),
                 }
-            tenants[name] = {"sessions": len(t.sessions), "devices": per_dev}
+            tenants[name] = {"sessions": len(t.sessions), "devices": per_dev,
+                             "connections": len(t.gate.conns),
+                             "refused_connections": t.gate.refused_connections,
+                             "refused_messages": t.gate.refused_messages,
+                             "throttled": t.gate.paused}
         return {"devices": devices, "tenants": tenants, "uptime_s": (now - self.started_ns) / NS,
                 "quantum_ms": self.settings.quantum_ms, "runtime_dir": self.runtime_dir,
                 "metrics_address": self.metrics_address, "config": self.config.path}
@@ -817,7 +847,7 @@ class Broker:
             raise _Refused(E.CUDA_ERROR_INVALID_VALUE, f"no tenant '{msg['tenant']}'")
         ended = len(t.sessions)
         for s in list(t.sessions.values()):
-            self._send(t.sock, s.ident, P.event("session_ended", code=int(E.CUDA_ERROR_DEINITIALIZED),
+            t.gate.send(s.ident, P.event("session_ended", code=int(E.CUDA_ERROR_DEINITIALIZED),
                                                 error=f"tenant '{t.config.name}' was evicted by the operator"))
             self._end_session(s, "evicted by the operator")
         for ex in list(t.executors.values()):
@@ -879,7 +909,7 @@ class Broker:
     def _retire_tenant(self, t: TenantState) -> None:
         """A tenant removed from the configuration: its sessions end cleanly, its socket goes."""
         for s in list(t.sessions.values()):
-            self._send(t.sock, s.ident, P.event("session_ended", code=int(E.CUDA_ERROR_DEINITIALIZED),
+            t.gate.send(s.ident, P.event("session_ended", code=int(E.CUDA_ERROR_DEINITIALIZED),
                                                 error=f"tenant '{t.config.name}' was removed "
                                                       "from the broker's configuration"))
             self._end_session(s, "tenant removed from the configuration")
@@ -887,9 +917,12 @@ class Broker:
             sched.forget(t.config.name)
         for ex in list(t.executors.values()):
             self._stop_executor(ex)
-        self.poller.unregister(t.sock)
-        del self._sock_tenant[t.sock]
-        t.sock.close()
+        if t in self._paused:
+            self._paused.discard(t)
+        else:
+            self.poller.unregister(t.gate.sock)
+        del self._sock_tenant[t.gate.sock]
+        t.gate.close()
         del self.tenants[t.config.name]
         if t.executors:
             self._retired.append(t)

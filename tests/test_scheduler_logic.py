@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from kubecash.broker.scheduler import NS, DeviceScheduler, LimitBucket, expected_shares
+from kubecash.broker.scheduler import LEASE_SLACK_NS, NS, DeviceScheduler, LimitBucket, expected_shares
 
 Q = 10_000_000  # 10 ms quantum
 
@@ -108,3 +108,20 @@ def test_expected_shares_water_filling():
     assert expected_shares({"a": (300, None), "b": (100, None), "c": (100, 0.1)}) == \
         pytest.approx({"a": 0.675, "b": 0.225, "c": 0.1})
     assert expected_shares({"a": (100, 0.2)}) == {"a": 0.2}
+
+
+def test_executor_reports_are_held_to_the_lease_the_broker_saw():
+    """An executor runs tenant code: it cannot under-report the time it kept the device (beyond
+    the hand-over slack), nor charge more than the lease lasted; honest reports stand."""
+    s = make({"a": (100, None, "batch")})
+    e = s.entities["a"]
+    s.want("a", 0)
+    g = s.next_grant(0)
+    s.release("a", g.lease, 0, 1, True, 50_000_000)              # kept it 50 ms, claims 0
+    assert e.used_ns == 50_000_000 - LEASE_SLACK_NS
+    g = s.next_grant(50_000_000)
+    s.release("a", g.lease, 10 * NS, 1, True, 60_000_000)        # claims 10 s of a 10 ms lease
+    assert e.used_ns == 49_000_000 + 10_000_000
+    g = s.next_grant(60_000_000)
+    s.release("a", g.lease, 9_500_000, 1, True, 70_000_000)      # honest: 9.5 ms of 10 ms
+    assert e.used_ns == 59_000_000 + 9_500_000
