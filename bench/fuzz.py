@@ -476,6 +476,138 @@ class FuzzRun:
         self.ctx.term()
 
 
+# -- raw ZMTP streams at the broker's own parser (broker/gate.py) ------------------------------
+ZMTP_GREETING = b"\xff" + b"\x00" * 8 + b"\x7f\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+
+
+def _zframe(flags: int, body: bytes, size: int | None = None) -> bytes:
+    n = len(body) if size is None else size
+    if flags & 2 or n > 255:
+        return bytes([flags | 2]) + n.to_bytes(8, "big") + body
+    return bytes([flags, n]) + body
+
+
+def zmtp_stream(rng: random.Random, gen: "Generator") -> list[bytes]:
+    """One connection's bytes: a greeting and READY (sometimes mangled or missing), frames
+    with any flags, sizes that lie, commands, multi-frame runs, junk; a request last."""
+    out = []
+    start = rng.choice([0, 1, 2, 3, 3, 3, 3])
+    if start >= 1:
+        g = bytearray(ZMTP_GREETING)
+        if start == 2:
+            for _ in range(rng.randint(1, 4)):
+                g[rng.randrange(64)] = rng.randrange(256)
+        out.append(bytes(g))
+    if start >= 3:
+        kind = rng.choice([b"DEALER"] * 5 + [b"PUB", b"REQ", b""])
+        out.append(_zframe(4, b"\x05READY\x0bSocket-Type" + (6).to_bytes(4, "big") + kind))
+    for _ in range(rng.randint(0, 6)):
+        k = rng.randrange(8)
+        if k == 0:
+            out.append(rng.randbytes(rng.randrange(200)))
+        elif k == 1:
+            out.append(_zframe(rng.randrange(256), rng.randbytes(rng.randrange(100))))
+        elif k == 2:
+            out.append(_zframe(rng.randrange(4), rng.randbytes(rng.randrange(40)),
+                               rng.choice([0, 1, 255, 256, 16385, 2**32, 2**63 - 1, 2**64 - 1])))
+        elif k == 3:
+            name = rng.choice([b"PING", b"PONG", b"READY", b"ERROR", b"SUBSCRIBE", b"X" * 255])
+            out.append(_zframe(4, bytes([len(name)]) + name + rng.randbytes(rng.randrange(40))))
+        elif k == 4:
+            out += [_zframe(1, rng.randbytes(rng.randrange(30))) for _ in range(rng.randint(1, 5))]
+        else:
+            out.append(_zframe(0, _small_request(gen)))
+    out.append(_zframe(0, _small_request(gen)))
+    return out
+
+
+def _small_request(gen: "Generator") -> bytes:
+    """One of the generator's messages up to the broker's 16 KiB: framing thrown off by junk
+    can turn a larger one into thousands of tiny requests, paced at the tenant's request rate
+    for longer than a hang timeout (the DEALER phase sends the big ones)."""
+    while True:
+        frame = gen.message()[0]
+        if len(frame) <= BROKER_FRAME_MAX:
+            return frame
+
+
+ZMTP_PROBE_ID = 777_777
+
+
+def _zmtp_replies(got: bytes) -> tuple[str | None, int, bool]:
+    """Check what the broker sent on a raw connection: (problem, replies, probe answered)."""
+    if len(got) < 64:
+        return (None if got[:1] in (b"", b"\xff") else f"bad greeting {got[:64]!r}"), 0, False
+    if got[0] != 0xFF or got[10] != 3:
+        return f"bad greeting {got[:64]!r}", 0, False
+    i, replies, probed = 64, 0, False
+    while i + 2 <= len(got):
+        flags = got[i]
+        size = int.from_bytes(got[i + 1:i + 9], "big") if flags & 2 else got[i + 1]
+        head = 9 if flags & 2 else 2
+        body = got[i + head:i + head + size]
+        if len(body) < size:
+            break                              # the rest is still on its way
+        if not flags & 4:
+            problem = reply_problem(body)
+            if problem:
+                return problem, replies, probed
+            replies += 1
+            probed = probed or msgpack.unpackb(body, raw=False).get("id") == ZMTP_PROBE_ID
+        i += head + size
+    return None, replies, probed
+
+
+def zmtp_exchange(path: str, chunks: list[bytes], timeout: float) -> tuple[str | None, int]:
+    """Send one stream and a probe request after it. If the probe is not answered soon (the
+    stream may have left the parser inside a frame it declared huge), half-close: the broker
+    must then close its side within `timeout`. Every frame that comes back after the greeting
+    must be a command or a well-formed reply. Returns (problem, replies checked)."""
+    import socket as so
+    probe = _zframe(0, msgpack.packb({"v": 1, "id": ZMTP_PROBE_ID, "op": "heartbeat",
+                                      "session": b"\x00" * 16}))
+    c = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+    got, closed = b"", False
+    try:
+        c.settimeout(timeout)
+        c.connect(path)
+        try:
+            for ch in chunks + [probe]:
+                c.sendall(ch)
+        except OSError:
+            pass                              # it hung up already: allowed
+        deadline = time.monotonic() + 0.05
+        half_closed = False
+        while True:
+            problem, replies, probed = _zmtp_replies(got)
+            if problem or probed or closed:
+                return problem, replies
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if half_closed:
+                    return "hang: the broker neither answered nor closed the connection", replies
+                half_closed = True
+                try:
+                    c.shutdown(so.SHUT_WR)    # the broker sees the end and closes its side
+                except OSError:
+                    pass
+                deadline = time.monotonic() + timeout
+                continue
+            c.settimeout(left)
+            try:
+                chunk = c.recv(65536)
+            except (TimeoutError, so.timeout):
+                continue
+            except OSError:
+                chunk = b""
+            if chunk:
+                got += chunk
+            else:
+                closed = True
+    finally:
+        c.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=100_000, help="messages in all (half each)")
@@ -484,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-every", type=int, default=5000)
     ap.add_argument("--recycle-every", type=int, default=5000,
                     help="messages between reopening the fuzzed session")
+    ap.add_argument("--zmtp-streams", type=int, default=10_000,
+                    help="raw ZMTP byte streams sent at the broker's own parser afterwards")
     a = ap.parse_args(argv)
     from kubecash.broker.local import LocalBroker
     print(f"fuzz: {a.messages} messages, seed {a.seed}, hang timeout {a.timeout:g} s", flush=True)
@@ -507,6 +641,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {i + 1} messages, {el:.0f} s, {(i + 1) / el:.0f} msg/s, "
                       f"{len(run.failures)} failures", flush=True)
         elapsed = time.monotonic() - t0
+        t1 = time.monotonic()
+        path = broker.socket_path("alice")
+        streams = replies = 0
+        for i in range(a.zmtp_streams):
+            chunks = zmtp_stream(run.rng, run.bgen)
+            problem, n = zmtp_exchange(path, chunks, a.timeout)
+            streams += 1
+            replies += n
+            # the broker still answers on an ordinary connection
+            probe = problem or run.bt.exchange([P.pack({**run.bt.probe, "id": 7})])
+            if probe:
+                run.failures.append(f"zmtp stream {i}: {probe} -- sent {b''.join(chunks)[:300]!r}")
+                if len(run.failures) <= 20:
+                    print(f"  FAIL  {run.failures[-1]}", flush=True)
+                run.bt._connect()
+            else:
+                run.passed += 1
+        if a.zmtp_streams:
+            zs = time.monotonic() - t1
+            print(f"raw ZMTP streams: {streams} in {zs:.1f} s, {replies} replies checked", flush=True)
         run.health_check(a.messages + 1)
         problem = fresh_client_check(broker, "alice", 30) or (None if broker.alive() else "the broker died")
         if problem:

@@ -41,6 +41,7 @@ GREETING = (b"\xff" + b"\x00" * 8 + b"\x7f"      # signature
             + b"\x00" * 31)                      # filler
 GREETING_LEN = 64
 MORE, LONG, COMMAND = 1, 2, 4
+COMMAND_MAX = 512                      # READY with its properties, PING: far smaller
 PEER_TYPES = {b"DEALER"}   # a REQ would send an envelope frame: one frame per message here
 RCVHWM_CHUNKS = 2                      # libzmq's raw chunks are <= 8 KiB: 16 KiB per connection
 BYTES_PER_TOKEN = 16384               # bytes received cost budget too: a flood of junk is paced
@@ -92,6 +93,8 @@ class Gate:
         self.rate = rate
         self.tokens = rate                      # a full burst to start with
         self._refilled = time.monotonic()
+        self._paused_at: float | None = None    # when the current pause began
+        self._paused_total = 0.0                # seconds paused before it
         self.sock = ctx.socket(zmq.STREAM)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, RCVHWM_CHUNKS)
@@ -105,6 +108,14 @@ class Gate:
     def refill(self, now: float) -> None:
         self.tokens = min(self.rate, self.tokens + (now - self._refilled) * self.rate)
         self._refilled = now
+        if self._paused_at is not None and not self.paused:
+            self._paused_total += now - self._paused_at
+            self._paused_at = None
+
+    def throttled_s(self, now: float) -> float:
+        """Seconds this socket has gone unread for being over budget, in all. The broker
+        does not count them as a session's silence: it chose not to listen."""
+        return self._paused_total + (now - self._paused_at if self._paused_at is not None else 0.0)
 
     @property
     def paused(self) -> bool:
@@ -142,6 +153,8 @@ class Gate:
             if not self._parse(ident, c, out):
                 self._close(ident)
                 out.append((Event.CLOSED, ident, None))
+        if self.paused and self._paused_at is None:
+            self._paused_at = time.monotonic()
         return out
 
     def _accept(self, ident: bytes) -> None:
@@ -193,17 +206,16 @@ class Gate:
                     head = 2
                 pos += head
                 more = bool(flags & MORE)
-                limit = self.max_bytes if not flags & COMMAND else 512
-                if c.skipping_more or more or size > limit:
+                if flags & COMMAND and (size > COMMAND_MAX or c.skipping_more):
+                    return False              # no client sends such a command
+                if c.skipping_more or more or size > self.max_bytes:
                     # Refused: discard as it streams in, answer once its last frame is gone.
                     if c.refusal is None:
                         c.refusal = (f"a message of {size} bytes exceeds this tenant socket's "
                                      f"limit of {self.max_bytes} bytes (max_message_bytes)"
-                                     if size > limit and not c.skipping_more and not more else
+                                     if size > self.max_bytes and not c.skipping_more and not more else
                                      "expected one frame per message; a multi-frame message "
                                      "was discarded")
-                    if flags & COMMAND and c.phase is not Phase.OPEN:
-                        return False
                     c.skipping_more = more
                     c.skip = size
                     if size == 0 and not more:

@@ -88,6 +88,7 @@ class ClientSession:
     ident: bytes                            # routing id of the client's main socket
     pid: int
     last_seen: float
+    throttled_at_seen: float = 0.0           # its tenant socket's throttled_s() at last_seen
     devices: set[str] = dataclasses.field(default_factory=set)
     failed: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
 
@@ -391,6 +392,7 @@ class Broker:
                     raise _Refused(E.CUDA_ERROR_INVALID_CONTEXT,
                                    "unknown or ended session (send hello to open one)")
                 s.last_seen = time.monotonic()
+                s.throttled_at_seen = t.gate.throttled_s(s.last_seen)
                 result = getattr(self, "_op_" + op)(s, ident, msg)
             if result is not None:
                 t.gate.send(ident, P.reply(msg["id"], **result))
@@ -422,7 +424,8 @@ class Broker:
                            f"broker's max_sessions_per_tenant is {limit}; close one (or wait "
                            f"{self.settings.heartbeat_timeout_s:g} s for dead ones to expire)")
         token = secrets.token_bytes(16)
-        s = ClientSession(token, t, ident, msg.get("pid", 0), time.monotonic())
+        now = time.monotonic()
+        s = ClientSession(token, t, ident, msg.get("pid", 0), now, t.gate.throttled_s(now))
         t.sessions[token] = s
         self.sessions[token] = s
         log.info("tenant %s: session %s opened (pid %s)", t.config.name, token.hex()[:8], s.pid)
@@ -512,7 +515,10 @@ class Broker:
     def _housekeeping(self) -> None:
         now = time.monotonic()
         timeout = self.settings.heartbeat_timeout_s
-        for s in [s for s in self.sessions.values() if now - s.last_seen > timeout]:
+        # Silence counts only while the broker was reading: a tenant over its request rate
+        # is left unread, and its sessions must not expire for that.
+        for s in [s for s in self.sessions.values()
+                  if now - s.last_seen - (s.tenant.gate.throttled_s(now) - s.throttled_at_seen) > timeout]:
             self._end_session(s, f"no heartbeat for {timeout:g} s")
         for t in [*self.tenants.values(), *self._retired]:
             for ex in list(t.executors.values()):

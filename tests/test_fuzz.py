@@ -188,3 +188,79 @@ def test_the_checker_can_fail():
                                   "error": "internal error: KeyError"}))
     assert F.reply_problem(_pack({"v": 1, "id": 1, "ok": True})) is None
     assert F.reply_problem(_pack({"v": 1, "id": 0, "event": "executor_died"})) is None
+
+
+# -- the broker's hand-written ZMTP parser (broker/gate.py), fed raw byte streams -------------
+_zframe = F._zframe
+
+
+@st.composite
+def zmtp_streams(draw):
+    """A connection's worth of bytes: maybe a (possibly mangled) greeting and READY, then
+    frames with any flags, sizes that lie, commands, multi-frame runs, or plain junk."""
+    from test_gate import GREETING
+    ready = _zframe(4, b"\x05READY\x0bSocket-Type" + (6).to_bytes(4, "big")
+                    + draw(st.sampled_from([b"DEALER"] * 5 + [b"PUB", b"REQ", b""])))
+    valid = {"ptr": [0], "function": [0], "module": [0], "stream": [0], "event": [0]}
+    out = []
+    start = draw(st.sampled_from([0, 1, 2, 3, 3, 3, 3]))
+    if start >= 1:
+        g = bytearray(GREETING)
+        if start == 2:                                       # a mangled greeting
+            for _ in range(draw(st.integers(1, 4))):
+                g[draw(st.integers(0, 63))] = draw(st.integers(0, 255))
+        out.append(bytes(g))
+    if start >= 3:
+        out.append(ready)
+    for _ in range(draw(st.integers(0, 6))):
+        kind = draw(st.integers(0, 7))
+        if kind == 0:
+            out.append(draw(st.binary(max_size=200)))
+        elif kind == 1:                                      # any flags, honest size
+            out.append(_zframe(draw(st.integers(0, 255)), draw(st.binary(max_size=100))))
+        elif kind == 2:                                      # a size that lies
+            out.append(_zframe(draw(st.sampled_from([0, 1, 2, 3])), draw(st.binary(max_size=40)),
+                               draw(st.sampled_from([0, 1, 255, 256, 16385, 2**32, 2**63 - 1, 2**64 - 1]))))
+        elif kind == 3:                                      # commands
+            name = draw(st.sampled_from([b"PING", b"PONG", b"READY", b"ERROR", b"SUBSCRIBE", b"X" * 255]))
+            out.append(_zframe(4, bytes([len(name)]) + name + draw(st.binary(max_size=40))))
+        elif kind == 4:                                      # a multi-frame run
+            out += [_zframe(1, draw(st.binary(max_size=30))) for _ in range(draw(st.integers(1, 5)))]
+        else:                                                # a well-formed request
+            out.append(_zframe(0, _pack(draw(requests(P.BROKER_OPS, b"\x00" * 16, valid)))))
+    out.append(_zframe(0, _pack(draw(requests(P.BROKER_OPS, b"\x00" * 16, valid)))))
+    return out
+
+
+def test_fuzz_zmtp_streams(broker_factory):
+    """Raw byte streams on a tenant's broker socket: every frame the broker sends back is a
+    well-formed reply, it closes or answers within the hang timeout, and it keeps serving (a
+    probe connection's heartbeat, every example)."""
+    from test_gate import RawPeer
+    b = broker_factory()
+    path = b.socket_path("alice")
+    probe = RawPeer(path)
+    token = probe.request({"v": P.VERSION, "id": 1, "op": "hello", "pid": 1})["session"]
+    n, replies = [0], [0]
+
+    @settings(max_examples=EXAMPLES // 2, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(chunks=zmtp_streams())
+    def one(chunks):
+        # bench/fuzz.py's exchange: the stream, a probe request after it, a half-close if the
+        # probe goes unanswered; every frame that comes back must be a well-formed reply.
+        problem, got = F.zmtp_exchange(path, chunks, 10.0)
+        assert problem is None, (problem, b"".join(chunks)[:300])
+        n[0] += 1
+        replies[0] += got
+        r = probe.request({"v": P.VERSION, "id": 1000 + n[0], "op": "heartbeat", "session": token})
+        assert r["ok"] and r["id"] == 1000 + n[0]
+
+    one()
+    probe.close()
+    print(f"\n[zmtp streams] {n[0]} streams, {replies[0]} replies checked")
+    assert replies[0] > n[0] // 10         # the streams really reached the request handlers
+    fresh = RawPeer(path)
+    assert fresh.request({"v": P.VERSION, "id": 1, "op": "hello", "pid": 1})["ok"]
+    fresh.close()
+    assert b.alive()

@@ -164,9 +164,12 @@ def test_connection_limit(broker_factory, peers):
 
 def test_request_rate_pushes_back_without_loss(broker_factory, peers):
     """Past max_requests_per_tenant_s the broker stops reading that tenant's socket: the flood
-    is slowed, every request is still answered, and other tenants are not kept waiting."""
+    is slowed, every request is still answered, other tenants are not kept waiting, and the
+    tenant's own sessions do not time out meanwhile."""
     rate = 200
     b = broker_factory(max_requests_per_tenant_s=rate)
+    mine = b.connect("alice")           # a well-behaved session of the same tenant
+    mine.device("cpu0").allocate(16).close()
     p = peers(b.socket_path("alice"))
     n = 1000
     bad = P.pack({"v": P.VERSION, "id": 0, "op": "heartbeat", "session": b"\x00" * 16})
@@ -184,6 +187,12 @@ def test_request_rate_pushes_back_without_loss(broker_factory, peers):
     assert all(not r["ok"] and "unknown or ended session" in r["error"] for r in answered)
     assert elapsed >= 0.5 * (n - rate) / rate, f"{n} requests answered in {elapsed:.2f} s"
     assert max(waits) < 2.0, f"bob waited {max(waits):.2f} s for a session"
+    # Throttled for longer than the heartbeat timeout (1.5 s), the tenant's own well-behaved
+    # session was not ended for silence the broker chose not to hear.
+    assert elapsed > 3.0
+    mine.device("cpu0").allocate(16).close()
+    assert b.admin().call("status")["tenants"]["alice"]["sessions"] == 1
+    mine.close()
 
 
 def test_non_zmtp_peer_is_dropped(broker, peers):
