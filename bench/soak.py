@@ -613,7 +613,7 @@ class Soak:
             d = v["devices"][DEVICE]
             pid = d["executor_pid"]
             seg = segment_rss(pid, os.path.join(self.broker.runtime_dir, "tenants", t, "shm") + "/")
-            ex[t] = (pid, rss(pid), d["memory_used"], *rss_parts(pid), seg)
+            ex[t] = (pid, rss(pid), d["memory_used"], *rss_parts(pid), seg, anon_regions(pid))
         # CPU use since the last sample: broker, executors (together), live clients (together)
         cpu = {"broker": 0.0, "ex": 0.0, "cli": 0.0}
         prev, self.cpu_prev = self.cpu_prev, {}
@@ -833,7 +833,11 @@ def growth_report(sk: Soak, a: argparse.Namespace) -> None:
                          f"{mib(med(end, 3))}, of it device memory in use {mib(med(base, 2))} -> "
                          f"{mib(med(end, 2))}; file-backed {mib(med(base, 4))} -> "
                          f"{mib(med(end, 4))}, of it the tenant's segments {mib(med(base, 5))} -> "
-                         f"{mib(med(end, 5))}; own {mib(o0)} -> {mib(o1)} MiB ({o1 / o0 - 1:+.2%})")
+                         f"{mib(med(end, 5))}; own {mib(o0)} -> {mib(o1)} MiB ({o1 / o0 - 1:+.2%}); "
+                         f"anon by region " + ", ".join(
+                             f"{k} {mib(statistics.median(s['ex'][t][6][k] for s in base if s['ex'][t][0] == pid))}"
+                             f" -> {mib(statistics.median(s['ex'][t][6][k] for s in end if s['ex'][t][0] == pid))}"
+                             for k in ("heap", "thread arenas", "other anon")))
         else:
             replaced.append(f"{t} (pids {sorted(p0)} in the baseline, {sorted(p1)} at the end)")
     pids = {s["ex"][t][0] for s in sk.samples for t in sk.tenants} - {None}
