@@ -45,6 +45,8 @@ COMMAND_MAX = 512                      # READY with its properties, PING: far sm
 PEER_TYPES = {b"DEALER"}   # a REQ would send an envelope frame: one frame per message here
 RCVHWM_CHUNKS = 2                      # libzmq's raw chunks are <= 8 KiB: 16 KiB per connection
 BYTES_PER_TOKEN = 16384               # bytes received cost budget too: a flood of junk is paced
+MESSAGES_PER_PASS = 64                 # requests handled per tenant per pass of the broker's loop
+OVER_LIMIT_CONNS = 16                  # connections past the limit kept to be told why
 LOG_EVERY_S = 10.0                     # refusals are logged at most this often per tenant
 
 
@@ -74,10 +76,12 @@ class _Conn:
     skip: int = 0                 # body bytes still to discard (an oversized frame)
     skipping_more: bool = False   # inside a multi-frame message: discard to its last frame
     refusal: str | None = None    # what to tell the peer once the discarded message ends
+    over_limit: bool = False      # past max_connections: every request is answered with why
 
 
 class Event(enum.Enum):
     MESSAGE = 1       # (conn, payload): one complete single-frame message
+    OVER_LIMIT = 4    # (conn, payload): a request on a connection past max_connections
     REFUSED = 2       # (conn, reason): a message was discarded; answer with an error
     CLOSED = 3        # (conn, None): the connection is gone
 
@@ -95,11 +99,14 @@ class Gate:
         self._refilled = time.monotonic()
         self._paused_at: float | None = None    # when the current pause began
         self._paused_total = 0.0                # seconds paused before it
+        self.last_notice = 0.0                  # when clients were last told of throttling
         self.sock = ctx.socket(zmq.STREAM)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, RCVHWM_CHUNKS)
         self.sock.bind(address)
         self.conns: dict[bytes, _Conn] = {}
+        self._pending: dict[bytes, None] = {}   # connections with requests left unparsed
+        self._left = MESSAGES_PER_PASS
         self.refused_connections = 0
         self.refused_messages = 0
         self._last_log = 0.0
@@ -126,11 +133,29 @@ class Gate:
         return max(0.0, (1.0 - self.tokens) / self.rate)
 
     # -- receiving ----------------------------------------------------------------------------
+    @property
+    def has_pending(self) -> bool:
+        """Requests already received but left for a later pass (see receive())."""
+        return bool(self._pending)
+
     def receive(self, max_chunks: int) -> list[tuple[Event, bytes, object]]:
-        """Read up to `max_chunks` raw chunks; return the events they complete."""
+        """Read up to `max_chunks` raw chunks; return the events they complete, at most
+        MESSAGES_PER_PASS of them. One 8 KiB chunk can hold 4096 tiny requests: handled in
+        one go they would hold up every other tenant's work in the broker's loop for tens of
+        milliseconds, so what is past the cap stays buffered (`has_pending`) and no new chunk
+        is read until it is handled."""
         out: list[tuple[Event, bytes, object]] = []
+        self._left = MESSAGES_PER_PASS
+        for ident in list(self._pending):
+            if self._left <= 0 or self.paused:
+                break
+            del self._pending[ident]
+            c = self.conns.get(ident)
+            if c is not None and not self._parse(ident, c, out):
+                self._close(ident)
+                out.append((Event.CLOSED, ident, None))
         for _ in range(max_chunks):
-            if self.paused:
+            if self.paused or self._pending or self._left <= 0:
                 break
             try:
                 ident, data = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -158,14 +183,29 @@ class Gate:
         return out
 
     def _accept(self, ident: bytes) -> None:
-        if len(self.conns) >= self.max_connections:
+        over = sum(c.over_limit for c in self.conns.values()) if len(self.conns) >= self.max_connections else 0
+        if len(self.conns) - over >= self.max_connections:
             self.refused_connections += 1
-            self._say(f"tenant {self.tenant}: connection refused: {len(self.conns)} open, the "
-                      f"limit is {self.max_connections} (max_connections_per_tenant)")
-            self._raw(ident, b"")             # a zero-length send closes a STREAM connection
-            return
-        self.conns[ident] = _Conn()
+            self._say(f"tenant {self.tenant}: connection refused: {len(self.conns) - over} open, "
+                      f"the limit is {self.max_connections} (max_connections_per_tenant)")
+            if over >= OVER_LIMIT_CONNS:      # past even those told why: just close it
+                self._raw(ident, b"")         # a zero-length send closes a STREAM connection
+                return
+            # A few more are kept, to answer their requests with the limit (a client told
+            # why beats one left to time out); the client then closes them itself.
+            self.conns[ident] = _Conn(over_limit=True)
+        else:
+            self.conns[ident] = _Conn()
         self._raw(ident, GREETING)
+
+    @property
+    def connections(self) -> int:
+        """Open connections within the limit (those only told why are not counted)."""
+        return sum(not c.over_limit for c in self.conns.values())
+
+    def over_limit_reason(self) -> str:
+        return (f"tenant '{self.tenant}' has {self.connections} connections open to the broker, "
+                f"its max_connections_per_tenant is {self.max_connections} (a session holds two)")
 
     def _parse(self, ident: bytes, c: _Conn, out: list) -> bool:
         """Consume what `c.buf` holds. False: the peer broke ZMTP; drop the connection."""
@@ -182,6 +222,9 @@ class Gate:
         pos = 0
         try:
             while True:
+                if (self._left <= 0 or self.paused) and len(buf) > pos:
+                    self._pending[ident] = None       # the rest waits for a later pass
+                    break
                 if c.skip:                    # discarding the body of a refused frame
                     n = min(c.skip, len(buf) - pos)
                     c.skip -= n
@@ -226,14 +269,16 @@ class Gate:
                     break
                 body = bytes(buf[pos:pos + size])
                 pos += size
+                self._left -= 1
                 if flags & COMMAND:
+                    self.tokens -= 1
                     if not self._command(ident, c, body):
                         return False
                 elif c.phase is not Phase.OPEN:
                     return False              # a message before READY
                 else:
                     self.tokens -= 1
-                    out.append((Event.MESSAGE, ident, body))
+                    out.append((Event.OVER_LIMIT if c.over_limit else Event.MESSAGE, ident, body))
         finally:
             del buf[:pos]
         return True
@@ -241,6 +286,7 @@ class Gate:
     def _refuse(self, ident: bytes, c: _Conn, out: list) -> None:
         self.refused_messages += 1
         self.tokens -= 1
+        self._left -= 1
         out.append((Event.REFUSED, ident, c.refusal or "message refused"))
         c.refusal = None
         c.skipping_more = False
@@ -267,6 +313,11 @@ class Gate:
         if c is not None and c.phase is Phase.OPEN:
             self._raw(ident, _frame(payload))
 
+    def broadcast(self, payload: bytes) -> None:
+        for ident, c in self.conns.items():
+            if c.phase is Phase.OPEN and not c.over_limit:
+                self._raw(ident, _frame(payload))
+
     def _raw(self, ident: bytes, data: bytes) -> None:
         try:
             self.sock.send_multipart([ident, data], zmq.NOBLOCK)
@@ -275,6 +326,7 @@ class Gate:
 
     def _close(self, ident: bytes) -> None:
         self.conns.pop(ident, None)
+        self._pending.pop(ident, None)
         self._raw(ident, b"")
 
     def _say(self, message: str) -> None:

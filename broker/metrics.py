@@ -59,8 +59,19 @@ class BrokerCollector:
         sessions = GaugeMetricFamily("kubecash_sessions", "Open client sessions", labels=["tenant"])
         executors = GaugeMetricFamily("kubecash_executor_up", "1 while the tenant's executor "
                                       "for the device runs", labels=td)
+        conns = GaugeMetricFamily("kubecash_connections", "Open connections to the tenant's "
+                                  "broker socket", labels=["tenant"])
+        refused = CounterMetricFamily("kubecash_refused", "Connections and messages the tenant's "
+                                      "broker socket refused (limits)", labels=["tenant", "what"])
+        throttled = GaugeMetricFamily("kubecash_throttled", "1 while the tenant is past "
+                                      "max_requests_per_tenant_s (its socket is left unread)",
+                                      labels=["tenant"])
         for tenant, t in st["tenants"].items():
             sessions.add_metric([tenant], t["sessions"])
+            conns.add_metric([tenant], t["connections"])
+            refused.add_metric([tenant, "connections"], t["refused_connections"])
+            refused.add_metric([tenant, "messages"], t["refused_messages"])
+            throttled.add_metric([tenant], 1.0 if t["throttled"] else 0.0)
             for device, d in t["devices"].items():
                 lv = [tenant, device]
                 used.add_metric(lv, d["used_ns"] / 1e9)
@@ -82,7 +93,7 @@ class BrokerCollector:
                 buckets.append(("+Inf", h["count"]))
                 wait.add_metric(lv, buckets, h["sum"])
         yield from (used, kernels, leases, share, weight, limit, mem_used, mem_limit, wait,
-                    sessions, executors)
+                    sessions, executors, conns, refused, throttled)
 
         busy = GaugeMetricFamily("kubecash_device_busy_ratio", "Fraction of the device's time "
                                  "leased to tenants over a sliding window", labels=["device", "window"])

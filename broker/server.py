@@ -46,6 +46,7 @@ EXECUTOR_STOP_TIMEOUT_S = 5.0
 PUBLISH_INTERVAL_S = 1.0      # metrics snapshot and systemd STATUS= refresh
 CACHE_TRIM_INTERVAL_S = 30.0  # how often the compiled-kernel cache is held to its cap
 BROKER_MESSAGE_MAX = 16 << 10  # broker requests (hello, open, heartbeat...) are far smaller
+THROTTLE_NOTICE_S = 1.0       # "throttled" events to a tenant's clients, at most this often
 GATE_BATCH = 64               # raw chunks read from one tenant's socket per pass
 STALE_BUILD_S = 600.0         # a build or load file this old was left by a killed executor
 
@@ -287,14 +288,23 @@ class Broker:
             wait = sched.ns_until_next_eligible(now) if sched.holder is None else None
             if wait is not None:
                 timeout_s = min(timeout_s, wait / NS)
+        backlog = []                             # requests received but not yet handled
         for t in self.tenants.values():          # tenants over their request rate wait
             t.gate.refill(now / NS)
             if t.gate.paused:
                 timeout_s = min(timeout_s, t.gate.seconds_to_resume())
-            elif t in self._paused:
+                continue
+            if t in self._paused:
                 self._paused.discard(t)
                 self.poller.register(t.gate.sock, zmq.POLLIN)
-        for sock, _ in self.poller.poll(max(0, math.ceil(timeout_s * 1000))):
+            if t.gate.has_pending:
+                backlog.append(t)
+                timeout_s = 0
+        ready = self.poller.poll(max(0, math.ceil(timeout_s * 1000)))
+        for t in backlog:
+            if not t.gate.sock.closed and not any(sock is t.gate.sock for sock, _ in ready):
+                self._on_gate(t)
+        for sock, _ in ready:
             if isinstance(sock, int):
                 ex = self._lease_fds.get(sock)
                 if ex is not None:
@@ -367,11 +377,24 @@ class Broker:
                 self._on_tenant(t, ident, what)
             elif kind is Event.REFUSED:
                 t.gate.send(ident, P.error(0, E.CUDA_ERROR_INVALID_VALUE, what))
+            elif kind is Event.OVER_LIMIT:
+                try:
+                    rid = P.request_id_of(P.unpack(what, self._broker_msg_max))
+                except ProtocolError:
+                    rid = 0
+                t.gate.send(ident, P.error(rid, E.CUDA_ERROR_NOT_PERMITTED, t.gate.over_limit_reason()))
             else:
                 self._connection_closed(t, ident)
         if t.gate.paused and t not in self._paused and not t.gate.sock.closed:
             self._paused.add(t)
             self.poller.unregister(t.gate.sock)
+            # Clients wait for heartbeat answers; tell them the silence is throttling, so
+            # they do not take the broker for dead. At most once a second: a flood pauses the
+            # socket every few milliseconds, and notices must not crowd out the replies.
+            now = time.monotonic()
+            if now - t.gate.last_notice >= THROTTLE_NOTICE_S:
+                t.gate.last_notice = now
+                t.gate.broadcast(P.event("throttled", seconds=round(t.gate.seconds_to_resume(), 3)))
 
     def _connection_closed(self, t: TenantState, ident: bytes) -> None:
         """A client's main socket closes only when it closes its session or exits: end what
@@ -838,7 +861,7 @@ class Broker:
                     "runnable": bool(e and e.runnable),
                 }
             tenants[name] = {"sessions": len(t.sessions), "devices": per_dev,
-                             "connections": len(t.gate.conns),
+                             "connections": t.gate.connections,
                              "refused_connections": t.gate.refused_connections,
                              "refused_messages": t.gate.refused_messages,
                              "throttled": t.gate.paused}

@@ -242,6 +242,14 @@ class Session(_Resource):
                         msg = P.unpack(ch.sock.recv())
                     except ProtocolError:
                         continue
+                    if msg.get("event") == "throttled":
+                        # The broker is alive but leaves this tenant's requests unread for a
+                        # while (max_requests_per_tenant_s): wait on, the answer will come.
+                        pause = msg.get("seconds")
+                        pause = min(float(pause), 60.0) if isinstance(pause, (int, float)) else 0.0
+                        last_ok = time.monotonic() + max(0.0, pause)
+                        deadline = max(deadline, last_ok + timeout)
+                        continue
                     if msg.get("ok"):
                         last_ok = time.monotonic()
                     elif not self._closed:

@@ -247,6 +247,8 @@ def test_metrics_endpoint_serves_prometheus_text_agreeing_with_status(broker):
     assert value("kubecash_memory_used_bytes", tenant="alice", device="cpu0") == alice["memory_used"]
     assert value("kubecash_memory_limit_bytes", tenant="alice", device="cpu0") == 256 << 20
     assert value("kubecash_sessions", tenant="alice") == 1
+    assert value("kubecash_connections", tenant="alice") == 2      # requests and heartbeats
+    assert value("kubecash_throttled", tenant="alice") == 0
     assert value("kubecash_device_seconds", tenant="alice", device="cpu0") == \
         pytest.approx(alice["used_ns"] / 1e9, rel=1e-6)
     counts = [smp for smp in fams["kubecash_queue_wait_seconds"].samples
