@@ -84,13 +84,18 @@ DIES_BEFORE_UNLINKING_STAGING = """
     import kubecash.client.session as S
     real = os.unlink
     def unlink(path, *a, **k):
-        if path.endswith(".staging"):                 # killed between attach and unlink
-            os.kill(os.getpid(), signal.SIGKILL)
+        if path.endswith(".staging"):                 # stopped (then killed) between attach and unlink
+            os.kill(os.getpid(), signal.SIGSTOP)
         return real(path, *a, **k)
     S.os.unlink = unlink
     import kubecash.client as kc
     kc.connect().device("cpu0").allocate(16)
 """
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_client_killed_before_unlinking_its_staging_segment_leaves_no_file(broker):
@@ -100,9 +105,11 @@ def test_client_killed_before_unlinking_its_staging_segment_leaves_no_file(broke
         keep.device("cpu0").allocate(16)
         shm = os.path.join(broker.runtime_dir, "tenants", "alice", "shm")
         p = run_client(DIES_BEFORE_UNLINKING_STAGING, broker.address("alice"))
+        wait_for(lambda: _stopped(p.pid), 60, "the client to stop before unlinking its segment")
+        assert len(os.listdir(shm)) == 1               # the client's staging segment
+        p.kill()                                       # its connection closes: the session ends
         p.communicate(timeout=60)
         assert p.returncode == -signal.SIGKILL
-        assert len(os.listdir(shm)) == 1               # the dead client's staging segment
         with broker.admin() as admin:
             wait_for(lambda: admin.call("status")["tenants"]["alice"]["sessions"] == 1, 20,
                      "the dead session to end")
