@@ -136,37 +136,21 @@ def _check_afterwards(b, run) -> None:
     assert b.alive()
 
 
-def test_fuzz_executor_socket(fuzz_run):
+@pytest.mark.parametrize("target", ["executor", "broker"])
+def test_fuzz_socket(fuzz_run, target):
     b, run = fuzz_run
-    token = run.fs.token
+    t, table = (run.et, P.EXECUTOR_OPS) if target == "executor" else (run.bt, P.BROKER_OPS)
 
     @SETTINGS
-    @given(frames=messages(P.EXECUTOR_OPS, token, _real(run)))
+    @given(frames=messages(table, run.fs.token, _real(run)))
     def one(frames):
-        problem = run.et.exchange(frames)
+        problem = t.exchange(frames)
         if problem:
-            run.et._connect()
+            t._connect()
         assert problem is None, (problem, [f[:100] for f in frames])
 
     one()
-    assert run.et.counts["answered"] > EXAMPLES // 2       # it really exchanged messages
-    _check_afterwards(b, run)
-
-
-def test_fuzz_broker_socket(fuzz_run):
-    b, run = fuzz_run
-    token = run.fs.token
-
-    @SETTINGS
-    @given(frames=messages(P.BROKER_OPS, token, _real(run)))
-    def one(frames):
-        problem = run.bt.exchange(frames)
-        if problem:
-            run.bt._connect()
-        assert problem is None, (problem, [f[:100] for f in frames])
-
-    one()
-    assert run.bt.counts["answered"] > EXAMPLES // 2
+    assert t.counts["answered"] > EXAMPLES // 2       # it really exchanged messages
     _check_afterwards(b, run)
 
 
