@@ -22,6 +22,7 @@ modules that use ``__syncthreads``, as fibers switched with ``_setjmp``/``_longj
 """
 from __future__ import annotations
 
+import _ctypes   # dlopen/dlsym/dlclose without a ctypes.CDLL (see _ModuleApi)
 import bisect
 import ctypes
 import dataclasses
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import sandbox as _sandbox
+from .sandbox import array_type
 
 __all__ = [
     "KernelCompileError", "UnsupportedConstructError", "compile_module", "CompiledModule",
@@ -900,15 +902,22 @@ class _ModuleApi:
         "run": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
     }
 
-    def __init__(self, lib: ctypes.CDLL):
-        for name, (restype, argtypes) in self._SIGS.items():
+    # Prototypes, made once (ctypes caches them). A ctypes.CDLL per module would make a new
+    # function-pointer class per load, kept in reference cycles only the full garbage
+    # collection frees: executors that load modules all day grew by megabytes in between.
+    _PROTOS = {name: ctypes.CFUNCTYPE(restype, *argtypes)
+               for name, (restype, argtypes) in _SIGS.items()}
+
+    def __init__(self, handle: int):
+        for name, proto in self._PROTOS.items():
             try:
-                fn = getattr(lib, "__kc_" + name)
-            except AttributeError:
+                addr = _ctypes.dlsym(handle, "__kc_" + name)
+            except OSError:
                 raise KernelCompileError("not a KubeCASH CPU module (missing __kc_"
                                          f"{name})") from None
-            fn.restype, fn.argtypes = restype, argtypes
-            setattr(self, name, fn)
+            setattr(self, name, proto(addr))
+            if name == "run":
+                self.run_addr = addr   # what the workers call (ctypes.cast of it makes a cycle)
         self.abi = self.abi_version
 
 
@@ -927,24 +936,24 @@ class CompiledModule:
         try:
             with os.fdopen(fd, "wb") as dst, open(so_path, "rb") as src:
                 shutil.copyfileobj(src, dst)
-            lib = ctypes.CDLL(tmp, mode=os.RTLD_LOCAL | os.RTLD_NOW)
+            handle = _ctypes.dlopen(tmp, os.RTLD_LOCAL | os.RTLD_NOW)
         finally:
             os.unlink(tmp)
         try:
-            self._init(lib)
+            self._init(handle)
         except BaseException:
-            _dlclose(lib)
+            _dlclose(handle)
             raise
         return self
 
-    def _init(self, lib: ctypes.CDLL) -> None:
-        self._lib = lib
+    def _init(self, handle: int) -> None:
+        self._handle = handle
         self._id = next(_module_ids)
         self._lock = threading.Lock()
         self._users = 0
         self._closed = False
         # getattr with strings: `lib.__kc_x` inside a class body would be name-mangled.
-        f = _ModuleApi(lib)
+        f = _ModuleApi(handle)
         if f.abi() != _ABI_VERSION:
             raise KernelCompileError("module built for another runtime ABI")
         self.uses_fibers = bool(f.uses_fibers())
@@ -981,7 +990,7 @@ class CompiledModule:
         for name, entries in vplain.items():
             if len(entries) == 1:
                 self._vars.setdefault(name, entries[0])
-        self._run = f.run
+        self._run = f.run_addr
 
     # -- public -------------------------------------------------------------------------
     def kernel(self, name: str) -> KernelInfo:
@@ -1035,21 +1044,20 @@ class CompiledModule:
             self._unload()
 
     def _unload(self) -> None:
-        lib, self._lib, self._run = self._lib, None, None
+        handle, self._handle, self._run = self._handle, None, None
         self._vars = {}
-        if lib is not None:
-            _dlclose(lib)
+        if handle is not None:
+            _dlclose(handle)
 
 
-def _dlclose(lib: ctypes.CDLL) -> None:
+def _dlclose(handle: int) -> None:
     # dlclose runs the module's finalizers (destructors of function-local statics a kernel
     # constructed): tenant code, so it runs on a confined thread like the kernels.
     try:
-        if _sandbox.confined_dlclose(lib._handle):
+        if _sandbox.confined_dlclose(handle):
             return
-        import _ctypes
-        _ctypes.dlclose(lib._handle)
-    except (ImportError, AttributeError, OSError):
+        _ctypes.dlclose(handle)
+    except OSError:
         pass
 
 
@@ -1198,7 +1206,7 @@ class Launcher:
                     for w in self._workers[:nw]:
                         w.ensure_stacks(threads)
                 # Blocks until every worker is done (the GIL is released for the call).
-                rcs = self._pool.run(ctypes.cast(run, ctypes.c_void_p).value, idx,
+                rcs = self._pool.run(run, idx,
                                      ctypes.addressof(argv), ctypes.addressof(L), nw)
                 del argbuf, counter, L  # kept alive until every worker has finished
             finally:
@@ -1248,10 +1256,10 @@ def _pack_args(kernel: KernelInfo, args: Sequence[bytes]):
         blobs.append(b)
         off += size
     maxalign = max([16, *aligns])
-    buf = ctypes.create_string_buffer(off + maxalign)
+    buf = array_type(ctypes.c_char, 1 << (off + maxalign - 1).bit_length())()
     base = ctypes.addressof(buf)
     base += (-base) % maxalign
     for o, b in zip(offsets, blobs):
         ctypes.memmove(base + o, b, len(b))
-    argv = (ctypes.c_void_p * max(1, len(sizes)))(*[base + o for o in offsets])
+    argv = array_type(ctypes.c_void_p, max(1, len(sizes)))(*[base + o for o in offsets])
     return (buf, argv), argv

@@ -2,30 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import signal
 import sys
 
 from . import config as cfg
+from . import malloc
 from .devices import discover
 from .server import Broker
-
-
-M_MMAP_THRESHOLD = -3     # glibc mallopt()
-
-
-def _steady_malloc() -> None:
-    """The broker lives for months while clients connect and go. ZeroMQ's I/O thread gives
-    each connection buffers of 8-16 KiB; in glibc's arena for that thread their churn keeps
-    touching new pages for many minutes (bench/soak.py showed it as slow RSS growth). Served
-    by mmap instead (a fixed 4 KiB threshold), they go back to the system when freed. The
-    broker moves no bulk data, so the extra system calls cost nothing that matters. A no-op
-    where the C library is not glibc."""
-    try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 4096)
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _steady_malloc()
+    malloc.small_buffers_by_mmap()     # see broker/malloc.py
     devices = discover()
     try:
         config = cfg.load(a.config, device_count=len(devices))

@@ -41,11 +41,14 @@ import zmq
 from kubecash.client import protocol as P
 from kubecash.client.errors import STICKY_CODES, CUresult, CudaError, ProtocolError, error_from_code
 
+from . import malloc
+
 log = logging.getLogger("kubecash.executor")
 
 E = CUresult
 SUSPENDED = object()     # what a preempted kernel's op returns: run the rest later
 MAX_GRID = (2**31 - 1, 65535, 65535)
+TRIM_INTERVAL_S = 5.0    # malloc.trim() takes under a ms; freed memory goes back within 5 s
 MAX_BLOCK = (1024, 1024, 64)
 # Per-session bounds (the broker passes its [broker] settings; these are the defaults).
 DEFAULT_LIMITS = {"max_handles_per_session": 65536, "max_modules_per_session": 256,
@@ -211,7 +214,7 @@ class Executor:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.ctl, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        next_stats = time.monotonic()
+        next_stats = next_trim = time.monotonic()
         try:
             while not self._stopping:
                 events = dict(poller.poll(100))
@@ -238,9 +241,13 @@ class Executor:
                         except zmq.Again:
                             break
                         self._on_client(frames)
-                if time.monotonic() >= next_stats:
-                    next_stats = time.monotonic() + 0.25
+                now = time.monotonic()
+                if now >= next_stats:
+                    next_stats = now + 0.25
                     self._send_stats()
+                if now >= next_trim:      # see broker/malloc.py
+                    next_trim = now + TRIM_INTERVAL_S
+                    malloc.trim()
         finally:
             self._shutdown()
 
@@ -1103,11 +1110,15 @@ class Executor:
         self._queue_op(s, msg, ident, lambda: None)
 
 
+try:   # looked up once: every ctypes.CDLL() makes a class that only the full GC frees
+    _fflush = ctypes.CDLL(None).fflush
+except (OSError, AttributeError):
+    _fflush = None
+
+
 def _libc_fflush(stream) -> None:
-    try:
-        ctypes.CDLL(None).fflush(stream)
-    except (OSError, AttributeError):
-        pass
+    if _fflush is not None:
+        _fflush(stream)
 
 
 EXECUTOR_OVERHEAD_BYTES = 1 << 30   # interpreter, libraries, worker stacks, requests in flight

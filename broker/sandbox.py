@@ -32,6 +32,7 @@ unloaded (dlclose, which runs destructors of function-local statics) on a confin
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -45,7 +46,7 @@ import threading
 from typing import Callable, Sequence
 
 __all__ = ["SandboxError", "Pool", "arch_supported", "syscall_name", "set_violation_handler",
-           "end_process_by_sigsys", "confined_dlclose", "policy"]
+           "end_process_by_sigsys", "confined_dlclose", "policy", "array_type"]
 
 
 class SandboxError(RuntimeError):
@@ -505,8 +506,16 @@ void kc_wait_violation(int* nr, unsigned* arch) {
 }  /* extern "C" */
 """
 
+@functools.lru_cache(maxsize=128)
+def array_type(ctype, n: int):
+    """`ctype * n`, kept. Python 3.11 caches array types only while an instance lives; a new
+    one per launch costs tens of microseconds and leaves a reference cycle for the GC."""
+    return ctype * n
+
+
 _native_lock = threading.Lock()
 _native: ctypes.CDLL | None = None
+_libc_dlclose = ctypes.CDLL(None).dlclose   # once: a CDLL per call would be GC-only garbage
 
 
 def _compiler() -> str:
@@ -600,7 +609,7 @@ class Pool:
         self.n = len(states)
 
     def run(self, fn_addr: int, idx: int, argv: int, launch: int, nw: int) -> list[int]:
-        rcs = (ctypes.c_int * max(1, nw))()
+        rcs = array_type(ctypes.c_int, max(1, nw))()
         self._lib.kc_pool_run(self._p, fn_addr, idx, argv, launch, nw, rcs)
         return list(rcs[:nw])
 
@@ -617,7 +626,7 @@ def confined_dlclose(handle: int) -> bool:
     lib = _native
     if lib is None:
         return False
-    fn = ctypes.cast(ctypes.CDLL(None).dlclose, ctypes.c_void_p).value
+    fn = ctypes.cast(_libc_dlclose, ctypes.c_void_p).value
     rc = ctypes.c_int(0)
     err = lib.kc_confined_call(fn, ctypes.c_void_p(handle), ctypes.byref(rc))
     if err:   # no confined thread: leave the module loaded rather than unload it unconfined

@@ -439,3 +439,25 @@ def test_a_grid_runs_in_slices_of_blocks(cache_dir):
         with pytest.raises(ValueError, match="block range"):
             L.launch(mod, k, (10, 1, 1), (32, 1, 1), 0, [ptr(out)], first_block=5, last_block=11)
     assert np.array_equal(out, np.repeat(np.arange(1, 11), 32))
+
+
+def test_loading_and_launching_leave_nothing_for_the_cyclic_gc(cache_dir):
+    """An executor loads modules and launches kernels all day. What that leaves in reference
+    cycles waits for the full collection, which comes rarely: a ctypes.CDLL per module (a
+    new class each) made executors' memory creep by megabytes between collections."""
+    import gc
+    src = 'extern "C" __global__ void inc(int* o) { o[threadIdx.x] += 1; }'
+    out = np.zeros(32, np.int32)
+    ck.compile_module(src, cache_dir=cache_dir).close()     # compiled and cached
+    with ck.Launcher(2) as L:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(50):
+                with ck.compile_module(src, cache_dir=cache_dir) as m:
+                    L.launch(m, m.kernel("inc"), (1, 1, 1), (32, 1, 1), 0, [ptr(out)])
+            garbage = gc.collect()
+        finally:
+            gc.enable()
+    assert np.array_equal(out, np.full(32, 50, np.int32))
+    assert garbage < 50, f"{garbage} objects in reference cycles after 50 loads and launches"
