@@ -33,6 +33,25 @@ from .errors import (BrokerUnavailable, CudaError, CUresult, KubecashError, Prot
 ENV_BROKER = "KUBECASH_BROKER"
 HELLO_TIMEOUT_S = 10.0
 
+_contexts: dict[int, zmq.Context] = {}      # pid -> this library's context, never terminated
+
+
+def _context() -> zmq.Context:
+    """The one ZeroMQ context this library uses in this process. It is never terminated, and
+    no session owns it: with a context per session, a session dropped unclosed was collected
+    in one cycle with its sockets, the collector cleared the context's weak references to them
+    before any finalizer ran, and Context.__del__ then waited in term() forever for sockets it
+    could no longer close. Sockets are closed by their sessions, or else by their own
+    finalizers (LINGER 0, so that never blocks). A forked child gets a new context; the
+    parent's stays referenced, so it is never collected in the child either. (No lock, which
+    a fork could inherit held: two threads racing here keep one context; the other has no
+    sockets, so its collection returns at once.)"""
+    pid = os.getpid()
+    ctx = _contexts.get(pid)
+    if ctx is None:
+        ctx = _contexts.setdefault(pid, zmq.Context())
+    return ctx
+
 
 def connect(address: str | None = None, *, timeout: float = HELLO_TIMEOUT_S) -> "Session":
     """Open a session with the broker at `address` (default: $KUBECASH_BROKER)."""
@@ -89,7 +108,7 @@ class Session(_Resource):
                            if address.startswith("ipc://") else None)
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
-        self._ctx = zmq.Context()
+        self._ctx = _context()
         self._broker = _Channel(self._ctx, address)
         self._broken: KubecashError | None = None
         self._failed: dict[str, CudaError] = {}     # device -> sticky error
@@ -99,7 +118,6 @@ class Session(_Resource):
                                client="kubecash.client")
         except BaseException:
             self._broker.close()
-            self._ctx.term()
             self._closed = True
             raise
         self.token: bytes = hello["session"]
@@ -279,7 +297,6 @@ class Session(_Resource):
                     pass
             self._broker.close()
         self._hb.join(timeout=5)
-        self._ctx.term()
 
 
 class Device:

@@ -281,3 +281,47 @@ def test_broker_sigkill_and_restart(kernel_cache):
         if b2 is not None:
             b2.stop()
         b.stop()
+
+
+def test_a_session_dropped_unclosed_after_its_broker_died_is_collected_without_hanging(kernel_cache):
+    """The collector takes such a session, its sockets and (once) its own ZeroMQ context in one
+    cycle. The context's finalizer found no sockets left to close and waited for them in
+    term() forever: a process hung in whatever line happened to trigger the collection."""
+    b = BrokerProcess({"alice": {}}, kernel_cache)
+    try:
+        p = run_client("""
+            import gc, sys, time, kubecash.client as kc
+            s = kc.connect()
+            d = s.device("cpu0")
+            buf = d.allocate(4096)
+            print("connected", flush=True)
+            sys.stdin.readline()                      # the broker is killed meanwhile
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    d.mem_info()
+                except kc.KubecashError as e:
+                    print("error:", type(e).__name__, flush=True)
+                    break
+                if time.monotonic() > deadline:
+                    sys.exit("the broker's death went unnoticed")
+                time.sleep(0.1)
+            del s, d, buf                             # dropped, never closed
+            gc.collect()
+            print("collected", flush=True)
+        """, b.address("alice"), stdin=subprocess.PIPE)
+        assert p.stdout.readline().strip() == "connected", p.stderr.read()
+        b.proc.send_signal(signal.SIGKILL)
+        b.proc.wait()
+        p.stdin.write("\n")
+        p.stdin.flush()
+        try:
+            out, err = p.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            pytest.fail(f"the client hung collecting its dropped session; it printed {out!r}")
+        assert p.returncode == 0, err
+        assert out.splitlines()[-1] == "collected", out
+    finally:
+        b.stop()
