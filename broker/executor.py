@@ -2,10 +2,11 @@
 
 It owns the tenant's context on the device: allocations, modules, streams, events, the
 shared-memory segments it shares with the tenant's clients. Clients talk to it directly on
-`<tenant dir>/<device>.sock`; the broker talks to it on a private control socket.
+`<tenant dir>/<device>.sock`; the broker talks to it on two socketpairs it inherits (control
+messages, and device leases), which nothing else can reach.
 
 Threads
-- main: the only thread touching sockets and session tables; validates each request,
+- main: the only thread touching the client socket and session tables; validates each request,
   answers the immediate ones (alloc, module load bookkeeping, queries) and queues the rest.
 - runner: executes queued work in per-session FIFO order, one operation at a time, round
   robin across sessions. Executing each session's requests in submission order is a valid
@@ -48,6 +49,7 @@ log = logging.getLogger("kubecash.executor")
 E = CUresult
 SUSPENDED = object()     # what a preempted kernel's op returns: run the rest later
 MAX_GRID = (2**31 - 1, 65535, 65535)
+CONTROL_MESSAGE_MAX = 65536   # the broker's messages are small; longer is cut (and refused)
 TRIM_INTERVAL_S = 5.0    # malloc.trim() takes under a ms; freed memory goes back within 5 s
 MAX_BLOCK = (1024, 1024, 64)
 # Per-session bounds (the broker passes its [broker] settings; these are the defaults).
@@ -121,8 +123,8 @@ class Session:
 
 
 class Executor:
-    def __init__(self, tenant: str, device: dict[str, Any], runtime_dir: str, control: str,
-                 secret: bytes, lease_fd: int, memory_limit: int, threads: int, cache_dir: str,
+    def __init__(self, tenant: str, device: dict[str, Any], runtime_dir: str, control_fd: int,
+                 lease_fd: int, memory_limit: int, threads: int, cache_dir: str,
                  max_message_bytes: int = P.MAX_MESSAGE_BYTES,
                  staging_bytes: int = P.DEFAULT_STAGING_BYTES, limits: dict | None = None,
                  sandbox: bool = True):
@@ -131,8 +133,6 @@ class Executor:
         self.dev_name = device["name"]
         self.tenant_dir = P.tenant_dir(runtime_dir, tenant)
         self.shm_dir = os.path.join(self.tenant_dir, "shm")
-        self.control_addr = control
-        self.secret = secret
         self.memory_limit = memory_limit
         self.memory_used = 0
         self.max_message_bytes = max_message_bytes
@@ -173,8 +173,9 @@ class Executor:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self.ctl = self.ctx.socket(zmq.DEALER)
-        self.ctl.setsockopt(zmq.LINGER, 1000)
+        # The broker's private socketpair: control messages both ways, whole (SEQPACKET).
+        # Sends block (the broker reads every pass; reports are rare); receives do not.
+        self.ctl = socket.socket(fileno=control_fd)
         self.lease_sock = socket.socket(fileno=lease_fd)
         self._lease_poll = select.poll()
         self._lease_poll.register(lease_fd, select.POLLIN)
@@ -196,7 +197,10 @@ class Executor:
             pass  # the client is gone or not reading; its session ends through the broker
 
     def _report(self, op: str, **fields: Any) -> None:
-        self.ctl.send(P.pack({"v": P.VERSION, "op": op, **fields}))
+        try:
+            self.ctl.send(P.pack({"v": P.VERSION, "op": op, **fields}))
+        except OSError:
+            self._stopping = True       # the broker is gone
 
     def serve(self) -> None:
         path = P.executor_socket_path(os.path.dirname(os.path.dirname(self.tenant_dir)),
@@ -206,13 +210,11 @@ class Executor:
             os.unlink(path)
         self.sock.bind(f"ipc://{path}")
         os.chmod(path, 0o666)        # the tenant directory (0700, the tenant's uid) guards it
-        self.ctl.connect(self.control_addr)
         self.runner.start()
-        self._report("ready", tenant=self.tenant, device=self.dev_name, secret=self.secret,
-                     pid=os.getpid())
+        self._report("ready", tenant=self.tenant, device=self.dev_name, pid=os.getpid())
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.ctl, zmq.POLLIN)
+        poller.register(self.ctl.fileno(), zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         next_stats = next_trim = time.monotonic()
         try:
@@ -232,8 +234,8 @@ class Executor:
                         call()
                     except Exception:
                         log.exception("internal error in deferred work")
-                if self.ctl in events:
-                    self._on_control(self.ctl.recv())
+                if self.ctl.fileno() in events:
+                    self._read_control()
                 if self.sock in events:
                     for _ in range(256):     # bounded batch so control stays responsive
                         try:
@@ -271,6 +273,19 @@ class Executor:
         self.ctx.term()
 
     # -- control channel (from the broker) --------------------------------------------------
+    def _read_control(self) -> None:
+        while not self._stopping:
+            try:
+                frame = self.ctl.recv(CONTROL_MESSAGE_MAX, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                frame = b""
+            if not frame:               # the broker closed its end
+                self._stopping = True
+                return
+            self._on_control(frame)
+
     def _on_control(self, frame: bytes) -> None:
         try:
             op, msg = P.decode(frame, P.CONTROL_OPS)
@@ -1157,7 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tenant", required=True)
     ap.add_argument("--device-json", required=True)
     ap.add_argument("--runtime-dir", required=True)
-    ap.add_argument("--control", required=True)
+    ap.add_argument("--control-fd", type=int, required=True)
     ap.add_argument("--lease-fd", type=int, required=True)
     ap.add_argument("--memory-limit", type=int, required=True)
     ap.add_argument("--threads", type=int, default=1)
@@ -1173,8 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s executor[{a.tenant}/%(process)d] %(levelname)s %(message)s")
     _die_with_parent()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # a crash must not write tenant data to disk
-    secret = os.environ.pop("KUBECASH_EXECUTOR_SECRET", "").encode()
-    ex = Executor(a.tenant, json.loads(a.device_json), a.runtime_dir, a.control, secret,
+    ex = Executor(a.tenant, json.loads(a.device_json), a.runtime_dir, a.control_fd,
                   a.lease_fd, a.memory_limit, a.threads, a.cache_dir, a.max_message_bytes,
                   limits={k: int(v) for k, v in json.loads(a.limits).items() if k in DEFAULT_LIMITS},
                   sandbox=not a.no_sandbox)

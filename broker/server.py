@@ -12,6 +12,7 @@ in-flight requests tracked so that a dead executor or session fails them cleanly
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import json
@@ -42,6 +43,8 @@ from .scheduler import NS, DeviceScheduler, LimitBucket
 log = logging.getLogger("kubecash.broker")
 E = CUresult
 EXECUTOR_START_TIMEOUT_S = 30.0
+CONTROL_MESSAGE_MAX = 4096   # an executor's reports are a few hundred bytes; longer is cut
+CONTROL_OUTBOX_MAX = 4096    # messages waiting for an executor that is busy, not stuck
 EXECUTOR_STOP_TIMEOUT_S = 5.0
 PUBLISH_INTERVAL_S = 1.0      # metrics snapshot and systemd STATUS= refresh
 CACHE_TRIM_INTERVAL_S = 30.0  # how often the compiled-kernel cache is held to its cap
@@ -65,8 +68,10 @@ class ExecutorProc:
     device: Device
     proc: subprocess.Popen
     started: float
-    ident: bytes | None = None             # control-socket routing id once it said "ready"
+    ctl_sock: socket.socket | None = None     # private socketpair end: control messages
+    outbox: collections.deque = dataclasses.field(default_factory=collections.deque)  # unsent
     lease_sock: socket.socket | None = None   # private socketpair end: leases go there
+    said_ready: bool = False
     sessions: set[bytes] = dataclasses.field(default_factory=set)
     pending: dict[bytes, PendingOpen] = dataclasses.field(default_factory=dict)
     stopping: float | None = None          # when shutdown was asked
@@ -79,7 +84,7 @@ class ExecutorProc:
 
     @property
     def ready(self) -> bool:
-        return self.ident is not None
+        return self.said_ready
 
 
 @dataclasses.dataclass
@@ -112,11 +117,7 @@ class Broker:
         self.devices = {d.name: d for d in (devices if devices is not None else discover())}
         self.runtime_dir = os.path.abspath(self.settings.runtime_dir)
         self.private_dir = os.path.join(self.runtime_dir, "private")
-        self.control_addr = f"ipc://{self.private_dir}/control.sock"
-        self.secret = secrets.token_hex(16).encode()
         self.ctx = zmq.Context()
-        self.control = self.ctx.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.LINGER, 0)
         self.tenants: dict[str, TenantState] = {}
         self.sessions: dict[bytes, ClientSession] = {}
         self.stopping = False
@@ -126,7 +127,7 @@ class Broker:
         self.poller = zmq.Poller()
         self._sock_tenant: dict[zmq.Socket, TenantState] = {}
         self._paused: set[TenantState] = set()     # over their request rate: not polled
-        self._by_ident: dict[bytes, ExecutorProc] = {}     # control-socket routing ids
+        self._ctl_fds: dict[int, ExecutorProc] = {}        # control socketpair fds
         self._lease_fds: dict[int, ExecutorProc] = {}      # lease socketpair fds
         self._closed = False
         self.notifier = Notifier()
@@ -169,11 +170,10 @@ class Broker:
                 except OSError:
                     pass
         os.makedirs(self.settings.resolved_cache_dir, mode=0o700, exist_ok=True)
-        ctl_path = self.control_addr[len("ipc://"):]
-        if os.path.exists(ctl_path):
-            os.unlink(ctl_path)
-        self.control.bind(self.control_addr)
-        self.poller.register(self.control, zmq.POLLIN)
+        try:   # brokers before the control socketpair bound a socket here
+            os.unlink(os.path.join(self.private_dir, "control.sock"))
+        except OSError:
+            pass
         admin_path = self.settings.resolved_admin_socket
         if os.path.exists(admin_path):
             os.unlink(admin_path)
@@ -304,11 +304,16 @@ class Broker:
         for t in backlog:
             if not t.gate.sock.closed and not any(sock is t.gate.sock for sock, _ in ready):
                 self._on_gate(t)
-        for sock, _ in ready:
+        for sock, mask in ready:
             if isinstance(sock, int):
                 ex = self._lease_fds.get(sock)
                 if ex is not None:
                     self._on_lease(ex)
+                ex = self._ctl_fds.get(sock)
+                if ex is not None and mask & zmq.POLLOUT:
+                    self._flush_control(ex)
+                if ex is not None and mask & zmq.POLLIN:
+                    self._on_control(ex)
                 continue
             t = self._sock_tenant.get(sock)
             if t is not None:
@@ -326,10 +331,7 @@ class Broker:
                 except zmq.ZMQError as e:
                     log.error("receive failed on a socket: %s", e)
                     break
-                if sock is self.control:
-                    self._on_control(frames)
-                else:
-                    self._on_admin(frames)
+                self._on_admin(frames)
         self._housekeeping()
 
     def close(self) -> None:
@@ -357,7 +359,6 @@ class Broker:
         for t in self.tenants.values():
             t.gate.close()
         self.admin.close()
-        self.control.close()
         self.ctx.term()
         for t in self.tenants.values():     # sockets go; the (mounted) directories stay
             for leftover in glob.glob(os.path.join(t.dir, "*.sock")) + glob.glob(os.path.join(t.dir, "shm", "*")):
@@ -588,7 +589,7 @@ class Broker:
         threads = self.settings.executor_threads or d.properties.get("cores", 1)
         cmd = [sys.executable, "-m", "kubecash.broker.executor",
                "--tenant", t.config.name, "--device-json", json.dumps(d.describe()),
-               "--runtime-dir", self.runtime_dir, "--control", self.control_addr,
+               "--runtime-dir", self.runtime_dir,
                "--memory-limit", str(self._memory_limit(q, d)), "--threads", str(threads),
                "--cache-dir", self.settings.resolved_cache_dir,
                "--owner", "" if t.config.owner is None else "%d:%d" % t.config.owner,
@@ -598,22 +599,33 @@ class Broker:
                    "max_queued_ops_per_session")})]
         if not self.settings.sandbox:
             cmd.append("--no-sandbox")
-        env = dict(os.environ, KUBECASH_EXECUTOR_SECRET=self.secret.decode())
+        env = dict(os.environ)
         env.pop("KUBECASH_BROKER", None)   # the executor is never itself a brokered client
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Two private socketpairs, one for leases (the runner thread's) and one for control
+        # (the main loop's). Only this executor holds the other ends, so what arrives on them
+        # is its own, with no handshake to forge; SEQPACKET keeps messages whole, and the
+        # kernel's socket buffer bounds what an executor can queue at the broker.
+        lease, lease_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ctl, ctl_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            proc = subprocess.Popen(cmd + ["--lease-fd", str(theirs.fileno())], env=env,
+            proc = subprocess.Popen(cmd + ["--lease-fd", str(lease_theirs.fileno()),
+                                           "--control-fd", str(ctl_theirs.fileno())], env=env,
                                     stdin=subprocess.DEVNULL, close_fds=True,
-                                    pass_fds=(theirs.fileno(),))
+                                    pass_fds=(lease_theirs.fileno(), ctl_theirs.fileno()))
         except BaseException:
-            mine.close()
+            lease.close()
+            ctl.close()
             raise
         finally:
-            theirs.close()
-        mine.setblocking(False)
-        ex = ExecutorProc(t, d, proc, time.monotonic(), lease_sock=mine)
-        self._lease_fds[mine.fileno()] = ex
-        self.poller.register(mine.fileno(), zmq.POLLIN)
+            lease_theirs.close()
+            ctl_theirs.close()
+        lease.setblocking(False)
+        ctl.setblocking(False)
+        ex = ExecutorProc(t, d, proc, time.monotonic(), lease_sock=lease, ctl_sock=ctl)
+        self._lease_fds[lease.fileno()] = ex
+        self.poller.register(lease.fileno(), zmq.POLLIN)
+        self._ctl_fds[ctl.fileno()] = ex
+        self.poller.register(ctl.fileno(), zmq.POLLIN)
         t.executors[d.name] = ex
         log.info("tenant %s: executor for %s started (pid %d)", t.config.name, d.name, proc.pid)
         return ex
@@ -625,7 +637,7 @@ class Broker:
             if self.tenants.get(ex.tenant.config.name) is ex.tenant:
                 self.schedulers[ex.device.name].remove(ex.tenant.config.name)
                 self._schedule(ex.device.name)
-            if ex.ident is not None:
+            if ex.ready:
                 self._control_send(ex, "shutdown")
             else:
                 ex.proc.terminate()
@@ -635,11 +647,14 @@ class Broker:
         if t.executors.get(ex.device.name) is not ex:
             return
         del t.executors[ex.device.name]
-        self._by_ident.pop(ex.ident, None)
         if ex.lease_sock is not None:
             self._forget_lease_fd(ex)
             ex.lease_sock.close()
             ex.lease_sock = None
+        if ex.ctl_sock is not None:
+            self._forget_ctl_fd(ex)
+            ex.ctl_sock.close()
+            ex.ctl_sock = None
         # A tenant removed by a reload may have been added again under the same name: the
         # scheduler entry and the files by that name are the new tenant's then.
         current = self.tenants.get(t.config.name) is t
@@ -690,23 +705,69 @@ class Broker:
             nx.pending.update(waiting)
 
     def _control_send(self, ex: ExecutorProc, op: str, **fields: Any) -> None:
-        if ex.ident is not None:
-            self._send(self.control, ex.ident, P.pack({"v": P.VERSION, "op": op, **fields}))
-
-    def _on_control(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
+        if ex.ctl_sock is None:
             return
-        ident, frame = frames
+        ex.outbox.append(P.pack({"v": P.VERSION, "op": op, **fields}))
+        if len(ex.outbox) > CONTROL_OUTBOX_MAX:
+            # Thousands of messages unread: the executor has stopped reading its control
+            # channel, and the sessions waiting on it would wait forever. Ending it tells them.
+            log.error("tenant %s: executor for %s does not read its control channel; ending it",
+                      ex.tenant.config.name, ex.device.name)
+            ex.outbox.clear()
+            ex.proc.kill()
+            return
+        if len(ex.outbox) == 1:
+            self._flush_control(ex)
+
+    def _flush_control(self, ex: ExecutorProc) -> None:
+        """Send what waits for the executor; what its socket buffer cannot take yet waits for
+        the socket to be writable (the poller watches POLLOUT only meanwhile)."""
+        while ex.outbox and ex.ctl_sock is not None:
+            try:
+                ex.ctl_sock.send(ex.outbox[0])
+            except BlockingIOError:
+                if ex.ctl_sock.fileno() in self._ctl_fds:
+                    self.poller.register(ex.ctl_sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
+                return
+            except OSError:             # it is exiting; _executor_gone follows
+                ex.outbox.clear()
+                break
+            ex.outbox.popleft()
+        if ex.ctl_sock is not None and ex.ctl_sock.fileno() in self._ctl_fds:
+            self.poller.register(ex.ctl_sock.fileno(), zmq.POLLIN)
+
+    def _forget_ctl_fd(self, ex: ExecutorProc) -> None:
+        fd = ex.ctl_sock.fileno() if ex.ctl_sock is not None else -1
+        if self._ctl_fds.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def _on_control(self, ex: ExecutorProc) -> None:
+        """Reports from an executor's main loop, on its private control socketpair."""
+        for _ in range(64):             # a bounded batch: one executor cannot hold the loop
+            if ex.ctl_sock is None:
+                return
+            try:
+                frame = ex.ctl_sock.recv(CONTROL_MESSAGE_MAX)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                frame = b""
+            if not frame:               # it closed its end: it is exiting
+                self._forget_ctl_fd(ex)
+                return
+            self._on_report(ex, frame)
+
+    def _on_report(self, ex: ExecutorProc, frame: bytes) -> None:
         try:
             op, msg = P.decode(frame, P.EXECUTOR_REPORTS)
         except ProtocolError as e:
-            log.error("bad message on the control socket: %s", e)
+            log.error("tenant %s: bad message from the executor for %s: %s",
+                      ex.tenant.config.name, ex.device.name, e)
             return
         if op == "ready":
-            self._executor_ready(ident, msg)
+            self._executor_ready(ex, msg)
             return
-        ex = self._by_ident.get(ident)
-        if ex is None:
+        if not ex.ready:
             return
         if op == "session_added":
             if msg["session"] in ex.sessions:
@@ -726,23 +787,23 @@ class Broker:
         elif op == "stats":
             ex.device_ns, ex.kernels, ex.memory_used = msg["device_ns"], msg["kernels"], msg["memory_used"]
 
-    def _executor_ready(self, ident: bytes, msg: dict) -> None:
-        if not secrets.compare_digest(msg["secret"], self.secret):
-            log.error("control socket: 'ready' with a wrong secret refused")
+    def _executor_ready(self, ex: ExecutorProc, msg: dict) -> None:
+        t = ex.tenant
+        if ex.ready or (msg["tenant"], msg["device"], msg["pid"]) != (
+                t.config.name, ex.device.name, ex.proc.pid):
+            log.error("tenant %s: executor for %s: a 'ready' that does not match it refused",
+                      t.config.name, ex.device.name)
             return
-        t = self.tenants.get(msg["tenant"])
-        ex = t.executors.get(msg["device"]) if t else None
-        if ex is None or ex.proc.pid != msg["pid"] or ex.ident is not None:
-            log.error("control socket: 'ready' from an unknown executor refused")
+        ex.said_ready = True
+        if ex.stopping is None and self.tenants.get(t.config.name) is not t:
+            self._stop_executor(ex)     # its tenant was removed meanwhile (sends shutdown)
             return
-        ex.ident = ident
-        self._by_ident[ident] = ex
-        q = t.config.quota_for(ex.device.name)
-        self.schedulers[ex.device.name].add(t.config.name, q.weight, q.klass,
-                                            self._bucket_for(t, ex.device.name))
         if ex.stopping is not None:
             self._control_send(ex, "shutdown")
             return
+        q = t.config.quota_for(ex.device.name)
+        self.schedulers[ex.device.name].add(t.config.name, q.weight, q.klass,
+                                            self._bucket_for(t, ex.device.name))
         for token in ex.pending:
             self._control_send(ex, "session_add", session=token)
 

@@ -254,7 +254,7 @@ CONTROL_OPS: dict[str, dict[str, F]] = {
 }
 # executor -> broker
 EXECUTOR_REPORTS: dict[str, dict[str, F]] = {
-    "ready": {"tenant": F(str, maxlen=64), "device": F(str, maxlen=64), "secret": F(bytes, maxlen=64),
+    "ready": {"tenant": F(str, maxlen=64), "device": F(str, maxlen=64),
               "pid": F(int, lo=0, hi=I64_MAX)},
     "session_added": {"session": SESSION},
     "session_ended": {"session": SESSION},

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import time
 
 import pytest
 
 import kubecash.client as kc
 from kubecash.client import protocol as P
+
+from conftest import wait_for
 
 SECRET = b"alice's secret!!" * 4
 READER = r"""
@@ -146,3 +149,27 @@ def test_shared_memory_names_cannot_reach_another_tenant(broker, raw_socket, tmp
         assert victim.read_bytes() == b"keep"
         assert bytes(ha.view[:4]) == b"mine"          # alice's mapping is untouched
         assert da.mem_info()[0] == (256 << 20) - 4096
+
+
+def test_executors_reach_the_broker_only_on_their_own_socketpairs(broker):
+    """An executor runs tenant code. Its channel to the broker is a socketpair only it holds:
+    no socket in the runtime directory to connect to and pose as another tenant's executor
+    (the shared control socket this replaced let any process of the broker's uid that knew
+    one secret say 'ready' for another executor's pid and receive its session tokens)."""
+    with broker.connect("alice") as a, broker.connect("bob") as b:
+        a.device("cpu0").allocate(16)
+        b.device("cpu0").allocate(16)
+        expected = {os.path.realpath(p) for p in (
+            broker.admin_path, broker.socket_path("alice"), broker.socket_path("bob"),
+            P.executor_socket_path(broker.runtime_dir, "alice", "cpu0"),
+            P.executor_socket_path(broker.runtime_dir, "bob", "cpu0"))}
+        found = set()
+        for root, _dirs, files in os.walk(broker.runtime_dir):
+            for f in files:
+                path = os.path.realpath(os.path.join(root, f))
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    found.add(path)
+        assert found == expected, f"unexpected sockets: {sorted(found - expected)}"
+        for s in (a, b):   # and both executors' reports reach the broker
+            wait_for(lambda: s.status()["devices"]["cpu0"]["memory_used"] >= 16, 10,
+                     f"{s.tenant}'s executor to report its memory in use")

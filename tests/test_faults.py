@@ -325,3 +325,37 @@ def test_a_session_dropped_unclosed_after_its_broker_died_is_collected_without_h
         assert out.splitlines()[-1] == "collected", out
     finally:
         b.stop()
+
+
+def test_a_briefly_stopped_executor_loses_no_control_message(broker_factory):
+    """The broker's control messages to an executor go on a socketpair whose buffer holds a
+    few hundred; past that they wait in the broker (its loop never blocks) until the executor
+    reads again. An executor that is only busy, here stopped while 1000 quota changes and a
+    new session's open queue up for it, gets them all in order and is not ended."""
+    b = broker_factory({"alice": {"memory": "256MiB"}})
+    admin = b.admin()
+    with b.connect("alice") as first:
+        d = first.device("cpu0")
+        d.allocate(16)
+        pid = first.status()["devices"]["cpu0"]["pid"]
+        opened: list = []
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(1000):
+                admin.call("set_quota", tenant="alice", memory=(200 << 20) + i * 4096)
+            def open_late():
+                s2 = b.connect("alice")
+                opened.append(s2)
+                s2.device("cpu0").mem_info()   # the open goes to the executor: session_add
+            late = threading.Thread(target=open_late)
+            late.start()
+            time.sleep(1)                   # its open waits behind the quota changes
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        late.join(60)
+        assert opened, "the session opened while the executor was stopped did not open"
+        with opened[0] as s2:
+            assert s2.device("cpu0").mem_info()[1] == (200 << 20) + 999 * 4096   # the last one
+        assert d.mem_info()[1] == (200 << 20) + 999 * 4096
+        assert first.status()["devices"]["cpu0"]["pid"] == pid, "the executor was replaced"
+    assert "does not read its control channel" not in b.log()
