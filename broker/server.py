@@ -344,6 +344,12 @@ class Broker:
             for ex in list(t.executors.values()):
                 self._stop_executor(ex)
         deadline = time.monotonic() + EXECUTOR_STOP_TIMEOUT_S
+        # A busy executor's "shutdown" may still wait in its control outbox: keep sending.
+        running = [ex for t in self.tenants.values() for ex in t.executors.values()]
+        while time.monotonic() < deadline and any(ex.proc.poll() is None for ex in running):
+            for ex in running:
+                self._flush_control(ex)
+            time.sleep(0.01)
         for t in self.tenants.values():
             for ex in list(t.executors.values()):
                 try:

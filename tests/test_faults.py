@@ -359,3 +359,31 @@ def test_a_briefly_stopped_executor_loses_no_control_message(broker_factory):
         assert d.mem_info()[1] == (200 << 20) + 999 * 4096
         assert first.status()["devices"]["cpu0"]["pid"] == pid, "the executor was replaced"
     assert "does not read its control channel" not in b.log()
+
+
+def test_broker_stop_reaches_an_executor_whose_control_channel_was_full(kernel_cache):
+    """The broker's "shutdown" to an executor can wait behind a full control buffer; while
+    stopping, the broker keeps sending, so the executor exits on its own well before the
+    5 s after which the broker kills it."""
+    b = BrokerProcess({"alice": {}}, kernel_cache)
+    try:
+        admin = b.admin()
+        s = b.connect("alice")
+        s.device("cpu0").allocate(16)
+        pid = s.status()["devices"]["cpu0"]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(1000):            # more than the socketpair's buffer holds
+                admin.call("set_quota", tenant="alice", memory=(200 << 20) + i * 4096)
+        finally:
+            threading.Timer(1.0, os.kill, (pid, signal.SIGCONT)).start()
+        t0 = time.monotonic()
+        b.proc.send_signal(signal.SIGTERM)
+        b.proc.wait(30)
+        took = time.monotonic() - t0
+        s.close()
+        print(f"\n[broker stop behind a full control buffer] {took:.2f} s")
+        assert b.proc.returncode == 0
+        assert took < 4.0, f"the broker took {took:.1f} s to stop: it had to kill the executor"
+    finally:
+        b.stop()
