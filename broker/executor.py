@@ -49,7 +49,6 @@ log = logging.getLogger("kubecash.executor")
 E = CUresult
 SUSPENDED = object()     # what a preempted kernel's op returns: run the rest later
 MAX_GRID = (2**31 - 1, 65535, 65535)
-CONTROL_MESSAGE_MAX = 65536   # the broker's messages are small; longer is cut (and refused)
 TRIM_INTERVAL_S = 5.0    # malloc.trim() takes under a ms; freed memory goes back within 5 s
 MAX_BLOCK = (1024, 1024, 64)
 # Per-session bounds (the broker passes its [broker] settings; these are the defaults).
@@ -276,7 +275,7 @@ class Executor:
     def _read_control(self) -> None:
         while not self._stopping:
             try:
-                frame = self.ctl.recv(CONTROL_MESSAGE_MAX, socket.MSG_DONTWAIT)
+                frame = self.ctl.recv(P.CONTROL_MESSAGE_MAX, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:

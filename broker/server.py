@@ -43,7 +43,6 @@ from .scheduler import NS, DeviceScheduler, LimitBucket
 log = logging.getLogger("kubecash.broker")
 E = CUresult
 EXECUTOR_START_TIMEOUT_S = 30.0
-CONTROL_MESSAGE_MAX = 4096   # an executor's reports are a few hundred bytes; longer is cut
 CONTROL_OUTBOX_MAX = 4096    # messages waiting for an executor that is busy, not stuck
 EXECUTOR_STOP_TIMEOUT_S = 5.0
 PUBLISH_INTERVAL_S = 1.0      # metrics snapshot and systemd STATUS= refresh
@@ -71,7 +70,7 @@ class ExecutorProc:
     ctl_sock: socket.socket | None = None     # private socketpair end: control messages
     outbox: collections.deque = dataclasses.field(default_factory=collections.deque)  # unsent
     lease_sock: socket.socket | None = None   # private socketpair end: leases go there
-    said_ready: bool = False
+    ready: bool = False                    # it said "ready" on its control socketpair
     sessions: set[bytes] = dataclasses.field(default_factory=set)
     pending: dict[bytes, PendingOpen] = dataclasses.field(default_factory=dict)
     stopping: float | None = None          # when shutdown was asked
@@ -81,10 +80,6 @@ class ExecutorProc:
     memory_used: int = 0
     kernel_carry_ns: int = 0               # run time of a preempted kernel in earlier leases
     kill_reason: str | None = None         # why the broker killed it (max_kernel_seconds)
-
-    @property
-    def ready(self) -> bool:
-        return self.said_ready
 
 
 @dataclasses.dataclass
@@ -653,14 +648,11 @@ class Broker:
         if t.executors.get(ex.device.name) is not ex:
             return
         del t.executors[ex.device.name]
-        if ex.lease_sock is not None:
-            self._forget_lease_fd(ex)
-            ex.lease_sock.close()
-            ex.lease_sock = None
-        if ex.ctl_sock is not None:
-            self._forget_ctl_fd(ex)
-            ex.ctl_sock.close()
-            ex.ctl_sock = None
+        for fds, sock in ((self._lease_fds, ex.lease_sock), (self._ctl_fds, ex.ctl_sock)):
+            if sock is not None:
+                self._unwatch(fds, sock)
+                sock.close()
+        ex.lease_sock = ex.ctl_sock = None
         # A tenant removed by a reload may have been added again under the same name: the
         # scheduler entry and the files by that name are the new tenant's then.
         current = self.tenants.get(t.config.name) is t
@@ -742,24 +734,19 @@ class Broker:
         if ex.ctl_sock is not None and ex.ctl_sock.fileno() in self._ctl_fds:
             self.poller.register(ex.ctl_sock.fileno(), zmq.POLLIN)
 
-    def _forget_ctl_fd(self, ex: ExecutorProc) -> None:
-        fd = ex.ctl_sock.fileno() if ex.ctl_sock is not None else -1
-        if self._ctl_fds.pop(fd, None) is not None:
-            self.poller.unregister(fd)
-
     def _on_control(self, ex: ExecutorProc) -> None:
         """Reports from an executor's main loop, on its private control socketpair."""
         for _ in range(64):             # a bounded batch: one executor cannot hold the loop
             if ex.ctl_sock is None:
                 return
             try:
-                frame = ex.ctl_sock.recv(CONTROL_MESSAGE_MAX)
+                frame = ex.ctl_sock.recv(P.CONTROL_MESSAGE_MAX)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 frame = b""
             if not frame:               # it closed its end: it is exiting
-                self._forget_ctl_fd(ex)
+                self._unwatch(self._ctl_fds, ex.ctl_sock)
                 return
             self._on_report(ex, frame)
 
@@ -800,7 +787,7 @@ class Broker:
             log.error("tenant %s: executor for %s: a 'ready' that does not match it refused",
                       t.config.name, ex.device.name)
             return
-        ex.said_ready = True
+        ex.ready = True
         if ex.stopping is None and self.tenants.get(t.config.name) is not t:
             self._stop_executor(ex)     # its tenant was removed meanwhile (sends shutdown)
             return
@@ -823,7 +810,7 @@ class Broker:
             except OSError:
                 frame = b""
             if not frame:                 # the executor closed its end: it is exiting
-                self._forget_lease_fd(ex)
+                self._unwatch(self._lease_fds, ex.lease_sock)
                 return
             try:
                 op, msg = P.decode(frame, P.EXECUTOR_REPORTS)
@@ -845,9 +832,10 @@ class Broker:
                     ex.kernel_carry_ns = ex.kernel_carry_ns + held_ns if msg.get("suspended") else 0
             self._schedule(ex.device.name)
 
-    def _forget_lease_fd(self, ex: ExecutorProc) -> None:
-        fd = ex.lease_sock.fileno()
-        if self._lease_fds.pop(fd, None) is not None:
+    def _unwatch(self, fds: dict[int, ExecutorProc], sock: socket.socket) -> None:
+        """Stop polling one of an executor's socketpair ends (`fds` is its lookup table)."""
+        fd = sock.fileno()
+        if fds.pop(fd, None) is not None:
             self.poller.unregister(fd)
 
     def _lease_send(self, ex: ExecutorProc, op: str, **fields: Any) -> None:

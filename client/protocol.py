@@ -239,9 +239,11 @@ def executor_socket_path(runtime_dir: str, tenant: str, device: str) -> str:
     return f"{tenant_dir(runtime_dir, tenant)}/{device}.sock"
 
 
-# Control channel between the broker (ROUTER, private socket) and its executors (DEALER).
-# Leases (grant, preempt; want, release) travel instead over a SOCK_SEQPACKET socketpair the
-# broker creates for each executor: one message per packet, same encoding.
+# Between the broker and each executor: two SOCK_SEQPACKET socketpairs the broker creates and
+# the executor inherits, one for control (session_add... ; ready, stats...) and one for leases
+# (grant, preempt; want, release). One message per packet, same encoding. Control messages are
+# a few hundred bytes at most; a longer packet is cut to this (and then refused as malformed).
+CONTROL_MESSAGE_MAX = 4096
 # broker -> executor
 CONTROL_OPS: dict[str, dict[str, F]] = {
     "session_add": {"session": SESSION},
