@@ -58,7 +58,9 @@ print(json.dumps({"h2d": h2d, "d2h": d2h, "launch_us": launch_us}))
 
 def direct_gpu(index: int, nbytes: int, launches: int, reps: int) -> dict:
     import numpy as np
-    from cuda.bindings import driver as cu, nvrtc
+    from cuda.bindings import driver as cu
+    from cuda.bindings import nvrtc
+
     from kubecash.broker.backend_cuda import _check
     _check(cu.cuInit(0), "cuInit")
     dev = _check(cu.cuDeviceGet(index), "cuDeviceGet")
@@ -105,6 +107,7 @@ def direct_gpu(index: int, nbytes: int, launches: int, reps: int) -> dict:
 
 def direct_cpu(nbytes: int, launches: int, reps: int) -> dict:
     import numpy as np
+
     from kubecash.broker import cpukernels
     host = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dev = np.empty_like(host)

@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from kubecash.broker.local import LocalBroker          # noqa: E402
+from kubecash.broker.local import LocalBroker  # noqa: E402
 from kubecash.broker.scheduler import expected_shares  # noqa: E402
 
 WORKER = os.path.join(ROOT, "examples", "tenant_worker.py")

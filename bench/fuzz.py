@@ -42,10 +42,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import kubecash.client as kc                       # noqa: E402
-from kubecash.client import protocol as P          # noqa: E402
+import kubecash.client as kc  # noqa: E402
 from kubecash.broker.server import BROKER_MESSAGE_MAX  # noqa: E402
-from kubecash.client.errors import code_name        # noqa: E402
+from kubecash.client import protocol as P  # noqa: E402
+from kubecash.client.errors import code_name  # noqa: E402
 
 VECADD = r"""
 extern "C" __global__ void vadd(const float* a, const float* b, float* c, int n) {
@@ -487,7 +487,7 @@ def _zframe(flags: int, body: bytes, size: int | None = None) -> bytes:
     return bytes([flags, n]) + body
 
 
-def zmtp_stream(rng: random.Random, gen: "Generator") -> list[bytes]:
+def zmtp_stream(rng: random.Random, gen: Generator) -> list[bytes]:
     """One connection's bytes: a greeting and READY (sometimes mangled or missing), frames
     with any flags, sizes that lie, commands, multi-frame runs, junk; a request last."""
     out = []
@@ -521,7 +521,7 @@ def zmtp_stream(rng: random.Random, gen: "Generator") -> list[bytes]:
     return out
 
 
-def _small_request(gen: "Generator") -> bytes:
+def _small_request(gen: Generator) -> bytes:
     """One of the generator's messages up to the broker's 16 KiB: framing thrown off by junk
     can turn a larger one into thousands of tiny requests, paced at the tenant's request rate
     for longer than a hang timeout (the DEALER phase sends the big ones)."""
@@ -596,7 +596,7 @@ def zmtp_exchange(path: str, chunks: list[bytes], timeout: float) -> tuple[str |
             c.settimeout(left)
             try:
                 chunk = c.recv(65536)
-            except (TimeoutError, so.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 chunk = b""

@@ -17,7 +17,7 @@ import ctypes.util
 import mmap
 import os
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from kubecash.client.errors import CUresult, error_from_code
 

@@ -20,9 +20,10 @@ import ctypes
 import mmap
 import re
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from kubecash.client.errors import STICKY_CODES, CUresult, CudaError, error_from_code
+from kubecash.client.errors import STICKY_CODES, CudaError, CUresult, error_from_code
 
 try:
     from cuda.bindings import driver as cu

@@ -8,7 +8,7 @@ executors create). The tenant's identity is that directory: no other tenant's is
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from kubecash.client import protocol as P
 

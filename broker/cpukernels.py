@@ -22,7 +22,7 @@ modules that use ``__syncthreads``, as fibers switched with ``_setjmp``/``_longj
 """
 from __future__ import annotations
 
-import _ctypes   # dlopen/dlsym/dlclose without a ctypes.CDLL (see _ModuleApi)
+import _ctypes  # dlopen/dlsym/dlclose without a ctypes.CDLL (see _ModuleApi)
 import bisect
 import ctypes
 import dataclasses
@@ -41,8 +41,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import sandbox as _sandbox
 from .sandbox import array_type
@@ -827,7 +827,7 @@ def _header_text() -> str:
 
 
 def compile_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
-                   timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30) -> "CompiledModule":
+                   timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30) -> CompiledModule:
     """Compile (or load from the cache) a module of CUDA C source for the CPU backend."""
     deadline = time.monotonic() + timeout_s
     if isinstance(source, (bytes, bytearray)):
@@ -928,7 +928,7 @@ class CompiledModule:
         raise TypeError("use compile_module() to get a CompiledModule")
 
     @classmethod
-    def _load(cls, so_path: Path, cache: Path) -> "CompiledModule":
+    def _load(cls, so_path: Path, cache: Path) -> CompiledModule:
         self = object.__new__(cls)
         # dlopen returns the already-loaded object for a path (or inode) it has seen, and
         # every instance must own its __device__ globals: load a private copy each time.
@@ -1019,7 +1019,7 @@ class CompiledModule:
                 return  # the last running launch unloads it
         self._unload()
 
-    def __enter__(self) -> "CompiledModule":
+    def __enter__(self) -> CompiledModule:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -1224,7 +1224,7 @@ class Launcher:
             for w in self._workers:
                 w.free_stacks()
 
-    def __enter__(self) -> "Launcher":
+    def __enter__(self) -> Launcher:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -52,7 +52,7 @@ class AdminClient:
             self._sock.close()
             self._ctx.term()
 
-    def __enter__(self) -> "AdminClient":
+    def __enter__(self) -> AdminClient:
         return self
 
     def __exit__(self, *exc) -> None:

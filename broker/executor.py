@@ -29,18 +29,19 @@ import queue
 import resource
 import secrets
 import select
-import socket
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
 from kubecash.client import protocol as P
-from kubecash.client.errors import STICKY_CODES, CUresult, CudaError, ProtocolError, error_from_code
+from kubecash.client.errors import STICKY_CODES, CudaError, CUresult, ProtocolError, error_from_code
 
 from . import malloc
 
@@ -1054,7 +1055,7 @@ class Executor:
             return P.error(rid, e.code, e.message, e.log)
         return P.reply(rid)
 
-    def _wait_for(self, s: Session, obj: "Stream | Event", ident: bytes, rid: int) -> None:
+    def _wait_for(self, s: Session, obj: Stream | Event, ident: bytes, rid: int) -> None:
         """Answer when everything queued on `obj` so far has run (now, if it has)."""
         with self._cv:
             if obj.pending:

@@ -130,7 +130,7 @@ class LocalBroker:
         if self._own_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
-    def __enter__(self) -> "LocalBroker":
+    def __enter__(self) -> LocalBroker:
         return self
 
     def __exit__(self, *exc) -> None:

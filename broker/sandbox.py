@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["SandboxError", "Pool", "arch_supported", "syscall_name", "set_violation_handler",
            "end_process_by_sigsys", "confined_dlclose", "policy", "array_type"]

@@ -55,7 +55,7 @@ STALE_BUILD_S = 600.0         # a build or load file this old was left by a kill
 
 @dataclasses.dataclass
 class PendingOpen:
-    session: "ClientSession"
+    session: ClientSession
     ident: bytes
     req_id: int
     also: list = dataclasses.field(default_factory=list)   # (ident, req_id) of repeated opens
@@ -63,7 +63,7 @@ class PendingOpen:
 
 @dataclasses.dataclass
 class ExecutorProc:
-    tenant: "TenantState"
+    tenant: TenantState
     device: Device
     proc: subprocess.Popen
     started: float
@@ -85,7 +85,7 @@ class ExecutorProc:
 @dataclasses.dataclass
 class ClientSession:
     token: bytes
-    tenant: "TenantState"
+    tenant: TenantState
     ident: bytes                            # routing id of the client's main socket
     pid: int
     last_seen: float

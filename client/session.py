@@ -22,13 +22,13 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import zmq
 
 from . import protocol as P
-from .errors import (BrokerUnavailable, CudaError, CUresult, KubecashError, ProtocolError,
-                     error_from_code)
+from .errors import BrokerUnavailable, CudaError, CUresult, KubecashError, ProtocolError, error_from_code
 
 ENV_BROKER = "KUBECASH_BROKER"
 HELLO_TIMEOUT_S = 10.0
@@ -53,7 +53,7 @@ def _context() -> zmq.Context:
     return ctx
 
 
-def connect(address: str | None = None, *, timeout: float = HELLO_TIMEOUT_S) -> "Session":
+def connect(address: str | None = None, *, timeout: float = HELLO_TIMEOUT_S) -> Session:
     """Open a session with the broker at `address` (default: $KUBECASH_BROKER)."""
     address = address or os.environ.get(ENV_BROKER)
     if not address:
@@ -131,10 +131,10 @@ class Session(_Resource):
 
     # -- public -----------------------------------------------------------------------------
     @property
-    def devices(self) -> list["Device"]:
+    def devices(self) -> list[Device]:
         return [self.device(name) for name in self._device_info]
 
-    def device(self, name: str | int = 0) -> "Device":
+    def device(self, name: str | int = 0) -> Device:
         if isinstance(name, int):
             names = list(self._device_info)
             if not 0 <= name < len(names):
@@ -388,10 +388,10 @@ class Device:
                 s._wait(ch, s._send(ch, "ctx_sync", {"session": s.token}), watch=self.name)
 
     # -- memory ---------------------------------------------------------------------------
-    def allocate(self, size: int) -> "Buffer":
+    def allocate(self, size: int) -> Buffer:
         return Buffer(self, self._call("mem_alloc", size=int(size))["ptr"], int(size))
 
-    def allocate_host(self, size: int) -> "HostBuffer":
+    def allocate_host(self, size: int) -> HostBuffer:
         """Pinned, device-mapped host memory shared with the executor (zero-copy)."""
         r = self._call("host_alloc", size=int(size))
         path = os.path.join(self.session.tenant_dir, "shm", r["path"])
@@ -412,7 +412,7 @@ class Device:
         r = self._call("mem_info")
         return r["free"], r["total"]
 
-    def _htod(self, dst: int, src: memoryview, stream: "Stream | None") -> None:
+    def _htod(self, dst: int, src: memoryview, stream: Stream | None) -> None:
         n = src.nbytes
         sh = _stream_handle(stream)
         if n <= P.INLINE_MAX:
@@ -436,7 +436,7 @@ class Device:
                 if rid is not None:
                     s._wait(ch, rid, watch=self.name)
 
-    def _dtoh(self, dst: memoryview, src: int, stream: "Stream | None") -> None:
+    def _dtoh(self, dst: memoryview, src: int, stream: Stream | None) -> None:
         n = dst.nbytes
         sh = _stream_handle(stream)
         if n <= P.INLINE_MAX:
@@ -461,7 +461,7 @@ class Device:
                 slot = (i % 2) * half
                 dst[off: off + m] = self._staging[slot: slot + m]
 
-    def _post_or_call(self, op: str, on_stream: "Stream | None", **fields: Any) -> None:
+    def _post_or_call(self, op: str, on_stream: Stream | None, **fields: Any) -> None:
         """Synchronous without a stream (like cuMemcpy), queued on one (like cuMemcpyAsync)."""
         if on_stream is None:
             self._call(op, **fields)
@@ -470,7 +470,7 @@ class Device:
 
     # -- modules, streams, events, launches --------------------------------------------------
     def load_module(self, source: str | None = None, *, options: Sequence[str] = (),
-                    image: bytes | None = None, kind: str | None = None) -> "Module":
+                    image: bytes | None = None, kind: str | None = None) -> Module:
         """Load CUDA C `source` (compiled for this device) or a PTX/CUBIN/fatbin `image`."""
         fields: dict[str, Any] = {"options": [str(o) for o in options]}
         if source is not None:
@@ -481,18 +481,18 @@ class Device:
             raise ValueError("load_module needs source= or image=")
         return Module(self, self._call("module_load", **fields)["module"])
 
-    def create_stream(self, flags: int = 0) -> "Stream":
+    def create_stream(self, flags: int = 0) -> Stream:
         return Stream(self, self._call("stream_create", flags=flags)["stream"])
 
-    def create_event(self, flags: int = 0) -> "Event":
+    def create_event(self, flags: int = 0) -> Event:
         return Event(self, self._call("event_create", flags=flags)["event"])
 
     @property
-    def default_stream(self) -> "Stream":
+    def default_stream(self) -> Stream:
         return Stream(self, 0)
 
-    def launch(self, kernel: "Kernel", grid: Iterable[int], block: Iterable[int],
-               args: Sequence[Any] = (), *, stream: "Stream | None" = None,
+    def launch(self, kernel: Kernel, grid: Iterable[int], block: Iterable[int],
+               args: Sequence[Any] = (), *, stream: Stream | None = None,
                shared_mem: int = 0) -> None:
         """Queue `kernel` on `stream` (default stream if None). Asynchronous, as in CUDA."""
         if kernel.device is not self:
@@ -514,7 +514,7 @@ def _dim3(d: Iterable[int] | int) -> list[int]:
     return dims + [1] * (3 - len(dims))
 
 
-def _stream_handle(stream: "Stream | None") -> int:
+def _stream_handle(stream: Stream | None) -> int:
     return 0 if stream is None else stream.handle
 
 
@@ -569,7 +569,7 @@ class Buffer(_Resource):
     def __int__(self) -> int:
         return self.ptr
 
-    def copy_from(self, src: Any, *, stream: "Stream | None" = None, offset: int = 0) -> None:
+    def copy_from(self, src: Any, *, stream: Stream | None = None, offset: int = 0) -> None:
         """Copy host data (bytes, numpy array, any buffer, or a HostBuffer/Buffer) in."""
         if isinstance(src, (HostBuffer, Buffer)):
             n = src.size
@@ -581,7 +581,7 @@ class Buffer(_Resource):
         self._bounds(offset, mv.nbytes)
         self.device._htod(self.ptr + offset, mv, stream)
 
-    def copy_to(self, dst: Any = None, *, stream: "Stream | None" = None, offset: int = 0):
+    def copy_to(self, dst: Any = None, *, stream: Stream | None = None, offset: int = 0):
         """Copy out into `dst` (a writable buffer, or a new bytearray of the whole buffer)."""
         if dst is None:
             dst = bytearray(self.size - offset)
@@ -595,7 +595,7 @@ class Buffer(_Resource):
         self.device._dtoh(mv, self.ptr + offset, stream)
         return dst
 
-    def fill(self, value: int, *, width: int = 1, stream: "Stream | None" = None) -> None:
+    def fill(self, value: int, *, width: int = 1, stream: Stream | None = None) -> None:
         """memset: every `width`-byte element (1, 2 or 4) of the buffer set to `value`."""
         self.device._post_or_call("memset", stream, dst=self.ptr, value=int(value), width=width,
                                   count=self.size // width, stream=_stream_handle(stream))
@@ -639,7 +639,7 @@ class Module(_Resource):
     def __init__(self, device: Device, handle: int):
         self.device, self.handle = device, handle
 
-    def get_kernel(self, name: str) -> "Kernel":
+    def get_kernel(self, name: str) -> Kernel:
         r = self.device._call("get_function", module=self.handle, name=name)
         return Kernel(self.device, r["function"], name, tuple(r["param_sizes"]))
 
@@ -675,11 +675,11 @@ class Stream(_Resource):
         """True when all work queued on the stream has completed."""
         return self.device._call("stream_query", stream=self.handle)["ready"]
 
-    def wait(self, event: "Event") -> None:
+    def wait(self, event: Event) -> None:
         """Make later work on this stream wait for `event`."""
         self.device._post("stream_wait_event", stream=self.handle, event=event.handle)
 
-    def record(self, event: "Event | None" = None) -> "Event":
+    def record(self, event: Event | None = None) -> Event:
         event = event or self.device.create_event()
         event.record(self)
         return event
@@ -705,11 +705,11 @@ class Event(_Resource):
     def query(self) -> bool:
         return self.device._call("event_query", event=self.handle)["ready"]
 
-    def elapsed_ms(self, start: "Event") -> float:
+    def elapsed_ms(self, start: Event) -> float:
         """Milliseconds from `start` to this event (both recorded and complete)."""
         return self.device._call("event_elapsed", start=start.handle, end=self.handle)["ms"]
 
-    def __sub__(self, start: "Event") -> float:
+    def __sub__(self, start: Event) -> float:
         return self.elapsed_ms(start)
 
     def _release(self) -> None:

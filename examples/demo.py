@@ -14,8 +14,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from kubecash.broker import config as cfg          # noqa: E402
-from kubecash.broker.local import LocalBroker        # noqa: E402
+from kubecash.broker import config as cfg  # noqa: E402
+from kubecash.broker.local import LocalBroker  # noqa: E402
 from kubecash.broker.scheduler import expected_shares  # noqa: E402
 
 

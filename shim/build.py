@@ -10,7 +10,8 @@ import functools
 import re
 import threading
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import kubecash.client as kc
 

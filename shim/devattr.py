@@ -3,7 +3,8 @@ description of it (its quota as the memory), never guessed. An attribute the des
 cannot answer is refused with CUDA_ERROR_NOT_SUPPORTED rather than made up."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import kubecash.client as kc
 from kubecash.client import CUresult

@@ -136,7 +136,7 @@ def nvmlSystemGetDriverVersion():
 def nvmlSystemGetCudaDriverVersion():
     _need_init()
     try:
-        from cuda.bindings import driver                 # the brokered module
+        from cuda.bindings import driver  # the brokered module
     except ImportError:                                  # no cuda-python: no CUDA API to offer
         raise _err(real.NVML_ERROR_NOT_SUPPORTED) from None
     return int(driver.cuDriverGetVersion()[1])

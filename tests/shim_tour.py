@@ -1,9 +1,14 @@
 """A tour of the brokered API surface, run by tests/test_shim_programs.py as an unmodified
 program (python -c, only KUBECASH_BROKER set): return tuples, handle types, error codes."""
-import ctypes, os, tempfile
+import ctypes
+import os
+import tempfile
+
 import numpy as np
-from cuda.bindings import driver as cu, runtime as rt, nvrtc
+from cuda.bindings import driver as cu
+from cuda.bindings import runtime as rt
 from cuda.bindings._v2 import nvrtc as nv2
+
 R = cu.CUresult
 S = R.CUDA_SUCCESS
 

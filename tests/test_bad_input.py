@@ -4,11 +4,10 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
+from kernels import VECADD
 
 import kubecash.client as kc
 from kubecash.client import protocol as P
-
-from kernels import VECADD
 
 HOSTILE_FRAMES = [
     b"",

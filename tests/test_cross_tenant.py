@@ -8,11 +8,10 @@ import stat
 import time
 
 import pytest
+from conftest import wait_for
 
 import kubecash.client as kc
 from kubecash.client import protocol as P
-
-from conftest import wait_for
 
 SECRET = b"alice's secret!!" * 4
 READER = r"""

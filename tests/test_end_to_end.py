@@ -5,12 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_client
+from kernels import GRID2D, SAXPY, SCALARS, VECADD
 
 import kubecash.client as kc
 from kubecash.client import protocol as P
-
-from conftest import run_client
-from kernels import GRID2D, SAXPY, SCALARS, VECADD
 
 
 def test_vector_add(session, dev_name):

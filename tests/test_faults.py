@@ -10,11 +10,10 @@ import time
 
 import numpy as np
 import pytest
-
-import kubecash.client as kc
-
 from conftest import BrokerProcess, run_client, wait_for
 from kernels import SPIN, VECADD
+
+import kubecash.client as kc
 
 FOREVER = r"""
 extern "C" __global__ void forever(volatile int* flag) { while (flag[0] == 0) { } }

@@ -10,11 +10,10 @@ import time
 
 import psutil
 import pytest
+from conftest import wait_for
 
 import kubecash.client as kc
 from kubecash.client import protocol as P
-
-from conftest import wait_for
 
 GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
 
@@ -86,7 +85,7 @@ class RawPeer:
                 self.s.settimeout(left)
                 if self.s.recv(65536) == b"":
                     return True
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         except ConnectionResetError:
             return True

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import kubecash.client as kc
-
 from conftest import GPU_COUNT
 from kernels import VECADD
+
+import kubecash.client as kc
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(GPU_COUNT == 0, reason="no NVIDIA GPU here (NVML finds none)")]

@@ -1,15 +1,11 @@
 """Quotas, isolation and faults: each tenant is alone with its own memory and executor."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-
-import kubecash.client as kc
-
 from kernels import SEGFAULT, VECADD
 
-
+import kubecash.client as kc
 
 
 def test_memory_quota_holds_exactly_at_its_boundary(broker_factory):

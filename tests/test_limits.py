@@ -7,12 +7,11 @@ import time
 import numpy as np
 import pytest
 import zmq
+from kernels import SAXPY, SPIN, VECADD
 
 import kubecash.client as kc
 from kubecash.broker import config as cfg
 from kubecash.client import protocol as P
-
-from kernels import SAXPY, SPIN, VECADD
 
 INC = r"""
 extern "C" __global__ void inc(int* p) { p[0] += 1; }

@@ -14,12 +14,11 @@ import urllib.request
 
 import numpy as np
 import pytest
+from conftest import ROOT
+from kernels import VECADD
 
 import kubecash.client as kc
 from kubecash.broker.local import LocalBroker
-
-from conftest import ROOT
-from kernels import VECADD
 
 BROKERCTL = os.path.join(os.path.dirname(sys.executable), "brokerctl")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")

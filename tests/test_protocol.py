@@ -3,8 +3,14 @@ import msgpack
 import pytest
 
 from kubecash.client import protocol as P
-from kubecash.client.errors import CUresult, ProtocolError, error_from_code, OutOfMemoryError, \
-    LaunchFailedError, CudaError
+from kubecash.client.errors import (
+    CudaError,
+    CUresult,
+    LaunchFailedError,
+    OutOfMemoryError,
+    ProtocolError,
+    error_from_code,
+)
 
 
 def req(op, **f):

@@ -10,13 +10,12 @@ import time
 
 import numpy as np
 import pytest
+from kernels import VECADD
 
 import kubecash.client as kc
 from kubecash.broker import cpukernels as ck
 from kubecash.broker import sandbox as sb
 from kubecash.broker.config import ConfigError, parse
-
-from kernels import VECADD
 
 pytestmark = pytest.mark.skipif(not sb.arch_supported(), reason="no sandbox table for this CPU")
 

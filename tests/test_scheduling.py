@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT
 
 import kubecash.client as kc
-
-from conftest import ROOT
 
 WORKER = os.path.join(ROOT, "examples", "tenant_worker.py")
 

@@ -3,9 +3,9 @@ device honours, kernel arguments in both forms, and the injection hook in built 
 Real NVRTC, no broker."""
 from __future__ import annotations
 
+import base64
 import ctypes
 import hashlib
-import base64
 import os
 import shutil
 import subprocess
@@ -17,12 +17,12 @@ import pytest
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
+from conftest import ROOT  # noqa: E402
+
 from kubecash.client import CUresult  # noqa: E402
 from kubecash.shim import images, ops  # noqa: E402
 from kubecash.shim.errors import ShimError  # noqa: E402
 from kubecash.shim.state import Func  # noqa: E402
-
-from conftest import ROOT  # noqa: E402
 
 SRC = rb"""
 struct Pair { double a; float b; };

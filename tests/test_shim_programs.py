@@ -12,7 +12,6 @@ import textwrap
 import time
 
 import pytest
-
 from conftest import ROOT, run_client
 
 EXAMPLES = os.path.join(ROOT, "examples", "cuda_python")

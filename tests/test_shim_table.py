@@ -11,9 +11,12 @@ import pytest
 pytest.importorskip("cuda.bindings.driver")
 
 from kubecash.client.errors import CUresult as KC  # noqa: E402
-from kubecash.shim import build, inject, table as T  # noqa: E402
-from kubecash.shim import driver as shim_driver, nvml as shim_nvml  # noqa: E402
-from kubecash.shim import nvrtc as shim_nvrtc, runtime as shim_runtime  # noqa: E402
+from kubecash.shim import build, inject  # noqa: E402
+from kubecash.shim import driver as shim_driver  # noqa: E402
+from kubecash.shim import nvml as shim_nvml
+from kubecash.shim import nvrtc as shim_nvrtc  # noqa: E402
+from kubecash.shim import runtime as shim_runtime
+from kubecash.shim import table as T
 
 IMPLS = {T.DRIVER: shim_driver, T.RUNTIME: shim_runtime, T.NVRTC: shim_nvrtc,
          T.NVRTC_V2: shim_nvrtc, T.PYNVML: shim_nvml}

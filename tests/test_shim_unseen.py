@@ -11,12 +11,12 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import run_client
 
 pytest.importorskip("cuda.bindings.driver")
 
-from kubecash.shim import inject, table as T  # noqa: E402
+from kubecash.shim import inject  # noqa: E402
+from kubecash.shim import table as T
 
 PRELUDE = """
 import ctypes, sys

@@ -3,7 +3,6 @@ common/common.py): checkCudaErrors, findCudaDevice, and a KernelHelper that comp
 with NVRTC to PTX or CUBIN and loads it with cuModuleLoadData. Nothing here knows about
 KubeCASH: these programs run unchanged on a real GPU."""
 import numpy as np
-
 from cuda.bindings import driver as cuda
 from cuda.bindings import nvrtc
 from cuda.bindings import runtime as cudart

@@ -3,10 +3,9 @@ Prints one line of JSON."""
 import json
 
 import pynvml
-
+from common import checkCudaErrors
 from cuda.bindings import driver as cuda
 from cuda.bindings import runtime as cudart
-from common import checkCudaErrors
 
 
 def main():

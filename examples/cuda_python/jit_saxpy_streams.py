@@ -9,7 +9,6 @@ import ctypes
 import sys
 
 import numpy as np
-
 from cuda.bindings import driver as cuda
 from cuda.bindings import nvrtc
 

@@ -7,9 +7,8 @@ dynamic shared memory, the host adds the partial sums.
 import sys
 
 import numpy as np
-
-from cuda.bindings import driver as cuda
 from common import KernelHelper, checkCudaErrors, findCudaDevice
+from cuda.bindings import driver as cuda
 
 reduction = """\
 extern "C" __global__ void blockSum(const float *input, float *partial, int n)

@@ -10,10 +10,9 @@ import random as rnd
 import sys
 
 import numpy as np
-
+from common import KernelHelper, checkCudaErrors
 from cuda.bindings import driver as cuda
 from cuda.bindings import runtime as cudart
-from common import KernelHelper, checkCudaErrors
 
 simpleZeroCopy = """\
 extern "C"

@@ -9,10 +9,9 @@ import math
 import sys
 
 import numpy as np
-
+from common import KernelHelper, checkCudaErrors, findCudaDevice
 from cuda.bindings import driver as cuda
 from cuda.bindings import runtime as cudart
-from common import KernelHelper, checkCudaErrors, findCudaDevice
 
 streamOrderedAllocation = """\
 /* Add two vectors on the GPU */

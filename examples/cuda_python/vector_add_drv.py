@@ -9,9 +9,8 @@ import math
 import sys
 
 import numpy as np
-
-from cuda.bindings import driver as cuda
 from common import KernelHelper, checkCudaErrors, findCudaDeviceDRV
+from cuda.bindings import driver as cuda
 
 vectorAddDrv = """\
 extern "C" __global__ void VecAdd_kernel(const float *A, const float *B, float *C, int N)

@@ -7,9 +7,8 @@ given the C way (an array of pointers to the argument values).
 import sys
 
 import numpy as np
-
-from cuda import cuda, cudart          # legacy names: the same modules as cuda.bindings.*
 from common import KernelHelper, checkCudaErrors
+from cuda import cuda, cudart  # legacy names: the same modules as cuda.bindings.*
 
 KERNEL = """\
 extern "C" __global__ void vadd(const double *a, const double *b, double *c, unsigned int n)
