@@ -1,36 +1,9 @@
 """The quota file: TOML, validated at load with errors naming the file, tenant and field.
 
-    [broker]
-    runtime_dir = "/run/kubecash"      # sockets live in <runtime_dir>/tenants/<tenant>/
-    quantum_ms = 10                    # device lease length
-    heartbeat_interval_s = 1.0         # clients ping this often ...
-    heartbeat_timeout_s = 5.0          # ... and are dropped after this much silence
-    executor_threads = 0               # CPU backend worker threads per executor (0 = all cores)
-    cache_dir = ""                     # compiled-kernel cache ("" = <runtime_dir>/cache)
-    cache_max_bytes = 2147483648       # cap on that cache; the oldest builds go first
-    max_message_bytes = 67108864
-    metrics_address = "127.0.0.1:9464" # Prometheus /metrics ("" = off; port 0 = any free port)
-    admin_socket = ""                  # brokerctl's socket, owner-only ("" = <runtime_dir>/admin.sock)
-    max_sessions_per_tenant = 256      # open sessions per tenant (a hello past it is refused)
-    max_handles_per_session = 65536    # allocations + streams + events + modules + functions
-    max_modules_per_session = 256      # loaded (and loading) modules per session and device
-    max_module_bytes = 8388608         # module source/image size (protocol caps: 8 MiB source, 32 MiB image)
-    max_queued_ops_per_session = 4096  # executor-side queued work per session (see README)
-    max_connections_per_tenant = 600   # open connections to a tenant's broker socket (2 per session)
-    max_requests_per_tenant_s = 2000   # broker requests per second and tenant (past it: back-pressure)
-    sandbox = true                     # confine CPU-backend kernels with seccomp (see README)
-
-    [tenants.alice]                    # a tenant: a name of [A-Za-z0-9_.-], 1-64 chars
-    memory = "512MiB"                  # per-device memory quota (absent = the device's memory)
-    weight = 100                       # share under contention, 1-10000
-    limit = 0.5                        # hard cap on device time, 0.0001 and up (absent = none)
-    class = "batch"                    # or "latency"
-    devices = ["cpu0"]                 # devices it may use (absent = all)
-    max_kernel_seconds = 0             # 0 = no bound
-    owner = "1000:1000"                # uid[:gid] its containers run as (absent: root only)
-
-    [tenants.alice.device.gpu0]        # per-device overrides of memory/weight/limit/class
-    memory = "8GiB"
+Every field is declared once, below, with its default and meaning (`doc` metadata on the
+dataclass fields; per-tenant bounds come from kubecash.client.limits.Limits).
+`python -m kubecash.broker.config` (or `kubecash-broker --config-reference`) prints them all
+as an annotated quota file; the README and examples/quota.toml point here.
 """
 from __future__ import annotations
 
@@ -41,6 +14,7 @@ import tomllib
 from typing import Any
 
 from kubecash.client.errors import KubecashError
+from kubecash.client.limits import Limits
 
 
 class ConfigError(KubecashError):
@@ -92,22 +66,33 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"{value!r} is not a size (use e.g. \"512MiB\", \"8GiB\", or a byte count)")
 
 
+def _doc(default: Any, doc: str, example: Any = None, **kw: Any) -> Any:
+    """A settings field: its default, what it means, and a value the reference shows."""
+    meta = {"doc": doc, "example": example, **kw}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclasses.dataclass(frozen=True)
 class Quota:
-    memory: int | None = None          # bytes; None = the device's capacity
-    weight: int = 100
-    limit: float | None = None         # fraction of one device's time; None = no cap
-    klass: str = "batch"
-    max_kernel_seconds: float = 0.0
+    memory: int | None = _doc(None, "per-device memory quota (absent: the whole device)", '"512MiB"')
+    weight: int = _doc(100, "share under contention (cpu.weight), 1-10000")
+    limit: float | None = _doc(None, "hard cap, fraction of one device's time, 0.0001 up; above 1 it "
+                               "spans devices (absent: none)", 0.5)
+    klass: str = _doc("batch", '"batch", or "latency": preempts batch work between blocks', key="class")
+    max_kernel_seconds: float = _doc(0.0, "longest kernel, seconds; 0: no bound")
 
 
 @dataclasses.dataclass(frozen=True)
 class Tenant:
     name: str
     quota: Quota
-    devices: tuple[str, ...] | None = None          # None = every device
-    per_device: dict[str, Quota] = dataclasses.field(default_factory=dict)
-    owner: tuple[int, int] | None = None            # uid, gid its containers run as; None: root
+    devices: tuple[str, ...] | None = _doc(None, "devices it may use (absent: all)", '["cpu0"]')
+    per_device: dict[str, Quota] = _doc({}, "[tenants.<name>.device.<device>]: per-device overrides "
+                                        "of the quota fields", key="device")
+    owner: tuple[int, int] | None = _doc(None, 'uid[:gid] (numbers or names) its containers run as '
+                                         '(absent: root only)', '"1000:1000"')
 
     def quota_for(self, device: str) -> Quota:
         return self.per_device.get(device, self.quota)
@@ -117,28 +102,24 @@ class Tenant:
 
 
 @dataclasses.dataclass(frozen=True)
-class BrokerSettings:
-    runtime_dir: str = "/run/kubecash"
-    quantum_ms: float = 10.0
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 5.0
-    executor_threads: int = 0
-    cache_dir: str = ""
-    cache_max_bytes: int = 2 << 30            # compiled-kernel cache cap (oldest evicted first)
-    max_message_bytes: int = 64 << 20
-    metrics_address: str = "127.0.0.1:9464"   # Prometheus endpoint "host:port"; "" = off
-    admin_socket: str = ""                    # brokerctl's socket ("" = <runtime_dir>/admin.sock)
-    # Per-tenant bounds on what a tenant can make the broker and its executors hold (issue 7).
-    max_sessions_per_tenant: int = 256
-    max_handles_per_session: int = 65536
-    max_modules_per_session: int = 256
-    max_module_bytes: int = 8 << 20
-    max_queued_ops_per_session: int = 4096
-    max_connections_per_tenant: int = 600     # a session holds two (requests, heartbeats)
-    max_requests_per_tenant_s: float = 2000.0
+class BrokerSettings(Limits):
+    """[broker]: the node-wide settings, plus every per-tenant bound of Limits."""
+    runtime_dir: str = _doc("/run/kubecash", "sockets: <runtime_dir>/tenants/<tenant>/broker.sock")
+    quantum_ms: float = _doc(10.0, "device lease length")
+    heartbeat_interval_s: float = _doc(1.0, "clients ping this often ...")
+    heartbeat_timeout_s: float = _doc(5.0, "... and their session ends after this much silence")
+    executor_threads: int = _doc(0, "CPU backend worker threads per executor (0: all cores)")
+    cache_dir: str = _doc("", 'compiled kernels ("": <runtime_dir>/cache)')
+    cache_max_bytes: int = _doc(2 << 30, "cap on that cache (shared by all tenants): oldest builds go first")
+    metrics_address: str = _doc("127.0.0.1:9464", 'Prometheus /metrics "host:port" ("": off; port 0: any free port)')
+    admin_socket: str = _doc("", 'brokerctl\'s socket, owner-only ("": <runtime_dir>/admin.sock)')
     # CPU backend: kernels run on threads confined by a seccomp filter (no files, sockets or
     # programs). false runs tenant native code unconfined, with the executor's privileges.
-    sandbox: bool = True
+    sandbox: bool = _doc(True, 'confine CPU-backend kernels with seccomp (README, "Sandbox")')
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     @property
     def resolved_admin_socket(self) -> str:
@@ -293,3 +274,60 @@ def load(path: str, device_count: int = 64) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return parse(data, path, device_count)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _reference_lines(cls: type, indent: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        if "doc" not in f.metadata:
+            continue
+        key = f.metadata.get("key", f.name)
+        example = f.metadata.get("example")
+        if example is not None:
+            value = str(example)
+        elif f.default is None or isinstance(f.default, dict) or f.default is dataclasses.MISSING:
+            continue
+        else:
+            value = _toml_value(f.default)
+        if key == "device":
+            continue
+        out.append(f"{indent}{key} = {value}".ljust(38) + f" # {f.metadata['doc']}")
+    return out
+
+
+def reference() -> str:
+    """Every field of the quota file, with its default (or an example) and its meaning."""
+    lines = ["# KubeCASH quota file: every field, its default (or an example value) and meaning.",
+             "# Errors name the file, the tenant and the field; a bad reload keeps the running config.",
+             "", "[broker]"]
+    lines += _reference_lines(BrokerSettings)
+    lines += ["", "[tenants.alice]".ljust(38) + " # a tenant: a name of 1-64 of A-Z a-z 0-9 _ . -"]
+    lines += _reference_lines(Quota) + _reference_lines(Tenant)
+    device_doc = next(f.metadata["doc"] for f in dataclasses.fields(Tenant) if f.name == "per_device")
+    lines += ["", "[tenants.alice.device.cpu0]".ljust(38) + f" # {device_doc.split(': ', 1)[1]}",
+              'memory = "256MiB"']
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        print("usage: python -m kubecash.broker.config   (prints the quota file reference)", file=sys.stderr)
+        return 2
+    sys.stdout.write(reference())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -16,10 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kubecash-broker",
                                  description="KubeCASH broker: shares this node's accelerators "
                                              "among tenants by time and memory quotas")
-    ap.add_argument("--config", required=True, help="quota file (TOML)")
+    ap.add_argument("--config", help="quota file (TOML)")
+    ap.add_argument("--config-reference", action="store_true",
+                    help="print every quota-file field with its default and meaning, and exit")
     ap.add_argument("--runtime-dir", help="override [broker] runtime_dir")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
+    if a.config_reference:
+        sys.stdout.write(cfg.reference())
+        return 0
+    if not a.config:
+        ap.error("--config is required")
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     malloc.small_buffers_by_mmap()     # see broker/malloc.py

@@ -42,3 +42,10 @@ extern "C" __global__ void spin(float* out, int iters) {
     out[0] = x;
 }
 """
+
+# one atomic increment per block, after a spin: counts how many blocks ran
+COUNT = r'''
+extern "C" __global__ void inc(unsigned long long* c, int spin) {
+    if (threadIdx.x == 0) { volatile int x = 0; for (int i = 0; i < spin; i++) x += i; atomicAdd(c, 1ULL); }
+}
+'''

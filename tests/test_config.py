@@ -60,3 +60,26 @@ def test_broken_files(tmp_path):
         cfg.parse({"tenants": {"bad name!": {}}})
     with pytest.raises(cfg.ConfigError, match="heartbeat_timeout_s"):
         cfg.parse({"broker": {"heartbeat_interval_s": 5, "heartbeat_timeout_s": 1}})
+
+
+def test_the_reference_documents_every_field_once_and_is_a_valid_quota_file():
+    """The quota file's fields are documented in one place (their declarations); the
+    reference printed from them parses and names every field."""
+    import dataclasses
+    import subprocess
+    import sys
+    import tomllib
+    out = subprocess.run([sys.executable, "-m", "kubecash.broker.config"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out == cfg.reference()
+    data = tomllib.loads(out)
+    parsed = cfg.parse(data, "<reference>")
+    assert set(data["broker"]) == {f.name for f in dataclasses.fields(cfg.BrokerSettings)}
+    assert parsed.broker == cfg.BrokerSettings(**{**dataclasses.asdict(cfg.BrokerSettings()),
+                                                  **data["broker"]})
+    alice = data["tenants"]["alice"]
+    assert set(alice) - {"device"} == set(cfg.QUOTA_FIELDS) | {"devices", "owner"}
+    for cls in (cfg.BrokerSettings, cfg.Quota):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no doc"
+    assert parsed.broker.limits.max_sessions_per_tenant == 256

@@ -293,12 +293,15 @@ def test_cache_hit_runs_no_compiler_and_instances_are_private(compile):
     again = compile(GLOBALS)
     elapsed = time.perf_counter() - t0
     assert ck.stats.compiler_runs == runs and ck.stats.cache_hits == hits + 1
-    assert elapsed < 0.5
     # Each load is its own instance: its own __device__ memory.
     assert again.global_symbol("table")[0] != first.global_symbol("table")[0]
     # A different option is a different module: the compiler runs.
+    t0 = time.perf_counter()
     compile(GLOBALS, ["-DUNUSED=1", "-arch=sm_80", "-lineinfo", "-std=c++17"])
+    compiled = time.perf_counter() - t0
     assert ck.stats.compiler_runs > runs
+    # Against the compile measured here, not a fixed time (a loaded machine slows both).
+    assert elapsed < compiled / 2, (elapsed, compiled)
 
 
 def test_compile_error_has_log_with_line(cache_dir):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import wait_for
+from kernels import VECADD
 
 import kubecash.client as kc
 from kubecash.client import protocol as P
@@ -172,3 +173,42 @@ def test_executors_reach_the_broker_only_on_their_own_socketpairs(broker):
         for s in (a, b):   # and both executors' reports reach the broker
             wait_for(lambda: s.status()["devices"]["cpu0"]["memory_used"] >= 16, 10,
                      f"{s.tenant}'s executor to report its memory in use")
+
+
+def test_handles_of_another_session_or_tenant_are_refused(broker):
+    with broker.connect("alice") as a, broker.connect("alice") as a2, broker.connect("bob") as b:
+        da, da2, db = a.device("cpu0"), a2.device("cpu0"), b.device("cpu0")
+        buf = da.allocate(4096)
+        mod = da.load_module(VECADD)
+        k = mod.get_kernel("vadd")
+        s = da.create_stream()
+        ev = da.create_event()
+        for dev in (da2, db):
+            with pytest.raises(kc.InvalidValueError, match="not in any allocation"):
+                dev._call("memcpy_dtoh", src=buf.ptr, size=16)
+            with pytest.raises(kc.InvalidValueError):
+                dev._call("mem_free", ptr=buf.ptr)
+            with pytest.raises(kc.InvalidHandleError):
+                dev._call("get_function", module=mod.handle, name="vadd")
+            with pytest.raises(kc.InvalidHandleError):
+                dev._call("stream_sync", stream=s.handle)
+            with pytest.raises(kc.InvalidHandleError):
+                dev._call("event_query", event=ev.handle)
+        # A launch with a foreign function handle fails at the next synchronization.
+        db._post("launch", function=k.handle, grid=[1, 1, 1], block=[1, 1, 1], shared=0,
+                 stream=0, args=[b"\0" * 8] * 3 + [b"\0" * 4])
+        with pytest.raises(kc.InvalidHandleError):
+            db.synchronize()
+        db.synchronize()                     # reported once, then the context is fine
+        # Forged and freed handles.
+        with pytest.raises(kc.InvalidValueError):
+            da._call("memcpy_dtoh", src=buf.ptr + 4090, size=16)   # runs off the end
+        buf.close()
+        with pytest.raises(kc.InvalidValueError):
+            da._call("memcpy_dtoh", src=buf.ptr, size=16)          # freed
+        # bob's session token is unknown to alice's executor even on alice's socket.
+        ch = a._devices["cpu0"]._ch
+        with pytest.raises(kc.CudaError) as e:
+            a._wait(ch, a._send(ch, "mem_info", {"session": b.token}))
+        assert e.value.name == "CUDA_ERROR_INVALID_CONTEXT"
+        assert da.mem_info()[1] == 256 << 20       # alice's session still works

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -225,3 +226,26 @@ def test_kernel_printf_reaches_the_program_that_ran_it(broker):
     assert sorted(lines[:2]) == ["hello 7 from 0", "hello 7 from 1"], out
     assert lines[2] == "after sync"
     assert other.communicate(timeout=120)[0].strip() == "quiet"   # nothing crossed tenants
+
+
+def test_reopening_right_after_the_last_session_closed(broker):
+    for _ in range(5):
+        with broker.connect("alice") as s:
+            s.device("cpu0").allocate(16)
+        with kc.connect(broker.address("alice"), timeout=20) as s:
+            t0 = time.monotonic()
+            assert s.device("cpu0").allocate(16).size == 16
+            assert time.monotonic() - t0 < 20
+
+
+def test_a_repeated_open_is_answered_and_keeps_the_session(broker, raw_socket):
+    sock = raw_socket(broker.address("alice"))
+    sock.send(P.pack({"v": 1, "id": 1, "op": "hello"}))
+    token = P.unpack(sock.recv())["session"]
+    for rid in (2, 3):
+        sock.send(P.pack({"v": 1, "id": rid, "op": "open_device", "session": token, "device": "cpu0"}))
+    replies = {P.unpack(sock.recv())["id"]: True for _ in range(2)}
+    assert replies == {2: True, 3: True}
+    ex = raw_socket(f"ipc://{P.executor_socket_path(broker.runtime_dir, 'alice', 'cpu0')}")
+    ex.send(P.pack({"v": 1, "id": 4, "op": "mem_alloc", "session": token, "size": 64}))
+    assert P.unpack(ex.recv())["ok"] is True

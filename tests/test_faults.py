@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 from conftest import BrokerProcess, run_client, wait_for
-from kernels import SPIN, VECADD
+from kernels import COUNT, SEGFAULT, SPIN, VECADD
 
 import kubecash.client as kc
 
@@ -386,3 +386,45 @@ def test_broker_stop_reaches_an_executor_whose_control_channel_was_full(kernel_c
         assert took < 4.0, f"the broker took {took:.1f} s to stop: it had to kill the executor"
     finally:
         b.stop()
+
+
+def test_frees_queued_when_a_session_ends_still_free(broker_factory):
+    b = broker_factory({"t": {"memory": "64MiB"}})
+    with b.connect("t") as other:
+        od = other.device("cpu0")
+        with b.connect("t") as s:
+            d = s.device("cpu0")
+            k = d.load_module(COUNT).get_kernel("inc")
+            c = d.allocate(8)
+            big = d.allocate(32 << 20)
+            d.launch(k, (64,), (1,), [c, 200000])             # keeps the queue busy
+            d._post("launch", function=k.handle, grid=[64, 1, 1], block=[1, 1, 1], shared=0,
+                    stream=0, args=[c.ptr.to_bytes(8, "little"), (200000).to_bytes(4, "little")])
+            s._send(d._conn(), "mem_free", {"session": s.token, "ptr": big.ptr})  # queued, unanswered
+        deadline = time.monotonic() + 20
+        while od.mem_info()[0] < (64 << 20) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert od.allocate(48 << 20).size == 48 << 20
+
+
+def test_a_segfaulting_kernel_ends_only_its_tenants_executor(broker):
+    with broker.connect("alice") as a, broker.connect("bob") as b:
+        da, db = a.device("cpu0"), b.device("cpu0")
+        n = 4096
+        x = np.arange(n, dtype=np.float32)
+        bx, by = db.allocate(x.nbytes), db.allocate(x.nbytes)
+        bx.copy_from(x)
+        kb = db.load_module(VECADD).get_kernel("vadd")
+        crash = da.load_module(SEGFAULT).get_kernel("crash")
+        buf = da.allocate(16)
+        da.launch(crash, (1,), (1,), [buf])
+        with pytest.raises(kc.LaunchFailedError) as e:
+            da.synchronize()
+        assert e.value.name == "CUDA_ERROR_ILLEGAL_ADDRESS"
+        assert "SIGSEGV" in str(e.value) and "alice" in str(e.value)
+        with pytest.raises(kc.LaunchFailedError):     # sticky for this session
+            da.allocate(16)
+        db.launch(kb, (n // 256,), (256,), [bx, bx, by, n])
+        np.testing.assert_array_equal(by.copy_to(np.empty(n, np.float32)), 2 * x)
+    with broker.connect("alice") as fresh:            # a new session gets a new executor
+        assert fresh.device("cpu0").allocate(16).size == 16

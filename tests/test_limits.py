@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 import zmq
-from kernels import SAXPY, SPIN, VECADD
+from kernels import COUNT, SAXPY, SPIN, VECADD
 
 import kubecash.client as kc
 from kubecash.broker import config as cfg
@@ -191,3 +191,57 @@ def test_message_size(broker_factory, raw_socket):
         assert r["id"] == 4 and not r["ok"] and "unknown field" in r["error"]
         assert dev.mem_info()[1] == 256 << 20
         assert b.alive()
+
+
+def test_memory_quota_holds_exactly_at_its_boundary(broker_factory):
+    b = broker_factory({"alice": {"memory": "1MiB"}, "bob": {"memory": "1MiB"}})
+    with b.connect("alice") as s, b.connect("bob") as other:
+        dev = s.device("cpu0")
+        keep = dev.allocate(1000)
+        keep.copy_from(b"k" * 1000)
+        big = dev.allocate((1 << 20) - 1000 - 1)
+        with pytest.raises(kc.OutOfMemoryError) as e:
+            dev.allocate(2)                  # one byte past the quota
+        assert "limit 1048576 bytes" in str(e.value) and "1048575 in use" in str(e.value)
+        last = dev.allocate(1)               # exactly at the quota: allowed
+        assert dev.mem_info() == (0, 1 << 20)
+        # Nothing else changed: the other allocations are intact, and bob is untouched.
+        assert bytes(keep.copy_to()) == b"k" * 1000
+        assert other.device("cpu0").allocate(1 << 20).size == 1 << 20
+        last.close()
+        big.close()
+        assert dev.mem_info()[0] == (1 << 20) - 1000
+        host = dev.allocate_host(4096)       # on a CPU device, mapped host memory counts too
+        assert dev.mem_info()[0] == (1 << 20) - 1000 - 4096
+        host.close()
+
+
+def test_the_kernel_cache_is_held_to_its_cap(broker_factory, tmp_path):
+    import os
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for i in range(10):                       # ten old builds of 1 MiB each
+        p = cache / f"{i:064x}.so"
+        p.write_bytes(b"\0" * (1 << 20))
+        os.utime(p, (1000 + i, 1000 + i))
+    stale = cache / ".build-old"
+    stale.mkdir()
+    os.utime(stale, (1000, 1000))
+    from conftest import BrokerProcess
+    b = BrokerProcess({"t": {}}, str(cache), cache_max_bytes=4 << 20)
+    try:
+        deadline = time.monotonic() + 10
+        while len(list(cache.glob("*.so"))) > 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = sorted(p.name for p in cache.glob("*.so"))
+        assert left == [f"{i:064x}.so" for i in (7, 8, 9)]      # the newest, within 80 % of the cap
+        assert not stale.exists()
+        with b.connect("t") as s:              # and kernels still build and run
+            d = s.device("cpu0")
+            k = d.load_module(COUNT).get_kernel("inc")
+            c = d.allocate(8)
+            c.copy_from(np.zeros(1, np.uint64))
+            d.launch(k, (3,), (1,), [c, 1])
+            assert int(c.copy_to(np.empty(1, np.uint64))[0]) == 3
+    finally:
+        b.stop()

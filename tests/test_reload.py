@@ -9,6 +9,7 @@ import pytest
 
 import kubecash.client as kc
 from kubecash.broker.local import toml_dumps
+from kubecash.client import protocol as P
 
 
 def rewrite(broker, tenants: dict, **settings) -> None:
@@ -72,3 +73,21 @@ def test_an_invalid_file_is_refused_and_the_running_configuration_stays(broker_f
         assert r["added"] == [] and r["removed"] == []
         assert admin.call("status")["quantum_ms"] == 5
         assert quota(admin, "alice")["weight"] == 50
+
+
+def test_reload_removing_a_tenant_while_it_sends(broker_factory, raw_socket):
+    from kubecash.broker.local import toml_dumps
+    b = broker_factory({"alice": {}, "bob": {}})
+    flood = raw_socket(b.address("bob"))
+    for _ in range(2000):
+        flood.send(P.pack({"v": 1, "id": 1, "op": "hello"}))
+    with open(b.config_path, "w") as f:
+        f.write(toml_dumps({"runtime_dir": b.runtime_dir, "heartbeat_interval_s": 0.25,
+                            "heartbeat_timeout_s": 1.5, "metrics_address": "127.0.0.1:0"},
+                           {"alice": {}}))
+    with b.admin() as admin:
+        assert admin.call("reload")["removed"] == ["bob"]
+    time.sleep(0.3)
+    assert b.alive()
+    with b.connect("alice") as s:
+        assert s.device("cpu0").allocate(16).size == 16

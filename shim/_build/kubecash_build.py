@@ -10,10 +10,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import warnings
 import zipfile
 
 from setuptools import build_meta as _orig
 from setuptools.build_meta import *  # noqa: F401,F403  (every other hook unchanged)
+
+# setuptools tells every editable install of a package-dir layout that it is one ("Editable
+# installation ... be careful with folders named like the package"): information, not a
+# problem of this project's configuration, so `pip install -e .` stays quiet about it.
+try:
+    from setuptools.warnings import InformationOnly
+    warnings.filterwarnings("ignore", category=InformationOnly)
+except ImportError:  # older setuptools: it has no such notice
+    pass
 
 PTH_NAME = "kubecash_shim.pth"
 # One line, run at every interpreter start: acts only when KUBECASH_BROKER is set and never
