@@ -12,7 +12,7 @@ from typing import Any
 import zmq
 
 from kubecash.client import protocol as P
-from kubecash.client.errors import BrokerUnavailable, KubecashError, error_from_code
+from kubecash.client.errors import BrokerUnavailable, KubecashError
 
 from . import cdi
 from .config import parse_size
@@ -36,13 +36,13 @@ class AdminClient:
 
     def call(self, op: str, **fields: Any) -> dict:
         rid = next(self._ids)
-        self._sock.send(P.pack({"v": P.VERSION, "id": rid, "op": op, **fields}))
+        self._sock.send(P.request(op, rid, **fields))
         while self._sock.poll(int(self.timeout * 1000)):
             msg = P.unpack(self._sock.recv())
             if msg.get("id") != rid:
                 continue
-            if not msg.get("ok"):
-                raise error_from_code(msg.get("code", 999), str(msg.get("error", "")))
+            P.raise_for_reply(msg)
+            P.check_reply(P.ADMIN, op, msg)
             return {k: v for k, v in msg.items() if k not in ("v", "id", "ok")}
         raise BrokerUnavailable(f"no broker answering on {self.path}")
 
@@ -122,7 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime-dir", default=os.environ.get("KUBECASH_RUNTIME_DIR", DEFAULT_RUNTIME_DIR))
     ap.add_argument("--socket", help="admin socket path (default <runtime-dir>/admin.sock)")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
+    # --json also after the command (`brokerctl status --json`); SUPPRESS keeps a --json given
+    # before it from being reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *args, **kw: _add(*args, parents=[common], **kw)  # type: ignore[method-assign]
     sub.add_parser("status", help="devices and tenants at a glance")
     sub.add_parser("tenants", help="tenants and their quotas")
     sp = sub.add_parser("set", help="change a tenant's quota live")

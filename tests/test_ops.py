@@ -58,6 +58,9 @@ def test_status_shows_what_the_tenants_did(broker):
         tenants = ctl(broker, "tenants").stdout
         assert "alice (1 sessions)" in tenants and "memory 256MiB" in tenants
         assert json.loads(ctl(broker, "--json", "tenants").stdout)["bob"]["sessions"] == 0
+        # --json goes before or after the command, as the README shows it
+        assert json.loads(ctl(broker, "status", "--json").stdout)["tenants"]["alice"]["sessions"] == 1
+        assert json.loads(ctl(broker, "tenants", "--json").stdout)["bob"]["sessions"] == 0
 
 
 def test_set_evict_reload_and_errors(broker):
