@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kubecash.client.errors import STICKY_CODES, CudaError, CUresult, error_from_code
+from kubecash.client.errors import CudaError, CUresult, error_from_code
 
 try:
     from cuda.bindings import driver as cu
@@ -35,17 +35,20 @@ except ImportError:  # pragma: no cover - only where the gpu extra is missing
 JIT_LOG_BYTES = 64 << 10
 
 
-def _check(result: tuple, what: str) -> Any:
+def _check(result: tuple, what: str, *, code: int | None = None, log: str = "") -> Any:
     """cuda-python returns (err, *values): raise on error, return the value(s).
 
-    The one place driver results become exceptions (error_from_code does the mapping)."""
+    The one place driver and NVRTC results become exceptions (error_from_code does the
+    mapping). `code` replaces the driver's code where the protocol promises another (an
+    unknown kernel name is NOT_FOUND); NVRTC failures are INVALID_SOURCE."""
     err, *values = result
-    code = int(err)
-    if code != 0:
-        _, name = cu.cuGetErrorName(err)
+    if int(err) != 0:
+        if nvrtc is not None and isinstance(err, nvrtc.nvrtcResult):
+            raise error_from_code(CUresult.CUDA_ERROR_INVALID_SOURCE if code is None else code,
+                                  f"{what} failed ({err.name})", log=log)
         _, text = cu.cuGetErrorString(err)
         msg = f"{what}: {text.decode() if isinstance(text, bytes) else text}"
-        raise error_from_code(code, msg)
+        raise error_from_code(int(err) if code is None else code, msg, log=log)
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
@@ -113,7 +116,7 @@ class CudaBackend:
             m.close()
             raise
         if dptr != host:    # every 64-bit platform CUDA supports has unified addressing
-            cu.cuMemHostUnregister(host)
+            _check(cu.cuMemHostUnregister(host), "cuMemHostUnregister")
             raise error_from_code(CUresult.CUDA_ERROR_NOT_SUPPORTED,
                                   "mapped host memory without unified addressing")
         self._maps[dptr] = (m, host, size)
@@ -125,7 +128,7 @@ class CudaBackend:
         if entry is None:
             return
         m, host, _ = entry
-        cu.cuMemHostUnregister(host)
+        _check(cu.cuMemHostUnregister(host), "cuMemHostUnregister")
         try:
             m.close()
         except BufferError:
@@ -166,21 +169,14 @@ class CudaBackend:
         log = ctypes.create_string_buffer(JIT_LOG_BYTES)
         opts = [cu.CUjit_option.CU_JIT_ERROR_LOG_BUFFER,
                 cu.CUjit_option.CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES]
-        err, module = cu.cuModuleLoadDataEx(image, len(opts), opts,
-                                            [ctypes.addressof(log), JIT_LOG_BYTES])
-        if int(err) != 0:
-            text = log.value.decode(errors="replace")
-            _, desc = cu.cuGetErrorString(err)
-            raise error_from_code(int(err), f"cuModuleLoadDataEx: {desc.decode()}"
-                                  + (f": {text.splitlines()[0]}" if text else ""), log=text)
+        result = cu.cuModuleLoadDataEx(image, len(opts), opts, [ctypes.addressof(log), JIT_LOG_BYTES])
+        text = log.value.decode(errors="replace")
+        first = f" ({text.splitlines()[0]})" if text else ""
+        module = _check(result, f"cuModuleLoadDataEx{first}", log=text)
         return {"module": module, "ptx": image if kind == "ptx" else None}
 
     def _nvrtc(self, source: str, options: Sequence[str]) -> bytes:
-        def ok(result, what):
-            err, *vals = result
-            if int(err) != 0:
-                raise error_from_code(CUresult.CUDA_ERROR_INVALID_SOURCE, f"{what} failed ({err})")
-            return vals[0] if len(vals) == 1 else vals
+        ok = _check
         prog = ok(nvrtc.nvrtcCreateProgram(source.encode(), b"kubecash.cu", 0, [], []),
                   "nvrtcCreateProgram")
         try:
@@ -203,18 +199,18 @@ class CudaBackend:
 
     def unload_module(self, module) -> None:
         self._current()
-        cu.cuModuleUnload(module["module"])
+        _check(cu.cuModuleUnload(module["module"]), "cuModuleUnload")
 
     def get_function(self, module, name: str):
         self._current()
-        err, fn = cu.cuModuleGetFunction(module["module"], name.encode())
-        if int(err) != 0:
-            raise error_from_code(CUresult.CUDA_ERROR_NOT_FOUND, f"no kernel named '{name}' in the module")
+        fn = _check(cu.cuModuleGetFunction(module["module"], name.encode()),
+                    f"no kernel named '{name}' in the module", code=CUresult.CUDA_ERROR_NOT_FOUND)
         return fn, self._param_sizes(fn, module, name)
 
     def _param_sizes(self, fn, module, name: str) -> tuple[int, ...]:
         sizes = []
         for i in range(4096):
+            # a probe, not an error path: the first index past the last parameter fails
             err, _offset, size = cu.cuFuncGetParamInfo(fn, i)
             if int(err) != 0:
                 if i == 0 and int(err) == CUresult.CUDA_ERROR_NOT_SUPPORTED and module["ptx"]:
@@ -225,9 +221,8 @@ class CudaBackend:
 
     def get_global(self, module, name: str) -> tuple[int, int]:
         self._current()
-        err, ptr, size = cu.cuModuleGetGlobal(module["module"], name.encode())
-        if int(err) != 0:
-            raise error_from_code(CUresult.CUDA_ERROR_NOT_FOUND, f"no global variable named '{name}'")
+        ptr, size = _check(cu.cuModuleGetGlobal(module["module"], name.encode()),
+                           f"no global variable named '{name}'", code=CUresult.CUDA_ERROR_NOT_FOUND)
         return int(ptr), int(size)
 
     def launch(self, function, grid, block, shared: int, args: Sequence[bytes], *,
@@ -237,11 +232,8 @@ class CudaBackend:
         self._current()
         bufs = [ctypes.create_string_buffer(a, len(a)) for a in args]
         ptrs = (ctypes.c_void_p * max(1, len(bufs)))(*[ctypes.addressof(b) for b in bufs])
-        err, = cu.cuLaunchKernel(function, *grid, *block, shared, self.stream,
-                                 ctypes.addressof(ptrs), 0)
-        if int(err) != 0:
-            _, desc = cu.cuGetErrorString(err)
-            raise error_from_code(int(err), f"cuLaunchKernel: {desc.decode()}")
+        _check(cu.cuLaunchKernel(function, *grid, *block, shared, self.stream, ctypes.addressof(ptrs), 0),
+               "cuLaunchKernel")
         self._sync("kernel")
         return True
 
@@ -257,13 +249,9 @@ class CudaBackend:
             self._current()
             for ptr in list(self._maps):
                 self.unmap(ptr, 0)
-            cu.cuStreamDestroy(self.stream)
+            _check(cu.cuStreamDestroy(self.stream), "cuStreamDestroy")
         finally:
-            cu.cuDevicePrimaryCtxRelease(self.dev)
-
-
-def is_sticky(e: CudaError) -> bool:
-    return e.code in STICKY_CODES
+            _check(cu.cuDevicePrimaryCtxRelease(self.dev), "cuDevicePrimaryCtxRelease")
 
 
 _ENTRY = re.compile(rb"\.entry\s+(\S+)\s*\((.*?)\)", re.S)
