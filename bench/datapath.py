@@ -78,8 +78,9 @@ def direct_gpu(index: int, nbytes: int, launches: int, reps: int) -> dict:
     for _ in range(reps):
         _check(cu.cuMemcpyDtoH(back, dptr, nbytes), "d2h")
     d2h = reps * nbytes / (time.perf_counter() - t)
-    major = _check(cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "a")
-    minor = _check(cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "a")
+    attr = cu.CUdevice_attribute
+    major = _check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "a")
+    minor = _check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "a")
     _, prog = nvrtc.nvrtcCreateProgram(KERNEL.encode(), b"k.cu", 0, [], [])
     nvrtc.nvrtcCompileProgram(prog, 1, [f"--gpu-architecture=sm_{major}{minor}".encode()])
     _, size = nvrtc.nvrtcGetCUBINSize(prog)

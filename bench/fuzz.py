@@ -207,9 +207,9 @@ class Generator:
             return r.choice(self.real["function"])
         if name == "module" and self.real["module"] and r.random() < 0.5:
             return r.choice(self.real["module"])
-        if name in ("stream", "event", "start", "end") and self.real[name.replace("start", "event").replace("end", "event")] \
-                and r.random() < 0.5:
-            return r.choice(self.real[name.replace("start", "event").replace("end", "event")])
+        table = "event" if name in ("start", "end") else name
+        if name in ("stream", "event", "start", "end") and self.real[table] and r.random() < 0.5:
+            return r.choice(self.real[table])
         if name in ("grid", "block"):
             return [r.choice([1, 1, 2, 0, -1, 1024, 1025, 65535, 65536, 2**31 - 1, 2**31, 2**64 - 1,
                               2**70, "1", 1.0, None]) for _ in range(r.choice([0, 1, 2, 3, 3, 3, 4]))]

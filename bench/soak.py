@@ -337,7 +337,7 @@ class Worker:
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        fns, weights = zip(*[(f, w) for f, w in self.ops if w > 0])
+        fns, weights = zip(*[(f, w) for f, w in self.ops if w > 0], strict=True)
         last_stats = 0.0
         self.line("R", pid=os.getpid())
         while not self.stop.is_set():
@@ -818,7 +818,7 @@ def growth_report(sk: Soak, a: argparse.Namespace) -> None:
             tot1 += r1
             # The executor's own memory: its RSS less what it holds for the tenant (the
             # allocations in use and the mapped segments), which moves with the clients.
-            def own(ws):
+            def own(ws, t=t, pid=pid):
                 return statistics.median(s["ex"][t][1] - s["ex"][t][2] - s["ex"][t][5]
                                          for s in ws if s["ex"][t][0] == pid and s["ex"][t][1])
             o0, o1 = own(base), own(end)
@@ -826,7 +826,7 @@ def growth_report(sk: Soak, a: argparse.Namespace) -> None:
             own1 += o1
             sl = trend([(s["t"], s["ex"][t][1]) for s in sk.samples
                         if s["t"] >= 0.1 * T and s["ex"][t][0] == pid and s["ex"][t][1]])
-            def med(ws, i):
+            def med(ws, i, t=t, pid=pid):
                 return statistics.median(s["ex"][t][i] for s in ws if s["ex"][t][0] == pid)
             lines.append(f"{t} pid {pid}: {mib(r0)} -> {mib(r1)} MiB ({r1 / r0 - 1:+.2%}, "
                          f"{sl / 2**20 * 60:+.2f} MiB/min); anon {mib(med(base, 3))} -> "

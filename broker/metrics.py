@@ -86,7 +86,7 @@ class BrokerCollector:
                 executors.add_metric(lv, 1.0 if d["executor_pid"] else 0.0)
                 h = d["queue_wait"]
                 cumulative, buckets = 0, []
-                for bound, count in zip(h["bounds"], h["counts"]):
+                for bound, count in zip(h["bounds"], h["counts"], strict=True):
                     cumulative += count
                     buckets.append((repr(float(bound)), cumulative))
                 buckets.append(("+Inf", h["count"]))

@@ -58,7 +58,7 @@ def main() -> int:
     want = expected_shares(quotas)
     print(f"\n{'tenant':<8} {'weight':>6} {'limit':>6} {'memory':>9}  {'expected':>8} {'achieved':>8}"
           f" {'kernels':>8}  results")
-    for t, r in zip(conf.tenants, results):
+    for t, r in zip(conf.tenants, results, strict=True):
         q = conf.tenants[t].quota_for(a.device)
         mem = "-" if q.memory is None else f"{q.memory >> 20}MiB"
         print(f"{t:<8} {q.weight:>6} {q.limit if q.limit else '-':>6} {mem:>9}  {want[t]:>8.1%}"

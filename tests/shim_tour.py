@@ -22,7 +22,8 @@ ok(cu.cuInit(0))
 dev = ok(cu.cuDeviceGet(0))
 assert isinstance(dev, cu.CUdevice)
 assert cu.cuDeviceGet(5)[0] == R.CUDA_ERROR_INVALID_DEVICE
-uuid = ok(cu.cuDeviceGetUuid(dev)); assert len(uuid.bytes) == 16
+uuid = ok(cu.cuDeviceGetUuid(dev))
+assert len(uuid.bytes) == 16
 # no context yet
 assert cu.cuMemAlloc(16)[0] == R.CUDA_ERROR_INVALID_CONTEXT
 ctx = ok(cu.cuCtxCreate(None, 0, dev))
@@ -35,7 +36,8 @@ ok(cu.cuCtxSetCurrent(ctx))
 free_after = ok(cu.cuMemGetInfo())[0]
 assert free_after == free_before + (1 << 20), (free_before, free_after)
 assert cu.cuMemFree(p2)[0] == R.CUDA_ERROR_INVALID_VALUE
-ok(cu.cuCtxPushCurrent(ctx)); assert int(ok(cu.cuCtxPopCurrent())) == int(ctx)
+ok(cu.cuCtxPushCurrent(ctx))
+assert int(ok(cu.cuCtxPopCurrent())) == int(ctx)
 assert int(ok(cu.cuCtxGetDevice())) == 0
 
 # memory + pointer arithmetic + memset + unified copies
@@ -76,15 +78,20 @@ k = ok(cu.cuModuleGetFunction(mod, b"bump"))
 class P(ctypes.Structure):
     _fields_ = [("x", ctypes.c_double), ("y", ctypes.c_float)]
 out = ok(cu.cuMemAlloc(4))
-ok(cu.cuLaunchKernel(k, 1, 1, 1, 1, 1, 1, 0, cu.CU_STREAM_LEGACY, ((out, P(10.0, 20.0), 3), (None, None, ctypes.c_char)), 0))
-o = np.zeros(1, np.int32); ok(cu.cuMemcpyDtoH(o, out, 4)); assert o[0] == 5 + 10 + 20 + 3, o
+ok(cu.cuLaunchKernel(k, 1, 1, 1, 1, 1, 1, 0, cu.CU_STREAM_LEGACY,
+                     ((out, P(10.0, 20.0), 3), (None, None, ctypes.c_char)), 0))
+o = np.zeros(1, np.int32)
+ok(cu.cuMemcpyDtoH(o, out, 4))
+assert o[0] == 5 + 10 + 20 + 3, o
 ok(cu.cuLaunchKernel(k, 1, 1, 1, 1, 1, 1, 0, 0, ((out, P(0.0, 0.0), 0), (None, None, ctypes.c_char)), 0))
-ok(cu.cuMemcpyDtoH(o, out, 4)); assert o[0] == 6, o          # the __device__ global persisted
+ok(cu.cuMemcpyDtoH(o, out, 4))
+assert o[0] == 6, o          # the __device__ global persisted
 # wrong argument count / size: refused at once
 assert cu.cuLaunchKernel(k, 1, 1, 1, 1, 1, 1, 0, 0, ((out,), (None,)), 0)[0] == R.CUDA_ERROR_INVALID_VALUE
 mod2 = ok(cu.cuModuleLoadDataEx(ptx, 0, [], []))
 mod3 = ok(cu.cuModuleLoadData(ctypes.c_char_p(ptx).value and ctypes.cast(ctypes.c_char_p(ptx), ctypes.c_void_p).value))
-ok(cu.cuModuleUnload(mod2)); ok(cu.cuModuleUnload(mod3))
+ok(cu.cuModuleUnload(mod2))
+ok(cu.cuModuleUnload(mod3))
 assert cu.cuModuleUnload(mod2)[0] == R.CUDA_ERROR_INVALID_HANDLE
 
 # an image NVRTC never produced here
@@ -94,12 +101,21 @@ assert cu.cuModuleLoadData(bad)[0] == R.CUDA_ERROR_NO_BINARY_FOR_GPU
 # streams, events, queries
 st = ok(cu.cuStreamCreate(0))
 e1, e2 = ok(cu.cuEventCreate(0)), ok(cu.cuEventCreate(0))
-ok(cu.cuEventRecord(e1, st)); ok(cu.cuMemsetD32Async(d, 7, n, st)); ok(cu.cuEventRecord(e2, st))
+ok(cu.cuEventRecord(e1, st))
+ok(cu.cuMemsetD32Async(d, 7, n, st))
+ok(cu.cuEventRecord(e2, st))
 ok(cu.cuStreamWaitEvent(0, e2, 0))
-ok(cu.cuEventSynchronize(e2)); ok(cu.cuEventQuery(e2)); ok(cu.cuStreamQuery(st))
-ms = ok(cu.cuEventElapsedTime(e1, e2)); assert isinstance(ms, float) and ms >= 0
-ok(cu.cuMemcpyDtoHAsync(h, d, 4 * n, st)); ok(cu.cuStreamSynchronize(st)); assert (h.view(np.uint32) == 7).all()
-ok(cu.cuEventDestroy(e1)); ok(cu.cuEventDestroy(e2)); ok(cu.cuStreamDestroy(st))
+ok(cu.cuEventSynchronize(e2))
+ok(cu.cuEventQuery(e2))
+ok(cu.cuStreamQuery(st))
+ms = ok(cu.cuEventElapsedTime(e1, e2))
+assert isinstance(ms, float) and ms >= 0
+ok(cu.cuMemcpyDtoHAsync(h, d, 4 * n, st))
+ok(cu.cuStreamSynchronize(st))
+assert (h.view(np.uint32) == 7).all()
+ok(cu.cuEventDestroy(e1))
+ok(cu.cuEventDestroy(e2))
+ok(cu.cuStreamDestroy(st))
 assert cu.cuStreamSynchronize(st)[0] == R.CUDA_ERROR_INVALID_HANDLE
 
 # pinned memory: copies to/from it travel as device-to-device copies
@@ -110,14 +126,16 @@ ok(cu.cuMemcpyHtoD(d, hp, 4 * n))
 ok(cu.cuMemsetD32(d2, 0, n))
 ok(cu.cuMemcpyDtoH(hp + 0, d2, 8))
 assert arr[0] == 0 and arr[1] == 0 and arr[2] == 2
-ok(cu.cuMemcpyDtoH(h, d, 4 * n)); assert (h == np.arange(n)).all()
+ok(cu.cuMemcpyDtoH(h, d, 4 * n))
+assert (h == np.arange(n)).all()
 assert ok(cu.cuMemHostGetFlags(hp)) & cu.CU_MEMHOSTALLOC_DEVICEMAP
 ok(cu.cuMemFreeHost(hp))
 # registered memory: bookkeeping, no zero-copy
 reg = np.zeros(256, np.float32)
 ok(cu.cuMemHostRegister(reg, reg.nbytes, 0))
 assert cu.cuMemHostGetDevicePointer(reg, 0)[0] == R.CUDA_ERROR_NOT_SUPPORTED
-ok(cu.cuMemcpyDtoH(reg, d, reg.nbytes)); assert (reg == np.arange(256)).all()
+ok(cu.cuMemcpyDtoH(reg, d, reg.nbytes))
+assert (reg == np.arange(256)).all()
 ok(cu.cuMemHostUnregister(reg))
 
 # error names, unsupported calls
@@ -133,11 +151,17 @@ assert rt.cudaMalloc(1 << 40)[0] == E.cudaErrorMemoryAllocation
 assert rt.cudaGetLastError() == (E.cudaErrorMemoryAllocation,)
 assert rt.cudaGetLastError() == (E.cudaSuccess,)
 assert rt.cudaGetErrorName(E.cudaErrorMemoryAllocation) == (E.cudaSuccess, b"cudaErrorMemoryAllocation")
-s = ok(rt.cudaStreamCreate()); assert isinstance(s, rt.cudaStream_t)
-ok(rt.cudaStreamQuery(s)); ok(rt.cudaStreamDestroy(s))
+s = ok(rt.cudaStreamCreate())
+assert isinstance(s, rt.cudaStream_t)
+ok(rt.cudaStreamQuery(s))
+ok(rt.cudaStreamDestroy(s))
 ok(rt.cudaMemsetAsync(int(d), 0, 16, 0))
 ok(rt.cudaMemcpyAsync(h, int(d), 16, rt.cudaMemcpyKind.cudaMemcpyDefault, 0))
-ok(rt.cudaStreamSynchronize(0)); assert (h[:4] == 0).all()
-ok(cu.cuMemFree(d)); ok(cu.cuMemFree(d2)); ok(cu.cuMemFree(out)); ok(cu.cuModuleUnload(mod))
+ok(rt.cudaStreamSynchronize(0))
+assert (h[:4] == 0).all()
+ok(cu.cuMemFree(d))
+ok(cu.cuMemFree(d2))
+ok(cu.cuMemFree(out))
+ok(cu.cuModuleUnload(mod))
 ok(cu.cuCtxDestroy(ctx))
 print("TOUR OK")

@@ -171,7 +171,7 @@ def test_executors_reach_the_broker_only_on_their_own_socketpairs(broker):
                     found.add(path)
         assert found == expected, f"unexpected sockets: {sorted(found - expected)}"
         for s in (a, b):   # and both executors' reports reach the broker
-            wait_for(lambda: s.status()["devices"]["cpu0"]["memory_used"] >= 16, 10,
+            wait_for(lambda s=s: s.status()["devices"]["cpu0"]["memory_used"] >= 16, 10,
                      f"{s.tenant}'s executor to report its memory in use")
 
 

@@ -208,7 +208,8 @@ def test_kernel_printf_reaches_the_program_that_ran_it(broker):
         import kubecash.client as kc
         with kc.connect() as s:
             d = s.device("cpu0")
-            k = d.load_module('extern "C" __global__ void hi(int n) { if (threadIdx.x < 2) printf("hello %d from %d\\n", n, threadIdx.x); }').get_kernel("hi")
+            k = d.load_module('extern "C" __global__ void hi(int n) {'
+                              ' if (threadIdx.x < 2) printf("hello %d from %d\\n", n, threadIdx.x); }').get_kernel("hi")
             d.launch(k, (1,), (32,), [7])
             d.synchronize()
             print("after sync", flush=True)

@@ -130,7 +130,7 @@ def test_executor_sigkill_fails_only_that_tenants_sessions(broker):
         t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         for d in (d1, d2):               # every session of alice on that device: sticky
-            err = wait_for(lambda: _error_of(d.mem_info), 15, "alice's sessions to see it")
+            err = wait_for(lambda d=d: _error_of(d.mem_info), 15, "alice's sessions to see it")
             assert isinstance(err, kc.LaunchFailedError) and "killed by SIGKILL" in str(err)
             assert "alice" in str(err)
             with pytest.raises(kc.LaunchFailedError):

@@ -41,7 +41,8 @@ ESCAPES = {
         ''', None),
     "fork": (r'''
         extern "C" int fork(); extern "C" int creat(const char*, unsigned); extern "C" void _exit(int);
-        extern "C" __global__ void k(int* r) { int p = fork(); if (p == 0) { creat("{path}", 0644); _exit(0); } r[0] = p; }
+        extern "C" __global__ void k(int* r) {
+            int p = fork(); if (p == 0) { creat("{path}", 0644); _exit(0); } r[0] = p; }
         ''', None),
     "execve": (r'''
         extern "C" int execve(const char*, char* const[], char* const[]);
@@ -156,7 +157,8 @@ def test_code_that_would_run_at_load_time_is_refused(session, tmp_path):
     for src in (
         f'extern "C" int system(const char*); static int x = system("touch {target}");\n'
         'extern "C" __global__ void k(int* p) { p[0] = x; }',
-        f'extern "C" int system(const char*); __attribute__((constructor)) static void c() {{ system("touch {target}"); }}\n'
+        f'extern "C" int system(const char*);\n'
+        f'__attribute__((constructor)) static void c() {{ system("touch {target}"); }}\n'
         'extern "C" __global__ void k(int* p) {}',
         f'extern "C" int system(const char*); struct D {{ ~D() {{ system("touch {target}"); }} }} d;\n'
         'extern "C" __global__ void k(int* p) {}',
@@ -241,12 +243,14 @@ def test_no_table_no_kernels(monkeypatch):
 MACRO_BOMB = "\n".join([f"#define A0 {'x' * 200} {'x' * 200} {'x' * 200} {'x' * 200}"] +
                        [f"#define A{i} A{i-1} A{i-1} A{i-1} A{i-1}" for i in range(1, 11)]) + "\nA10\n"
 CONSTEXPR_BOMB = r'''
-constexpr long f() { long s = 0; for (long i = 0; i < 200000; i++) for (long j = 0; j < 200000; j++) s += i ^ j; return s; }
+constexpr long f() {
+    long s = 0; for (long i = 0; i < 200000; i++) for (long j = 0; j < 200000; j++) s += i ^ j; return s; }
 static_assert(f() != 1, "");
 extern "C" __global__ void k(int* p) {}'''
 MEMORY_BOMB = r'''
 struct S { int a[1 << 24]; };
-constexpr S make() { S s{}; for (int i = 0; i < 4096; i++) for (int j = 0; j < 4096; j++) s.a[i * 4096 + j] = i + j; return s; }
+constexpr S make() {
+    S s{}; for (int i = 0; i < 4096; i++) for (int j = 0; j < 4096; j++) s.a[i * 4096 + j] = i + j; return s; }
 constexpr S big = make();
 extern "C" __global__ void k(int* p) { p[0] = big.a[5]; }'''
 

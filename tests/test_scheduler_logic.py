@@ -53,7 +53,7 @@ def test_eight_random_weights():
     s = make(quotas)
     used, _ = simulate(s, {t: rng.randint(1, 20) * 1_000_000 for t in quotas}, 30)
     total = sum(used.values())
-    want = expected_shares({t: (w, l) for t, (w, l, _) in quotas.items()})
+    want = expected_shares({t: (w, lim) for t, (w, lim, _) in quotas.items()})
     assert max(abs(used[t] / total - want[t]) for t in quotas) < 0.01
 
 

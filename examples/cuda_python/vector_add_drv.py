@@ -56,7 +56,7 @@ def main():
                                         0, 0, kernelArgs, 0))
     checkCudaErrors(cuda.cuMemcpyDtoH(h_C, d_C, nbytes))
 
-    err = max(math.fabs(c - (a + b)) for a, b, c in zip(h_A[:1000], h_B[:1000], h_C[:1000]))
+    err = max(math.fabs(c - (a + b)) for a, b, c in zip(h_A[:1000], h_B[:1000], h_C[:1000], strict=True))
     ok = np.array_equal(h_C, h_A + h_B)
 
     checkCudaErrors(cuda.cuMemFree(d_A))
