@@ -45,7 +45,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 
-__all__ = ["SandboxError", "Pool", "arch_supported", "syscall_name", "set_violation_handler",
+__all__ = ["SandboxError", "WorkerPool", "arch_supported", "syscall_name", "set_violation_handler",
            "end_process_by_sigsys", "confined_dlclose", "policy", "array_type"]
 
 
@@ -268,7 +268,7 @@ def build_filter(pid: int, machine: str | None = None) -> bytes:
 
     out = bytearray()
     for i, (code, jt, jf, k) in enumerate(prog):
-        def off(t):
+        def off(t, i=i):   # bound now: called only in this iteration
             if t == 0:
                 return 0
             d = labels[t] - i - 1
@@ -581,7 +581,7 @@ def _load_native(cache_dir: str | os.PathLike | None) -> ctypes.CDLL:
         return lib
 
 
-class Pool:
+class WorkerPool:
     """N native worker threads; with `sandbox`, each confined before it runs anything."""
 
     def __init__(self, states: Sequence[int], *, nice: int = 0, sandbox: bool = True,
@@ -657,7 +657,7 @@ def set_violation_handler(fn: Callable[[str, int, str], None] | None) -> None:
     global _watcher, _on_violation
     lib = _native
     if lib is None:
-        raise SandboxError("the sandbox runtime is not loaded (start a sandboxed Pool first)")
+        raise SandboxError("the sandbox runtime is not loaded (start a sandboxed WorkerPool first)")
     with _watch_lock:
         _on_violation = fn
         lib.kc_set_watched(1 if fn is not None else 0)

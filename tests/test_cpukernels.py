@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kubecash.broker import cpukernels as ck
+from kubecash.broker.cpukernels.launch import _pack_args
 
 
 @pytest.fixture(scope="module")
@@ -408,8 +409,8 @@ def test_arguments_are_copied_into_aligned_storage():
     # x86 forgives misaligned loads, so check the packing itself.
     info = ck.KernelInfo("k", "k", (1, 16, 2, 8, 4, 64), (1, 16, 2, 8, 4, 64), False)
     blobs = [bytes([i]) * s for i, s in enumerate(info.param_sizes)]
-    keep, argv = ck._pack_args(info, blobs)
-    for i, (size, align) in enumerate(zip(info.param_sizes, info.param_aligns)):
+    keep, argv = _pack_args(info, blobs)
+    for i, (size, align) in enumerate(zip(info.param_sizes, info.param_aligns, strict=False)):
         assert argv[i] % align == 0
         assert ctypes.string_at(argv[i], size) == blobs[i]
 

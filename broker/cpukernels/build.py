@@ -1,0 +1,242 @@
+"""Building a module: the cache (a .so per content hash), the two g++ runs (preprocess in scan
+mode, then compile and link) under time, memory and file-size bounds, and the check of the
+built ELF object for code that would run at load or unload time."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .analyze import analyze
+from .directives import sanitize_directives
+from .errors import KernelCompileError, UnsupportedConstructError
+from .generate import GENERATOR_VERSION, generate
+from .loader import CompiledModule
+from .options import CompileOptions, parse_options
+from .tokens import normalize_newlines
+
+_INCLUDE_DIR = Path(__file__).resolve().parent.parent / "include"   # kubecash.broker's include/
+_HEADER_PATH = _INCLUDE_DIR / "kubecash_cuda.h"
+_TENANT_FILE = "kernel.cu"  # the name compiler messages give the tenant's source
+_SENTINEL = "__kc_tenant_source_begins_here__"
+_MAX_COMPILER_FILE_BYTES = 256 << 20   # RLIMIT_FSIZE of the compiler: preprocessed text, objects
+_MAX_PREPROCESSED_BYTES = 64 << 20    # the expanded source we go on to analyse and compile
+_MAX_COMPILER_LOG_CHARS = 1 << 20      # compiler messages kept (a bomb can print a lot)
+
+
+class _Stats:
+    """Process-wide counters; tests use them to tell a cache hit from a compile."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.compiler_runs = 0   # g++ processes started (preprocess and compile)
+        self.compiles = 0        # modules built
+        self.cache_hits = 0      # modules loaded from the cache without running g++
+
+    def bump(self, field: str) -> None:
+        with self._lock:
+            setattr(self, field, getattr(self, field) + 1)
+
+
+stats = _Stats()
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("KUBECASH_CXX") or shutil.which("g++")
+    if not cxx:
+        raise KernelCompileError("no host C++ compiler (g++) found")
+    return cxx
+
+
+def _compiler_identity(cxx: str) -> str:
+    # A stat, not a `g++ --version` run: a cache hit must not start any process.
+    real = os.path.realpath(cxx)
+    st = os.stat(real)
+    return f"{real}:{st.st_size}:{st.st_mtime_ns}:{platform.machine()}"
+
+
+def _run_compiler(argv: list[str], *, cwd: str, deadline: float, memory_limit_bytes: int,
+                  what: str, file_limit_bytes: int = 0) -> str:
+    file_limit = file_limit_bytes or _MAX_COMPILER_FILE_BYTES
+    timeout = deadline - time.monotonic()
+    if timeout <= 0:
+        raise KernelCompileError(f"compile timed out ({what})")
+
+    def limits() -> None:  # runs in the child, before exec
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        lim = memory_limit_bytes if hard == resource.RLIM_INFINITY else min(memory_limit_bytes, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        # No file it writes (preprocessed text, assembly, the object) may grow past this: a
+        # macro expansion bomb ends with SIGXFSZ instead of filling the disk or our memory.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    # A clean environment: no CPATH, DEPENDENCIES_OUTPUT and the like; plain-ASCII messages.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C",
+           "TMPDIR": cwd}
+    stats.bump("compiler_runs")
+    p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=limits, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # cc1plus and as too, not just the driver
+        except ProcessLookupError:
+            pass
+        out, err = p.communicate()
+        raise KernelCompileError(f"compile timed out ({what})",
+                                 f"error: {what} timed out (the compile's time bound)\n"
+                                 + err.decode("utf-8", "replace")[-_MAX_COMPILER_LOG_CHARS:]) from None
+    log = err.decode("utf-8", "replace")[-_MAX_COMPILER_LOG_CHARS:]
+    if p.returncode != 0:
+        # The bound that stopped it goes first: it is what the tenant is told.
+        if p.returncode == -signal.SIGXFSZ or "File size limit exceeded" in log:
+            why = f"{what} output exceeds {file_limit >> 20} MiB: runaway macro or template expansion"
+            raise KernelCompileError(f"module does not compile ({why})", f"error: {why}\n{log}")
+        if p.returncode < 0 or "virtual memory exhausted" in log or "out of memory" in log:
+            why = f"{what} ran out of its {memory_limit_bytes >> 20} MiB memory limit or was killed"
+            raise KernelCompileError(f"module does not compile ({why})", f"error: {why}\n{log}")
+        raise KernelCompileError(f"module does not compile ({what} failed)", log)
+    return out.decode("utf-8", "replace")
+
+
+def _cxx_flags() -> list[str]:
+    return ["-O2", "-fPIC", "-pthread", "-fno-exceptions",
+            "-fno-strict-aliasing",          # CUDA code casts float* to float4* and the like
+            "-fno-gnu-unique",               # keep each loaded instance's statics its own
+            "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # longjmp between stacks
+            "-fdiagnostics-color=never", "-fmax-errors=50", "-I", str(_INCLUDE_DIR)]
+
+
+def _build(source: str, opts: CompileOptions, out_path: Path, *, work: str, deadline: float,
+           memory_limit_bytes: int) -> None:
+    cxx = _compiler()
+    scan_path = os.path.join(work, "scan.cc")
+    with open(scan_path, "w") as f:
+        f.write('#include "kubecash_cuda.h"\n'
+                f"{_SENTINEL}\n"
+                f'#line 1 "{_TENANT_FILE}"\n' + source + "\n")
+    argv = [cxx, f"-std={opts.std}", "-E", "-D__KC_SCAN__=1", f"-D__CUDA_ARCH__={opts.arch}"]
+    argv += [f"-D{d}" for d in opts.defines]
+    pp_path = os.path.join(work, "scan.ii")
+    argv += ["-fdiagnostics-color=never", "-fmax-errors=50", "-I", str(_INCLUDE_DIR), "-o", pp_path,
+             scan_path]
+    _run_compiler(argv, cwd=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes,
+                  what="preprocessor", file_limit_bytes=_MAX_PREPROCESSED_BYTES)
+    with open(pp_path, encoding="utf-8", errors="replace") as f:   # at most the file cap
+        pp = f.read()
+    m = re.search(rf"^{_SENTINEL}[ \t]*$", pp, re.M)
+    if not m:
+        raise KernelCompileError("internal error: tenant source not found after preprocessing", pp[-2000:])
+    tenant = pp[m.end() + 1:]
+    an = analyze(tenant)
+    tu_path = os.path.join(work, "module.cc")
+    with open(tu_path, "w") as f:
+        f.write('#include "kubecash_cuda.h"\n' + an.text + "\n" + generate(an))
+    tmp_out = os.path.join(work, "module.so")
+    argv = [cxx, f"-std={opts.std}", "-shared", *_cxx_flags(),
+            "-Wl,-Bsymbolic",                # the module's own symbols bind to itself
+            "-Wl,-z,noexecstack", "-o", tmp_out, tu_path, "-ldl"]
+    _run_compiler(argv, cwd=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes,
+                  what="compiler")
+    _check_load_time_code(tmp_out)
+    os.replace(tmp_out, out_path)  # atomic: concurrent builders of one key never clash
+
+
+_DT_INIT_ARRAYSZ, _DT_FINI_ARRAYSZ, _DT_PREINIT_ARRAYSZ = 27, 28, 33
+
+
+def _check_load_time_code(path: str) -> None:
+    """Refuse a module with initializers or finalizers of its own: dlopen/dlclose would run
+    them on the executor's unconfined threads. A module built here has exactly one entry
+    in each of .init_array and .fini_array (crtbegin's frame_dummy and
+    __do_global_dtors_aux); a namespace-scope object with a dynamic initializer or a
+    destructor adds one. (CUDA has no dynamic initialization of device variables.)"""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise KernelCompileError("internal error: the module is not a 64-bit little-endian ELF object")
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    sizes = {}
+    for i in range(phnum):
+        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if p_type != 2:   # PT_DYNAMIC
+            continue
+        for off in range(p_offset, p_offset + p_filesz, 16):
+            tag, val = struct.unpack_from("<qQ", data, off)
+            if tag == 0:
+                break
+            sizes[tag] = val
+    if (sizes.get(_DT_INIT_ARRAYSZ, 0) > 8 or sizes.get(_DT_FINI_ARRAYSZ, 0) > 8
+            or sizes.get(_DT_PREINIT_ARRAYSZ, 0)):
+        raise UnsupportedConstructError(
+            "code that runs when the module is loaded or unloaded",
+            "a namespace-scope variable with a dynamic initializer or a destructor; "
+            "initialize globals, __device__ and __constant__ variables with constants")
+
+
+_header_cache: tuple[float, str] | None = None
+
+
+def _header_text() -> str:
+    global _header_cache
+    st = os.stat(_HEADER_PATH)
+    if _header_cache is None or _header_cache[0] != st.st_mtime_ns:
+        _header_cache = (st.st_mtime_ns, _HEADER_PATH.read_text())
+    return _header_cache[1]
+
+
+def compile_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
+                   timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30) -> CompiledModule:
+    """Compile (or load from the cache) a module of CUDA C source for the CPU backend."""
+    deadline = time.monotonic() + timeout_s
+    if isinstance(source, (bytes, bytearray)):
+        try:
+            source = bytes(source).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise KernelCompileError(f"module source is not UTF-8 text: {e}") from None
+    if not isinstance(source, str):
+        raise KernelCompileError("module source must be text")
+    if "\0" in source:
+        raise KernelCompileError("module source contains a NUL character")
+    opts = parse_options(options)
+    sanitized = sanitize_directives(normalize_newlines(source))  # never needs the compiler
+
+    cxx = _compiler()
+    key = hashlib.sha256(json.dumps(
+        [GENERATOR_VERSION, _header_text(), _compiler_identity(cxx), source,
+         dataclasses.asdict(opts)]).encode()).hexdigest()
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    so_path = cache / f"{key}.so"
+    if so_path.exists():
+        try:
+            mod = CompiledModule._load(so_path, cache)
+            stats.bump("cache_hits")
+            return mod
+        except (OSError, KernelCompileError):
+            pass  # unreadable or from another ABI: rebuild over it
+    work = tempfile.mkdtemp(prefix=".build-", dir=cache)
+    try:
+        _build(sanitized, opts, so_path, work=work, deadline=deadline,
+               memory_limit_bytes=memory_limit_bytes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    stats.bump("compiles")
+    return CompiledModule._load(so_path, cache)

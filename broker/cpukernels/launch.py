@@ -1,0 +1,220 @@
+"""Launching kernels: Launcher runs a kernel's blocks on N persistent native worker threads
+(kubecash.broker.sandbox.WorkerPool: each confined by a seccomp filter before it runs tenant
+code). Each worker calls the module's __kc_run, grabbing block indices from one shared atomic
+counter; its reusable state (dynamic shared memory, fiber stacks) is a _WorkerState."""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+
+from .. import sandbox as _sandbox
+from ..sandbox import array_type
+from .loader import CompiledModule, KernelInfo
+
+MAX_SHARED_BYTES = 48 * 1024
+_MAX_BLOCK_THREADS = 1024
+_MAX_BLOCK = (1024, 1024, 64)
+_MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+class _KcLaunch(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint32 * 3), ("block", ctypes.c_uint32 * 3),
+                ("nblocks", ctypes.c_uint64), ("next_block", ctypes.c_void_p),
+                ("shared_bytes", ctypes.c_uint64), ("module_id", ctypes.c_uint64)]
+
+
+class _KcWorker(ctypes.Structure):
+    _fields_ = [("shared", ctypes.c_void_p), ("stacks", ctypes.c_void_p),
+                ("slot_size", ctypes.c_uint64), ("guard_size", ctypes.c_uint64),
+                ("nslots", ctypes.c_uint64), ("nfibers", ctypes.c_uint64),
+                ("owner_module", ctypes.c_uint64), ("owner_thread", ctypes.c_void_p)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)   # the process's own libc; no find_library run
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_PAGE = mmap.PAGESIZE
+
+
+class _WorkerState:
+    """One worker thread's reusable resources: dynamic shared memory and fiber stacks."""
+
+    def __init__(self, stack_bytes: int):
+        self.c = _KcWorker()
+        self._shared = ctypes.create_string_buffer(MAX_SHARED_BYTES + 64)
+        base = ctypes.addressof(self._shared)
+        self.c.shared = base + (-base) % 64   # 16-byte alignment promised; 64 for __align__
+        self.slot_size = _PAGE + -(-stack_bytes // _PAGE) * _PAGE
+        self.stacks = 0
+        self.map_len = 0
+
+    def ensure_stacks(self, need: int) -> None:
+        if self.c.nslots >= need:
+            return
+        n = min(_MAX_BLOCK_THREADS, max(32, 1 << (need - 1).bit_length()))
+        self.free_stacks()
+        length = n * self.slot_size
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+        if addr in (None, _MAP_FAILED):
+            raise MemoryError(f"cannot map {length} bytes of fiber stacks: "
+                              f"{os.strerror(ctypes.get_errno())}")
+        self.stacks, self.map_len = addr, length
+        for i in range(n):  # a guard page under each stack turns overflow into a fault
+            if _libc.mprotect(addr + i * self.slot_size, _PAGE, 0) != 0:
+                raise OSError(ctypes.get_errno(), "mprotect of a fiber guard page failed")
+        c = self.c
+        c.stacks, c.slot_size, c.guard_size, c.nslots = addr, self.slot_size, _PAGE, n
+        c.nfibers, c.owner_module, c.owner_thread = 0, 0, None
+
+    def free_stacks(self) -> None:
+        if self.stacks:
+            _libc.munmap(self.stacks, self.map_len)
+        self.stacks, self.map_len = 0, 0
+        c = self.c
+        c.stacks, c.nslots, c.nfibers, c.owner_module, c.owner_thread = None, 0, 0, 0, None
+
+
+def _dims(v, what: str, limits: tuple[int, int, int]) -> tuple[int, int, int]:
+    try:
+        t = tuple(v)
+    except TypeError:
+        raise ValueError(f"{what} must be a tuple of 3 integers, got {v!r}") from None
+    if len(t) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) for x in t):
+        raise ValueError(f"{what} must be a tuple of 3 integers, got {v!r}")
+    for x, lim, axis in zip(t, limits, "xyz", strict=False):
+        if not 1 <= x <= lim:
+            raise ValueError(f"{what}.{axis} = {x} is out of range (1..{lim})")
+    return t  # type: ignore[return-value]
+
+
+class Launcher:
+    """A persistent pool of worker threads that run kernels' blocks."""
+
+    def __init__(self, nthreads: int, *, fiber_stack_bytes: int = 64 << 10, nice: int = 0,
+                 sandbox: bool = True, cache_dir: os.PathLike | str | None = None):
+        """nthreads native worker threads (kubecash.broker.sandbox.WorkerPool). With `sandbox`
+        (the default) each is confined by a seccomp filter before it runs any kernel; nice
+        lowers their priority so the control plane sharing the cores goes first; cache_dir
+        keeps the built sandbox runtime."""
+        if not isinstance(nthreads, int) or nthreads < 1:
+            raise ValueError(f"nthreads must be a positive integer, got {nthreads!r}")
+        if fiber_stack_bytes < 32 << 10:
+            raise ValueError("fiber_stack_bytes must be at least 32 KiB")
+        self._lock = threading.Lock()   # one launch at a time uses the workers
+        self._closed = False
+        self._workers = [_WorkerState(fiber_stack_bytes) for _ in range(nthreads)]
+        self._pool = _sandbox.WorkerPool([ctypes.addressof(w.c) for w in self._workers], nice=nice,
+                                         sandbox=sandbox, cache_dir=cache_dir)
+        self.sandboxed = sandbox
+
+    @property
+    def nthreads(self) -> int:
+        return len(self._workers)
+
+    def launch(self, module: CompiledModule, kernel: KernelInfo, grid: tuple[int, int, int],
+               block: tuple[int, int, int], shared_bytes: int, args: Sequence[bytes], *,
+               first_block: int = 0, last_block: int | None = None) -> None:
+        """Run the kernel over the grid; returns when every block has run.
+
+        With first_block/last_block, only the blocks of linear index [first, last) run: a
+        kernel can be run in slices (blocks are independent), so it can yield the device
+        between slices."""
+        # Everything is validated before anything runs.
+        grid = _dims(grid, "grid", _MAX_GRID)
+        block = _dims(block, "block", _MAX_BLOCK)
+        threads = block[0] * block[1] * block[2]
+        if threads > _MAX_BLOCK_THREADS:
+            raise ValueError(f"block has {threads} threads; at most {_MAX_BLOCK_THREADS} are allowed")
+        if not isinstance(shared_bytes, int) or isinstance(shared_bytes, bool) or shared_bytes < 0:
+            raise ValueError(f"shared_bytes must be a non-negative integer, got {shared_bytes!r}")
+        if shared_bytes > MAX_SHARED_BYTES:
+            raise ValueError(f"shared_bytes = {shared_bytes} exceeds the {MAX_SHARED_BYTES} byte "
+                             "(48 KiB) limit on dynamic shared memory")
+        if not isinstance(kernel, KernelInfo):
+            raise ValueError(f"kernel must be a KernelInfo, got {type(kernel).__name__}")
+        argbuf, argv = _pack_args(kernel, args)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the Launcher has been closed")
+            idx = module._acquire(kernel)
+            try:
+                run = module._run
+                total = grid[0] * grid[1] * grid[2]
+                nblocks = total if last_block is None else last_block
+                if not 0 <= first_block < nblocks <= total:
+                    raise ValueError(f"block range [{first_block}, {nblocks}) outside the "
+                                     f"grid's {total} blocks")
+                # Workers grab block indices from the counter until it reaches nblocks.
+                counter = ctypes.c_uint64(first_block)
+                L = _KcLaunch((ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*block),
+                              nblocks, ctypes.addressof(counter), shared_bytes, module._id)
+                nw = min(len(self._workers), nblocks - first_block)
+                if module.uses_fibers:     # the workers are idle: set up their stacks here
+                    for w in self._workers[:nw]:
+                        w.ensure_stacks(threads)
+                # Blocks until every worker is done (the GIL is released for the call).
+                rcs = self._pool.run(run, idx,
+                                     ctypes.addressof(argv), ctypes.addressof(L), nw)
+                del argbuf, counter, L  # kept alive until every worker has finished
+            finally:
+                module._release()
+        for rc in rcs:
+            if rc != 0:
+                raise RuntimeError(f"kernel block runner failed (code {rc})")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._pool.close()
+            for w in self._workers:
+                w.free_stacks()
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _pack_args(kernel: KernelInfo, args: Sequence[bytes]):
+    """Copy each argument into storage aligned for its parameter; returns (buffer, void*[])."""
+    sizes, aligns = kernel.param_sizes, kernel.param_aligns
+    try:
+        args = list(args)
+    except TypeError:
+        raise ValueError("args must be a sequence of byte strings") from None
+    if len(args) != len(sizes):
+        raise ValueError(f"kernel {kernel.name!r} takes {len(sizes)} parameters, got {len(args)} arguments")
+    blobs, offsets, off = [], [], 0
+    for i, (a, size, align) in enumerate(zip(args, sizes, aligns, strict=False)):
+        if isinstance(a, (int, float, str)) or a is None:
+            raise ValueError(f"argument {i} must be raw bytes, got {type(a).__name__}")
+        try:
+            b = memoryview(a).cast("B").tobytes()
+        except TypeError:
+            raise ValueError(f"argument {i} must be raw bytes, got {type(a).__name__}") from None
+        if len(b) != size:
+            raise ValueError(f"argument {i} of kernel {kernel.name!r} is {len(b)} bytes; "
+                             f"the parameter is {size} bytes")
+        off = -(-off // align) * align
+        offsets.append(off)
+        blobs.append(b)
+        off += size
+    maxalign = max([16, *aligns])
+    buf = array_type(ctypes.c_char, 1 << (off + maxalign - 1).bit_length())()
+    base = ctypes.addressof(buf)
+    base += (-base) % maxalign
+    for o, b in zip(offsets, blobs, strict=False):
+        ctypes.memmove(base + o, b, len(b))
+    argv = array_type(ctypes.c_void_p, max(1, len(sizes)))(*[base + o for o in offsets])
+    return (buf, argv), argv
