@@ -66,3 +66,68 @@ def test_error_mapping_is_one_table():
     unknown = error_from_code(12345, "?")
     assert type(unknown) is CudaError and unknown.name == "CUresult(12345)"
     assert CUresult.CUDA_ERROR_NOT_SUPPORTED == 801
+
+
+# Which class handles each channel's messages (the receiving side).
+HANDLER_CLASSES = {
+    "tenant": ("kubecash.broker.server", "Broker"),
+    "admin": ("kubecash.broker.server", "Broker"),
+    "report": ("kubecash.broker.server", "Broker"),
+    "lease_report": ("kubecash.broker.server", "Broker"),
+    "executor": ("kubecash.broker.executor", "Executor"),
+    "control": ("kubecash.broker.executor", "Executor"),
+    "lease": ("kubecash.broker.executor", "Executor"),
+    "event": ("kubecash.client.session", "Session"),
+}
+
+
+@pytest.mark.parametrize("channel", P.CHANNELS, ids=lambda c: c.name)
+def test_every_declared_message_has_exactly_one_handler_and_every_handler_a_declaration(channel):
+    import importlib
+    module, name = HANDLER_CLASSES[channel.name]
+    cls = getattr(importlib.import_module(module), name)
+    declared = {P.handler_name(m) for m in P.messages(channel).values()}
+    handlers = {n for n in dir(cls) if n.startswith(channel.handler_prefix) and callable(getattr(cls, n))}
+    # another channel's longer prefix on the same class is not this channel's
+    for other in P.CHANNELS:
+        if other is not channel and other.handler_prefix.startswith(channel.handler_prefix) \
+                and HANDLER_CLASSES[other.name] == HANDLER_CLASSES[channel.name]:
+            handlers = {n for n in handlers if not n.startswith(other.handler_prefix)}
+    assert declared - handlers == set(), f"declared without a handler on {name}"
+    assert handlers - declared == set(), f"handlers on {name} without a declaration"
+
+
+def test_the_declarations_export_as_json():
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "kubecash.client.protocol", "--json"], capture_output=True,
+                         text=True, check=True)
+    assert out.stderr == ""
+    doc = json.loads(out.stdout)
+    names = {(m["channel"], m["name"]) for m in doc["messages"]}
+    assert names == set(P.MESSAGES)
+    launch = next(m for m in doc["messages"] if m["name"] == "launch")
+    assert launch["asynchronous"] and launch["fields"]["grid"]["item_hi"] == list(P.LAUNCH.max_grid)
+    assert doc["codes"]["CUDA_ERROR_OUT_OF_MEMORY"] == 2
+
+
+@pytest.mark.parametrize("msg, reason", [
+    (req("memset", session=b"s", dst=1, value=0, width=3, count=1), "width'=3 is not one of"),
+    (req("module_load", session=b"s", kind="elf"), "kind'='elf' is not one of"),
+    (req("launch", session=b"s", function=1, grid=[1, 1, 0], block=[1, 1, 1], shared=0, args=[]), "outside"),
+    (req("launch", session=b"s", function=1, grid=[1, 1, 1], block=[1024, 2, 1], shared=0, args=[]),
+     "2048 threads; at most 1024"),
+    (req("launch", session=b"s", function=1, grid=[1, 1], block=[1, 1, 1], shared=0, args=[]), "at least 3"),
+])
+def test_field_rules_live_in_the_declaration(msg, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        P.check(msg, P.EXECUTOR)
+
+
+def test_replies_are_checked_against_their_declaration():
+    P.check_reply(P.EXECUTOR, "mem_alloc", {"v": 1, "id": 3, "ok": True, "ptr": 4096})
+    with pytest.raises(ProtocolError, match="missing field 'ptr'"):
+        P.check_reply(P.EXECUTOR, "mem_alloc", {"v": 1, "id": 3, "ok": True})
+    with pytest.raises(ProtocolError, match="unknown field"):
+        P.check_reply(P.EXECUTOR, "mem_alloc", {"v": 1, "id": 3, "ok": True, "ptr": 1, "extra": 2})
