@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import glob
 import hashlib
 import os
 import shutil
@@ -150,6 +151,14 @@ def test_built_wheel_carries_the_injection_hook(tmp_path):
     wheel = tmp_path / r.stdout.strip().splitlines()[-1]
     with zipfile.ZipFile(wheel) as z:
         pth = z.read("kubecash_shim.pth")
+        # every module and header of the tree is in the wheel (subpackages listed in pyproject)
+        shipped = set(z.namelist())
+        for d, pkg in (("kubecash", "kubecash"), ("broker", "kubecash/broker"), ("client", "kubecash/client"),
+                       ("shim", "kubecash/shim")):
+            for path in glob.glob(os.path.join(ROOT, d, "**", "*.[ph]*"), recursive=True):
+                rel = os.path.relpath(path, os.path.join(ROOT, d))
+                if path.endswith((".py", ".h")) and not rel.startswith("_build"):
+                    assert f"{pkg}/{rel}" in shipped, f"the wheel lacks {pkg}/{rel}"
         record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
         lines = z.read(record).decode().splitlines()
         z.extractall(tmp_path / "site")
