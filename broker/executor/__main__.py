@@ -1,0 +1,6 @@
+"""`python -m kubecash.broker.executor`: how the broker starts an executor."""
+import sys
+
+from .main import main
+
+sys.exit(main())
