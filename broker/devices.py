@@ -13,7 +13,7 @@ log = logging.getLogger("kubecash.broker.devices")
 
 
 @dataclasses.dataclass(frozen=True)
-class Device:
+class NodeDevice:
     name: str                 # "cpu0", "gpu0", ...
     kind: str                 # "cpu" or "cuda"
     index: int                # index among devices of its kind
@@ -36,7 +36,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_device() -> Device:
+def cpu_device() -> NodeDevice:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (psutil.cpu_count() or 1)
     props = {
         "model": f"KubeCASH CPU ({_cpu_model()})",
@@ -51,13 +51,13 @@ def cpu_device() -> Device:
         "warp_size": 32,
         "clock_rate_khz": int((psutil.cpu_freq().max if psutil.cpu_freq() else 0) * 1000),
     }
-    return Device("cpu0", "cpu", 0, psutil.virtual_memory().total, props)
+    return NodeDevice("cpu0", "cpu", 0, psutil.virtual_memory().total, props)
 
 
 _nvml_absence_logged = False
 
 
-def nvidia_devices() -> list[Device]:
+def nvidia_devices() -> list[NodeDevice]:
     """GPUs visible through NVML. No NVML (no driver, no library) is normal: logged once."""
     global _nvml_absence_logged
     try:
@@ -76,7 +76,7 @@ def nvidia_devices() -> list[Device]:
             name = pynvml.nvmlDeviceGetName(h)
             uuid = pynvml.nvmlDeviceGetUUID(h)
             cc = list(pynvml.nvmlDeviceGetCudaComputeCapability(h))
-            devices.append(Device(f"gpu{i}", "cuda", i, int(mem.total), {
+            devices.append(NodeDevice(f"gpu{i}", "cuda", i, int(mem.total), {
                 "model": name if isinstance(name, str) else name.decode(),
                 "uuid": uuid if isinstance(uuid, str) else uuid.decode(),
                 "compute_capability": cc,
@@ -86,5 +86,5 @@ def nvidia_devices() -> list[Device]:
     return devices
 
 
-def discover() -> list[Device]:
+def discover() -> list[NodeDevice]:
     return [cpu_device(), *nvidia_devices()]

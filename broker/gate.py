@@ -79,7 +79,7 @@ class _Conn:
     over_limit: bool = False      # past max_connections: every request is answered with why
 
 
-class Event(enum.Enum):
+class GateEvent(enum.Enum):
     MESSAGE = 1       # (conn, payload): one complete single-frame message
     OVER_LIMIT = 4    # (conn, payload): a request on a connection past max_connections
     REFUSED = 2       # (conn, reason): a message was discarded; answer with an error
@@ -138,13 +138,13 @@ class Gate:
         """Requests already received but left for a later pass (see receive())."""
         return bool(self._pending)
 
-    def receive(self, max_chunks: int) -> list[tuple[Event, bytes, object]]:
+    def receive(self, max_chunks: int) -> list[tuple[GateEvent, bytes, object]]:
         """Read up to `max_chunks` raw chunks; return the events they complete, at most
         MESSAGES_PER_PASS of them. One 8 KiB chunk can hold 4096 tiny requests: handled in
         one go they would hold up every other tenant's work in the broker's loop for tens of
         milliseconds, so what is past the cap stays buffered (`has_pending`) and no new chunk
         is read until it is handled."""
-        out: list[tuple[Event, bytes, object]] = []
+        out: list[tuple[GateEvent, bytes, object]] = []
         self._left = MESSAGES_PER_PASS
         for ident in list(self._pending):
             if self._left <= 0 or self.paused:
@@ -153,7 +153,7 @@ class Gate:
             c = self.conns.get(ident)
             if c is not None and not self._parse(ident, c, out):
                 self._close(ident)
-                out.append((Event.CLOSED, ident, None))
+                out.append((GateEvent.CLOSED, ident, None))
         for _ in range(max_chunks):
             if self.paused or self._pending or self._left <= 0:
                 break
@@ -169,7 +169,7 @@ class Gate:
                     self._accept(ident)
                 else:                         # the peer went away
                     del self.conns[ident]
-                    out.append((Event.CLOSED, ident, None))
+                    out.append((GateEvent.CLOSED, ident, None))
                 continue
             if c is None:                     # bytes from one we already closed
                 continue
@@ -177,7 +177,7 @@ class Gate:
             c.buf += data
             if not self._parse(ident, c, out):
                 self._close(ident)
-                out.append((Event.CLOSED, ident, None))
+                out.append((GateEvent.CLOSED, ident, None))
         if self.paused and self._paused_at is None:
             self._paused_at = time.monotonic()
         return out
@@ -278,7 +278,7 @@ class Gate:
                     return False              # a message before READY
                 else:
                     self.tokens -= 1
-                    out.append((Event.OVER_LIMIT if c.over_limit else Event.MESSAGE, ident, body))
+                    out.append((GateEvent.OVER_LIMIT if c.over_limit else GateEvent.MESSAGE, ident, body))
         finally:
             del buf[:pos]
         return True
@@ -287,7 +287,7 @@ class Gate:
         self.refused_messages += 1
         self.tokens -= 1
         self._left -= 1
-        out.append((Event.REFUSED, ident, c.refusal or "message refused"))
+        out.append((GateEvent.REFUSED, ident, c.refusal or "message refused"))
         c.refusal = None
         c.skipping_more = False
 

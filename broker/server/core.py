@@ -1,0 +1,258 @@
+"""The Broker itself: the control plane of one node, composed of the rooms next to it
+(tenants, executors, leases, admin). Here: its state, start (runtime directory and sockets),
+the serve loop, the per-pass housekeeping, publishing (metrics, systemd status) and close.
+
+The loop follows the Majordomo pattern (poll with the heartbeat interval, purge dead peers
+each pass) with monotonic deadlines, no assertions on network input, and each session's
+in-flight requests tracked so that a dead executor or session fails them cleanly.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import math
+import os
+import shutil
+import subprocess
+import time
+
+import zmq
+
+from .. import config as cfg
+from .. import metrics
+from ..devices import NodeDevice, discover
+from ..notify import Notifier
+from ..scheduler import NS, DeviceScheduler, LimitBucket
+from .admin import AdminService
+from .cache import CACHE_TRIM_INTERVAL_S, trim_cache
+from .executors import EXECUTOR_STOP_TIMEOUT_S, ExecutorControl, ExecutorProc
+from .leases import LeaseScheduling
+from .refusal import _Refused
+from .tenants import ClientSession, TenantService, TenantState
+
+log = logging.getLogger("kubecash.broker")
+PUBLISH_INTERVAL_S = 1.0      # metrics snapshot and systemd STATUS= refresh
+
+
+class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
+    def __init__(self, config: cfg.Config, devices: list[NodeDevice] | None = None):
+        self.config = config
+        self.settings = config.broker
+        self.devices = {d.name: d for d in (devices if devices is not None else discover())}
+        self.runtime_dir = os.path.abspath(self.settings.runtime_dir)
+        self.private_dir = os.path.join(self.runtime_dir, "private")
+        self.ctx = zmq.Context()
+        self.tenants: dict[str, TenantState] = {}
+        self.sessions: dict[bytes, ClientSession] = {}
+        self.stopping = False
+        self.reload_requested = False          # set by SIGHUP; acted on in the loop
+        self._next_trim = 0.0                  # first pass trims the compiled-kernel cache
+        self._retired: list[TenantState] = []  # removed by a reload, executors still exiting
+        self.poller = zmq.Poller()
+        self._sock_tenant: dict[zmq.Socket, TenantState] = {}
+        self._paused: set[TenantState] = set()     # over their request rate: not polled
+        self._ctl_fds: dict[int, ExecutorProc] = {}        # control socketpair fds
+        self._lease_fds: dict[int, ExecutorProc] = {}      # lease socketpair fds
+        self._closed = False
+        self.notifier = Notifier()
+        self.collector = metrics.BrokerCollector()
+        self._metrics_server = None
+        self.metrics_address: str | None = None
+        quantum_ns = int(self.settings.quantum_ms * 1e6)
+        self.schedulers = {name: DeviceScheduler(name, quantum_ns) for name in self.devices}
+        # Limit credit: one bucket per tenant (its limit spans its devices), plus one per
+        # (tenant, device) whose per-device table overrides the limit.
+        self.buckets: dict[tuple[str, str | None], LimitBucket] = {}
+        self.admin = self.ctx.socket(zmq.ROUTER)
+        self.admin.setsockopt(zmq.LINGER, 0)
+        self.admin.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self.started_ns = time.monotonic_ns()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create the runtime directory and bind every socket (clearing stale ones)."""
+        os.makedirs(self.runtime_dir, exist_ok=True)
+        os.makedirs(self.private_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.private_dir, 0o700)
+        tenants_root = os.path.join(self.runtime_dir, "tenants")
+        os.makedirs(tenants_root, exist_ok=True)
+        # Containers' uids must traverse down to their own tenant directory, but not list
+        # who else is here.
+        os.chmod(self.runtime_dir, os.stat(self.runtime_dir).st_mode & 0o7777 | 0o011)
+        os.chmod(tenants_root, 0o711)
+        # A previous broker's leftovers (sockets, shared-memory files) must not block us.
+        # Tenant directories themselves stay: running containers have them bind-mounted,
+        # and a new directory would not be what they see.
+        for name in os.listdir(tenants_root):
+            d = os.path.join(tenants_root, name)
+            if name not in self.config.tenants:
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            for leftover in glob.glob(os.path.join(d, "*.sock")) + glob.glob(os.path.join(d, "shm", "*")):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
+        os.makedirs(self.settings.resolved_cache_dir, mode=0o700, exist_ok=True)
+        try:   # brokers before the control socketpair bound a socket here
+            os.unlink(os.path.join(self.private_dir, "control.sock"))
+        except OSError:
+            pass
+        admin_path = self.settings.resolved_admin_socket
+        if os.path.exists(admin_path):
+            os.unlink(admin_path)
+        old_umask = os.umask(0o077)            # owner-only from the moment it exists
+        try:
+            self.admin.bind(f"ipc://{admin_path}")
+        finally:
+            os.umask(old_umask)
+        self.poller.register(self.admin, zmq.POLLIN)
+        now = time.monotonic_ns()
+        for sched in self.schedulers.values():
+            sched.created_ns = now
+        for t in self.config.tenants.values():
+            self._add_tenant(t)
+        log.info("serving %d tenant(s) on %s; devices: %s", len(self.tenants), self.runtime_dir,
+                 ", ".join(self.devices))
+
+    def serve_forever(self) -> None:
+        self.start()
+        if self.settings.metrics_address:
+            served = metrics.serve(self.settings.metrics_address, self.collector)
+            if served:
+                self._metrics_server, self.metrics_address = served
+        self._publish()
+        self.notifier.ready(self._status_line())
+        next_publish = time.monotonic() + PUBLISH_INTERVAL_S
+        try:
+            while not self.stopping:
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self.notifier.reloading()
+                    try:
+                        self.reload()
+                    except _Refused as e:
+                        log.error("%s", e.message)
+                    self.notifier.ready(self._status_line())
+                self.serve_once(timeout_s=min(0.1, self.settings.heartbeat_interval_s))
+                if time.monotonic() >= next_publish:
+                    next_publish = time.monotonic() + PUBLISH_INTERVAL_S
+                    self._publish()
+                    self.notifier.status(self._status_line())
+                self.notifier.tick()
+        finally:
+            self.notifier.stopping()
+            self.close()
+
+    def _publish(self) -> None:
+        """Hand the metrics endpoint a fresh snapshot (it never reads live state)."""
+        self.collector.publish(self._admin_status({}))
+
+    def _status_line(self) -> str:
+        sessions = sum(len(t.sessions) for t in self.tenants.values())
+        executors = sum(len(t.executors) for t in self.tenants.values())
+        draining = [n for n, sc in self.schedulers.items() if sc.draining]
+        return (f"{len(self.tenants)} tenants, {sessions} sessions, {executors} executors on "
+                f"{', '.join(self.devices)}" + (f"; draining {', '.join(draining)}" if draining else ""))
+
+    def serve_once(self, timeout_s: float) -> None:
+        now = time.monotonic_ns()
+        for sched in self.schedulers.values():   # wake when a capped tenant regains credit
+            wait = sched.ns_until_next_eligible(now) if sched.holder is None else None
+            if wait is not None:
+                timeout_s = min(timeout_s, wait / NS)
+        backlog = []                             # requests received but not yet handled
+        for t in self.tenants.values():          # tenants over their request rate wait
+            t.gate.refill(now / NS)
+            if t.gate.paused:
+                timeout_s = min(timeout_s, t.gate.seconds_to_resume())
+                continue
+            if t in self._paused:
+                self._paused.discard(t)
+                self.poller.register(t.gate.sock, zmq.POLLIN)
+            if t.gate.has_pending:
+                backlog.append(t)
+                timeout_s = 0
+        ready = self.poller.poll(max(0, math.ceil(timeout_s * 1000)))
+        for t in backlog:
+            if not t.gate.sock.closed and not any(sock is t.gate.sock for sock, _ in ready):
+                self._on_gate(t)
+        for sock, mask in ready:
+            if isinstance(sock, int):
+                ex = self._lease_fds.get(sock)
+                if ex is not None:
+                    self._on_lease(ex)
+                ex = self._ctl_fds.get(sock)
+                if ex is not None and mask & zmq.POLLOUT:
+                    self._flush_control(ex)
+                if ex is not None and mask & zmq.POLLIN:
+                    self._on_control(ex)
+                continue
+            t = self._sock_tenant.get(sock)
+            if t is not None:
+                self._on_gate(t)
+                continue
+            for _ in range(256):   # drain a bounded batch from each ready socket
+                # An earlier message of this batch may have closed it (a reload removing
+                # the tenant): skip what is no longer ours.
+                if sock.closed:
+                    break
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as e:
+                    log.error("receive failed on a socket: %s", e)
+                    break
+                self._on_admin(frames)
+        self._housekeeping()
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        self._expire_sessions(now)
+        self._reap_executors(now)
+        if time.monotonic() >= self._next_trim:
+            self._next_trim = time.monotonic() + CACHE_TRIM_INTERVAL_S
+            trim_cache(self.settings.resolved_cache_dir, self.settings.cache_max_bytes)
+        self._enforce_kernel_time()
+        for name in self.schedulers:
+            self._schedule(name)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for s in list(self.sessions.values()):
+            self._end_session(s, "broker shutting down")
+        for t in self.tenants.values():
+            for ex in list(t.executors.values()):
+                self._stop_executor(ex)
+        deadline = time.monotonic() + EXECUTOR_STOP_TIMEOUT_S
+        # A busy executor's "shutdown" may still wait in its control outbox: keep sending.
+        running = [ex for t in self.tenants.values() for ex in t.executors.values()]
+        while time.monotonic() < deadline and any(ex.proc.poll() is None for ex in running):
+            for ex in running:
+                self._flush_control(ex)
+            time.sleep(0.01)
+        for t in self.tenants.values():
+            for ex in list(t.executors.values()):
+                try:
+                    ex.proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    ex.proc.kill()
+                    ex.proc.wait()
+                self._executor_gone(ex, "broker shutting down")
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self.notifier.close()
+        for t in self.tenants.values():
+            t.gate.close()
+        self.admin.close()
+        self.ctx.term()
+        for t in self.tenants.values():     # sockets go; the (mounted) directories stay
+            for leftover in glob.glob(os.path.join(t.dir, "*.sock")) + glob.glob(os.path.join(t.dir, "shm", "*")):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass

@@ -1,0 +1,308 @@
+"""Executors: one process per (tenant, device), its lifecycle (spawn, ready, stop, exit and
+why) and its private control socketpair (messages to it through an outbox, reports from it).
+
+An executor starts when a session of its tenant first opens the device and ends with the
+tenant's last session; a dead executor fails its sessions' requests cleanly.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from kubecash.client import protocol as P
+from kubecash.client.errors import CUresult, ProtocolError
+
+from ..devices import NodeDevice
+
+if TYPE_CHECKING:
+    from .tenants import PendingOpen, TenantState
+
+log = logging.getLogger("kubecash.broker")
+E = CUresult
+EXECUTOR_START_TIMEOUT_S = 30.0
+CONTROL_OUTBOX_MAX = 4096    # messages waiting for an executor that is busy, not stuck
+EXECUTOR_STOP_TIMEOUT_S = 5.0
+
+
+@dataclasses.dataclass
+class ExecutorProc:
+    tenant: TenantState
+    device: NodeDevice
+    proc: subprocess.Popen
+    started: float
+    ctl_sock: socket.socket | None = None     # private socketpair end: control messages
+    outbox: collections.deque = dataclasses.field(default_factory=collections.deque)  # unsent
+    lease_sock: socket.socket | None = None   # private socketpair end: leases go there
+    ready: bool = False                    # it said "ready" on its control socketpair
+    sessions: set[bytes] = dataclasses.field(default_factory=set)
+    pending: dict[bytes, PendingOpen] = dataclasses.field(default_factory=dict)
+    stopping: float | None = None          # when shutdown was asked
+    fatal: tuple[int, str] | None = None   # the context-fatal error it reported before exiting
+    device_ns: int = 0
+    kernels: int = 0
+    memory_used: int = 0
+    kernel_carry_ns: int = 0               # run time of a preempted kernel in earlier leases
+    kill_reason: str | None = None         # why the broker killed it (max_kernel_seconds)
+
+
+class ExecutorControl:
+    """The Broker's executor side (a mixin: the state it uses is set up in core.Broker)."""
+
+    def _spawn_executor(self, t: TenantState, d: NodeDevice) -> ExecutorProc:
+        q = t.config.quota_for(d.name)
+        threads = self.settings.executor_threads or d.properties.get("cores", 1)
+        cmd = [sys.executable, "-m", "kubecash.broker.executor",
+               "--tenant", t.config.name, "--device-json", json.dumps(d.describe()),
+               "--runtime-dir", self.runtime_dir,
+               "--memory-limit", str(self._memory_limit(q, d)), "--threads", str(threads),
+               "--cache-dir", self.settings.resolved_cache_dir,
+               "--owner", "" if t.config.owner is None else "{:d}:{:d}".format(*t.config.owner),
+               "--max-message-bytes", str(self.settings.max_message_bytes),
+               "--limits", json.dumps({k: getattr(self.settings, k) for k in (
+                   "max_handles_per_session", "max_modules_per_session", "max_module_bytes",
+                   "max_queued_ops_per_session")})]
+        if not self.settings.sandbox:
+            cmd.append("--no-sandbox")
+        env = dict(os.environ)
+        env.pop("KUBECASH_BROKER", None)   # the executor is never itself a brokered client
+        # Two private socketpairs, one for leases (the runner thread's) and one for control
+        # (the main loop's). Only this executor holds the other ends, so what arrives on them
+        # is its own, with no handshake to forge; SEQPACKET keeps messages whole, and the
+        # kernel's socket buffer bounds what an executor can queue at the broker.
+        lease, lease_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ctl, ctl_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(cmd + ["--lease-fd", str(lease_theirs.fileno()),
+                                           "--control-fd", str(ctl_theirs.fileno())], env=env,
+                                    stdin=subprocess.DEVNULL, close_fds=True,
+                                    pass_fds=(lease_theirs.fileno(), ctl_theirs.fileno()))
+        except BaseException:
+            lease.close()
+            ctl.close()
+            raise
+        finally:
+            lease_theirs.close()
+            ctl_theirs.close()
+        lease.setblocking(False)
+        ctl.setblocking(False)
+        ex = ExecutorProc(t, d, proc, time.monotonic(), lease_sock=lease, ctl_sock=ctl)
+        self._lease_fds[lease.fileno()] = ex
+        self.poller.register(lease.fileno(), zmq.POLLIN)
+        self._ctl_fds[ctl.fileno()] = ex
+        self.poller.register(ctl.fileno(), zmq.POLLIN)
+        t.executors[d.name] = ex
+        log.info("tenant %s: executor for %s started (pid %d)", t.config.name, d.name, proc.pid)
+        return ex
+
+    def _stop_executor(self, ex: ExecutorProc) -> None:
+        if ex.stopping is None:
+            ex.stopping = time.monotonic()
+            # An exiting executor must not be granted the device.
+            if self.tenants.get(ex.tenant.config.name) is ex.tenant:
+                self.schedulers[ex.device.name].remove(ex.tenant.config.name)
+                self._schedule(ex.device.name)
+            if ex.ready:
+                self._control_send(ex, "shutdown")
+            else:
+                ex.proc.terminate()
+
+    def _reap_executors(self, now: float) -> None:
+        """Executors that exited, never became ready, or overstay a shutdown."""
+        for t in [*self.tenants.values(), *self._retired]:
+            for ex in list(t.executors.values()):
+                rc = ex.proc.poll()
+                if rc is not None:
+                    self._executor_gone(ex, _exit_reason(rc))
+                elif not ex.ready and now - ex.started > EXECUTOR_START_TIMEOUT_S:
+                    ex.proc.kill()
+                elif ex.stopping is not None and now - ex.stopping > EXECUTOR_STOP_TIMEOUT_S:
+                    ex.proc.kill()
+        self._retired = [t for t in self._retired if t.executors]
+
+    def _executor_gone(self, ex: ExecutorProc, why: str) -> None:
+        t = ex.tenant
+        if t.executors.get(ex.device.name) is not ex:
+            return
+        del t.executors[ex.device.name]
+        for fds, sock in ((self._lease_fds, ex.lease_sock), (self._ctl_fds, ex.ctl_sock)):
+            if sock is not None:
+                self._unwatch(fds, sock)
+                sock.close()
+        ex.lease_sock = ex.ctl_sock = None
+        # A tenant removed by a reload may have been added again under the same name: the
+        # scheduler entry and the files by that name are the new tenant's then.
+        current = self.tenants.get(t.config.name) is t
+        if current:
+            self.schedulers[ex.device.name].remove(t.config.name)
+            self._schedule(ex.device.name)
+        clean = ex.stopping is not None and ex.kill_reason is None
+        why = ex.kill_reason or why
+        (log.info if clean else log.error)("tenant %s: executor for %s ended: %s",
+                                           t.config.name, ex.device.name, why)
+        if not clean:
+            code = (E.CUDA_ERROR_LAUNCH_TIMEOUT if ex.kill_reason else
+                    E.CUDA_ERROR_ILLEGAL_ADDRESS if "SIGSEGV" in why or "SIGBUS" in why
+                    else E.CUDA_ERROR_LAUNCH_FAILED)
+            if ex.fatal is not None:          # it told us the device error that ended it
+                code, why = ex.fatal[0], (f"killed by SIGSYS: {ex.fatal[1]}" if "SIGSYS" in why
+                                          else f"context-fatal device error: {ex.fatal[1]}")
+            message = (f"the executor of tenant '{t.config.name}' on {ex.device.name} "
+                       f"ended ({why}); this session's context on that device is lost")
+            for token in ex.sessions | set(ex.pending):
+                s = self.sessions.get(token)
+                if s is None:
+                    continue
+                s.failed[ex.device.name] = (code, message)
+                t.gate.send(s.ident, P.event("executor_died", device=ex.device.name,
+                                                    code=int(code), error=message))
+            for p in ex.pending.values():
+                t.gate.send(p.ident, P.error(p.req_id, code, message))
+        if not current:
+            return
+        # Remove what the executor left in the tenant's directory.
+        for path in glob.glob(os.path.join(t.dir, "shm", f"{ex.device.name}-*")):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        try:
+            os.unlink(P.executor_socket_path(self.runtime_dir, t.config.name, ex.device.name))
+        except OSError:
+            pass
+        # Opens that waited for this executor to go get a fresh one.
+        waiting = {tok: p for tok, p in t.waiting_opens.pop(ex.device.name, {}).items()
+                   if tok in self.sessions}
+        if clean:
+            waiting.update({tok: p for tok, p in ex.pending.items() if tok in self.sessions})
+        if waiting and not self._closed:
+            nx = self._spawn_executor(t, ex.device)
+            nx.pending.update(waiting)
+
+    # -- the control socketpair ---------------------------------------------------------
+    def _control_send(self, ex: ExecutorProc, op: str, **fields: Any) -> None:
+        if ex.ctl_sock is None:
+            return
+        ex.outbox.append(P.pack({"v": P.VERSION, "op": op, **fields}))
+        if len(ex.outbox) > CONTROL_OUTBOX_MAX:
+            # Thousands of messages unread: the executor has stopped reading its control
+            # channel, and the sessions waiting on it would wait forever. Ending it tells them.
+            log.error("tenant %s: executor for %s does not read its control channel; ending it",
+                      ex.tenant.config.name, ex.device.name)
+            ex.outbox.clear()
+            ex.proc.kill()
+            return
+        if len(ex.outbox) == 1:
+            self._flush_control(ex)
+
+    def _flush_control(self, ex: ExecutorProc) -> None:
+        """Send what waits for the executor; what its socket buffer cannot take yet waits for
+        the socket to be writable (the poller watches POLLOUT only meanwhile)."""
+        while ex.outbox and ex.ctl_sock is not None:
+            try:
+                ex.ctl_sock.send(ex.outbox[0])
+            except BlockingIOError:
+                if ex.ctl_sock.fileno() in self._ctl_fds:
+                    self.poller.register(ex.ctl_sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
+                return
+            except OSError:             # it is exiting; _executor_gone follows
+                ex.outbox.clear()
+                break
+            ex.outbox.popleft()
+        if ex.ctl_sock is not None and ex.ctl_sock.fileno() in self._ctl_fds:
+            self.poller.register(ex.ctl_sock.fileno(), zmq.POLLIN)
+
+    def _on_control(self, ex: ExecutorProc) -> None:
+        """Reports from an executor's main loop, on its private control socketpair."""
+        for _ in range(64):             # a bounded batch: one executor cannot hold the loop
+            if ex.ctl_sock is None:
+                return
+            try:
+                frame = ex.ctl_sock.recv(P.CONTROL_MESSAGE_MAX)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                frame = b""
+            if not frame:               # it closed its end: it is exiting
+                self._unwatch(self._ctl_fds, ex.ctl_sock)
+                return
+            self._on_report(ex, frame)
+
+    def _on_report(self, ex: ExecutorProc, frame: bytes) -> None:
+        try:
+            op, msg = P.decode(frame, P.EXECUTOR_REPORTS)
+        except ProtocolError as e:
+            log.error("tenant %s: bad message from the executor for %s: %s",
+                      ex.tenant.config.name, ex.device.name, e)
+            return
+        if op == "ready":
+            self._executor_ready(ex, msg)
+            return
+        if not ex.ready:
+            return
+        if op == "session_added":
+            if msg["session"] in ex.sessions:
+                return                      # a repeated confirmation changes nothing
+            p = ex.pending.pop(msg["session"], None)
+            if p is None or msg["session"] not in self.sessions:
+                self._control_send(ex, "session_end", session=msg["session"])
+                return
+            ex.sessions.add(msg["session"])
+            p.session.devices.add(ex.device.name)
+            answer = P.reply(p.req_id, **self._open_reply(ex))
+            ex.tenant.gate.send(p.ident, answer)
+            for ident2, rid in p.also:
+                ex.tenant.gate.send(ident2, P.reply(rid, **self._open_reply(ex)))
+        elif op == "fatal":
+            ex.fatal = (msg["code"], msg["error"])
+        elif op == "stats":
+            ex.device_ns, ex.kernels, ex.memory_used = msg["device_ns"], msg["kernels"], msg["memory_used"]
+
+    def _executor_ready(self, ex: ExecutorProc, msg: dict) -> None:
+        t = ex.tenant
+        if ex.ready or (msg["tenant"], msg["device"], msg["pid"]) != (
+                t.config.name, ex.device.name, ex.proc.pid):
+            log.error("tenant %s: executor for %s: a 'ready' that does not match it refused",
+                      t.config.name, ex.device.name)
+            return
+        ex.ready = True
+        if ex.stopping is None and self.tenants.get(t.config.name) is not t:
+            self._stop_executor(ex)     # its tenant was removed meanwhile (sends shutdown)
+            return
+        if ex.stopping is not None:
+            self._control_send(ex, "shutdown")
+            return
+        q = t.config.quota_for(ex.device.name)
+        self.schedulers[ex.device.name].add(t.config.name, q.weight, q.klass,
+                                            self._bucket_for(t, ex.device.name))
+        for token in ex.pending:
+            self._control_send(ex, "session_add", session=token)
+
+    def _unwatch(self, fds: dict[int, ExecutorProc], sock: socket.socket) -> None:
+        """Stop polling one of an executor's socketpair ends (`fds` is its lookup table)."""
+        fd = sock.fileno()
+        if fds.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+
+def _exit_reason(rc: int) -> str:
+    if rc == -signal.SIGSYS:   # the CPU backend's seccomp sandbox (kubecash.broker.sandbox)
+        return ("killed by SIGSYS: the sandbox refused a system call made by a kernel (kernels "
+                "may not open files, create sockets, start programs or make other host system calls)")
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with status {rc}"

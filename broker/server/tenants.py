@@ -1,0 +1,263 @@
+"""Tenants and their clients: each tenant's socket (its Gate), the sessions opened on it
+(hello, heartbeat, open_device, status, close), and their end.
+
+A session's tenant is the socket it came in on, never a name it claims. Sessions whose
+heartbeats stop are purged each pass of the loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from kubecash.client import protocol as P
+from kubecash.client.errors import CUresult, ProtocolError
+
+from .. import config as cfg
+from ..devices import NodeDevice
+from ..gate import Gate, GateEvent
+from .refusal import _Refused
+
+if TYPE_CHECKING:
+    from .executors import ExecutorProc
+
+log = logging.getLogger("kubecash.broker")
+E = CUresult
+BROKER_MESSAGE_MAX = 16 << 10  # broker requests (hello, open, heartbeat...) are far smaller
+THROTTLE_NOTICE_S = 1.0       # "throttled" events to a tenant's clients, at most this often
+GATE_BATCH = 64               # raw chunks read from one tenant's socket per pass
+
+
+@dataclasses.dataclass
+class PendingOpen:
+    session: ClientSession
+    ident: bytes
+    req_id: int
+    also: list = dataclasses.field(default_factory=list)   # (ident, req_id) of repeated opens
+
+
+@dataclasses.dataclass
+class ClientSession:
+    token: bytes
+    tenant: TenantState
+    ident: bytes                            # routing id of the client's main socket
+    pid: int
+    last_seen: float
+    throttled_at_seen: float = 0.0           # its tenant socket's throttled_s() at last_seen
+    devices: set[str] = dataclasses.field(default_factory=set)
+    failed: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(eq=False)      # kept in sets: identity is what matters
+class TenantState:
+    config: cfg.Tenant               # replaced (not mutated) on live quota changes
+    gate: Gate                       # its socket
+    dir: str
+    sessions: dict[bytes, ClientSession] = dataclasses.field(default_factory=dict)
+    executors: dict[str, ExecutorProc] = dataclasses.field(default_factory=dict)
+    # opens that came while the device's executor was shutting down: served by the next one
+    waiting_opens: dict[str, dict[bytes, PendingOpen]] = dataclasses.field(default_factory=dict)
+
+
+class TenantService:
+    """The Broker's tenant side (a mixin: the state it uses is set up in core.Broker)."""
+
+    def _add_tenant(self, t: cfg.Tenant) -> None:
+        d = P.tenant_dir(self.runtime_dir, t.name)
+        _own_tenant_dir(d, t.owner)
+        gate = Gate(self.ctx, f"ipc://{P.broker_socket_path(self.runtime_dir, t.name)}",
+                    tenant=t.name, max_bytes=self._broker_msg_max,
+                    max_connections=self.settings.max_connections_per_tenant,
+                    rate=self.settings.max_requests_per_tenant_s)
+        # Connecting needs write permission on the socket file; the 0700 directory (owned by
+        # the tenant's uid) is what keeps everyone else out.
+        os.chmod(P.broker_socket_path(self.runtime_dir, t.name), 0o666)
+        ts = TenantState(t, gate, d)
+        self.tenants[t.name] = ts
+        self._sock_tenant[gate.sock] = ts
+        self.poller.register(gate.sock, zmq.POLLIN)
+
+    # -- tenant sockets -------------------------------------------------------------------
+    def _on_gate(self, t: TenantState) -> None:
+        """A bounded batch from one tenant's socket; a tenant past its request rate is left
+        unread (back-pressure) until its budget refills."""
+        for kind, ident, what in t.gate.receive(GATE_BATCH):
+            if t.gate.sock.closed:          # an earlier request's reload removed the tenant
+                return
+            if kind is GateEvent.MESSAGE:
+                self._on_tenant(t, ident, what)
+            elif kind is GateEvent.REFUSED:
+                t.gate.send(ident, P.error(0, E.CUDA_ERROR_INVALID_VALUE, what))
+            elif kind is GateEvent.OVER_LIMIT:
+                try:
+                    rid = P.request_id_of(P.unpack(what, self._broker_msg_max))
+                except ProtocolError:
+                    rid = 0
+                t.gate.send(ident, P.error(rid, E.CUDA_ERROR_NOT_PERMITTED, t.gate.over_limit_reason()))
+            else:
+                self._connection_closed(t, ident)
+        if t.gate.paused and t not in self._paused and not t.gate.sock.closed:
+            self._paused.add(t)
+            self.poller.unregister(t.gate.sock)
+            # Clients wait for heartbeat answers; tell them the silence is throttling, so
+            # they do not take the broker for dead. At most once a second: a flood pauses the
+            # socket every few milliseconds, and notices must not crowd out the replies.
+            now = time.monotonic()
+            if now - t.gate.last_notice >= THROTTLE_NOTICE_S:
+                t.gate.last_notice = now
+                t.gate.broadcast(P.event("throttled", seconds=round(t.gate.seconds_to_resume(), 3)))
+
+    def _connection_closed(self, t: TenantState, ident: bytes) -> None:
+        """A client's main socket closes only when it closes its session or exits: end what
+        it left open now, rather than at the heartbeat timeout."""
+        for s in [s for s in t.sessions.values() if s.ident == ident]:
+            self._end_session(s, "client connection closed")
+
+    def _on_tenant(self, t: TenantState, ident: bytes, frame: bytes) -> None:
+        msg: Any = None
+        try:
+            msg = P.unpack(frame, self._broker_msg_max)
+            op = P.check_request(msg, P.BROKER_OPS)
+            if op == "hello":
+                result = self._hello(t, ident, msg)
+            else:
+                s = self.sessions.get(msg["session"])
+                if s is None or s.tenant is not t:
+                    raise _Refused(E.CUDA_ERROR_INVALID_CONTEXT,
+                                   "unknown or ended session (send hello to open one)")
+                s.last_seen = time.monotonic()
+                s.throttled_at_seen = t.gate.throttled_s(s.last_seen)
+                result = getattr(self, "_op_" + op)(s, ident, msg)
+            if result is not None:
+                t.gate.send(ident, P.reply(msg["id"], **result))
+        except ProtocolError as e:
+            t.gate.send(ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
+        except _Refused as e:
+            t.gate.send(ident, P.error(P.request_id_of(msg), e.code, e.message))
+        except Exception as e:  # a bug in one handler must not take the node down
+            log.exception("internal error handling a tenant request")
+            t.gate.send(ident, P.error(P.request_id_of(msg), E.CUDA_ERROR_UNKNOWN,
+                                              f"internal error: {type(e).__name__}"))
+
+    @property
+    def _broker_msg_max(self) -> int:
+        return min(BROKER_MESSAGE_MAX, self.settings.max_message_bytes)
+
+    def _hello(self, t: TenantState, ident: bytes, msg: dict) -> dict:
+        limit = self.settings.max_sessions_per_tenant
+        if len(t.sessions) >= limit:
+            raise _Refused(E.CUDA_ERROR_NOT_PERMITTED,
+                           f"tenant '{t.config.name}' has {len(t.sessions)} sessions open, the "
+                           f"broker's max_sessions_per_tenant is {limit}; close one (or wait "
+                           f"{self.settings.heartbeat_timeout_s:g} s for dead ones to expire)")
+        token = secrets.token_bytes(16)
+        now = time.monotonic()
+        s = ClientSession(token, t, ident, msg.get("pid", 0), now, t.gate.throttled_s(now))
+        t.sessions[token] = s
+        self.sessions[token] = s
+        log.info("tenant %s: session %s opened (pid %s)", t.config.name, token.hex()[:8], s.pid)
+        return {"session": token, "tenant": t.config.name,
+                "heartbeat_interval": self.settings.heartbeat_interval_s,
+                "heartbeat_timeout": self.settings.heartbeat_timeout_s,
+                "devices": [self._device_view(t, d) for d in self.devices.values()
+                            if t.config.may_use(d.name)]}
+
+    def _device_view(self, t: TenantState, d: NodeDevice) -> dict:
+        q = t.config.quota_for(d.name)
+        return {**d.describe(), "memory_limit": self._memory_limit(q, d),
+                "weight": q.weight, "limit": q.limit, "class": q.klass}
+
+    @staticmethod
+    def _memory_limit(q: cfg.Quota, d: NodeDevice) -> int:
+        return d.total_memory if q.memory is None else min(q.memory, d.total_memory)
+
+    def _op_heartbeat(self, s: ClientSession, ident: bytes, msg: dict) -> dict:
+        return {}
+
+    def _op_close(self, s: ClientSession, ident: bytes, msg: dict) -> dict:
+        self._end_session(s, "closed by the client")
+        return {}
+
+    def _op_status(self, s: ClientSession, ident: bytes, msg: dict) -> dict:
+        t = s.tenant
+        return {"tenant": t.config.name, "sessions": len(t.sessions),
+                "devices": {name: {"memory_used": ex.memory_used, "device_ns": ex.device_ns,
+                                   "kernels": ex.kernels, "pid": ex.proc.pid}
+                            for name, ex in t.executors.items()}}
+
+    def _op_open_device(self, s: ClientSession, ident: bytes, msg: dict) -> dict | None:
+        name = msg["device"]
+        t = s.tenant
+        d = self.devices.get(name)
+        if d is None or not t.config.may_use(name):
+            raise _Refused(E.CUDA_ERROR_INVALID_DEVICE,
+                           f"device '{name[:64]}' is not available to tenant '{t.config.name}'")
+        if name in s.failed:
+            code, why = s.failed[name]
+            raise _Refused(code, why)
+        ex = t.executors.get(name)
+        if ex is not None and ex.stopping is not None:
+            # It is exiting and will not take the session; the next executor will.
+            waiting = t.waiting_opens.setdefault(name, {})
+            if s.token in waiting:
+                waiting[s.token].also.append((ident, msg["id"]))
+            else:
+                waiting[s.token] = PendingOpen(s, ident, msg["id"])
+            return None
+        if ex is None:
+            ex = self._spawn_executor(t, d)
+        if s.token in ex.sessions:
+            return self._open_reply(ex)
+        if s.token in ex.pending:           # asked again before the first was answered
+            ex.pending[s.token].also.append((ident, msg["id"]))
+            return None
+        ex.pending[s.token] = PendingOpen(s, ident, msg["id"])
+        if ex.ready:
+            self._control_send(ex, "session_add", session=s.token)
+        return None   # answered when the executor confirms the session
+
+    def _open_reply(self, ex: ExecutorProc) -> dict:
+        return {"address": os.path.basename(P.executor_socket_path(
+                    self.runtime_dir, ex.tenant.config.name, ex.device.name)),
+                "memory_limit": self._memory_limit(ex.tenant.config.quota_for(ex.device.name),
+                                                   ex.device)}
+
+    # -- sessions -----------------------------------------------------------------------
+    def _end_session(self, s: ClientSession, why: str) -> None:
+        if self.sessions.pop(s.token, None) is None:
+            return
+        t = s.tenant
+        t.sessions.pop(s.token, None)
+        log.info("tenant %s: session %s ended (%s)", t.config.name, s.token.hex()[:8], why)
+        for waiting in t.waiting_opens.values():
+            waiting.pop(s.token, None)
+        for ex in list(t.executors.values()):
+            ex.pending.pop(s.token, None)
+            if s.token in ex.sessions:
+                ex.sessions.discard(s.token)
+                self._control_send(ex, "session_end", session=s.token)
+            if not ex.sessions and not ex.pending and not t.sessions:
+                self._stop_executor(ex)
+
+    def _expire_sessions(self, now: float) -> None:
+        timeout = self.settings.heartbeat_timeout_s
+        # Silence counts only while the broker was reading: a tenant over its request rate
+        # is left unread, and its sessions must not expire for that.
+        for s in [s for s in self.sessions.values()
+                  if now - s.last_seen - (s.tenant.gate.throttled_s(now) - s.throttled_at_seen) > timeout]:
+            self._end_session(s, f"no heartbeat for {timeout:g} s")
+
+
+def _own_tenant_dir(d: str, owner: tuple[int, int] | None) -> None:
+    """A tenant's directory: 0700, owned by the uid its containers run as (root if none), so
+    only they (and root) reach its sockets and shared-memory files."""
+    os.makedirs(os.path.join(d, "shm"), exist_ok=True)
+    uid, gid = owner if owner is not None else (os.getuid(), os.getgid())
+    for path in (d, os.path.join(d, "shm")):
+        os.chown(path, uid, gid)
+        os.chmod(path, 0o700)
