@@ -217,8 +217,9 @@ def error_from_code(code: int, message: str = "", *, log: str = "") -> CudaError
 _EXHAUSTED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG})
 
 
-def as_cuda_error(e: BaseException, what: str = "") -> CudaError:
-    """What `e` means as a CUDA error. `what` names the operation, for the message."""
+def as_cuda_error(e: BaseException, what: str = "", *, detail: bool = True) -> CudaError:
+    """What `e` means as a CUDA error. `what` names the operation, for the message; without
+    `detail` an internal error names only its exception type (for untrusted peers)."""
     prefix = f"{what}: " if what else ""
     if isinstance(e, CudaError):
         return e
@@ -230,11 +231,13 @@ def as_cuda_error(e: BaseException, what: str = "") -> CudaError:
             detail = f"{detail} ({e.filename})"
         code = E.CUDA_ERROR_OUT_OF_MEMORY if e.errno in _EXHAUSTED else E.CUDA_ERROR_OPERATING_SYSTEM
         return error_from_code(code, f"{prefix}{detail}")
-    return error_from_code(E.CUDA_ERROR_UNKNOWN, f"{prefix}internal error: {type(e).__name__}: {e}")
+    text = f"{type(e).__name__}: {e}" if detail else type(e).__name__
+    return error_from_code(E.CUDA_ERROR_UNKNOWN, f"{prefix}internal error: {text}")
 
 
 @contextlib.contextmanager
-def map_exceptions(what: str = "", *, logger: logging.Logger | None = None) -> Iterator[None]:
+def map_exceptions(what: str = "", *, logger: logging.Logger | None = None,
+                   detail: bool = True) -> Iterator[None]:
     """The one translation point: inside it, whatever is raised leaves as a CudaError.
 
     CudaErrors pass unchanged; OS and memory errors become OUT_OF_MEMORY (space exhausted) or
@@ -247,7 +250,7 @@ def map_exceptions(what: str = "", *, logger: logging.Logger | None = None) -> I
     except Exception as e:
         if not isinstance(e, (OSError, MemoryError)):
             (logger or log).exception("internal error%s", f" ({what})" if what else "")
-        raise as_cuda_error(e, what) from e
+        raise as_cuda_error(e, what, detail=detail) from e
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,6 @@ Rooms (the Broker class is composed of one mixin from each of the first four):
   leases.py     lease socketpair, device grants, limit buckets, max_kernel_seconds
   admin.py      the operator's socket: status, evict, drain, reload, set_quota
   cache.py      the compiled-kernel cache's size cap
-  refusal.py    _Refused, the error answer a request handler raises
   core.py       Broker: state, start, serve loop, housekeeping, publish, close
 """
 from __future__ import annotations
@@ -20,8 +19,8 @@ from __future__ import annotations
 from .cache import CACHE_TRIM_INTERVAL_S, STALE_BUILD_S
 from .core import PUBLISH_INTERVAL_S, Broker
 from .executors import CONTROL_OUTBOX_MAX, EXECUTOR_START_TIMEOUT_S, EXECUTOR_STOP_TIMEOUT_S, ExecutorProc
-from .tenants import BROKER_MESSAGE_MAX, GATE_BATCH, THROTTLE_NOTICE_S, ClientSession, PendingOpen, TenantState
+from .tenants import GATE_BATCH, THROTTLE_NOTICE_S, ClientSession, PendingOpen, TenantState
 
 __all__ = ["Broker", "ClientSession", "ExecutorProc", "PendingOpen", "TenantState",
-           "BROKER_MESSAGE_MAX", "CACHE_TRIM_INTERVAL_S", "CONTROL_OUTBOX_MAX", "EXECUTOR_START_TIMEOUT_S",
+           "CACHE_TRIM_INTERVAL_S", "CONTROL_OUTBOX_MAX", "EXECUTOR_START_TIMEOUT_S",
            "EXECUTOR_STOP_TIMEOUT_S", "GATE_BATCH", "PUBLISH_INTERVAL_S", "STALE_BUILD_S", "THROTTLE_NOTICE_S"]

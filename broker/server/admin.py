@@ -12,15 +12,13 @@ from typing import Any
 import zmq
 
 from kubecash.client import protocol as P
-from kubecash.client.errors import CUresult, ProtocolError
+from kubecash.client.errors import CudaError, E, error_from_code, map_exceptions
 
 from .. import config as cfg
 from ..scheduler import NS
-from .refusal import _Refused
 from .tenants import TenantState, _own_tenant_dir
 
 log = logging.getLogger("kubecash.broker")
-E = CUresult
 
 
 class AdminService:
@@ -32,18 +30,13 @@ class AdminService:
         ident, frame = frames
         msg: Any = None
         try:
-            msg = P.unpack(frame, 1 << 20)
-            op = P.check_request(msg, P.ADMIN_OPS)
-            result = getattr(self, "_admin_" + op)(msg)
+            with map_exceptions(logger=log):
+                msg = P.unpack(frame, P.ADMIN.max_bytes)
+                op = P.check(msg, P.ADMIN)
+                result = getattr(self, P.handler_name(P.message(P.ADMIN, op)))(msg)
             self._send(self.admin, ident, P.reply(msg["id"], **result))
-        except ProtocolError as e:
-            self._send(self.admin, ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
-        except _Refused as e:
-            self._send(self.admin, ident, P.error(P.request_id_of(msg), e.code, e.message))
-        except Exception as e:
-            log.exception("internal error handling an admin request")
-            self._send(self.admin, ident, P.error(P.request_id_of(msg), E.CUDA_ERROR_UNKNOWN,
-                                                  f"internal error: {type(e).__name__}: {e}"))
+        except CudaError as e:
+            self._send(self.admin, ident, P.error_reply(P.request_id_of(msg), e))
 
     @staticmethod
     def _send(sock: zmq.Socket, ident: bytes, payload: bytes) -> None:
@@ -99,7 +92,7 @@ class AdminService:
         """End every session of a tenant now; its executors exit and free everything."""
         t = self.tenants.get(msg["tenant"])
         if t is None:
-            raise _Refused(E.CUDA_ERROR_INVALID_VALUE, f"no tenant '{msg['tenant']}'")
+            raise error_from_code(E.CUDA_ERROR_INVALID_VALUE, f"no tenant '{msg['tenant']}'")
         ended = len(t.sessions)
         for s in list(t.sessions.values()):
             t.gate.send(s.ident, P.event("session_ended", code=int(E.CUDA_ERROR_DEINITIALIZED),
@@ -113,7 +106,7 @@ class AdminService:
         """No new leases on the device (work running now completes); undo resumes."""
         sched = self.schedulers.get(msg["device"])
         if sched is None:
-            raise _Refused(E.CUDA_ERROR_INVALID_DEVICE, f"no device '{msg['device']}'")
+            raise error_from_code(E.CUDA_ERROR_INVALID_DEVICE, f"no device '{msg['device']}'")
         sched.draining = not msg.get("undo", False)
         if not sched.draining:
             self._schedule(msg["device"])
@@ -129,7 +122,7 @@ class AdminService:
         try:
             new = cfg.load(self.config.path, device_count=len(self.devices))
         except cfg.ConfigError as e:
-            raise _Refused(E.CUDA_ERROR_INVALID_VALUE,
+            raise error_from_code(E.CUDA_ERROR_INVALID_VALUE,
                            f"reload refused, the running configuration stays: {e}") from None
         restart_only = ("runtime_dir", "cache_dir", "max_message_bytes", "metrics_address",
                         "admin_socket")
@@ -189,10 +182,10 @@ class AdminService:
     def _admin_set_quota(self, msg: dict) -> dict:
         t = self.tenants.get(msg["tenant"])
         if t is None:
-            raise _Refused(E.CUDA_ERROR_INVALID_VALUE, f"no tenant '{msg['tenant']}'")
+            raise error_from_code(E.CUDA_ERROR_INVALID_VALUE, f"no tenant '{msg['tenant']}'")
         device = msg.get("device")
         if device is not None and device not in self.devices:
-            raise _Refused(E.CUDA_ERROR_INVALID_DEVICE, f"no device '{device}'")
+            raise error_from_code(E.CUDA_ERROR_INVALID_DEVICE, f"no device '{device}'")
         table = {k: msg[k] for k in ("weight", "memory", "class") if k in msg}
         if "limit" in msg:
             table["limit"] = msg["limit"]
@@ -203,7 +196,7 @@ class AdminService:
             base = t.config.quota_for(device) if device else t.config.quota
             q = cfg._quota("brokerctl", f"tenant '{t.config.name}'", table, base, len(self.devices))
         except cfg.ConfigError as e:
-            raise _Refused(E.CUDA_ERROR_INVALID_VALUE, str(e)) from None
+            raise error_from_code(E.CUDA_ERROR_INVALID_VALUE, str(e)) from None
         if remove_limit:
             q = dataclasses.replace(q, limit=None)
         if device:

@@ -18,6 +18,8 @@ import time
 
 import zmq
 
+from kubecash.client.errors import CudaError
+
 from .. import config as cfg
 from .. import metrics
 from ..devices import NodeDevice, discover
@@ -27,7 +29,6 @@ from .admin import AdminService
 from .cache import CACHE_TRIM_INTERVAL_S, trim_cache
 from .executors import EXECUTOR_STOP_TIMEOUT_S, ExecutorControl, ExecutorProc
 from .leases import LeaseScheduling
-from .refusal import _Refused
 from .tenants import ClientSession, TenantService, TenantState
 
 log = logging.getLogger("kubecash.broker")
@@ -131,7 +132,7 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
                     self.notifier.reloading()
                     try:
                         self.reload()
-                    except _Refused as e:
+                    except CudaError as e:
                         log.error("%s", e.message)
                     self.notifier.ready(self._status_line())
                 self.serve_once(timeout_s=min(0.1, self.settings.heartbeat_interval_s))

@@ -12,7 +12,6 @@ import glob
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from kubecash.client import protocol as P
-from kubecash.client.errors import CUresult, ProtocolError
+from kubecash.client.errors import (
+    SANDBOX_SIGNAL,
+    E,
+    ExitReason,
+    ProtocolError,
+    exit_reason,
+)
 
 from ..devices import NodeDevice
 
@@ -30,7 +35,6 @@ if TYPE_CHECKING:
     from .tenants import PendingOpen, TenantState
 
 log = logging.getLogger("kubecash.broker")
-E = CUresult
 EXECUTOR_START_TIMEOUT_S = 30.0
 CONTROL_OUTBOX_MAX = 4096    # messages waiting for an executor that is busy, not stuck
 EXECUTOR_STOP_TIMEOUT_S = 5.0
@@ -124,14 +128,17 @@ class ExecutorControl:
             for ex in list(t.executors.values()):
                 rc = ex.proc.poll()
                 if rc is not None:
-                    self._executor_gone(ex, _exit_reason(rc))
+                    self._executor_gone(ex, exit_reason(rc))
                 elif not ex.ready and now - ex.started > EXECUTOR_START_TIMEOUT_S:
                     ex.proc.kill()
                 elif ex.stopping is not None and now - ex.stopping > EXECUTOR_STOP_TIMEOUT_S:
                     ex.proc.kill()
         self._retired = [t for t in self._retired if t.executors]
 
-    def _executor_gone(self, ex: ExecutorProc, why: str) -> None:
+    def _executor_gone(self, ex: ExecutorProc, end: ExitReason | str) -> None:
+        """`end`: how its process ended (exit_reason), or why the broker let it go."""
+        reason = end if isinstance(end, ExitReason) else ExitReason(E.CUDA_ERROR_LAUNCH_FAILED, end)
+        why = reason.text
         t = ex.tenant
         if t.executors.get(ex.device.name) is not ex:
             return
@@ -152,11 +159,9 @@ class ExecutorControl:
         (log.info if clean else log.error)("tenant %s: executor for %s ended: %s",
                                            t.config.name, ex.device.name, why)
         if not clean:
-            code = (E.CUDA_ERROR_LAUNCH_TIMEOUT if ex.kill_reason else
-                    E.CUDA_ERROR_ILLEGAL_ADDRESS if "SIGSEGV" in why or "SIGBUS" in why
-                    else E.CUDA_ERROR_LAUNCH_FAILED)
+            code = E.CUDA_ERROR_LAUNCH_TIMEOUT if ex.kill_reason else reason.code
             if ex.fatal is not None:          # it told us the device error that ended it
-                code, why = ex.fatal[0], (f"killed by SIGSYS: {ex.fatal[1]}" if "SIGSYS" in why
+                code, why = ex.fatal[0], (f"killed by SIGSYS: {ex.fatal[1]}" if reason.signal == SANDBOX_SIGNAL
                                           else f"context-fatal device error: {ex.fatal[1]}")
             message = (f"the executor of tenant '{t.config.name}' on {ex.device.name} "
                        f"ended ({why}); this session's context on that device is lost")
@@ -194,7 +199,7 @@ class ExecutorControl:
     def _control_send(self, ex: ExecutorProc, op: str, **fields: Any) -> None:
         if ex.ctl_sock is None:
             return
-        ex.outbox.append(P.pack({"v": P.VERSION, "op": op, **fields}))
+        ex.outbox.append(P.notice(op, **fields))
         if len(ex.outbox) > CONTROL_OUTBOX_MAX:
             # Thousands of messages unread: the executor has stopped reading its control
             # channel, and the sessions waiting on it would wait forever. Ending it tells them.
@@ -241,33 +246,40 @@ class ExecutorControl:
 
     def _on_report(self, ex: ExecutorProc, frame: bytes) -> None:
         try:
-            op, msg = P.decode(frame, P.EXECUTOR_REPORTS)
+            op, msg = P.decode(frame, P.REPORT, P.REPORT.max_bytes)
         except ProtocolError as e:
             log.error("tenant %s: bad message from the executor for %s: %s",
                       ex.tenant.config.name, ex.device.name, e)
             return
-        if op == "ready":
-            self._executor_ready(ex, msg)
+        if op != "ready" and not ex.ready:
             return
-        if not ex.ready:
+        getattr(self, P.handler_name(P.message(P.REPORT, op)))(ex, msg)
+
+    def _on_report_ready(self, ex: ExecutorProc, msg: dict) -> None:
+        self._executor_ready(ex, msg)
+
+    def _on_report_session_ended(self, ex: ExecutorProc, msg: dict) -> None:
+        pass   # the broker forgot the session when it asked; the confirmation changes nothing
+
+    def _on_report_fatal(self, ex: ExecutorProc, msg: dict) -> None:
+        ex.fatal = (msg["code"], msg["error"])
+
+    def _on_report_stats(self, ex: ExecutorProc, msg: dict) -> None:
+        ex.device_ns, ex.kernels, ex.memory_used = msg["device_ns"], msg["kernels"], msg["memory_used"]
+
+    def _on_report_session_added(self, ex: ExecutorProc, msg: dict) -> None:
+        if msg["session"] in ex.sessions:
+            return                      # a repeated confirmation changes nothing
+        p = ex.pending.pop(msg["session"], None)
+        if p is None or msg["session"] not in self.sessions:
+            self._control_send(ex, "session_end", session=msg["session"])
             return
-        if op == "session_added":
-            if msg["session"] in ex.sessions:
-                return                      # a repeated confirmation changes nothing
-            p = ex.pending.pop(msg["session"], None)
-            if p is None or msg["session"] not in self.sessions:
-                self._control_send(ex, "session_end", session=msg["session"])
-                return
-            ex.sessions.add(msg["session"])
-            p.session.devices.add(ex.device.name)
-            answer = P.reply(p.req_id, **self._open_reply(ex))
-            ex.tenant.gate.send(p.ident, answer)
-            for ident2, rid in p.also:
-                ex.tenant.gate.send(ident2, P.reply(rid, **self._open_reply(ex)))
-        elif op == "fatal":
-            ex.fatal = (msg["code"], msg["error"])
-        elif op == "stats":
-            ex.device_ns, ex.kernels, ex.memory_used = msg["device_ns"], msg["kernels"], msg["memory_used"]
+        ex.sessions.add(msg["session"])
+        p.session.devices.add(ex.device.name)
+        answer = P.reply(p.req_id, **self._open_reply(ex))
+        ex.tenant.gate.send(p.ident, answer)
+        for ident2, rid in p.also:
+            ex.tenant.gate.send(ident2, P.reply(rid, **self._open_reply(ex)))
 
     def _executor_ready(self, ex: ExecutorProc, msg: dict) -> None:
         t = ex.tenant
@@ -295,14 +307,3 @@ class ExecutorControl:
         if fds.pop(fd, None) is not None:
             self.poller.unregister(fd)
 
-
-def _exit_reason(rc: int) -> str:
-    if rc == -signal.SIGSYS:   # the CPU backend's seccomp sandbox (kubecash.broker.sandbox)
-        return ("killed by SIGSYS: the sandbox refused a system call made by a kernel (kernels "
-                "may not open files, create sockets, start programs or make other host system calls)")
-    if rc < 0:
-        try:
-            return f"killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"killed by signal {-rc}"
-    return f"exited with status {rc}"

@@ -36,29 +36,31 @@ class LeaseScheduling:
                 self._unwatch(self._lease_fds, ex.lease_sock)
                 return
             try:
-                op, msg = P.decode(frame, P.EXECUTOR_REPORTS)
+                op, msg = P.decode(frame, P.LEASE_REPORT, P.LEASE_REPORT.max_bytes)
             except ProtocolError as e:
                 log.error("bad lease message from %s/%s: %s", ex.tenant.config.name, ex.device.name, e)
                 continue
-            sched = self.schedulers[ex.device.name]
-            now = time.monotonic_ns()
-            if op == "want":
-                if sched.want(ex.tenant.config.name, now) and sched.holder is not None:
-                    hx = self.tenants[sched.holder.tenant].executors.get(ex.device.name)
-                    if hx is not None:
-                        self._lease_send(hx, "preempt", lease=sched.lease)
-            elif op == "release":
-                held_ns = now - sched.lease_start
-                if sched.release(ex.tenant.config.name, msg["lease"], msg["used_ns"],
-                                 msg["kernels"], msg["more"], now):
-                    # a kernel preempted mid-grid keeps counting toward max_kernel_seconds
-                    ex.kernel_carry_ns = ex.kernel_carry_ns + held_ns if msg.get("suspended") else 0
+            getattr(self, P.handler_name(P.message(P.LEASE_REPORT, op)))(ex, msg, time.monotonic_ns())
             self._schedule(ex.device.name)
+
+    def _on_lease_report_want(self, ex: ExecutorProc, msg: dict, now: int) -> None:
+        sched = self.schedulers[ex.device.name]
+        if sched.want(ex.tenant.config.name, now) and sched.holder is not None:
+            hx = self.tenants[sched.holder.tenant].executors.get(ex.device.name)
+            if hx is not None:
+                self._lease_send(hx, "preempt", lease=sched.lease)
+
+    def _on_lease_report_release(self, ex: ExecutorProc, msg: dict, now: int) -> None:
+        sched = self.schedulers[ex.device.name]
+        held_ns = now - sched.lease_start
+        if sched.release(ex.tenant.config.name, msg["lease"], msg["used_ns"], msg["kernels"], msg["more"], now):
+            # a kernel preempted mid-grid keeps counting toward max_kernel_seconds
+            ex.kernel_carry_ns = ex.kernel_carry_ns + held_ns if msg.get("suspended") else 0
 
     def _lease_send(self, ex: ExecutorProc, op: str, **fields: Any) -> None:
         if ex.lease_sock is not None:
             try:
-                ex.lease_sock.send(P.pack({"v": P.VERSION, "op": op, **fields}))
+                ex.lease_sock.send(P.notice(op, **fields))
             except OSError as e:   # it is exiting; its death is handled by housekeeping
                 log.info("lease message to %s/%s not sent: %s", ex.tenant.config.name,
                          ex.device.name, e)

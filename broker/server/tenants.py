@@ -16,19 +16,16 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from kubecash.client import protocol as P
-from kubecash.client.errors import CUresult, ProtocolError
+from kubecash.client.errors import CudaError, E, ProtocolError, error_from_code, map_exceptions
 
 from .. import config as cfg
 from ..devices import NodeDevice
 from ..gate import Gate, GateEvent
-from .refusal import _Refused
 
 if TYPE_CHECKING:
     from .executors import ExecutorProc
 
 log = logging.getLogger("kubecash.broker")
-E = CUresult
-BROKER_MESSAGE_MAX = 16 << 10  # broker requests (hello, open, heartbeat...) are far smaller
 THROTTLE_NOTICE_S = 1.0       # "throttled" events to a tenant's clients, at most this often
 GATE_BATCH = 64               # raw chunks read from one tenant's socket per pass
 
@@ -121,37 +118,34 @@ class TenantService:
     def _on_tenant(self, t: TenantState, ident: bytes, frame: bytes) -> None:
         msg: Any = None
         try:
-            msg = P.unpack(frame, self._broker_msg_max)
-            op = P.check_request(msg, P.BROKER_OPS)
-            if op == "hello":
-                result = self._hello(t, ident, msg)
-            else:
-                s = self.sessions.get(msg["session"])
-                if s is None or s.tenant is not t:
-                    raise _Refused(E.CUDA_ERROR_INVALID_CONTEXT,
-                                   "unknown or ended session (send hello to open one)")
-                s.last_seen = time.monotonic()
-                s.throttled_at_seen = t.gate.throttled_s(s.last_seen)
-                result = getattr(self, "_op_" + op)(s, ident, msg)
+            # a bug in one handler must not take the node down; tenants are told its kind only
+            with map_exceptions(logger=log, detail=False):
+                msg = P.unpack(frame, self._broker_msg_max)
+                op = P.check(msg, P.TENANT)
+                handler = getattr(self, P.handler_name(P.message(P.TENANT, op)))
+                if op == "hello":
+                    result = handler(t, ident, msg)
+                else:
+                    s = self.sessions.get(msg["session"])
+                    if s is None or s.tenant is not t:
+                        raise error_from_code(E.CUDA_ERROR_INVALID_CONTEXT,
+                                              "unknown or ended session (send hello to open one)")
+                    s.last_seen = time.monotonic()
+                    s.throttled_at_seen = t.gate.throttled_s(s.last_seen)
+                    result = handler(s, ident, msg)
             if result is not None:
                 t.gate.send(ident, P.reply(msg["id"], **result))
-        except ProtocolError as e:
-            t.gate.send(ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
-        except _Refused as e:
-            t.gate.send(ident, P.error(P.request_id_of(msg), e.code, e.message))
-        except Exception as e:  # a bug in one handler must not take the node down
-            log.exception("internal error handling a tenant request")
-            t.gate.send(ident, P.error(P.request_id_of(msg), E.CUDA_ERROR_UNKNOWN,
-                                              f"internal error: {type(e).__name__}"))
+        except CudaError as e:
+            t.gate.send(ident, P.error_reply(P.request_id_of(msg), e))
 
     @property
     def _broker_msg_max(self) -> int:
-        return min(BROKER_MESSAGE_MAX, self.settings.max_message_bytes)
+        return min(P.TENANT.max_bytes, self.settings.max_message_bytes)
 
-    def _hello(self, t: TenantState, ident: bytes, msg: dict) -> dict:
+    def _op_hello(self, t: TenantState, ident: bytes, msg: dict) -> dict:
         limit = self.settings.max_sessions_per_tenant
         if len(t.sessions) >= limit:
-            raise _Refused(E.CUDA_ERROR_NOT_PERMITTED,
+            raise error_from_code(E.CUDA_ERROR_NOT_PERMITTED,
                            f"tenant '{t.config.name}' has {len(t.sessions)} sessions open, the "
                            f"broker's max_sessions_per_tenant is {limit}; close one (or wait "
                            f"{self.settings.heartbeat_timeout_s:g} s for dead ones to expire)")
@@ -195,11 +189,11 @@ class TenantService:
         t = s.tenant
         d = self.devices.get(name)
         if d is None or not t.config.may_use(name):
-            raise _Refused(E.CUDA_ERROR_INVALID_DEVICE,
+            raise error_from_code(E.CUDA_ERROR_INVALID_DEVICE,
                            f"device '{name[:64]}' is not available to tenant '{t.config.name}'")
         if name in s.failed:
             code, why = s.failed[name]
-            raise _Refused(code, why)
+            raise error_from_code(code, why)
         ex = t.executors.get(name)
         if ex is not None and ex.stopping is not None:
             # It is exiting and will not take the session; the next executor will.
