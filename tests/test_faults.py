@@ -80,7 +80,7 @@ def test_dead_client_memory_and_executor_are_reclaimed(broker_factory, how):
 
 DIES_BEFORE_UNLINKING_STAGING = """
     import os, signal
-    import kubecash.client.session as S
+    import kubecash.client.device as S
     real = os.unlink
     def unlink(path, *a, **k):
         if path.endswith(".staging"):                 # stopped (then killed) between attach and unlink
