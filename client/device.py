@@ -79,7 +79,12 @@ class Device:
             self._ch.close()
             self._ch = None
 
-    def _call(self, op: str, **fields: Any) -> dict:
+    # -- requests: the executor protocol's ops (see kubecash.client.protocol) ----------------
+    def request(self, op: str, **fields: Any) -> dict:
+        """Send request `op` with `fields` to this tenant's executor for the device and wait for
+        its reply (a dict); an error reply raises its CudaError (kubecash.client.errors). The
+        session token is added. The brokered shim and tests use it for ops this API does not
+        wrap; a context sync (op "ctx_sync") also resets the back-pressure count of submit()."""
         s = self.session
         with s._lock:
             s._check_open()
@@ -90,8 +95,10 @@ class Device:
                 self._posted = 0
             return s._wait(ch, s._send(ch, op, {"session": s.token, **fields}), watch=self.name)
 
-    def _post(self, op: str, **fields: Any) -> None:
-        """Send an asynchronous request: errors surface at the next synchronization."""
+    def submit(self, op: str, **fields: Any) -> None:
+        """Send an asynchronous request and return at once, with no reply: its error surfaces at
+        the next synchronization, as CUDA reports asynchronous errors. Every so many (half the
+        executor's max_queued_ops) it waits for a context sync, like a full push buffer."""
         s = self.session
         with s._lock:
             s._check_open()
@@ -108,11 +115,11 @@ class Device:
 
     # -- memory ---------------------------------------------------------------------------
     def allocate(self, size: int) -> Buffer:
-        return Buffer(self, self._call("mem_alloc", size=int(size))["ptr"], int(size))
+        return Buffer(self, self.request("mem_alloc", size=int(size))["ptr"], int(size))
 
     def allocate_host(self, size: int) -> HostBuffer:
         """Pinned, device-mapped host memory shared with the executor (zero-copy)."""
-        r = self._call("host_alloc", size=int(size))
+        r = self.request("host_alloc", size=int(size))
         path = os.path.join(self.session.tenant_dir, "shm", r["path"])
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -121,21 +128,26 @@ class Device:
             finally:
                 os.close(fd)
         except OSError:
-            self._call("host_free", ptr=r["ptr"])
+            self.request("host_free", ptr=r["ptr"])
             raise
-        self._call("host_mapped", ptr=r["ptr"])
+        self.request("host_mapped", ptr=r["ptr"])
         return HostBuffer(self, r["ptr"], int(size), m)
 
     def mem_info(self) -> tuple[int, int]:
         """(free, total) bytes of this tenant's quota on the device."""
-        r = self._call("mem_info")
+        r = self.request("mem_info")
         return r["free"], r["total"]
 
-    def _htod(self, dst: int, src: memoryview, stream: Stream | None) -> None:
+    def write(self, dst_ptr: int, src: memoryview, stream: Stream | None = None) -> None:
+        """Copy host bytes `src` (a one-dimensional byte memoryview) to device address `dst_ptr`.
+
+        Without a stream it returns once the copy is done (like cuMemcpyHtoD); on one, a small
+        copy is queued (like cuMemcpyHtoDAsync) and a large one, staged through the shared
+        segment, still returns when done. Buffer.copy_from takes any buffer."""
         n = src.nbytes
         sh = _stream_handle(stream)
         if n <= P.INLINE_MAX:
-            self._post_or_call("memcpy_htod", stream, dst=dst, size=n, data=bytes(src), stream=sh)
+            self.request_or_submit("memcpy_htod", stream, dst=dst_ptr, size=n, data=bytes(src), stream=sh)
             return
         s = self.session
         with s._lock:
@@ -148,18 +160,21 @@ class Device:
                     s._wait(ch, pending[slot], watch=self.name)
                 m = min(half, n - off)
                 self._staging[slot * half: slot * half + m] = src[off: off + m]
-                pending[slot] = s._send(ch, "memcpy_htod", {"session": s.token, "dst": dst + off,
+                pending[slot] = s._send(ch, "memcpy_htod", {"session": s.token, "dst": dst_ptr + off,
                                                             "size": m, "offset": slot * half,
                                                             "stream": sh})
             for rid in pending:
                 if rid is not None:
                     s._wait(ch, rid, watch=self.name)
 
-    def _dtoh(self, dst: memoryview, src: int, stream: Stream | None) -> None:
+    def read(self, dst: memoryview, src_ptr: int, stream: Stream | None = None) -> None:
+        """Copy device memory at `src_ptr` into host bytes `dst` (a writable one-dimensional byte
+        memoryview; dst.nbytes bytes). Returns with `dst` filled, after earlier work on `stream`
+        (the default stream if None). Buffer.copy_to takes any writable buffer."""
         n = dst.nbytes
         sh = _stream_handle(stream)
         if n <= P.INLINE_MAX:
-            dst[:] = self._call("memcpy_dtoh", src=src, size=n, stream=sh)["data"]
+            dst[:] = self.request("memcpy_dtoh", src=src_ptr, size=n, stream=sh)["data"]
             return
         s = self.session
         with s._lock:
@@ -169,7 +184,7 @@ class Device:
 
             def ask(i: int) -> int:
                 off, m = chunks[i]
-                return s._send(ch, "memcpy_dtoh", {"session": s.token, "src": src + off,
+                return s._send(ch, "memcpy_dtoh", {"session": s.token, "src": src_ptr + off,
                                                    "size": m, "offset": (i % 2) * half,
                                                    "stream": sh})
             rid = ask(0)
@@ -180,12 +195,13 @@ class Device:
                 slot = (i % 2) * half
                 dst[off: off + m] = self._staging[slot: slot + m]
 
-    def _post_or_call(self, op: str, on_stream: Stream | None, **fields: Any) -> None:
-        """Synchronous without a stream (like cuMemcpy), queued on one (like cuMemcpyAsync)."""
+    def request_or_submit(self, op: str, on_stream: Stream | None, **fields: Any) -> None:
+        """request() without a stream (like cuMemcpy), submit() on one (like cuMemcpyAsync).
+        `on_stream` only chooses; the op's own "stream" field names the stream to the executor."""
         if on_stream is None:
-            self._call(op, **fields)
+            self.request(op, **fields)
         else:
-            self._post(op, **fields)
+            self.submit(op, **fields)
 
     # -- modules, streams, events, launches --------------------------------------------------
     def load_module(self, source: str | None = None, *, options: Sequence[str] = (),
@@ -198,13 +214,13 @@ class Device:
             fields.update(kind=kind or "ptx", image=bytes(image))
         if "kind" not in fields:
             raise ValueError("load_module needs source= or image=")
-        return Module(self, self._call("module_load", **fields)["module"])
+        return Module(self, self.request("module_load", **fields)["module"])
 
     def create_stream(self, flags: int = 0) -> Stream:
-        return Stream(self, self._call("stream_create", flags=flags)["stream"])
+        return Stream(self, self.request("stream_create", flags=flags)["stream"])
 
     def create_event(self, flags: int = 0) -> Event:
-        return Event(self, self._call("event_create", flags=flags)["event"])
+        return Event(self, self.request("event_create", flags=flags)["event"])
 
     @property
     def default_stream(self) -> Stream:
@@ -218,12 +234,12 @@ class Device:
             raise ValueError("kernel belongs to another device")
         if not 0 <= int(shared_mem) <= 1 << 32:
             raise ValueError(f"shared_mem={shared_mem} is not a valid byte count")
-        self._post("launch", function=kernel.handle, grid=_dim3(grid), block=_dim3(block),
+        self.submit("launch", function=kernel.handle, grid=_dim3(grid), block=_dim3(block),
                    shared=int(shared_mem), stream=_stream_handle(stream),
                    args=encode_args(args, kernel.param_sizes))
 
     def synchronize(self) -> None:
-        self._call("ctx_sync")
+        self.request("ctx_sync")
 
 
 def _dim3(d: Iterable[int] | int) -> list[int]:

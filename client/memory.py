@@ -35,12 +35,12 @@ class Buffer(_Resource):
         if isinstance(src, (HostBuffer, Buffer)):
             n = src.size
             self._bounds(offset, n)
-            self.device._post_or_call("memcpy_dtod", stream, dst=self.ptr + offset, src=src.ptr,
+            self.device.request_or_submit("memcpy_dtod", stream, dst=self.ptr + offset, src=src.ptr,
                                       size=n, stream=_stream_handle(stream))
             return
         mv = _as_bytes_view(src)
         self._bounds(offset, mv.nbytes)
-        self.device._htod(self.ptr + offset, mv, stream)
+        self.device.write(self.ptr + offset, mv, stream)
 
     def copy_to(self, dst: Any = None, *, stream: Stream | None = None, offset: int = 0):
         """Copy out into `dst` (a writable buffer, or a new bytearray of the whole buffer)."""
@@ -48,17 +48,17 @@ class Buffer(_Resource):
             dst = bytearray(self.size - offset)
         if isinstance(dst, (HostBuffer, Buffer)):
             self._bounds(offset, dst.size)
-            self.device._post_or_call("memcpy_dtod", stream, dst=dst.ptr, src=self.ptr + offset,
+            self.device.request_or_submit("memcpy_dtod", stream, dst=dst.ptr, src=self.ptr + offset,
                                       size=dst.size, stream=_stream_handle(stream))
             return dst
         mv = _as_bytes_view(dst, writable=True)
         self._bounds(offset, mv.nbytes)
-        self.device._dtoh(mv, self.ptr + offset, stream)
+        self.device.read(mv, self.ptr + offset, stream)
         return dst
 
     def fill(self, value: int, *, width: int = 1, stream: Stream | None = None) -> None:
         """memset: every `width`-byte element (1, 2 or 4) of the buffer set to `value`."""
-        self.device._post_or_call("memset", stream, dst=self.ptr, value=int(value), width=width,
+        self.device.request_or_submit("memset", stream, dst=self.ptr, value=int(value), width=width,
                                   count=self.size // width, stream=_stream_handle(stream))
 
     def _bounds(self, offset: int, n: int) -> None:
@@ -69,7 +69,7 @@ class Buffer(_Resource):
         d = self.device
         if d._ch is not None and not d.session._closed:
             try:
-                d._call("mem_free", ptr=self.ptr)
+                d.request("mem_free", ptr=self.ptr)
             except KubecashError:
                 pass  # the session or executor is gone, and the memory with it
 
@@ -78,19 +78,20 @@ class HostBuffer(_Resource):
     """Pinned host memory mapped into both this process and the executor (zero-copy).
 
     `view` is this process's memoryview of it; `ptr` is its device address, usable as a
-    kernel argument and in copies."""
+    kernel argument and in copies. `mapping` is the mmap behind `view` (for ctypes'
+    from_buffer, as the shim gives programs a host pointer); close() unmaps it."""
 
     def __init__(self, device: Device, ptr: int, size: int, mapping: mmap.mmap):
         self.device, self.ptr, self.size = device, ptr, size
-        self._map = mapping
+        self.mapping = mapping
         self.view = memoryview(mapping)
 
     def _release(self) -> None:
         self.view.release()
-        self._map.close()
+        self.mapping.close()
         d = self.device
         if d._ch is not None and not d.session._closed:
             try:
-                d._call("host_free", ptr=self.ptr)
+                d.request("host_free", ptr=self.ptr)
             except KubecashError:
                 pass

@@ -52,18 +52,18 @@ class Module(_Resource):
         self.device, self.handle = device, handle
 
     def get_kernel(self, name: str) -> Kernel:
-        r = self.device._call("get_function", module=self.handle, name=name)
+        r = self.device.request("get_function", module=self.handle, name=name)
         return Kernel(self.device, r["function"], name, tuple(r["param_sizes"]))
 
     def get_global(self, name: str) -> tuple[int, int]:
         """(device address, size) of a __device__ or __constant__ variable."""
-        r = self.device._call("get_global", module=self.handle, name=name)
+        r = self.device.request("get_global", module=self.handle, name=name)
         return r["ptr"], r["size"]
 
     def _release(self) -> None:
         if self.device._ch is not None and not self.device.session._closed:
             try:
-                self.device._call("module_unload", module=self.handle)
+                self.device.request("module_unload", module=self.handle)
             except KubecashError:
                 pass
 

@@ -19,15 +19,15 @@ class Stream(_Resource):
         self.device, self.handle = device, handle
 
     def synchronize(self) -> None:
-        self.device._call("stream_sync", stream=self.handle)
+        self.device.request("stream_sync", stream=self.handle)
 
     def query(self) -> bool:
         """True when all work queued on the stream has completed."""
-        return self.device._call("stream_query", stream=self.handle)["ready"]
+        return self.device.request("stream_query", stream=self.handle)["ready"]
 
     def wait(self, event: Event) -> None:
         """Make later work on this stream wait for `event`."""
-        self.device._post("stream_wait_event", stream=self.handle, event=event.handle)
+        self.device.submit("stream_wait_event", stream=self.handle, event=event.handle)
 
     def record(self, event: Event | None = None) -> Event:
         event = event or self.device.create_event()
@@ -37,7 +37,7 @@ class Stream(_Resource):
     def _release(self) -> None:
         if self.handle and self.device._ch is not None and not self.device.session._closed:
             try:
-                self.device._call("stream_destroy", stream=self.handle)
+                self.device.request("stream_destroy", stream=self.handle)
             except KubecashError:
                 pass
 
@@ -47,17 +47,17 @@ class Event(_Resource):
         self.device, self.handle = device, handle
 
     def record(self, stream: Stream | None = None) -> None:
-        self.device._post("event_record", event=self.handle, stream=_stream_handle(stream))
+        self.device.submit("event_record", event=self.handle, stream=_stream_handle(stream))
 
     def synchronize(self) -> None:
-        self.device._call("event_sync", event=self.handle)
+        self.device.request("event_sync", event=self.handle)
 
     def query(self) -> bool:
-        return self.device._call("event_query", event=self.handle)["ready"]
+        return self.device.request("event_query", event=self.handle)["ready"]
 
     def elapsed_ms(self, start: Event) -> float:
         """Milliseconds from `start` to this event (both recorded and complete)."""
-        return self.device._call("event_elapsed", start=start.handle, end=self.handle)["ms"]
+        return self.device.request("event_elapsed", start=start.handle, end=self.handle)["ms"]
 
     def __sub__(self, start: Event) -> float:
         return self.elapsed_ms(start)
@@ -65,6 +65,6 @@ class Event(_Resource):
     def _release(self) -> None:
         if self.device._ch is not None and not self.device.session._closed:
             try:
-                self.device._call("event_destroy", event=self.handle)
+                self.device.request("event_destroy", event=self.handle)
             except KubecashError:
                 pass

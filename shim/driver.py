@@ -99,7 +99,7 @@ def cuCtxCreate(*args, **kwargs):
         names = ("flags", "dev")
     else:
         raise TypeError("cuCtxCreate(ctxCreateParams, flags, dev)")
-    given = dict(zip(names, args), **kwargs)
+    given = dict(zip(names, args, strict=False), **kwargs)   # the rest may come as keywords
     if given.get("ctxCreateParams") is not None:
         raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED,
                         "cuCtxCreate with CUctxCreateParams (execution affinity, CIG) is "
@@ -556,12 +556,12 @@ def stream_destroy(hStream) -> None:
 
 def stream_sync(hStream, dev_default: int) -> None:
     dev, st = STATE.stream(hStream, dev_default)
-    STATE.dev(dev)._call("stream_sync", stream=0 if st is None else st.handle)
+    STATE.dev(dev).request("stream_sync", stream=0 if st is None else st.handle)
 
 
 def stream_query(hStream, dev_default: int) -> None:
     dev, st = STATE.stream(hStream, dev_default)
-    if not STATE.dev(dev)._call("stream_query", stream=0 if st is None else st.handle)["ready"]:
+    if not STATE.dev(dev).request("stream_query", stream=0 if st is None else st.handle)["ready"]:
         raise ShimError(E.CUDA_ERROR_NOT_READY, "")
 
 
@@ -570,7 +570,7 @@ def stream_wait_event(hStream, hEvent, dev_default: int) -> None:
     edev, ev = STATE.event(hEvent)
     if edev != dev:
         raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED, "waiting on another device's event")
-    STATE.dev(dev)._post("stream_wait_event", stream=0 if st is None else st.handle, event=ev.handle)
+    STATE.dev(dev).submit("stream_wait_event", stream=0 if st is None else st.handle, event=ev.handle)
 
 
 def cuStreamDestroy(hStream):

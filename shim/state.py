@@ -235,12 +235,12 @@ class State:
 
     def destroy_resources(self, ctx: int) -> None:
         """What a destroyed context (or a reset device) owned goes with it, as in CUDA."""
-        for h, (dev, st, owner) in list(self.streams.items()):
+        for h, (_dev, st, owner) in list(self.streams.items()):
             if owner == ctx:
                 self.streams.pop(h, None)
                 self.stream_flags.pop(h, None)
                 st.close()
-        for h, (dev, ev, owner) in list(self.events.items()):
+        for h, (_dev, ev, owner) in list(self.events.items()):
             if owner == ctx:
                 self.events.pop(h, None)
                 ev.close()
@@ -319,7 +319,7 @@ class State:
         n = int(size)
         if n <= 0:
             raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "allocation size must be positive")
-        ptr = self.dev(dev)._call("mem_alloc", size=n)["ptr"]
+        ptr = self.dev(dev).request("mem_alloc", size=n)["ptr"]
         self.allocs[ptr] = Alloc(dev, n, ctx, pooled, next(self._buffer_ids))
         if pooled:
             pool = self.pool(dev)
@@ -335,7 +335,7 @@ class State:
         if a is None:
             raise ShimError(E.CUDA_ERROR_INVALID_VALUE,
                             f"{p:#x} is not the start of a device allocation")
-        self.dev(a.dev)._call("mem_free", ptr=p)   # runs after the work queued before it
+        self.dev(a.dev).request("mem_free", ptr=p)   # runs after the work queued before it
         del self.allocs[p]
         if a.pooled:
             self.pool(a.dev).used -= a.size
@@ -351,7 +351,7 @@ class State:
         if n <= 0:
             raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "allocation size must be positive")
         buf = self.dev(dev).allocate_host(n)
-        anchor = (ctypes.c_char * n).from_buffer(buf._map)
+        anchor = (ctypes.c_char * n).from_buffer(buf.mapping)
         local = ctypes.addressof(anchor)
         with self.lock:
             self.pinned[local] = Pinned(local, n, dev, buf, anchor, ctx, flags)

@@ -69,17 +69,17 @@ def test_device_pointers_of_another_tenant_are_refused(broker):
         refused = "not in any allocation|runs past the end of its allocation"
         for ptr in (secret.ptr, secret.ptr + 8, host.ptr):
             with pytest.raises(kc.InvalidValueError, match=refused):
-                db._call("memcpy_dtoh", src=ptr, size=8)
+                db.request("memcpy_dtoh", src=ptr, size=8)
             with pytest.raises(kc.InvalidValueError, match=refused):
-                db._call("memcpy_htod", dst=ptr, size=4, data=b"evil")
+                db.request("memcpy_htod", dst=ptr, size=4, data=b"evil")
             with pytest.raises(kc.InvalidValueError, match=refused):
-                db._call("memcpy_dtod", dst=mine.ptr, src=ptr, size=8)
+                db.request("memcpy_dtod", dst=mine.ptr, src=ptr, size=8)
             with pytest.raises(kc.InvalidValueError, match=refused):
-                db._call("memset", dst=ptr, value=0, width=1, count=8)
+                db.request("memset", dst=ptr, value=0, width=1, count=8)
             with pytest.raises(kc.InvalidValueError):
-                db._call("host_mapped", ptr=ptr)
+                db.request("host_mapped", ptr=ptr)
             with pytest.raises(kc.InvalidValueError):
-                db._call("host_free", ptr=ptr)
+                db.request("host_free", ptr=ptr)
         # A kernel of bob's given alice's address dereferences it in bob's own executor (a
         # separate process): it either faults there or reads bob's memory, never alice's.
         peek = db.load_module(READER).get_kernel("peek")
@@ -125,7 +125,7 @@ def test_shared_memory_names_cannot_reach_another_tenant(broker, raw_socket, tmp
         # staged copies address bob's own segment by offset, never past its end
         for off, n in ((P.DEFAULT_STAGING_BYTES, 1), (P.DEFAULT_STAGING_BYTES - 4, 8), (1 << 40, 8)):
             with pytest.raises(kc.InvalidValueError, match="staging"):
-                db._call("memcpy_dtoh", src=buf.ptr, size=n, offset=off)
+                db.request("memcpy_dtoh", src=buf.ptr, size=n, offset=off)
         # a module cannot read a file either: includes and include paths are refused
         for src, opts in (('#include "../../alice/shm/x"\n__global__ void f(){}', []),
                           ('#include "/etc/passwd"\n', []),

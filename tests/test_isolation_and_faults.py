@@ -41,27 +41,27 @@ def test_handles_of_another_session_or_tenant_are_refused(broker):
         ev = da.create_event()
         for dev in (da2, db):
             with pytest.raises(kc.InvalidValueError, match="not in any allocation"):
-                dev._call("memcpy_dtoh", src=buf.ptr, size=16)
+                dev.request("memcpy_dtoh", src=buf.ptr, size=16)
             with pytest.raises(kc.InvalidValueError):
-                dev._call("mem_free", ptr=buf.ptr)
+                dev.request("mem_free", ptr=buf.ptr)
             with pytest.raises(kc.InvalidHandleError):
-                dev._call("get_function", module=mod.handle, name="vadd")
+                dev.request("get_function", module=mod.handle, name="vadd")
             with pytest.raises(kc.InvalidHandleError):
-                dev._call("stream_sync", stream=s.handle)
+                dev.request("stream_sync", stream=s.handle)
             with pytest.raises(kc.InvalidHandleError):
-                dev._call("event_query", event=ev.handle)
+                dev.request("event_query", event=ev.handle)
         # A launch with a foreign function handle fails at the next synchronization.
-        db._post("launch", function=k.handle, grid=[1, 1, 1], block=[1, 1, 1], shared=0,
+        db.submit("launch", function=k.handle, grid=[1, 1, 1], block=[1, 1, 1], shared=0,
                  stream=0, args=[b"\0" * 8] * 3 + [b"\0" * 4])
         with pytest.raises(kc.InvalidHandleError):
             db.synchronize()
         db.synchronize()                     # reported once, then the context is fine
         # Forged and freed handles.
         with pytest.raises(kc.InvalidValueError):
-            da._call("memcpy_dtoh", src=buf.ptr + 4090, size=16)   # runs off the end
+            da.request("memcpy_dtoh", src=buf.ptr + 4090, size=16)   # runs off the end
         buf.close()
         with pytest.raises(kc.InvalidValueError):
-            da._call("memcpy_dtoh", src=buf.ptr, size=16)          # freed
+            da.request("memcpy_dtoh", src=buf.ptr, size=16)          # freed
         # bob's session token is unknown to alice's executor even on alice's socket.
         ch = a._devices["cpu0"]._ch
         with pytest.raises(kc.CudaError) as e:

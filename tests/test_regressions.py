@@ -75,7 +75,7 @@ def test_frees_queued_when_a_session_ends_still_free(broker_factory):
             c = d.allocate(8)
             big = d.allocate(32 << 20)
             d.launch(k, (64,), (1,), [c, 200000])             # keeps the queue busy
-            d._post("launch", function=k.handle, grid=[64, 1, 1], block=[1, 1, 1], shared=0,
+            d.submit("launch", function=k.handle, grid=[64, 1, 1], block=[1, 1, 1], shared=0,
                     stream=0, args=[c.ptr.to_bytes(8, "little"), (200000).to_bytes(4, "little")])
             s._send(d._conn(), "mem_free", {"session": s.token, "ptr": big.ptr})  # queued, unanswered
         deadline = time.monotonic() + 20
