@@ -81,7 +81,9 @@ class Mod:
 
 
 @dataclasses.dataclass
-class Pool:
+class MemPool:
+    """A device's memory pool as the program sees it (cuMemPool*, cudaMemPool*): its handle,
+    attributes and use; the memory itself is ordinary allocations on the device."""
     dev: int
     handle: int = 0               # the program's CUmemoryPool / cudaMemPool_t
     attrs: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -111,7 +113,7 @@ class State:
         self.stream_flags: dict[int, int] = {}                     # shim stream -> its flags
         self._buffer_ids = itertools.count(1)
         self.events: dict[int, tuple[int, kc.Event, int]] = {}
-        self.pools: dict[int, Pool] = {}
+        self.pools: dict[int, MemPool] = {}
         self.device_flags: dict[int, int] = {}
         self._atexit = False
 
@@ -340,10 +342,10 @@ class State:
         if a.pooled:
             self.pool(a.dev).used -= a.size
 
-    def pool(self, dev: int) -> Pool:
+    def pool(self, dev: int) -> MemPool:
         p = self.pools.get(dev)
         if p is None:
-            p = self.pools[dev] = Pool(dev)
+            p = self.pools[dev] = MemPool(dev)
         return p
 
     def alloc_pinned(self, dev: int, size: Any, ctx: int, flags: int = 0) -> int:
