@@ -92,12 +92,13 @@ class _Loader(importlib.abc.Loader):
 def _implementations(canonical: str, real):
     if canonical == "cuda.bindings.driver":
         from . import driver
-        driver.real = real
+        driver.bind(real)
         return driver
     if canonical == "cuda.bindings.runtime":
         from . import driver, runtime
         runtime.real = real
-        runtime.real_driver = driver.real = import_real("cuda.bindings.driver")
+        runtime.real_driver = import_real("cuda.bindings.driver")
+        driver.bind(runtime.real_driver)
         return runtime
     if canonical == "cuda.bindings.nvrtc":
         from . import nvrtc
