@@ -1,6 +1,7 @@
 """kubecash.client: the library a container uses to run work on a brokered device.
 
 Light by design: pyzmq and msgpack only, no CUDA libraries."""
+from .device import Device
 from .errors import (
                      BrokerUnavailable,
                      CompileError,
@@ -17,19 +18,10 @@ from .errors import (
                      ProtocolError,
                      error_from_code,
 )
-from .session import (
-                     ENV_BROKER,
-                     Buffer,
-                     Device,
-                     Event,
-                     HostBuffer,
-                     Kernel,
-                     Module,
-                     Session,
-                     Stream,
-                     connect,
-                     encode_args,
-)
+from .memory import Buffer, HostBuffer
+from .module import Kernel, Module, encode_args
+from .session import ENV_BROKER, Session, connect
+from .stream import Event, Stream
 
 __all__ = [
     "connect", "Session", "Device", "Buffer", "HostBuffer", "Module", "Kernel", "Stream", "Event",

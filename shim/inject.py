@@ -21,24 +21,10 @@ import os
 import sys
 import threading
 
-# Keep in step with table.ALIASES (not imported here: this module must stay light).
-_ALIASES = {
-    "cuda.bindings.driver": "cuda.bindings.driver",
-    "cuda.bindings.runtime": "cuda.bindings.runtime",
-    "cuda.bindings.nvrtc": "cuda.bindings.nvrtc",
-    "cuda.bindings._v2.nvrtc": "cuda.bindings._v2.nvrtc",
-    "pynvml": "pynvml",
-    "cuda.cuda": "cuda.bindings.driver",
-    "cuda.cudart": "cuda.bindings.runtime",
-    "cuda.nvrtc": "cuda.bindings.nvrtc",
-}
-# Keep in step with table.REFUSED_MODULES.
-_REFUSED = {
-    "cuda.core": "cuda.core calls the CUDA driver from compiled code (cuda.bindings.cydriver), "
-                 "which the KubeCASH shim cannot broker; under KUBECASH_BROKER it is refused "
-                 "rather than let it use a device outside the broker. Use cuda.bindings.driver "
-                 "or cuda.bindings.runtime (brokered), or unset KUBECASH_BROKER.",
-}
+# The one declaration of both, in the table. table.py imports nothing (it is data), so this
+# module stays light enough for the .pth line that runs at every interpreter start.
+from .table import ALIASES, REFUSED_MODULES
+
 ENV = "KUBECASH_BROKER"
 
 _bypass = threading.local()      # names being imported for real by this thread
@@ -97,21 +83,22 @@ class _Loader(importlib.abc.Loader):
     def exec_module(self, module) -> None:
         if self.fullname != self.canonical:
             return
-        from . import build, table
+        from . import build
         real = import_real(self.canonical)
         impls = _implementations(self.canonical, real)
-        build.populate(module, table.ALIASES[self.canonical], real, impls)
+        build.populate(module, ALIASES[self.canonical], real, impls)
 
 
 def _implementations(canonical: str, real):
     if canonical == "cuda.bindings.driver":
         from . import driver
-        driver.real = real
+        driver.bind(real)
         return driver
     if canonical == "cuda.bindings.runtime":
         from . import driver, runtime
         runtime.real = real
-        runtime.real_driver = driver.real = import_real("cuda.bindings.driver")
+        runtime.real_driver = import_real("cuda.bindings.driver")
+        driver.bind(runtime.real_driver)
         return runtime
     if canonical == "cuda.bindings.nvrtc":
         from . import nvrtc
@@ -126,7 +113,7 @@ def _implementations(canonical: str, real):
     return nvml
 
 
-class _Refused(importlib.abc.Loader):
+class _RefusingLoader(importlib.abc.Loader):
     """A module the shim cannot broker: importing it fails, saying why."""
 
     def __init__(self, reason: str):
@@ -140,7 +127,7 @@ class _Refused(importlib.abc.Loader):
 
 
 def _refused(fullname: str) -> str | None:
-    for name, reason in _REFUSED.items():
+    for name, reason in REFUSED_MODULES.items():
         if fullname == name or fullname.startswith(name + "."):
             return reason
     return None
@@ -153,8 +140,8 @@ class ShimFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         reason = _refused(fullname)
         if reason is not None:
-            return importlib.machinery.ModuleSpec(fullname, _Refused(reason), origin="kubecash.shim")
-        canonical = _ALIASES.get(fullname)
+            return importlib.machinery.ModuleSpec(fullname, _RefusingLoader(reason), origin="kubecash.shim")
+        canonical = ALIASES.get(fullname)
         if canonical is None or fullname in _bypassed():
             return None
         return importlib.machinery.ModuleSpec(fullname, _Loader(fullname, canonical),
@@ -174,7 +161,7 @@ def install() -> None:
     with _lock:
         if _FINDER not in sys.meta_path:
             sys.meta_path.insert(0, _FINDER)
-        for name in _ALIASES:
+        for name in ALIASES:
             mod = sys.modules.get(name)
             if mod is not None and not getattr(mod, "__kubecash_shim__", None):
                 # Keep the real module: a Cython extension cannot be initialised twice.

@@ -43,10 +43,10 @@ def htod(dst: Any, src: Any, n: Any, stream: Any = None, *, default_dev: int) ->
     addr, view = host_view(src, n, "source host buffer")
     pinned = _exec_host(addr, n)
     if pinned is not None:          # pinned memory the executor maps: copy there directly
-        STATE.dev(dev)._post_or_call("memcpy_dtod", st, dst=d, src=pinned[1], size=n,
+        STATE.dev(dev).request_or_submit("memcpy_dtod", st, dst=d, src=pinned[1], size=n,
                                      stream=_stream_handle(st))
         return
-    STATE.dev(dev)._htod(d, view, st)
+    STATE.dev(dev).write(d, view, st)
 
 
 def dtoh(dst: Any, src: Any, n: Any, stream: Any = None, *, default_dev: int) -> None:
@@ -58,10 +58,10 @@ def dtoh(dst: Any, src: Any, n: Any, stream: Any = None, *, default_dev: int) ->
     addr, view = host_view(dst, n, "destination host buffer")
     pinned = _exec_host(addr, n)
     if pinned is not None:
-        STATE.dev(dev)._post_or_call("memcpy_dtod", st, dst=pinned[1], src=s, size=n,
+        STATE.dev(dev).request_or_submit("memcpy_dtod", st, dst=pinned[1], src=s, size=n,
                                      stream=_stream_handle(st))
         return
-    STATE.dev(dev)._dtoh(view, s, st)
+    STATE.dev(dev).read(view, s, st)
 
 
 def dtod(dst: Any, src: Any, n: Any, stream: Any = None, *, default_dev: int) -> None:
@@ -70,7 +70,7 @@ def dtod(dst: Any, src: Any, n: Any, stream: Any = None, *, default_dev: int) ->
         return
     d, s = handle_int(dst), handle_int(src)
     dev, st = _resolve_stream(stream, STATE.pointer_device(d, default_dev))
-    STATE.dev(dev)._post_or_call("memcpy_dtod", st, dst=d, src=s, size=n, stream=_stream_handle(st))
+    STATE.dev(dev).request_or_submit("memcpy_dtod", st, dst=d, src=s, size=n, stream=_stream_handle(st))
 
 
 def htoh(dst: Any, src: Any, n: Any, stream: Any = None, *, default_dev: int) -> None:
@@ -112,7 +112,7 @@ def memset(dst: Any, value: Any, width: int, count: Any, stream: Any = None, *,
     d = handle_int(dst)
     dev, st = _resolve_stream(stream, STATE.pointer_device(d, default_dev))
     v = as_int(value, "value") & ((1 << (8 * width)) - 1)
-    STATE.dev(dev)._post_or_call("memset", st, dst=d, value=v, width=width, count=count,
+    STATE.dev(dev).request_or_submit("memset", st, dst=d, value=v, width=width, count=count,
                                  stream=_stream_handle(st))
 
 
@@ -137,7 +137,7 @@ def load_module(data: bytes, ctx_handle: int, dev: int) -> int:
                         "in the program instead of loading a prebuilt image.")
     if device.kind != "cpu" or known is None:
         fields["image"] = data
-    r = device._call("module_load", **fields)
+    r = device.request("module_load", **fields)
     h = STATE.new_handle()
     STATE.modules[h] = Mod(dev, kc.Module(device, r["module"]), ctx_handle,
                            images.ptx_signatures(data))
@@ -148,7 +148,7 @@ def get_function(hmod: Any, name: Any) -> int:
     m = STATE.module(hmod)
     nm = name.decode() if isinstance(name, (bytes, bytearray)) else str(name)
     nm = nm.rstrip("\0")
-    r = STATE.dev(m.dev)._call("get_function", module=m.module.handle, name=nm)
+    r = STATE.dev(m.dev).request("get_function", module=m.module.handle, name=nm)
     sizes: tuple[int, ...] | None = tuple(r["param_sizes"]) if r.get("param_sizes") is not None else None
     if m.signatures and nm in m.signatures:
         sizes = m.signatures[nm]     # the image's own declaration of the kernel's parameters
@@ -175,7 +175,7 @@ def encode_params(kernel_params: Any, f: Func) -> list[bytes]:
             raise ShimError(E.CUDA_ERROR_INVALID_VALUE,
                             f"kernelParams: {len(values)} values but {len(types)} types")
         out = []
-        for i, (v, t) in enumerate(zip(values, types)):
+        for v, t in zip(values, types, strict=True):   # lengths checked above
             if t is None:
                 # cuda-python passes the value a handle object stores (CUdeviceptr...),
                 # a ctypes structure's bytes, or an enum as a 32-bit int.
@@ -229,7 +229,7 @@ def launch(f: Any, grid: tuple, block: tuple, shared: Any, stream: Any, kernel_p
     b = [_dim(x, "block") for x in block]
     args = encode_params(kernel_params, fn)
     if fn.param_sizes is not None:
-        if len(args) != len(fn.param_sizes) or any(len(a) != n for a, n in zip(args, fn.param_sizes)):
+        if len(args) != len(fn.param_sizes) or any(len(a) != n for a, n in zip(args, fn.param_sizes, strict=True)):
             raise ShimError(E.CUDA_ERROR_INVALID_VALUE,
                             f"kernel '{fn.name}' takes {len(fn.param_sizes)} parameters of sizes "
                             f"{list(fn.param_sizes)} bytes; got {len(args)} of sizes "
@@ -237,7 +237,7 @@ def launch(f: Any, grid: tuple, block: tuple, shared: Any, stream: Any, kernel_p
     dev, st = _resolve_stream(stream, fn.dev)
     if dev != fn.dev:
         raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, "the stream belongs to another device")
-    STATE.dev(dev)._post("launch", function=fn.handle, grid=g, block=b,
+    STATE.dev(dev).submit("launch", function=fn.handle, grid=g, block=b,
                          shared=as_int(shared, "sharedMemBytes"), stream=_stream_handle(st),
                          args=args)
 

@@ -81,7 +81,9 @@ class Mod:
 
 
 @dataclasses.dataclass
-class Pool:
+class MemPool:
+    """A device's memory pool as the program sees it (cuMemPool*, cudaMemPool*): its handle,
+    attributes and use; the memory itself is ordinary allocations on the device."""
     dev: int
     handle: int = 0               # the program's CUmemoryPool / cudaMemPool_t
     attrs: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -111,7 +113,7 @@ class State:
         self.stream_flags: dict[int, int] = {}                     # shim stream -> its flags
         self._buffer_ids = itertools.count(1)
         self.events: dict[int, tuple[int, kc.Event, int]] = {}
-        self.pools: dict[int, Pool] = {}
+        self.pools: dict[int, MemPool] = {}
         self.device_flags: dict[int, int] = {}
         self._atexit = False
 
@@ -235,12 +237,12 @@ class State:
 
     def destroy_resources(self, ctx: int) -> None:
         """What a destroyed context (or a reset device) owned goes with it, as in CUDA."""
-        for h, (dev, st, owner) in list(self.streams.items()):
+        for h, (_dev, st, owner) in list(self.streams.items()):
             if owner == ctx:
                 self.streams.pop(h, None)
                 self.stream_flags.pop(h, None)
                 st.close()
-        for h, (dev, ev, owner) in list(self.events.items()):
+        for h, (_dev, ev, owner) in list(self.events.items()):
             if owner == ctx:
                 self.events.pop(h, None)
                 ev.close()
@@ -319,7 +321,7 @@ class State:
         n = int(size)
         if n <= 0:
             raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "allocation size must be positive")
-        ptr = self.dev(dev)._call("mem_alloc", size=n)["ptr"]
+        ptr = self.dev(dev).request("mem_alloc", size=n)["ptr"]
         self.allocs[ptr] = Alloc(dev, n, ctx, pooled, next(self._buffer_ids))
         if pooled:
             pool = self.pool(dev)
@@ -335,15 +337,15 @@ class State:
         if a is None:
             raise ShimError(E.CUDA_ERROR_INVALID_VALUE,
                             f"{p:#x} is not the start of a device allocation")
-        self.dev(a.dev)._call("mem_free", ptr=p)   # runs after the work queued before it
+        self.dev(a.dev).request("mem_free", ptr=p)   # runs after the work queued before it
         del self.allocs[p]
         if a.pooled:
             self.pool(a.dev).used -= a.size
 
-    def pool(self, dev: int) -> Pool:
+    def pool(self, dev: int) -> MemPool:
         p = self.pools.get(dev)
         if p is None:
-            p = self.pools[dev] = Pool(dev)
+            p = self.pools[dev] = MemPool(dev)
         return p
 
     def alloc_pinned(self, dev: int, size: Any, ctx: int, flags: int = 0) -> int:
@@ -351,7 +353,7 @@ class State:
         if n <= 0:
             raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "allocation size must be positive")
         buf = self.dev(dev).allocate_host(n)
-        anchor = (ctypes.c_char * n).from_buffer(buf._map)
+        anchor = (ctypes.c_char * n).from_buffer(buf.mapping)
         local = ctypes.addressof(anchor)
         with self.lock:
             self.pinned[local] = Pinned(local, n, dev, buf, anchor, ctx, flags)

@@ -101,7 +101,7 @@ def test_launch_errors(session):
         ([1, 1, 1], [1, 1, 1], 0, [b"\0" * 8] * 3 + [b"\0" * 8]),
         ([1, 1, 1], [1, 1, 1], 0, [b"\0" * 8] * 2),
     ]:
-        dev._post("launch", function=k.handle, grid=grid, block=block, shared=shared,
+        dev.submit("launch", function=k.handle, grid=grid, block=block, shared=shared,
                   stream=0, args=args)
         with pytest.raises(kc.InvalidValueError):
             dev.synchronize()

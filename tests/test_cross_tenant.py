@@ -70,17 +70,17 @@ def test_device_pointers_of_another_tenant_are_refused(broker):
         refused = "not in any allocation|runs past the end of its allocation"
         for ptr in (secret.ptr, secret.ptr + 8, host.ptr):
             with pytest.raises(kc.InvalidValueError, match=refused):
-                db._call("memcpy_dtoh", src=ptr, size=8)
+                db.request("memcpy_dtoh", src=ptr, size=8)
             with pytest.raises(kc.InvalidValueError, match=refused):
-                db._call("memcpy_htod", dst=ptr, size=4, data=b"evil")
+                db.request("memcpy_htod", dst=ptr, size=4, data=b"evil")
             with pytest.raises(kc.InvalidValueError, match=refused):
-                db._call("memcpy_dtod", dst=mine.ptr, src=ptr, size=8)
+                db.request("memcpy_dtod", dst=mine.ptr, src=ptr, size=8)
             with pytest.raises(kc.InvalidValueError, match=refused):
-                db._call("memset", dst=ptr, value=0, width=1, count=8)
+                db.request("memset", dst=ptr, value=0, width=1, count=8)
             with pytest.raises(kc.InvalidValueError):
-                db._call("host_mapped", ptr=ptr)
+                db.request("host_mapped", ptr=ptr)
             with pytest.raises(kc.InvalidValueError):
-                db._call("host_free", ptr=ptr)
+                db.request("host_free", ptr=ptr)
         # A kernel of bob's given alice's address dereferences it in bob's own executor (a
         # separate process): it either faults there or reads bob's memory, never alice's.
         peek = db.load_module(READER).get_kernel("peek")
@@ -126,7 +126,7 @@ def test_shared_memory_names_cannot_reach_another_tenant(broker, raw_socket, tmp
         # staged copies address bob's own segment by offset, never past its end
         for off, n in ((P.DEFAULT_STAGING_BYTES, 1), (P.DEFAULT_STAGING_BYTES - 4, 8), (1 << 40, 8)):
             with pytest.raises(kc.InvalidValueError, match="staging"):
-                db._call("memcpy_dtoh", src=buf.ptr, size=n, offset=off)
+                db.request("memcpy_dtoh", src=buf.ptr, size=n, offset=off)
         # a module cannot read a file either: includes and include paths are refused
         for src, opts in (('#include "../../alice/shm/x"\n__global__ void f(){}', []),
                           ('#include "/etc/passwd"\n', []),
@@ -185,27 +185,27 @@ def test_handles_of_another_session_or_tenant_are_refused(broker):
         ev = da.create_event()
         for dev in (da2, db):
             with pytest.raises(kc.InvalidValueError, match="not in any allocation"):
-                dev._call("memcpy_dtoh", src=buf.ptr, size=16)
+                dev.request("memcpy_dtoh", src=buf.ptr, size=16)
             with pytest.raises(kc.InvalidValueError):
-                dev._call("mem_free", ptr=buf.ptr)
+                dev.request("mem_free", ptr=buf.ptr)
             with pytest.raises(kc.InvalidHandleError):
-                dev._call("get_function", module=mod.handle, name="vadd")
+                dev.request("get_function", module=mod.handle, name="vadd")
             with pytest.raises(kc.InvalidHandleError):
-                dev._call("stream_sync", stream=s.handle)
+                dev.request("stream_sync", stream=s.handle)
             with pytest.raises(kc.InvalidHandleError):
-                dev._call("event_query", event=ev.handle)
+                dev.request("event_query", event=ev.handle)
         # A launch with a foreign function handle fails at the next synchronization.
-        db._post("launch", function=k.handle, grid=[1, 1, 1], block=[1, 1, 1], shared=0,
+        db.submit("launch", function=k.handle, grid=[1, 1, 1], block=[1, 1, 1], shared=0,
                  stream=0, args=[b"\0" * 8] * 3 + [b"\0" * 4])
         with pytest.raises(kc.InvalidHandleError):
             db.synchronize()
         db.synchronize()                     # reported once, then the context is fine
         # Forged and freed handles.
         with pytest.raises(kc.InvalidValueError):
-            da._call("memcpy_dtoh", src=buf.ptr + 4090, size=16)   # runs off the end
+            da.request("memcpy_dtoh", src=buf.ptr + 4090, size=16)   # runs off the end
         buf.close()
         with pytest.raises(kc.InvalidValueError):
-            da._call("memcpy_dtoh", src=buf.ptr, size=16)          # freed
+            da.request("memcpy_dtoh", src=buf.ptr, size=16)          # freed
         # bob's session token is unknown to alice's executor even on alice's socket.
         ch = a._devices["cpu0"]._ch
         with pytest.raises(kc.CudaError) as e:

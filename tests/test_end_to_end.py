@@ -189,18 +189,18 @@ def test_module_globals_can_be_copied_to_and_from(session, dev_name):
         }""")
     ptr, size = mod.get_global("scale")
     assert size == 16
-    dev._call("memcpy_htod", dst=ptr, size=16, data=np.array([1, 2, 3, 4], np.float32).tobytes())
+    dev.request("memcpy_htod", dst=ptr, size=16, data=np.array([1, 2, 3, 4], np.float32).tobytes())
     x = dev.allocate(16)
     x.copy_from(np.ones(4, np.float32))
     dev.launch(mod.get_kernel("apply"), (1,), (4,), [x])
     np.testing.assert_array_equal(x.copy_to(np.empty(4, np.float32)), [1, 2, 3, 4])
     hits, _ = mod.get_global("hits")
-    assert dev._call("memcpy_dtoh", src=hits, size=4)["data"] == (4).to_bytes(4, "little")
+    assert dev.request("memcpy_dtoh", src=hits, size=4)["data"] == (4).to_bytes(4, "little")
     with pytest.raises(kc.InvalidValueError):        # past the variable's end
-        dev._call("memcpy_dtoh", src=ptr, size=17)
+        dev.request("memcpy_dtoh", src=ptr, size=17)
     mod.close()
     with pytest.raises(kc.InvalidValueError):        # gone with its module
-        dev._call("memcpy_dtoh", src=ptr, size=4)
+        dev.request("memcpy_dtoh", src=ptr, size=4)
 
 
 def test_kernel_printf_reaches_the_program_that_ran_it(broker):

@@ -80,7 +80,7 @@ def test_dead_client_memory_and_executor_are_reclaimed(broker_factory, how):
 
 DIES_BEFORE_UNLINKING_STAGING = """
     import os, signal
-    import kubecash.client.session as S
+    import kubecash.client.device as S
     real = os.unlink
     def unlink(path, *a, **k):
         if path.endswith(".staging"):                 # stopped (then killed) between attach and unlink
@@ -398,7 +398,7 @@ def test_frees_queued_when_a_session_ends_still_free(broker_factory):
             c = d.allocate(8)
             big = d.allocate(32 << 20)
             d.launch(k, (64,), (1,), [c, 200000])             # keeps the queue busy
-            d._post("launch", function=k.handle, grid=[64, 1, 1], block=[1, 1, 1], shared=0,
+            d.submit("launch", function=k.handle, grid=[64, 1, 1], block=[1, 1, 1], shared=0,
                     stream=0, args=[c.ptr.to_bytes(8, "little"), (200000).to_bytes(4, "little")])
             s._send(d._conn(), "mem_free", {"session": s.token, "ptr": big.ptr})  # queued, unanswered
         deadline = time.monotonic() + 20

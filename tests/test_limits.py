@@ -115,10 +115,10 @@ def test_launch_dimensions_are_bounded(session):
                              ([1, 1, 1], [1, 1, 65], "block"), ([1, 1, 1], [1025, 1, 1], "block"),
                              ([-1, 1, 1], [1, 1, 1], "grid"), ([1, 1, 1], [2**63, 1, 1], "block")]:
         with pytest.raises(kc.InvalidValueError, match=why):
-            dev._call("launch", function=k.handle, grid=grid, block=block, shared=0, stream=0,
+            dev.request("launch", function=k.handle, grid=grid, block=block, shared=0, stream=0,
                       args=args)
     with pytest.raises(kc.InvalidValueError, match="out of range"):   # past 64 bits: the protocol
-        dev._call("launch", function=k.handle, grid=[1, 1, 1], block=[1, 1, 1], shared=2**40,
+        dev.request("launch", function=k.handle, grid=[1, 1, 1], block=[1, 1, 1], shared=2**40,
                   stream=0, args=args)
 
 

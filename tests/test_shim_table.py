@@ -53,7 +53,7 @@ def test_every_implemented_row_has_an_implementation_and_back(module):
 
 
 def test_aliases_agree_with_the_injector():
-    assert inject._ALIASES == T.ALIASES
+    assert inject.ALIASES == T.ALIASES
 
 
 def build_module(name: str) -> types.ModuleType:

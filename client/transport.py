@@ -1,0 +1,58 @@
+"""The wire under a session: the process's ZeroMQ context and a channel (one DEALER socket
+with the bookkeeping that matches replies to request ids)."""
+from __future__ import annotations
+
+import os
+
+import zmq
+
+from . import protocol as P
+from .errors import CUresult, error_from_code
+
+_contexts: dict[int, zmq.Context] = {}      # pid -> this library's context, never terminated
+
+
+def _context() -> zmq.Context:
+    """The one ZeroMQ context this library uses in this process. It is never terminated, and
+    no session owns it: with a context per session, a session dropped unclosed was collected
+    in one cycle with its sockets, the collector cleared the context's weak references to them
+    before any finalizer ran, and Context.__del__ then waited in term() forever for sockets it
+    could no longer close. Sockets are closed by their sessions, or else by their own
+    finalizers (LINGER 0, so that never blocks). A forked child gets a new context; the
+    parent's stays referenced, so it is never collected in the child either. (No lock, which
+    a fork could inherit held: two threads racing here keep one context; the other has no
+    sockets, so its collection returns at once.)"""
+    pid = os.getpid()
+    ctx = _contexts.get(pid)
+    if ctx is None:
+        ctx = _contexts.setdefault(pid, zmq.Context())
+    return ctx
+
+
+class _Channel:
+    """One DEALER socket and the bookkeeping to match replies to request ids."""
+
+    def __init__(self, ctx: zmq.Context, address: str):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.stash: dict[int, dict] = {}
+        self.abandoned: set[int] = set()     # ids whose waiter gave up: their replies are dropped
+        # What the far end accepts: ZeroMQ drops a larger frame (and the connection) with no
+        # reply, so a request past it is refused here rather than left waiting forever.
+        self.max_bytes = P.MAX_MESSAGE_BYTES
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, rid: int, op: str, fields: dict, *, asynchronous: bool = False) -> None:
+        """Frame request `rid` and send it, refusing one larger than the far end accepts."""
+        msg = {"v": P.VERSION, "id": rid, "op": op, **fields}
+        if asynchronous:
+            msg["async"] = True
+        frame = P.pack(msg)
+        if len(frame) > self.max_bytes:
+            raise error_from_code(CUresult.CUDA_ERROR_INVALID_VALUE,
+                                  f"{op} request of {len(frame)} bytes exceeds the broker's "
+                                  f"max_message_bytes ({self.max_bytes})")
+        self.sock.send(frame)
