@@ -43,9 +43,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import kubecash.client as kc  # noqa: E402
-from kubecash.broker.server import BROKER_MESSAGE_MAX  # noqa: E402
 from kubecash.client import protocol as P  # noqa: E402
 from kubecash.client.errors import code_name  # noqa: E402
+from kubecash.client.limits import BROKER_MESSAGE_MAX  # noqa: E402
 
 VECADD = r"""
 extern "C" __global__ void vadd(const float* a, const float* b, float* c, int n) {

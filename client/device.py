@@ -49,16 +49,14 @@ class Device:
                                       "only ipc:// broker addresses are supported yet")
             r = s._call(s._broker, "open_device", session=s.token, device=self.name,
                         timeout=60, watch=self.name)
-            self._ch = _Channel(s._ctx, f"ipc://{s.tenant_dir}/{r['address']}")
+            self._ch = _Channel(s._ctx, f"ipc://{s.tenant_dir}/{r['address']}", P.EXECUTOR)
             a = s._wait(self._ch, s._send(self._ch, "attach", {"session": s.token}),
                         watch=self.name, timeout=60)
             self.memory_limit = a["memory_limit"]
-            if isinstance(a.get("max_message_bytes"), int):
-                self._ch.max_bytes = a["max_message_bytes"]
+            self._ch.max_bytes = a["max_message_bytes"]       # the reply is checked: all there
             # The executor queues at most max_queued_ops per session: like a full CUDA push
             # buffer, the client blocks (a context sync) well before that.
-            q = a.get("max_queued_ops")
-            self._queue_window = max(1, int(q) // 2) if isinstance(q, int) else 1 << 62
+            self._queue_window = max(1, a["max_queued_ops"] // 2)
             self._posted = 0
             if a["staging"]:
                 path = os.path.join(s.tenant_dir, "shm", a["staging"])

@@ -1,8 +1,8 @@
 """The KubeCASH wire protocol: every message kind, declared once, as data.
 
 Every side imports this module: the client library, the broker, its executors, brokerctl,
-and (through `python -m kubecash.client.protocol --json`) native clients, which are
-generated or checked from the export.
+and native clients, which are generated or checked from its export (`kubecash-protocol
+--json`).
 
 Transports (each message is one MessagePack map):
   tenant        client DEALER -> the tenant's broker socket (ZMTP parsed by broker/gate.py)
@@ -565,7 +565,7 @@ def export() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args not in ([], ["--json"]):
-        print("usage: python -m kubecash.client.protocol [--json]", file=sys.stderr)
+        print("usage: kubecash-protocol [--json]", file=sys.stderr)
         return 2
     if args == ["--json"]:
         json.dump(export(), sys.stdout, indent=1)

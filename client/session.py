@@ -58,6 +58,7 @@ class Session(_Resource):
         self._broker = _Channel(self._ctx, address)
         self._broken: KubecashError | None = None
         self._failed: dict[str, CudaError] = {}     # device -> sticky error
+        self._throttled_until = 0.0                 # monotonic time a "throttled" event named
         self._devices: dict[str, Device] = {}
         try:
             hello = self._call(self._broker, "hello", timeout=timeout, pid=os.getpid(),
@@ -125,10 +126,9 @@ class Session(_Resource):
         while True:
             msg = ch.stash.pop(rid, None)
             if msg is not None:
-                if msg.get("ok"):
-                    return msg
-                raise error_from_code(msg.get("code", CUresult.CUDA_ERROR_UNKNOWN),
-                                      str(msg.get("error", "")), log=str(msg.get("log", "")))
+                op = ch.ops.pop(rid, None)
+                P.raise_for_reply(msg)
+                return msg if op is None else P.check_reply(ch.protocol, op, msg)
             if watch is not None and watch in self._failed:   # that device's executor died
                 raise self._failed[watch]
             if self._broken is not None:
@@ -138,6 +138,7 @@ class Session(_Resource):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     ch.abandoned.add(rid)
+                    ch.ops.pop(rid, None)
                     raise BrokerUnavailable(f"no answer from {self.address} within {timeout:g} s")
                 wait_ms = min(wait_ms, max(1, int(left * 1000)))
             for sock, _ in poller.poll(wait_ms):
@@ -153,28 +154,44 @@ class Session(_Resource):
             msg = P.unpack(frame)
         except ProtocolError:
             return
-        if msg.get("event") == "stdout" and isinstance(msg.get("data"), bytes):
-            # What this session's kernels printed (device printf), at the next call, like
-            # CUDA delivering its printf buffer at synchronization.
-            out = getattr(sys.stdout, "buffer", None)
-            if out is not None:
-                sys.stdout.flush()
-                out.write(msg["data"])
-                out.flush()
-            else:
-                sys.stdout.write(msg["data"].decode(errors="replace"))
+        if self._on_event(msg):
             return
-        if msg.get("event") == "session_ended":       # e.g. the tenant was removed
-            self._broken = error_from_code(msg.get("code", CUresult.CUDA_ERROR_DEINITIALIZED),
-                                           str(msg.get("error", "session ended by the broker")))
-        elif msg.get("event") == "executor_died" and isinstance(msg.get("device"), str):
-            self._failed[msg["device"]] = error_from_code(
-                msg.get("code", CUresult.CUDA_ERROR_LAUNCH_FAILED), str(msg.get("error", "")))
-        elif isinstance(msg.get("id"), int) and msg["id"]:
+        if isinstance(msg.get("id"), int) and msg["id"]:
             if msg["id"] in ch.abandoned:
                 ch.abandoned.discard(msg["id"])
             else:
                 ch.stash[msg["id"]] = msg
+
+    # -- events: one handler per declared event (kubecash.client.protocol, channel "event") ----
+    def _on_event(self, msg: dict) -> bool:
+        """Handle `msg` if it is a well-formed event; False if it is not one."""
+        name = P.check_event(msg)
+        if name is None:
+            return False
+        getattr(self, P.handler_name(P.message(P.EVENT, name)))(msg)
+        return True
+
+    def _on_event_stdout(self, msg: dict) -> None:
+        # What this session's kernels printed (device printf), at the next call, like
+        # CUDA delivering its printf buffer at synchronization.
+        out = getattr(sys.stdout, "buffer", None)
+        if out is not None:
+            sys.stdout.flush()
+            out.write(msg["data"])
+            out.flush()
+        else:
+            sys.stdout.write(msg["data"].decode(errors="replace"))
+
+    def _on_event_session_ended(self, msg: dict) -> None:       # e.g. the tenant was removed
+        self._broken = error_from_code(msg["code"], msg["error"] or "session ended by the broker")
+
+    def _on_event_executor_died(self, msg: dict) -> None:
+        self._failed[msg["device"]] = error_from_code(msg["code"], msg["error"])
+
+    def _on_event_throttled(self, msg: dict) -> None:
+        # The broker is alive but leaves this tenant's requests unread for a while
+        # (max_requests_per_tenant_s): the heartbeat thread waits on, the answer will come.
+        self._throttled_until = time.monotonic() + min(float(msg["seconds"]), 60.0)
 
     def _call(self, ch: _Channel, op: str, *, timeout: float | None = None,
               watch: str | None = None, **fields: Any) -> dict:
@@ -188,8 +205,7 @@ class Session(_Resource):
         try:
             last_ok = time.monotonic()
             while not self._hb_stop.wait(interval):
-                ch.sock.send(P.pack({"v": P.VERSION, "id": 1, "op": "heartbeat",
-                                     "session": self.token}))
+                ch.sock.send(P.request("heartbeat", 1, session=self.token))
                 deadline = time.monotonic() + timeout
                 # Short polls, so close() never waits long for this thread.
                 while not self._hb_stop.is_set() and time.monotonic() < deadline:
@@ -199,13 +215,10 @@ class Session(_Resource):
                         msg = P.unpack(ch.sock.recv())
                     except ProtocolError:
                         continue
-                    if msg.get("event") == "throttled":
-                        # The broker is alive but leaves this tenant's requests unread for a
-                        # while (max_requests_per_tenant_s): wait on, the answer will come.
-                        pause = msg.get("seconds")
-                        pause = min(float(pause), 60.0) if isinstance(pause, (int, float)) else 0.0
-                        last_ok = time.monotonic() + max(0.0, pause)
-                        deadline = max(deadline, last_ok + timeout)
+                    if self._on_event(msg):
+                        if msg["event"] == "throttled":
+                            last_ok = max(last_ok, self._throttled_until)
+                            deadline = max(deadline, last_ok + timeout)
                         continue
                     if msg.get("ok"):
                         last_ok = time.monotonic()

@@ -32,7 +32,9 @@ def _context() -> zmq.Context:
 class _Channel:
     """One DEALER socket and the bookkeeping to match replies to request ids."""
 
-    def __init__(self, ctx: zmq.Context, address: str):
+    def __init__(self, ctx: zmq.Context, address: str, protocol: P.Channel = P.TENANT):
+        self.protocol = protocol             # which declarations its requests and replies follow
+        self.ops: dict[int, str] = {}        # request id -> op, to check its reply
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(address)
@@ -47,12 +49,11 @@ class _Channel:
 
     def send(self, rid: int, op: str, fields: dict, *, asynchronous: bool = False) -> None:
         """Frame request `rid` and send it, refusing one larger than the far end accepts."""
-        msg = {"v": P.VERSION, "id": rid, "op": op, **fields}
-        if asynchronous:
-            msg["async"] = True
-        frame = P.pack(msg)
+        frame = P.request(op, rid, asynchronous=asynchronous, **fields)
         if len(frame) > self.max_bytes:
             raise error_from_code(CUresult.CUDA_ERROR_INVALID_VALUE,
                                   f"{op} request of {len(frame)} bytes exceeds the broker's "
                                   f"max_message_bytes ({self.max_bytes})")
         self.sock.send(frame)
+        if not asynchronous:
+            self.ops[rid] = op

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import kubecash.client as kc
+from kubecash.client.errors import CudaError
 
 from . import table as T
-from .errors import ShimError, driver_result, explain, nvrtc_result, runtime_result, say_once
+from .errors import driver_result, explain, nvrtc_result, runtime_result, say_once
 
 
 def arity(fn: Any) -> int:
@@ -75,9 +76,7 @@ def wrap(canonical: str, name: str, impl: Callable, real_fn: Any, real: Any,
     def call(*args, **kwargs):
         try:
             out = impl(*args, **kwargs)
-        except ShimError as e:
-            code, message = e.code, e.message
-        except kc.CudaError as e:
+        except CudaError as e:          # raised here or answered by the broker: the same type
             code, message = e.code, e.message
         except kc.KubecashError as e:            # the broker is gone or the session ended
             code, message = int(kc.CUresult.CUDA_ERROR_UNKNOWN), str(e)

@@ -7,9 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kubecash.client as kc
-from kubecash.client import CUresult
-
-from .errors import ShimError
+from kubecash.client.errors import CudaError, CUresult
 
 
 def _p(key: str, i: int | None = None) -> Callable[[kc.Device], Any]:
@@ -90,7 +88,7 @@ def attribute(real_driver, device: kc.Device, attrib: Any) -> int:
     try:
         name = real_driver.CUdevice_attribute(int(attrib)).name
     except (ValueError, TypeError):
-        raise ShimError(CUresult.CUDA_ERROR_INVALID_VALUE, f"unknown device attribute {attrib!r}") from None
+        raise CudaError(CUresult.CUDA_ERROR_INVALID_VALUE, f"unknown device attribute {attrib!r}") from None
     short = name[len("CU_DEVICE_ATTRIBUTE_"):]
     get = ATTRIBUTES.get(short)
     try:
@@ -98,7 +96,7 @@ def attribute(real_driver, device: kc.Device, attrib: Any) -> int:
             raise KeyError(short)
         return int(get(device))
     except (KeyError, IndexError, TypeError):
-        raise ShimError(CUresult.CUDA_ERROR_NOT_SUPPORTED,
+        raise CudaError(CUresult.CUDA_ERROR_NOT_SUPPORTED,
                         f"device attribute {name} is not known for the brokered device "
                         f"'{device.name}'") from None
 

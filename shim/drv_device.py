@@ -6,14 +6,12 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from kubecash.client import CUresult
+from kubecash.client.errors import CudaError, E
 
 from . import devattr
-from .errors import ShimError
 from .hostmem import as_int
 from .state import STATE, Ctx, handle_int
 
-E = CUresult
 real: Any = None          # the real cuda.bindings.driver, set by driver.bind()
 
 
@@ -26,7 +24,7 @@ def ctx_dev() -> tuple[Ctx, int]:
 # -- initialisation, devices --------------------------------------------------------------
 def cuInit(Flags):
     if as_int(Flags, "Flags") != 0:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "cuInit flags must be 0")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "cuInit flags must be 0")
     STATE.init()
     return ()
 
@@ -100,7 +98,7 @@ def cuCtxCreate(*args, **kwargs):
         raise TypeError("cuCtxCreate(ctxCreateParams, flags, dev)")
     given = dict(zip(names, args, strict=False), **kwargs)   # the rest may come as keywords
     if given.get("ctxCreateParams") is not None:
-        raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED,
+        raise CudaError(E.CUDA_ERROR_NOT_SUPPORTED,
                         "cuCtxCreate with CUctxCreateParams (execution affinity, CIG) is "
                         "not supported by the brokered device")
     i = STATE.device(given["dev"])
@@ -113,7 +111,7 @@ def cuCtxCreate(*args, **kwargs):
 def cuCtxDestroy(ctx):
     c = STATE.context(ctx)
     if c.primary:
-        raise ShimError(E.CUDA_ERROR_INVALID_CONTEXT, "a primary context is released, not destroyed")
+        raise CudaError(E.CUDA_ERROR_INVALID_CONTEXT, "a primary context is released, not destroyed")
     STATE.destroy_resources(c.handle)
     c.alive = False
     STATE.contexts.pop(c.handle, None)
@@ -169,7 +167,7 @@ def cuDevicePrimaryCtxRetain(dev):
 def cuDevicePrimaryCtxRelease(dev):
     i = STATE.device(dev)
     if STATE.primary_refs.get(i, 0) <= 0:
-        raise ShimError(E.CUDA_ERROR_INVALID_CONTEXT, "the primary context is not retained")
+        raise CudaError(E.CUDA_ERROR_INVALID_CONTEXT, "the primary context is not retained")
     STATE.primary_refs[i] -= 1
     return ()
 

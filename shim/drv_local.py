@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubecash.client import CUresult
+from kubecash.client.errors import CudaError, E
 
-from .errors import ERROR_NAMES, ERROR_STRINGS, ShimError, result_code
+from .errors import ERROR_NAMES, ERROR_STRINGS, result_code
 from .state import STATE
 
-E = CUresult
 real: Any = None          # the real cuda.bindings.driver, set by driver.bind()
 
 
@@ -29,7 +28,7 @@ def cuGetErrorName(error):
     try:
         return (real.CUresult(code).name.encode(),)
     except ValueError:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"unknown CUresult {code}") from None
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"unknown CUresult {code}") from None
 
 
 def cuGetErrorString(error):
@@ -37,5 +36,5 @@ def cuGetErrorString(error):
     try:
         name = real.CUresult(code).name
     except ValueError:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"unknown CUresult {code}") from None
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"unknown CUresult {code}") from None
     return (ERROR_STRINGS.get(code, ERROR_NAMES.get(code, name)).encode(),)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubecash.client import CUresult
+from kubecash.client.errors import CudaError, E
 
 from .drv_device import ctx_dev
-from .errors import ShimError
 from .hostmem import as_int, host_address
 from .state import STATE, Registered, handle_int
 
-E = CUresult
 real: Any = None          # the real cuda.bindings.driver, set by driver.bind()
 
 
@@ -41,7 +39,7 @@ def cuMemGetAddressRange(dptr):
     pin = STATE.pinned_by_exec(p)
     if pin is not None:
         return (real.CUdeviceptr(pin.buf.ptr), pin.size)
-    raise ShimError(E.CUDA_ERROR_NOT_FOUND, f"{p:#x} is not in any allocation")
+    raise CudaError(E.CUDA_ERROR_NOT_FOUND, f"{p:#x} is not in any allocation")
 
 
 def cuMemAllocHost(bytesize):
@@ -66,17 +64,17 @@ def device_pointer_of_host(p) -> int:
     if pin is not None:
         return pin.buf.ptr + (addr - pin.local)
     if STATE.registered_at(addr) is not None:
-        raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED,
+        raise CudaError(E.CUDA_ERROR_NOT_SUPPORTED,
                         "memory registered with cuMemHostRegister/cudaHostRegister stays in this "
                         "process, which the brokered device cannot map; allocate it with "
                         "cuMemHostAlloc/cudaHostAlloc (mapped) for zero-copy access")
-    raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"{addr:#x} is not mapped host memory")
+    raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"{addr:#x} is not mapped host memory")
 
 
 def cuMemHostGetDevicePointer(p, Flags):
     STATE.ctx()
     if as_int(Flags, "Flags") != 0:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "Flags must be 0")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "Flags must be 0")
     return (real.CUdeviceptr(device_pointer_of_host(p)),)
 
 
@@ -84,7 +82,7 @@ def cuMemHostGetFlags(p):
     addr, _ = host_address(p, "p")
     pin = STATE.pinned_at(addr)
     if pin is None:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"{addr:#x} is not pinned host memory")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"{addr:#x} is not pinned host memory")
     return (pin.flags | 0x02,)       # every pinned allocation is device-mapped
 
 
@@ -95,16 +93,16 @@ def host_register(p, bytesize, Flags) -> None:
     addr, known = host_address(p, "p")
     n = as_int(bytesize, "bytesize")
     if addr == 0 or n <= 0 or (known is not None and known < n):
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "invalid host range to register")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "invalid host range to register")
     if STATE.registered_at(addr) is not None or STATE.pinned_at(addr) is not None:
-        raise ShimError(712, "host memory is already registered")   # HOST_MEMORY_ALREADY_REGISTERED
+        raise CudaError(712, "host memory is already registered")   # HOST_MEMORY_ALREADY_REGISTERED
     STATE.registered[addr] = Registered(addr, n, as_int(Flags, "Flags"))
 
 
 def host_unregister(p) -> None:
     addr, _ = host_address(p, "p")
     if STATE.registered.pop(addr, None) is None:
-        raise ShimError(713, "host memory is not registered")        # HOST_MEMORY_NOT_REGISTERED
+        raise CudaError(713, "host memory is not registered")        # HOST_MEMORY_NOT_REGISTERED
 
 
 def cuMemHostRegister(p, bytesize, Flags):
@@ -146,7 +144,7 @@ def _pool_dev(pool) -> int:
     for dev, p in STATE.pools.items():
         if h and p.handle == h:
             return dev
-    raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"memory pool {h:#x} is not valid")
+    raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"memory pool {h:#x} is not valid")
 
 
 _POOL_U64 = {"RELEASE_THRESHOLD", "RESERVED_MEM_CURRENT", "RESERVED_MEM_HIGH",
@@ -159,7 +157,7 @@ def _pool_attr_name(attr) -> str:
     try:
         return real.CUmemPool_attribute(int(attr)).name[len("CU_MEMPOOL_ATTR_"):]
     except (ValueError, TypeError):
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"unknown memory pool attribute {attr!r}") from None
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"unknown memory pool attribute {attr!r}") from None
 
 
 def pool_get(pool, attr):
@@ -174,7 +172,7 @@ def pool_get(pool, attr):
     elif name in _POOL_BOOL:
         return int(p.attrs.get(name, 1))
     else:
-        raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED, f"memory pool attribute {name} is not supported")
+        raise CudaError(E.CUDA_ERROR_NOT_SUPPORTED, f"memory pool attribute {name} is not supported")
     return v
 
 
@@ -184,14 +182,14 @@ def pool_set(pool, attr, value) -> None:
     v = as_int(value, "value")
     if name in ("RESERVED_MEM_HIGH", "USED_MEM_HIGH"):
         if v != 0:
-            raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"{name} can only be reset to 0")
+            raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"{name} can only be reset to 0")
         p.used_high = p.used
     elif name == "RELEASE_THRESHOLD" or name in _POOL_BOOL:
         # A hint about caching freed memory; the executor returns memory to the quota at
         # once, which no program can tell apart except by having more memory available.
         p.attrs[name] = v
     else:
-        raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED, f"memory pool attribute {name} is not supported")
+        raise CudaError(E.CUDA_ERROR_NOT_SUPPORTED, f"memory pool attribute {name} is not supported")
 
 
 def cuMemPoolGetAttribute(pool, attr):
@@ -244,7 +242,7 @@ def _pointer_attribute(info: dict, attr) -> Any:
     try:
         name = real.CUpointer_attribute(int(attr)).name[len("CU_POINTER_ATTRIBUTE_"):]
     except (ValueError, TypeError):
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"unknown pointer attribute {attr!r}") from None
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"unknown pointer attribute {attr!r}") from None
     mt = real.CUmemorytype
     if name == "CONTEXT":
         return real.CUcontext(info["ctx"])
@@ -258,7 +256,7 @@ def _pointer_attribute(info: dict, attr) -> Any:
         return real.CUdeviceptr(info["device_ptr"])
     if name == "HOST_POINTER":
         if info["host_ptr"] is None:
-            raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "device memory has no host address")
+            raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "device memory has no host address")
         return info["host_ptr"]
     if name == "RANGE_START_ADDR":
         return real.CUdeviceptr(info["base"])
@@ -278,9 +276,9 @@ def _pointer_attribute(info: dict, attr) -> Any:
         return 3                     # CU_POINTER_ATTRIBUTE_ACCESS_FLAG_READWRITE
     if name == "MEMPOOL_HANDLE":
         if info["pool"] is None:
-            raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "the memory is not from a memory pool")
+            raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "the memory is not from a memory pool")
         return real.CUmemoryPool(info["pool"])
-    raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED,
+    raise CudaError(E.CUDA_ERROR_NOT_SUPPORTED,
                     f"pointer attribute CU_POINTER_ATTRIBUTE_{name} is not supported")
 
 
@@ -289,7 +287,7 @@ def cuPointerGetAttribute(attribute, ptr):
     p = handle_int(ptr)
     info = pointer_info(p)
     if info is None:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"{p:#x} was not allocated, mapped or "
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"{p:#x} was not allocated, mapped or "
                         "registered through this program's brokered device")
     return (_pointer_attribute(info, attribute),)
 
@@ -298,7 +296,7 @@ def cuPointerGetAttributes(numAttributes, attributes, ptr):
     STATE.ctx()
     attrs = list(attributes or ())
     if as_int(numAttributes, "numAttributes") != len(attrs):
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "numAttributes does not match attributes")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "numAttributes does not match attributes")
     info = pointer_info(handle_int(ptr))
     if info is None:
         # As the driver does for an address it does not know: "not device memory" answers.

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubecash.client import CUresult
+from kubecash.client.errors import CudaError, E
 
 from . import devattr, images, ops
 from .drv_device import ctx_dev
-from .errors import ShimError, say_once
+from .errors import say_once
 from .hostmem import as_int
 from .state import STATE, handle_int
 
-E = CUresult
 real: Any = None          # the real cuda.bindings.driver, set by driver.bind()
 
 
@@ -72,7 +71,7 @@ def cuFuncSetAttribute(hfunc, attrib, value):
     if name in ("CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES",
                 "CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT"):
         return ()                  # the executor checks each launch's shared memory itself
-    raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED, f"function attribute {name} cannot be set")
+    raise CudaError(E.CUDA_ERROR_NOT_SUPPORTED, f"function attribute {name} cannot be set")
 
 
 def cuLaunchKernel(f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
@@ -94,13 +93,13 @@ def cuFuncGetAttribute(attrib, hfunc):
     try:
         name = real.CUfunction_attribute(int(attrib)).name
     except (ValueError, TypeError):
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"unknown function attribute {attrib!r}") from None
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"unknown function attribute {attrib!r}") from None
     if name == "CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK":
         return (_dev_attr(f.dev, "MAX_THREADS_PER_BLOCK"),)
     if name in ("CU_FUNC_ATTRIBUTE_PTX_VERSION", "CU_FUNC_ATTRIBUTE_BINARY_VERSION"):
         return (_dev_attr(f.dev, "COMPUTE_CAPABILITY_MAJOR") * 10
                 + _dev_attr(f.dev, "COMPUTE_CAPABILITY_MINOR"),)
-    raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED,
+    raise CudaError(E.CUDA_ERROR_NOT_SUPPORTED,
                     f"function attribute {name} is not known for a kernel on the brokered device")
 
 
@@ -131,7 +130,7 @@ def cuOccupancyMaxPotentialBlockSize(func, blockSizeToDynamicSMemSize, dynamicSM
                                      blockSizeLimit):
     f = STATE.function(func)
     if blockSizeToDynamicSMemSize not in (None, 0) and handle_int(blockSizeToDynamicSMemSize):
-        raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED,
+        raise CudaError(E.CUDA_ERROR_NOT_SUPPORTED,
                         "cuOccupancyMaxPotentialBlockSize with a blockSizeToDynamicSMemSize "
                         "callback is not supported; pass None and dynamicSMemSize")
     smem = as_int(dynamicSMemSize, "dynamicSMemSize")
@@ -148,5 +147,5 @@ def cuOccupancyMaxPotentialBlockSize(func, blockSizeToDynamicSMemSize, dynamicSM
         if threads > best_threads:
             best, best_threads = bs, threads
     if best_threads <= 0:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "no block size fits the kernel's shared memory")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "no block size fits the kernel's shared memory")
     return (blocks_per_sm(f.dev, best, smem) * _dev_attr(f.dev, "MULTIPROCESSOR_COUNT"), best)

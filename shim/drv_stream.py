@@ -5,14 +5,12 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from kubecash.client import CUresult
+from kubecash.client.errors import CudaError, E
 
 from .drv_device import ctx_dev
-from .errors import ShimError
 from .hostmem import as_int, host_address
 from .state import STATE, handle_int
 
-E = CUresult
 real: Any = None          # the real cuda.bindings.driver, set by driver.bind()
 
 
@@ -38,7 +36,7 @@ def cuStreamCreateWithPriority(flags, priority):
 def stream_destroy(hStream) -> None:
     h = handle_int(hStream)
     if h in (0, 1, 2) or h not in STATE.streams:
-        raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, f"stream {h:#x} is not valid")
+        raise CudaError(E.CUDA_ERROR_INVALID_HANDLE, f"stream {h:#x} is not valid")
     _, st, _ = STATE.streams.pop(h)
     STATE.stream_flags.pop(h, None)
     st.close()
@@ -52,14 +50,14 @@ def stream_sync(hStream, dev_default: int) -> None:
 def stream_query(hStream, dev_default: int) -> None:
     dev, st = STATE.stream(hStream, dev_default)
     if not STATE.dev(dev).request("stream_query", stream=0 if st is None else st.handle)["ready"]:
-        raise ShimError(E.CUDA_ERROR_NOT_READY, "")
+        raise CudaError(E.CUDA_ERROR_NOT_READY, "")
 
 
 def stream_wait_event(hStream, hEvent, dev_default: int) -> None:
     dev, st = STATE.stream(hStream, dev_default)
     edev, ev = STATE.event(hEvent)
     if edev != dev:
-        raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED, "waiting on another device's event")
+        raise CudaError(E.CUDA_ERROR_NOT_SUPPORTED, "waiting on another device's event")
     STATE.dev(dev).submit("stream_wait_event", stream=0 if st is None else st.handle, event=ev.handle)
 
 
@@ -95,14 +93,14 @@ def event_record(hEvent, hStream) -> None:
     dev, ev = STATE.event(hEvent)
     sdev, st = STATE.stream(hStream, dev)
     if sdev != dev:
-        raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, "event and stream belong to different devices")
+        raise CudaError(E.CUDA_ERROR_INVALID_HANDLE, "event and stream belong to different devices")
     ev.record(st)
 
 
 def event_query(hEvent) -> None:
     _, ev = STATE.event(hEvent)
     if not ev.query():
-        raise ShimError(E.CUDA_ERROR_NOT_READY, "")
+        raise CudaError(E.CUDA_ERROR_NOT_READY, "")
 
 
 def event_elapsed(hStart, hEnd) -> float:
@@ -115,7 +113,7 @@ def event_destroy(hEvent) -> None:
     h = handle_int(hEvent)
     entry = STATE.events.pop(h, None)
     if entry is None:
-        raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, f"event {h:#x} is not valid")
+        raise CudaError(E.CUDA_ERROR_INVALID_HANDLE, f"event {h:#x} is not valid")
     entry[1].close()
 
 
@@ -204,7 +202,7 @@ def run_host_function(hStream, fn, userData, dev_default: int, callback: bool) -
     waits for the stream and calls the function in the calling thread (the brokered device
     cannot call into this process), which keeps both orders; the call itself blocks."""
     if fn is None or (not callable(fn) and handle_int(fn) == 0):
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "the host function is NULL")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "the host function is NULL")
     stream_sync(hStream, dev_default)
     data = _user_data(userData)
     if callable(fn) and not hasattr(fn, "getPtr"):
@@ -227,6 +225,6 @@ def cuLaunchHostFunc(hStream, fn, userData):
 
 def cuStreamAddCallback(hStream, callback, userData, flags):
     if as_int(flags, "flags") != 0:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "flags must be 0")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "flags must be 0")
     run_host_function(hStream, callback, userData, STATE.ctx().dev, callback=True)
     return ()

@@ -11,35 +11,15 @@ import logging
 import sys
 import threading
 
+from kubecash.client.errors import ERROR_STRINGS, CudaError  # noqa: F401  (the shim's names for them)
 from kubecash.client.errors import CUresult as KC
 
 log = logging.getLogger("kubecash.shim")
 
-# Short strings as cuGetErrorString gives them (the common ones; others fall back to the name).
-ERROR_STRINGS = {
-    0: "no error", 1: "invalid argument", 2: "out of memory", 3: "initialization error",
-    4: "driver shutting down", 100: "no CUDA-capable device is detected",
-    101: "invalid device ordinal", 200: "device kernel image is invalid",
-    201: "invalid device context", 209: "no kernel image is available for execution on the device",
-    218: "a PTX JIT compilation failed", 300: "device kernel image is invalid",
-    400: "invalid resource handle", 401: "the operation cannot be performed in the present state",
-    500: "named symbol not found", 600: "device not ready",
-    700: "an illegal memory access was encountered", 701: "too many resources requested for launch",
-    702: "the launch timed out and was terminated", 719: "unspecified launch failure",
-    800: "operation not permitted", 801: "operation not supported", 999: "unknown error",
-}
-
-
+# The code tables (ERROR_STRINGS, keyed by CUresult) and the one exception type carrying a code
+# (CudaError, raised inside an implementation: it becomes the call's result code) are the
+# client's: kubecash.client.errors.
 ERROR_NAMES = {int(c): c.name for c in KC}
-
-
-class ShimError(Exception):
-    """Raised inside an implementation: becomes the call's result code (CUresult numbering)."""
-
-    def __init__(self, code: int, message: str = ""):
-        super().__init__(message)
-        self.code = int(code)
-        self.message = message
 
 
 def result_code(error) -> int:

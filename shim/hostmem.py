@@ -7,9 +7,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from kubecash.client.errors import CUresult
-
-from .errors import ShimError
+from kubecash.client.errors import CudaError, CUresult
 
 
 class _PyBuffer(ctypes.Structure):
@@ -46,7 +44,7 @@ def host_address(obj: Any, what: str = "host pointer") -> tuple[int, int | None]
     if obj is None:
         return 0, None
     if isinstance(obj, bool):
-        raise ShimError(CUresult.CUDA_ERROR_INVALID_VALUE, f"{what}: a bool is not an address")
+        raise CudaError(CUresult.CUDA_ERROR_INVALID_VALUE, f"{what}: a bool is not an address")
     if isinstance(obj, int):
         return obj, None
     if isinstance(obj, (ctypes.c_void_p, ctypes.c_char_p)):
@@ -60,7 +58,7 @@ def host_address(obj: Any, what: str = "host pointer") -> tuple[int, int | None]
         if ai.get("strides") is not None:
             r = buffer_address(obj)
             if r is None:
-                raise ShimError(CUresult.CUDA_ERROR_INVALID_VALUE,
+                raise CudaError(CUresult.CUDA_ERROR_INVALID_VALUE,
                                 f"{what}: the array is not contiguous")
             return r
         return int(ai["data"][0]), int(getattr(obj, "nbytes", 0)) or None
@@ -69,7 +67,7 @@ def host_address(obj: Any, what: str = "host pointer") -> tuple[int, int | None]
         return r
     if hasattr(obj, "getPtr") and hasattr(obj, "__int__"):
         return int(obj), None
-    raise ShimError(CUresult.CUDA_ERROR_INVALID_VALUE,
+    raise CudaError(CUresult.CUDA_ERROR_INVALID_VALUE,
                     f"{what}: cannot take the address of a {type(obj).__name__}")
 
 
@@ -79,9 +77,9 @@ def host_view(obj: Any, n: int, what: str = "host buffer") -> tuple[int, memoryv
     if n == 0:
         return addr, memoryview(bytearray(0))
     if addr == 0:
-        raise ShimError(CUresult.CUDA_ERROR_INVALID_VALUE, f"{what} is NULL")
+        raise CudaError(CUresult.CUDA_ERROR_INVALID_VALUE, f"{what} is NULL")
     if known is not None and known < n:
-        raise ShimError(CUresult.CUDA_ERROR_INVALID_VALUE,
+        raise CudaError(CUresult.CUDA_ERROR_INVALID_VALUE,
                         f"{what} holds {known} bytes, {n} were asked for")
     return addr, memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
 
@@ -95,5 +93,5 @@ def as_int(value: Any, what: str = "value") -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ShimError(CUresult.CUDA_ERROR_INVALID_VALUE,
+        raise CudaError(CUresult.CUDA_ERROR_INVALID_VALUE,
                         f"{what}: expected an integer, got {type(value).__name__}") from None

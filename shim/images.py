@@ -19,9 +19,8 @@ import struct
 import threading
 from typing import Any
 
-from kubecash.client.errors import CUresult
+from kubecash.client.errors import CudaError, CUresult
 
-from .errors import ShimError
 from .hostmem import host_address
 
 ELF_MAGIC = b"\x7fELF"
@@ -61,7 +60,7 @@ class Registry:
     def add_program(self, handle: int, source: bytes | str, name: Any, headers, include_names) -> None:
         src = source.decode("utf-8", "replace") if isinstance(source, (bytes, bytearray)) else str(source)
         hdrs: list[tuple[str, str]] = []
-        for h, n in zip(headers or (), include_names or ()):
+        for h, n in zip(headers or (), include_names or (), strict=False):   # nvrtc: counts may differ
             hdrs.append((_text(n), _text(h)))
         with self._lock:
             self.programs[handle] = Program(src.rstrip("\0"), _text(name or b"default_program"),
@@ -124,7 +123,7 @@ def _sized_image_at(addr: int) -> bytes:
     if head == ELF_MAGIC:
         hdr = ctypes.string_at(addr, 64)
         if hdr[4] != 2:
-            raise ShimError(CUresult.CUDA_ERROR_INVALID_IMAGE, "only 64-bit ELF images are accepted")
+            raise CudaError(CUresult.CUDA_ERROR_INVALID_IMAGE, "only 64-bit ELF images are accepted")
         e_phoff, e_shoff = struct.unpack_from("<QQ", hdr, 0x20)
         e_phentsize, e_phnum, e_shentsize, e_shnum = struct.unpack_from("<HHHH", hdr, 0x36)
         size = max(64, e_phoff + e_phentsize * e_phnum, e_shoff + e_shentsize * e_shnum)
@@ -137,12 +136,12 @@ def _sized_image_at(addr: int) -> bytes:
                 if sh_type != 8:          # SHT_NOBITS occupies no file space
                     size = max(size, off + sz)
         if size > MAX_IMAGE:
-            raise ShimError(CUresult.CUDA_ERROR_INVALID_IMAGE, f"ELF image of {size} bytes is too large")
+            raise CudaError(CUresult.CUDA_ERROR_INVALID_IMAGE, f"ELF image of {size} bytes is too large")
         return ctypes.string_at(addr, size)
     if struct.unpack("<I", head)[0] == FATBIN_MAGIC:
         _, _, hsize, fsize = struct.unpack("<IHHQ", ctypes.string_at(addr, 16))
         if hsize + fsize > MAX_IMAGE:
-            raise ShimError(CUresult.CUDA_ERROR_INVALID_IMAGE, "fatbin image is too large")
+            raise CudaError(CUresult.CUDA_ERROR_INVALID_IMAGE, "fatbin image is too large")
         return ctypes.string_at(addr, hsize + fsize)
     return ctypes.string_at(addr)            # PTX: NUL-terminated text
 
@@ -150,14 +149,14 @@ def _sized_image_at(addr: int) -> bytes:
 def image_bytes(image: Any) -> bytes:
     """The bytes of a module image as cuModuleLoadData & co. accept it."""
     if image is None:
-        raise ShimError(CUresult.CUDA_ERROR_INVALID_VALUE, "image is NULL")
+        raise CudaError(CUresult.CUDA_ERROR_INVALID_VALUE, "image is NULL")
     if isinstance(image, str):
         return image.encode()
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, int) and not isinstance(image, bool):
         if image == 0:
-            raise ShimError(CUresult.CUDA_ERROR_INVALID_VALUE, "image is NULL")
+            raise CudaError(CUresult.CUDA_ERROR_INVALID_VALUE, "image is NULL")
         return _sized_image_at(image)
     tobytes = getattr(image, "tobytes", None)
     if callable(tobytes) and hasattr(image, "__array_interface__"):
@@ -172,11 +171,11 @@ def read_image_file(path: Any) -> bytes:
         with open(p, "rb") as f:
             data = f.read(MAX_IMAGE + 1)
     except FileNotFoundError:
-        raise ShimError(CUresult.CUDA_ERROR_FILE_NOT_FOUND, f"no module file {p!r}") from None
+        raise CudaError(CUresult.CUDA_ERROR_FILE_NOT_FOUND, f"no module file {p!r}") from None
     except OSError as e:
-        raise ShimError(CUresult.CUDA_ERROR_FILE_NOT_FOUND, f"cannot read {p!r}: {e}") from None
+        raise CudaError(CUresult.CUDA_ERROR_FILE_NOT_FOUND, f"cannot read {p!r}: {e}") from None
     if len(data) > MAX_IMAGE:
-        raise ShimError(CUresult.CUDA_ERROR_INVALID_IMAGE, f"{p!r} is larger than {MAX_IMAGE} bytes")
+        raise CudaError(CUresult.CUDA_ERROR_INVALID_IMAGE, f"{p!r} is larger than {MAX_IMAGE} bytes")
     return data
 
 
@@ -246,7 +245,7 @@ def _nvidia_header_dir(path: str) -> bool:
 
 
 def cpu_options(options: tuple[str, ...]) -> list[str]:
-    """The NVRTC options that mean something to a CPU compile. Raises ShimError for ones
+    """The NVRTC options that mean something to a CPU compile. Raises CudaError for ones
     that would need the program's files (include paths other than NVIDIA's own)."""
     out: list[str] = []
     opts = list(options)
@@ -270,7 +269,7 @@ def cpu_options(options: tuple[str, ...]) -> list[str]:
                 path, i = opts[i], i + 1
             if _nvidia_header_dir(path) or not os.path.isdir(path):
                 continue          # cuda_runtime.h & co. are provided; a missing dir holds nothing
-            raise ShimError(CUresult.CUDA_ERROR_NOT_SUPPORTED,
+            raise CudaError(CUresult.CUDA_ERROR_NOT_SUPPORTED,
                             f"NVRTC option {o!r}: a CPU device compiles the program's source in "
                             "the broker, which cannot read include directories from the "
                             "program's file system; pass headers to nvrtcCreateProgram or "

@@ -7,9 +7,9 @@ import ctypes
 from typing import Any
 
 import kubecash
+from kubecash.client.errors import CudaError
 
 from . import devattr
-from .errors import ShimError
 from .state import STATE
 
 real: Any = None          # the real pynvml module, set by the module builder
@@ -45,7 +45,7 @@ def nvmlInitWithFlags(flags):
     global _inited
     try:
         STATE.init()
-    except ShimError:
+    except CudaError:
         raise _err(real.NVML_ERROR_DRIVER_NOT_LOADED) from None
     _inited += 1
 

@@ -8,14 +8,12 @@ import enum
 from typing import Any
 
 import kubecash.client as kc
-from kubecash.client import CUresult
+from kubecash.client.errors import CudaError, E
 
 from . import images
-from .errors import ShimError, say_once
+from .errors import say_once
 from .hostmem import as_int, host_address, host_view
 from .state import STATE, Func, Mod, handle_int
-
-E = CUresult
 
 
 def _stream_handle(st: kc.Stream | None) -> int:
@@ -120,7 +118,7 @@ def memset(dst: Any, value: Any, width: int, count: Any, stream: Any = None, *,
 def load_module(data: bytes, ctx_handle: int, dev: int) -> int:
     """Load an image on `dev`: with the CUDA C source NVRTC compiled it from, when known."""
     if not data.strip(b"\0 \t\r\n"):
-        raise ShimError(E.CUDA_ERROR_INVALID_IMAGE, "empty module image")
+        raise CudaError(E.CUDA_ERROR_INVALID_IMAGE, "empty module image")
     kind = images.image_kind(data)
     known = STATE.images.lookup(data)
     device = STATE.dev(dev)
@@ -129,7 +127,7 @@ def load_module(data: bytes, ctx_handle: int, dev: int) -> int:
         source = images.inline_headers(known.source, known.headers)
         fields.update(source=source, options=images.cpu_options(known.options))
     elif device.kind == "cpu":
-        raise ShimError(E.CUDA_ERROR_NO_BINARY_FOR_GPU,
+        raise CudaError(E.CUDA_ERROR_NO_BINARY_FOR_GPU,
                         f"a {kind} image with no known source cannot run on the CPU device "
                         f"'{device.name}': the CPU device compiles the CUDA C source of a kernel, "
                         "and the shim knows the source only of images NVRTC produced in this "
@@ -172,7 +170,7 @@ def encode_params(kernel_params: Any, f: Func) -> list[bytes]:
             and isinstance(kp[1], (tuple, list))):
         values, types = kp
         if len(values) != len(types):
-            raise ShimError(E.CUDA_ERROR_INVALID_VALUE,
+            raise CudaError(E.CUDA_ERROR_INVALID_VALUE,
                             f"kernelParams: {len(values)} values but {len(types)} types")
         out = []
         for v, t in zip(values, types, strict=True):   # lengths checked above
@@ -195,14 +193,14 @@ def encode_params(kernel_params: Any, f: Func) -> list[bytes]:
         return out
     # The C form: the address of an array of pointers, one per parameter.
     if f.param_sizes is None:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE,
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE,
                         f"kernel '{f.name}': its parameter sizes are unknown (no PTX signature "
                         "and none from the device), so kernelParams given as an array of "
                         "pointers cannot be read; pass ((values...), (ctypes types...)) instead")
     if hasattr(kp, "__array_interface__") or not isinstance(kp, int):
         addr, known = host_address(kp, "kernelParams")
         if known is not None and known < 8 * len(f.param_sizes):
-            raise ShimError(E.CUDA_ERROR_INVALID_VALUE,
+            raise CudaError(E.CUDA_ERROR_INVALID_VALUE,
                             f"kernelParams holds {known // 8} pointers; kernel '{f.name}' takes "
                             f"{len(f.param_sizes)} parameters")
     else:
@@ -213,7 +211,7 @@ def encode_params(kernel_params: Any, f: Func) -> list[bytes]:
     out = []
     for i, n in enumerate(f.param_sizes):
         if not ptrs[i]:
-            raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"kernelParams[{i}] is NULL")
+            raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"kernelParams[{i}] is NULL")
         out.append(ctypes.string_at(ptrs[i], n))
     return out
 
@@ -222,7 +220,7 @@ def launch(f: Any, grid: tuple, block: tuple, shared: Any, stream: Any, kernel_p
            extra: Any) -> None:
     fn = STATE.function(f)
     if extra not in (None, 0) and handle_int(extra) != 0:
-        raise ShimError(E.CUDA_ERROR_NOT_SUPPORTED,
+        raise CudaError(E.CUDA_ERROR_NOT_SUPPORTED,
                         "cuLaunchKernel 'extra' (CU_LAUNCH_PARAM_BUFFER_POINTER) is not supported; "
                         "pass kernelParams")
     g = [_dim(x, "grid") for x in grid]
@@ -230,13 +228,13 @@ def launch(f: Any, grid: tuple, block: tuple, shared: Any, stream: Any, kernel_p
     args = encode_params(kernel_params, fn)
     if fn.param_sizes is not None:
         if len(args) != len(fn.param_sizes) or any(len(a) != n for a, n in zip(args, fn.param_sizes, strict=True)):
-            raise ShimError(E.CUDA_ERROR_INVALID_VALUE,
+            raise CudaError(E.CUDA_ERROR_INVALID_VALUE,
                             f"kernel '{fn.name}' takes {len(fn.param_sizes)} parameters of sizes "
                             f"{list(fn.param_sizes)} bytes; got {len(args)} of sizes "
                             f"{[len(a) for a in args]}")
     dev, st = _resolve_stream(stream, fn.dev)
     if dev != fn.dev:
-        raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, "the stream belongs to another device")
+        raise CudaError(E.CUDA_ERROR_INVALID_HANDLE, "the stream belongs to another device")
     STATE.dev(dev).submit("launch", function=fn.handle, grid=g, block=b,
                          shared=as_int(shared, "sharedMemBytes"), stream=_stream_handle(st),
                          args=args)
@@ -246,9 +244,9 @@ def _dim(x: Any, what: str) -> int:
     try:
         v = int(x)           # cuda-python takes unsigned int: floats truncate, as there
     except (TypeError, ValueError):
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"{what} dimension {x!r} is not a number") from None
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"{what} dimension {x!r} is not a number") from None
     if v < 1:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, f"{what} dimension {v} must be at least 1")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, f"{what} dimension {v} must be at least 1")
     return v
 
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from kubecash.client import CUresult
+from kubecash.client.errors import CudaError, E
 
 from . import devattr, driver, ops
-from .errors import ERROR_STRINGS, ShimError, result_code
+from .errors import ERROR_STRINGS, result_code
 from .hostmem import as_int, host_address
 from .state import STATE
 
-E = CUresult
 real: Any = None          # the real cuda.bindings.runtime, set by the module builder
 real_driver: Any = None
 
@@ -96,7 +95,7 @@ def cudaGetDeviceProperties(device):
         try:
             v = devattr.attribute(real_driver, d, getattr(real_driver.CUdevice_attribute,
                 "CU_DEVICE_ATTRIBUTE_" + attr))
-        except ShimError:
+        except CudaError:
             continue                      # not known for this device: left 0
         try:
             setattr(p, field, v)
@@ -170,7 +169,7 @@ def cudaFreeHost(ptr):
 def cudaHostGetDevicePointer(pHost, flags):
     _ctx()
     if as_int(flags, "flags") != 0:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "flags must be 0")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "flags must be 0")
     return (driver.device_pointer_of_host(pHost),)
 
 
@@ -200,7 +199,7 @@ def _copy(dst, src, count, kind, stream) -> None:
     fn = {_H2H: ops.htoh, _H2D: ops.htod, _D2H: ops.dtoh, _D2D: ops.dtod,
           _DEFAULT: ops.copy_any}.get(k)
     if fn is None:
-        raise ShimError(21, f"invalid memcpy kind {k}")     # cudaErrorInvalidMemcpyDirection
+        raise CudaError(21, f"invalid memcpy kind {k}")     # cudaErrorInvalidMemcpyDirection
     fn(dst, src, count, stream, default_dev=dev)
 
 
@@ -368,7 +367,7 @@ def cudaLaunchHostFunc(stream, fn, userData):
 
 def cudaStreamAddCallback(stream, callback, userData, flags):
     if as_int(flags, "flags") != 0:
-        raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "flags must be 0")
+        raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "flags must be 0")
     driver.run_host_function(stream, callback, userData, _dev(), callback=True)
     return ()
 
@@ -378,7 +377,7 @@ def cudaPointerGetAttributes(ptr):
     a = real.cudaPointerAttributes()
     try:
         p, _ = host_address(ptr, "ptr")
-    except ShimError:
+    except CudaError:
         p = 0
     info = driver.pointer_info(p) if p else None
     mt = real.cudaMemoryType

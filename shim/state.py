@@ -17,12 +17,9 @@ import threading
 from typing import Any
 
 import kubecash.client as kc
-from kubecash.client import CUresult
+from kubecash.client.errors import CudaError, E
 
-from .errors import ShimError
 from .images import Registry
-
-E = CUresult
 
 
 @dataclasses.dataclass
@@ -96,7 +93,7 @@ class State:
         self.lock = threading.RLock()
         self.session: kc.Session | None = None
         self.devices: list[kc.Device] = []
-        self.init_error: ShimError | None = None
+        self.init_error: CudaError | None = None
         self.images = Registry()
         self._ids = itertools.count(0x5000_0000)
         self.tls = threading.local()
@@ -130,18 +127,18 @@ class State:
                 raise self.init_error
             address = os.environ.get(kc.ENV_BROKER)
             if not address:
-                self.init_error = ShimError(E.CUDA_ERROR_NO_DEVICE,
+                self.init_error = CudaError(E.CUDA_ERROR_NO_DEVICE,
                                             f"{kc.ENV_BROKER} is not set: no brokered device")
                 raise self.init_error
             if address.startswith("ipc://") and not os.path.exists(address[len("ipc://"):]):
                 # No socket there: say so at once rather than after the hello timeout.
-                self.init_error = ShimError(E.CUDA_ERROR_NO_DEVICE,
+                self.init_error = CudaError(E.CUDA_ERROR_NO_DEVICE,
                                             f"no KubeCASH broker socket at {address}")
                 raise self.init_error
             try:
                 self.session = kc.connect(address)
             except kc.KubecashError as e:
-                self.init_error = ShimError(E.CUDA_ERROR_NO_DEVICE,
+                self.init_error = CudaError(E.CUDA_ERROR_NO_DEVICE,
                                             f"cannot reach the KubeCASH broker at {address}: {e}")
                 raise self.init_error from None
             self.devices = self.session.devices
@@ -151,7 +148,7 @@ class State:
 
     def need_init(self) -> None:
         if self.session is None:
-            raise ShimError(E.CUDA_ERROR_NOT_INITIALIZED, "cuInit has not been called")
+            raise CudaError(E.CUDA_ERROR_NOT_INITIALIZED, "cuInit has not been called")
 
     def close(self) -> None:
         with self.lock:
@@ -171,9 +168,9 @@ class State:
         try:
             i = int(ordinal)
         except (TypeError, ValueError):
-            raise ShimError(E.CUDA_ERROR_INVALID_DEVICE, f"not a device: {ordinal!r}") from None
+            raise CudaError(E.CUDA_ERROR_INVALID_DEVICE, f"not a device: {ordinal!r}") from None
         if not 0 <= i < len(self.devices):
-            raise ShimError(E.CUDA_ERROR_INVALID_DEVICE,
+            raise CudaError(E.CUDA_ERROR_INVALID_DEVICE,
                             f"device {i} does not exist (this tenant has {len(self.devices)})")
         return i
 
@@ -198,7 +195,7 @@ class State:
         self.need_init()
         c = self.current()
         if c is None:
-            raise ShimError(E.CUDA_ERROR_INVALID_CONTEXT, "no current context "
+            raise CudaError(E.CUDA_ERROR_INVALID_CONTEXT, "no current context "
                             "(cuCtxCreate, cuCtxSetCurrent or cuDevicePrimaryCtxRetain first)")
         return c
 
@@ -232,7 +229,7 @@ class State:
         h = int(handle or 0)
         c = self.contexts.get(h)
         if c is None or not c.alive:
-            raise ShimError(E.CUDA_ERROR_INVALID_CONTEXT, f"context {h:#x} is not valid")
+            raise CudaError(E.CUDA_ERROR_INVALID_CONTEXT, f"context {h:#x} is not valid")
         return c
 
     def destroy_resources(self, ctx: int) -> None:
@@ -267,34 +264,34 @@ class State:
             return default_dev, None
         entry = self.streams.get(h)
         if entry is None:
-            raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, f"stream {h:#x} is not valid")
+            raise CudaError(E.CUDA_ERROR_INVALID_HANDLE, f"stream {h:#x} is not valid")
         return entry[0], entry[1]
 
     def event(self, handle: Any) -> tuple[int, kc.Event]:
         h = _handle_int(handle)
         entry = self.events.get(h)
         if entry is None:
-            raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, f"event {h:#x} is not valid")
+            raise CudaError(E.CUDA_ERROR_INVALID_HANDLE, f"event {h:#x} is not valid")
         return entry[0], entry[1]
 
     def function(self, handle: Any) -> Func:
         h = _handle_int(handle)
         f = self.functions.get(h)
         if f is None:
-            raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, f"function {h:#x} is not valid")
+            raise CudaError(E.CUDA_ERROR_INVALID_HANDLE, f"function {h:#x} is not valid")
         return f
 
     def module(self, handle: Any) -> Mod:
         h = _handle_int(handle)
         m = self.modules.get(h)
         if m is None:
-            raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, f"module {h:#x} is not valid")
+            raise CudaError(E.CUDA_ERROR_INVALID_HANDLE, f"module {h:#x} is not valid")
         return m
 
     def drop_module(self, h: int) -> None:
         m = self.modules.pop(h, None)
         if m is None:
-            raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, f"module {h:#x} is not valid")
+            raise CudaError(E.CUDA_ERROR_INVALID_HANDLE, f"module {h:#x} is not valid")
         for fh in [fh for fh, f in self.functions.items() if f.module == h]:
             del self.functions[fh]
         m.module.close()
@@ -320,7 +317,7 @@ class State:
     def alloc(self, dev: int, size: Any, ctx: int, pooled: bool = False) -> int:
         n = int(size)
         if n <= 0:
-            raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "allocation size must be positive")
+            raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "allocation size must be positive")
         ptr = self.dev(dev).request("mem_alloc", size=n)["ptr"]
         self.allocs[ptr] = Alloc(dev, n, ctx, pooled, next(self._buffer_ids))
         if pooled:
@@ -335,7 +332,7 @@ class State:
             return                                  # cuMemFree(0) / cudaFree(0): no-op
         a = self.allocs.get(p)
         if a is None:
-            raise ShimError(E.CUDA_ERROR_INVALID_VALUE,
+            raise CudaError(E.CUDA_ERROR_INVALID_VALUE,
                             f"{p:#x} is not the start of a device allocation")
         self.dev(a.dev).request("mem_free", ptr=p)   # runs after the work queued before it
         del self.allocs[p]
@@ -351,7 +348,7 @@ class State:
     def alloc_pinned(self, dev: int, size: Any, ctx: int, flags: int = 0) -> int:
         n = int(size)
         if n <= 0:
-            raise ShimError(E.CUDA_ERROR_INVALID_VALUE, "allocation size must be positive")
+            raise CudaError(E.CUDA_ERROR_INVALID_VALUE, "allocation size must be positive")
         buf = self.dev(dev).allocate_host(n)
         anchor = (ctypes.c_char * n).from_buffer(buf.mapping)
         local = ctypes.addressof(anchor)
@@ -364,7 +361,7 @@ class State:
         with self.lock:
             p = self.pinned.pop(addr, None)
             if p is None:
-                raise ShimError(E.CUDA_ERROR_INVALID_VALUE,
+                raise CudaError(E.CUDA_ERROR_INVALID_VALUE,
                                 f"{addr:#x} is not the start of pinned host memory")
             self._pinned_bases.remove(addr)
             p.anchor = None                         # release the export before unmapping
@@ -400,7 +397,7 @@ def _handle_int(h: Any) -> int:
     try:
         return int(h)
     except (TypeError, ValueError):
-        raise ShimError(E.CUDA_ERROR_INVALID_HANDLE, f"not a handle: {h!r}") from None
+        raise CudaError(E.CUDA_ERROR_INVALID_HANDLE, f"not a handle: {h!r}") from None
 
 
 handle_int = _handle_int

@@ -99,10 +99,11 @@ def test_every_declared_message_has_exactly_one_handler_and_every_handler_a_decl
 
 def test_the_declarations_export_as_json():
     import json
+    import os
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-m", "kubecash.client.protocol", "--json"], capture_output=True,
-                         text=True, check=True)
+    script = os.path.join(os.path.dirname(sys.executable), "kubecash-protocol")
+    out = subprocess.run([script, "--json"], capture_output=True, text=True, check=True)
     assert out.stderr == ""
     doc = json.loads(out.stdout)
     names = {(m["channel"], m["name"]) for m in doc["messages"]}

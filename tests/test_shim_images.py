@@ -21,8 +21,8 @@ nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 from conftest import ROOT  # noqa: E402
 
 from kubecash.client import CUresult  # noqa: E402
+from kubecash.client.errors import CudaError  # noqa: E402
 from kubecash.shim import images, ops  # noqa: E402
-from kubecash.shim.errors import ShimError  # noqa: E402
 from kubecash.shim.state import Func  # noqa: E402
 
 SRC = rb"""
@@ -78,7 +78,7 @@ def test_image_bytes_from_an_address_take_the_images_own_length():
     pbuf = ctypes.create_string_buffer(ptx.rstrip(b"\0"))
     assert images.image_bytes(ctypes.addressof(pbuf)) == ptx.rstrip(b"\0")
     assert images.image_bytes(np.frombuffer(cubin, np.uint8)) == cubin
-    with pytest.raises(ShimError):
+    with pytest.raises(CudaError):
         images.image_bytes(0)
 
 
@@ -91,10 +91,10 @@ def test_nvrtc_options_for_a_cpu_device(tmp_path):
                     "-DA=1", "-DB", "-DC=3"]
     mine = tmp_path / "mine"
     mine.mkdir()
-    with pytest.raises(ShimError) as e:
+    with pytest.raises(CudaError) as e:
         images.cpu_options((f"--include-path={mine}",))
     assert e.value.code == CUresult.CUDA_ERROR_NOT_SUPPORTED and "include" in e.value.message
-    with pytest.raises(ShimError):
+    with pytest.raises(CudaError):
         images.cpu_options(("-I", str(mine)))
     assert images.cpu_options(("-I/nonexistent/dir",)) == []   # nothing there to read
     # NVIDIA's own header directories are stood in for by the CPU device's header.
@@ -127,7 +127,7 @@ def test_kernel_arguments_in_both_forms():
     ptrs = np.array([v.ctypes.data for v in vals], np.uint64)
     assert ops.encode_params(ptrs.ctypes.data, f) == a
     assert ops.encode_params(ptrs, f) == a                    # the array itself works too
-    with pytest.raises(ShimError) as e:
+    with pytest.raises(CudaError) as e:
         ops.encode_params(ptrs.ctypes.data, Func(0, 1, "k", None, 1))
     assert "parameter sizes are unknown" in e.value.message
     with pytest.raises(TypeError):                            # as cuda-python: None needs a handle

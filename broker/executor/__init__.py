@@ -23,7 +23,7 @@ family), main (the process entry point).
 """
 from .main import main
 from .service import Executor
-from .state import DEFAULT_LIMITS, MAX_BLOCK, MAX_GRID, EventState, HostAlloc, QueuedOp, SessionState, StreamState
+from .state import EventState, HostAlloc, QueuedOp, SessionState, StreamState
 
 __all__ = ["main", "Executor", "SessionState", "StreamState", "EventState", "HostAlloc", "QueuedOp",
-           "DEFAULT_LIMITS", "MAX_GRID", "MAX_BLOCK"]
+]

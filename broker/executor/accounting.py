@@ -6,8 +6,9 @@ import os
 import resource
 import secrets
 
+from kubecash.client.errors import E
+
 from .state import (
-    E,
     HostAlloc,
     SessionState,
     _err,

@@ -9,10 +9,10 @@ import resource
 import signal
 
 from kubecash.client import protocol as P
+from kubecash.client.limits import Limits
 
 from .accounting import bound_memory
 from .service import Executor
-from .state import DEFAULT_LIMITS
 
 
 def _die_with_parent() -> None:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", required=True)
     ap.add_argument("--owner", default="", help="uid:gid of the tenant's containers")
     ap.add_argument("--max-message-bytes", type=int, default=P.MAX_MESSAGE_BYTES)
-    ap.add_argument("--limits", default="{}", help="JSON: per-session bounds (DEFAULT_LIMITS keys)")
+    ap.add_argument("--limits", default="{}", help="JSON: per-tenant bounds (kubecash.client.limits.Limits fields)")
     ap.add_argument("--no-sandbox", action="store_true",
                     help="CPU backend: run kernels unconfined (no seccomp filter)")
     a = ap.parse_args(argv)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # a crash must not write tenant data to disk
     ex = Executor(a.tenant, json.loads(a.device_json), a.runtime_dir, a.control_fd,
                   a.lease_fd, a.memory_limit, a.threads, a.cache_dir, a.max_message_bytes,
-                  limits={k: int(v) for k, v in json.loads(a.limits).items() if k in DEFAULT_LIMITS},
+                  limits=Limits.from_dict(json.loads(a.limits)),
                   sandbox=not a.no_sandbox)
     bound_memory(ex.device["kind"], a.memory_limit)
     if a.owner:

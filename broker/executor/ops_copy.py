@@ -4,9 +4,9 @@ from __future__ import annotations
 import ctypes
 
 from kubecash.client import protocol as P
+from kubecash.client.errors import E
 
 from .state import (
-    E,
     SessionState,
     _err,
 )

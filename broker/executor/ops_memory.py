@@ -4,10 +4,9 @@ from __future__ import annotations
 import bisect
 import os
 
-from kubecash.client.errors import CudaError
+from kubecash.client.errors import CudaError, E
 
 from .state import (
-    E,
     HostAlloc,
     SessionState,
     _err,
@@ -28,7 +27,7 @@ class MemoryOps:
             path = ""
         return {"staging": os.path.basename(path), "staging_size": self.staging_bytes,
                 "memory_limit": self.memory_limit, "device": self.device,
-                "max_queued_ops": self.limits["max_queued_ops_per_session"],
+                "max_queued_ops": self.limits.max_queued_ops_per_session,
                 "max_message_bytes": self.max_message_bytes}
 
     def op_mem_alloc(self, s: SessionState, msg: dict, ident: bytes):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import bisect
 
 from kubecash.client import protocol as P
-from kubecash.client.errors import CudaError
+from kubecash.client.errors import CudaError, E, map_exceptions
 
 from .state import (
     SUSPENDED,
-    E,
     SessionState,
     _err,
     log,
@@ -20,14 +19,14 @@ class ModuleOps:
     def op_module_load(self, s: SessionState, msg: dict, ident: bytes):
         kind = msg["kind"]
         # kind: one of the protocol's declared choices
-        limit = self.limits["max_module_bytes"]
+        limit = self.limits.max_module_bytes
         for field in ("source", "image"):
             n = len(msg[field]) if field in msg else 0
             if n > limit:
                 raise _err(E.CUDA_ERROR_INVALID_VALUE,
                            f"module {field} of {n} bytes exceeds the broker's max_module_bytes "
                            f"({limit})")
-        nmod, limit = len(s.modules) + s.building, self.limits["max_modules_per_session"]
+        nmod, limit = len(s.modules) + s.building, self.limits.max_modules_per_session
         if nmod >= limit:
             raise _err(E.CUDA_ERROR_OUT_OF_MEMORY,
                        f"cannot load another module: this session has {nmod} modules loaded or "
@@ -44,14 +43,10 @@ class ModuleOps:
 
         def build() -> None:
             try:
-                module = self.backend.load_module(*args)
+                with map_exceptions("module build", logger=log):
+                    module = self.backend.load_module(*args)
             except CudaError as e:
-                err = P.error(rid, e.code, e.message, e.log)   # `e` is unbound after except
-                self._call_in_main(lambda: failed(err))
-                return
-            except Exception as e:
-                log.exception("module build failed")
-                err = P.error(rid, E.CUDA_ERROR_UNKNOWN, f"internal error: {e}")
+                err = P.error_reply(rid, e)   # `e` is unbound after except
                 self._call_in_main(lambda: failed(err))
                 return
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from kubecash.client import protocol as P
+from kubecash.client.errors import E
 
 from .state import (
-    E,
     EventState,
     SessionState,
     StreamState,
@@ -38,7 +38,7 @@ class SyncOps:
         """Answer when everything queued on `obj` so far has run (now, if it has)."""
         with self._cv:
             if obj.pending:
-                limit = 2 * self.limits["max_queued_ops_per_session"]
+                limit = 2 * self.limits.max_queued_ops_per_session
                 if len(obj.waiters) >= limit:    # synchronize requests nobody waits for
                     raise _err(E.CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
                                f"{len(obj.waiters)} synchronize requests already wait on this "

@@ -8,14 +8,12 @@ import time
 from typing import Any
 
 from kubecash.client import protocol as P
-from kubecash.client.errors import STICKY_CODES, CudaError, ProtocolError
+from kubecash.client.errors import CudaError, E, ProtocolError, map_exceptions
 
 from .state import (
     SUSPENDED,
-    E,
     QueuedOp,
     SessionState,
-    _err,
     log,
 )
 
@@ -74,7 +72,7 @@ class Runner:
                     continue
                 if s is not None and not self._wanted:
                     self._wanted = True
-                    ls.send(P.pack({"v": P.VERSION, "op": "want"}))
+                    ls.send(P.notice("want"))
                 self._poll_lease(ls, 100)
                 continue
             if op.device and self._lease is not None and self._lease_t0 is None:
@@ -100,23 +98,27 @@ class Runner:
                 self._stopping = True
                 return
             try:
-                op, msg = P.decode(frame, P.CONTROL_OPS)
+                op, msg = P.decode(frame, P.LEASE, P.LEASE.max_bytes)
             except ProtocolError as e:
                 log.error("bad lease message: %s", e)
                 continue
-            if op == "grant":
-                self._lease, self._lease_quantum = msg["lease"], msg["quantum_ns"]
-                self._lease_preemptible = msg.get("preemptible", False)
-                self._lease_used = self._lease_kernels = 0
-                self._lease_t0 = None
-                self._preempted = self._wanted = False
-            elif op == "preempt" and msg["lease"] == self._lease:
-                self._preempted = True
+            getattr(self, P.handler_name(P.message(P.LEASE, op)))(msg)
+
+    def _on_lease_grant(self, msg: dict) -> None:
+        self._lease, self._lease_quantum = msg["lease"], msg["quantum_ns"]
+        self._lease_preemptible = msg.get("preemptible", False)
+        self._lease_used = self._lease_kernels = 0
+        self._lease_t0 = None
+        self._preempted = self._wanted = False
+
+    def _on_lease_preempt(self, msg: dict) -> None:
+        if msg["lease"] == self._lease:
+            self._preempted = True
 
     def _maybe_fatal(self, error: CudaError | None) -> None:
         """A context-fatal ("sticky") device error ends this executor: its context is
         unusable. The broker hears why and tells this tenant's sessions; others go on."""
-        if error is None or error.code not in STICKY_CODES:
+        if error is None or not error.sticky:
             return
 
         def die() -> None:
@@ -145,11 +147,9 @@ class Runner:
         return self._preempted
 
     def _give_back(self, ls: socket.socket, more: bool) -> None:
-        msg = {"v": P.VERSION, "op": "release", "lease": self._lease,
-               "used_ns": self._lease_used, "kernels": self._lease_kernels, "more": more}
-        if self._suspended:
-            msg["suspended"] = True
-        ls.send(P.pack(msg))
+        fields = {"suspended": True} if self._suspended else {}
+        ls.send(P.notice("release", lease=self._lease, used_ns=self._lease_used,
+                         kernels=self._lease_kernels, more=more, **fields))
         self._lease = None
         self._wanted = more           # the broker counts a release with more work as a want
 
@@ -159,23 +159,21 @@ class Runner:
         error: CudaError | None = None
         self._suspended = False
         try:
-            result = op.fn() or {}
-            if result is SUSPENDED:           # preempted mid-kernel: it stays at the head
-                self._suspended = True
-                with self._cv:
-                    if s.closed:              # its session ended meanwhile: drop the rest
-                        return time.perf_counter_ns() - t0
-                    s.queue.appendleft(op)
-                    if s.in_ready:
-                        self._ready.remove(s)
-                    s.in_ready = True
-                    self._ready.appendleft(s)
-                return time.perf_counter_ns() - t0
+            with map_exceptions("executing an operation", logger=log):
+                result = op.fn() or {}
         except CudaError as e:
             error = e
-        except Exception as e:
-            log.exception("internal error executing an operation")
-            error = _err(E.CUDA_ERROR_UNKNOWN, f"internal error: {type(e).__name__}: {e}")
+        if result is SUSPENDED:           # preempted mid-kernel: it stays at the head
+            self._suspended = True
+            with self._cv:
+                if s.closed:              # its session ended meanwhile: drop the rest
+                    return time.perf_counter_ns() - t0
+                s.queue.appendleft(op)
+                if s.in_ready:
+                    self._ready.remove(s)
+                s.in_ready = True
+                self._ready.appendleft(s)
+            return time.perf_counter_ns() - t0
         dt = time.perf_counter_ns() - t0
         if op.kernel:
             self._forward_output(s)

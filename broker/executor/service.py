@@ -17,7 +17,8 @@ from typing import Any
 import zmq
 
 from kubecash.client import protocol as P
-from kubecash.client.errors import CudaError, ProtocolError
+from kubecash.client.errors import CudaError, E, ProtocolError, map_exceptions
+from kubecash.client.limits import Limits
 
 from .. import malloc
 from .accounting import Accounting, bound_memory
@@ -28,9 +29,7 @@ from .ops_sync import SyncOps
 from .output import OutputCapture
 from .runner import Runner
 from .state import (
-    DEFAULT_LIMITS,
     TRIM_INTERVAL_S,
-    E,
     EventState,
     QueuedOp,
     SessionState,
@@ -46,7 +45,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
     def __init__(self, tenant: str, device: dict[str, Any], runtime_dir: str, control_fd: int,
                  lease_fd: int, memory_limit: int, threads: int, cache_dir: str,
                  max_message_bytes: int = P.MAX_MESSAGE_BYTES,
-                 staging_bytes: int = P.DEFAULT_STAGING_BYTES, limits: dict | None = None,
+                 staging_bytes: int = P.DEFAULT_STAGING_BYTES, limits: Limits | None = None,
                  sandbox: bool = True):
         self.tenant = tenant
         self.device = device
@@ -57,7 +56,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         self.memory_used = 0
         self.max_message_bytes = max_message_bytes
         self.staging_bytes = staging_bytes
-        self.limits = {**DEFAULT_LIMITS, **(limits or {})}
+        self.limits = limits if limits is not None else Limits()
         self.sessions: dict[bytes, SessionState] = {}
         self.owner: tuple[int, int] | None = None   # uid, gid of the tenant's containers
         self._handle = 0x1000
@@ -118,7 +117,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
 
     def _report(self, op: str, **fields: Any) -> None:
         try:
-            self.ctl.send(P.pack({"v": P.VERSION, "op": op, **fields}))
+            self.ctl.send(P.notice(op, **fields))
         except OSError:
             self._stopping = True       # the broker is gone
 
@@ -208,41 +207,46 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
 
     def _on_control(self, frame: bytes) -> None:
         try:
-            op, msg = P.decode(frame, P.CONTROL_OPS)
+            op, msg = P.decode(frame, P.CONTROL, P.CONTROL.max_bytes)
         except ProtocolError as e:
             log.error("bad control message: %s", e)
             return
-        if op == "session_add":
-            self.sessions.setdefault(msg["session"], SessionState(msg["session"]))
-            self._report("session_added", session=msg["session"])
-        elif op == "session_end":
-            s = self.sessions.get(msg["session"])
-            if s is None or s.closed:
-                if s is None:
-                    self._report("session_ended", session=msg["session"])
-                return
-            s.closed = True
-            token = s.token
+        getattr(self, P.handler_name(P.message(P.CONTROL, op)))(msg)
 
-            def ended() -> None:
-                self.sessions.pop(token, None)
-                self._report("session_ended", session=token)
+    def _on_control_session_add(self, msg: dict) -> None:
+        self.sessions.setdefault(msg["session"], SessionState(msg["session"]))
+        self._report("session_added", session=msg["session"])
 
-            def cleanup() -> None:         # runs on the runner, after the op in progress
-                self._release(s)
-                self._call_in_main(ended)
-            with self._cv:
-                # Queued work is dropped, but not the frees: their handles already left
-                # the session's tables, so only running them releases what they hold.
-                kept = [op for op in s.queue if op.release]
-                s.queue.clear()
-                s.queue.extend(kept)
-                self._enqueue_locked(s, QueuedOp(cleanup, None, 0, None))
-        elif op == "set_quota":
-            self.memory_limit = msg["memory"]
-            bound_memory(self.device["kind"], self.memory_limit)
-        elif op == "shutdown":
-            self._stopping = True
+    def _on_control_session_end(self, msg: dict) -> None:
+        s = self.sessions.get(msg["session"])
+        if s is None or s.closed:
+            if s is None:
+                self._report("session_ended", session=msg["session"])
+            return
+        s.closed = True
+        token = s.token
+
+        def ended() -> None:
+            self.sessions.pop(token, None)
+            self._report("session_ended", session=token)
+
+        def cleanup() -> None:         # runs on the runner, after the op in progress
+            self._release(s)
+            self._call_in_main(ended)
+        with self._cv:
+            # Queued work is dropped, but not the frees: their handles already left
+            # the session's tables, so only running them releases what they hold.
+            kept = [op for op in s.queue if op.release]
+            s.queue.clear()
+            s.queue.extend(kept)
+            self._enqueue_locked(s, QueuedOp(cleanup, None, 0, None))
+
+    def _on_control_set_quota(self, msg: dict) -> None:
+        self.memory_limit = msg["memory"]
+        bound_memory(self.device["kind"], self.memory_limit)
+
+    def _on_control_shutdown(self, msg: dict) -> None:
+        self._stopping = True
 
     # -- client requests -----------------------------------------------------------------
     def _on_client(self, frames: list[bytes]) -> None:
@@ -254,35 +258,26 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         ident, frame = frames
         msg: Any = None
         try:
-            msg = P.unpack(frame, self.max_message_bytes)
-            op = P.check_request(msg, P.EXECUTOR_OPS)
-            s = self.sessions.get(msg["session"])
-            if s is None or s.closed:
-                raise _err(E.CUDA_ERROR_INVALID_CONTEXT,
-                           "unknown or ended session (open one through the broker)")
-            s.ident = ident                   # where kernel output for this session goes
-            result = getattr(self, "op_" + op)(s, msg, ident)
+            with map_exceptions(logger=log):   # a bug here must not take the tenant's executor down
+                msg = P.unpack(frame, self.max_message_bytes)
+                op = P.check(msg, P.EXECUTOR)
+                s = self.sessions.get(msg["session"])
+                if s is None or s.closed:
+                    raise _err(E.CUDA_ERROR_INVALID_CONTEXT,
+                               "unknown or ended session (open one through the broker)")
+                s.ident = ident                   # where kernel output for this session goes
+                result = getattr(self, P.handler_name(P.message(P.EXECUTOR, op)))(s, msg, ident)
             if result is not None:
                 self._send(ident, P.reply(msg["id"], **result))
-        except ProtocolError as e:
+        except CudaError as e:
             token = msg.get("session") if isinstance(msg, dict) else None
             s = self.sessions.get(token) if isinstance(token, bytes) else None
             if s is not None and msg.get("async") is True:
                 # Nobody waits for an async request's reply: keep the error for the next
                 # synchronization, as for any asynchronous failure.
-                s.deferred = s.deferred or _err(P.PROTOCOL_ERROR_CODE, str(e))
-            else:
-                self._send(ident, P.error(P.request_id_of(msg), P.PROTOCOL_ERROR_CODE, str(e)))
-        except CudaError as e:
-            if isinstance(msg, dict) and msg.get("async") and msg.get("session") in self.sessions:
-                s = self.sessions[msg["session"]]
                 s.deferred = s.deferred or e
             else:
-                self._send(ident, P.error(P.request_id_of(msg), e.code, e.message, e.log))
-        except Exception as e:  # a bug here must not take the tenant's executor down
-            log.exception("internal error handling a request")
-            self._send(ident, P.error(P.request_id_of(msg), E.CUDA_ERROR_UNKNOWN,
-                                      f"internal error: {type(e).__name__}: {e}"))
+                self._send(ident, P.error_reply(P.request_id_of(msg), e))
 
     # helpers that look things up in the session's own tables
     def _stream(self, s: SessionState, msg: dict) -> StreamState:
@@ -339,7 +334,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         self._cv.notify()
 
     def _check_handles(self, s: SessionState, what: str) -> None:
-        n, limit = s.handle_count(), self.limits["max_handles_per_session"]
+        n, limit = s.handle_count(), self.limits.max_handles_per_session
         if n >= limit:
             raise _err(E.CUDA_ERROR_OUT_OF_MEMORY,
                        f"cannot create {what}: this session holds {n} handles (allocations, "
@@ -353,7 +348,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         synchronization, as for any async failure; the client library blocks before it
         gets there, like a full CUDA push buffer). A synchronous request is accepted up to
         twice the bound, so a client can always wait for its queue to drain."""
-        limit = self.limits["max_queued_ops_per_session"]
+        limit = self.limits.max_queued_ops_per_session
         n = len(s.queue)
         if n >= (limit if msg.get("async") else 2 * limit):
             raise _err(E.CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,

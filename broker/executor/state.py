@@ -8,23 +8,17 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from kubecash.client.errors import CudaError, CUresult, error_from_code
+from kubecash.client.errors import CudaError, error_from_code
 
 log = logging.getLogger("kubecash.executor")
 
-E = CUresult
 
 SUSPENDED = object()     # what a preempted kernel's op returns: run the rest later
 
-MAX_GRID = (2**31 - 1, 65535, 65535)
 
 TRIM_INTERVAL_S = 5.0    # malloc.trim() takes under a ms; freed memory goes back within 5 s
 
-MAX_BLOCK = (1024, 1024, 64)
 
-# Per-session bounds (the broker passes its [broker] settings; these are the defaults).
-DEFAULT_LIMITS = {"max_handles_per_session": 65536, "max_modules_per_session": 256,
-                  "max_module_bytes": 8 << 20, "max_queued_ops_per_session": 4096}
 
 def _err(code: int, msg: str, log: str = "") -> CudaError:
     return error_from_code(code, msg, log=log)

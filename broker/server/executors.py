@@ -74,9 +74,7 @@ class ExecutorControl:
                "--cache-dir", self.settings.resolved_cache_dir,
                "--owner", "" if t.config.owner is None else "{:d}:{:d}".format(*t.config.owner),
                "--max-message-bytes", str(self.settings.max_message_bytes),
-               "--limits", json.dumps({k: getattr(self.settings, k) for k in (
-                   "max_handles_per_session", "max_modules_per_session", "max_module_bytes",
-                   "max_queued_ops_per_session")})]
+               "--limits", json.dumps(self.settings.limits.as_dict())]
         if not self.settings.sandbox:
             cmd.append("--no-sandbox")
         env = dict(os.environ)
