@@ -78,6 +78,15 @@ class Device:
             self._ch = None
 
     # -- requests: the executor protocol's ops (see kubecash.client.protocol) ----------------
+    def _usable_channel(self) -> _Channel:
+        """The executor channel, once the session is open and this device's context not lost
+        (the session's lock is held)."""
+        s = self.session
+        s._check_open()
+        if self.name in s._failed:
+            raise s._failed[self.name]
+        return self._conn()
+
     def request(self, op: str, **fields: Any) -> dict:
         """Send request `op` with `fields` to this tenant's executor for the device and wait for
         its reply (a dict); an error reply raises its CudaError (kubecash.client.errors). The
@@ -85,10 +94,7 @@ class Device:
         wrap; a context sync (op "ctx_sync") also resets the back-pressure count of submit()."""
         s = self.session
         with s._lock:
-            s._check_open()
-            if self.name in s._failed:
-                raise s._failed[self.name]
-            ch = self._conn()
+            ch = self._usable_channel()
             if op == "ctx_sync":
                 self._posted = 0
             return s._wait(ch, s._send(ch, op, {"session": s.token, **fields}), watch=self.name)
@@ -99,10 +105,7 @@ class Device:
         executor's max_queued_ops) it waits for a context sync, like a full push buffer."""
         s = self.session
         with s._lock:
-            s._check_open()
-            if self.name in s._failed:
-                raise s._failed[self.name]
-            ch = self._conn()
+            ch = self._usable_channel()
             s._send(ch, op, {"session": s.token, **fields}, asynchronous=True)
             self._posted += 1
             if self._posted >= self._queue_window:

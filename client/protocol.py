@@ -463,6 +463,13 @@ def decode(frame: bytes, channel: Channel | Mapping[str, Mapping[str, F]],
     return check(msg, channel), msg
 
 
+def handler_for(receiver: Any, channel: Channel, frame: bytes) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """Decode and check one unanswered message (control, report, lease, lease report) and
+    find its one handler on `receiver`: (bound handler, message), or ProtocolError."""
+    op, msg = decode(frame, channel, channel.max_bytes)
+    return getattr(receiver, handler_name(message(channel, op))), msg
+
+
 def check_reply(channel: Channel, op: str, msg: dict[str, Any]) -> dict[str, Any]:
     """Validate a success reply to `op` against its declared reply fields; return it."""
     m = MESSAGES.get((channel.name, op))

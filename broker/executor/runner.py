@@ -98,11 +98,11 @@ class Runner:
                 self._stopping = True
                 return
             try:
-                op, msg = P.decode(frame, P.LEASE, P.LEASE.max_bytes)
+                handler, msg = P.handler_for(self, P.LEASE, frame)
             except ProtocolError as e:
                 log.error("bad lease message: %s", e)
                 continue
-            getattr(self, P.handler_name(P.message(P.LEASE, op)))(msg)
+            handler(msg)
 
     def _on_lease_grant(self, msg: dict) -> None:
         self._lease, self._lease_quantum = msg["lease"], msg["quantum_ns"]

@@ -207,11 +207,11 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
 
     def _on_control(self, frame: bytes) -> None:
         try:
-            op, msg = P.decode(frame, P.CONTROL, P.CONTROL.max_bytes)
+            handler, msg = P.handler_for(self, P.CONTROL, frame)
         except ProtocolError as e:
             log.error("bad control message: %s", e)
             return
-        getattr(self, P.handler_name(P.message(P.CONTROL, op)))(msg)
+        handler(msg)
 
     def _on_control_session_add(self, msg: dict) -> None:
         self.sessions.setdefault(msg["session"], SessionState(msg["session"]))

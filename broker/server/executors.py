@@ -244,14 +244,13 @@ class ExecutorControl:
 
     def _on_report(self, ex: ExecutorProc, frame: bytes) -> None:
         try:
-            op, msg = P.decode(frame, P.REPORT, P.REPORT.max_bytes)
+            handler, msg = P.handler_for(self, P.REPORT, frame)
         except ProtocolError as e:
             log.error("tenant %s: bad message from the executor for %s: %s",
                       ex.tenant.config.name, ex.device.name, e)
             return
-        if op != "ready" and not ex.ready:
-            return
-        getattr(self, P.handler_name(P.message(P.REPORT, op)))(ex, msg)
+        if msg["op"] == "ready" or ex.ready:
+            handler(ex, msg)
 
     def _on_report_ready(self, ex: ExecutorProc, msg: dict) -> None:
         self._executor_ready(ex, msg)

@@ -36,11 +36,11 @@ class LeaseScheduling:
                 self._unwatch(self._lease_fds, ex.lease_sock)
                 return
             try:
-                op, msg = P.decode(frame, P.LEASE_REPORT, P.LEASE_REPORT.max_bytes)
+                handler, msg = P.handler_for(self, P.LEASE_REPORT, frame)
             except ProtocolError as e:
                 log.error("bad lease message from %s/%s: %s", ex.tenant.config.name, ex.device.name, e)
                 continue
-            getattr(self, P.handler_name(P.message(P.LEASE_REPORT, op)))(ex, msg, time.monotonic_ns())
+            handler(ex, msg, time.monotonic_ns())
             self._schedule(ex.device.name)
 
     def _on_lease_report_want(self, ex: ExecutorProc, msg: dict, now: int) -> None:
