@@ -8,6 +8,7 @@ as an annotated quota file; the README and examples/quota.toml point here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -81,7 +82,7 @@ class Quota:
     limit: float | None = _doc(None, "hard cap, fraction of one device's time, 0.0001 up; above 1 it "
                                "spans devices (absent: none)", 0.5)
     klass: str = _doc("batch", '"batch", or "latency": preempts batch work between blocks', key="class")
-    max_kernel_seconds: float = _doc(0.0, "longest kernel, seconds; 0: no bound")
+    max_kernel_seconds: float = _doc(0.0, "longest kernel, seconds; 0: no bound (at most a year)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,15 +105,19 @@ class Tenant:
 @dataclasses.dataclass(frozen=True)
 class BrokerSettings(Limits):
     """[broker]: the node-wide settings, plus every per-tenant bound of Limits."""
-    runtime_dir: str = _doc("/run/kubecash", "sockets: <runtime_dir>/tenants/<tenant>/broker.sock")
-    quantum_ms: float = _doc(10.0, "device lease length")
-    heartbeat_interval_s: float = _doc(1.0, "clients ping this often ...")
-    heartbeat_timeout_s: float = _doc(5.0, "... and their session ends after this much silence")
-    executor_threads: int = _doc(0, "CPU backend worker threads per executor (0: all cores)")
-    cache_dir: str = _doc("", 'compiled kernels ("": <runtime_dir>/cache)')
-    cache_max_bytes: int = _doc(2 << 30, "cap on that cache (shared by all tenants): oldest builds go first")
+    runtime_dir: str = _doc("/run/kubecash", "sockets: <runtime_dir>/tenants/<tenant>/broker.sock (absolute)",
+                            path=True)
+    quantum_ms: float = _doc(10.0, "device lease length", lo=0.1, hi=10000)
+    heartbeat_interval_s: float = _doc(1.0, "clients ping this often ...", lo=0.01, hi=3600)
+    heartbeat_timeout_s: float = _doc(5.0, "... and their session ends after this much silence", lo=0.02, hi=86400)
+    executor_threads: int = _doc(0, "CPU backend worker threads per executor (0: all cores)", lo=0, hi=4096)
+    cache_dir: str = _doc("", 'compiled kernels ("": <runtime_dir>/cache; else an absolute path)',
+                          path=True, empty=True)
+    cache_max_bytes: int = _doc(2 << 30, "cap on that cache (shared by all tenants): oldest builds go first",
+                                lo=0, hi=1 << 60)
     metrics_address: str = _doc("127.0.0.1:9464", 'Prometheus /metrics "host:port" ("": off; port 0: any free port)')
-    admin_socket: str = _doc("", 'brokerctl\'s socket, owner-only ("": <runtime_dir>/admin.sock)')
+    admin_socket: str = _doc("", 'brokerctl\'s socket, owner-only ("": <runtime_dir>/admin.sock; else absolute)',
+                             path=True, empty=True)
     # CPU backend: kernels run on threads confined by a seccomp filter (no files, sockets or
     # programs). false runs tenant native code unconfined, with the executor's privileges.
     sandbox: bool = _doc(True, 'confine CPU-backend kernels with seccomp (README, "Sandbox")')
@@ -144,6 +149,8 @@ def _fail(path: str, where: str, msg: str) -> ConfigError:
 def _number(v: Any, *, integer: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
         raise ValueError(f"expected {'an integer' if integer else 'a number'}, got {v!r}")
+    if not math.isfinite(v):          # TOML has inf and nan; no setting means either
+        raise ValueError(f"must be a finite number, got {v!r}")
     return v
 
 
@@ -171,14 +178,17 @@ def _quota(path: str, where: str, table: dict[str, Any], base: Quota, max_limit:
                 fields["klass"] = value
             elif key == "max_kernel_seconds":
                 s = float(_number(value))
-                if s < 0:
-                    raise ValueError(f"must be 0 (no bound) or positive, got {s:g}")
+                if not 0 <= s <= 365 * 86400:
+                    raise ValueError(f"must be 0 (no bound) or positive, at most a year, got {s:g}")
                 fields["max_kernel_seconds"] = s
             else:
                 raise ValueError(f"unknown field (allowed: {', '.join(QUOTA_FIELDS)})")
         except ValueError as e:
             raise _fail(path, at, str(e)) from None
     return dataclasses.replace(base, **fields)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(BrokerSettings)}
 
 
 def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) -> Config:
@@ -194,7 +204,7 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
     settings: dict[str, Any] = {}
     for key, value in b.items():
         at = f"[broker] field '{key}'"
-        if key not in {f.name for f in dataclasses.fields(BrokerSettings)}:
+        if key not in _FIELDS:
             raise _fail(path, at, "unknown field")
         want = type(getattr(defaults, key))
         try:
@@ -212,6 +222,14 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
                 value = float(_number(value))
                 if value <= 0:
                     raise ValueError("must be positive")
+            meta = _FIELDS[key].metadata
+            lo, hi = meta.get("lo"), meta.get("hi")
+            if lo is not None and not lo <= value <= hi:
+                raise ValueError(f"must be from {lo:g} to {hi:g}, got {value:g}")
+            if meta.get("path") and not (value == "" and meta.get("empty")):
+                if not value or not os.path.isabs(value) or "\0" in value:
+                    alt = ' (or "")' if meta.get("empty") else ""
+                    raise ValueError(f"must be an absolute path{alt}, got {value!r}")
         except ValueError as e:
             raise _fail(path, at, str(e)) from None
         settings[key] = value
@@ -236,8 +254,9 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
     tenants: dict[str, Tenant] = {}
     for name, t in tenants_tbl.items():
         where = f"tenant '{name}'"
-        if not TENANT_NAME_RE.match(name):
-            raise _fail(path, where, "name must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if not TENANT_NAME_RE.match(name) or name in (".", ".."):
+            # . and .. would name the tenants directory itself, or the runtime directory
+            raise _fail(path, where, "name must be 1-64 characters of A-Z a-z 0-9 _ . -, not . or ..")
         if not isinstance(t, dict):
             raise _fail(path, where, "must be a table")
         t = dict(t)
@@ -311,7 +330,7 @@ def reference() -> str:
              "# Errors name the file, the tenant and the field; a bad reload keeps the running config.",
              "", "[broker]"]
     lines += _reference_lines(BrokerSettings)
-    lines += ["", "[tenants.alice]".ljust(38) + " # a tenant: a name of 1-64 of A-Z a-z 0-9 _ . -"]
+    lines += ["", "[tenants.alice]".ljust(38) + " # a tenant: a name of 1-64 of A-Z a-z 0-9 _ . - (not . or ..)"]
     lines += _reference_lines(Quota) + _reference_lines(Tenant)
     device_doc = next(f.metadata["doc"] for f in dataclasses.fields(Tenant) if f.name == "per_device")
     lines += ["", "[tenants.alice.device.cpu0]".ljust(38) + f" # {device_doc.split(': ', 1)[1]}",

@@ -5,6 +5,7 @@ started with a generated quota file, and stopped (with everything it left) on cl
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,10 +29,16 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
+def _toml_key(key: str) -> str:
+    """A bare key where TOML allows one, else quoted (a tenant may be called "a.b")."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
 def toml_dumps(broker: dict[str, Any], tenants: dict[str, dict[str, Any]]) -> str:
     """A quota file for these broker settings and tenants (per-device tables under "device")."""
     lines = ["[broker]"] + [f"{k} = {_toml_value(v)}" for k, v in broker.items()]
     for name, t in tenants.items():
+        name = _toml_key(name)
         lines.append(f"\n[tenants.{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in t.items() if k != "device"]
         for dev, dt in t.get("device", {}).items():

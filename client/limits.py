@@ -10,24 +10,25 @@ import dataclasses
 from typing import Any
 
 
-def _limit(default: int | float, doc: str) -> Any:
-    return dataclasses.field(default=default, metadata={"doc": doc})
+def _limit(default: int | float, doc: str, lo: int | float, hi: int | float) -> Any:
+    """A bound: its default, what it means, and the values a quota file may give it."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "lo": lo, "hi": hi})
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Per-tenant bounds (each at least 1). Each error that enforces one names it."""
-    max_message_bytes: int = _limit(64 << 20, "largest request frame (broker sockets: at most 16 KiB)")
-    max_sessions_per_tenant: int = _limit(256, "open sessions per tenant (a hello past it is refused)")
+    max_message_bytes: int = _limit(64 << 20, "largest request frame (broker sockets: at most 16 KiB)", 1024, 1 << 31)
+    max_sessions_per_tenant: int = _limit(256, "open sessions per tenant (a hello past it is refused)", 1, 1 << 20)
     max_handles_per_session: int = _limit(
-        65536, "allocations + streams + events + modules + functions, per session")
-    max_modules_per_session: int = _limit(256, "modules loaded or loading, per session and device")
-    max_module_bytes: int = _limit(8 << 20, "module source or image size")
-    max_queued_ops_per_session: int = _limit(4096, "work an executor queues for one session")
+        65536, "allocations + streams + events + modules + functions, per session", 1, 1 << 24)
+    max_modules_per_session: int = _limit(256, "modules loaded or loading, per session and device", 1, 1 << 16)
+    max_module_bytes: int = _limit(8 << 20, "module source or image size", 1, 32 << 20)
+    max_queued_ops_per_session: int = _limit(4096, "work an executor queues for one session", 1, 1 << 24)
     max_connections_per_tenant: int = _limit(
-        600, "connections to a tenant's broker socket (a session holds 2)")
+        600, "connections to a tenant's broker socket (a session holds 2)", 1, 1 << 20)
     max_requests_per_tenant_s: float = _limit(
-        2000.0, "broker requests per second and tenant (past it: back-pressure)")
+        2000.0, "broker requests per second and tenant (past it: back-pressure)", 0.001, 1e9)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

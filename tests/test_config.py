@@ -83,3 +83,37 @@ def test_the_reference_documents_every_field_once_and_is_a_valid_quota_file():
         for f in dataclasses.fields(cls):
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no doc"
     assert parsed.broker.limits.max_sessions_per_tenant == 256
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("quantum_ms", float("inf"), "finite"),                 # R6: passed, then OverflowError at start and reload
+    ("quantum_ms", float("nan"), "finite"),
+    ("quantum_ms", 1e300, "from 0.1 to 10000"),
+    ("heartbeat_interval_s", float("nan"), "finite"),      # R10
+    ("heartbeat_timeout_s", float("inf"), "finite"),
+    ("max_requests_per_tenant_s", float("nan"), "finite"),
+    ("runtime_dir", "", "absolute path"),                   # R10: served from the working directory
+    ("runtime_dir", "run/kubecash", "absolute path"),
+    ("cache_dir", "cache", "absolute path"),
+    ("admin_socket", "admin.sock", "absolute path"),
+    ("max_message_bytes", 1 << 40, "from 1024"),
+    ("max_module_bytes", 64 << 20, "to 3.35544e+07"),
+    ("executor_threads", 1 << 20, "from 0 to 4096"),
+])
+def test_broker_settings_are_finite_in_range_and_paths_absolute(field, value, message):
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.parse({"broker": {field: value}}, "q.toml")
+    assert f"q.toml: [broker] field '{field}'" in str(e.value) and message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_tenant_names_dot_and_dotdot_are_refused(name):
+    """R7: '.' made tenants/ itself the tenant's directory; '..' handed the runtime directory over."""
+    with pytest.raises(cfg.ConfigError, match=r"tenant '\.\.?'.*not \. or \.\."):
+        cfg.parse({"tenants": {name: {"owner": "65534"}}}, "q.toml")
+
+
+def test_kernel_time_bound_is_finite():
+    with pytest.raises(cfg.ConfigError, match="tenant 'a', field 'max_kernel_seconds': must be a finite"):
+        cfg.parse({"tenants": {"a": {"max_kernel_seconds": float("nan")}}}, "q.toml")
+    assert cfg.parse({"broker": {"cache_dir": "", "admin_socket": "/run/x.sock"}}).broker.cache_dir == ""

@@ -91,3 +91,26 @@ def test_reload_removing_a_tenant_while_it_sends(broker_factory, raw_socket):
     assert b.alive()
     with b.connect("alice") as s:
         assert s.device("cpu0").allocate(16).size == 16
+
+
+@pytest.mark.parametrize("settings, tenants, what", [
+    ({"quantum_ms": float("inf")}, {"alice": {}}, "field 'quantum_ms'"),   # R6: SIGHUP killed the broker
+    ({}, {"alice": {}, ".": {}}, "tenant '.'"),                           # R7: made tenants/ 0700
+])
+def test_a_reload_with_an_unusable_value_keeps_the_broker_and_its_configuration(broker_factory, settings,
+                                                                                 tenants, what):
+    b = broker_factory({"alice": {"weight": 200}})
+    tenants_dir = os.path.join(b.runtime_dir, "tenants")
+    mode = os.stat(tenants_dir).st_mode
+    with b.admin() as admin, b.connect("alice") as a:
+        rewrite(b, tenants, **settings)
+        os.kill(b.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reload refused" not in b.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "reload refused" in b.log() and what in b.log()
+        assert b.proc.poll() is None, "the broker died"
+        st = admin.call("status")
+        assert list(st["tenants"]) == ["alice"] and st["quantum_ms"] == 10
+        assert a.device("cpu0").allocate(16).size == 16
+        assert os.stat(tenants_dir).st_mode == mode

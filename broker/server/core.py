@@ -18,7 +18,7 @@ import time
 
 import zmq
 
-from kubecash.client.errors import CudaError
+from kubecash.client.errors import CudaError, map_exceptions
 
 from .. import config as cfg
 from .. import metrics
@@ -131,7 +131,8 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
                     self.reload_requested = False
                     self.notifier.reloading()
                     try:
-                        self.reload()
+                        with map_exceptions("reload", logger=log):   # a bad file never ends the broker
+                            self.reload()
                     except CudaError as e:
                         log.error("%s", e.message)
                     self.notifier.ready(self._status_line())
