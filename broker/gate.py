@@ -77,6 +77,9 @@ class _Conn:
     skipping_more: bool = False   # inside a multi-frame message: discard to its last frame
     refusal: str | None = None    # what to tell the peer once the discarded message ends
     over_limit: bool = False      # past max_connections: every request is answered with why
+    opened: float = dataclasses.field(default_factory=time.monotonic)
+    last_rx: float = dataclasses.field(default_factory=time.monotonic)   # last bytes from the peer
+    pinged: float | None = None   # when a liveness PING went out unanswered so far
 
 
 class GateEvent(enum.Enum):
@@ -174,6 +177,8 @@ class Gate:
             if c is None:                     # bytes from one we already closed
                 continue
             self.tokens -= len(data) / BYTES_PER_TOKEN
+            c.last_rx = time.monotonic()
+            c.pinged = None
             c.buf += data
             if not self._parse(ident, c, out):
                 self._close(ident)
@@ -181,6 +186,34 @@ class Gate:
         if self.paused and self._paused_at is None:
             self._paused_at = time.monotonic()
         return out
+
+    def sweep(self, now: float, timeout: float, in_use: set[bytes]) -> list[bytes]:
+        """Close connections whose peer is gone without libzmq saying so, and return them.
+
+        A STREAM socket gives no disconnect notification for a peer that connects, sends and
+        closes before the broker first reads it (libzmq 4.3): its slot would stay taken for
+        good. So a connection must finish its handshake within `timeout`; and one that carries
+        no live session (`in_use`: those are watched by their heartbeats) and is silent for
+        `timeout` is sent a ZMTP PING, which any live ZeroMQ peer answers with PONG; no answer
+        within `timeout` more and it is closed. O(connections); run at housekeeping."""
+        gone = []
+        for ident, c in list(self.conns.items()):
+            if c.phase is not Phase.OPEN:
+                dead = now - c.opened > timeout
+            elif ident in in_use:
+                dead, c.pinged = False, None
+            elif c.pinged is not None:
+                dead = now - c.pinged > timeout
+            else:
+                dead = False
+                if now - c.last_rx > timeout:
+                    c.pinged = now
+                    ttl = max(1, min(0xFFFF, int(timeout * 20)))     # deciseconds, two timeouts
+                    self._raw(ident, _command(b"PING", struct.pack(">H", ttl)))
+            if dead:
+                self._close(ident)
+                gone.append(ident)
+        return gone
 
     def _accept(self, ident: bytes) -> None:
         over = sum(c.over_limit for c in self.conns.values()) if len(self.conns) >= self.max_connections else 0

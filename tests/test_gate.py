@@ -268,7 +268,9 @@ def test_executor_memory_is_bounded_under_a_frame_flood(broker_factory, peers):
 def test_a_flood_of_tiny_requests_does_not_hold_up_other_tenants(broker_factory, peers):
     """One 8 KiB chunk holds 4096 empty requests. The broker handles at most 64 of a tenant's
     per pass of its loop, so another tenant's requests wait for a few, not for thousands.
-    (The request-rate budget is set out of the way here: this is about one pass.)"""
+    (The request-rate budget is set out of the way here: this is about one pass.)
+    Measured in requests, not seconds, so a loaded machine changes nothing: how many of
+    alice's requests the broker answered while one of bob's waited for its answer."""
     import statistics
     import threading
     b = broker_factory(max_requests_per_tenant_s=1_000_000)
@@ -276,6 +278,7 @@ def test_a_flood_of_tiny_requests_does_not_hold_up_other_tenants(broker_factory,
     token = hello(bob)["session"]
     p = peers(b.socket_path("alice"))
     stop = threading.Event()
+    answered = [0]                   # alice's replies received so far
 
     def flood():
         while not stop.is_set():
@@ -284,23 +287,35 @@ def test_a_flood_of_tiny_requests_does_not_hold_up_other_tenants(broker_factory,
             except OSError:
                 return
 
-    def drain():                     # read alice's error replies so the broker can send them
+    def drain():                     # read (and count) alice's error replies
         p.s.settimeout(0.2)
+        buf = b""
         while not stop.is_set():
             try:
-                p.s.recv(1 << 20)
+                buf += p.s.recv(1 << 20)
             except OSError:
-                pass
+                continue
+            while len(buf) >= 2:     # whole ZMTP frames: flags, size (1 or 8 bytes), body
+                long = buf[0] & 2
+                head = 9 if long else 2
+                if len(buf) < head:
+                    break
+                size = struct.unpack(">Q", buf[1:9])[0] if long else buf[1]
+                if len(buf) < head + size:
+                    break
+                answered[0] += not buf[0] & 4
+                buf = buf[head + size:]
     threads = [threading.Thread(target=flood, daemon=True), threading.Thread(target=drain, daemon=True)]
     for t in threads:
         t.start()
     try:
         time.sleep(0.5)
-        rtts = []
+        rtts, between = [], []
         for i in range(100):
-            t0 = time.perf_counter()
+            t0, n0 = time.perf_counter(), answered[0]
             r = bob.request({"v": P.VERSION, "id": 10 + i, "op": "heartbeat", "session": token})
             rtts.append(time.perf_counter() - t0)
+            between.append(answered[0] - n0)
             assert r["ok"] and r["id"] == 10 + i
     finally:
         stop.set()
@@ -309,5 +324,32 @@ def test_a_flood_of_tiny_requests_does_not_hold_up_other_tenants(broker_factory,
     rtts.sort()
     med, p90 = statistics.median(rtts), rtts[89]
     print(f"\n[tiny-request flood] bob's heartbeat round trip: median {med * 1e3:.2f} ms, "
-          f"p90 {p90 * 1e3:.2f} ms")
-    assert med < 0.010 and p90 < 0.025, (med, p90)
+          f"p90 {p90 * 1e3:.2f} ms; alice's requests answered meanwhile: median "
+          f"{statistics.median(between)}, max {max(between)}")
+    assert sum(between) > 0, "the flood was not answered at all"
+    # 64 per pass: bob waits for a pass or two of alice's (the old gate: 4096 per pass)
+    assert statistics.median(between) < 1024, between
+
+
+def test_connections_that_end_anywhere_in_the_handshake_free_their_slot(broker_factory):
+    """R4: a peer that connects, sends a little and closes before the broker reads it gets no
+    disconnect notification from libzmq; 200 of them used to leak ~all their slots, and at
+    max_connections_per_tenant every new client of the tenant was refused until a restart."""
+    b = broker_factory(max_connections_per_tenant=40)
+    path = b.socket_path("alice")
+    ready = frame(b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER", command=True)
+    endings = [GREETING[:5],                                    # a partial greeting
+               GREETING + b"\x00\x40abc",                       # a greeting and a truncated frame
+               GREETING + ready,                                # a whole handshake, then gone
+               GREETING + ready + frame(P.request("hello", 1))]  # ... even with a request
+    for i in range(200):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        s.sendall(endings[i % len(endings)])
+        s.close()
+    with b.admin() as admin:
+        wait_for(lambda: admin.call("status")["tenants"]["alice"]["connections"] == 0, 30,
+                 "the abandoned connections' slots to be freed")
+        with b.connect("alice") as s:                # the tenant is served again
+            assert s.device("cpu0").allocate(16).size == 16
+        assert admin.call("status")["tenants"]["alice"]["sessions"] == 0

@@ -240,6 +240,10 @@ class TenantService:
 
     def _expire_sessions(self, now: float) -> None:
         timeout = self.settings.heartbeat_timeout_s
+        for t in self.tenants.values():           # connections whose peer left unannounced
+            if not t.gate.paused:                   # a throttled tenant is not being read
+                for ident in t.gate.sweep(now, timeout, {s.ident for s in t.sessions.values()}):
+                    self._connection_closed(t, ident)
         # Silence counts only while the broker was reading: a tenant over its request rate
         # is left unread, and its sessions must not expire for that.
         for s in [s for s in self.sessions.values()
