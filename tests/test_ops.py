@@ -19,6 +19,7 @@ from kernels import VECADD
 
 import kubecash.client as kc
 from kubecash.broker.local import LocalBroker
+from kubecash.client import protocol as P
 
 BROKERCTL = os.path.join(os.path.dirname(sys.executable), "brokerctl")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
@@ -271,3 +272,19 @@ def test_the_broker_refuses_to_start_on_an_invalid_file(tmp_path):
                         "--config", str(bad)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert f"{bad}: tenant 'alice', field 'weight': must be an integer from 1 to 10000" in p.stderr
+
+
+def test_a_request_on_an_evicted_session_hears_why(broker, raw_socket):
+    """A client's heartbeat can ask before it has read the session_ended event (a loaded
+    machine made test_set_evict_reload_and_errors see the bare 'unknown session'): the broker
+    answers with the reason the session ended."""
+    sock = raw_socket(broker.address("alice"))
+    sock.send(P.request("hello", 1))
+    token = P.unpack(sock.recv())["session"]
+    assert "1 sessions ended" in ctl(broker, "evict", "alice").stdout
+    sock.send(P.request("heartbeat", 2, session=token))
+    while (r := P.unpack(sock.recv())).get("event"):
+        pass                                       # the session_ended event comes first
+    assert not r["ok"] and "evicted by the operator" in r["error"], r
+    sock.send(P.request("heartbeat", 3, session=b"x" * 16))
+    assert "unknown or ended session" in P.unpack(sock.recv())["error"]

@@ -6,6 +6,7 @@ heartbeats stop are purged each pass of the loop.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kubecash.broker")
 THROTTLE_NOTICE_S = 1.0       # "throttled" events to a tenant's clients, at most this often
+ENDED_KEPT = 64                # reasons kept per tenant for sessions that ended
 GATE_BATCH = 64               # raw chunks read from one tenant's socket per pass
 
 
@@ -59,6 +61,9 @@ class TenantState:
     executors: dict[str, ExecutorProc] = dataclasses.field(default_factory=dict)
     # opens that came while the device's executor was shutting down: served by the next one
     waiting_opens: dict[str, dict[bytes, PendingOpen]] = dataclasses.field(default_factory=dict)
+    # why its last few sessions ended, by token: a client's heartbeat may ask before it reads
+    # the session_ended event, and should hear the same reason (bounded: ENDED_KEPT)
+    ended: collections.OrderedDict[bytes, str] = dataclasses.field(default_factory=collections.OrderedDict)
 
 
 class TenantService:
@@ -128,7 +133,9 @@ class TenantService:
                 else:
                     s = self.sessions.get(msg["session"])
                     if s is None or s.tenant is not t:
+                        why = t.ended.get(msg["session"])
                         raise error_from_code(E.CUDA_ERROR_INVALID_CONTEXT,
+                                              f"session ended ({why})" if why else
                                               "unknown or ended session (send hello to open one)")
                     s.last_seen = time.monotonic()
                     s.throttled_at_seen = t.gate.throttled_s(s.last_seen)
@@ -227,6 +234,9 @@ class TenantService:
             return
         t = s.tenant
         t.sessions.pop(s.token, None)
+        t.ended[s.token] = why
+        if len(t.ended) > ENDED_KEPT:
+            t.ended.popitem(last=False)
         log.info("tenant %s: session %s ended (%s)", t.config.name, s.token.hex()[:8], why)
         for waiting in t.waiting_opens.values():
             waiting.pop(s.token, None)
