@@ -310,12 +310,6 @@ def messages(channel: Channel) -> dict[str, Message]:
 # name -> fields, per channel (what the receiving side checks against)
 BROKER_OPS = {n: m.fields for n, m in messages(TENANT).items()}
 EXECUTOR_OPS = {n: m.fields for n, m in messages(EXECUTOR).items()}
-ADMIN_OPS = {n: m.fields for n, m in messages(ADMIN).items()}
-# control and lease messages arrive at the executor, reports and lease reports at the broker
-CONTROL_OPS = {**{n: m.fields for n, m in messages(CONTROL).items()},
-               **{n: m.fields for n, m in messages(LEASE).items()}}
-EXECUTOR_REPORTS = {**{n: m.fields for n, m in messages(REPORT).items()},
-                    **{n: m.fields for n, m in messages(LEASE_REPORT).items()}}
 ASYNC_OPS = frozenset(m.name for m in _M if m.asynchronous)
 
 _COMMON = {"v": F(int), "id": F(int, required=False, lo=0, hi=U64), "op": F(str, maxlen=64),
@@ -521,8 +515,6 @@ def request_id_of(msg: Any) -> int:
             return rid
     return 0
 
-
-PROTOCOL_ERROR_CODE = CUresult.CUDA_ERROR_INVALID_VALUE
 
 
 # -- where sockets live -------------------------------------------------------------------
