@@ -18,6 +18,7 @@ import mmap
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from kubecash.client.errors import CUresult, error_from_code
 
@@ -48,12 +49,17 @@ class CpuBackend:
     kind = "cpu"
 
     def __init__(self, threads: int, cache_dir: str, *, sandbox: bool = True,
-                 on_sandbox_violation: Callable[[str, int, str], None] | None = None):
+                 on_sandbox_violation: Callable[[str, int, str], None] | None = None,
+                 compiler: Any = None, module_dir: str | None = None):
         """sandbox: kernels run on seccomp-confined threads (kubecash.broker.sandbox); a
         kernel's refused system call calls on_sandbox_violation(message, nr, name), after
-        which the process ends by SIGSYS."""
+        which the process ends by SIGSYS. compiler: a compile_helper.CompileHelper that
+        builds modules (else they are built in this process, into cache_dir); module_dir:
+        where loaded modules' private copies go (default cache_dir)."""
         self.threads = max(1, threads)
         self.cache_dir = cache_dir
+        self.compiler = compiler
+        self.module_dir = module_dir or cache_dir
         self.launcher = cpukernels.Launcher(self.threads, nice=10, sandbox=sandbox,
                                             cache_dir=cache_dir)
         if sandbox and on_sandbox_violation is not None:
@@ -102,14 +108,14 @@ class CpuBackend:
             raise error_from_code(CUresult.CUDA_ERROR_NO_BINARY_FOR_GPU,
                           f"a CPU device runs CUDA C source only; a {kind} image with no "
                           "known source cannot run here")
+        if self.compiler is not None:
+            image = self.compiler.build(source, options, COMPILE_TIMEOUT_S)
+        else:
+            image = build_image(source, options, cache_dir=self.cache_dir, timeout_s=COMPILE_TIMEOUT_S)
         try:
-            return cpukernels.compile_module(source, options, cache_dir=self.cache_dir)
-        except cpukernels.UnsupportedConstructError as e:
-            raise error_from_code(CUresult.CUDA_ERROR_NOT_SUPPORTED,
-                          f"the CPU backend does not support {e.construct}", log=e.log) from None
+            return cpukernels.CompiledModule._load_image(image, self.module_dir)
         except cpukernels.KernelCompileError as e:
-            raise error_from_code(CUresult.CUDA_ERROR_INVALID_SOURCE,
-                          "module does not compile: " + _first_error(e.log), log=e.log) from None
+            raise error_from_code(CUresult.CUDA_ERROR_INVALID_SOURCE, f"module does not load: {e}") from None
 
     def unload_module(self, module: cpukernels.CompiledModule) -> None:
         module.close()
@@ -170,6 +176,23 @@ class CpuBackend:
         if not self._closed:
             self._closed = True
             self.launcher.close()
+
+
+COMPILE_TIMEOUT_S = 60.0
+
+
+def build_image(source: str, options: Sequence[str], *, cache_dir: str, timeout_s: float) -> bytes:
+    """CUDA C source to the bytes of its built module (CudaError when it does not build)."""
+    try:
+        path = cpukernels.build_module(source, options, cache_dir=cache_dir, timeout_s=timeout_s)
+        with open(path, "rb") as f:
+            return f.read()
+    except cpukernels.UnsupportedConstructError as e:
+        raise error_from_code(CUresult.CUDA_ERROR_NOT_SUPPORTED,
+                      f"the CPU backend does not support {e.construct}", log=e.log) from None
+    except cpukernels.KernelCompileError as e:
+        raise error_from_code(CUresult.CUDA_ERROR_INVALID_SOURCE,
+                      "module does not compile: " + _first_error(e.log), log=e.log) from None
 
 
 def _first_error(log: str) -> str:

@@ -118,6 +118,10 @@ class BrokerSettings(Limits):
     metrics_address: str = _doc("127.0.0.1:9464", 'Prometheus /metrics "host:port" ("": off; port 0: any free port)')
     admin_socket: str = _doc("", 'brokerctl\'s socket, owner-only ("": <runtime_dir>/admin.sock; else absolute)',
                              path=True, empty=True)
+    executor_uid_min: int = _doc(61184, "executors of a tenant with no owner (or owner root) run as a uid "
+                                 "from here ...", lo=1, hi=(1 << 32) - 2)
+    executor_uid_max: int = _doc(65519, "... to here, one per tenant (a root broker; see README, \"Sandbox\")",
+                                 lo=1, hi=(1 << 32) - 2)
     # CPU backend: kernels run on threads confined by a seccomp filter (no files, sockets or
     # programs). false runs tenant native code unconfined, with the executor's privileges.
     sandbox: bool = _doc(True, 'confine CPU-backend kernels with seccomp (README, "Sandbox")')

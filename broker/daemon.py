@@ -7,7 +7,7 @@ import signal
 import sys
 
 from . import config as cfg
-from . import malloc
+from . import confine, malloc
 from .devices import discover
 from .server import Broker
 
@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         import dataclasses
         config = dataclasses.replace(config, broker=dataclasses.replace(
             config.broker, runtime_dir=a.runtime_dir))
+    if confine.can_confine():
+        why = confine.probe()
+        if why:
+            print(f"kubecash-broker: {why}", file=sys.stderr)
+            return 2
     broker = Broker(config, devices)
 
     def stop(*_):

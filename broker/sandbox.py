@@ -190,16 +190,18 @@ def syscall_name(nr: int, audit_arch: int | None = None) -> str:
     return f"#{nr}"
 
 
-def policy(machine: str | None = None) -> dict[str, object]:
-    """The allow-list as numbers, for this machine (or `machine`): documentation and tests."""
+def policy(machine: str | None = None, *, allowed: Sequence[str] = _ALLOWED,
+           conditional: Sequence[str] = _CONDITIONAL) -> dict[str, object]:
+    """The kernel threads' allow-list (or the one given) as numbers, for this machine (or
+    `machine`): documentation and tests."""
     arch = _ARCHES.get((machine or platform.machine()).lower())
     if arch is None:
         raise SandboxError(f"no system call table for {machine or platform.machine()}")
     audit, names = arch
     nr = {n: i for i, n in enumerate(names) if n != "-"}
     return {"audit_arch": audit,
-            "allowed": {n: nr[n] for n in _ALLOWED if n in nr},
-            "conditional": {n: nr[n] for n in _CONDITIONAL if n in nr}}
+            "allowed": {n: nr[n] for n in allowed if n in nr},
+            "conditional": {n: nr[n] for n in conditional if n in nr}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -690,3 +692,108 @@ def end_process_by_sigsys() -> None:
     libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
     libc.signal(int(signal.SIGSYS), None)      # SIG_DFL, from any thread
     os.kill(os.getpid(), signal.SIGSYS)
+
+
+# ----------------------------------------------------------------------------------------
+# The executor's whole-process filter
+# ----------------------------------------------------------------------------------------
+# Kernels can call any function of their executor (Py_AddPendingCall, say), so whatever the
+# executor's own threads may do, a kernel may make them do. Once an executor has started
+# (its socket bound, its compile helper forked, its view reduced to its jail, its uid
+# dropped), every thread of it is put under this filter (TSYNC); kernel threads add the
+# stricter one above on top. What stays is what the Python main loop, libzmq and dlopen
+# need inside the jail: file calls there (the jail holds only the tenant's own directory
+# and modules), I/O on descriptors it holds, accepting on its bound socket, threads, memory.
+# (sched_setscheduler: libzmq's threads set their own policy as they start, which may be just
+# after the filter goes on; raising one's priority needs a capability this uid does not have.)
+# Refused outright: exec, fork (clone without CLONE_THREAD), socket/connect/bind, ptrace,
+# other processes' memory or signals, mount/chroot/namespaces, io_uring (it would bypass
+# the filter), bpf, perf, keys, handles, module loading.
+
+_PROCESS_ALLOWED = (
+    "read write readv writev pread64 pwrite64 preadv pwritev preadv2 pwritev2 close close_range "
+    "fstat stat lstat newfstatat statx lseek open openat access faccessat faccessat2 readlink "
+    "readlinkat getdents64 getcwd unlink unlinkat rename renameat renameat2 mkdir mkdirat rmdir "
+    "ftruncate fallocate fsync fdatasync fcntl flock dup dup2 dup3 pipe pipe2 eventfd2 poll ppoll "
+    "select pselect6 epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 mmap munmap "
+    "mremap mprotect madvise msync mincore brk memfd_create fchmod fchown umask futex futex_waitv "
+    "set_robust_list get_robust_list rseq set_tid_address sched_yield sched_getaffinity "
+    "sched_setaffinity sched_getparam sched_getscheduler sched_setparam sched_setscheduler "
+    "getpriority setpriority nanosleep "
+    "clock_nanosleep clock_gettime clock_getres gettimeofday time getcpu getrandom getpid gettid "
+    "getppid getuid geteuid getgid getegid getgroups getresuid getresgid uname sysinfo getrusage "
+    "getrlimit times rt_sigaction rt_sigprocmask rt_sigreturn rt_sigpending rt_sigsuspend "
+    "rt_sigtimedwait sigaltstack restart_syscall exit exit_group wait4 waitid membarrier "
+    "recvfrom recvmsg recvmmsg sendto sendmsg sendmmsg accept accept4 getsockopt setsockopt "
+    "getsockname getpeername shutdown seccomp arch_prctl timerfd_create timerfd_settime "
+    "timerfd_gettime").split()
+_PROCESS_CONDITIONAL = ("clone", "clone3", "prctl", "ioctl", "kill", "tgkill", "prlimit64")
+_PR_ALLOWED = (3, 15, 16, 21, 22, 23, 38, 39, 0x53564D41)  # get dumpable, names, seccomp, no_new_privs, vma names
+_IOCTL_ALLOWED = (0x5401, 0x5421, 0x541B, 0x5450, 0x5451)  # TCGETS FIONBIO FIONREAD FIONCLEX FIOCLEX
+_CLONE_THREAD = 0x00010000
+_EPERM, _ENOSYS = 1, 38
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_FILTER_FLAG_TSYNC = 1
+
+
+def process_policy(machine: str | None = None) -> dict[str, object]:
+    """The executor's whole-process allow-list, as numbers (documentation and tests)."""
+    return policy(machine, allowed=_PROCESS_ALLOWED, conditional=_PROCESS_CONDITIONAL)
+
+
+def build_process_filter(pid: int, machine: str | None = None) -> bytes:
+    """struct sock_filter[] for the executor process: each system call is one block, a
+    compare and its own returns, so no jump is longer than a block (BPF jumps are 8-bit)."""
+    p = process_policy(machine)
+    audit, allowed, cond = p["audit_arch"], p["allowed"], p["conditional"]
+    ret = {"allow": (_RET, 0, 0, SECCOMP_RET_ALLOW), "trap": (_RET, 0, 0, SECCOMP_RET_TRAP),
+           "eperm": (_RET, 0, 0, SECCOMP_RET_ERRNO | _EPERM),
+           "enosys": (_RET, 0, 0, SECCOMP_RET_ERRNO | _ENOSYS)}
+
+    def one_of(arg: int, values, yes: str, no: str) -> list[tuple[int, int, int, int]]:
+        block = [(_LD_W_ABS, 0, 0, _arg_lo(arg))]
+        for i, v in enumerate(values):   # a match jumps over the rest of the compares to `yes`
+            block.append((_JEQ, len(values) - i, 0, v & 0xFFFFFFFF))
+        return block + [ret[no], ret[yes]]
+
+    blocks: dict[str, list[tuple[int, int, int, int]]] = {
+        # threads only: a fork could exec, or run outside the filter's view of the process
+        "clone": [(_LD_W_ABS, 0, 0, _arg_lo(0)), (_JSET, 1, 0, _CLONE_THREAD), ret["trap"], ret["allow"]],
+        "clone3": [ret["enosys"]],        # its flags are behind a pointer: glibc falls back to clone
+        "prctl": one_of(0, _PR_ALLOWED, "allow", "eperm"),    # never PR_SET_DUMPABLE
+        "ioctl": one_of(1, _IOCTL_ALLOWED, "allow", "eperm"),  # never TIOCSTI and the like
+        "kill": one_of(0, (pid,), "allow", "trap"),           # this process only
+        "tgkill": one_of(0, (pid,), "allow", "trap"),
+        "prlimit64": one_of(0, (0, pid), "allow", "trap"),
+    }
+    prog = [(_LD_W_ABS, 0, 0, _OFF_ARCH), (_JEQ, 1, 0, audit), (_RET, 0, 0, SECCOMP_RET_KILL_PROCESS),
+            (_LD_W_ABS, 0, 0, _OFF_NR)]
+    for name, nr in cond.items():
+        block = blocks[name]
+        prog.append((_JEQ, 0, len(block), nr))
+        prog += block
+    for nr in sorted(set(allowed.values())):
+        prog += [(_JEQ, 0, 1, nr), ret["allow"]]
+    prog.append(ret["trap"])
+    for code, jt, jf, _k in prog:
+        assert jt < 256 and jf < 256, (code, jt, jf)
+    return b"".join(struct.pack("<HBBI", code, jt, jf, k) for code, jt, jf, k in prog)
+
+
+def confine_process(pid: int | None = None) -> None:
+    """no_new_privs and the whole-process filter, on every thread at once (TSYNC)."""
+    prog = build_process_filter(os.getpid() if pid is None else pid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:   # PR_SET_NO_NEW_PRIVS
+        raise SandboxError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
+
+    class _Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+    fp = _Fprog(len(prog) // 8, prog)
+    nr = _arch()[1].index("seccomp")
+    libc.syscall.restype = ctypes.c_long
+    rc = libc.syscall(ctypes.c_long(nr), ctypes.c_long(1), ctypes.c_long(SECCOMP_FILTER_FLAG_TSYNC),
+                      ctypes.byref(fp))
+    if rc != 0:
+        why = os.strerror(ctypes.get_errno()) if rc < 0 else f"thread {rc} could not take the filter"
+        raise SandboxError(f"cannot confine the executor process (seccomp TSYNC): {why}")

@@ -62,3 +62,4 @@ ADMIN_MESSAGE_MAX = 1 << 20         # brokerctl's requests
 CONTROL_MESSAGE_MAX = 4096          # broker <-> executor socketpair packets (a few hundred bytes)
 MODULE_SOURCE_MAX = 8 << 20         # what the protocol carries at all; max_module_bytes is lower
 MODULE_IMAGE_MAX = 32 << 20
+COMPILED_IMAGE_MAX = 64 << 20        # a built CPU module the compile helper hands its executor

@@ -13,6 +13,7 @@ Transports (each message is one MessagePack map):
   lease         broker -> executor, on the executor's inherited lease socketpair
   lease_report  executor -> broker, on the same socketpair
   event         broker or executor -> client, unsolicited
+  compile       executor -> its confined compile helper, on a socketpair (4-byte length prefix)
 
 Envelopes (built only by `envelope` and the builders below it):
   Request   {"v": VERSION, "id": int, "op": str[, "async": True], ...fields}
@@ -45,6 +46,7 @@ from .errors import CudaError, CUresult, ProtocolError, error_from_code
 from .limits import (
     ADMIN_MESSAGE_MAX,
     BROKER_MESSAGE_MAX,
+    COMPILED_IMAGE_MAX,
     CONTROL_MESSAGE_MAX,
     DEFAULT_STAGING_BYTES,
     INLINE_MAX,
@@ -63,7 +65,7 @@ NONE = type(None)
 __all__ = [
     "VERSION", "MAX_MESSAGE_BYTES", "INLINE_MAX", "DEFAULT_STAGING_BYTES", "BROKER_MESSAGE_MAX",
     "ADMIN_MESSAGE_MAX", "CONTROL_MESSAGE_MAX", "F", "Channel", "Message", "CHANNELS", "MESSAGES",
-    "TENANT", "EXECUTOR", "ADMIN", "CONTROL", "REPORT", "LEASE", "LEASE_REPORT", "EVENT",
+    "TENANT", "EXECUTOR", "ADMIN", "CONTROL", "REPORT", "LEASE", "LEASE_REPORT", "EVENT", "COMPILE",
     "message", "handler_name", "envelope", "request", "notice", "reply", "error", "error_reply",
     "event", "pack", "unpack", "check", "check_reply", "decode", "request_id_of", "raise_for_reply",
     "export",
@@ -109,7 +111,8 @@ REPORT = Channel("report", "executor", "broker", "_on_report_", False, CONTROL_M
 LEASE = Channel("lease", "broker", "executor", "_on_lease_", False, CONTROL_MESSAGE_MAX)
 LEASE_REPORT = Channel("lease_report", "executor", "broker", "_on_lease_report_", False, CONTROL_MESSAGE_MAX)
 EVENT = Channel("event", "broker/executor", "client", "_on_event_", False, MAX_MESSAGE_BYTES)
-CHANNELS = (TENANT, EXECUTOR, ADMIN, CONTROL, REPORT, LEASE, LEASE_REPORT, EVENT)
+COMPILE = Channel("compile", "executor", "compile helper", "_on_compile_", True, MODULE_SOURCE_MAX + (64 << 10))
+CHANNELS = (TENANT, EXECUTOR, ADMIN, CONTROL, REPORT, LEASE, LEASE_REPORT, EVENT, COMPILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +271,13 @@ _M: list[Message] = [
     Message("fatal", REPORT, {"code": F(int, lo=0, hi=I64_MAX), "error": F(str, maxlen=1000)},
             doc="a context-fatal device error: the executor exits after it"),
     Message("stats", REPORT, {"device_ns": NS, "kernels": COUNT, "memory_used": COUNT}),
+
+    # -- compile: executor -> its compile helper (a stream socketpair, length-prefixed) ---------
+    Message("build", COMPILE,
+            {"source": F(str, maxlen=MODULE_SOURCE_MAX), "options": F(list, maxlen=64, items=str),
+             "timeout_s": F(float, lo=0.1, hi=3600.0)},
+            reply={"image": F(bytes, maxlen=COMPILED_IMAGE_MAX)},
+            doc="CUDA C source to a CPU module (a shared object), built in the confined helper"),
 
     # -- lease: broker -> executor -----------------------------------------------------------
     Message("grant", LEASE, {"lease": F(int, lo=1, hi=U64), "quantum_ns": F(int, lo=1, hi=I64_MAX),

@@ -55,8 +55,9 @@ def test_tenant_directory_is_owned_by_its_containers_uid(broker_factory):
     # The same uid cannot reach a tenant it does not own (root-only here).
     p = run_as(NOBODY, b, "ops")
     assert p.returncode == 3 and "refused" in p.stdout, (p.stdout, p.stderr)
+    # A tenant with no owner: its executors' own allocated uid ([broker] executor_uid_min..max).
     ops = os.stat(os.path.join(b.runtime_dir, "tenants", "ops"))
-    assert (ops.st_uid, stat.S_IMODE(ops.st_mode)) == (0, 0o700)
+    assert 61184 <= ops.st_uid <= 65519 and stat.S_IMODE(ops.st_mode) == 0o700
 
 
 def test_owner_is_validated(tmp_path):

@@ -78,6 +78,7 @@ HANDLER_CLASSES = {
     "control": ("kubecash.broker.executor", "Executor"),
     "lease": ("kubecash.broker.executor", "Executor"),
     "event": ("kubecash.client.session", "Session"),
+    "compile": ("kubecash.broker.compile_helper", "_HelperServer"),
 }
 
 

@@ -28,18 +28,18 @@ The rooms, in the order a compile goes through them:
 - ``directives``  step 1: #include-like directives on the raw source
 - ``analyze``     step 3: the preprocessed text checked, its declarations found
 - ``generate``    the code appended after the tenant text
-- ``build``       compile_module: cache, g++ runs (steps 2 and 4), ELF check, stats
+- ``build``       build_module, compile_module: cache, g++ runs (steps 2 and 4), ELF check, stats
 - ``loader``      CompiledModule, KernelInfo: a loaded instance and its entry points
 - ``launch``      Launcher: the worker threads that run a kernel's blocks
 """
 from __future__ import annotations
 
-from .build import compile_module, stats
+from .build import build_module, compile_module, stats
 from .errors import KernelCompileError, UnsupportedConstructError
 from .launch import MAX_SHARED_BYTES, Launcher
 from .loader import CompiledModule, KernelInfo
 
 __all__ = [
-    "KernelCompileError", "UnsupportedConstructError", "compile_module", "CompiledModule",
+    "KernelCompileError", "UnsupportedConstructError", "build_module", "compile_module", "CompiledModule",
     "KernelInfo", "Launcher", "stats", "MAX_SHARED_BYTES",
 ]

@@ -202,9 +202,10 @@ def _header_text() -> str:
     return _header_cache[1]
 
 
-def compile_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
-                   timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30) -> CompiledModule:
-    """Compile (or load from the cache) a module of CUDA C source for the CPU backend."""
+def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
+                 timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30) -> Path:
+    """The built shared object for this source and these options: from the cache, or
+    compiled into it. (The compile helper runs this in its confined view.)"""
     deadline = time.monotonic() + timeout_s
     if isinstance(source, (bytes, bytearray)):
         try:
@@ -226,12 +227,8 @@ def compile_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Pa
     cache.mkdir(parents=True, exist_ok=True)
     so_path = cache / f"{key}.so"
     if so_path.exists():
-        try:
-            mod = CompiledModule._load(so_path, cache)
-            stats.bump("cache_hits")
-            return mod
-        except (OSError, KernelCompileError):
-            pass  # unreadable or from another ABI: rebuild over it
+        stats.bump("cache_hits")
+        return so_path
     work = tempfile.mkdtemp(prefix=".build-", dir=cache)
     try:
         _build(sanitized, opts, so_path, work=work, deadline=deadline,
@@ -239,4 +236,17 @@ def compile_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Pa
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stats.bump("compiles")
-    return CompiledModule._load(so_path, cache)
+    return so_path
+
+
+def compile_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
+                   timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30) -> CompiledModule:
+    """Compile (or load from the cache) a module of CUDA C source for the CPU backend, in
+    this process (tests and tools; executors build in their compile helper)."""
+    args = dict(cache_dir=cache_dir, timeout_s=timeout_s, memory_limit_bytes=memory_limit_bytes)
+    so_path = build_module(source, options, **args)
+    try:
+        return CompiledModule._load(so_path, Path(cache_dir))
+    except (OSError, KernelCompileError):
+        so_path.unlink(missing_ok=True)   # unreadable or from another ABI: rebuild over it
+        return CompiledModule._load(build_module(source, options, **args), Path(cache_dir))

@@ -8,7 +8,6 @@ import ctypes
 import dataclasses
 import itertools
 import os
-import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -78,13 +77,19 @@ class CompiledModule:
 
     @classmethod
     def _load(cls, so_path: Path, cache: Path) -> CompiledModule:
+        with open(so_path, "rb") as src:
+            return cls._load_image(src.read(), cache)
+
+    @classmethod
+    def _load_image(cls, image: bytes, workdir: Path | str) -> CompiledModule:
+        """Load a built module's bytes (from the cache, or from the compile helper)."""
         self = object.__new__(cls)
         # dlopen returns the already-loaded object for a path (or inode) it has seen, and
         # every instance must own its __device__ globals: load a private copy each time.
-        fd, tmp = tempfile.mkstemp(prefix=".load-", suffix=".so", dir=cache)
+        fd, tmp = tempfile.mkstemp(prefix=".load-", suffix=".so", dir=workdir)
         try:
-            with os.fdopen(fd, "wb") as dst, open(so_path, "rb") as src:
-                shutil.copyfileobj(src, dst)
+            with os.fdopen(fd, "wb") as dst:
+                dst.write(image)
             handle = _ctypes.dlopen(tmp, os.RTLD_LOCAL | os.RTLD_NOW)
         finally:
             os.unlink(tmp)

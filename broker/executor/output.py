@@ -14,6 +14,16 @@ from .state import (
 )
 
 
+class _Discard:
+    """A sys.stdout that drops what it is given (no /dev/null inside an executor's jail)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
 class OutputCapture:
     # -- kernel output (device printf) ---------------------------------------------------
     # Kernels write to this process's stdout (the CPU backend's printf; the CUDA driver's
@@ -27,7 +37,7 @@ class OutputCapture:
         os.dup2(w, 1)
         os.close(w)
         os.set_blocking(r, False)
-        sys.stdout = open(os.devnull, "w")   # Python-level prints of ours never mix in
+        sys.stdout = _Discard()              # Python-level prints of ours never mix in
         self._out_fd = r
         self._out = bytearray()
         self._out_dropped = 0

@@ -46,7 +46,11 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
                  lease_fd: int, memory_limit: int, threads: int, cache_dir: str,
                  max_message_bytes: int = P.MAX_MESSAGE_BYTES,
                  staging_bytes: int = P.DEFAULT_STAGING_BYTES, limits: Limits | None = None,
-                 sandbox: bool = True):
+                 sandbox: bool = True, compile_helper: Any = None, module_dir: str | None = None,
+                 before_backend: Callable[[], None] | None = None):
+        """compile_helper, module_dir: see CpuBackend. before_backend runs once the socket is bound
+        and before the backend starts any thread of its own (the whole-process filter goes
+        on there: kernel threads must inherit it)."""
         self.tenant = tenant
         self.device = device
         self.dev_name = device["name"]
@@ -80,18 +84,22 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         self._wanted = False
         self._preempted = False
         self._suspended = False    # the last op run was a kernel preempted mid-grid
-        if device["kind"] == "cpu":
-            from ..backend_cpu import CpuBackend
-            self.backend = CpuBackend(threads, cache_dir, sandbox=sandbox,
-                                      on_sandbox_violation=self._sandbox_violation)
-        else:
-            from ..backend_cuda import CudaBackend  # noqa: F401  (GPU backend)
-            self.backend = CudaBackend(device, cache_dir)
         self.compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile")
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self._bind()
+        if before_backend is not None:
+            before_backend()
+        if device["kind"] == "cpu":
+            from ..backend_cpu import CpuBackend
+            self.backend = CpuBackend(threads, cache_dir, sandbox=sandbox,
+                                      on_sandbox_violation=self._sandbox_violation,
+                                      compiler=compile_helper, module_dir=module_dir)
+        else:
+            from ..backend_cuda import CudaBackend  # noqa: F401  (GPU backend)
+            self.backend = CudaBackend(device, cache_dir)
         # The broker's private socketpair: control messages both ways, whole (SEQPACKET).
         # Sends block (the broker reads every pass; reports are rare); receives do not.
         self.ctl = socket.socket(fileno=control_fd)
@@ -121,14 +129,23 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         except OSError:
             self._stopping = True       # the broker is gone
 
-    def serve(self) -> None:
+    def _bind(self) -> None:
         path = P.executor_socket_path(os.path.dirname(os.path.dirname(self.tenant_dir)),
                                       self.tenant, self.dev_name)
+        if os.path.islink(self.shm_dir) or (os.path.lexists(self.shm_dir) and not os.path.isdir(self.shm_dir)):
+            os.unlink(self.shm_dir)     # the tenant's doing; we write only in a directory of our own
         os.makedirs(self.shm_dir, mode=0o700, exist_ok=True)
-        if os.path.exists(path):
+        if os.path.lexists(path):
             os.unlink(path)
-        self.sock.bind(f"ipc://{path}")
-        os.chmod(path, 0o666)        # the tenant directory (0700, the tenant's uid) guards it
+        # Made 0666 as it is created (a umask, not a chmod by path after it: the tenant could
+        # swap the path in between); the tenant directory (0700, the tenant's) guards it.
+        old = os.umask(0o111)
+        try:
+            self.sock.bind(f"ipc://{path}")
+        finally:
+            os.umask(old)
+
+    def serve(self) -> None:
         self.runner.start()
         self._report("ready", tenant=self.tenant, device=self.dev_name, pid=os.getpid())
         poller = zmq.Poller()

@@ -144,8 +144,9 @@ class AdminService:
             self._add_tenant(new.tenants[name])
         for name, t in self.tenants.items():
             if name not in added and t.config != new.tenants[name]:
-                if t.config.owner != new.tenants[name].owner:
-                    _own_tenant_dir(t.dir, new.tenants[name].owner)   # executors: next start
+                if t.config.owner != new.tenants[name].owner:       # executors: next start
+                    self._allocated_uids.pop(name, None)
+                    _own_tenant_dir(self.runtime_dir, name, self._executor_ids(new.tenants[name]))
                 t.config = new.tenants[name]
                 self._apply_quota(t)
         log.info("configuration reloaded from %s: %d tenants (added %s, removed %s)%s",

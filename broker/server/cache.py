@@ -13,15 +13,18 @@ STALE_BUILD_S = 600.0         # a build or load file this old was left by a kill
 
 
 def trim_cache(d: str, max_bytes: int) -> None:
-    """Hold the compiled-kernel cache `d` (shared by all tenants' executors) to `max_bytes`,
+    """Hold the compiled-kernel cache `d` (every tenant's builds together) to `max_bytes`,
     so no tenant can fill the node's disk by loading ever new modules. Executors load
     private copies, so removing a cached build never disturbs one in use."""
     now = time.time()
     builds, total = [], 0
-    try:
-        entries = list(os.scandir(d))
-    except OSError:
-        return
+    entries = []
+    # The shared runtime at the top; each tenant's builds in tenants/<name> (its helper's).
+    for sub in [d, *sorted(os.path.join(d, "tenants", n) for n in _names(os.path.join(d, "tenants")))]:
+        try:
+            entries += list(os.scandir(sub))
+        except OSError:
+            continue
     for e in entries:
         try:
             st = e.stat(follow_symlinks=False)
@@ -46,3 +49,10 @@ def trim_cache(d: str, max_bytes: int) -> None:
         except OSError:
             pass
     log.info("compiled-kernel cache trimmed to %d bytes", total)
+
+
+def _names(d: str) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []

@@ -8,7 +8,6 @@ in-flight requests tracked so that a dead executor or session fails them cleanly
 """
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ import zmq
 from kubecash.client.errors import CudaError, map_exceptions
 
 from .. import config as cfg
-from .. import metrics
+from .. import confine, metrics
 from ..devices import NodeDevice, discover
 from ..notify import Notifier
 from ..scheduler import NS, DeviceScheduler, LimitBucket
@@ -29,7 +28,7 @@ from .admin import AdminService
 from .cache import CACHE_TRIM_INTERVAL_S, trim_cache
 from .executors import EXECUTOR_STOP_TIMEOUT_S, ExecutorControl, ExecutorProc
 from .leases import LeaseScheduling
-from .tenants import ClientSession, TenantService, TenantState
+from .tenants import ClientSession, TenantService, TenantState, clear_tenant_dir
 
 log = logging.getLogger("kubecash.broker")
 PUBLISH_INTERVAL_S = 1.0      # metrics snapshot and systemd STATUS= refresh
@@ -42,6 +41,8 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
         self.devices = {d.name: d for d in (devices if devices is not None else discover())}
         self.runtime_dir = os.path.abspath(self.settings.runtime_dir)
         self.private_dir = os.path.join(self.runtime_dir, "private")
+        self.jail_dir = os.path.join(self.private_dir, "jail")
+        self._allocated_uids: dict[str, int] = {}   # tenant -> its executors' uid (no owner)
         self.ctx = zmq.Context()
         self.tenants: dict[str, TenantState] = {}
         self.sessions: dict[bytes, ClientSession] = {}
@@ -89,12 +90,14 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
             if name not in self.config.tenants:
                 shutil.rmtree(d, ignore_errors=True)
                 continue
-            for leftover in glob.glob(os.path.join(d, "*.sock")) + glob.glob(os.path.join(d, "shm", "*")):
-                try:
-                    os.unlink(leftover)
-                except OSError:
-                    pass
+            clear_tenant_dir(self.runtime_dir, name)
         os.makedirs(self.settings.resolved_cache_dir, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.join(self.settings.resolved_cache_dir, "tenants"), mode=0o700, exist_ok=True)
+        # Executors mount their own view here, each in its own mount namespace.
+        os.makedirs(self.jail_dir, mode=0o700, exist_ok=True)
+        if not confine.can_confine():
+            log.warning("the broker is not root: executors run as its uid, with the host's view "
+                        "of files (README, \"Sandbox\")")
         try:   # brokers before the control socketpair bound a socket here
             os.unlink(os.path.join(self.private_dir, "control.sock"))
         except OSError:
@@ -252,9 +255,5 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
             t.gate.close()
         self.admin.close()
         self.ctx.term()
-        for t in self.tenants.values():     # sockets go; the (mounted) directories stay
-            for leftover in glob.glob(os.path.join(t.dir, "*.sock")) + glob.glob(os.path.join(t.dir, "shm", "*")):
-                try:
-                    os.unlink(leftover)
-                except OSError:
-                    pass
+        for name in self.tenants:           # sockets go; the (mounted) directories stay
+            clear_tenant_dir(self.runtime_dir, name)

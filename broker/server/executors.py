@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -29,7 +28,9 @@ from kubecash.client.errors import (
     exit_reason,
 )
 
+from .. import confine
 from ..devices import NodeDevice
+from .tenants import clear_tenant_dir
 
 if TYPE_CHECKING:
     from .tenants import PendingOpen, TenantState
@@ -72,7 +73,8 @@ class ExecutorControl:
                "--runtime-dir", self.runtime_dir,
                "--memory-limit", str(self._memory_limit(q, d)), "--threads", str(threads),
                "--cache-dir", self.settings.resolved_cache_dir,
-               "--owner", "" if t.config.owner is None else "{:d}:{:d}".format(*t.config.owner),
+               "--owner", "{:d}:{:d}".format(*self._executor_ids(t.config)) if confine.can_confine() else "",
+               "--jail", self.jail_dir if confine.can_confine() else "",
                "--max-message-bytes", str(self.settings.max_message_bytes),
                "--limits", json.dumps(self.settings.limits.as_dict())]
         if not self.settings.sandbox:
@@ -174,16 +176,19 @@ class ExecutorControl:
                 t.gate.send(p.ident, P.error(p.req_id, code, message))
         if not current:
             return
-        # Remove what the executor left in the tenant's directory.
-        for path in glob.glob(os.path.join(t.dir, "shm", f"{ex.device.name}-*")):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        # Remove what the executor left in the tenant's directory (by descriptor: the
+        # tenant may have put a symlink anywhere in it).
+        clear_tenant_dir(self.runtime_dir, t.config.name, sockets=False, shm_prefix=f"{ex.device.name}-")
+        tenant_fd = None
         try:
-            os.unlink(P.executor_socket_path(self.runtime_dir, t.config.name, ex.device.name))
+            tenant_fd = os.open(t.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.unlink(os.path.basename(P.executor_socket_path(self.runtime_dir, t.config.name,
+                                                              ex.device.name)), dir_fd=tenant_fd)
         except OSError:
             pass
+        finally:
+            if tenant_fd is not None:
+                os.close(tenant_fd)
         # Opens that waited for this executor to go get a fresh one.
         waiting = {tok: p for tok, p in t.waiting_opens.pop(ex.device.name, {}).items()
                    if tok in self.sessions}

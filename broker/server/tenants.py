@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import logging
 import os
 import secrets
@@ -20,6 +21,8 @@ from kubecash.client import protocol as P
 from kubecash.client.errors import CudaError, E, ProtocolError, error_from_code, map_exceptions
 
 from .. import config as cfg
+from .. import confine
+from ..config import ConfigError
 from ..devices import NodeDevice
 from ..gate import Gate, GateEvent
 
@@ -69,16 +72,36 @@ class TenantState:
 class TenantService:
     """The Broker's tenant side (a mixin: the state it uses is set up in core.Broker)."""
 
+    def _executor_ids(self, t: cfg.Tenant) -> tuple[int, int]:
+        """The uid:gid a tenant's executors (and compile helpers) run as: its owner, or for a
+        tenant with none (or owner root) one allocated from [broker] executor_uid_min..max.
+        A broker that is not root runs them as itself."""
+        if not confine.can_confine():
+            return os.getuid(), os.getgid()
+        if t.owner is not None and t.owner[0] != 0:
+            return t.owner
+        uid = self._allocated_uids.get(t.name)
+        if uid is None:
+            uid = self._allocated_uids[t.name] = allocate_uid(
+                t.name, self.settings.executor_uid_min, self.settings.executor_uid_max,
+                taken={*self._allocated_uids.values(),
+                       *(o.owner[0] for o in self.config.tenants.values() if o.owner is not None)})
+        return uid, uid
+
     def _add_tenant(self, t: cfg.Tenant) -> None:
         d = P.tenant_dir(self.runtime_dir, t.name)
-        _own_tenant_dir(d, t.owner)
-        gate = Gate(self.ctx, f"ipc://{P.broker_socket_path(self.runtime_dir, t.name)}",
-                    tenant=t.name, max_bytes=self._broker_msg_max,
-                    max_connections=self.settings.max_connections_per_tenant,
-                    rate=self.settings.max_requests_per_tenant_s)
+        _own_tenant_dir(self.runtime_dir, t.name, self._executor_ids(t))
         # Connecting needs write permission on the socket file; the 0700 directory (owned by
-        # the tenant's uid) is what keeps everyone else out.
-        os.chmod(P.broker_socket_path(self.runtime_dir, t.name), 0o666)
+        # the tenant's uid) is what keeps everyone else out. 0666 from the moment it exists
+        # (a umask: a chmod by path after the bind could follow a tenant's symlink).
+        old_umask = os.umask(0o111)
+        try:
+            gate = Gate(self.ctx, f"ipc://{P.broker_socket_path(self.runtime_dir, t.name)}",
+                        tenant=t.name, max_bytes=self._broker_msg_max,
+                        max_connections=self.settings.max_connections_per_tenant,
+                        rate=self.settings.max_requests_per_tenant_s)
+        finally:
+            os.umask(old_umask)
         ts = TenantState(t, gate, d)
         self.tenants[t.name] = ts
         self._sock_tenant[gate.sock] = ts
@@ -261,11 +284,82 @@ class TenantService:
             self._end_session(s, f"no heartbeat for {timeout:g} s")
 
 
-def _own_tenant_dir(d: str, owner: tuple[int, int] | None) -> None:
-    """A tenant's directory: 0700, owned by the uid its containers run as (root if none), so
-    only they (and root) reach its sockets and shared-memory files."""
-    os.makedirs(os.path.join(d, "shm"), exist_ok=True)
-    uid, gid = owner if owner is not None else (os.getuid(), os.getgid())
-    for path in (d, os.path.join(d, "shm")):
-        os.chown(path, uid, gid)
-        os.chmod(path, 0o700)
+# A tenant owns its directory and may put anything in it (a symlink where shm/ was, say), so
+# root acts there only through descriptors: each directory is opened with O_NOFOLLOW from
+# its root-owned parent, and entries are changed relative to it (fchown, fchmod, unlinkat).
+
+def _tenants_root_fd(runtime_dir: str) -> int:
+    return os.open(os.path.join(runtime_dir, "tenants"),
+                   os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _own_tenant_dir(runtime_dir: str, name: str, ids: tuple[int, int]) -> None:
+    """A tenant's directory and its shm/: 0700, owned by `ids` (the uid its executors run
+    as, which is its containers' uid where it has an owner), so only they (and root)
+    reach its sockets and shared-memory files. Anything in shm/'s place is replaced."""
+    root = _tenants_root_fd(runtime_dir)
+    try:
+        d = confine.open_dir_nofollow(root, name, create_mode=0o700)
+        try:
+            shm = confine.open_dir_nofollow(d, "shm", create_mode=0o700)
+            for fd in (d, shm):
+                os.fchown(fd, *ids)
+                os.fchmod(fd, 0o700)
+            os.close(shm)
+        finally:
+            os.close(d)
+    finally:
+        os.close(root)
+
+
+def clear_tenant_dir(runtime_dir: str, name: str, *, sockets: bool = True, shm_prefix: str = "") -> None:
+    """Remove what brokers and executors leave in a tenant's directory: its sockets (with
+    `sockets`) and the shm/ files whose names start with `shm_prefix`. Entries are unlinked
+    relative to their directory, so a symlink is removed, never followed."""
+    try:
+        root = _tenants_root_fd(runtime_dir)
+    except OSError:
+        return
+    try:
+        d = confine.open_dir_nofollow(root, name)
+    except OSError:
+        os.close(root)
+        return
+    try:
+        if sockets:
+            for entry in os.listdir(d):
+                if entry.endswith(".sock"):
+                    _unlink_at(d, entry)
+        try:
+            shm = confine.open_dir_nofollow(d, "shm")
+        except OSError:
+            return                      # none, or not a directory: nothing of ours in it
+        try:
+            for entry in os.listdir(shm):
+                if entry.startswith(shm_prefix):
+                    _unlink_at(shm, entry)
+        finally:
+            os.close(shm)
+    finally:
+        os.close(d)
+        os.close(root)
+
+
+def _unlink_at(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def allocate_uid(name: str, lo: int, hi: int, taken: set[int]) -> int:
+    """A uid for tenant `name` in [lo, hi] not in `taken`: where its name hashes to, or the
+    next free one, so a tenant keeps its uid across restarts while the set of tenants does."""
+    size = hi - lo + 1
+    start = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") % size
+    for i in range(size):
+        uid = lo + (start + i) % size
+        if uid not in taken:
+            return uid
+    raise ConfigError(f"[broker] executor_uid_min..executor_uid_max ({lo}..{hi}) has no uid left "
+                      f"for tenant '{name}'")

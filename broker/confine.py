@@ -1,0 +1,179 @@
+"""Whole-process confinement of what runs tenant code: executors and their compile helpers.
+
+A root broker starts each executor as root; before the executor runs anything of a tenant's,
+it (and the compile helper it forks first) goes through, in this order:
+
+1. **A view of its own** (`View`): a private mount namespace whose root is a small tmpfs
+   holding only what that process needs, bound in from the host, and a chroot into it. An
+   executor sees its tenant's directory (`/tenants/<name>`, the tenant's own files) and
+   `/modules` (the modules it loads); the compile helper sees the compiler and system
+   headers read-only (`/usr`, the top-level library links), KubeCASH's header, its tenant's
+   module cache (`/cache`), `/dev/null`, and no network (a new network namespace).
+2. **An unprivileged uid** (`drop_to`): the tenant's `owner`, or one the broker allocates
+   per tenant; no supplementary groups; not dumpable, so even processes of the same uid
+   cannot ptrace it or read its memory.
+3. **no_new_privs**, and for executors the whole-process seccomp filter
+   (`sandbox.confine_process`), on every thread.
+
+Nothing here is reversible in-process, and nothing a tenant's directory holds is followed:
+the tenant's directory is opened with O_NOFOLLOW from its root-owned parent and bound by
+descriptor. A broker that is not root cannot switch uids or make namespaces: its executors
+then run as its own uid with the host's view (it logs that it does so).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import stat
+
+__all__ = ["ConfineError", "View", "can_confine", "drop_to", "no_new_privs", "open_dir_nofollow",
+           "probe", "set_parent_death_signal"]
+
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUTS, CLONE_NEWNET = 0x00020000, 0x08000000, 0x04000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+class ConfineError(OSError):
+    """A confinement step failed; the process must not go on to run tenant code."""
+
+
+def can_confine() -> bool:
+    """Namespaces and uid changes need root (the broker's systemd unit runs it as root)."""
+    return os.geteuid() == 0
+
+
+def probe() -> str | None:
+    """Why a root broker's executors could not be confined on this machine (None: they can).
+    Namespaces can be refused to root too: a container without CAP_SYS_ADMIN, or systemd's
+    RestrictNamespaces=. The broker checks once at start instead of failing every executor."""
+    pid = os.fork()
+    if pid == 0:                       # only async-signal-safe calls until _exit
+        rc = _libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET)
+        os._exit(0 if rc == 0 else (ctypes.get_errno() or 1))
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        return None
+    return (f"executors cannot be confined: unshare of mount, IPC, UTS and network namespaces "
+            f"failed ({os.strerror(code) if code > 0 else f'signal {-code}'}). A root broker needs "
+            "CAP_SYS_ADMIN, and under systemd RestrictNamespaces= must allow 'mnt ipc net uts' "
+            "(README, \"Sandbox\")")
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise ConfineError(e, f"{what}: {os.strerror(e)}")
+
+
+def open_dir_nofollow(parent_fd: int, name: str, *, create_mode: int | None = None) -> int:
+    """A directory `name` inside `parent_fd`, never through a symlink: the entry itself must
+    be a real directory (O_NOFOLLOW|O_DIRECTORY). With `create_mode`, a missing one is made;
+    anything else in its place (a symlink, a file) is removed and a directory made instead."""
+    if "/" in name or name in ("", ".", ".."):
+        raise ConfineError(errno.EINVAL, f"not a plain directory name: {name!r}")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, dir_fd=parent_fd)
+    except OSError as e:
+        if create_mode is None:
+            raise
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):     # a symlink or a file: not ours to follow
+            os.unlink(name, dir_fd=parent_fd)
+        elif e.errno != errno.ENOENT:
+            raise
+    try:
+        os.mkdir(name, create_mode, dir_fd=parent_fd)
+    except FileExistsError:
+        pass
+    return os.open(name, flags, dir_fd=parent_fd)
+
+
+class View:
+    """A private mount namespace whose root will be a fresh tmpfs at `mountpoint`."""
+
+    def __init__(self, mountpoint: str, *, size_bytes: int, network: bool = True):
+        self.root = mountpoint
+        flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if network else CLONE_NEWNET)
+        _check(_libc.unshare(flags), "unshare (a private mount namespace)")
+        # Nothing mounted here from now on is seen outside, nor the other way round.
+        _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
+        _check(_libc.mount(b"kubecash-view", mountpoint.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
+                           f"size={size_bytes},mode=0755".encode()), f"mount tmpfs on {mountpoint}")
+
+    def _inside(self, path: str) -> str:
+        return os.path.join(self.root, path.lstrip("/"))
+
+    def mkdir(self, path: str, mode: int = 0o755, owner: tuple[int, int] | None = None) -> str:
+        inside = self._inside(path)
+        os.makedirs(inside, mode=0o755, exist_ok=True)
+        os.chmod(inside, mode)
+        if owner is not None:
+            os.chown(inside, *owner)
+        return inside
+
+    def bind(self, source: str | int, path: str, *, readonly: bool = True, exec_: bool = True,
+             dev: bool = False) -> None:
+        """Bind host `source` (a path, or a descriptor: bound as what it is open on, with no
+        path lookup a tenant could redirect) at `path` inside."""
+        src = f"/proc/self/fd/{source}" if isinstance(source, int) else source
+        is_dir = stat.S_ISDIR(os.stat(src).st_mode)
+        inside = self._inside(path)
+        if is_dir:
+            os.makedirs(inside, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(inside), exist_ok=True)
+            open(inside, "a").close()
+        _check(_libc.mount(src.encode(), inside.encode(), None, MS_BIND | MS_REC, None), f"bind {src} at {path}")
+        flags = MS_BIND | MS_REMOUNT | MS_NOSUID | (MS_RDONLY if readonly else 0) \
+            | (0 if exec_ else MS_NOEXEC) | (0 if dev else MS_NODEV)
+        _check(_libc.mount(None, inside.encode(), None, flags, None), f"remount {path}")
+
+    def symlink(self, target: str, path: str) -> None:
+        os.symlink(target, self._inside(path))
+
+    def host_tree(self, *tops: str) -> None:
+        """Top-level entries of the host as they are: a symlink (merged /usr) as a symlink,
+        a directory as a read-only bind."""
+        for top in tops:
+            if os.path.islink(top):
+                self.symlink(os.readlink(top), top)
+            elif os.path.isdir(top):
+                self.bind(top, top)
+
+    def enter(self) -> None:
+        """chroot into the view. Until then the host's paths work; after, only the view's."""
+        os.chroot(self.root)
+        os.chdir("/")
+
+
+def set_parent_death_signal() -> None:
+    """SIGKILL when the parent ends: nothing confined outlives what started it."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+
+
+def drop_to(uid: int, gid: int) -> None:
+    """Become uid:gid for good (real, effective, saved; no supplementary groups), not
+    dumpable, and still ended when the parent ends (a uid change clears PDEATHSIG)."""
+    parent = os.getppid()
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise ConfineError(errno.EPERM, f"could not become uid {uid} gid {gid}")
+    _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE, 0)")
+    set_parent_death_signal()
+    if os.getppid() != parent:     # it ended before PDEATHSIG was set again
+        os._exit(1)
+
+
+def no_new_privs() -> None:
+    _check(_libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
