@@ -30,6 +30,9 @@ CLASSES = ("batch", "latency")
 QUOTA_FIELDS = ("memory", "weight", "limit", "class", "max_kernel_seconds")
 
 
+OWNER_ID_MAX = (1 << 32) - 2
+
+
 def parse_owner(value: Any) -> tuple[int, int]:
     """"1000", "1000:1000", "alice" or "alice:staff" (names looked up here) -> (uid, gid)."""
     import grp
@@ -49,6 +52,11 @@ def parse_owner(value: Any) -> tuple[int, int]:
         gid = default_gid if not group else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError as e:
         raise ValueError(f"no such user or group on this node: {e.args[0]}") from None
+    # (uid_t)-1 means "leave unchanged" to setresuid: an executor meant for it would stay root.
+    # A number need not name a user of this node: containers' uids rarely do.
+    for what, n in (("uid", uid), ("gid", gid)):
+        if n > OWNER_ID_MAX:
+            raise ValueError(f"{what} {n} is out of range (0 to {OWNER_ID_MAX})")
     return uid, gid
 
 
@@ -248,6 +256,8 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
                 "max_connections_per_tenant"):
         if getattr(broker, key) < 1:      # 0 would refuse everything: not a way to say "unbounded"
             raise _fail(path, f"[broker] field '{key}'", "must be at least 1")
+    if broker.executor_uid_max < broker.executor_uid_min:
+        raise _fail(path, "[broker] field 'executor_uid_max'", "must not be below executor_uid_min")
     if broker.heartbeat_timeout_s <= broker.heartbeat_interval_s:
         raise _fail(path, "[broker] field 'heartbeat_timeout_s'",
                     "must be larger than heartbeat_interval_s")

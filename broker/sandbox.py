@@ -31,6 +31,7 @@ unloaded (dlclose, which runs destructors of function-local statics) on a confin
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -558,11 +559,15 @@ def _load_native(cache_dir: str | os.PathLike | None) -> ctypes.CDLL:
                     raise SandboxError(f"cannot build the sandbox runtime: {e}") from None
                 if p.returncode != 0:
                     raise SandboxError("cannot build the sandbox runtime: " + p.stderr[-2000:])
-                if cached:
-                    os.makedirs(str(cache_dir), exist_ok=True)
+                if cached:              # keeping it is an optimisation: a full disk is no error
                     tmp = cached + f".{os.getpid()}.tmp"
-                    shutil.copyfile(path, tmp)
-                    os.replace(tmp, cached)
+                    try:
+                        os.makedirs(str(cache_dir), exist_ok=True)
+                        shutil.copyfile(path, tmp)
+                        os.replace(tmp, cached)
+                    except OSError:
+                        with contextlib.suppress(OSError):
+                            os.unlink(tmp)
             lib = ctypes.CDLL(path, mode=os.RTLD_LOCAL | os.RTLD_NOW)
         finally:
             shutil.rmtree(work, ignore_errors=True)

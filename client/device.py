@@ -87,6 +87,13 @@ class Device:
             raise s._failed[self.name]
         return self._conn()
 
+    def _has_staging(self) -> bool:
+        """Whether this context has a staging segment (an executor gives none to a session
+        whose memory quota is too small to hold one: its copies go inline)."""
+        with self.session._lock:
+            self._usable_channel()
+            return self._staging is not None
+
     def request(self, op: str, **fields: Any) -> dict:
         """Send request `op` with `fields` to this tenant's executor for the device and wait for
         its reply (a dict); an error reply raises its CudaError (kubecash.client.errors). The
@@ -147,8 +154,11 @@ class Device:
         segment, still returns when done. Buffer.copy_from takes any buffer."""
         n = src.nbytes
         sh = _stream_handle(stream)
-        if n <= P.INLINE_MAX:
-            self.request_or_submit("memcpy_htod", stream, dst=dst_ptr, size=n, data=bytes(src), stream=sh)
+        if n <= P.INLINE_MAX or not self._has_staging():
+            for off in range(0, max(n, 1), P.INLINE_MAX):  # inline, in pieces if need be
+                m = min(P.INLINE_MAX, n - off)
+                self.request_or_submit("memcpy_htod", stream, dst=dst_ptr + off, size=m,
+                                       data=bytes(src[off: off + m]), stream=sh)
             return
         s = self.session
         with s._lock:
@@ -174,8 +184,10 @@ class Device:
         (the default stream if None). Buffer.copy_to takes any writable buffer."""
         n = dst.nbytes
         sh = _stream_handle(stream)
-        if n <= P.INLINE_MAX:
-            dst[:] = self.request("memcpy_dtoh", src=src_ptr, size=n, stream=sh)["data"]
+        if n <= P.INLINE_MAX or not self._has_staging():
+            for off in range(0, max(n, 1), P.INLINE_MAX):
+                m = min(P.INLINE_MAX, n - off)
+                dst[off: off + m] = self.request("memcpy_dtoh", src=src_ptr + off, size=m, stream=sh)["data"]
             return
         s = self.session
         with s._lock:

@@ -113,6 +113,26 @@ def test_tenant_names_dot_and_dotdot_are_refused(name):
         cfg.parse({"tenants": {name: {"owner": "65534"}}}, "q.toml")
 
 
+@pytest.mark.parametrize("owner, message", [
+    ("4294967295", "uid 4294967295 is out of range"),    # (uid_t)-1: setresuid would change nothing
+    ("1000:4294967295", "gid 4294967295 is out of range"),
+    ("-1", "no such user"),
+    ("no-such-user-here", "no such user"),
+])
+def test_owners_are_real_ids(owner, message):
+    """R10: an owner must be a user of this node by name, or a valid uid by number."""
+    with pytest.raises(cfg.ConfigError, match=f"tenant 'a', field 'owner': {message}"):
+        cfg.parse({"tenants": {"a": {"owner": owner}}}, "q.toml")
+    assert cfg.parse({"tenants": {"a": {"owner": "4294967294"}}}).tenants["a"].owner[0] == 4294967294
+
+
+def test_executor_uid_range_is_checked():
+    with pytest.raises(cfg.ConfigError, match="executor_uid_max': must not be below executor_uid_min"):
+        cfg.parse({"broker": {"executor_uid_min": 70000, "executor_uid_max": 60000}}, "q.toml")
+    with pytest.raises(cfg.ConfigError, match="executor_uid_min'.*from 1"):
+        cfg.parse({"broker": {"executor_uid_min": 0}}, "q.toml")
+
+
 def test_kernel_time_bound_is_finite():
     with pytest.raises(cfg.ConfigError, match="tenant 'a', field 'max_kernel_seconds': must be a finite"):
         cfg.parse({"tenants": {"a": {"max_kernel_seconds": float("nan")}}}, "q.toml")

@@ -2,13 +2,17 @@
 all refused, and the victim's data never shows up on the attacker's side."""
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import shutil
 import stat
+import subprocess
+import tempfile
 import time
 
 import pytest
-from conftest import wait_for
+from conftest import BrokerProcess, run_client, wait_for
 from kernels import VECADD
 
 import kubecash.client as kc
@@ -53,9 +57,10 @@ def test_sockets_and_tokens_of_another_tenant_are_refused(broker, raw_socket):
         r = _raw_call(raw_socket, bob_exec, op="mem_info", session=a.token)
         assert r["code"] == kc.CUresult.CUDA_ERROR_INVALID_CONTEXT
         # nothing was created for anyone, and both sessions still work
-        assert a.status()["devices"]["cpu0"]["memory_used"] in (0, 16)
-        assert a.device("cpu0").mem_info()[0] == (256 << 20) - 16
-        assert b.device("cpu0").mem_info()[0] == (256 << 20) - 16
+        held = (32 << 20) + 4096           # staging and one page
+        assert a.status()["devices"]["cpu0"]["memory_used"] in (0, held)
+        assert a.device("cpu0").mem_info()[0] == (256 << 20) - held
+        assert b.device("cpu0").mem_info()[0] == (256 << 20) - held
 
 
 def test_device_pointers_of_another_tenant_are_refused(broker):
@@ -148,7 +153,7 @@ def test_shared_memory_names_cannot_reach_another_tenant(broker, raw_socket, tmp
             time.sleep(0.05)
         assert victim.read_bytes() == b"keep"
         assert bytes(ha.view[:4]) == b"mine"          # alice's mapping is untouched
-        assert da.mem_info()[0] == (256 << 20) - 4096
+        assert da.mem_info()[0] == (256 << 20) - (32 << 20) - 4096    # staging, one page
 
 
 def test_executors_reach_the_broker_only_on_their_own_socketpairs(broker):
@@ -212,3 +217,79 @@ def test_handles_of_another_session_or_tenant_are_refused(broker):
             a._wait(ch, a._send(ch, "mem_info", {"session": b.token}))
         assert e.value.name == "CUDA_ERROR_INVALID_CONTEXT"
         assert da.mem_info()[1] == 256 << 20       # alice's session still works
+
+
+# bob copies through his staging segment before and after alice fills the file system.
+COPIER = """
+    import sys, numpy as np, kubecash.client as kc
+    with kc.connect() as s:
+        d = s.device("cpu0")
+        data = np.random.default_rng(5).integers(0, 255, 32 << 20, dtype=np.uint8)
+        buf = d.allocate(data.nbytes)
+        buf.copy_from(data[: 1 << 20])          # touches only the start of the segment
+        print("ready", flush=True)
+        sys.stdin.readline()
+        buf.copy_from(data)                     # every page of it, now
+        assert (buf.copy_to(np.empty_like(data)) == data).all()
+        print("ok", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs as the runtime directory")
+def test_one_tenant_filling_the_runtime_file_system_crashes_no_one(kernel_cache):
+    """R5: the staging segment and host memory are backed when made, so a full file system is
+    an OUT_OF_MEMORY for whoever asks next, never a SIGBUS in another tenant's executor or
+    client (bob's client died of one, and his executor ended with ILLEGAL_ADDRESS)."""
+    runtime = tempfile.mkdtemp(prefix="kc-", dir="/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "kc-test", runtime], check=True)
+    try:
+        with BrokerProcess({"alice": {"memory": "256MiB"}, "bob": {"memory": "256MiB"}},
+                           kernel_cache, runtime_dir=runtime) as b:
+            p = run_client(COPIER, b.address("bob"), stdin=subprocess.PIPE)
+            try:
+                assert p.stdout.readline().strip() == "ready", p.stderr.read()
+                # alice's container fills the file system its directory is on
+                junk = os.path.join(runtime, "tenants", "alice", "junk")
+                with open(junk, "wb") as f:
+                    try:
+                        while True:
+                            f.write(b"\0" * (1 << 20))
+                            f.flush()
+                    except OSError as e:
+                        assert e.errno == errno.ENOSPC
+                with b.connect("alice") as a:  # asking for more is a clean error, naming why
+                    with pytest.raises(kc.OutOfMemoryError, match="runtime file system is full"):
+                        a.device("cpu0").allocate_host(1 << 20)
+                p.stdin.write("go\n")
+                p.stdin.flush()
+                assert p.stdout.readline().strip() == "ok", p.stderr.read()
+                assert p.wait(60) == 0
+            finally:
+                for f in (p.stdout, p.stderr, p.stdin):
+                    f.close()
+                p.kill()
+            assert b.alive()
+    finally:
+        subprocess.run(["umount", "-l", runtime], check=False)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs as the kernel cache")
+def test_a_full_kernel_cache_is_a_clean_error_naming_it(tmp_path):
+    """R5: a module load on a full disk was CUDA_ERROR_UNKNOWN "internal error: [Errno 28]"."""
+    cache = str(tmp_path / "cache")
+    os.mkdir(cache)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "kc-cache", cache], check=True)
+    try:
+        with BrokerProcess({"alice": {"memory": "256MiB"}}, cache) as b:
+            with open(os.path.join(cache, "junk"), "wb") as f:
+                with pytest.raises(OSError):
+                    while True:
+                        f.write(b"\0" * (64 << 10))
+                        f.flush()
+            with b.connect("alice") as s:
+                with pytest.raises(kc.OutOfMemoryError, match="module build.*No space left on device"):
+                    s.device("cpu0").load_module(VECADD.replace("vadd", "vadd_full_disk"))
+            assert b.alive()
+    finally:
+        subprocess.run(["umount", "-l", cache], check=False)

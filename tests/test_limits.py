@@ -2,6 +2,7 @@
 one tenant grow the broker's (or its executor's) tables without bound."""
 from __future__ import annotations
 
+import mmap
 import time
 
 import numpy as np
@@ -197,22 +198,25 @@ def test_memory_quota_holds_exactly_at_its_boundary(broker_factory):
     b = broker_factory({"alice": {"memory": "1MiB"}, "bob": {"memory": "1MiB"}})
     with b.connect("alice") as s, b.connect("bob") as other:
         dev = s.device("cpu0")
+        page = mmap.PAGESIZE                 # allocations are charged in whole pages
+        assert dev.mem_info() == (1 << 20, 1 << 20)   # no staging segment in so small a quota
         keep = dev.allocate(1000)
         keep.copy_from(b"k" * 1000)
-        big = dev.allocate((1 << 20) - 1000 - 1)
+        big = dev.allocate((1 << 20) - 2 * page)
         with pytest.raises(kc.OutOfMemoryError) as e:
-            dev.allocate(2)                  # one byte past the quota
-        assert "limit 1048576 bytes" in str(e.value) and "1048575 in use" in str(e.value)
-        last = dev.allocate(1)               # exactly at the quota: allowed
+            dev.allocate(page + 1)           # one byte past the quota
+        assert "limit 1048576 bytes" in str(e.value) and f"{(1 << 20) - page} in use" in str(e.value)
+        assert f"of {page + 1} bytes (charged as {2 * page})" in str(e.value)
+        last = dev.allocate(page)            # exactly at the quota: allowed
         assert dev.mem_info() == (0, 1 << 20)
         # Nothing else changed: the other allocations are intact, and bob is untouched.
         assert bytes(keep.copy_to()) == b"k" * 1000
         assert other.device("cpu0").allocate(1 << 20).size == 1 << 20
         last.close()
         big.close()
-        assert dev.mem_info()[0] == (1 << 20) - 1000
+        assert dev.mem_info()[0] == (1 << 20) - page
         host = dev.allocate_host(4096)       # on a CPU device, mapped host memory counts too
-        assert dev.mem_info()[0] == (1 << 20) - 1000 - 4096
+        assert dev.mem_info()[0] == (1 << 20) - page - 4096
         host.close()
 
 
@@ -245,3 +249,58 @@ def test_the_kernel_cache_is_held_to_its_cap(broker_factory, tmp_path):
             assert int(c.copy_to(np.empty(1, np.uint64))[0]) == 3
     finally:
         b.stop()
+
+
+# -- everything a tenant holds counts (issue #13, R9 and R5) -------------------------------
+
+GLOBALS = r"""
+__device__ char big[SIZE];
+extern "C" __global__ void touch(unsigned n) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) big[i] = 1;
+}
+"""
+
+
+def test_module_globals_and_allocation_granularity_count(broker_factory):
+    """R9: a module's __device__ globals (512 MiB of them, fully touched, went unseen) and
+    30,000 one-byte allocations (charged 30 KB) are memory the tenant holds."""
+    b = broker_factory({"alice": {"memory": "64MiB"}, "bob": {"memory": "64MiB"}})
+    with b.connect("alice") as s:
+        d = s.device("cpu0")
+        free0 = d.mem_info()[0]
+        m = d.load_module(GLOBALS.replace("SIZE", "16u << 20"))
+        d.launch(m.get_kernel("touch"), (64,), (256,), [np.uint32(16 << 20)])
+        d.synchronize()
+        free1 = d.mem_info()[0]
+        assert 16 << 20 <= free0 - free1 < (16 << 20) + (1 << 20), (free0, free1)
+        with pytest.raises(kc.OutOfMemoryError, match=r"module \(code, data and __device__ globals\)"):
+            d.load_module(GLOBALS.replace("SIZE", "48u << 20"))    # more than is left
+        assert d.mem_info()[0] == free1                            # the refusal held nothing
+        m.close()
+        d.synchronize()
+        assert d.mem_info()[0] == free0                            # unloading gives it back
+        tiny = [d.allocate(1) for _ in range(2000)]
+        assert free0 - d.mem_info()[0] == 2000 * mmap.PAGESIZE     # a page each: what they take
+        for t in tiny:
+            t.close()
+        d.synchronize()
+        assert d.mem_info()[0] == free0
+    with b.connect("bob") as s:                # bob's quota is his own
+        assert s.device("cpu0").mem_info()[0] == free0
+
+
+def test_the_staging_segment_counts_and_a_tiny_quota_still_copies(broker_factory):
+    """R5: the staging segment is memory the session holds (on a CPU device, its quota); a
+    quota too small to spare one gets none, and copies of any size go inline."""
+    b = broker_factory({"alice": {"memory": "256MiB"}, "bob": {"memory": "4MiB"}})
+    with b.connect("alice") as a, b.connect("bob") as bob:
+        free, total = a.device("cpu0").mem_info()
+        assert total - free == 32 << 20
+        with b.connect("alice") as a2:          # each session its own, at most 1/8 of what is free
+            assert free - a2.device("cpu0").mem_info()[0] == min(32 << 20, free // 8)
+        d = bob.device("cpu0")
+        assert d.mem_info() == (4 << 20, 4 << 20)
+        data = np.random.default_rng(3).integers(0, 255, 3 << 20, dtype=np.uint8)
+        buf = d.allocate(data.nbytes)
+        buf.copy_from(data)                     # 3 MiB, far over the inline limit
+        np.testing.assert_array_equal(buf.copy_to(np.empty_like(data)), data)

@@ -28,7 +28,7 @@ def test_sighup_applies_added_removed_and_changed_tenants(broker_factory):
     with b.connect("alice") as a, b.connect("bob") as bob, b.admin() as admin:
         a.device("cpu0").allocate(4096)
         bob.device("cpu0").allocate(4096)
-        rewrite(b, {"alice": {"memory": "1MiB", "weight": 300, "limit": 0.5},
+        rewrite(b, {"alice": {"memory": "48MiB", "weight": 300, "limit": 0.5},
                     "carol": {"class": "latency"}})
         os.kill(b.proc.pid, signal.SIGHUP)
         deadline = time.monotonic() + 10
@@ -37,11 +37,12 @@ def test_sighup_applies_added_removed_and_changed_tenants(broker_factory):
         st = admin.call("status")
         assert set(st["tenants"]) == {"alice", "carol"}
         q = st["tenants"]["alice"]["devices"]["cpu0"]
-        assert (q["weight"], q["limit"], q["memory_limit"]) == (300, 0.5, 1 << 20)
+        assert (q["weight"], q["limit"], q["memory_limit"]) == (300, 0.5, 48 << 20)
         assert os.path.exists(b.socket_path("carol")) and not os.path.exists(b.socket_path("bob"))
-        # The new memory quota applies live: alice holds 4 KiB of her new 1 MiB.
+        # The new memory quota applies live: alice holds 4 KiB and her 32 MiB staging
+        # segment of her new 48 MiB.
         with pytest.raises(kc.OutOfMemoryError):
-            a.device("cpu0").allocate(1 << 20)
+            a.device("cpu0").allocate(16 << 20)
         a.device("cpu0").allocate(4096)
         # bob's session ended cleanly, with a reason.
         with pytest.raises(kc.KubecashError, match="removed|ended|session"):

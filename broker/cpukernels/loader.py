@@ -7,7 +7,9 @@ import _ctypes  # dlopen/dlsym/dlclose without a ctypes.CDLL (see _ModuleApi)
 import ctypes
 import dataclasses
 import itertools
+import mmap
 import os
+import struct
 import tempfile
 import threading
 from pathlib import Path
@@ -84,6 +86,7 @@ class CompiledModule:
     def _load_image(cls, image: bytes, workdir: Path | str) -> CompiledModule:
         """Load a built module's bytes (from the cache, or from the compile helper)."""
         self = object.__new__(cls)
+        self.footprint = image_footprint(image)
         # dlopen returns the already-loaded object for a path (or inode) it has seen, and
         # every instance must own its __device__ globals: load a private copy each time.
         fd, tmp = tempfile.mkstemp(prefix=".load-", suffix=".so", dir=workdir)
@@ -213,3 +216,24 @@ def _dlclose(handle: int) -> None:
         _ctypes.dlclose(handle)
     except OSError:
         pass
+
+
+def image_footprint(image: bytes) -> int:
+    """The memory a loaded copy of this ELF shared object takes: its loadable segments (code,
+    data and the zero-filled .bss where __device__ globals live), in whole pages."""
+    if image[:4] != b"\x7fELF" or len(image) < 64 or image[4] != 2:
+        raise KernelCompileError("not a 64-bit ELF shared object")
+    phoff, = struct.unpack_from("<Q", image, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", image, 0x36)
+    total = 0
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if off + 56 > len(image):
+            raise KernelCompileError("truncated ELF program headers")
+        p_type, = struct.unpack_from("<I", image, off)
+        if p_type == 1:                                    # PT_LOAD
+            vaddr, = struct.unpack_from("<Q", image, off + 16)
+            memsz, = struct.unpack_from("<Q", image, off + 40)
+            start = vaddr & ~(mmap.PAGESIZE - 1)
+            total += -(-(vaddr + memsz - start) // mmap.PAGESIZE) * mmap.PAGESIZE
+    return total

@@ -2,6 +2,8 @@
 the shared-memory files it maps, and the executor's own memory bound."""
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import resource
 import secrets
@@ -15,6 +17,14 @@ from .state import (
     log,
 )
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG)
+
+
+def module_footprint(module) -> int:
+    """What a loaded module takes from the quota (its code, data and __device__ globals on
+    the CPU backend; a GPU module's memory is the driver's to count, not known here)."""
+    return getattr(module, "footprint", 0)
+
 
 class Accounting:
     # -- resources ----------------------------------------------------------------------
@@ -22,8 +32,7 @@ class Accounting:
         """Free everything a session holds (runs on the runner or at shutdown)."""
         for ptr, size in list(s.allocs.items()):
             self.backend.free(ptr, size)
-            with self._lock:
-                self.memory_used -= size
+            self._uncharge(self._granular(size))
         s.allocs.clear()
         s.globals.clear()
         for ptr, h in list(s.host.items()):
@@ -33,6 +42,8 @@ class Accounting:
         if s.staging:
             self.backend.unmap(*s.staging)
             s.staging = None
+            self._uncharge(s.staging_charged)
+            s.staging_charged = 0
         if s.staging_path:       # a client that died before unlinking it leaves the name
             try:
                 os.unlink(s.staging_path)
@@ -41,6 +52,7 @@ class Accounting:
             s.staging_path = None
         for m in s.modules.values():
             self.backend.unload_module(m)
+            self._uncharge(module_footprint(m))
         s.modules.clear()
         s.functions.clear()
 
@@ -51,14 +63,23 @@ class Accounting:
         except FileNotFoundError:
             pass
         if self.backend.kind == "cpu":       # on a CPU device host memory is device memory
-            with self._lock:
-                self.memory_used -= h.size
+            self._uncharge(self._granular(h.size))
 
-    def _charge(self, size: int, what: str) -> None:
+    def _granular(self, size: int) -> int:
+        """What an allocation of `size` bytes takes from the quota: whole pages on the CPU
+        backend (each is a mapping of its own), 256-byte units on a GPU (cuMemAlloc's
+        alignment), so a million tiny allocations cost what they hold."""
+        unit = mmap.PAGESIZE if self.backend.kind == "cpu" else 256
+        return -(-max(size, 1) // unit) * unit
+
+    def _charge(self, size: int, what: str, asked: int | None = None) -> None:
+        """Count `size` bytes against the quota, or OUT_OF_MEMORY naming `what` (`asked`: the
+        size the tenant asked for, where the charge is rounded up from it)."""
         with self._lock:
             if self.memory_used + size > self.memory_limit:
+                shown = f"{size} bytes" if asked in (None, size) else f"{asked} bytes (charged as {size})"
                 raise _err(E.CUDA_ERROR_OUT_OF_MEMORY,
-                           f"{what} of {size} bytes exceeds tenant '{self.tenant}' memory quota "
+                           f"{what} of {shown} exceeds tenant '{self.tenant}' memory quota "
                            f"on {self.dev_name}: limit {self.memory_limit} bytes, "
                            f"{self.memory_used} in use")
             self.memory_used += size
@@ -70,35 +91,50 @@ class Accounting:
     def _shm_file(self, kind: str, size: int) -> tuple[str, int]:
         name = f"{self.dev_name}-{secrets.token_hex(8)}.{kind}"
         path = os.path.join(self.shm_dir, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise _err(E.CUDA_ERROR_OUT_OF_MEMORY if e.errno in _NO_SPACE else E.CUDA_ERROR_OPERATING_SYSTEM,
+                       f"cannot create the {kind} memory file in the tenant's shm directory: "
+                       f"{os.strerror(e.errno)}") from None
         try:
             if self.owner is not None:     # the tenant's containers map it as their uid
                 os.fchown(fd, *self.owner)
-            os.ftruncate(fd, size)
-        except OSError:
+            # Backed now, all of it: a full file system is this request's OUT_OF_MEMORY,
+            # never a SIGBUS later in whoever touches a page that had no room.
+            os.posix_fallocate(fd, 0, max(size, 1))
+        except OSError as e:
             os.close(fd)
             os.unlink(path)
-            raise
+            raise _err(E.CUDA_ERROR_OUT_OF_MEMORY if e.errno in _NO_SPACE else E.CUDA_ERROR_OPERATING_SYSTEM,
+                       f"cannot back {size} bytes of {kind} memory in the tenant's shm directory: "
+                       f"{os.strerror(e.errno)} (the runtime file system is full)"
+                       if e.errno in _NO_SPACE else
+                       f"cannot back {size} bytes of {kind} memory: {os.strerror(e.errno)}") from None
         return path, fd
 
 
 EXECUTOR_OVERHEAD_BYTES = 1 << 30   # interpreter, libraries, worker stacks, requests in flight
 
 
-def bound_memory(kind: str, memory_limit: int) -> None:
+def bound_memory(kind: str, memory_limit: int, *, pid: int = 0, lock: bool = False) -> None:
     """An executor serves one tenant, but the node's memory is everyone's. On the CPU backend,
-    whose device memory is the executor's own private memory, cap the process at the tenant's
-    quota plus overhead (RLIMIT_DATA, soft), so nothing the tenant sends (a multi-frame message
-    libzmq buffers whole, say) can make it take more: past it an allocation fails and at worst
-    the executor dies, which only that tenant notices. Not on GPUs: the CUDA driver's own
-    mappings are not sized by the quota (untested there)."""
+    whose device memory is the executor's own private memory, cap the process (`pid`; 0:
+    this one) at the tenant's quota plus overhead (RLIMIT_DATA), so nothing the tenant sends
+    (a multi-frame message libzmq buffers whole, say) can make it take more: past it an
+    allocation fails and at worst the executor dies, which only that tenant notices. With
+    `lock` the hard limit goes down too, so code running in the executor cannot raise it
+    again; only root can (the broker does, for a larger quota). Not on GPUs: the CUDA
+    driver's own mappings are not sized by the quota (untested there)."""
     if kind != "cpu":
         return
     try:
-        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-        soft = memory_limit + EXECUTOR_OVERHEAD_BYTES
-        if hard != resource.RLIM_INFINITY:
-            soft = min(soft, hard)
-        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+        _, hard = resource.prlimit(pid, resource.RLIMIT_DATA)
+        bound = memory_limit + EXECUTOR_OVERHEAD_BYTES
+        if lock:
+            resource.prlimit(pid, resource.RLIMIT_DATA, (bound, bound))
+        else:
+            resource.prlimit(pid, resource.RLIMIT_DATA,
+                             (bound if hard == resource.RLIM_INFINITY else min(bound, hard), hard))
     except (OSError, ValueError) as e:
         log.warning("could not bound the executor's memory: %s", e)

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                   limits=Limits.from_dict(json.loads(a.limits)),
                   sandbox=not a.no_sandbox, compile_helper=helper, module_dir=module_dir,
                   before_backend=confine_process)
-    bound_memory(device["kind"], a.memory_limit)
+    bound_memory(device["kind"], a.memory_limit, lock=uid is not None)
     if uid is not None:
         ex.owner = (uid, gid)
     ex._capture_output()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import mmap
 import os
 
 from kubecash.client.errors import CudaError, E
@@ -12,20 +13,45 @@ from .state import (
     _err,
 )
 
+STAGING_MIN = 1 << 20      # a smaller segment is not worth its round trips: copies go inline
+STAGING_SHARE = 8          # at most this fraction of what is free in the quota (CPU devices)
+
 
 class MemoryOps:
+    def _staging_size(self) -> int:
+        """The staging segment for a new session: the configured size, but on a CPU device (where
+        it counts in the quota) no more than 1/STAGING_SHARE of what is free, and none at all
+        when that is under STAGING_MIN (a tiny quota still gets a working context)."""
+        if self.backend.kind != "cpu":
+            return self.staging_bytes
+        with self._lock:
+            free = max(0, self.memory_limit - self.memory_used)
+        size = min(self.staging_bytes, free // STAGING_SHARE) & ~(mmap.PAGESIZE * 16 - 1)
+        return size if size >= STAGING_MIN else 0
+
     # -- operations: each op_<name> handles the request of that name ----------------------
     def op_attach(self, s: SessionState, msg: dict, ident: bytes):
+        path, size = "", 0
         if s.staging is None:
-            path, fd = self._shm_file("staging", self.staging_bytes)
-            s.staging_path = path
+            size = self._staging_size()
+        if size:
+            # Host memory the tenant holds, like a mapped host allocation: on a CPU device it
+            # is device memory, and counts.
+            charged = size if self.backend.kind == "cpu" else 0
+            self._charge(charged, "the session's staging segment")
             try:
-                s.staging = (self.backend.map_file(fd, self.staging_bytes), self.staging_bytes)
-            finally:
-                os.close(fd)
-        else:
-            path = ""
-        return {"staging": os.path.basename(path), "staging_size": self.staging_bytes,
+                path, fd = self._shm_file("staging", size)
+                try:
+                    s.staging = (self.backend.map_file(fd, size), size)
+                finally:
+                    os.close(fd)
+            except BaseException:
+                self._uncharge(charged)
+                if path:
+                    os.unlink(path)
+                raise
+            s.staging_path, s.staging_charged = path, charged
+        return {"staging": os.path.basename(path), "staging_size": size,
                 "memory_limit": self.memory_limit, "device": self.device,
                 "max_queued_ops": self.limits.max_queued_ops_per_session,
                 "max_message_bytes": self.max_message_bytes}
@@ -35,11 +61,12 @@ class MemoryOps:
         if size == 0:
             raise _err(E.CUDA_ERROR_INVALID_VALUE, "cannot allocate 0 bytes")
         self._check_handles(s, "an allocation")
-        self._charge(size, "allocation")
+        charged = self._granular(size)
+        self._charge(charged, "allocation", asked=size)
         try:
             ptr = self.backend.alloc(size)
         except CudaError:
-            self._uncharge(size)
+            self._uncharge(charged)
             raise
         s.allocs[ptr] = size
         bisect.insort(s.bases, ptr)
@@ -56,7 +83,7 @@ class MemoryOps:
 
         def free() -> None:               # after the work queued before it has run
             self.backend.free(ptr, size)
-            self._uncharge(size)
+            self._uncharge(self._granular(size))
         self._queue_op(s, msg, ident, free, release=True)
 
     def op_mem_info(self, s: SessionState, msg: dict, ident: bytes):
@@ -71,7 +98,7 @@ class MemoryOps:
         self._check_handles(s, "a mapped host allocation")
         counts = self.backend.kind == "cpu"
         if counts:
-            self._charge(size, "mapped host allocation")
+            self._charge(self._granular(size), "mapped host allocation", asked=size)
         path = None
         try:
             path, fd = self._shm_file("host", size)
@@ -81,7 +108,7 @@ class MemoryOps:
                 os.close(fd)                  # the mapping stays; no fd per allocation
         except (OSError, CudaError) as e:
             if counts:
-                self._uncharge(size)
+                self._uncharge(self._granular(size))
             if path is not None:
                 try:
                     os.unlink(path)

@@ -7,6 +7,7 @@ import bisect
 from kubecash.client import protocol as P
 from kubecash.client.errors import CudaError, E, map_exceptions
 
+from .accounting import module_footprint
 from .state import (
     SUSPENDED,
     SessionState,
@@ -55,6 +56,12 @@ class ModuleOps:
                 if s.closed:
                     self.backend.unload_module(module)
                     return
+                try:    # its code, data and __device__ globals are memory the tenant holds
+                    self._charge(module_footprint(module), "module (code, data and __device__ globals)")
+                except CudaError as e:
+                    self.backend.unload_module(module)
+                    self._send(ident, P.error_reply(rid, e))
+                    return
                 h = self._new_handle()
                 s.modules[h] = module
                 self._send(ident, P.reply(rid, module=h))
@@ -73,7 +80,10 @@ class ModuleOps:
         for ptr in [p for p, (_, mh) in s.globals.items() if mh == msg["module"]]:
             del s.globals[ptr]
             s.bases.remove(ptr)
-        self._queue_op(s, msg, ident, lambda: self.backend.unload_module(m), release=True)
+        def unload() -> None:
+            self.backend.unload_module(m)
+            self._uncharge(module_footprint(m))
+        self._queue_op(s, msg, ident, unload, release=True)
 
     def _module(self, s: SessionState, h: int):
         m = s.modules.get(h)

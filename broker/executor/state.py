@@ -68,6 +68,7 @@ class SessionState:
         self.deferred: CudaError | None = None  # first error of an async op, until a sync point
         self.staging: tuple[int, int] | None = None   # (executor address, size)
         self.staging_path: str | None = None    # its file; the client unlinks it once mapped
+        self.staging_charged = 0                # what the staging segment counts in the quota
         self.closed = False
         self.in_ready = False                   # listed in the runner's round robin
         self.ident: bytes | None = None         # the client's socket, for kernel output

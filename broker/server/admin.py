@@ -15,6 +15,8 @@ from kubecash.client import protocol as P
 from kubecash.client.errors import CudaError, E, error_from_code, map_exceptions
 
 from .. import config as cfg
+from .. import confine
+from ..executor.accounting import bound_memory
 from ..scheduler import NS
 from .tenants import TenantState, _own_tenant_dir
 
@@ -221,5 +223,8 @@ class AdminService:
                 e.bucket = self._bucket_for(t, dname)
             ex = t.executors.get(dname)
             if ex is not None:
-                self._control_send(ex, "set_quota", memory=self._memory_limit(q, ex.device))
+                memory = self._memory_limit(q, ex.device)
+                if confine.can_confine():     # its hard limit is locked: only root moves it
+                    bound_memory(ex.device.kind, memory, pid=ex.proc.pid, lock=True)
+                self._control_send(ex, "set_quota", memory=memory)
             self._schedule(dname)

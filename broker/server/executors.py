@@ -68,13 +68,16 @@ class ExecutorControl:
     def _spawn_executor(self, t: TenantState, d: NodeDevice) -> ExecutorProc:
         q = t.config.quota_for(d.name)
         threads = self.settings.executor_threads or d.properties.get("cores", 1)
+        confined = confine.can_confine() and d.kind == "cpu"
         cmd = [sys.executable, "-m", "kubecash.broker.executor",
                "--tenant", t.config.name, "--device-json", json.dumps(d.describe()),
                "--runtime-dir", self.runtime_dir,
                "--memory-limit", str(self._memory_limit(q, d)), "--threads", str(threads),
                "--cache-dir", self.settings.resolved_cache_dir,
-               "--owner", "{:d}:{:d}".format(*self._executor_ids(t.config)) if confine.can_confine() else "",
-               "--jail", self.jail_dir if confine.can_confine() else "",
+               # Confined where tenant code runs on the host (README, "Sandbox"); a GPU
+               # executor runs no host code of the tenant's, and keeps the driver's view.
+               "--owner", "{:d}:{:d}".format(*self._executor_ids(t.config)) if confined else "",
+               "--jail", self.jail_dir if confined else "",
                "--max-message-bytes", str(self.settings.max_message_bytes),
                "--limits", json.dumps(self.settings.limits.as_dict())]
         if not self.settings.sandbox:

@@ -36,7 +36,8 @@ def main():
     d_b = checkCudaErrors(cudart.cudaMalloc(b.nbytes))
     d_c = checkCudaErrors(cudart.cudaMalloc(a.nbytes))
     free1, _ = checkCudaErrors(cudart.cudaMemGetInfo())
-    assert free0 - free1 == 3 * a.nbytes, (free0, free1)
+    # At least what was asked for: allocations take whole pages (on a GPU, whole units).
+    assert 3 * a.nbytes <= free0 - free1 < 3 * a.nbytes + (3 << 21), (free0, free1)
     checkCudaErrors(cudart.cudaMemcpy(d_a, a, a.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
     checkCudaErrors(cudart.cudaMemcpy(d_b, b, b.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDefault))
     checkCudaErrors(cudart.cudaMemset(d_c, 0, a.nbytes))
