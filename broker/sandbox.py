@@ -721,7 +721,7 @@ _PROCESS_ALLOWED = (
     "readlinkat getdents64 getcwd unlink unlinkat rename renameat renameat2 mkdir mkdirat rmdir "
     "ftruncate fallocate fsync fdatasync fcntl flock dup dup2 dup3 pipe pipe2 eventfd2 poll ppoll "
     "select pselect6 epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 mmap munmap "
-    "mremap mprotect madvise msync mincore brk memfd_create fchmod fchown umask futex futex_waitv "
+    "mremap mprotect madvise msync mincore brk fchmod fchown umask futex futex_waitv "
     "set_robust_list get_robust_list rseq set_tid_address sched_yield sched_getaffinity "
     "sched_setaffinity sched_getparam sched_getscheduler sched_setparam sched_setscheduler "
     "getpriority setpriority nanosleep "

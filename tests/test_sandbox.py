@@ -250,7 +250,7 @@ def test_the_executor_process_allow_list_per_architecture(machine):
                  "listen", "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2",
                  "chroot", "pivot_root", "unshare", "setns", "io_uring_setup", "bpf",
                  "perf_event_open", "open_by_handle_at", "keyctl", "init_module", "setuid",
-                 "setresuid", "kill", "tkill", "prctl", "ioctl", "clone", "clone3"):
+                 "setresuid", "kill", "tkill", "prctl", "ioctl", "clone", "clone3", "memfd_create"):
         assert name not in allowed, name
     assert {"clone", "clone3", "kill", "tgkill", "prctl", "ioctl"} <= set(pol["conditional"])
     assert {"openat", "read", "mmap", "accept4", "futex"} <= allowed
