@@ -711,6 +711,8 @@ def end_process_by_sigsys() -> None:
 # and modules), I/O on descriptors it holds, accepting on its bound socket, threads, memory.
 # (sched_setscheduler: libzmq's threads set their own policy as they start, which may be just
 # after the filter goes on; raising one's priority needs a capability this uid does not have.)
+# mmap of shared anonymous memory (outside the RLIMIT_DATA bound), fcntl beyond descriptor
+# flags and locks, and setpriority of a whole uid's processes answer EPERM.
 # Refused outright: exec, fork (clone without CLONE_THREAD), socket/connect/bind, ptrace,
 # other processes' memory or signals, mount/chroot/namespaces, io_uring (it would bypass
 # the filter), bpf, perf, keys, handles, module loading.
@@ -719,12 +721,12 @@ _PROCESS_ALLOWED = (
     "read write readv writev pread64 pwrite64 preadv pwritev preadv2 pwritev2 close close_range "
     "fstat stat lstat newfstatat statx lseek open openat access faccessat faccessat2 readlink "
     "readlinkat getdents64 getcwd unlink unlinkat rename renameat renameat2 mkdir mkdirat rmdir "
-    "ftruncate fallocate fsync fdatasync fcntl flock dup dup2 dup3 pipe pipe2 eventfd2 poll ppoll "
-    "select pselect6 epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 mmap munmap "
+    "ftruncate fallocate fsync fdatasync flock dup dup2 dup3 pipe pipe2 eventfd2 poll ppoll "
+    "select pselect6 epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 munmap "
     "mremap mprotect madvise msync mincore brk fchmod fchown umask futex futex_waitv "
     "set_robust_list get_robust_list rseq set_tid_address sched_yield sched_getaffinity "
     "sched_setaffinity sched_getparam sched_getscheduler sched_setparam sched_setscheduler "
-    "getpriority setpriority nanosleep "
+    "getpriority nanosleep "
     "clock_nanosleep clock_gettime clock_getres gettimeofday time getcpu getrandom getpid gettid "
     "getppid getuid geteuid getgid getegid getgroups getresuid getresgid uname sysinfo getrusage "
     "getrlimit times rt_sigaction rt_sigprocmask rt_sigreturn rt_sigpending rt_sigsuspend "
@@ -732,7 +734,10 @@ _PROCESS_ALLOWED = (
     "recvfrom recvmsg recvmmsg sendto sendmsg sendmmsg accept accept4 getsockopt setsockopt "
     "getsockname getpeername shutdown seccomp arch_prctl timerfd_create timerfd_settime "
     "timerfd_gettime").split()
-_PROCESS_CONDITIONAL = ("clone", "clone3", "prctl", "ioctl", "kill", "tgkill", "prlimit64")
+_PROCESS_CONDITIONAL = ("clone", "clone3", "prctl", "ioctl", "kill", "tgkill", "prlimit64", "mmap",
+                        "fcntl", "setpriority")
+_FCNTL_ALLOWED = (0, 1, 2, 3, 4, 5, 6, 7, 36, 37, 38, 1030)  # dup, fd and status flags, locks
+_ALU_AND = 0x54           # BPF_ALU | BPF_AND | BPF_K
 _PR_ALLOWED = (3, 15, 16, 21, 22, 23, 38, 39, 0x53564D41)  # get dumpable, names, seccomp, no_new_privs, vma names
 _IOCTL_ALLOWED = (0x5401, 0x5421, 0x541B, 0x5450, 0x5451)  # TCGETS FIONBIO FIONREAD FIONCLEX FIOCLEX
 _CLONE_THREAD = 0x00010000
@@ -770,6 +775,11 @@ def build_process_filter(pid: int, machine: str | None = None) -> bytes:
         "kill": one_of(0, (pid,), "allow", "trap"),           # this process only
         "tgkill": one_of(0, (pid,), "allow", "trap"),
         "prlimit64": one_of(0, (0, pid), "allow", "trap"),
+        # Shared anonymous memory is outside RLIMIT_DATA, the executor's memory bound.
+        "mmap": [(_LD_W_ABS, 0, 0, _arg_lo(3)), (_ALU_AND, 0, 0, _MAP_ANONYMOUS | 1),
+                 (_JEQ, 0, 1, _MAP_ANONYMOUS | 1), ret["eperm"], ret["allow"]],
+        "fcntl": one_of(1, _FCNTL_ALLOWED, "allow", "eperm"),  # no F_SETOWN/F_SETSIG/F_SETLEASE
+        "setpriority": one_of(0, (0,), "allow", "eperm"),     # PRIO_PROCESS: not a whole uid
     }
     prog = [(_LD_W_ABS, 0, 0, _OFF_ARCH), (_JEQ, 1, 0, audit), (_RET, 0, 0, SECCOMP_RET_KILL_PROCESS),
             (_LD_W_ABS, 0, 0, _OFF_NR)]

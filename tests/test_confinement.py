@@ -57,6 +57,13 @@ PROBE = textwrap.dedent("""
     attempt("passwd", lambda: open("/etc/passwd"))
     attempt("other_memory", lambda: open("/proc/{other}/mem", "rb"))
     attempt("chroot_escape", lambda: os.listdir("/../../etc"))
+    import mmap, ctypes, stat as st      # (modules the executor has loaded: its view has no others)
+    attempt("shared_memory", lambda: mmap.mmap(-1, 1 << 20, flags=mmap.MAP_SHARED))
+    libc = ctypes.CDLL(None, use_errno=True)
+    r["sigio_owner"] = "PermissionError" if libc.fcntl(0, 8, 1) == -1 and ctypes.get_errno() == 1 else "allowed"
+    r["stderr_is_pipe"] = st.S_ISFIFO(os.fstat(2).st_mode)
+    attempt("truncate_stderr", lambda: os.ftruncate(2, 0))
+    os.write(2, b"FORGED kubecash.broker ERROR tenant bob: evil\\n")
     where = "/tenants/alice" if os.path.isdir("/tenants/alice") else {tdir!r}
     with open(where + "/probe.json", "w") as f:
         json.dump(r, f)
@@ -125,6 +132,14 @@ def test_a_kernel_calling_its_executors_python_gets_nothing_but_its_tenant(broke
     for attempt in ("host_file", "passwd", "other_memory", "chroot_escape"):
         assert got[attempt] in ("FileNotFoundError", "PermissionError"), (attempt, got)
     assert not os.path.exists(host_target)
+    # Shared anonymous memory (outside the executor's memory bound) and SIGIO ownership: no.
+    assert got["shared_memory"] == got["sigio_owner"] == "PermissionError", got
+    # Its stderr is a pipe the broker reads, not the broker's log: nothing to truncate, and
+    # what it writes there is logged as its own words.
+    assert got["stderr_is_pipe"] and got["truncate_stderr"] == "OSError", got
+    forged = [x for x in b.log().splitlines() if "FORGED" in x]
+    assert forged and all("tenant alice: executor for cpu0 says: FORGED" in x for x in forged), forged
+    assert "serving 2 tenant(s)" in b.log()
 
 
 def test_executors_and_helpers_run_unprivileged_with_every_thread_filtered(broker_factory):
@@ -348,3 +363,39 @@ def test_uids_are_allocated_per_tenant_and_stable():
     from kubecash.broker.config import ConfigError
     with pytest.raises(ConfigError, match="no uid left for tenant 'b'"):
         allocate_uid("b", 100, 100, {100})
+
+
+def test_a_flood_of_files_in_a_tenant_directory_does_not_stall_the_broker(kernel_cache):
+    """What a tenant (its container, or code in its executor) leaves in its shm directory is
+    cleared off the broker's main loop: 300,000 files named like its executor's own stalled
+    the loop for seconds, long enough for another tenant's session to expire unheard."""
+    runtime = tempfile.mkdtemp(prefix="kc-", dir="/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "kc-test", runtime], check=True)
+    try:
+        with BrokerProcess({"alice": {}, "bob": {}}, kernel_cache, runtime_dir=runtime) as b, \
+                b.connect("bob") as bob, b.connect("alice") as alice:
+            alice.device("cpu0").allocate(16)
+            pid = alice.status()["devices"]["cpu0"]["pid"]
+            shm = os.path.join(runtime, "tenants", "alice", "shm")
+            fd = os.open(shm, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for i in range(300_000):
+                    os.close(os.open(f"cpu0-{pid}-{i:07d}.junk", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+            finally:
+                os.close(fd)
+            d = bob.device("cpu0")
+            d.allocate(16)
+            alice.close()                           # her executor ends: its files go
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5:        # bob is heard throughout (timeout 1.5 s)
+                d.mem_info()
+                time.sleep(0.05)
+            deadline = time.monotonic() + 120
+            while any(True for _ in os.scandir(shm)):
+                assert time.monotonic() < deadline, "alice's files were not removed"
+                time.sleep(0.5)
+            assert d.allocate(16).size == 16
+            assert b.alive()
+    finally:
+        subprocess.run(["umount", "-l", runtime], check=False)
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -144,11 +144,12 @@ def test_shared_memory_names_cannot_reach_another_tenant(broker, raw_socket, tmp
         # target (alice's file) is not followed.
         victim = tmp_path / "victim"
         victim.write_bytes(b"keep")
-        os.symlink(victim, os.path.join(bob_shm, "cpu0-planted.host"))
+        planted = f"cpu0-{b.status()['devices']['cpu0']['pid']}-planted.host"   # his executor's prefix
+        os.symlink(victim, os.path.join(bob_shm, planted))
         hb.close()
         b.close()
         deadline = time.monotonic() + 15
-        while os.path.lexists(os.path.join(bob_shm, "cpu0-planted.host")):
+        while os.path.lexists(os.path.join(bob_shm, planted)):
             assert time.monotonic() < deadline, "bob's executor files not cleaned"
             time.sleep(0.05)
         assert victim.read_bytes() == b"keep"

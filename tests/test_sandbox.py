@@ -101,9 +101,8 @@ def test_a_kernel_that_tries_to_get_out_is_refused(broker, tmp_path, kind):
             da.synchronize()
         msg = str(e.value)
         assert "sandbox refused" in msg and "alice" in msg and "SIGSYS" in msg, msg
-        if name is not None:
-            # the executor names the call (unless the broker saw the death first: rare)
-            assert f"system call {name} " in msg or "refused a system call" in msg, msg
+        if name is not None:       # the executor names the call
+            assert f"system call {name} " in msg, msg
         # sticky for every session of alice on that device; the executor is gone
         err = _error_of(lambda: da2.allocate(16))
         assert isinstance(err, kc.LaunchFailedError) and "sandbox refused" in str(err)
@@ -250,10 +249,11 @@ def test_the_executor_process_allow_list_per_architecture(machine):
                  "listen", "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2",
                  "chroot", "pivot_root", "unshare", "setns", "io_uring_setup", "bpf",
                  "perf_event_open", "open_by_handle_at", "keyctl", "init_module", "setuid",
-                 "setresuid", "kill", "tkill", "prctl", "ioctl", "clone", "clone3", "memfd_create"):
+                 "setresuid", "kill", "tkill", "prctl", "ioctl", "clone", "clone3", "memfd_create",
+                 "mmap", "fcntl", "setpriority"):
         assert name not in allowed, name
-    assert {"clone", "clone3", "kill", "tgkill", "prctl", "ioctl"} <= set(pol["conditional"])
-    assert {"openat", "read", "mmap", "accept4", "futex"} <= allowed
+    assert {"clone", "clone3", "kill", "tgkill", "prctl", "ioctl", "mmap", "fcntl"} <= set(pol["conditional"])
+    assert {"openat", "read", "accept4", "futex"} <= allowed
     prog = sb.build_process_filter(1234, machine)
     code, jt, jf, k = struct.unpack_from("<HBBI", prog, 8)
     assert (code, k) == (0x15, pol["audit_arch"])

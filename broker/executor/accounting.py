@@ -89,7 +89,8 @@ class Accounting:
             self.memory_used -= size
 
     def _shm_file(self, kind: str, size: int) -> tuple[str, int]:
-        name = f"{self.dev_name}-{secrets.token_hex(8)}.{kind}"
+        # <device>-<pid>-: the broker removes what this executor leaves, and nothing else.
+        name = f"{self.dev_name}-{os.getpid()}-{secrets.token_hex(8)}.{kind}"
         path = os.path.join(self.shm_dir, name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

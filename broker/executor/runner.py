@@ -131,7 +131,7 @@ class Runner:
         """A kernel made a system call the CPU backend's sandbox refused (runs on the
         sandbox's watcher thread; the offending worker is parked in its SIGSYS handler).
         Tell the broker why, then return: the sandbox ends this process by SIGSYS."""
-        sent = threading.EventState()
+        sent = threading.Event()
 
         def report() -> None:
             log.error("%s", message)

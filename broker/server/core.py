@@ -55,6 +55,7 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
         self._paused: set[TenantState] = set()     # over their request rate: not polled
         self._ctl_fds: dict[int, ExecutorProc] = {}        # control socketpair fds
         self._lease_fds: dict[int, ExecutorProc] = {}      # lease socketpair fds
+        self._err_fds: dict[int, ExecutorProc] = {}        # executors' stderr pipes
         self._closed = False
         self.notifier = Notifier()
         self.collector = metrics.BrokerCollector()
@@ -192,6 +193,9 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
                     self._flush_control(ex)
                 if ex is not None and mask & zmq.POLLIN:
                     self._on_control(ex)
+                ex = self._err_fds.get(sock)
+                if ex is not None:
+                    self._on_stderr(ex)
                 continue
             t = self._sock_tenant.get(sock)
             if t is not None:

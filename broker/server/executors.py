@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ log = logging.getLogger("kubecash.broker")
 EXECUTOR_START_TIMEOUT_S = 30.0
 CONTROL_OUTBOX_MAX = 4096    # messages waiting for an executor that is busy, not stuck
 EXECUTOR_STOP_TIMEOUT_S = 5.0
+STDERR_BUDGET = 256 << 10    # bytes of an executor's stderr logged per minute
 
 
 @dataclasses.dataclass
@@ -60,6 +62,10 @@ class ExecutorProc:
     memory_used: int = 0
     kernel_carry_ns: int = 0               # run time of a preempted kernel in earlier leases
     kill_reason: str | None = None         # why the broker killed it (max_kernel_seconds)
+    stderr_partial: bytes = b""            # its output after the last newline
+    stderr_window: float = 0.0             # when the current minute of its output began
+    stderr_bytes: int = 0                  # output logged in that minute
+    stderr_dropped: int = 0                # and dropped, over STDERR_BUDGET
 
 
 class ExecutorControl:
@@ -91,9 +97,11 @@ class ExecutorControl:
         lease, lease_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ctl, ctl_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            # Its stderr is a pipe the broker reads, never the broker's own log file: code
+            # in the executor could truncate, fill or forge that (README, "Sandbox").
             proc = subprocess.Popen(cmd + ["--lease-fd", str(lease_theirs.fileno()),
                                            "--control-fd", str(ctl_theirs.fileno())], env=env,
-                                    stdin=subprocess.DEVNULL, close_fds=True,
+                                    stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True,
                                     pass_fds=(lease_theirs.fileno(), ctl_theirs.fileno()))
         except BaseException:
             lease.close()
@@ -109,6 +117,9 @@ class ExecutorControl:
         self.poller.register(lease.fileno(), zmq.POLLIN)
         self._ctl_fds[ctl.fileno()] = ex
         self.poller.register(ctl.fileno(), zmq.POLLIN)
+        os.set_blocking(proc.stderr.fileno(), False)
+        self._err_fds[proc.stderr.fileno()] = ex
+        self.poller.register(proc.stderr.fileno(), zmq.POLLIN)
         t.executors[d.name] = ex
         log.info("tenant %s: executor for %s started (pid %d)", t.config.name, d.name, proc.pid)
         return ex
@@ -145,6 +156,10 @@ class ExecutorControl:
         t = ex.tenant
         if t.executors.get(ex.device.name) is not ex:
             return
+        # What it said before it ended (why: a refused system call, a device error) may still
+        # wait in the socketpair: read it before deciding what to tell its sessions.
+        self._on_control(ex)
+        self._on_stderr(ex, last=True)
         del t.executors[ex.device.name]
         for fds, sock in ((self._lease_fds, ex.lease_sock), (self._ctl_fds, ex.ctl_sock)):
             if sock is not None:
@@ -179,9 +194,12 @@ class ExecutorControl:
                 t.gate.send(p.ident, P.error(p.req_id, code, message))
         if not current:
             return
-        # Remove what the executor left in the tenant's directory (by descriptor: the
-        # tenant may have put a symlink anywhere in it).
-        clear_tenant_dir(self.runtime_dir, t.config.name, sockets=False, shm_prefix=f"{ex.device.name}-")
+        # Remove what the executor left in the tenant's directory: by descriptor (the tenant
+        # may have put a symlink anywhere in it), by its own names only, and off the main
+        # loop (the tenant may have put a million files beside them).
+        threading.Thread(target=clear_tenant_dir, name="clear-shm", daemon=True,
+                         args=(self.runtime_dir, t.config.name),
+                         kwargs={"sockets": False, "shm_prefix": f"{ex.device.name}-{ex.proc.pid}-"}).start()
         tenant_fd = None
         try:
             tenant_fd = os.open(t.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -200,6 +218,48 @@ class ExecutorControl:
         if waiting and not self._closed:
             nx = self._spawn_executor(t, ex.device)
             nx.pending.update(waiting)
+
+    # -- its stderr ----------------------------------------------------------------------
+    def _on_stderr(self, ex: ExecutorProc, last: bool = False) -> None:
+        """What the executor wrote to its stderr (its log, a traceback), logged as its own:
+        line by line, control characters escaped, at most STDERR_BUDGET bytes a minute (the
+        rest is counted, and dropped). With `last`, what is left, then the pipe is closed."""
+        f = ex.proc.stderr
+        if f is None or f.closed:
+            return
+        fd = f.fileno()
+        for _ in range(16 if not last else 1 << 20):    # a bounded batch per pass
+            try:
+                data = os.read(fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if not data:
+                break
+            now = time.monotonic()
+            if now - ex.stderr_window > 60:
+                if ex.stderr_dropped:
+                    log.warning("tenant %s: executor for %s: %d bytes of its output dropped",
+                                ex.tenant.config.name, ex.device.name, ex.stderr_dropped)
+                ex.stderr_window, ex.stderr_bytes, ex.stderr_dropped = now, 0, 0
+            room = STDERR_BUDGET - ex.stderr_bytes
+            ex.stderr_dropped += max(0, len(data) - room)
+            data = ex.stderr_partial + data[:max(0, room)]
+            ex.stderr_bytes += min(len(data), max(0, room))
+            *lines, ex.stderr_partial = data.split(b"\n")
+            if len(ex.stderr_partial) > 4096:
+                lines.append(ex.stderr_partial)
+                ex.stderr_partial = b""
+            for line in lines:
+                text = line.decode("utf-8", "replace")[:4096]
+                text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+                log.info("tenant %s: executor for %s says: %s", ex.tenant.config.name, ex.device.name, text)
+        if last or data == b"":
+            if fd in self._err_fds:
+                del self._err_fds[fd]
+                self.poller.unregister(fd)
+            f.close()
 
     # -- the control socketpair ---------------------------------------------------------
     def _control_send(self, ex: ExecutorProc, op: str, **fields: Any) -> None:
