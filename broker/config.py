@@ -119,9 +119,10 @@ class BrokerSettings(Limits):
     heartbeat_interval_s: float = _doc(1.0, "clients ping this often ...", lo=0.01, hi=3600)
     heartbeat_timeout_s: float = _doc(5.0, "... and their session ends after this much silence", lo=0.02, hi=86400)
     executor_threads: int = _doc(0, "CPU backend worker threads per executor (0: all cores)", lo=0, hi=4096)
-    cache_dir: str = _doc("", 'compiled kernels ("": <runtime_dir>/cache; else an absolute path)',
+    cache_dir: str = _doc("", 'compiled kernels, per tenant in tenants/<tenant> ("": <runtime_dir>/cache; '
+                          'else an absolute path)',
                           path=True, empty=True)
-    cache_max_bytes: int = _doc(2 << 30, "cap on that cache (shared by all tenants): oldest builds go first",
+    cache_max_bytes: int = _doc(2 << 30, "cap on that cache (all tenants together): oldest builds go first",
                                 lo=0, hi=1 << 60)
     metrics_address: str = _doc("127.0.0.1:9464", 'Prometheus /metrics "host:port" ("": off; port 0: any free port)')
     admin_socket: str = _doc("", 'brokerctl\'s socket, owner-only ("": <runtime_dir>/admin.sock; else absolute)',
