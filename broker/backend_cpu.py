@@ -50,15 +50,15 @@ class CpuBackend:
 
     def __init__(self, threads: int, cache_dir: str, *, sandbox: bool = True,
                  on_sandbox_violation: Callable[[str, int, str], None] | None = None,
-                 compiler: Any = None, module_dir: str | None = None):
+                 compile_helper: Any = None, module_dir: str | None = None):
         """sandbox: kernels run on seccomp-confined threads (kubecash.broker.sandbox); a
         kernel's refused system call calls on_sandbox_violation(message, nr, name), after
-        which the process ends by SIGSYS. compiler: a compile_helper.CompileHelper that
+        which the process ends by SIGSYS. compile_helper: a compile_helper.CompileHelper that
         builds modules (else they are built in this process, into cache_dir); module_dir:
         where loaded modules' private copies go (default cache_dir)."""
         self.threads = max(1, threads)
         self.cache_dir = cache_dir
-        self.compiler = compiler
+        self.compile_helper = compile_helper
         self.module_dir = module_dir or cache_dir
         self.launcher = cpukernels.Launcher(self.threads, nice=10, sandbox=sandbox,
                                             cache_dir=cache_dir)
@@ -108,8 +108,8 @@ class CpuBackend:
             raise error_from_code(CUresult.CUDA_ERROR_NO_BINARY_FOR_GPU,
                           f"a CPU device runs CUDA C source only; a {kind} image with no "
                           "known source cannot run here")
-        if self.compiler is not None:
-            image = self.compiler.build(source, options, COMPILE_TIMEOUT_S)
+        if self.compile_helper is not None:
+            image = self.compile_helper.build(source, options, COMPILE_TIMEOUT_S)
         else:
             image = build_image(source, options, cache_dir=self.cache_dir, timeout_s=COMPILE_TIMEOUT_S)
         try:

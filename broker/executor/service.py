@@ -96,7 +96,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
             from ..backend_cpu import CpuBackend
             self.backend = CpuBackend(threads, cache_dir, sandbox=sandbox,
                                       on_sandbox_violation=self._sandbox_violation,
-                                      compiler=compile_helper, module_dir=module_dir)
+                                      compile_helper=compile_helper, module_dir=module_dir)
         else:
             from ..backend_cuda import CudaBackend  # noqa: F401  (GPU backend)
             self.backend = CudaBackend(device, cache_dir)
