@@ -797,6 +797,10 @@ def build_process_filter(pid: int, machine: str | None = None) -> bytes:
 
 def confine_process(pid: int | None = None) -> None:
     """no_new_privs and the whole-process filter, on every thread at once (TSYNC)."""
+    if not arch_supported():
+        raise SandboxError(
+            f"the sandbox has no system call table for {platform.machine()}: tenant code is not "
+            "run unconfined (set sandbox = false in [broker] to allow it)")
     prog = build_process_filter(os.getpid() if pid is None else pid)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(38, 1, 0, 0, 0) != 0:   # PR_SET_NO_NEW_PRIVS
