@@ -299,6 +299,16 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
     return Config(path, broker, tenants)
 
 
+def shared_owners(config: Config) -> dict[int, list[str]]:
+    """Owner uids that more than one tenant names. Their containers and executors run as one
+    uid, so those tenants are not isolated from each other (the broker warns)."""
+    by_uid: dict[int, list[str]] = {}
+    for t in config.tenants.values():
+        if t.owner is not None and t.owner[0] != 0:     # owner root: executors get their own uid
+            by_uid.setdefault(t.owner[0], []).append(t.name)
+    return {uid: sorted(names) for uid, names in by_uid.items() if len(names) > 1}
+
+
 def load(path: str, device_count: int = 64) -> Config:
     try:
         with open(path, "rb") as f:

@@ -126,6 +126,12 @@ def test_owners_are_real_ids(owner, message):
     assert cfg.parse({"tenants": {"a": {"owner": "4294967294"}}}).tenants["a"].owner[0] == 4294967294
 
 
+def test_tenants_sharing_an_owner_uid_are_named():
+    c = cfg.parse({"tenants": {"a": {"owner": "1000"}, "b": {"owner": "1000:2000"}, "c": {"owner": "1001"},
+                               "d": {"owner": "0"}, "e": {"owner": "0"}, "f": {}}}, "q.toml")
+    assert cfg.shared_owners(c) == {1000: ["a", "b"]}
+
+
 def test_executor_uid_range_is_checked():
     with pytest.raises(cfg.ConfigError, match="executor_uid_max': must not be below executor_uid_min"):
         cfg.parse({"broker": {"executor_uid_min": 70000, "executor_uid_max": 60000}}, "q.toml")

@@ -68,3 +68,10 @@ def test_owner_is_validated(tmp_path):
         cfg.parse({"tenants": {"a": {"owner": "no-such-user-here"}}})
     with pytest.raises(cfg.ConfigError, match="field 'owner'"):
         cfg.parse({"tenants": {"a": {"owner": True}}})
+
+
+def test_tenants_sharing_an_owner_are_warned_about(broker_factory):
+    """One uid for two tenants: their containers reach each other's directories; the
+    operator hears it at start (and at every reload)."""
+    b = broker_factory({"web": {"owner": "1000"}, "api": {"owner": "1000"}, "ops": {}})
+    assert "tenants api, web share owner uid 1000" in b.log()

@@ -126,6 +126,7 @@ class AdminService:
         except cfg.ConfigError as e:
             raise error_from_code(E.CUDA_ERROR_INVALID_VALUE,
                            f"reload refused, the running configuration stays: {e}") from None
+        self._warn_shared_owners(new)
         restart_only = ("runtime_dir", "cache_dir", "max_message_bytes", "metrics_address",
                         "admin_socket")
         pending = [k for k in restart_only if getattr(new.broker, k) != getattr(self.settings, k)

@@ -117,8 +117,15 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
             sched.created_ns = now
         for t in self.config.tenants.values():
             self._add_tenant(t)
+        self._warn_shared_owners(self.config)
         log.info("serving %d tenant(s) on %s; devices: %s", len(self.tenants), self.runtime_dir,
                  ", ".join(self.devices))
+
+    @staticmethod
+    def _warn_shared_owners(config: cfg.Config) -> None:
+        for uid, names in cfg.shared_owners(config).items():
+            log.warning("tenants %s share owner uid %d: their containers and executors are not "
+                        "isolated from each other", ", ".join(names), uid)
 
     def serve_forever(self) -> None:
         self.start()
