@@ -35,6 +35,7 @@ CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUTS, CLONE_NEWNET = 0x00020000, 0x08000000, 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC   # a directory, never via a symlink
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -80,9 +81,8 @@ def open_dir_nofollow(parent_fd: int, name: str, *, create_mode: int | None = No
     anything else in its place (a symlink, a file) is removed and a directory made instead."""
     if "/" in name or name in ("", ".", ".."):
         raise ConfineError(errno.EINVAL, f"not a plain directory name: {name!r}")
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        return os.open(name, flags, dir_fd=parent_fd)
+        return os.open(name, DIR_NOFOLLOW, dir_fd=parent_fd)
     except OSError as e:
         if create_mode is None:
             raise
@@ -94,7 +94,7 @@ def open_dir_nofollow(parent_fd: int, name: str, *, create_mode: int | None = No
         os.mkdir(name, create_mode, dir_fd=parent_fd)
     except FileExistsError:
         pass
-    return os.open(name, flags, dir_fd=parent_fd)
+    return os.open(name, DIR_NOFOLLOW, dir_fd=parent_fd)
 
 
 class View:

@@ -20,6 +20,14 @@ from .state import (
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG)
 
 
+def _shm_error(e: OSError, what: str):
+    """Out of space is the asker's OUT_OF_MEMORY, saying so; anything else names the OS error."""
+    if e.errno in _NO_SPACE:
+        return _err(E.CUDA_ERROR_OUT_OF_MEMORY,
+                    f"{what}: {os.strerror(e.errno)} (the runtime file system is full)")
+    return _err(E.CUDA_ERROR_OPERATING_SYSTEM, f"{what}: {os.strerror(e.errno)}")
+
+
 def module_footprint(module) -> int:
     """What a loaded module takes from the quota (its code, data and __device__ globals on
     the CPU backend; a GPU module's memory is the driver's to count, not known here)."""
@@ -95,9 +103,7 @@ class Accounting:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except OSError as e:
-            raise _err(E.CUDA_ERROR_OUT_OF_MEMORY if e.errno in _NO_SPACE else E.CUDA_ERROR_OPERATING_SYSTEM,
-                       f"cannot create the {kind} memory file in the tenant's shm directory: "
-                       f"{os.strerror(e.errno)}") from None
+            raise _shm_error(e, f"cannot create the {kind} memory file in the tenant's shm directory") from None
         try:
             if self.owner is not None:     # the tenant's containers map it as their uid
                 os.fchown(fd, *self.owner)
@@ -107,11 +113,7 @@ class Accounting:
         except OSError as e:
             os.close(fd)
             os.unlink(path)
-            raise _err(E.CUDA_ERROR_OUT_OF_MEMORY if e.errno in _NO_SPACE else E.CUDA_ERROR_OPERATING_SYSTEM,
-                       f"cannot back {size} bytes of {kind} memory in the tenant's shm directory: "
-                       f"{os.strerror(e.errno)} (the runtime file system is full)"
-                       if e.errno in _NO_SPACE else
-                       f"cannot back {size} bytes of {kind} memory: {os.strerror(e.errno)}") from None
+            raise _shm_error(e, f"cannot back {size} bytes of {kind} memory in the tenant's shm directory") from None
         return path, fd
 
 

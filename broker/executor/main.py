@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.jail:
         view = confine.View(a.jail, size_bytes=JAIL_BYTES)
         # Opened in the new namespace (a bind takes mounts of its own namespace only).
-        tenants = os.open(os.path.join(a.runtime_dir, "tenants"),
-                          os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        tenants = os.open(os.path.join(a.runtime_dir, "tenants"), confine.DIR_NOFOLLOW)
         tdir = confine.open_dir_nofollow(tenants, a.tenant)
         view.mkdir("/tenants", 0o711)
         view.bind(tdir, f"/tenants/{a.tenant}", readonly=False, exec_=False)

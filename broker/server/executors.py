@@ -197,19 +197,12 @@ class ExecutorControl:
         # Remove what the executor left in the tenant's directory: by descriptor (the tenant
         # may have put a symlink anywhere in it), by its own names only, and off the main
         # loop (the tenant may have put a million files beside them).
+        # Its socket now (a next executor binds the same name), its shm files off the loop.
+        sock = os.path.basename(P.executor_socket_path(self.runtime_dir, t.config.name, ex.device.name))
+        clear_tenant_dir(self.runtime_dir, t.config.name, sockets=(sock,), shm_prefix=None)
         threading.Thread(target=clear_tenant_dir, name="clear-shm", daemon=True,
                          args=(self.runtime_dir, t.config.name),
-                         kwargs={"sockets": False, "shm_prefix": f"{ex.device.name}-{ex.proc.pid}-"}).start()
-        tenant_fd = None
-        try:
-            tenant_fd = os.open(t.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            os.unlink(os.path.basename(P.executor_socket_path(self.runtime_dir, t.config.name,
-                                                              ex.device.name)), dir_fd=tenant_fd)
-        except OSError:
-            pass
-        finally:
-            if tenant_fd is not None:
-                os.close(tenant_fd)
+                         kwargs={"sockets": (), "shm_prefix": f"{ex.device.name}-{ex.proc.pid}-"}).start()
         # Opens that waited for this executor to go get a fresh one.
         waiting = {tok: p for tok, p in t.waiting_opens.pop(ex.device.name, {}).items()
                    if tok in self.sessions}
@@ -243,11 +236,10 @@ class ExecutorControl:
                     log.warning("tenant %s: executor for %s: %d bytes of its output dropped",
                                 ex.tenant.config.name, ex.device.name, ex.stderr_dropped)
                 ex.stderr_window, ex.stderr_bytes, ex.stderr_dropped = now, 0, 0
-            room = STDERR_BUDGET - ex.stderr_bytes
-            ex.stderr_dropped += max(0, len(data) - room)
-            data = ex.stderr_partial + data[:max(0, room)]
-            ex.stderr_bytes += min(len(data), max(0, room))
-            *lines, ex.stderr_partial = data.split(b"\n")
+            kept = data[:max(0, STDERR_BUDGET - ex.stderr_bytes)]
+            ex.stderr_bytes += len(kept)
+            ex.stderr_dropped += len(data) - len(kept)
+            *lines, ex.stderr_partial = (ex.stderr_partial + kept).split(b"\n")
             if len(ex.stderr_partial) > 4096:
                 lines.append(ex.stderr_partial)
                 ex.stderr_partial = b""

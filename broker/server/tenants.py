@@ -289,8 +289,7 @@ class TenantService:
 # its root-owned parent, and entries are changed relative to it (fchown, fchmod, unlinkat).
 
 def _tenants_root_fd(runtime_dir: str) -> int:
-    return os.open(os.path.join(runtime_dir, "tenants"),
-                   os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return os.open(os.path.join(runtime_dir, "tenants"), confine.DIR_NOFOLLOW)
 
 
 def _own_tenant_dir(runtime_dir: str, name: str, ids: tuple[int, int]) -> None:
@@ -312,10 +311,12 @@ def _own_tenant_dir(runtime_dir: str, name: str, ids: tuple[int, int]) -> None:
         os.close(root)
 
 
-def clear_tenant_dir(runtime_dir: str, name: str, *, sockets: bool = True, shm_prefix: str = "") -> None:
-    """Remove what brokers and executors leave in a tenant's directory: its sockets (with
-    `sockets`) and the shm/ files whose names start with `shm_prefix`. Entries are unlinked
-    relative to their directory, so a symlink is removed, never followed."""
+def clear_tenant_dir(runtime_dir: str, name: str, *, sockets: tuple[str, ...] | None = None,
+                     shm_prefix: str | None = "") -> None:
+    """Remove what brokers and executors leave in a tenant's directory: the sockets named in
+    `sockets` (None: every *.sock) and the shm/ files whose names start with `shm_prefix`
+    (None: none).
+    Entries are unlinked relative to their directory, so a symlink is removed, never followed."""
     try:
         root = _tenants_root_fd(runtime_dir)
     except OSError:
@@ -326,10 +327,11 @@ def clear_tenant_dir(runtime_dir: str, name: str, *, sockets: bool = True, shm_p
         os.close(root)
         return
     try:
-        if sockets:
-            for entry in os.listdir(d):
-                if entry.endswith(".sock"):
-                    _unlink_at(d, entry)
+        for entry in os.listdir(d) if sockets is None else sockets:
+            if entry.endswith(".sock"):
+                _unlink_at(d, entry)
+        if shm_prefix is None:
+            return
         try:
             shm = confine.open_dir_nofollow(d, "shm")
         except OSError:
