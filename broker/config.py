@@ -33,8 +33,10 @@ QUOTA_FIELDS = ("memory", "weight", "limit", "class", "max_kernel_seconds")
 OWNER_ID_MAX = (1 << 32) - 2
 
 
-def parse_owner(value: Any) -> tuple[int, int]:
-    """"1000", "1000:1000", "alice" or "alice:staff" (names looked up here) -> (uid, gid)."""
+def parse_owner(value: Any, *, unlisted: bool = False) -> tuple[int, int]:
+    """"1000", "1000:1000", "alice" or "alice:staff" (names looked up here) -> (uid, gid).
+    A number must name a user (or group) of this node too, unless `unlisted`: a typo would
+    hand the tenant's directory to a stranger uid."""
     import grp
     import pwd
     if isinstance(value, int) and not isinstance(value, bool):
@@ -53,10 +55,17 @@ def parse_owner(value: Any) -> tuple[int, int]:
     except KeyError as e:
         raise ValueError(f"no such user or group on this node: {e.args[0]}") from None
     # (uid_t)-1 means "leave unchanged" to setresuid: an executor meant for it would stay root.
-    # A number need not name a user of this node: containers' uids rarely do.
     for what, n in (("uid", uid), ("gid", gid)):
         if n > OWNER_ID_MAX:
             raise ValueError(f"{what} {n} is out of range (0 to {OWNER_ID_MAX})")
+    if not unlisted:
+        for what, n, lookup, db in (("uid", uid, pwd.getpwuid, "passwd"), ("gid", gid, grp.getgrgid, "group")):
+            try:
+                lookup(n)
+            except KeyError:
+                raise ValueError(f"{what} {n} has no entry on this node (getent {db} {n} finds none); "
+                                 "add one, or set [broker] unlisted_owners = true where containers run "
+                                 "as ids the node does not list") from None
     return uid, gid
 
 
@@ -131,6 +140,11 @@ class BrokerSettings(Limits):
                                  "from here ...", lo=1, hi=(1 << 32) - 2)
     executor_uid_max: int = _doc(65519, "... to here, one per tenant (a root broker; see README, \"Sandbox\")",
                                  lo=1, hi=(1 << 32) - 2)
+    mount_namespace: str = _doc("/proc/1/ns/mnt", "the mount namespace containers are made in: a root broker "
+                                "mounts each new tenant directory's own file system there (\"\": none; README, "
+                                "\"Sandbox\")", path=True, empty=True)
+    unlisted_owners: bool = _doc(False, "accept owner uids and gids this node has no user or group for "
+                                 "(containers' ids often are not in /etc/passwd)")
     # CPU backend: kernels run on threads confined by a seccomp filter (no files, sockets or
     # programs). false runs tenant native code unconfined, with the executor's privileges.
     sandbox: bool = _doc(True, 'confine CPU-backend kernels with seccomp (README, "Sandbox")')
@@ -282,7 +296,7 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
         owner = None
         if "owner" in t:
             try:
-                owner = parse_owner(t.pop("owner"))
+                owner = parse_owner(t.pop("owner"), unlisted=broker.unlisted_owners)
             except ValueError as e:
                 raise _fail(path, f"{where}, field 'owner'", str(e)) from None
         per_dev_tbl = t.pop("device", {})

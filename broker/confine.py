@@ -25,21 +25,28 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import signal
 import stat
+import subprocess
+import sys
 
-__all__ = ["ConfineError", "View", "can_confine", "drop_to", "no_new_privs", "open_dir_nofollow",
-           "probe", "set_parent_death_signal"]
+__all__ = ["ConfineError", "TENANT_FS_SOURCE", "View", "can_confine", "drop_to", "is_tenant_fs",
+           "mount_tenant_fs", "no_new_privs", "open_dir_nofollow", "probe", "resize_tenant_fs",
+           "set_parent_death_signal", "tenant_fs_mounts", "unmount_tenant_fs", "unmount_tenant_fs_under"]
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUTS, CLONE_NEWNET = 0x00020000, 0x08000000, 0x04000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
 DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC   # a directory, never via a symlink
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 class ConfineError(OSError):
@@ -177,3 +184,148 @@ def drop_to(uid: int, gid: int) -> None:
 
 def no_new_privs() -> None:
     _check(_libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+# -- a file system per tenant directory ------------------------------------------------------
+# A tenant's containers (and code in its executors) can write into its directory; on the
+# shared runtime file system that would be everyone's space. So each tenant directory the
+# broker makes is a tmpfs of its own, sized to the tenant's quota: filling it is that
+# tenant's OUT_OF_MEMORY, nobody else's. It must be mounted where containers are made (the
+# host's mount namespace; under systemd the broker has one of its own, a slave of it) and
+# outlives the broker: containers keep the one they have bind-mounted across restarts.
+
+TENANT_FS_SOURCE = "kubecash-tenant"    # the name our mounts carry in mountinfo
+TENANT_FS_INODES = 16384                # files and directories per tenant
+_TENANT_FS_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, source) of this process's mount namespace, in mount order."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, source = (right.split() + ["", ""])[:2]
+            out.append((_unescape(left.split()[4]), fstype, _unescape(source)))
+    return out
+
+
+def is_tenant_fs(path: str) -> bool:
+    """Whether `path` is (topmost) one of our tenant file systems here."""
+    path = os.path.realpath(path)
+    top = None
+    for point, fstype, source in _mounts():
+        if point == path:
+            top = (fstype, source)
+    return top == ("tmpfs", TENANT_FS_SOURCE)
+
+
+def _fs_op(op: str, path: str, options: str) -> None:
+    """mount / remount / umount the tenant file system at `path`, in this mount namespace.
+    The target is a descriptor opened without following symlinks."""
+    fd = os.open(path, DIR_NOFOLLOW)
+    target = f"/proc/self/fd/{fd}".encode()
+    try:
+        if op == "mount":
+            _check(_libc.mount(TENANT_FS_SOURCE.encode(), target, b"tmpfs", _TENANT_FS_FLAGS,
+                               options.encode()), f"mount a tmpfs on {path}")
+        elif op == "remount":
+            _check(_libc.mount(None, target, None, MS_REMOUNT | _TENANT_FS_FLAGS, options.encode()),
+                   f"remount {path} with {options}")
+        elif op == "umount":
+            _check(_libc.umount2(target, MNT_DETACH), f"unmount {path}")
+        else:
+            raise ValueError(op)
+    finally:
+        os.close(fd)
+
+
+def _same_namespace(namespace: str) -> bool | None:
+    """Whether `namespace` (a /proc/<pid>/ns/mnt) is ours; None where it cannot be read."""
+    try:
+        a, b = os.stat(namespace), os.stat("/proc/self/ns/mnt")
+    except OSError:
+        return None
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _in_namespace(namespace: str, op: str, path: str, options: str = "") -> None:
+    """_fs_op in mount namespace `namespace`. Another namespace is entered by a short-lived
+    helper process: setns needs a single-threaded caller, and the broker is not one."""
+    same = _same_namespace(namespace)
+    if same is None:     # a mount where containers do not see it would hide every socket in it
+        raise ConfineError(errno.ENOENT, f"cannot read mount namespace {namespace} ([broker] mount_namespace)")
+    if same:
+        _fs_op(op, path, options)
+        return
+    r = subprocess.run([sys.executable, "-I", "-c", "import sys; from kubecash.broker.confine import "
+                        "_namespace_main; _namespace_main(sys.argv[1:])", namespace, op, path, options],
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise ConfineError(errno.EPERM, f"in mount namespace {namespace}: "
+                           f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f'exit {r.returncode}'}")
+
+
+def _namespace_main(argv: list[str]) -> None:
+    namespace, op, path, options = argv
+    try:
+        fd = os.open(namespace, os.O_RDONLY | os.O_CLOEXEC)
+        _check(_libc.setns(fd, CLONE_NEWNS), f"setns({namespace})")
+        _fs_op(op, path, options)
+    except OSError as e:
+        print(e.strerror if isinstance(e, ConfineError) else e, file=sys.stderr)
+        sys.exit(1)
+
+
+def _options(size: int, owner: tuple[int, int] | None = None) -> str:
+    size = max(size, 1 << 20)
+    if owner is None:
+        return f"size={size}"
+    return f"size={size},nr_inodes={TENANT_FS_INODES},mode=0700,uid={owner[0]},gid={owner[1]}"
+
+
+def mount_tenant_fs(path: str, *, size: int, owner: tuple[int, int], namespace: str) -> None:
+    """Mount a tenant file system of `size` bytes on the (empty, new) directory `path`, in
+    `namespace` (where containers are made). It must then be seen here too (mount
+    propagation); if it is not, it is taken away again and this raises."""
+    _in_namespace(namespace, "mount", path, _options(size, owner))
+    if not is_tenant_fs(path):
+        try:
+            _in_namespace(namespace, "umount", path)
+        except ConfineError:
+            pass
+        raise ConfineError(errno.EXDEV, f"the tmpfs mounted on {path} in {namespace} does not show in "
+                           "the broker's own mount namespace (no mount propagation from there)")
+
+
+def resize_tenant_fs(path: str, *, size: int, namespace: str) -> None:
+    _in_namespace(namespace, "remount", path, _options(size))
+
+
+def unmount_tenant_fs(path: str, *, namespace: str) -> None:
+    _in_namespace(namespace, "umount", path)
+
+
+def tenant_fs_mounts(under: str = "/") -> set[str]:
+    """Where our tenant file systems are mounted, at or below `under`, in this namespace."""
+    under = os.path.realpath(under).rstrip("/") + "/"
+    return {p for p, fstype, source in _mounts()
+            if source == TENANT_FS_SOURCE and fstype == "tmpfs" and (p + "/").startswith(under)}
+
+
+def unmount_tenant_fs_under(root: str, *, namespace: str = "/proc/self/ns/mnt") -> int:
+    """Unmount every tenant file system at or below `root` (a runtime directory being
+    removed: tests, the demo); how many."""
+    n = 0
+    for p in sorted(tenant_fs_mounts(root), key=len, reverse=True):
+        while is_tenant_fs(p):
+            try:
+                unmount_tenant_fs(p, namespace=namespace)
+            except OSError:
+                break
+            n += 1
+    return n

@@ -48,11 +48,14 @@ def toml_dumps(broker: dict[str, Any], tenants: dict[str, dict[str, Any]]) -> st
 
 
 class LocalBroker:
-    """A `kubecash-broker` subprocess. Idempotent close(); a context manager."""
+    """A `kubecash-broker` subprocess. Idempotent close(); a context manager.
+    `command_prefix` runs it under another command, as a service manager would (e.g.
+    `unshare --mount`: a mount namespace of its own, like systemd's sandboxing makes)."""
 
     def __init__(self, tenants: dict[str, dict[str, Any]] | None = None, *,
                  config_path: str | None = None, runtime_dir: str | None = None,
-                 log_level: str = "INFO", start_timeout: float = 20.0, **broker: Any):
+                 log_level: str = "INFO", start_timeout: float = 20.0,
+                 command_prefix: tuple[str, ...] = (), **broker: Any):
         # ipc:// paths must stay short (about 100 bytes): a short private directory.
         self.runtime_dir = runtime_dir or tempfile.mkdtemp(prefix="kc-", dir="/tmp")
         self._own_dir = runtime_dir is None
@@ -69,7 +72,7 @@ class LocalBroker:
         self._log = open(self.log_path, "a")
         self._closed = False
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubecash.broker.daemon", "--config", config_path,
+            [*command_prefix, sys.executable, "-m", "kubecash.broker.daemon", "--config", config_path,
              "--runtime-dir", self.runtime_dir, "--log-level", log_level],
             stdout=self._log, stderr=subprocess.STDOUT,
             env={k: v for k, v in os.environ.items() if k != "KUBECASH_BROKER"})
@@ -135,6 +138,9 @@ class LocalBroker:
                 self.proc.wait()
         self._log.close()
         if self._own_dir:
+            if os.geteuid() == 0:          # a root broker's tenant directories are mounts
+                from .confine import unmount_tenant_fs_under
+                unmount_tenant_fs_under(self.runtime_dir)
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalBroker:

@@ -21,8 +21,11 @@ class BrokerProcess(LocalBroker):
     """A real kubecash-broker daemon with test settings: fast heartbeats, shared kernel cache."""
 
     def __init__(self, tenants: dict[str, dict], cache_dir: str, **broker: Any):
+        # Tenant file systems are mounted where the broker is: its clients (the tests) are
+        # there too (the default, /proc/1/ns/mnt, may not be readable in a container).
         settings = {"cache_dir": cache_dir, "heartbeat_interval_s": 0.25,
-                    "heartbeat_timeout_s": 1.5, "executor_threads": 2, **broker}
+                    "heartbeat_timeout_s": 1.5, "executor_threads": 2,
+                    "mount_namespace": "/proc/self/ns/mnt", **broker}
         super().__init__(tenants, **settings)
 
     def connect(self, tenant: str) -> kc.Session:
@@ -44,6 +47,17 @@ def _gpu_count() -> int:
 
 
 GPU_COUNT = _gpu_count()
+
+
+@pytest.fixture(autouse=True)
+def _tenant_file_systems():
+    """A root broker mounts a file system on each tenant directory it makes, and leaves it
+    (containers keep theirs across restarts): unmount what this test's brokers made."""
+    from kubecash.broker import confine
+    before = confine.tenant_fs_mounts()
+    yield
+    for p in confine.tenant_fs_mounts() - before:
+        confine.unmount_tenant_fs_under(p)
 
 
 @pytest.fixture(params=["cpu0", pytest.param("gpu0", marks=pytest.mark.gpu)])

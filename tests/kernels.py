@@ -1,4 +1,5 @@
 """CUDA C sources shared by the tests (real kernels, compiled for the CPU backend)."""
+import numpy as np
 
 VECADD = r"""
 extern "C" __global__ void vadd(const float* a, const float* b, float* c, int n) {
@@ -49,3 +50,13 @@ extern "C" __global__ void inc(unsigned long long* c, int spin) {
     if (threadIdx.x == 0) { volatile int x = 0; for (int i = 0; i < spin; i++) x += i; atomicAdd(c, 1ULL); }
 }
 '''
+
+
+def run_vadd(d, n: int = 1000) -> None:
+    """VECADD on device `d`, checked (n = 100_000 copies through the staging segment)."""
+    a = np.arange(n, dtype=np.float32)
+    with d.allocate(a.nbytes) as da, d.allocate(a.nbytes) as dc:
+        da.copy_from(a)
+        k = d.load_module(VECADD).get_kernel("vadd")
+        d.launch(k, ((n + 255) // 256,), (256,), [da, da, dc, np.int32(n)])
+        np.testing.assert_array_equal(dc.copy_to(np.empty(n, np.float32)), a + a)

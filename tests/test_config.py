@@ -118,16 +118,24 @@ def test_tenant_names_dot_and_dotdot_are_refused(name):
     ("1000:4294967295", "gid 4294967295 is out of range"),
     ("-1", "no such user"),
     ("no-such-user-here", "no such user"),
+    # R10: a number the node has no user (or group) for, unless the operator says so
+    ("4294967290", r"uid 4294967290 has no entry on this node \(getent passwd 4294967290 finds none\)"
+                   r".*\[broker\] unlisted_owners = true"),
+    ("65534:4294967290", r"gid 4294967290 has no entry on this node \(getent group"),
 ])
 def test_owners_are_real_ids(owner, message):
-    """R10: an owner must be a user of this node by name, or a valid uid by number."""
+    """R10: an owner must be a user of this node, by name or by number; a number it does not
+    list only with [broker] unlisted_owners (containers' uids often are not in /etc/passwd)."""
     with pytest.raises(cfg.ConfigError, match=f"tenant 'a', field 'owner': {message}"):
         cfg.parse({"tenants": {"a": {"owner": owner}}}, "q.toml")
-    assert cfg.parse({"tenants": {"a": {"owner": "4294967294"}}}).tenants["a"].owner[0] == 4294967294
+    unlisted = {"broker": {"unlisted_owners": True}}
+    assert cfg.parse({**unlisted, "tenants": {"a": {"owner": "4294967294"}}}).tenants["a"].owner[0] == 4294967294
+    assert cfg.parse({"tenants": {"a": {"owner": "65534:65534"}}}).tenants["a"].owner == (65534, 65534)
 
 
 def test_tenants_sharing_an_owner_uid_are_named():
-    c = cfg.parse({"tenants": {"a": {"owner": "1000"}, "b": {"owner": "1000:2000"}, "c": {"owner": "1001"},
+    c = cfg.parse({"broker": {"unlisted_owners": True},
+                   "tenants": {"a": {"owner": "1000"}, "b": {"owner": "1000:2000"}, "c": {"owner": "1001"},
                                "d": {"owner": "0"}, "e": {"owner": "0"}, "f": {}}}, "q.toml")
     assert cfg.shared_owners(c) == {1000: ["a", "b"]}
 

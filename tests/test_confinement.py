@@ -22,7 +22,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import BrokerProcess, wait_for
-from kernels import VECADD
+from kernels import run_vadd
 
 import kubecash.client as kc
 from kubecash.broker import sandbox as sb
@@ -89,15 +89,6 @@ def _status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def _run_vadd(d, n: int = 1000) -> None:
-    a = np.arange(n, dtype=np.float32)
-    with d.allocate(a.nbytes) as da, d.allocate(a.nbytes) as dc:
-        da.copy_from(a)
-        k = d.load_module(VECADD).get_kernel("vadd")
-        d.launch(k, ((n + 255) // 256,), (256,), [da, da, dc, np.int32(n)])
-        np.testing.assert_array_equal(dc.copy_to(np.empty(n, np.float32)), a + a)
-
-
 def test_a_kernel_calling_its_executors_python_gets_nothing_but_its_tenant(broker_factory, tmp_path):
     """R1: Py_AddPendingCall(PyRun_SimpleString, code) from a kernel. The code runs, on the
     executor's main thread, but as an unprivileged uid whose whole world is the tenant's own
@@ -123,7 +114,7 @@ def test_a_kernel_calling_its_executors_python_gets_nothing_but_its_tenant(broke
             for _ in range(200):            # the fork ends alice's executor
                 d.synchronize()
                 time.sleep(0.05)
-        _run_vadd(bd)                       # bob: untouched, and still served
+        run_vadd(bd)                       # bob: untouched, and still served
         np.testing.assert_array_equal(bbuf.copy_to(np.empty(4096, np.uint8)), secret)
     with open(report) as f:
         got = json.load(f)
@@ -148,8 +139,8 @@ def test_executors_and_helpers_run_unprivileged_with_every_thread_filtered(broke
     tenant's own client) cannot read the executor's memory either."""
     b = broker_factory({"web": {"owner": f"{NOBODY}:{NOBODY}"}, "ops": {}})
     with b.connect("web") as web, b.connect("ops") as ops:
-        _run_vadd(web.device("cpu0"))
-        _run_vadd(ops.device("cpu0"))
+        run_vadd(web.device("cpu0"))
+        run_vadd(ops.device("cpu0"))
         uids = {}
         for tenant in ("web", "ops"):
             ex = _executor(b, tenant)
@@ -280,7 +271,7 @@ def test_root_never_follows_a_symlink_a_tenant_put_in_its_directory(kernel_cache
             os.symlink(victim, os.path.join(tdir, "shm"))
             with b.connect("alice") as s:
                 d = s.device("cpu0")
-                _run_vadd(d, 100_000)              # staged copies: the executor's shm files
+                run_vadd(d, 100_000)              # staged copies: the executor's shm files
                 d.allocate_host(4096).close()
             wait_for(lambda: "executor for cpu0 ended" in b.log(), 30, "the executor's exit")
             assert _state(victim) == before
@@ -291,7 +282,7 @@ def test_root_never_follows_a_symlink_a_tenant_put_in_its_directory(kernel_cache
             shm = os.path.join(tdir, "shm")
             assert not os.path.islink(shm) and os.path.isdir(shm)
             with b2.connect("alice") as s:
-                _run_vadd(s.device("cpu0"))
+                run_vadd(s.device("cpu0"))
             assert b2.alive()
         assert _state(victim) == before
     finally:
@@ -342,7 +333,7 @@ def test_root_changes_nothing_inside_a_tenant_directory_by_path(kernel_cache, tm
                 assert "carol" in a.call("reload")["added"]
             with b.connect("alice") as s:
                 d = s.device("cpu0")
-                _run_vadd(d, 100_000)
+                run_vadd(d, 100_000)
                 d.allocate_host(4096).close()
             wait_for(lambda: "executor for cpu0 ended" in b.log(), 30, "the executor's exit")
             time.sleep(0.5)
@@ -368,9 +359,12 @@ def test_uids_are_allocated_per_tenant_and_stable():
 def test_a_flood_of_files_in_a_tenant_directory_does_not_stall_the_broker(kernel_cache):
     """What a tenant (its container, or code in its executor) leaves in its shm directory is
     cleared off the broker's main loop: 300,000 files named like its executor's own stalled
-    the loop for seconds, long enough for another tenant's session to expire unheard."""
+    the loop for seconds, long enough for another tenant's session to expire unheard. (A
+    directory the broker makes has room for 16384 files, test_tenant_fs.py; this one was
+    made before it, as by an earlier broker, and has no file system of its own.)"""
     runtime = tempfile.mkdtemp(prefix="kc-", dir="/tmp")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "kc-test", runtime], check=True)
+    os.makedirs(os.path.join(runtime, "tenants", "alice"))
     try:
         with BrokerProcess({"alice": {}, "bob": {}}, kernel_cache, runtime_dir=runtime) as b, \
                 b.connect("bob") as bob, b.connect("alice") as alice:

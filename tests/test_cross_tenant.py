@@ -240,9 +240,12 @@ COPIER = """
 def test_one_tenant_filling_the_runtime_file_system_crashes_no_one(kernel_cache):
     """R5: the staging segment and host memory are backed when made, so a full file system is
     an OUT_OF_MEMORY for whoever asks next, never a SIGBUS in another tenant's executor or
-    client (bob's client died of one, and his executor ended with ILLEGAL_ADDRESS)."""
+    client (bob's client died of one, and his executor ended with ILLEGAL_ADDRESS). Here
+    alice's directory is a plain one (made before the broker: it gets no file system of its
+    own, test_tenant_fs.py), so she fills the runtime file system itself."""
     runtime = tempfile.mkdtemp(prefix="kc-", dir="/tmp")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "kc-test", runtime], check=True)
+    os.makedirs(os.path.join(runtime, "tenants", "alice"))
     try:
         with BrokerProcess({"alice": {"memory": "256MiB"}, "bob": {"memory": "256MiB"}},
                            kernel_cache, runtime_dir=runtime) as b:
@@ -259,7 +262,7 @@ def test_one_tenant_filling_the_runtime_file_system_crashes_no_one(kernel_cache)
                     except OSError as e:
                         assert e.errno == errno.ENOSPC
                 with b.connect("alice") as a:  # asking for more is a clean error, naming why
-                    with pytest.raises(kc.OutOfMemoryError, match="runtime file system is full"):
+                    with pytest.raises(kc.OutOfMemoryError, match="file system holding the tenant's directory is full"):
                         a.device("cpu0").allocate_host(1 << 20)
                 p.stdin.write("go\n")
                 p.stdin.flush()

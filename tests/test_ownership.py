@@ -62,7 +62,8 @@ def test_tenant_directory_is_owned_by_its_containers_uid(broker_factory):
 
 def test_owner_is_validated(tmp_path):
     from kubecash.broker import config as cfg
-    assert cfg.parse({"tenants": {"a": {"owner": "1000"}}}).tenants["a"].owner == (1000, 1000)
+    unlisted = {"broker": {"unlisted_owners": True}}    # uid 1000 need not exist here
+    assert cfg.parse({**unlisted, "tenants": {"a": {"owner": "1000"}}}).tenants["a"].owner == (1000, 1000)
     assert cfg.parse({"tenants": {"a": {"owner": "nobody"}}}).tenants["a"].owner[0] == NOBODY
     with pytest.raises(cfg.ConfigError, match="tenant 'a', field 'owner': no such user"):
         cfg.parse({"tenants": {"a": {"owner": "no-such-user-here"}}})
@@ -73,5 +74,5 @@ def test_owner_is_validated(tmp_path):
 def test_tenants_sharing_an_owner_are_warned_about(broker_factory):
     """One uid for two tenants: their containers reach each other's directories; the
     operator hears it at start (and at every reload)."""
-    b = broker_factory({"web": {"owner": "1000"}, "api": {"owner": "1000"}, "ops": {}})
+    b = broker_factory({"web": {"owner": "1000"}, "api": {"owner": "1000"}, "ops": {}}, unlisted_owners=True)
     assert "tenants api, web share owner uid 1000" in b.log()

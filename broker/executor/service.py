@@ -21,7 +21,7 @@ from kubecash.client.errors import CudaError, E, ProtocolError, map_exceptions
 from kubecash.client.limits import Limits
 
 from .. import malloc
-from .accounting import Accounting, bound_memory
+from .accounting import Accounting, _tenant_dir_error, bound_memory
 from .ops_copy import CopyOps
 from .ops_memory import MemoryOps
 from .ops_module import ModuleOps
@@ -89,7 +89,15 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self._bind()
+        # The broker's private socketpair: control messages both ways, whole (SEQPACKET).
+        # Sends block (the broker reads every pass; reports are rare); receives do not.
+        self.ctl = socket.socket(fileno=control_fd)
+        try:
+            self._bind()
+        except (OSError, zmq.ZMQError) as e:     # a full tenant directory, say: the tenant hears why
+            err = _tenant_dir_error(e, "cannot make the executor's socket in the tenant's directory")
+            self._report("fatal", code=int(err.code), error=err.message)
+            raise SystemExit(1) from None
         if before_backend is not None:
             before_backend()
         if device["kind"] == "cpu":
@@ -100,9 +108,6 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         else:
             from ..backend_cuda import CudaBackend  # noqa: F401  (GPU backend)
             self.backend = CudaBackend(device, cache_dir)
-        # The broker's private socketpair: control messages both ways, whole (SEQPACKET).
-        # Sends block (the broker reads every pass; reports are rare); receives do not.
-        self.ctl = socket.socket(fileno=control_fd)
         self.lease_sock = socket.socket(fileno=lease_fd)
         self._lease_poll = select.poll()
         self._lease_poll.register(lease_fd, select.POLLIN)

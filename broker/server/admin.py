@@ -85,7 +85,7 @@ class AdminService:
                              "connections": t.gate.connections,
                              "refused_connections": t.gate.refused_connections,
                              "refused_messages": t.gate.refused_messages,
-                             "throttled": t.gate.paused}
+                             "throttled": t.gate.paused, "directory": _directory_use(t.dir)}
         return {"devices": devices, "tenants": tenants, "uptime_s": (now - self.started_ns) / NS,
                 "quantum_ms": self.settings.quantum_ms, "runtime_dir": self.runtime_dir,
                 "metrics_address": self.metrics_address, "config": self.config.path}
@@ -229,3 +229,17 @@ class AdminService:
                     bound_memory(ex.device.kind, memory, pid=ex.proc.pid, lock=True)
                 self._control_send(ex, "set_quota", memory=memory)
             self._schedule(dname)
+        self._resize_tenant_fs(t.config)
+
+
+def _directory_use(d: str) -> dict[str, Any] | None:
+    """What a tenant's directory holds, and its bound where it has a file system of its own."""
+    try:
+        st, parent, fs = os.stat(d), os.stat(os.path.dirname(d)), os.statvfs(d)
+    except OSError:
+        return None
+    if st.st_dev == parent.st_dev:       # a plain directory: its use is the runtime file system's
+        return {"own_file_system": False}
+    return {"own_file_system": True, "bytes_used": (fs.f_blocks - fs.f_bfree) * fs.f_frsize,
+            "bytes_max": fs.f_blocks * fs.f_frsize, "files_used": fs.f_files - fs.f_ffree,
+            "files_max": fs.f_files}

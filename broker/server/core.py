@@ -89,6 +89,8 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
         for name in os.listdir(tenants_root):
             d = os.path.join(tenants_root, name)
             if name not in self.config.tenants:
+                if confine.can_confine() and self.settings.mount_namespace:
+                    confine.unmount_tenant_fs_under(d, namespace=self.settings.mount_namespace)
                 shutil.rmtree(d, ignore_errors=True)
                 continue
             clear_tenant_dir(self.runtime_dir, name)

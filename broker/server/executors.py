@@ -180,7 +180,8 @@ class ExecutorControl:
             code = E.CUDA_ERROR_LAUNCH_TIMEOUT if ex.kill_reason else reason.code
             if ex.fatal is not None:          # it told us the device error that ended it
                 code, why = ex.fatal[0], (f"killed by SIGSYS: {ex.fatal[1]}" if reason.signal == SANDBOX_SIGNAL
-                                          else f"context-fatal device error: {ex.fatal[1]}")
+                                          else f"context-fatal device error: {ex.fatal[1]}" if ex.ready
+                                          else f"it could not start: {ex.fatal[1]}")
             message = (f"the executor of tenant '{t.config.name}' on {ex.device.name} "
                        f"ended ({why}); this session's context on that device is lost")
             for token in ex.sessions | set(ex.pending):
@@ -309,7 +310,7 @@ class ExecutorControl:
             log.error("tenant %s: bad message from the executor for %s: %s",
                       ex.tenant.config.name, ex.device.name, e)
             return
-        if msg["op"] == "ready" or ex.ready:
+        if msg["op"] in ("ready", "fatal") or ex.ready:     # fatal: why it could not start, too
             handler(ex, msg)
 
     def _on_report_ready(self, ex: ExecutorProc, msg: dict) -> None:

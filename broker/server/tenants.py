@@ -33,6 +33,9 @@ log = logging.getLogger("kubecash.broker")
 THROTTLE_NOTICE_S = 1.0       # "throttled" events to a tenant's clients, at most this often
 ENDED_KEPT = 64                # reasons kept per tenant for sessions that ended
 GATE_BATCH = 64               # raw chunks read from one tenant's socket per pass
+# A tenant's directory file system holds its memory quota (staging and host memory count in
+# it) plus this much for what else it puts there: sockets, its containers' own files.
+TENANT_FS_EXTRA_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
@@ -88,9 +91,47 @@ class TenantService:
                        *(o.owner[0] for o in self.config.tenants.values() if o.owner is not None)})
         return uid, uid
 
+    def _tenant_fs_bytes(self, t: cfg.Tenant) -> int:
+        return TENANT_FS_EXTRA_BYTES + sum(self._memory_limit(t.quota_for(name), d)
+                                           for name, d in self.devices.items() if t.may_use(name))
+
+    def _tenant_fs(self, t: cfg.Tenant, ids: tuple[int, int]):
+        """What gives a tenant's directory its own file system (README, "Sandbox"): mounted on
+        a directory just made, resized on one that has it. None for a broker that is not
+        root. A failure is logged and leaves a plain directory: the tenant still works."""
+        if not confine.can_confine() or not self.settings.mount_namespace:
+            return None
+
+        def ensure(created: bool) -> None:
+            d = P.tenant_dir(self.runtime_dir, t.name)
+            size, ns = self._tenant_fs_bytes(t), self.settings.mount_namespace
+            try:
+                if confine.is_tenant_fs(d):
+                    confine.resize_tenant_fs(d, size=size, namespace=ns)
+                elif created:
+                    confine.mount_tenant_fs(d, size=size, owner=ids, namespace=ns)
+                else:   # running containers may have bound it: a mount over it would hide it
+                    log.warning("tenant '%s': its directory was made by an earlier broker and has no "
+                                "file system of its own; what is written there is bounded only by the "
+                                "runtime file system until it is made anew (with no container using it)",
+                                t.name)
+            except OSError as e:
+                log.warning("tenant '%s': no file system of its own for its directory (%s); what is "
+                            "written there is bounded only by the runtime file system", t.name, e)
+        return ensure
+
+    def _resize_tenant_fs(self, t: cfg.Tenant) -> None:
+        d = P.tenant_dir(self.runtime_dir, t.name)
+        if confine.can_confine() and self.settings.mount_namespace and confine.is_tenant_fs(d):
+            try:
+                confine.resize_tenant_fs(d, size=self._tenant_fs_bytes(t), namespace=self.settings.mount_namespace)
+            except OSError as e:     # smaller than what is in it now: EINVAL, the old size stays
+                log.warning("tenant '%s': its directory's file system keeps its size (%s)", t.name, e)
+
     def _add_tenant(self, t: cfg.Tenant) -> None:
         d = P.tenant_dir(self.runtime_dir, t.name)
-        _own_tenant_dir(self.runtime_dir, t.name, self._executor_ids(t))
+        ids = self._executor_ids(t)
+        _own_tenant_dir(self.runtime_dir, t.name, ids, fs=self._tenant_fs(t, ids))
         # Connecting needs write permission on the socket file; the 0700 directory (owned by
         # the tenant's uid) is what keeps everyone else out. 0666 from the moment it exists
         # (a umask: a chmod by path after the bind could follow a tenant's symlink).
@@ -292,13 +333,23 @@ def _tenants_root_fd(runtime_dir: str) -> int:
     return os.open(os.path.join(runtime_dir, "tenants"), confine.DIR_NOFOLLOW)
 
 
-def _own_tenant_dir(runtime_dir: str, name: str, ids: tuple[int, int]) -> None:
+def _own_tenant_dir(runtime_dir: str, name: str, ids: tuple[int, int], *, fs=None) -> None:
     """A tenant's directory and its shm/: 0700, owned by `ids` (the uid its executors run
     as, which is its containers' uid where it has an owner), so only they (and root)
-    reach its sockets and shared-memory files. Anything in shm/'s place is replaced."""
+    reach its sockets and shared-memory files. Anything in shm/'s place is replaced.
+    `fs(created)`, before shm/ is made: gives the directory its file system."""
     root = _tenants_root_fd(runtime_dir)
     try:
+        try:
+            os.close(confine.open_dir_nofollow(root, name))
+            created = False
+        except OSError:
+            created = True
         d = confine.open_dir_nofollow(root, name, create_mode=0o700)
+        if fs is not None:
+            os.close(d)
+            fs(created)
+            d = confine.open_dir_nofollow(root, name, create_mode=0o700)
         try:
             shm = confine.open_dir_nofollow(d, "shm", create_mode=0o700)
             for fd in (d, shm):
