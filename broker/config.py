@@ -31,6 +31,7 @@ QUOTA_FIELDS = ("memory", "weight", "limit", "class", "max_kernel_seconds")
 
 
 OWNER_ID_MAX = (1 << 32) - 2
+_ASCII_NUMBER = re.compile(r"[0-9]+")     # str.isdigit() takes "٠" (an Arabic-Indic zero) too
 
 
 def parse_owner(value: Any, *, unlisted: bool = False) -> tuple[int, int]:
@@ -43,15 +44,17 @@ def parse_owner(value: Any, *, unlisted: bool = False) -> tuple[int, int]:
         value = str(value)
     if not isinstance(value, str) or not value:
         raise ValueError('expected "uid[:gid]" (numbers or names), e.g. "1000:1000"')
-    user, _, group = value.partition(":")
+    user, colon, group = value.partition(":")
+    if not user or (colon and not group):
+        raise ValueError(f'expected "uid[:gid]" (numbers or names), got {value!r}')
     try:
-        if user.isdigit():
+        if _ASCII_NUMBER.fullmatch(user):
             uid = int(user)
             default_gid = uid
         else:
             pw = pwd.getpwnam(user)
             uid, default_gid = pw.pw_uid, pw.pw_gid
-        gid = default_gid if not group else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        gid = default_gid if not group else int(group) if _ASCII_NUMBER.fullmatch(group) else grp.getgrnam(group).gr_gid
     except KeyError as e:
         raise ValueError(f"no such user or group on this node: {e.args[0]}") from None
     # (uid_t)-1 means "leave unchanged" to setresuid: an executor meant for it would stay root.
@@ -271,6 +274,12 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
                 "max_connections_per_tenant"):
         if getattr(broker, key) < 1:      # 0 would refuse everything: not a way to say "unbounded"
             raise _fail(path, f"[broker] field '{key}'", "must be at least 1")
+    if broker.mount_namespace:
+        from .confine import check_mount_namespace
+        try:
+            check_mount_namespace(broker.mount_namespace)
+        except ValueError as e:
+            raise _fail(path, "[broker] field 'mount_namespace'", str(e)) from None
     if broker.executor_uid_max < broker.executor_uid_min:
         raise _fail(path, "[broker] field 'executor_uid_max'", "must not be below executor_uid_min")
     if broker.heartbeat_timeout_s <= broker.heartbeat_interval_s:

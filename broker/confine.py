@@ -31,9 +31,11 @@ import stat
 import subprocess
 import sys
 
-__all__ = ["ConfineError", "TENANT_FS_SOURCE", "View", "can_confine", "drop_to", "is_tenant_fs",
-           "mount_tenant_fs", "no_new_privs", "open_dir_nofollow", "probe", "resize_tenant_fs",
-           "set_parent_death_signal", "tenant_fs_mounts", "unmount_tenant_fs", "unmount_tenant_fs_under"]
+__all__ = [
+    "ConfineError", "TENANT_FS_SOURCE", "View", "can_confine", "check_mount_namespace", "drop_to",
+    "is_tenant_fs", "mount_tenant_fs", "no_new_privs", "open_dir_nofollow", "probe",
+    "resize_tenant_fs", "set_parent_death_signal", "tenant_fs_mounts", "tenant_fs_size",
+    "unmount_tenant_fs", "unmount_tenant_fs_under"]
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUTS, CLONE_NEWNET = 0x00020000, 0x08000000, 0x04000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -224,12 +226,45 @@ def is_tenant_fs(path: str) -> bool:
     return top == ("tmpfs", TENANT_FS_SOURCE)
 
 
-def _fs_op(op: str, path: str, options: str) -> None:
-    """mount / remount / umount the tenant file system at `path`, in this mount namespace.
-    The target is a descriptor opened without following symlinks."""
-    fd = os.open(path, DIR_NOFOLLOW)
-    target = f"/proc/self/fd/{fd}".encode()
+HELPER_TIMEOUT_S = 10.0                  # a mount helper that takes longer is given up on
+
+
+def _open_path(path: str) -> int:
+    """The directory at absolute `path`, opened one component at a time, never through a
+    symlink (in whichever mount namespace this runs)."""
+    if not os.path.isabs(path):
+        raise ConfineError(errno.EINVAL, f"not an absolute path: {path}")
+    fd = os.open("/", DIR_NOFOLLOW)
+    for part in (p for p in path.split("/") if p):
+        try:
+            nfd = os.open(part, DIR_NOFOLLOW, dir_fd=fd)
+        except OSError as e:
+            raise ConfineError(e.errno, f"{path}: component {part!r}: {os.strerror(e.errno)}") from None
+        finally:
+            os.close(fd)
+        fd = nfd
+    return fd
+
+
+def _identity(path: str) -> tuple[int, int]:
+    fd = _open_path(path)
     try:
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
+    finally:
+        os.close(fd)
+
+
+def _fs_op(op: str, path: str, options: str, expect: tuple[int, int]) -> tuple[int, int]:
+    """mount / remount / umount the tenant file system at `path`, in this mount namespace,
+    only if the directory found there is `expect` (device, inode: the one the broker sees,
+    so another namespace's different tree is never acted on). Returns what is there after."""
+    fd = _open_path(path)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != tuple(expect):
+            raise ConfineError(errno.EXDEV, f"{path} is another directory here than the broker's")
+        target = f"/proc/self/fd/{fd}".encode()
         if op == "mount":
             _check(_libc.mount(TENANT_FS_SOURCE.encode(), target, b"tmpfs", _TENANT_FS_FLAGS,
                                options.encode()), f"mount a tmpfs on {path}")
@@ -242,6 +277,7 @@ def _fs_op(op: str, path: str, options: str) -> None:
             raise ValueError(op)
     finally:
         os.close(fd)
+    return _identity(path)
 
 
 def _same_namespace(namespace: str) -> bool | None:
@@ -253,32 +289,39 @@ def _same_namespace(namespace: str) -> bool | None:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _in_namespace(namespace: str, op: str, path: str, options: str = "") -> None:
+def _in_namespace(namespace: str, op: str, path: str, options: str,
+                  expect: tuple[int, int]) -> tuple[int, int]:
     """_fs_op in mount namespace `namespace`. Another namespace is entered by a short-lived
     helper process: setns needs a single-threaded caller, and the broker is not one."""
     same = _same_namespace(namespace)
     if same is None:     # a mount where containers do not see it would hide every socket in it
         raise ConfineError(errno.ENOENT, f"cannot read mount namespace {namespace} ([broker] mount_namespace)")
     if same:
-        _fs_op(op, path, options)
-        return
-    r = subprocess.run([sys.executable, "-I", "-c", "import sys; from kubecash.broker.confine import "
-                        "_namespace_main; _namespace_main(sys.argv[1:])", namespace, op, path, options],
-                       capture_output=True, text=True, timeout=60)
+        return _fs_op(op, path, options, expect)
+    try:
+        r = subprocess.run([sys.executable, "-I", "-c", "import sys; from kubecash.broker.confine import "
+                            "_namespace_main; _namespace_main(sys.argv[1:])", namespace, op, path, options,
+                            f"{expect[0]}:{expect[1]}"],
+                           capture_output=True, text=True, timeout=HELPER_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.SubprocessError as e:   # a timeout: the namespace file blocks (a FIFO, say)
+        raise ConfineError(errno.ETIMEDOUT, f"in mount namespace {namespace}: {e}") from None
     if r.returncode != 0:
         raise ConfineError(errno.EPERM, f"in mount namespace {namespace}: "
                            f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f'exit {r.returncode}'}")
+    dev, _, ino = r.stdout.strip().partition(":")
+    return int(dev), int(ino)
 
 
 def _namespace_main(argv: list[str]) -> None:
-    namespace, op, path, options = argv
+    namespace, op, path, options, expect = argv
     try:
-        fd = os.open(namespace, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(namespace, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         _check(_libc.setns(fd, CLONE_NEWNS), f"setns({namespace})")
-        _fs_op(op, path, options)
+        dev, ino = _fs_op(op, path, options, tuple(int(x) for x in expect.split(":")))
     except OSError as e:
         print(e.strerror if isinstance(e, ConfineError) else e, file=sys.stderr)
         sys.exit(1)
+    print(f"{dev}:{ino}")
 
 
 def _options(size: int, owner: tuple[int, int] | None = None) -> str:
@@ -292,10 +335,11 @@ def mount_tenant_fs(path: str, *, size: int, owner: tuple[int, int], namespace: 
     """Mount a tenant file system of `size` bytes on the (empty, new) directory `path`, in
     `namespace` (where containers are made). It must then be seen here too (mount
     propagation); if it is not, it is taken away again and this raises."""
-    _in_namespace(namespace, "mount", path, _options(size, owner))
-    if not is_tenant_fs(path):
+    path = os.path.realpath(path)
+    mounted = _in_namespace(namespace, "mount", path, _options(size, owner), _identity(path))
+    if _identity(path) != mounted:
         try:
-            _in_namespace(namespace, "umount", path)
+            _in_namespace(namespace, "umount", path, "", mounted)
         except ConfineError:
             pass
         raise ConfineError(errno.EXDEV, f"the tmpfs mounted on {path} in {namespace} does not show in "
@@ -303,11 +347,34 @@ def mount_tenant_fs(path: str, *, size: int, owner: tuple[int, int], namespace: 
 
 
 def resize_tenant_fs(path: str, *, size: int, namespace: str) -> None:
-    _in_namespace(namespace, "remount", path, _options(size))
+    path = os.path.realpath(path)
+    _in_namespace(namespace, "remount", path, _options(size), _identity(path))
 
 
 def unmount_tenant_fs(path: str, *, namespace: str) -> None:
-    _in_namespace(namespace, "umount", path)
+    path = os.path.realpath(path)
+    _in_namespace(namespace, "umount", path, "", _identity(path))
+
+
+def tenant_fs_size(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
+
+
+def check_mount_namespace(path: str) -> None:
+    """ValueError unless `path` can be a mount namespace: a /proc/<pid>/ns/mnt link. One
+    that cannot be read here (another user's, or /proc/1 in some containers) passes: the
+    broker checks again where it mounts, and mounts nothing if it cannot read it."""
+    try:
+        target = os.readlink(path)
+    except PermissionError:
+        return
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist (expected a mount namespace, /proc/<pid>/ns/mnt)") from None
+    except OSError:
+        raise ValueError(f"{path} is not a namespace link (expected /proc/<pid>/ns/mnt)") from None
+    if not target.startswith("mnt:["):
+        raise ValueError(f"{path} is {target}, not a mount namespace (expected /proc/<pid>/ns/mnt)")
 
 
 def tenant_fs_mounts(under: str = "/") -> set[str]:

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{name} ({t['sessions']} sessions) {devs}")
             elif a.cmd == "set":
                 r = c.call("set_quota", **_set_fields(a))
-                print(json.dumps(r) if a.json else f"updated {r['tenant']}")
+                print(json.dumps(r) if a.json else "\n".join([f"updated {r['tenant']}", *r["warnings"]]))
             elif a.cmd == "evict":
                 r = c.call("evict", tenant=a.tenant)
                 print(json.dumps(r) if a.json else
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = c.call("reload")
                 print(json.dumps(r) if a.json else
                       f"reloaded: {len(r['tenants'])} tenants (added {', '.join(r['added']) or 'none'}; "
-                      f"removed {', '.join(r['removed']) or 'none'})")
+                      f"removed {', '.join(r['removed']) or 'none'})"
+                      + "".join(f"\n{w}" for w in r["warnings"]))
             elif a.cmd == "top":
                 _top(c, a.count)
             elif a.cmd == "cdi":

@@ -106,7 +106,11 @@ class Gate:
         self.sock = ctx.socket(zmq.STREAM)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, RCVHWM_CHUNKS)
-        self.sock.bind(address)
+        try:
+            self.sock.bind(address)
+        except zmq.ZMQError:
+            self.sock.close()       # an unclosed socket would hold the context's term() forever
+            raise
         self.conns: dict[bytes, _Conn] = {}
         self._pending: dict[bytes, None] = {}   # connections with requests left unparsed
         self._left = MESSAGES_PER_PASS

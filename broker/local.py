@@ -59,6 +59,7 @@ class LocalBroker:
         # ipc:// paths must stay short (about 100 bytes): a short private directory.
         self.runtime_dir = runtime_dir or tempfile.mkdtemp(prefix="kc-", dir="/tmp")
         self._own_dir = runtime_dir is None
+        self._admin_socket = broker.get("admin_socket") or os.path.join(self.runtime_dir, "admin.sock")
         if config_path is None:
             config_path = os.path.join(self.runtime_dir, "quota.toml")
             with open(config_path, "w") as f:
@@ -86,8 +87,9 @@ class LocalBroker:
             time.sleep(0.02)
 
     def _answers(self) -> bool:
-        if not (os.path.exists(self.admin_path) and
-                all(os.path.exists(self.socket_path(t)) for t in self.tenants)):
+        # The admin socket answers once start() is done: every tenant it can serve has its
+        # socket bound (one whose directory is full is not served, and the log says so).
+        if not os.path.exists(self.admin_path):
             return False
         from kubecash.client.errors import KubecashError
         try:
@@ -99,7 +101,7 @@ class LocalBroker:
 
     @property
     def admin_path(self) -> str:
-        return os.path.join(self.runtime_dir, "admin.sock")
+        return self._admin_socket
 
     def socket_path(self, tenant: str) -> str:
         return P.broker_socket_path(self.runtime_dir, tenant)

@@ -245,7 +245,8 @@ _M: list[Message] = [
     Message("reload", ADMIN, {},
             reply={"tenants": F(list, items=str), "added": F(list, items=str),
                    "removed": F(list, items=str),
-                   "restart_needed_for": F(list, items=str, doc="changed settings that apply at restart")},
+                   "restart_needed_for": F(list, items=str, doc="changed settings that apply at restart"),
+                   "warnings": F(list, items=str, doc="tenants not served, or not resized, and why")},
             doc="re-read the quota file; an invalid one changes nothing"),
     Message("evict", ADMIN, {"tenant": NAME}, reply={"tenant": TEXT, "sessions_ended": COUNT}),
     Message("drain", ADMIN, {"device": NAME, "undo": F(bool, required=False)},
@@ -256,7 +257,7 @@ _M: list[Message] = [
              "limit": F((int, float), required=False, doc="<= 0 removes the limit"),
              "memory": F(int, required=False, lo=0, hi=1 << 62),
              "class": F(str, required=False, maxlen=16)},
-            reply={"tenant": TEXT}),
+            reply={"tenant": TEXT, "warnings": F(list, items=str, doc="what did not take effect, and why")}),
 
     # -- control: broker -> executor ---------------------------------------------------------
     Message("session_add", CONTROL, {"session": SESSION}),

@@ -20,13 +20,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class BrokerProcess(LocalBroker):
     """A real kubecash-broker daemon with test settings: fast heartbeats, shared kernel cache."""
 
+    runtime_dirs: list[str] = []     # of the brokers started by the current test
+
     def __init__(self, tenants: dict[str, dict], cache_dir: str, **broker: Any):
         # Tenant file systems are mounted where the broker is: its clients (the tests) are
         # there too (the default, /proc/1/ns/mnt, may not be readable in a container).
         settings = {"cache_dir": cache_dir, "heartbeat_interval_s": 0.25,
                     "heartbeat_timeout_s": 1.5, "executor_threads": 2,
                     "mount_namespace": "/proc/self/ns/mnt", **broker}
+        if settings.get("runtime_dir"):
+            BrokerProcess.runtime_dirs.append(settings["runtime_dir"])
         super().__init__(tenants, **settings)
+        BrokerProcess.runtime_dirs.append(self.runtime_dir)
 
     def connect(self, tenant: str) -> kc.Session:
         return kc.connect(self.address(tenant))
@@ -52,12 +57,13 @@ GPU_COUNT = _gpu_count()
 @pytest.fixture(autouse=True)
 def _tenant_file_systems():
     """A root broker mounts a file system on each tenant directory it makes, and leaves it
-    (containers keep theirs across restarts): unmount what this test's brokers made."""
+    (containers keep theirs across restarts): unmount what this test's brokers made, under
+    their runtime directories only (another broker on this machine keeps its own)."""
     from kubecash.broker import confine
-    before = confine.tenant_fs_mounts()
+    BrokerProcess.runtime_dirs.clear()
     yield
-    for p in confine.tenant_fs_mounts() - before:
-        confine.unmount_tenant_fs_under(p)
+    for d in BrokerProcess.runtime_dirs:
+        confine.unmount_tenant_fs_under(d)
 
 
 @pytest.fixture(params=["cpu0", pytest.param("gpu0", marks=pytest.mark.gpu)])

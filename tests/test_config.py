@@ -113,11 +113,27 @@ def test_tenant_names_dot_and_dotdot_are_refused(name):
         cfg.parse({"tenants": {name: {"owner": "65534"}}}, "q.toml")
 
 
+@pytest.mark.parametrize("value, message", [
+    ("/nonexistent/ns/mnt", "does not exist"),
+    ("/etc/passwd", "is not a namespace link"),
+    ("/proc/self/ns/net", "not a mount namespace"),
+    ("ns/mnt", "must be an absolute path"),
+])
+def test_mount_namespace_must_be_one(value, message):
+    """A path that cannot be a mount namespace is refused at load (and so on reload, which
+    keeps the running configuration), naming the field; not a warning per tenant later."""
+    with pytest.raises(cfg.ConfigError, match=rf"q.toml: \[broker\] field 'mount_namespace': .*{message}"):
+        cfg.parse({"broker": {"mount_namespace": value}}, "q.toml")
+    assert cfg.parse({"broker": {"mount_namespace": "/proc/self/ns/mnt"}}).broker.mount_namespace
+
+
 @pytest.mark.parametrize("owner, message", [
     ("4294967295", "uid 4294967295 is out of range"),    # (uid_t)-1: setresuid would change nothing
     ("1000:4294967295", "gid 4294967295 is out of range"),
     ("-1", "no such user"),
     ("no-such-user-here", "no such user"),
+    ("\u0660", "no such user"),                          # an Arabic-Indic zero is not uid 0
+    ("0:", "expected"), (":0", "expected"),
     # R10: a number the node has no user (or group) for, unless the operator says so
     ("4294967290", r"uid 4294967290 has no entry on this node \(getent passwd 4294967290 finds none\)"
                    r".*\[broker\] unlisted_owners = true"),

@@ -69,7 +69,7 @@ def test_status_shows_what_the_tenants_did(broker):
 def test_set_evict_reload_and_errors(broker):
     r = json.loads(ctl(broker, "--json", "set", "alice", "--weight", "400", "--limit", "0.5",
                        "--memory", "1MiB", "--class", "latency").stdout)
-    assert r == {"tenant": "alice"}
+    assert r == {"tenant": "alice", "warnings": []}
     q = json.loads(ctl(broker, "--json", "status").stdout)["tenants"]["alice"]["devices"]["cpu0"]
     assert (q["weight"], q["limit"], q["memory_limit"], q["class"]) == (400, 0.5, 1 << 20, "latency")
     with broker.connect("alice") as s:

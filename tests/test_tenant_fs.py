@@ -190,18 +190,134 @@ def test_a_broker_in_a_mount_namespace_of_its_own_mounts_where_containers_are_ma
         shutil.rmtree(runtime, ignore_errors=True)
 
 
+def _unreadable_init_namespace() -> bool:
+    try:
+        os.stat("/proc/1/ns/mnt")
+        return False
+    except PermissionError:
+        return True
+
+
 @pytest.mark.parametrize("namespace, said", [
-    ("/nonexistent/ns/mnt", "cannot read mount namespace /nonexistent/ns/mnt ([broker] mount_namespace)"),
+    pytest.param("/proc/1/ns/mnt", "cannot read mount namespace /proc/1/ns/mnt ([broker] mount_namespace)",
+                 marks=pytest.mark.skipif(not _unreadable_init_namespace(),
+                                          reason="/proc/1/ns/mnt is readable here")),
     ("", None)])
 def test_where_the_namespace_cannot_be_read_nothing_is_mounted(broker_factory, namespace, said):
     """A mount made where containers are not would hide every socket in it from them, so a
-    mount_namespace the broker cannot read mounts nothing (and says so), as "" (none) does;
-    the tenant is served from a plain directory either way."""
+    mount_namespace the broker cannot read (pid 1's, in some containers) mounts nothing and
+    says so, as "" (none) does; the tenant is served from a plain directory either way."""
     b = broker_factory({"alice": {"memory": "64MiB"}}, mount_namespace=namespace)
     d = os.path.join(b.runtime_dir, "tenants", "alice")
     assert not confine.is_tenant_fs(d) and confine.tenant_fs_mounts(b.runtime_dir) == set()
+    assert (said in b.log()) if said else ("no file system of its own" not in b.log())
     with b.admin() as adm:
         assert adm.call("status")["tenants"]["alice"]["directory"] == {"own_file_system": False}
-    assert (said in b.log()) if said else ("no file system of its own" not in b.log())
     with b.connect("alice") as s:
         run_vadd(s.device("cpu0"))
+
+
+def _fill_inodes(d: str) -> int:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    made = 0
+    try:
+        while made < 100_000:
+            os.close(os.open(f"junk{made}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+            made += 1
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return made
+
+
+def test_a_full_tenant_directory_keeps_only_that_tenant_out(kernel_cache):
+    """alice's container takes every inode of her directory while the broker is down: the
+    next broker starts anyway and serves bob, saying why alice is not served; a reload that
+    adds carol and changes the quantum goes through, telling alice's reason; once alice has
+    room again, the next reload serves her. (The broker died at start, and every reload
+    failed half-applied, with ENOSPC.)"""
+    runtime = tempfile.mkdtemp(prefix="kc-", dir="/tmp")
+    d = os.path.join(runtime, "tenants", "alice")
+    tenants = {"alice": {"memory": "64MiB"}, "bob": {"memory": "64MiB"}}
+    try:
+        with BrokerProcess(tenants, kernel_cache, runtime_dir=runtime):
+            pass
+        made = _fill_inodes(d)
+        with BrokerProcess(tenants, kernel_cache, runtime_dir=runtime) as b:
+            assert "tenant 'alice' is not served: cannot set up its directory" in b.log()
+            assert "No space left on device" in b.log()
+            with b.connect("bob") as s:
+                run_vadd(s.device("cpu0"))
+            with open(b.config_path, "a") as f:
+                f.write('\n[tenants.carol]\nmemory = "64MiB"\n')
+            with open(b.config_path) as f:
+                text = f.read().replace("[broker]\n", "[broker]\nquantum_ms = 7.0\n", 1)
+            with open(b.config_path, "w") as f:
+                f.write(text)
+            with b.admin() as adm:
+                r = adm.call("reload")
+                assert r["added"] == ["carol"], r
+                assert any("tenant 'alice' is not served" in w for w in r["warnings"]), r
+                st = adm.call("status")
+                assert sorted(st["tenants"]) == ["bob", "carol"] and st["quantum_ms"] == 7.0
+            with b.connect("carol") as s:
+                run_vadd(s.device("cpu0"))
+            for i in range(made):
+                os.unlink(os.path.join(d, f"junk{i}"))
+            with b.admin() as adm:
+                r = adm.call("reload")
+                assert r["added"] == ["alice"] and r["warnings"] == [], r
+            with b.connect("alice") as s:
+                run_vadd(s.device("cpu0"))
+            assert b.alive()
+    finally:
+        confine.unmount_tenant_fs_under(runtime)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_shrink_below_what_the_directory_holds_is_reported(broker_factory):
+    """A quota cut below what alice's directory holds cannot shrink its file system: the
+    set_quota reply (and brokerctl) says so, instead of a quiet success."""
+    b = broker_factory({"alice": {"memory": "64MiB"}})
+    d = os.path.join(b.runtime_dir, "tenants", "alice")
+    with open(os.path.join(d, "junk"), "wb") as f:
+        f.write(b"\1" * (100 * MiB))
+    with b.admin() as adm:
+        r = adm.call("set_quota", tenant="alice", memory=16 * MiB)
+    assert _size(d) == 64 * MiB + EXTRA
+    assert len(r["warnings"]) == 1 and f"keeps {64 * MiB + EXTRA} bytes, not {16 * MiB + EXTRA}" in r["warnings"][0], r
+    os.unlink(os.path.join(d, "junk"))
+    with b.admin() as adm:
+        assert adm.call("set_quota", tenant="alice", memory=16 * MiB)["warnings"] == []
+    assert _size(d) == 16 * MiB + EXTRA
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_the_mount_helper_acts_only_on_the_directory_the_broker_sees(kernel_cache):
+    """The broker's runtime directory is, in its own namespace, another directory than the
+    one at that path where containers are made (a bind mount there): the helper that mounts
+    in the host's namespace finds a different directory at the path, and mounts nothing on
+    it. (It mounted a tenant-owned tmpfs over whatever was there.)"""
+    host_view = tempfile.mkdtemp(prefix="kc-", dir="/tmp")     # what the path is out here
+    broker_view = tempfile.mkdtemp(prefix="kc-", dir="/tmp")   # what the broker has there
+    victim = os.path.join(host_view, "tenants", "alice")
+    os.makedirs(victim)
+    open(os.path.join(victim, "precious"), "w").close()
+    subprocess.run(["mount", "--bind", host_view, host_view], check=True)
+    subprocess.run(["mount", "--make-shared", host_view], check=True)
+    try:
+        with BrokerProcess({"alice": {"memory": "64MiB"}, "bob": {}}, kernel_cache, runtime_dir=host_view,
+                           mount_namespace=f"/proc/{os.getpid()}/ns/mnt",
+                           admin_socket=os.path.join(broker_view, "admin.sock"),   # seen from both
+                           command_prefix=("unshare", "--mount", "--propagation", "slave", "sh", "-c",
+                                           f"cp {host_view}/quota.toml {broker_view}/ && "
+                                           f'mount --bind {broker_view} {host_view} && exec "$@"', "sh")) as b:
+            wait_for(lambda: "is another directory here than the broker's" in b.log(), 10, "the refusal")
+            assert confine.tenant_fs_mounts(host_view) == set() and confine.tenant_fs_mounts(broker_view) == set()
+            assert os.listdir(victim) == ["precious"]
+            assert b.alive()
+    finally:
+        subprocess.run(["umount", "-l", host_view], check=False)
+        shutil.rmtree(host_view, ignore_errors=True)
+        shutil.rmtree(broker_view, ignore_errors=True)

@@ -128,7 +128,7 @@ class AdminService:
                            f"reload refused, the running configuration stays: {e}") from None
         self._warn_shared_owners(new)
         restart_only = ("runtime_dir", "cache_dir", "max_message_bytes", "metrics_address",
-                        "admin_socket")
+                        "admin_socket", "mount_namespace")
         pending = [k for k in restart_only if getattr(new.broker, k) != getattr(self.settings, k)
                    and not (k == "runtime_dir" and os.path.abspath(new.broker.runtime_dir) == self.runtime_dir)]
         self.settings = dataclasses.replace(
@@ -143,20 +143,29 @@ class AdminService:
         added = [n for n in new.tenants if n not in self.tenants]
         for name in removed:
             self._retire_tenant(self.tenants[name])
+        warnings = []
         for name in added:
-            self._add_tenant(new.tenants[name])
+            why = self._add_tenant(new.tenants[name])
+            if why is not None:
+                warnings.append(f"tenant '{name}' is not served: {why}")
         for name, t in self.tenants.items():
             if name not in added and t.config != new.tenants[name]:
                 if t.config.owner != new.tenants[name].owner:       # executors: next start
                     self._allocated_uids.pop(name, None)
-                    _own_tenant_dir(self.runtime_dir, name, self._executor_ids(new.tenants[name]))
+                    try:
+                        _own_tenant_dir(self.runtime_dir, name, self._executor_ids(new.tenants[name]))
+                    except OSError as e:
+                        warnings.append(f"tenant '{name}': its directory keeps its owner ({e})")
+                        log.warning("%s", warnings[-1])
                 t.config = new.tenants[name]
-                self._apply_quota(t)
+                why = self._apply_quota(t)
+                if why is not None:
+                    warnings.append(f"tenant '{name}': {why}")
         log.info("configuration reloaded from %s: %d tenants (added %s, removed %s)%s",
                  self.config.path, len(self.tenants), added or "none", removed or "none",
                  f"; {', '.join(pending)} take effect at restart" if pending else "")
-        return {"tenants": sorted(self.tenants), "added": added, "removed": removed,
-                "restart_needed_for": pending}
+        return {"tenants": sorted(self.tenants), "added": [n for n in added if n in self.tenants],
+                "removed": removed, "restart_needed_for": pending, "warnings": warnings}
 
     def _retire_tenant(self, t: TenantState) -> None:
         """A tenant removed from the configuration: its sessions end cleanly, its socket goes."""
@@ -211,11 +220,12 @@ class AdminService:
                                                  if getattr(q, f) != getattr(t.config.quota, f)})
                    for d, pq in t.config.per_device.items()}
             t.config = dataclasses.replace(t.config, quota=q, per_device=per)
-        self._apply_quota(t)
-        return {"tenant": t.config.name}
+        why = self._apply_quota(t)
+        return {"tenant": t.config.name, "warnings": [why] if why else []}
 
-    def _apply_quota(self, t: TenantState) -> None:
-        """Push a tenant's (changed) quota to the scheduler and its executors, live."""
+    def _apply_quota(self, t: TenantState) -> str | None:
+        """Push a tenant's (changed) quota to the scheduler and its executors, live; None, or
+        what did not follow it (its directory's file system holds more than the new size)."""
         for dname, sched in self.schedulers.items():
             q = t.config.quota_for(dname)
             e = sched.entities.get(t.config.name)
@@ -229,7 +239,7 @@ class AdminService:
                     bound_memory(ex.device.kind, memory, pid=ex.proc.pid, lock=True)
                 self._control_send(ex, "set_quota", memory=memory)
             self._schedule(dname)
-        self._resize_tenant_fs(t.config)
+        return self._resize_tenant_fs(t.config)
 
 
 def _directory_use(d: str) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import zmq
 
 from kubecash.client import protocol as P
@@ -92,8 +93,11 @@ class TenantService:
         return uid, uid
 
     def _tenant_fs_bytes(self, t: cfg.Tenant) -> int:
-        return TENANT_FS_EXTRA_BYTES + sum(self._memory_limit(t.quota_for(name), d)
-                                           for name, d in self.devices.items() if t.may_use(name))
+        """Its memory quota over its devices (no more than the node's memory: a tenant with
+        no quota on a GPU would otherwise get the GPUs' memory in RAM), plus the extra."""
+        quota = sum(self._memory_limit(t.quota_for(name), d) for name, d in self.devices.items()
+                    if t.may_use(name))
+        return TENANT_FS_EXTRA_BYTES + min(quota, psutil.virtual_memory().total)
 
     def _tenant_fs(self, t: cfg.Tenant, ids: tuple[int, int]):
         """What gives a tenant's directory its own file system (README, "Sandbox"): mounted on
@@ -120,33 +124,48 @@ class TenantService:
                             "written there is bounded only by the runtime file system", t.name, e)
         return ensure
 
-    def _resize_tenant_fs(self, t: cfg.Tenant) -> None:
+    def _resize_tenant_fs(self, t: cfg.Tenant) -> str | None:
+        """Its directory's file system to its (new) quota: None, or why it keeps its size."""
         d = P.tenant_dir(self.runtime_dir, t.name)
         if confine.can_confine() and self.settings.mount_namespace and confine.is_tenant_fs(d):
+            size = self._tenant_fs_bytes(t)
             try:
-                confine.resize_tenant_fs(d, size=self._tenant_fs_bytes(t), namespace=self.settings.mount_namespace)
+                confine.resize_tenant_fs(d, size=size, namespace=self.settings.mount_namespace)
             except OSError as e:     # smaller than what is in it now: EINVAL, the old size stays
-                log.warning("tenant '%s': its directory's file system keeps its size (%s)", t.name, e)
+                why = (f"its directory's file system keeps {confine.tenant_fs_size(d)} bytes, not "
+                       f"{size} ({e.strerror or e}; it holds more than that now)")
+                log.warning("tenant '%s': %s", t.name, why)
+                return why
+        return None
 
-    def _add_tenant(self, t: cfg.Tenant) -> None:
+    def _add_tenant(self, t: cfg.Tenant) -> str | None:
+        """Serve tenant `t`: None, or why it cannot be served now. A tenant's own directory
+        can stop it (its containers filled it, so there is no room for its socket): the
+        broker and every other tenant go on, and the next reload tries it again."""
         d = P.tenant_dir(self.runtime_dir, t.name)
         ids = self._executor_ids(t)
-        _own_tenant_dir(self.runtime_dir, t.name, ids, fs=self._tenant_fs(t, ids))
-        # Connecting needs write permission on the socket file; the 0700 directory (owned by
-        # the tenant's uid) is what keeps everyone else out. 0666 from the moment it exists
-        # (a umask: a chmod by path after the bind could follow a tenant's symlink).
-        old_umask = os.umask(0o111)
         try:
-            gate = Gate(self.ctx, f"ipc://{P.broker_socket_path(self.runtime_dir, t.name)}",
-                        tenant=t.name, max_bytes=self._broker_msg_max,
-                        max_connections=self.settings.max_connections_per_tenant,
-                        rate=self.settings.max_requests_per_tenant_s)
-        finally:
-            os.umask(old_umask)
+            _own_tenant_dir(self.runtime_dir, t.name, ids, fs=self._tenant_fs(t, ids))
+            # Connecting needs write permission on the socket file; the 0700 directory (the
+            # tenant's uid's) is what keeps everyone else out. 0666 from the moment it
+            # exists (a umask: a chmod by path after the bind could follow a symlink).
+            old_umask = os.umask(0o111)
+            try:
+                gate = Gate(self.ctx, f"ipc://{P.broker_socket_path(self.runtime_dir, t.name)}",
+                            tenant=t.name, max_bytes=self._broker_msg_max,
+                            max_connections=self.settings.max_connections_per_tenant,
+                            rate=self.settings.max_requests_per_tenant_s)
+            finally:
+                os.umask(old_umask)
+        except (OSError, zmq.ZMQError) as e:
+            why = f"cannot set up its directory {d}: {e.strerror or e}"
+            log.error("tenant '%s' is not served: %s (the next reload tries again)", t.name, why)
+            return why
         ts = TenantState(t, gate, d)
         self.tenants[t.name] = ts
         self._sock_tenant[gate.sock] = ts
         self.poller.register(gate.sock, zmq.POLLIN)
+        return None
 
     # -- tenant sockets -------------------------------------------------------------------
     def _on_gate(self, t: TenantState) -> None:
