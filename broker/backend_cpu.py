@@ -102,16 +102,21 @@ class CpuBackend:
     # -- modules and launches -------------------------------------------------------------
     def load_module(self, kind: str, source: str | None, image: bytes | None,
                     options: Sequence[str]) -> cpukernels.CompiledModule:
-        # A PTX/CUBIN/fatbin image runs here only when it comes with the CUDA C source it
-        # was compiled from (the shim ties NVRTC output to its source): that is compiled.
+        # CUDA C source is compiled; a PTX image is translated (broker/ptx); a CUBIN or
+        # fatbin image runs here only when it comes with the CUDA C source it was compiled
+        # from (the shim ties NVRTC output to its source).
+        language = "cuda-c"
+        if source is None and kind == "ptx" and image is not None:
+            source, language = _ptx_text(image), "ptx"
         if source is None or kind not in ("cuda-c", "ptx", "cubin", "fatbin"):
             raise error_from_code(CUresult.CUDA_ERROR_NO_BINARY_FOR_GPU,
-                          f"a CPU device runs CUDA C source only; a {kind} image with no "
+                          f"a CPU device runs CUDA C source and PTX; a {kind} image with no "
                           "known source cannot run here")
         if self.compile_helper is not None:
-            image = self.compile_helper.build(source, options, COMPILE_TIMEOUT_S)
+            image = self.compile_helper.build(source, options, COMPILE_TIMEOUT_S, language)
         else:
-            image = build_image(source, options, cache_dir=self.cache_dir, timeout_s=COMPILE_TIMEOUT_S)
+            image = build_image(source, options, cache_dir=self.cache_dir, timeout_s=COMPILE_TIMEOUT_S,
+                                language=language)
         try:
             return cpukernels.CompiledModule._load_image(image, self.module_dir)
         except cpukernels.KernelCompileError as e:
@@ -181,18 +186,32 @@ class CpuBackend:
 COMPILE_TIMEOUT_S = 60.0
 
 
-def build_image(source: str, options: Sequence[str], *, cache_dir: str, timeout_s: float) -> bytes:
-    """CUDA C source to the bytes of its built module (CudaError when it does not build)."""
+def build_image(source: str, options: Sequence[str], *, cache_dir: str, timeout_s: float,
+                language: str = "cuda-c") -> bytes:
+    """CUDA C source or PTX text to the bytes of its built module (CudaError when it does
+    not build)."""
     try:
-        path = cpukernels.build_module(source, options, cache_dir=cache_dir, timeout_s=timeout_s)
+        path = cpukernels.build_module(source, options, cache_dir=cache_dir, timeout_s=timeout_s,
+                                       language=language)
         with open(path, "rb") as f:
             return f.read()
     except cpukernels.UnsupportedConstructError as e:
         raise error_from_code(CUresult.CUDA_ERROR_NOT_SUPPORTED,
                       f"the CPU backend does not support {e.construct}", log=e.log) from None
     except cpukernels.KernelCompileError as e:
+        if e.code == CUresult.CUDA_ERROR_INVALID_PTX:
+            raise error_from_code(CUresult.CUDA_ERROR_INVALID_PTX, e.message, log=e.log) from None
         raise error_from_code(CUresult.CUDA_ERROR_INVALID_SOURCE,
                       "module does not compile: " + _first_error(e.log), log=e.log) from None
+
+
+def _ptx_text(image: bytes) -> str:
+    """A PTX image is text, often NUL-terminated (as cuModuleLoadData takes it)."""
+    text = bytes(image).split(b"\0", 1)[0]
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error_from_code(CUresult.CUDA_ERROR_INVALID_PTX, "the PTX image is not UTF-8 text") from None
 
 
 def _first_error(log: str) -> str:

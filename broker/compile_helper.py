@@ -82,14 +82,14 @@ class CompileHelper:
         self._sock: socket.socket | None = mine
         self._rid = 0
 
-    def build(self, source: str, options: Sequence[str], timeout_s: float) -> bytes:
+    def build(self, source: str, options: Sequence[str], timeout_s: float, language: str = "cuda-c") -> bytes:
         """The built module's image, or the CudaError the build ended with."""
         if self._sock is None:
             raise error_from_code(E.CUDA_ERROR_INVALID_VALUE, "the compile helper is closed")
         self._rid += 1
         try:
             _send_frame(self._sock, P.request("build", self._rid, source=source, options=list(options),
-                                              timeout_s=float(timeout_s)))
+                                              timeout_s=float(timeout_s), language=language))
             frame = _recv_frame(self._sock, COMPILED_IMAGE_MAX + (64 << 10),
                                 time.monotonic() + timeout_s + REPLY_MARGIN_S)
         except (OSError, TimeoutError, ProtocolError) as e:
@@ -168,7 +168,7 @@ class _HelperServer:
         try:
             with map_exceptions("module build", logger=log):
                 image = build_image(msg["source"], msg["options"], cache_dir=self.cache,
-                                    timeout_s=msg["timeout_s"])
+                                    timeout_s=msg["timeout_s"], language=msg["language"])
             if len(image) > COMPILED_IMAGE_MAX:
                 raise error_from_code(E.CUDA_ERROR_OUT_OF_MEMORY,
                                       f"the built module is {len(image)} bytes, over {COMPILED_IMAGE_MAX}")

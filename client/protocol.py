@@ -276,9 +276,9 @@ _M: list[Message] = [
     # -- compile: executor -> its compile helper (a stream socketpair, length-prefixed) ---------
     Message("build", COMPILE,
             {"source": F(str, maxlen=MODULE_SOURCE_MAX), "options": F(list, maxlen=64, items=str),
-             "timeout_s": F(float, lo=0.1, hi=3600.0)},
+             "timeout_s": F(float, lo=0.1, hi=3600.0), "language": F(str, choices=("cuda-c", "ptx"))},
             reply={"image": F(bytes, maxlen=COMPILED_IMAGE_MAX)},
-            doc="CUDA C source to a CPU module (a shared object), built in the confined helper"),
+            doc="CUDA C source or PTX text to a CPU module (a shared object), built in the confined helper"),
 
     # -- lease: broker -> executor -----------------------------------------------------------
     Message("grant", LEASE, {"lease": F(int, lo=1, hi=U64), "quantum_ns": F(int, lo=1, hi=I64_MAX),

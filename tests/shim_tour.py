@@ -94,8 +94,10 @@ ok(cu.cuModuleUnload(mod2))
 ok(cu.cuModuleUnload(mod3))
 assert cu.cuModuleUnload(mod2)[0] == R.CUDA_ERROR_INVALID_HANDLE
 
-# an image NVRTC never produced here
-bad = b".version 8.0\n.target sm_80\n.address_size 64\n.visible .entry k() { ret; }\n"
+# PTX NVRTC never produced here runs (the CPU backend translates it); a CUBIN does not
+hand = b".version 8.0\n.target sm_80\n.address_size 64\n.visible .entry k() { ret; }\n"
+ok(cu.cuModuleUnload(ok(cu.cuModuleLoadData(hand))))
+bad = b"\x7fELF\x02\x01\x01" + bytes(57)
 assert cu.cuModuleLoadData(bad)[0] == R.CUDA_ERROR_NO_BINARY_FOR_GPU
 
 # streams, events, queries

@@ -20,6 +20,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from kubecash.client.errors import E
+
+from .. import ptx  # imported here: the compile helper has no view of the package once confined
 from .analyze import analyze
 from .directives import sanitize_directives
 from .errors import KernelCompileError, UnsupportedConstructError
@@ -30,6 +33,7 @@ from .tokens import normalize_newlines
 
 _INCLUDE_DIR = Path(__file__).resolve().parent.parent / "include"   # kubecash.broker's include/
 _HEADER_PATH = _INCLUDE_DIR / "kubecash_cuda.h"
+_PTX_HEADER_PATH = _INCLUDE_DIR / "kubecash_ptx.h"
 _TENANT_FILE = "kernel.cu"  # the name compiler messages give the tenant's source
 _SENTINEL = "__kc_tenant_source_begins_here__"
 _MAX_COMPILER_FILE_BYTES = 256 << 20   # RLIMIT_FSIZE of the compiler: preprocessed text, objects
@@ -158,6 +162,50 @@ def _build(source: str, opts: CompileOptions, out_path: Path, *, work: str, dead
     os.replace(tmp_out, out_path)  # atomic: concurrent builders of one key never clash
 
 
+def _host_fma_flags() -> list[str]:
+    """PTX's fma (and the mul+add NVVM contracts into one) rounds once: without the CPU's
+    fused multiply-add the host compiler calls libm's software fma. x86-64 has it only as an
+    extension: use it where this CPU has it (a module is built on the node that runs it).
+    Read at import, before the compile helper loses its view of /proc."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return ["-mfma"] if "fma" in flags else []
+
+
+_PTX_FLAGS = _host_fma_flags()
+
+
+def _translate_ptx(text: str) -> tuple[str, bool]:
+    try:
+        return ptx.to_cpp(normalize_newlines(text))
+    except ptx.PtxUnsupportedError as e:
+        raise UnsupportedConstructError(str(e)) from None
+    except ptx.PtxError as e:
+        raise KernelCompileError(f"PTX does not translate: {e}", code=E.CUDA_ERROR_INVALID_PTX) from None
+    except RecursionError:
+        raise KernelCompileError("PTX does not translate: nested too deeply", code=E.CUDA_ERROR_INVALID_PTX) from None
+
+
+def _build_translated(cpp: str, opts: CompileOptions, out_path: Path, *, work: str, deadline: float,
+                      memory_limit_bytes: int) -> None:
+    """Build C++ that the PTX translator wrote (no tenant text in it: names are re-spelled)."""
+    tu_path = os.path.join(work, "module.cc")
+    with open(tu_path, "w") as f:
+        f.write(cpp)
+    tmp_out = os.path.join(work, "module.so")
+    argv = [_compiler(), "-std=c++17", "-shared", *_cxx_flags(), *_PTX_FLAGS, "-Wl,-Bsymbolic", "-Wl,-z,noexecstack",
+            "-o", tmp_out, tu_path, "-ldl"]
+    _run_compiler(argv, cwd=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes,
+                  what="compiler")
+    _check_load_time_code(tmp_out)
+    os.replace(tmp_out, out_path)
+
+
 _DT_INIT_ARRAYSZ, _DT_FINI_ARRAYSZ, _DT_PREINIT_ARRAYSZ = 27, 28, 33
 
 
@@ -203,9 +251,11 @@ def _header_text() -> str:
 
 
 def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
-                 timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30) -> Path:
-    """The built shared object for this source and these options: from the cache, or
-    compiled into it. (The compile helper runs this in its confined view.)"""
+                 timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30,
+                 language: str = "cuda-c") -> Path:
+    """The built shared object for this source (CUDA C, or PTX text with language="ptx")
+    and these options: from the cache, or compiled into it. (The compile helper runs this
+    in its confined view.)"""
     deadline = time.monotonic() + timeout_s
     if isinstance(source, (bytes, bytearray)):
         try:
@@ -216,13 +266,20 @@ def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Path
         raise KernelCompileError("module source must be text")
     if "\0" in source:
         raise KernelCompileError("module source contains a NUL character")
+    if language not in ("cuda-c", "ptx"):
+        raise KernelCompileError(f"unknown module language {language!r}")
     opts = parse_options(options)
-    sanitized = sanitize_directives(normalize_newlines(source))  # never needs the compiler
+    # Neither step needs the compiler: CUDA C's directives are checked, PTX is translated.
+    if language == "ptx":
+        sanitized, fibers = _translate_ptx(source)
+    else:
+        sanitized = sanitize_directives(normalize_newlines(source))
 
     cxx = _compiler()
     key = hashlib.sha256(json.dumps(
         [GENERATOR_VERSION, _header_text(), _compiler_identity(cxx), source,
-         dataclasses.asdict(opts)]).encode()).hexdigest()
+         dataclasses.asdict(opts), language] + ([_PTX_HEADER_PATH.read_text(), _PTX_FLAGS] if language == "ptx" else [])
+    ).encode()).hexdigest()
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     so_path = cache / f"{key}.so"
@@ -231,8 +288,9 @@ def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Path
         return so_path
     work = tempfile.mkdtemp(prefix=".build-", dir=cache)
     try:
-        _build(sanitized, opts, so_path, work=work, deadline=deadline,
-               memory_limit_bytes=memory_limit_bytes)
+        build = _build_translated if language == "ptx" else _build
+        build(sanitized, opts, so_path, work=work, deadline=deadline,
+              memory_limit_bytes=memory_limit_bytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stats.bump("compiles")
@@ -240,10 +298,12 @@ def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Path
 
 
 def compile_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
-                   timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30) -> CompiledModule:
-    """Compile (or load from the cache) a module of CUDA C source for the CPU backend, in
-    this process (tests and tools; executors build in their compile helper)."""
-    args = dict(cache_dir=cache_dir, timeout_s=timeout_s, memory_limit_bytes=memory_limit_bytes)
+                   timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30,
+                   language: str = "cuda-c") -> CompiledModule:
+    """Compile (or load from the cache) a module of CUDA C source (or PTX text) for the CPU
+    backend, in this process (tests and tools; executors build in their compile helper)."""
+    args = dict(cache_dir=cache_dir, timeout_s=timeout_s, memory_limit_bytes=memory_limit_bytes,
+                language=language)
     so_path = build_module(source, options, **args)
     try:
         return CompiledModule._load(so_path, Path(cache_dir))

@@ -123,6 +123,22 @@ static int __syncthreads_count(int predicate);
 static int __syncthreads_and(int predicate);
 static int __syncthreads_or(int predicate);
 
+/* ---- warp-level operations (PTX shfl, vote, match, redux, activemask, bar.warp.sync) ----
+ * A lane that reaches one parks with its operands in a WarpOp; once every live lane of its
+ * warp has parked (at a warp operation, the block barrier, or its end), the scheduler
+ * computes each waiting lane's result from all of theirs, as the warp would in lockstep. */
+namespace __kc {
+enum WarpKind : uint32_t { WARP_SHFL = 1, WARP_VOTE, WARP_MATCH_ANY, WARP_MATCH_ALL, WARP_REDUX, WARP_SYNC };
+struct WarpOp {
+    uint32_t kind, mode;    /* shfl: up down bfly idx; vote: all any uni ballot; redux: add min max and or xor, +8 signed */
+    uint64_t a;             /* this lane's value (a predicate as 0 or 1) */
+    uint32_t b, c, mask;    /* shfl's lane/offset and clamp|segmask; the member mask */
+    uint64_t result;        /* out */
+    uint32_t pred;          /* out: shfl's and match.all's predicate */
+};
+}
+static void __kc_warp_op(__kc::WarpOp* op);
+
 /* ---- fences ----------------------------------------------------------------------------- */
 static inline void __threadfence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void __threadfence_block(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
@@ -429,7 +445,10 @@ struct FiberRec {
     jmp_buf jb;             /* where the fiber is parked */
     uint3 tid;
     int done;
+    int state;              /* FIBER_READY, or what it waits at */
+    WarpOp* op;             /* at a warp operation: its operands and result */
 };
+enum { FIBER_READY = 0, FIBER_AT_BARRIER = 1, FIBER_AT_WARP_OP = 2 };
 static constexpr uint64_t kRecBytes = (sizeof(FiberRec) + 63) & ~uint64_t(63);
 
 typedef int (*RunFn)(void**, const Launch*, Worker*);
@@ -530,6 +549,89 @@ static inline void setup(const Launch* L, Worker* W) {
     rt.cur = nullptr;
 }
 
+static inline bool warp_value_lt(uint32_t mode, uint64_t x, uint64_t y) {
+    return (mode & 8) ? (int32_t)(uint32_t)x < (int32_t)(uint32_t)y : (uint32_t)x < (uint32_t)y;
+}
+
+/* Results for the lanes of the warp at fibers base..base+n-1 that wait at a warp operation,
+ * each from the values of all of them (a lane not waiting is not active: not a source). */
+static void resolve_warp(Worker* W, uint64_t base, uint64_t n) {
+    WarpOp* ops[32];
+    uint32_t active = 0;
+    for (uint64_t l = 0; l < n; ++l) {
+        FiberRec* r = rec(W, base + l);
+        ops[l] = (!r->done && r->state == FIBER_AT_WARP_OP) ? r->op : nullptr;
+        if (ops[l]) active |= 1u << l;
+    }
+    for (uint32_t l = 0; l < n; ++l) {
+        WarpOp* o = ops[l];
+        if (!o) continue;
+        const uint32_t members = o->mask & active;
+        uint64_t r = 0;
+        uint32_t p = 0;
+        switch (o->kind) {
+        case WARP_SHFL: {
+            const int32_t lane = (int32_t)l, bval = (int32_t)(o->b & 31), cval = (int32_t)(o->c & 31);
+            const int32_t seg = (int32_t)((o->c >> 8) & 31);
+            const int32_t max_lane = (lane & seg) | (cval & ~seg), min_lane = lane & seg;
+            int32_t j = lane;
+            bool in = false;
+            switch (o->mode) {
+            case 0: j = lane - bval; in = j >= max_lane; break;
+            case 1: j = lane + bval; in = j <= max_lane; break;
+            case 2: j = lane ^ bval; in = j <= max_lane; break;
+            default: j = min_lane | (bval & ~seg); in = j <= max_lane; break;
+            }
+            if (!in || j < 0 || j >= (int32_t)n || !ops[j]) j = lane;    /* out of range: its own */
+            r = ops[j]->a;
+            p = in;
+            break;
+        }
+        case WARP_VOTE: {
+            uint32_t ballot = 0;
+            for (uint32_t k = 0; k < n; ++k)
+                if ((members >> k & 1) && ops[k]->a) ballot |= 1u << k;
+            r = o->mode == 0 ? (ballot == members) : o->mode == 1 ? (ballot != 0)
+              : o->mode == 2 ? (ballot == 0 || ballot == members) : ballot;
+            break;
+        }
+        case WARP_MATCH_ANY:
+        case WARP_MATCH_ALL: {
+            uint32_t same = 0;
+            for (uint32_t k = 0; k < n; ++k)
+                if ((members >> k & 1) && ops[k]->a == o->a) same |= 1u << k;
+            if (o->kind == WARP_MATCH_ANY) r = same;
+            else { p = same == members; r = p ? members : 0; }
+            break;
+        }
+        case WARP_REDUX: {
+            bool first = true;
+            for (uint32_t k = 0; k < n; ++k) {
+                if (!(members >> k & 1)) continue;
+                uint64_t v = (uint32_t)ops[k]->a;
+                if (first) { r = v; first = false; continue; }
+                switch (o->mode & 7) {
+                case 0: r = (uint32_t)(r + v); break;
+                case 1: if (warp_value_lt(o->mode, v, r)) r = v; break;
+                case 2: if (warp_value_lt(o->mode, r, v)) r = v; break;
+                case 3: r &= v; break;
+                case 4: r |= v; break;
+                default: r ^= v; break;
+                }
+            }
+            break;
+        }
+        default:            /* WARP_SYNC: bar.warp.sync, activemask */
+            r = active;
+            break;
+        }
+        o->result = r;
+        o->pred = p;
+    }
+    for (uint64_t l = 0; l < n; ++l)
+        if (ops[l]) rec(W, base + l)->state = FIBER_READY;
+}
+
 /* Runs each block's threads as fibers on this OS thread: each fiber runs until it reaches
  * a barrier (or returns); once every live fiber has, the next phase starts. */
 static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Worker* W) {
@@ -560,18 +662,31 @@ static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Work
                     FiberRec* r = rec(W, i);
                     r->tid = uint3{x, y, z};
                     r->done = 0;
+                    r->state = FIBER_READY;
                 }
         uint64_t alive = T;
         rt.bar_count = rt.bar_n = 0;
         while (alive) {
-            for (uint64_t k = 0; k < T; ++k) {
-                FiberRec* r = rec(W, k);
-                if (r->done) continue;
-                rt.cur = r;
-                threadIdx = r->tid;
-                if (!_setjmp(rt.sched)) _longjmp(r->jb, 1);
-                if (r->done) --alive;
+            /* A warp at a time: its lanes run until each waits at the block barrier or has
+             * ended; lanes waiting at a warp operation get their results and run on. */
+            for (uint64_t w0 = 0; w0 < T; w0 += 32) {
+                const uint64_t n = T - w0 < 32 ? T - w0 : 32;
+                for (;;) {
+                    bool at_warp_op = false;
+                    for (uint64_t l = 0; l < n; ++l) {
+                        FiberRec* r = rec(W, w0 + l);
+                        if (r->done || r->state != FIBER_READY) continue;
+                        rt.cur = r;
+                        threadIdx = r->tid;
+                        if (!_setjmp(rt.sched)) _longjmp(r->jb, 1);
+                        if (r->done) --alive;
+                        else if (r->state == FIBER_AT_WARP_OP) at_warp_op = true;
+                    }
+                    if (!at_warp_op) break;
+                    resolve_warp(W, w0, n);
+                }
             }
+            for (uint64_t k = 0; k < T; ++k) rec(W, k)->state = FIBER_READY;   /* the barrier opens */
             rt.res_count = rt.bar_count;
             rt.res_n = rt.bar_n;
             rt.bar_count = rt.bar_n = 0;
@@ -623,6 +738,20 @@ static __attribute__((noinline)) void __syncthreads(void) {
         __kc::no_fiber_barrier();
         return;
     }
+    r->state = __kc::FIBER_AT_BARRIER;
+    if (!_setjmp(r->jb)) _longjmp(__kc::rt.sched, 1);
+}
+static __attribute__((noinline)) void __kc_warp_op(__kc::WarpOp* op) {
+    __kc::FiberRec* r = __kc::rt.cur;
+    if (__builtin_expect(r == nullptr, 0)) {    /* no fibers: a warp of this one lane */
+        op->result = op->kind == __kc::WARP_SHFL || op->kind == __kc::WARP_REDUX ? op->a
+                   : op->kind == __kc::WARP_VOTE ? (op->mode == 3 ? (op->a ? 1 : 0) : (op->a ? 1 : op->mode == 2))
+                   : 1;
+        op->pred = op->kind == __kc::WARP_SHFL ? (op->b & 31) == 0 : 1;
+        return;
+    }
+    r->op = op;
+    r->state = __kc::FIBER_AT_WARP_OP;
     if (!_setjmp(r->jb)) _longjmp(__kc::rt.sched, 1);
 }
 static int __syncthreads_count(int p) {

@@ -1,0 +1,299 @@
+/* kubecash_ptx.h -- what C++ translated from PTX (kubecash.broker.ptx) builds on.
+ *
+ * Included after kubecash_cuda.h part 1 (threadIdx and friends, __syncthreads) and before
+ * the translated functions. Registers are C++ locals of their declared type; an instruction
+ * reads them as its own type (kc_as: the same bits, or the low bits / zero-extended), and
+ * writes its result back (kc_put: sign-extended where the value's type is signed). */
+#ifndef KUBECASH_PTX_H
+#define KUBECASH_PTX_H
+
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+#include <type_traits>
+
+namespace kc {
+
+template <size_t N> struct uint_of;
+template <> struct uint_of<1> { using t = uint8_t; };
+template <> struct uint_of<2> { using t = uint16_t; };
+template <> struct uint_of<4> { using t = uint32_t; };
+template <> struct uint_of<8> { using t = uint64_t; };
+
+/* `v` read as T: the same bits where the sizes match, else its low bits (or zero-extended). */
+template <class T, class F> static inline __attribute__((always_inline)) T as(F v) {
+    if constexpr (sizeof(T) == sizeof(F)) {
+        T t;
+        __builtin_memcpy(&t, &v, sizeof t);
+        return t;
+    } else {
+        typename uint_of<sizeof(F)>::t u;
+        __builtin_memcpy(&u, &v, sizeof u);
+        typename uint_of<sizeof(T)>::t w = (typename uint_of<sizeof(T)>::t)u;
+        T t;
+        __builtin_memcpy(&t, &w, sizeof t);
+        return t;
+    }
+}
+/* A value of type F stored in a register of type R: sign-extended if F is a signed integer. */
+template <class R, class F> static inline __attribute__((always_inline)) R put(F v) {
+    if constexpr (sizeof(R) == sizeof(F)) {
+        return as<R>(v);
+    } else if constexpr (std::is_same_v<F, bool>) {
+        return (R)v;
+    } else if constexpr (std::is_signed_v<F> && std::is_integral_v<F>) {
+        using S = std::make_signed_t<typename uint_of<sizeof(R)>::t>;
+        return as<R>((S)v);
+    } else {
+        return as<R>((typename uint_of<sizeof(R)>::t)as<typename uint_of<sizeof(F)>::t>(v));
+    }
+}
+template <class T> static inline T ld(const void* p) { T t; __builtin_memcpy(&t, p, sizeof t); return t; }
+template <class T> static inline void st(void* p, T v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* Integer arithmetic wraps, as on the device (in unsigned types: no C++ overflow). */
+template <class T> using U = std::make_unsigned_t<T>;
+template <class T> static inline T add(T a, T b) { return (T)((U<T>)a + (U<T>)b); }
+template <class T> static inline T sub(T a, T b) { return (T)((U<T>)a - (U<T>)b); }
+template <class T> static inline T mul(T a, T b) { return (T)((U<T>)a * (U<T>)b); }
+template <class T> static inline T neg(T a) { return (T)(-(U<T>)a); }
+template <class T> static inline T mulhi(T a, T b) {
+    if constexpr (sizeof(T) == 8) {
+        using W = std::conditional_t<std::is_signed_v<T>, __int128, unsigned __int128>;
+        return (T)(((W)a * (W)b) >> 64);
+    } else {
+        using W = std::conditional_t<std::is_signed_v<T>, int64_t, uint64_t>;
+        return (T)(((W)a * (W)b) >> (8 * sizeof(T)));
+    }
+}
+/* Division by zero and INT_MIN / -1 do not trap on the device: all ones / the dividend. */
+template <class T> static inline T div(T a, T b) {
+    if (b == 0) return (T)~(U<T>)0;
+    if constexpr (std::is_signed_v<T>) if (b == -1) return neg(a);
+    return a / b;
+}
+template <class T> static inline T rem(T a, T b) {
+    if (b == 0) return a;
+    if constexpr (std::is_signed_v<T>) if (b == -1) return 0;
+    return a % b;
+}
+template <class T> static inline T shl(T a, uint32_t n) { return n >= 8 * sizeof(T) ? 0 : (T)((U<T>)a << n); }
+template <class T> static inline T shr(T a, uint32_t n) {
+    if constexpr (std::is_signed_v<T>) return a >> (n >= 8 * sizeof(T) ? 8 * sizeof(T) - 1 : n);
+    else return n >= 8 * sizeof(T) ? 0 : a >> n;
+}
+template <class T> static inline T iabs(T a) { return a < 0 ? neg(a) : a; }
+template <class T> static inline uint32_t popc(T a) { return (uint32_t)__builtin_popcountll((uint64_t)(U<T>)a); }
+template <class T> static inline uint32_t clz(T a) {
+    return a == 0 ? 8 * sizeof(T) : (uint32_t)__builtin_clzll((uint64_t)(U<T>)a) - (64 - 8 * sizeof(T));
+}
+template <class T> static inline T brev(T a) {
+    U<T> v = (U<T>)a, r = 0;
+    for (unsigned i = 0; i < 8 * sizeof(T); ++i) { r = (U<T>)((r << 1) | (v & 1)); v >>= 1; }
+    return (T)r;
+}
+template <class T> static inline T bfe(T a, uint32_t pos, uint32_t len) {
+    const uint32_t bits = 8 * sizeof(T);
+    pos &= 0xff; len &= 0xff;
+    U<T> u = (U<T>)a;
+    bool sign = false;
+    if constexpr (std::is_signed_v<T>) {
+        uint32_t top = len == 0 ? 0 : (pos + len - 1 < bits ? pos + len - 1 : bits - 1);
+        sign = len != 0 && ((u >> top) & 1);
+    }
+    U<T> r = 0;
+    for (uint32_t i = 0; i < bits; ++i) {
+        bool bit = i < len ? (pos + i < bits ? ((u >> (pos + i)) & 1) : sign) : sign;
+        r |= (U<T>)bit << i;
+    }
+    return (T)r;
+}
+template <class T> static inline T bfi(T a, T b, uint32_t pos, uint32_t len) {
+    const uint32_t bits = 8 * sizeof(T);
+    pos &= 0xff; len &= 0xff;
+    U<T> r = (U<T>)b, ua = (U<T>)a;
+    for (uint32_t i = 0; i < len && pos + i < bits; ++i)
+        r = (U<T>)((r & ~((U<T>)1 << (pos + i))) | (((ua >> i) & 1) << (pos + i)));
+    return (T)r;
+}
+static inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
+    uint64_t x = ((uint64_t)b << 32) | a;
+    uint32_t r = 0;
+    for (int i = 0; i < 4; ++i) {
+        uint32_t sel = (c >> (4 * i)) & 0xf;
+        uint8_t byte = (uint8_t)(x >> (8 * (sel & 7)));
+        if (sel & 8) byte = (byte & 0x80) ? 0xff : 0;
+        r |= (uint32_t)byte << (8 * i);
+    }
+    return r;
+}
+/* Funnel shifts: the 64 bits b:a shifted, 32 of them kept (rotates when a == b). */
+static inline uint32_t shf_l(uint32_t a, uint32_t b, uint32_t n) {
+    return n == 0 ? b : n >= 32 ? a : (b << n) | (a >> (32 - n));
+}
+static inline uint32_t shf_r(uint32_t a, uint32_t b, uint32_t n) {
+    return n == 0 ? a : n >= 32 ? b : (b << (32 - n)) | (a >> n);
+}
+static inline uint32_t lop3(uint32_t a, uint32_t b, uint32_t c, uint32_t lut) {
+    uint32_t r = 0;
+    for (int k = 0; k < 8; ++k)
+        if (lut & (1u << k)) r |= ((k & 4) ? a : ~a) & ((k & 2) ? b : ~b) & ((k & 1) ? c : ~c);
+    return r;
+}
+template <class T> static inline T sat_add(T a, T b) {
+    int64_t r = (int64_t)a + (int64_t)b;
+    return r > INT32_MAX ? INT32_MAX : r < INT32_MIN ? INT32_MIN : (T)r;
+}
+template <class T> static inline T sat_sub(T a, T b) {
+    int64_t r = (int64_t)a - (int64_t)b;
+    return r > INT32_MAX ? INT32_MAX : r < INT32_MIN ? INT32_MIN : (T)r;
+}
+
+/* Floating point. .ftz: subnormal inputs and results count as zero (of the same sign). */
+template <class T> static inline T ftz(T x) { return fpclassify(x) == FP_SUBNORMAL ? copysign((T)0, x) : x; }
+template <class T> static inline T sat01(T x) { return x != x ? (T)0 : x < 0 ? (T)0 : x > 1 ? (T)1 : x; }
+template <class T> static inline T fmin_(T a, T b) { return fmin(a, b); }    /* NaN: the other */
+template <class T> static inline T fmax_(T a, T b) { return fmax(a, b); }
+template <class T> static inline T fmin_nan(T a, T b) { return a != a || b != b ? (T)NAN : fmin(a, b); }
+template <class T> static inline T fmax_nan(T a, T b) { return a != a || b != b ? (T)NAN : fmax(a, b); }
+
+/* Float to integer: rounded as asked, saturated to the destination's range, NaN to 0. */
+template <class I, class F> static inline I f2i(F x) {
+    if (x != x) return 0;
+    if (x <= (F)std::numeric_limits<I>::min()) return std::numeric_limits<I>::min();
+    if (x >= (F)std::numeric_limits<I>::max()) return std::numeric_limits<I>::max();
+    return (I)x;
+}
+/* Integer to integer with .sat: clamped to the destination's range. */
+template <class D, class S> static inline D isat(S v) {
+    if constexpr (std::is_signed_v<S>) {
+        if ((int64_t)v < (int64_t)std::numeric_limits<D>::min()) return std::numeric_limits<D>::min();
+        if (v > 0 && (uint64_t)v > (uint64_t)std::numeric_limits<D>::max()) return std::numeric_limits<D>::max();
+    } else if ((uint64_t)v > (uint64_t)std::numeric_limits<D>::max()) {
+        return std::numeric_limits<D>::max();
+    }
+    return (D)v;
+}
+
+/* Atomics on any address (global, shared or generic: all are this process's memory). */
+template <class T> static inline T atom_cas(void* p, T cmp, T val) {
+    using B = typename uint_of<sizeof(T)>::t;
+    B c = as<B>(cmp);
+    __atomic_compare_exchange_n((B*)p, &c, as<B>(val), false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return as<T>(c);
+}
+template <class T, class Op> static inline T atom_rmw(void* p, Op op) {
+    using B = typename uint_of<sizeof(T)>::t;
+    B old = __atomic_load_n((B*)p, __ATOMIC_RELAXED);
+    for (;;) {
+        B nv = as<B>(op(as<T>(old)));
+        if (__atomic_compare_exchange_n((B*)p, &old, nv, true, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+            return as<T>(old);
+    }
+}
+
+/* Half and bfloat16, stored as their bits: converted through float (round to nearest even). */
+static inline float h2f(uint16_t h) { _Float16 x; __builtin_memcpy(&x, &h, 2); return (float)x; }
+static inline uint16_t f2h(float f) { _Float16 x = (_Float16)f; uint16_t h; __builtin_memcpy(&h, &x, 2); return h; }
+static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline uint64_t clock64() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+static inline uint64_t globaltimer() {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+static inline uint32_t linear_tid() {
+    return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+
+template <size_t N, size_t A> struct alignas(A) param { unsigned char b[N]; };
+
+/* Device printf (PTX's vprintf): the format, and its arguments packed as CUDA packs them,
+ * each at its own alignment (ints 4 bytes, long and pointers 8, floating point as double).
+ * One line goes to stdout at once; %n is printed, never done. */
+static int vprintf_(const char* fmt, const unsigned char* args) {
+    char out[4096];
+    size_t n = 0, off = 0;
+    auto put = [&](const char* t, size_t len) {
+        if (len > sizeof out - 1 - n) len = sizeof out - 1 - n;
+        memcpy(out + n, t, len);
+        n += len;
+    };
+    auto arg = [&](size_t size) -> uint64_t {
+        off = (off + size - 1) & ~(size - 1);
+        uint64_t v = 0;
+        memcpy(&v, args + off, size);
+        off += size;
+        return v;
+    };
+    if (!fmt) return -1;
+    for (const char* p = fmt; *p;) {
+        if (*p != '%') { put(p++, 1); continue; }
+        if (p[1] == '%') { put("%", 1); p += 2; continue; }
+        char spec[48];
+        size_t k = 0;
+        spec[k++] = *p++;
+        while (*p && strchr("-+ #0", *p) && k < 8) spec[k++] = *p++;
+        for (int part = 0; part < 2; ++part) {           /* width, then .precision */
+            if (part == 1) {
+                if (*p != '.') break;
+                spec[k++] = *p++;
+            }
+            if (*p == '*') {
+                k += (size_t)snprintf(spec + k, 12, "%d", (int32_t)arg(4));
+                ++p;
+            } else {
+                while (*p >= '0' && *p <= '9' && k < 30) spec[k++] = *p++;
+            }
+        }
+        bool wide = false;
+        while (*p && strchr("hlLqjzt", *p)) { if (*p == 'l' || *p == 'L' || *p == 'q' || *p == 'j' || *p == 'z' || *p == 't') wide = true; ++p; }
+        char c = *p ? *p++ : 0;
+        char buf[512];
+        int len = 0;
+        if (c && strchr("diouxXc", c)) {
+            spec[k++] = 'l'; spec[k++] = 'l'; spec[k++] = c; spec[k] = 0;
+            uint64_t v = arg(wide ? 8 : 4);
+            long long sv = wide ? (long long)v : (long long)(int32_t)(uint32_t)v;
+            len = (c == 'd' || c == 'i') ? snprintf(buf, sizeof buf, spec, sv)
+                : c == 'c' ? snprintf(buf, sizeof buf, "%c", (int)(unsigned char)v)
+                : snprintf(buf, sizeof buf, spec, (unsigned long long)(wide ? v : (uint32_t)v));
+        } else if (c && strchr("eEfFgGaA", c)) {
+            spec[k++] = c; spec[k] = 0;
+            uint64_t bits = arg(8);
+            double d;
+            memcpy(&d, &bits, 8);
+            len = snprintf(buf, sizeof buf, spec, d);
+        } else if (c == 's') {
+            spec[k++] = 's'; spec[k] = 0;
+            const char* str = (const char*)(uintptr_t)arg(8);
+            len = snprintf(buf, sizeof buf, spec, str ? str : "(null)");
+        } else if (c == 'p') {
+            len = snprintf(buf, sizeof buf, "%p", (void*)(uintptr_t)arg(8));
+        } else {                                         /* %n, or an unknown conversion */
+            spec[k++] = c; spec[k] = 0;
+            put(spec, k);
+            continue;
+        }
+        if (len > 0) put(buf, (size_t)len < sizeof buf ? (size_t)len : sizeof buf - 1);
+    }
+    fwrite(out, 1, n, stdout);
+    return (int)n;
+}
+
+}  // namespace kc
+
+#endif

@@ -1,0 +1,21 @@
+"""PTX on the CPU backend: the text NVIDIA's compilers produce, translated to C++ that the
+host compiler builds and the CPU backend's block scheduler runs (fibers where it has
+barriers), under the same sandbox as any module.
+
+- ``parse``         PTX text to a syntax tree (PtxError on malformed text, with its line)
+- ``translate``     the tree to one C++ translation unit; types, operands, address spaces
+- ``instructions``  OPS: what each opcode becomes (anything else: PtxUnsupportedError)
+- ``errors``        PtxError, PtxUnsupportedError
+"""
+from __future__ import annotations
+
+from .errors import PtxError, PtxUnsupportedError
+from .parse import parse
+from .translate import translate
+
+__all__ = ["PtxError", "PtxUnsupportedError", "parse", "translate", "to_cpp"]
+
+
+def to_cpp(text: str) -> tuple[str, bool]:
+    """PTX `text` as C++ for the CPU backend, and whether its kernels need fibers."""
+    return translate(parse(text))

@@ -1,0 +1,740 @@
+"""What each PTX instruction the CPU backend runs becomes in C++: OPS, one entry per opcode.
+
+A handler gets the Translator (operands, types, refusals) and the instruction, and returns
+one C++ statement. It accepts only the modifiers it implements; anything else is refused
+with the instruction's full name and line (Translator.refuse)."""
+from __future__ import annotations
+
+from functools import partial
+
+from .errors import PtxError
+from .parse import Instr
+from .translate import TYPES, Translator
+
+SPACES = (".global", ".shared", ".local", ".const", ".param")
+VECTORS = {".v2": 2, ".v4": 4, ".v8": 8}
+_WIDE = {".s16": ".s32", ".u16": ".u32", ".s32": ".s64", ".u32": ".u64", ".b16": ".b32", ".b32": ".b64"}
+
+
+def _only(tr: Translator, mods: list[str], allowed: set[str]) -> None:
+    bad = [m for m in mods if m not in allowed]
+    if bad:
+        raise tr.refuse(f"modifier {' '.join(bad)}")
+
+
+def _nargs(tr: Translator, ins: Instr, *counts: int) -> None:
+    if len(ins.args) not in counts:
+        raise PtxError(f"{ins.op} takes {' or '.join(map(str, counts))} operands, not {len(ins.args)}", ins.line)
+
+
+def _cls(t: str) -> str:
+    return TYPES[t][2]
+
+
+def _ctype(t: str) -> str:
+    return TYPES[t][0]
+
+
+# -- data movement --------------------------------------------------------------------------
+
+def mov(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    t = tr.type_of(mods)
+    _only(tr, mods, {t})
+    _nargs(tr, ins, 2)
+    d, a = ins.args
+    size = TYPES[t][1]
+    if d.kind == "vec":             # unpack: mov.b64 {%r1, %r2}, %rd1 (low part first)
+        w = size // len(d.items)
+        src = tr.src(a, t)
+        parts = [tr.dst(x, {1: ".b8", 2: ".b16", 4: ".b32"}[w],
+                        f"::kc::as<uint{8 * size}_t>({src}) >> {8 * w * i}") for i, x in enumerate(d.items)]
+        return " ".join(parts)
+    if a.kind == "vec":             # pack: mov.b64 %rd1, {%r1, %r2}
+        w = size // len(a.items)
+        wt = {1: ".b8", 2: ".b16", 4: ".b32"}[w]
+        terms = [f"((uint{8 * size}_t){tr.src(x, wt)} << {8 * w * i})" for i, x in enumerate(a.items)]
+        return tr.dst(d, t, f"::kc::as<{_ctype(t)}>((uint{8 * size}_t)({' | '.join(terms)}))")
+    return tr.dst(d, t, tr.src(a, t))
+
+
+def _mem_mods(tr: Translator, ins: Instr, extra: set[str] = frozenset()):
+    mods = tr.mods(ins)
+    space = next((m for m in mods if m in SPACES), "")
+    vec = next((VECTORS[m] for m in mods if m in VECTORS), 1)
+    ts = [m for m in mods if m in TYPES]
+    if len(ts) != 1:
+        raise tr.refuse("expected one operand type")
+    _only(tr, mods, {space, ts[0], *[m for m in mods if m in VECTORS], *extra} - {""})
+    return space, vec, ts[0], mods
+
+
+def _access(tr: Translator, ins: Instr, load: bool) -> str:
+    """ld d, [a] / st [a], v, scalar or vector (.v2 .v4 .v8: consecutive elements)."""
+    space, vec, t, mods = _mem_mods(tr, ins, {".acquire"} if load else {".release"})
+    _nargs(tr, ins, 2)
+    regs, a = (ins.args[0], ins.args[1]) if load else (ins.args[1], ins.args[0])
+    if vec == 1:
+        items = [regs]
+    elif regs.kind == "vec" and len(regs.items) == vec:
+        items = regs.items
+    else:
+        raise PtxError(f"{ins.op}.v{vec} needs {{{vec} operands}}", ins.line)
+    p, size, ctype = tr.fresh(), TYPES[t][1], _ctype(t)
+    if load:
+        parts = [tr.dst(x, t, f"::kc::ld<{ctype}>({p} + {i * size})") for i, x in enumerate(items)]
+        fence = " __atomic_thread_fence(__ATOMIC_SEQ_CST);" if ".acquire" in mods else ""
+        return f"{{ unsigned char* {p} = {tr.pointer(a, space)}; {' '.join(parts)} }}" + fence
+    parts = [f"::kc::st<{ctype}>({p} + {i * size}, {tr.src(x, t)});" for i, x in enumerate(items)]
+    fence = "__atomic_thread_fence(__ATOMIC_SEQ_CST); " if ".release" in mods else ""
+    return f"{fence}{{ unsigned char* {p} = {tr.pointer(a, space)}; {' '.join(parts)} }}"
+
+
+def cvta(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    to = ".to" in mods
+    space = next((m for m in mods if m in SPACES), None)
+    t = tr.type_of(mods)
+    _only(tr, mods, {".to", space, t})
+    if space is None:
+        raise tr.refuse("no state space")
+    _nargs(tr, ins, 2)
+    d, a = ins.args
+    v = tr.src(a, t)
+    if space == ".shared":     # shared window offsets <-> generic pointers
+        base = f"({_ctype(t)})(uintptr_t)_kc_smem"
+        return tr.dst(d, t, f"({v}) - {base}" if to else f"({v}) + {base}")
+    return tr.dst(d, t, v)
+
+
+# -- integer and float arithmetic -----------------------------------------------------------
+
+def _rounding(tr: Translator, mods: list[str]) -> list[str]:
+    """Float rounding modifiers: .rn is what C++ does; the others are refused for now."""
+    for m in (".rz", ".rm", ".rp"):
+        if m in mods:
+            raise tr.refuse(f"rounding mode {m}")
+    return [m for m in mods if m != ".rn"]
+
+
+def _float_wrap(tr: Translator, mods: list[str], t: str, args: list[str], expr) -> str:
+    ftz, sat = ".ftz" in mods, ".sat" in mods
+    if ftz:
+        args = [f"::kc::ftz({a})" for a in args]
+    r = expr(*args)
+    if ftz:
+        r = f"::kc::ftz(({_ctype(t)})({r}))"
+    if sat:
+        r = f"::kc::sat01(({_ctype(t)})({r}))"
+    return r
+
+
+def _binary(int_fn, float_fn, allow_int=(), allow_float=(".ftz", ".sat")):
+    def handler(tr: Translator, ins: Instr) -> str:
+        mods = tr.mods(ins)
+        t = tr.type_of(mods)
+        _nargs(tr, ins, 3)
+        d, a, b = ins.args
+        cls = _cls(t)
+        if cls == "f":
+            rest = _rounding(tr, [m for m in mods if m != t])
+            _only(tr, rest, set(allow_float))
+            if float_fn is None:
+                raise tr.refuse(f"type {t}")
+            return tr.dst(d, t, _float_wrap(tr, rest, t, [tr.src(a, t), tr.src(b, t)], float_fn))
+        if cls == "p" and int_fn is not None and ins.op in ("and", "or", "xor"):
+            _only(tr, mods, {t})
+            op = {"and": "&&", "or": "||", "xor": "!="}[ins.op]
+            return tr.dst(d, t, f"{tr.src(a, t)} {op} {tr.src(b, t)}")
+        if cls not in "usb" or int_fn is None:
+            raise tr.refuse(f"type {t}")
+        rest = [m for m in mods if m != t]
+        _only(tr, rest, set(allow_int))
+        return tr.dst(d, t, int_fn(tr, rest, t, tr.src(a, t), tr.src(b, t)))
+    return handler
+
+
+def _add_int(tr, rest, t, a, b):
+    if ".sat" in rest:
+        if t != ".s32":
+            raise tr.refuse("saturation (only .s32)")
+        return f"::kc::sat_{'add' if tr.ins.op == 'add' else 'sub'}({a}, {b})"
+    return f"::kc::{tr.ins.op}({a}, {b})"
+
+
+add = _binary(_add_int, lambda a, b: f"{a} + {b}", allow_int={".sat"})
+sub = _binary(_add_int, lambda a, b: f"{a} - {b}", allow_int={".sat"})
+div = _binary(lambda tr, r, t, a, b: f"::kc::div({a}, {b})", lambda a, b: f"{a} / {b}")
+rem = _binary(lambda tr, r, t, a, b: f"::kc::rem({a}, {b})", None)
+min_ = _binary(lambda tr, r, t, a, b: f"({a} < {b} ? {a} : {b})", None)
+max_ = _binary(lambda tr, r, t, a, b: f"({a} > {b} ? {a} : {b})", None)
+and_ = _binary(lambda tr, r, t, a, b: f"{a} & {b}", None)
+or_ = _binary(lambda tr, r, t, a, b: f"{a} | {b}", None)
+xor = _binary(lambda tr, r, t, a, b: f"{a} ^ {b}", None)
+
+
+def _minmax(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    t = tr.type_of(mods)
+    if _cls(t) != "f":
+        return (min_ if ins.op == "min" else max_)(tr, ins)
+    _nargs(tr, ins, 3)
+    rest = [m for m in mods if m != t]
+    _only(tr, rest, {".ftz", ".NaN"})
+    fn = f"::kc::f{ins.op}_{'nan' if '.NaN' in rest else ''}"
+    d, a, b = ins.args
+    return tr.dst(d, t, _float_wrap(tr, [m for m in rest if m != ".NaN"], t, [tr.src(a, t), tr.src(b, t)],
+                                    lambda x, y: f"{fn}({x}, {y})"))
+
+
+def _product(tr: Translator, ins: Instr, add: bool) -> str:
+    """Integer mul / mad (.lo, .hi, .wide: the product's low half, high half, or all of it
+    in the type twice as wide), plus c for mad. Float mul here too; float mad is fma."""
+    mods = tr.mods(ins)
+    t = tr.type_of(mods)
+    _nargs(tr, ins, 4 if add else 3)
+    d, a, b = ins.args[:3]
+    if _cls(t) == "f":
+        if add:
+            return fma(tr, ins)      # mad.f32 is fma.rn.f32
+        rest = _rounding(tr, [m for m in mods if m != t])
+        _only(tr, rest, {".ftz", ".sat"})
+        return tr.dst(d, t, _float_wrap(tr, rest, t, [tr.src(a, t), tr.src(b, t)], lambda x, y: f"{x} * {y}"))
+    rest = [m for m in mods if m != t]
+    _only(tr, rest, {".lo", ".hi", ".wide"})
+    rt = t
+    if ".wide" in rest:
+        rt = _WIDE.get(t)
+        if rt is None:
+            raise tr.refuse(f".wide of {t}")
+        prod = f"::kc::mul(({_ctype(rt)}){tr.src(a, t)}, ({_ctype(rt)}){tr.src(b, t)})"
+    else:
+        prod = f"::kc::{'mulhi' if '.hi' in rest else 'mul'}({tr.src(a, t)}, {tr.src(b, t)})"
+    return tr.dst(d, rt, f"::kc::add({prod}, {tr.src(ins.args[3], rt)})" if add else prod)
+
+
+def fma(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    t = tr.type_of(mods)
+    if _cls(t) != "f":
+        raise tr.refuse(f"type {t}")
+    _nargs(tr, ins, 4)
+    rest = _rounding(tr, [m for m in mods if m != t])
+    _only(tr, rest, {".ftz", ".sat"})
+    d, a, b, c = ins.args
+    return tr.dst(d, t, _float_wrap(tr, rest, t, [tr.src(x, t) for x in (a, b, c)],
+                                    lambda x, y, z: f"fma({x}, {y}, {z})"))
+
+
+def _unary(int_fn, float_fn, float_mods=(".ftz",)):
+    def handler(tr: Translator, ins: Instr) -> str:
+        mods = tr.mods(ins)
+        t = tr.type_of(mods)
+        _nargs(tr, ins, 2)
+        d, a = ins.args
+        cls = _cls(t)
+        if cls == "f":
+            if float_fn is None:
+                raise tr.refuse(f"type {t}")
+            rest = _rounding(tr, [m for m in mods if m != t])
+            _only(tr, rest, set(float_mods))
+            return tr.dst(d, t, _float_wrap(tr, rest, t, [tr.src(a, t)], float_fn))
+        if cls == "p" and ins.op == "not":
+            _only(tr, mods, {t})
+            return tr.dst(d, t, f"!{tr.src(a, t)}")
+        if cls not in "usb" or int_fn is None:
+            raise tr.refuse(f"type {t}")
+        _only(tr, mods, {t})
+        return tr.dst(d, t, int_fn(tr.src(a, t)))
+    return handler
+
+
+abs_ = _unary(lambda a: f"::kc::iabs({a})", lambda a: f"fabs({a})")
+neg = _unary(lambda a: f"::kc::neg({a})", lambda a: f"-({a})")
+not_ = _unary(lambda a: f"~{a}", None)
+cnot = _unary(lambda a: f"({a} == 0)", None)
+sqrt = _unary(None, lambda a: f"sqrt({a})")
+rsqrt = _unary(None, lambda a: f"(1 / sqrt({a}))")
+rcp = _unary(None, lambda a: f"(1 / ({a}))")
+sin = _unary(None, lambda a: f"sin({a})")
+cos = _unary(None, lambda a: f"cos({a})")
+lg2 = _unary(None, lambda a: f"log2({a})")
+ex2 = _unary(None, lambda a: f"exp2({a})")
+tanh = _unary(None, lambda a: f"tanh({a})")
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def testp(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    t = tr.type_of(mods)
+    tests = {".finite": "isfinite({})", ".infinite": "isinf({})", ".number": "!isnan({})",
+             ".notanumber": "isnan({})", ".normal": "isnormal({})",
+             ".subnormal": "(fpclassify({}) == FP_SUBNORMAL)"}
+    which = [m for m in mods if m in tests]
+    _only(tr, mods, {t, *which})
+    if len(which) != 1:
+        raise tr.refuse("expected one test")
+    _nargs(tr, ins, 2)
+    d, a = ins.args
+    return tr.dst(d, ".pred", tests[which[0]].format(tr.src(a, t)))
+
+
+def _call(expr: str, srcs: tuple[str, ...], *, dst: str = "t", classes: str = "usb",
+          types: tuple[str, ...] | None = None):
+    """An instruction that is one C++ expression of its operands: `expr` with {0}, {1}...
+    for the sources, each read as the PTX type in `srcs` ("t": the instruction's own),
+    the result stored as `dst`. Only one modifier: the type (of class `classes`, or one
+    of `types`)."""
+    def handler(tr: Translator, ins: Instr) -> str:
+        mods = tr.mods(ins)
+        t = tr.type_of(mods)
+        _only(tr, mods, {t})
+        _nargs(tr, ins, 1 + len(srcs))
+        if (types is not None and t not in types) or (types is None and _cls(t) not in classes):
+            raise tr.refuse(f"type {t}")
+        d, *xs = ins.args
+        args = [tr.src(x, t if s == "t" else s) for x, s in zip(xs, srcs, strict=True)]
+        return tr.dst(d, t if dst == "t" else dst, expr.format(*args))
+    return handler
+
+
+popc = _call("::kc::popc({0})", ("t",), dst=".u32")
+clz = _call("::kc::clz({0})", ("t",), dst=".u32")
+brev = _call("::kc::brev({0})", ("t",))
+shl = _call("::kc::shl({0}, {1})", ("t", ".u32"))
+shr = _call("::kc::shr({0}, {1})", ("t", ".u32"))
+bfe = _call("::kc::bfe({0}, {1}, {2})", ("t", ".u32", ".u32"))
+bfi = _call("::kc::bfi({0}, {1}, {2}, {3})", ("t", "t", ".u32", ".u32"))
+prmt = _call("::kc::prmt({0}, {1}, {2})", ("t", "t", "t"), types=(".b32",))
+lop3 = _call("::kc::lop3({0}, {1}, {2}, {3})", ("t", "t", "t", "t"), types=(".b32",))
+def shf(tr: Translator, ins: Instr) -> str:
+    """shf.{l,r}.{wrap,clamp}.b32 d, a, b, c: a funnel shift of b:a by c (mod 32, or at most 32)."""
+    mods = tr.mods(ins)
+    side = [m for m in mods if m in (".l", ".r")]
+    mode = [m for m in mods if m in (".wrap", ".clamp")]
+    _only(tr, mods, {*side, *mode, ".b32"})
+    if len(side) != 1 or len(mode) != 1 or ".b32" not in mods:
+        raise tr.refuse("expected .l or .r, .wrap or .clamp, and .b32")
+    _nargs(tr, ins, 4)
+    d, a, b, c = ins.args
+    n = tr.src(c, ".u32")
+    n = f"({n} & 31u)" if mode == [".wrap"] else f"({n} < 32u ? {n} : 32u)"
+    return tr.dst(d, ".b32", f"::kc::shf_{side[0][1]}({tr.src(a, '.b32')}, {tr.src(b, '.b32')}, {n})")
+
+
+copysign = _call("copysign({1}, {0})", ("t", "t"), classes="f")      # the sign of a, on b
+selp = _call("({2} ? {0} : {1})", ("t", "t", ".pred"), classes="usbf")
+
+
+# -- comparisons and selection --------------------------------------------------------------
+
+_INT_CMP = {".eq": "==", ".ne": "!=", ".lt": "<", ".le": "<=", ".gt": ">", ".ge": ">=",
+            ".lo": "<", ".ls": "<=", ".hi": ">", ".hs": ">="}
+_FLOAT_CMP = {".eq": "{a} == {b}", ".ne": "({a} != {b} && {a} == {a} && {b} == {b})",
+              ".lt": "{a} < {b}", ".le": "{a} <= {b}", ".gt": "{a} > {b}", ".ge": "{a} >= {b}",
+              ".equ": "!({a} != {b} && {a} == {a} && {b} == {b})", ".neu": "{a} != {b}",
+              ".ltu": "!({a} >= {b})", ".leu": "!({a} > {b})", ".gtu": "!({a} <= {b})",
+              ".geu": "!({a} < {b})", ".num": "({a} == {a} && {b} == {b})", ".nan": "({a} != {a} || {b} != {b})"}
+_BOOL = {".and": "&&", ".or": "||", ".xor": "!="}
+
+
+def _compare(tr: Translator, mods: list[str], t: str, a, b) -> tuple[str, list[str]]:
+    cls = _cls(t)
+    if cls == "f":
+        cmp = [m for m in mods if m in _FLOAT_CMP]
+        if len(cmp) != 1:
+            raise tr.refuse("expected one comparison")
+        x, y = tr.src(a, t), tr.src(b, t)
+        if ".ftz" in mods:
+            x, y = f"::kc::ftz({x})", f"::kc::ftz({y})"
+        return "(" + _FLOAT_CMP[cmp[0]].format(a=x, b=y) + ")", cmp
+    if cls not in "usb":
+        raise tr.refuse(f"type {t}")
+    cmp = [m for m in mods if m in _INT_CMP]
+    if len(cmp) != 1:
+        raise tr.refuse("expected one comparison")
+    ct = t
+    if cmp[0] in (".lo", ".ls", ".hi", ".hs") or cls == "b":
+        ct = ".u" + t[2:]
+    return f"({tr.src(a, ct)} {_INT_CMP[cmp[0]]} {tr.src(b, ct)})", cmp
+
+
+def setp(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    t = tr.type_of(mods)
+    cond, cmp = _compare(tr, mods, t, ins.args[1], ins.args[2]) if len(ins.args) >= 3 else ("", [])
+    boolop = [m for m in mods if m in _BOOL]
+    _only(tr, mods, {t, *cmp, *boolop, ".ftz"})
+    _nargs(tr, ins, 4 if boolop else 3)
+    d = ins.args[0]
+    pq = d.items if d.kind == "vec" and d.text == "|" else [d]
+    c = tr.src(ins.args[3], ".pred") if boolop else None
+    tmp = tr.fresh()
+    out = [f"{{ bool {tmp} = {cond};"]
+    for i, x in enumerate(pq):
+        v = tmp if i == 0 else f"!{tmp}"
+        if boolop:
+            v = f"({v}) {_BOOL[boolop[0]]} ({c})"
+        out.append(tr.dst(x, ".pred", v))
+    return " ".join(out) + " }"
+
+
+def _two_types(tr: Translator, mods: list[str]) -> tuple[str, str]:
+    """The destination and source types of set and cvt (.dtype.atype)."""
+    ts = [m for m in mods if m in TYPES]
+    if len(ts) != 2:
+        raise tr.refuse("expected a destination and a source type")
+    return ts[0], ts[1]
+
+
+def set_(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    dt, st_ = _two_types(tr, mods)
+    cond, cmp = _compare(tr, mods, st_, ins.args[1], ins.args[2])
+    boolop = [m for m in mods if m in _BOOL]
+    _only(tr, mods, {dt, st_, *cmp, *boolop, ".ftz"})
+    _nargs(tr, ins, 4 if boolop else 3)
+    if boolop:
+        cond = f"(({cond}) {_BOOL[boolop[0]]} ({tr.src(ins.args[3], '.pred')}))"
+    one = "1.0f" if dt == ".f32" else "0xffffffffu"
+    if dt not in (".f32", ".u32", ".s32", ".b32"):
+        raise tr.refuse(f"destination type {dt}")
+    return tr.dst(ins.args[0], dt, f"{cond} ? ({_ctype(dt)}){one} : ({_ctype(dt)})0")
+
+
+# -- conversions ----------------------------------------------------------------------------
+
+_IRND = {".rni": "nearbyint", ".rzi": "trunc", ".rmi": "floor", ".rpi": "ceil"}
+
+
+def cvt(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    dt, at = _two_types(tr, mods)
+    rest = [m for m in mods if m not in (dt, at)]
+    _nargs(tr, ins, 2)
+    d, a = ins.args
+    dc, ac = _cls(dt), _cls(at)
+    irnd = [m for m in rest if m in _IRND]
+    ftz, sat = ".ftz" in rest, ".sat" in rest
+    if ".rz" in mods or ".rm" in mods or ".rp" in mods:
+        raise tr.refuse("rounding modes other than .rn")
+    _only(tr, rest, {*irnd, ".rn", ".ftz", ".sat"})
+    x = tr.src(a, at)
+    if ac == "h":                       # half / bfloat16 sources: through float
+        if at not in (".f16", ".bf16"):
+            raise tr.refuse(f"source type {at}")
+        x = f"::kc::{'h2f' if at == '.f16' else 'bf2f'}({x})"
+        ac, at = "f", ".f32"
+    if ftz and ac == "f":
+        x = f"::kc::ftz({x})"
+    if dc == "h":
+        if dt not in (".f16", ".bf16") or ac not in "fus":
+            raise tr.refuse(f"destination type {dt}")
+        v = f"(float)({x})"
+        if sat:
+            v = f"::kc::sat01({v})"
+        return tr.dst(d, dt, f"::kc::{'f2h' if dt == '.f16' else 'f2bf'}({v})")
+    if dc in "usb" and ac in "usb":
+        if sat:
+            return tr.dst(d, dt, f"::kc::isat<{_ctype(dt)}>({x})")
+        return tr.dst(d, dt, f"({_ctype(dt)})({x})")
+    if dc in "us" and ac == "f":
+        if len(irnd) != 1:
+            raise tr.refuse("a float to integer conversion needs .rni, .rzi, .rmi or .rpi")
+        return tr.dst(d, dt, f"::kc::f2i<{_ctype(dt)}>({_IRND[irnd[0]]}({x}))")
+    if dc == "f" and ac in "usb":
+        v = f"({_ctype(dt)})({x})"
+    elif dc == "f" and ac == "f":
+        v = f"({_ctype(dt)})({_IRND[irnd[0]]}({x}))" if irnd else f"({_ctype(dt)})({x})"
+    else:
+        raise tr.refuse(f"{at} to {dt}")
+    if ftz:
+        v = f"::kc::ftz({v})"
+    if sat:
+        v = f"::kc::sat01({v})"
+    return tr.dst(d, dt, v)
+
+
+# -- control flow ---------------------------------------------------------------------------
+
+def bra(tr: Translator, ins: Instr) -> str:
+    _only(tr, tr.mods(ins), set())
+    _nargs(tr, ins, 1)
+    (target,) = ins.args
+    if target.kind != "name" or tr.scope.find(target.text) is not None:
+        raise tr.refuse("a branch to a register (brx.idx)")
+    from .translate import _ident
+    return f"goto {_ident('L', target.text)};"
+
+
+def ret(tr: Translator, ins: Instr) -> str:
+    _only(tr, tr.mods(ins), set())
+    return "return;"
+
+
+def exit_(tr: Translator, ins: Instr) -> str:
+    _only(tr, tr.mods(ins), set())
+    if not tr.fn.entry:
+        raise tr.refuse("exit inside a .func (only in a kernel)")
+    return "return;"
+
+
+def call(tr: Translator, ins: Instr) -> str:
+    _only(tr, tr.mods(ins), set())
+    args = list(ins.args)
+    rets: list = []
+    if args and args[0].kind == "vec":
+        rets = args.pop(0).items
+    if not args or args[0].kind != "name":
+        raise PtxError("call needs a function name", ins.line)
+    fname = args.pop(0).text
+    params = args.pop(0).items if args and args[0].kind == "vec" else []
+    if args:
+        raise tr.refuse("indirect calls (a prototype operand)")
+    d = tr.scope.find(fname)
+    if d is None or d[0] != "func":
+        if d is not None and d[0] == ".reg":
+            raise tr.refuse("indirect calls through a register")
+        raise PtxError(f"call of undeclared function {fname}", ins.line)
+    f = tr.funcs[fname]
+    if fname == "vprintf" and f.body is None:
+        return _vprintf(tr, ins, rets, params)
+    if f.body is None:
+        raise tr.refuse(f"the device-runtime function {fname}")
+    if f.entry:
+        raise tr.refuse("calling a kernel (dynamic parallelism)")
+    if len(rets) != len(f.rets) or len(params) != len(f.params):
+        raise PtxError(f"call of {fname} with {len(rets)} results and {len(params)} arguments; "
+                       f"it has {len(f.rets)} and {len(f.params)}", ins.line)
+    return f"{d[2]}({', '.join(_param_names(tr, ins, rets + params))});"
+
+
+def _param_names(tr: Translator, ins: Instr, operands: list) -> list[str]:
+    """The C++ names of a call's results and arguments: .param variables, all of them."""
+    names = []
+    for o in operands:
+        v = tr.scope.find(o.text) if o.kind == "name" else None
+        if v is None or v[0] != ".param":
+            raise PtxError("call arguments and results must be .param variables", ins.line)
+        names.append(v[2])
+    return names
+
+
+def _vprintf(tr: Translator, ins: Instr, rets: list, params: list) -> str:
+    """call (r), vprintf, (fmt, args): both parameters are generic pointers."""
+    if len(params) != 2 or len(rets) > 1:
+        raise PtxError("vprintf takes a format and an argument buffer", ins.line)
+    *ret, fmt, args = _param_names(tr, ins, rets + params)
+    call = (f"::kc::vprintf_((const char*)(uintptr_t)::kc::ld<uint64_t>({fmt}), "
+            f"(const unsigned char*)(uintptr_t)::kc::ld<uint64_t>({args}))")
+    return f"::kc::st<int32_t>({ret[0]}, {call});" if ret else f"(void){call};"
+
+
+def bar(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    tr.barriers = True
+    red = [m for m in mods if m in (".red",)]
+    if ".arrive" in mods:
+        raise tr.refuse("bar.arrive (producer-consumer barriers)")
+    if ins.op == "bar" and ".warp" in mods:
+        _only(tr, mods, {".warp"})
+        return warp_sync(tr, ins)
+    if red:
+        kind = [m for m in mods if m in (".popc", ".and", ".or")]
+        t = [m for m in mods if m in TYPES]
+        _only(tr, mods, {".red", *kind, *t})
+        _nargs(tr, ins, 3, 4)
+        if len(ins.args) == 4:
+            raise tr.refuse("a thread count")
+        d, _bid, p = ins.args
+        fn = {".popc": "__syncthreads_count", ".and": "__syncthreads_and", ".or": "__syncthreads_or"}[kind[0]]
+        return tr.dst(d, t[0], f"{fn}({tr.src(p, '.pred')})")
+    _only(tr, mods, set())
+    _nargs(tr, ins, 1, 2)
+    if len(ins.args) == 2:
+        raise tr.refuse("a thread count (barriers over part of a block)")
+    if ins.args[0].kind != "imm" or int(ins.args[0].text, 0) != 0:
+        raise tr.refuse("barriers other than 0")
+    return "__syncthreads();"
+
+
+def fence(tr: Translator, ins: Instr) -> str:
+    return "__atomic_thread_fence(__ATOMIC_SEQ_CST);"
+
+
+def nop(tr: Translator, ins: Instr) -> str:
+    return ";"
+
+
+# -- atomics --------------------------------------------------------------------------------
+
+_ATOM_OPS = {".add", ".min", ".max", ".inc", ".dec", ".and", ".or", ".xor", ".exch", ".cas"}
+_SEMANTICS = {".acquire", ".release", ".acq_rel", ".relaxed"}
+
+
+def _atom(tr: Translator, ins: Instr, result: bool) -> str:
+    mods = tr.mods(ins)
+    space = next((m for m in mods if m in (".global", ".shared")), "")
+    ops = [m for m in mods if m in _ATOM_OPS]
+    t = tr.type_of(mods)
+    _only(tr, mods, {space, *ops, t, *[m for m in mods if m in _SEMANTICS]} - {""})
+    if len(ops) != 1:
+        raise tr.refuse("expected one operation")
+    op, cls = ops[0], _cls(t)
+    ctype = _ctype(t)
+    args = list(ins.args)
+    d = args.pop(0) if result else None
+    if len(args) != (3 if op == ".cas" else 2):
+        raise PtxError(f"{ins.op}{op} takes {(3 if op == '.cas' else 2) + result} operands", ins.line)
+    ptr = tr.pointer(args[0], space)
+    b = tr.src(args[1], t)
+    if cls == "h" or (cls == "f" and op not in (".add", ".exch", ".min", ".max")):
+        raise tr.refuse(f"{op} on {t}")
+    if op == ".cas":
+        e = f"::kc::atom_cas<{ctype}>({ptr}, {b}, {tr.src(args[2], t)})"
+    elif op == ".exch":
+        bits = f"uint{8 * TYPES[t][1]}_t"
+        e = f"::kc::as<{ctype}>(__atomic_exchange_n(({bits}*)({ptr}), ::kc::as<{bits}>({b}), __ATOMIC_SEQ_CST))"
+    else:
+        lam = {".add": "::kc::add(o, v)" if cls != "f" else "o + v",
+               ".min": "(v < o ? v : o)" if cls != "f" else "fmin(o, v)",
+               ".max": "(v > o ? v : o)" if cls != "f" else "fmax(o, v)",
+               ".inc": f"(o >= v ? ({ctype})0 : ({ctype})(o + 1))",
+               ".dec": f"((o == 0 || o > v) ? v : ({ctype})(o - 1))",
+               ".and": "(o & v)", ".or": "(o | v)", ".xor": "(o ^ v)"}[op]
+        if op in (".inc", ".dec") and t != ".u32":
+            raise tr.refuse(f"{op} on {t}")
+        e = f"::kc::atom_rmw<{ctype}>({ptr}, [&]({ctype} o) {{ {ctype} v = {b}; return ({ctype})({lam}); }})"
+    if d is None:
+        return f"(void){e};"
+    return tr.dst(d, t, e)
+
+
+# -- warp-level operations (run by the block scheduler, a warp of fibers at a time) ------------
+
+def _warp(tr: Translator, kind: str, mode: int, a: str, b: str = "0", c: str = "0", mask: str = "0xffffffffu") -> str:
+    """A statement that parks this lane at a warp operation; its WarpOp is `_o` afterwards."""
+    tr.barriers = True          # warps need fibers
+    return (f"::__kc::WarpOp _o{{::__kc::{kind}, {mode}u, (uint64_t)({a}), (uint32_t)({b}), (uint32_t)({c}), "
+            f"(uint32_t)({mask}), 0, 0}}; __kc_warp_op(&_o);")
+
+
+_SHFL_MODES = {".up": 0, ".down": 1, ".bfly": 2, ".idx": 3}
+
+
+def shfl(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    mode = [m for m in mods if m in _SHFL_MODES]
+    _only(tr, mods, {*mode, ".b32"})
+    if len(mode) != 1 or ".b32" not in mods:
+        raise tr.refuse("expected a mode and .b32")
+    _nargs(tr, ins, 4, 5)
+    d, a, b, c = ins.args[:4]
+    mask = tr.src(ins.args[4], ".b32") if len(ins.args) == 5 else "0xffffffffu"
+    pq = d.items if d.kind == "vec" and d.text == "|" else [d]
+    out = [_warp(tr, "WARP_SHFL", _SHFL_MODES[mode[0]], tr.src(a, ".b32"), tr.src(b, ".b32"), tr.src(c, ".b32"), mask),
+           tr.dst(pq[0], ".b32", "(uint32_t)_o.result")]
+    if len(pq) == 2:
+        out.append(tr.dst(pq[1], ".pred", "_o.pred != 0"))
+    return "{ " + " ".join(out) + " }"
+
+
+_VOTE_MODES = {".all": 0, ".any": 1, ".uni": 2, ".ballot": 3}
+
+
+def vote(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    mode = [m for m in mods if m in _VOTE_MODES]
+    t = ".b32" if mode == [".ballot"] else ".pred"
+    _only(tr, mods, {*mode, t})
+    if len(mode) != 1 or t not in mods:
+        raise tr.refuse("expected a mode and its type (.pred, or .b32 for .ballot)")
+    _nargs(tr, ins, 2, 3)
+    d, a = ins.args[:2]
+    mask = tr.src(ins.args[2], ".b32") if len(ins.args) == 3 else "0xffffffffu"
+    res = "(uint32_t)_o.result" if t == ".b32" else "_o.result != 0"
+    return "{ " + _warp(tr, "WARP_VOTE", _VOTE_MODES[mode[0]], tr.src(a, ".pred"), mask=mask) + " " \
+        + tr.dst(d, t, res) + " }"
+
+
+def match(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    mode = [m for m in mods if m in (".any", ".all")]
+    t = [m for m in mods if m in (".b32", ".b64")]
+    _only(tr, mods, {*mode, *t})
+    if len(mode) != 1 or len(t) != 1:
+        raise tr.refuse("expected .any or .all, and .b32 or .b64")
+    _nargs(tr, ins, 3)
+    d, a, mask = ins.args
+    pq = d.items if d.kind == "vec" and d.text == "|" else [d]
+    out = [_warp(tr, "WARP_MATCH_ANY" if mode == [".any"] else "WARP_MATCH_ALL", 0,
+                 f"::kc::as<{_ctype(t[0])}>({tr.src(a, t[0])})", mask=tr.src(mask, ".b32")),
+           tr.dst(pq[0], ".b32", "(uint32_t)_o.result")]
+    if len(pq) == 2:
+        out.append(tr.dst(pq[1], ".pred", "_o.pred != 0"))
+    return "{ " + " ".join(out) + " }"
+
+
+_REDUX = {".add": 0, ".min": 1, ".max": 2, ".and": 3, ".or": 4, ".xor": 5}
+
+
+def redux(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    op = [m for m in mods if m in _REDUX]
+    t = [m for m in mods if m in (".u32", ".s32", ".b32")]
+    _only(tr, mods, {*op, *t})
+    if len(op) != 1 or len(t) != 1:
+        raise tr.refuse("expected an operation and .u32, .s32 or .b32 (floating-point redux is not run)")
+    _nargs(tr, ins, 3)
+    d, a, mask = ins.args
+    mode = _REDUX[op[0]] + (8 if t[0] == ".s32" else 0)
+    return "{ " + _warp(tr, "WARP_REDUX", mode, tr.src(a, ".b32"), mask=tr.src(mask, ".b32")) + " " \
+        + tr.dst(d, t[0], "(uint32_t)_o.result") + " }"
+
+
+def activemask(tr: Translator, ins: Instr) -> str:
+    _only(tr, tr.mods(ins), {".b32"})
+    _nargs(tr, ins, 1)
+    return "{ " + _warp(tr, "WARP_SYNC", 0, "0") + " " + tr.dst(ins.args[0], ".b32", "(uint32_t)_o.result") + " }"
+
+
+def warp_sync(tr: Translator, ins: Instr) -> str:
+    """bar.warp.sync membermask: the lanes of the warp meet."""
+    _nargs(tr, ins, 1)
+    return "{ " + _warp(tr, "WARP_SYNC", 0, "0", mask=tr.src(ins.args[0], ".b32")) + " }"
+
+
+OPS = {
+    "mov": mov, "ld": partial(_access, load=True), "ldu": partial(_access, load=True),
+    "st": partial(_access, load=False), "cvta": cvta,
+    "add": add, "sub": sub, "mul": partial(_product, add=False),
+    "mad": partial(_product, add=True), "fma": fma, "div": div, "rem": rem,
+    "abs": abs_, "neg": neg, "min": _minmax, "max": _minmax,
+    "and": and_, "or": or_, "xor": xor, "not": not_, "cnot": cnot, "shl": shl, "shr": shr, "shf": shf,
+    "popc": popc, "clz": clz, "brev": brev, "bfe": bfe, "bfi": bfi, "prmt": prmt, "lop3": lop3,
+    "sqrt": sqrt, "rsqrt": rsqrt, "rcp": rcp, "sin": sin, "cos": cos, "lg2": lg2, "ex2": ex2,
+    "tanh": tanh, "copysign": copysign, "testp": testp,
+    "setp": setp, "set": set_, "selp": selp, "cvt": cvt,
+    "bra": bra, "ret": ret, "exit": exit_, "call": call,
+    "bar": bar, "barrier": bar, "membar": fence, "fence": fence,
+    "atom": partial(_atom, result=True), "red": partial(_atom, result=False),
+    "prefetch": nop, "prefetchu": nop,
+    "shfl": shfl, "vote": vote, "match": match, "redux": redux, "activemask": activemask,
+}
