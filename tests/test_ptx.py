@@ -506,3 +506,18 @@ def test_device_printf_from_ptx_reaches_the_program(broker):
     want = [f"hello 7 from {t}: -1099511627776 2.500    ab|ff  |z% %n" for t in (0, 1)]
     assert sorted(lines[:2]) == want, out
     assert lines[2] == "after sync"
+
+
+def test_a_volatile_spin_sees_another_blocks_store(dev):
+    """ld.volatile is a real load each time: block 1 spins until block 0 (run by another
+    worker, or before it on the same one) sets the flag; a load kept in a register would spin
+    forever. (Blocks are independent on a GPU too; this is the classic done-flag pattern.)"""
+    m = load(dev, r"""
+        extern "C" __global__ void flag(volatile int* f, int* out) {
+            if (blockIdx.x == 0) { out[0] = 42; __threadfence(); f[0] = 1; }
+            else { long long spins = 0; while (f[0] == 0 && spins < 2000000000LL) ++spins; out[1] = f[0]; }
+        }""")
+    with dev.allocate(4) as f, dev.allocate(8) as out:
+        f.copy_from(np.zeros(1, np.int32))
+        dev.launch(m.get_kernel("flag"), (2,), (1,), [f, out])
+        assert list(out.copy_to(np.empty(2, np.int32))) == [42, 1]

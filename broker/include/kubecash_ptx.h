@@ -51,6 +51,16 @@ template <class R, class F> static inline __attribute__((always_inline)) R put(F
 }
 template <class T> static inline T ld(const void* p) { T t; __builtin_memcpy(&t, p, sizeof t); return t; }
 template <class T> static inline void st(void* p, T v) { __builtin_memcpy(p, &v, sizeof v); }
+/* ld/st .volatile, .relaxed, .acquire, .release: one access each time, never cached in a
+ * register or moved (another block may be writing: a spin on a flag must see it). */
+template <class T> static inline T ld_atomic(const void* p) {
+    using B = typename uint_of<sizeof(T)>::t;
+    return as<T>(__atomic_load_n((const B*)p, __ATOMIC_ACQUIRE));
+}
+template <class T> static inline void st_atomic(void* p, T v) {
+    using B = typename uint_of<sizeof(T)>::t;
+    __atomic_store_n((B*)p, as<B>(v), __ATOMIC_RELEASE);
+}
 
 /* Integer arithmetic wraps, as on the device (in unsigned types: no C++ overflow). */
 template <class T> using U = std::make_unsigned_t<T>;

@@ -81,11 +81,15 @@ def _access(tr: Translator, ins: Instr, load: bool) -> str:
     else:
         raise PtxError(f"{ins.op}.v{vec} needs {{{vec} operands}}", ins.line)
     p, size, ctype = tr.fresh(), TYPES[t][1], _ctype(t)
+    # Ordered or volatile: a real access every time (tr.mods drops the qualifiers themselves).
+    ordered = "_atomic" if {".volatile", ".relaxed", ".acquire", ".release"} & set(ins.mods) else ""
+    if ordered and size not in (1, 2, 4, 8):
+        raise tr.refuse(f"an ordered access of {t}")
     if load:
-        parts = [tr.dst(x, t, f"::kc::ld<{ctype}>({p} + {i * size})") for i, x in enumerate(items)]
+        parts = [tr.dst(x, t, f"::kc::ld{ordered}<{ctype}>({p} + {i * size})") for i, x in enumerate(items)]
         fence = " __atomic_thread_fence(__ATOMIC_SEQ_CST);" if ".acquire" in mods else ""
         return f"{{ unsigned char* {p} = {tr.pointer(a, space)}; {' '.join(parts)} }}" + fence
-    parts = [f"::kc::st<{ctype}>({p} + {i * size}, {tr.src(x, t)});" for i, x in enumerate(items)]
+    parts = [f"::kc::st{ordered}<{ctype}>({p} + {i * size}, {tr.src(x, t)});" for i, x in enumerate(items)]
     fence = "__atomic_thread_fence(__ATOMIC_SEQ_CST); " if ".release" in mods else ""
     return f"{fence}{{ unsigned char* {p} = {tr.pointer(a, space)}; {' '.join(parts)} }}"
 
