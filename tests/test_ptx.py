@@ -328,6 +328,11 @@ def _ftz_add(x: int) -> int:
     (r"""extern "C" __global__ void k(float* o) { float r; asm("add.rz.f32 %0, %1, %1;" : "=f"(r) : "f"(o[0]));
            o[0] = r; }""", "rounding mode .rz"),
     (r"""extern "C" __global__ void k(int* o) { assert(o[0] == 1); }""", "device-runtime function __assertfail"),
+    # through float it would round twice: refused rather than one step off
+    (r"""extern "C" __global__ void k(double* d, unsigned short* o) {
+           unsigned short r; asm("cvt.rn.f16.f64 %0, %1;" : "=h"(r) : "d"(d[0])); o[0] = r; }""", "cvt.rn.f16.f64"),
+    (r"""extern "C" __global__ void k(int* o) { asm("bar.red.u32 %0, 0, 1;" : "=r"(o[0])); }""",
+     "expected .popc, .and or .or"),
 ])
 def test_what_is_not_run_yet_is_refused_by_name_and_line(session, src, construct):
     """Never a wrong result: the module load fails with CUDA_ERROR_NOT_SUPPORTED naming the
@@ -339,6 +344,11 @@ def test_what_is_not_run_yet_is_refused_by_name_and_line(session, src, construct
     assert "PTX line" in str(e.value) and construct in str(e.value), str(e.value)
 
 
+def _K(decls: str, body: str) -> bytes:
+    return (".version 8.0\n.target sm_80\n.address_size 64\n.visible .entry k() {\n"
+            f"{decls}\n{body}\nret;\n}}\n").encode()
+
+
 @pytest.mark.parametrize("text, message", [
     (b"not ptx at all", "PTX line 1: unknown module-level directive 'not'"),
     (b".version 8.0\n.target sm_80\n.address_size 64\n.visible .entry k() { ld.global.u32 %r1, [0]; }",
@@ -346,6 +356,15 @@ def test_what_is_not_run_yet_is_refused_by_name_and_line(session, src, construct
     (b".version 8.0\n.target sm_80\n.address_size 64\n.visible .entry k() {\n  add.s32 ;\n}", "add takes 3"),
     (b".version 8.0\n.address_size 64\n.visible .entry k() { bra $nowhere;", "unclosed|unexpected end"),
     (b"\xff\xfe garbage", "not UTF-8"),
+    # found by an attacker review: each reached Python's own errors, or the host compiler
+    (_K(".reg .b32 %r<2>;", "mov.u32 %r1, 09;"), "not an integer: '09'"),
+    (_K(".reg .b32 %r<2>;", "bra NOWHERE;"), "bra to NOWHERE, a label this function does not define"),
+    (_K(".reg .b32 %r<2>;", "L1: ret; L1: ret;"), "label L1 defined twice"),
+    (_K(".reg .b32 %r<2>; .reg .f32 %r<2>;", ""), "%r0 declared twice in one scope"),
+    (_K(".shared .b8 s[-100];", ""), "a negative array size"),
+    (_K(".local .align 3 .b8 l[4];", ""), "a power of two from 1 to 4096"),
+    (b".version 8.0\n.target sm_80\n.address_size 64\n.global .u32 g = 0d3FF0000000000000;",
+     "a 64-bit float initializer for .u32 g"),
 ])
 def test_malformed_ptx_is_invalid_ptx_naming_the_line(session, text, message):
     dev = session.device("cpu0")

@@ -189,6 +189,9 @@ def _translate_ptx(text: str) -> tuple[str, bool]:
         raise KernelCompileError(f"PTX does not translate: {e}", code=E.CUDA_ERROR_INVALID_PTX) from None
     except RecursionError:
         raise KernelCompileError("PTX does not translate: nested too deeply", code=E.CUDA_ERROR_INVALID_PTX) from None
+    except (ValueError, KeyError, IndexError, OverflowError) as e:   # a translator bug: still the tenant's answer
+        raise KernelCompileError(f"PTX does not translate: {type(e).__name__}: {e}",
+                                 code=E.CUDA_ERROR_INVALID_PTX) from None
 
 
 def _build_translated(cpp: str, opts: CompileOptions, out_path: Path, *, work: str, deadline: float,

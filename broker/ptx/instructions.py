@@ -8,8 +8,8 @@ from __future__ import annotations
 from functools import partial
 
 from .errors import PtxError
-from .parse import Instr
-from .translate import TYPES, Translator
+from .parse import Instr, _int
+from .translate import TYPES, Translator, _ident
 
 SPACES = (".global", ".shared", ".local", ".const", ".param")
 VECTORS = {".v2": 2, ".v4": 4, ".v8": 8}
@@ -44,6 +44,10 @@ def mov(tr: Translator, ins: Instr) -> str:
     _nargs(tr, ins, 2)
     d, a = ins.args
     size = TYPES[t][1]
+    pieces = d if d.kind == "vec" else a
+    if pieces.kind == "vec" and (len(pieces.items) not in (2, 4) or size // len(pieces.items) not in (1, 2, 4)
+                                 or _cls(t) not in "bu"):
+        raise tr.refuse(f"{len(pieces.items)} pieces of {t}")
     if d.kind == "vec":             # unpack: mov.b64 {%r1, %r2}, %rd1 (low part first)
         w = size // len(d.items)
         src = tr.src(a, t)
@@ -451,6 +455,9 @@ def cvt(tr: Translator, ins: Instr) -> str:
     if dc == "h":
         if dt not in (".f16", ".bf16") or ac not in "fus":
             raise tr.refuse(f"destination type {dt}")
+        if at == ".f64" or (ac in "us" and TYPES[at][1] > 2):
+            # through float would round twice (1 + 2^-11 + 2^-40 became 1.0, not 1 + 2^-10)
+            raise tr.refuse(f"{at} to {dt} (only from f32 and 8- and 16-bit integers)")
         v = f"(float)({x})"
         if sat:
             v = f"::kc::sat01({v})"
@@ -484,7 +491,8 @@ def bra(tr: Translator, ins: Instr) -> str:
     (target,) = ins.args
     if target.kind != "name" or tr.scope.find(target.text) is not None:
         raise tr.refuse("a branch to a register (brx.idx)")
-    from .translate import _ident
+    if target.text not in tr.labels:
+        raise PtxError(f"bra to {target.text}, a label this function does not define", ins.line)
     return f"goto {_ident('L', target.text)};"
 
 
@@ -564,6 +572,8 @@ def bar(tr: Translator, ins: Instr) -> str:
         kind = [m for m in mods if m in (".popc", ".and", ".or")]
         t = [m for m in mods if m in TYPES]
         _only(tr, mods, {".red", *kind, *t})
+        if len(kind) != 1 or len(t) != 1:
+            raise tr.refuse("expected .popc, .and or .or, and a type")
         _nargs(tr, ins, 3, 4)
         if len(ins.args) == 4:
             raise tr.refuse("a thread count")
@@ -574,7 +584,7 @@ def bar(tr: Translator, ins: Instr) -> str:
     _nargs(tr, ins, 1, 2)
     if len(ins.args) == 2:
         raise tr.refuse("a thread count (barriers over part of a block)")
-    if ins.args[0].kind != "imm" or int(ins.args[0].text, 0) != 0:
+    if ins.args[0].kind != "imm" or _int(ins.args[0].text, ins.line) != 0:
         raise tr.refuse("barriers other than 0")
     return "__syncthreads();"
 
@@ -664,7 +674,7 @@ _VOTE_MODES = {".all": 0, ".any": 1, ".uni": 2, ".ballot": 3}
 
 
 def vote(tr: Translator, ins: Instr) -> str:
-    mods = tr.mods(ins)
+    mods = tr.mods(ins) + ([".uni"] if ".uni" in ins.mods else [])   # .uni is vote's mode, not bra's
     mode = [m for m in mods if m in _VOTE_MODES]
     t = ".b32" if mode == [".ballot"] else ".pred"
     _only(tr, mods, {*mode, t})

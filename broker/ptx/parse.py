@@ -163,7 +163,7 @@ class _Parser:
         t = self.next()
         if t.kind != "number" or "." in t.text:
             raise PtxError(f"expected an integer, found {t.text!r}", t.line)
-        v = _int(t.text)
+        v = _int(t.text, t.line)
         return -v if neg else v
 
     # -- module -----------------------------------------------------------------------------
@@ -229,6 +229,8 @@ class _Parser:
             if t.text == ".align":
                 self.next()
                 align = self.integer()
+                if align < 1 or align & (align - 1) or align > 4096:
+                    raise PtxError(f".align {align}: a power of two from 1 to 4096", line)
             elif t.text in (".v2", ".v4", ".v8"):
                 vector = int(self.next().text[2:])
             elif t.text in (".ptr", ".global", ".shared", ".const", ".local"):   # .param .ptr.global
@@ -244,11 +246,16 @@ class _Parser:
         if self.accept("<"):
             d.count = self.integer()
             self.expect(">")
+            if d.count < 0:
+                raise PtxError(f"{name}<{d.count}>: a negative register count", line)
         while self.accept("["):
             if self.accept("]"):
                 d.array.append(None)
                 continue
-            d.array.append(self.integer())
+            n = self.integer()
+            if n < 0:
+                raise PtxError(f"{name}[{n}]: a negative array size", line)
+            d.array.append(n)
             self.expect("]")
         if self.accept("="):
             d.init = self._initializer()
@@ -418,15 +425,20 @@ class _Parser:
         return Operand("addr", base=base, offset=off)
 
 
-def _int(text: str) -> int:
-    s = text.rstrip("U")
-    if s[:2] in ("0x", "0X"):
-        return int(s, 16)
-    if s[:2] in ("0b", "0B"):
-        return int(s[2:], 2)
-    if len(s) > 1 and s[0] == "0":
-        return int(s, 8)
-    return int(s)
+def _int(text: str, line: int = 0) -> int:
+    """A PTX integer literal (hex, binary, octal with a leading 0, decimal; U suffix); PtxError
+    for anything else, such as 09."""
+    s = text[:-1] if text.endswith("U") else text
+    try:
+        if s[:2] in ("0x", "0X"):
+            return int(s[2:], 16)
+        if s[:2] in ("0b", "0B"):
+            return int(s[2:], 2)
+        if len(s) > 1 and s[0] == "0":
+            return int(s[1:], 8)
+        return int(s, 10)
+    except ValueError:
+        raise PtxError(f"not an integer: {text!r}", line) from None
 
 
 def _number(text: str) -> int | float:

@@ -161,6 +161,8 @@ class Translator:
         out = bytearray()
         for x in v.init:
             if isinstance(x, tuple) and x[0] == "bits":
+                if len(x[1]) - 2 != 2 * n:
+                    raise PtxError(f"a {(len(x[1]) - 2) * 4}-bit float initializer for {v.type} {v.name}", v.line)
                 out += int(x[1][2:], 16).to_bytes(n, "little")
             elif isinstance(x, tuple):
                 raise PtxUnsupportedError(f"address initializers ({v.name} = {{{x[1]}...}})", v.line)
@@ -224,6 +226,7 @@ class Translator:
     def _function(self, f: Function) -> list[str]:
         self.fn = f
         self.registers = 0
+        self._check_labels(f)
         scope = _Scope(self.globals)
         lines = [self._signature(f) + " {"]
         for i, p in enumerate(f.params):
@@ -238,7 +241,25 @@ class Translator:
         lines.append("}")
         return lines
 
+    def _check_labels(self, f: Function) -> None:
+        """Every label defined once in the function (branches are checked against them):
+        what PTX requires, said here rather than by the host compiler."""
+        self.labels: dict[str, int] = {}
+
+        def walk(b: Block) -> None:
+            for it in b.items:
+                if isinstance(it, Label):
+                    if it.name in self.labels:
+                        raise PtxError(f"label {it.name} defined twice (first at line {self.labels[it.name]})",
+                                       it.line)
+                    self.labels[it.name] = it.line
+                elif isinstance(it, Block):
+                    walk(it)
+        walk(f.body)
+
     def _declare(self, d: VarDecl, scope: _Scope, top: bool) -> list[str]:
+        if d.space != ".reg" and d.name in scope.names:
+            raise PtxError(f"{d.name} declared twice in one scope", d.line)
         if d.space == ".reg":
             if d.type not in TYPES:
                 raise PtxUnsupportedError(f"registers of type {d.type}", d.line)
@@ -250,6 +271,8 @@ class Translator:
                 raise PtxUnsupportedError(f"more than {MAX_REGISTERS} registers in one function", d.line)
             names = [f"{d.name}{i}" for i in range(d.count)] if d.count is not None else [d.name]
             for n in names:
+                if n in scope.names:
+                    raise PtxError(f"{n} declared twice in one scope", d.line)
                 scope.names[n] = (".reg", d.type, _ident("r", n))
             init = " = 0" if top else ""
             return [f"    {ctype} {', '.join(_ident('r', n) + init for n in names)};"]
