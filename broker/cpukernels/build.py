@@ -149,11 +149,18 @@ def _build(source: str, opts: CompileOptions, out_path: Path, *, work: str, dead
         raise KernelCompileError("internal error: tenant source not found after preprocessing", pp[-2000:])
     tenant = pp[m.end() + 1:]
     an = analyze(tenant)
+    _link('#include "kubecash_cuda.h"\n' + an.text + "\n" + generate(an), out_path, std=opts.std,
+          work=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes)
+
+
+def _link(tu: str, out_path: Path, *, std: str, work: str, deadline: float, memory_limit_bytes: int,
+          flags: Sequence[str] = ()) -> None:
+    """Compile translation unit `tu` into the module at `out_path`, checked for load-time code."""
     tu_path = os.path.join(work, "module.cc")
     with open(tu_path, "w") as f:
-        f.write('#include "kubecash_cuda.h"\n' + an.text + "\n" + generate(an))
+        f.write(tu)
     tmp_out = os.path.join(work, "module.so")
-    argv = [cxx, f"-std={opts.std}", "-shared", *_cxx_flags(),
+    argv = [_compiler(), f"-std={std}", "-shared", *_cxx_flags(), *flags,
             "-Wl,-Bsymbolic",                # the module's own symbols bind to itself
             "-Wl,-z,noexecstack", "-o", tmp_out, tu_path, "-ldl"]
     _run_compiler(argv, cwd=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes,
@@ -180,7 +187,7 @@ def _host_fma_flags() -> list[str]:
 _PTX_FLAGS = _host_fma_flags()
 
 
-def _translate_ptx(text: str) -> tuple[str, bool]:
+def _translate_ptx(text: str) -> str:
     try:
         return ptx.to_cpp(normalize_newlines(text))
     except ptx.PtxUnsupportedError as e:
@@ -194,19 +201,11 @@ def _translate_ptx(text: str) -> tuple[str, bool]:
                                  code=E.CUDA_ERROR_INVALID_PTX) from None
 
 
-def _build_translated(cpp: str, opts: CompileOptions, out_path: Path, *, work: str, deadline: float,
+def _build_translated(ptx_text: str, opts: CompileOptions, out_path: Path, *, work: str, deadline: float,
                       memory_limit_bytes: int) -> None:
-    """Build C++ that the PTX translator wrote (no tenant text in it: names are re-spelled)."""
-    tu_path = os.path.join(work, "module.cc")
-    with open(tu_path, "w") as f:
-        f.write(cpp)
-    tmp_out = os.path.join(work, "module.so")
-    argv = [_compiler(), "-std=c++17", "-shared", *_cxx_flags(), *_PTX_FLAGS, "-Wl,-Bsymbolic", "-Wl,-z,noexecstack",
-            "-o", tmp_out, tu_path, "-ldl"]
-    _run_compiler(argv, cwd=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes,
-                  what="compiler")
-    _check_load_time_code(tmp_out)
-    os.replace(tmp_out, out_path)
+    """Translate PTX and build the C++ (no tenant text in it: names are re-spelled)."""
+    _link(_translate_ptx(ptx_text), out_path, std="c++17", work=work, deadline=deadline,
+          memory_limit_bytes=memory_limit_bytes, flags=_PTX_FLAGS)
 
 
 _DT_INIT_ARRAYSZ, _DT_FINI_ARRAYSZ, _DT_PREINIT_ARRAYSZ = 27, 28, 33
@@ -242,15 +241,16 @@ def _check_load_time_code(path: str) -> None:
             "initialize globals, __device__ and __constant__ variables with constants")
 
 
-_header_cache: tuple[float, str] | None = None
+_header_cache: dict[Path, tuple[int, str]] = {}
 
 
-def _header_text() -> str:
-    global _header_cache
-    st = os.stat(_HEADER_PATH)
-    if _header_cache is None or _header_cache[0] != st.st_mtime_ns:
-        _header_cache = (st.st_mtime_ns, _HEADER_PATH.read_text())
-    return _header_cache[1]
+def _header_text(path: Path = _HEADER_PATH) -> str:
+    """A header's text (part of the cache key), read again only when it changes."""
+    st = os.stat(path)
+    cached = _header_cache.get(path)
+    if cached is None or cached[0] != st.st_mtime_ns:
+        cached = _header_cache[path] = (st.st_mtime_ns, path.read_text())
+    return cached[1]
 
 
 def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
@@ -272,17 +272,15 @@ def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Path
     if language not in ("cuda-c", "ptx"):
         raise KernelCompileError(f"unknown module language {language!r}")
     opts = parse_options(options)
-    # Neither step needs the compiler: CUDA C's directives are checked, PTX is translated.
-    if language == "ptx":
-        sanitized, fibers = _translate_ptx(source)
-    else:
-        sanitized = sanitize_directives(normalize_newlines(source))
+    # Checked before the cache is looked at, and without the compiler: CUDA C's directives.
+    # (PTX is translated on a cache miss only: a cached build translated.)
+    sanitized = source if language == "ptx" else sanitize_directives(normalize_newlines(source))
 
     cxx = _compiler()
+    ptx_parts = [_header_text(_PTX_HEADER_PATH), _PTX_FLAGS] if language == "ptx" else []
     key = hashlib.sha256(json.dumps(
         [GENERATOR_VERSION, _header_text(), _compiler_identity(cxx), source,
-         dataclasses.asdict(opts), language] + ([_PTX_HEADER_PATH.read_text(), _PTX_FLAGS] if language == "ptx" else [])
-    ).encode()).hexdigest()
+         dataclasses.asdict(opts), language, *ptx_parts]).encode()).hexdigest()
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     so_path = cache / f"{key}.so"

@@ -20,7 +20,7 @@ from .state import (
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG)
 
 
-def _tenant_dir_error(e: OSError, what: str):
+def tenant_dir_error(e: OSError, what: str):
     """Out of space is the asker's OUT_OF_MEMORY, saying so; anything else names the OS error."""
     if e.errno in _NO_SPACE:
         return _err(E.CUDA_ERROR_OUT_OF_MEMORY,
@@ -103,7 +103,7 @@ class Accounting:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except OSError as e:
-            raise _tenant_dir_error(e, f"cannot create the {kind} memory file in the tenant's shm directory") from None
+            raise tenant_dir_error(e, f"cannot create the {kind} memory file in the tenant's shm directory") from None
         try:
             if self.owner is not None:     # the tenant's containers map it as their uid
                 os.fchown(fd, *self.owner)
@@ -113,7 +113,7 @@ class Accounting:
         except OSError as e:
             os.close(fd)
             os.unlink(path)
-            raise _tenant_dir_error(e, f"cannot back {size} bytes of {kind} memory in the tenant's "
+            raise tenant_dir_error(e, f"cannot back {size} bytes of {kind} memory in the tenant's "
                                        "shm directory") from None
         return path, fd
 

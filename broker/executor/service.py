@@ -21,7 +21,7 @@ from kubecash.client.errors import CudaError, E, ProtocolError, map_exceptions
 from kubecash.client.limits import Limits
 
 from .. import malloc
-from .accounting import Accounting, _tenant_dir_error, bound_memory
+from .accounting import Accounting, bound_memory, tenant_dir_error
 from .ops_copy import CopyOps
 from .ops_memory import MemoryOps
 from .ops_module import ModuleOps
@@ -95,7 +95,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         try:
             self._bind()
         except (OSError, zmq.ZMQError) as e:     # a full tenant directory, say: the tenant hears why
-            err = _tenant_dir_error(e, "cannot make the executor's socket in the tenant's directory")
+            err = tenant_dir_error(e, "cannot make the executor's socket in the tenant's directory")
             self._report("fatal", code=int(err.code), error=err.message)
             raise SystemExit(1) from None
         if before_backend is not None:

@@ -16,6 +16,6 @@ from .translate import translate
 __all__ = ["PtxError", "PtxUnsupportedError", "parse", "translate", "to_cpp"]
 
 
-def to_cpp(text: str) -> tuple[str, bool]:
-    """PTX `text` as C++ for the CPU backend, and whether its kernels need fibers."""
+def to_cpp(text: str) -> str:
+    """PTX `text` as one C++ translation unit for the CPU backend (its tables included)."""
     return translate(parse(text))

@@ -561,7 +561,7 @@ def _vprintf(tr: Translator, ins: Instr, rets: list, params: list) -> str:
 
 def bar(tr: Translator, ins: Instr) -> str:
     mods = tr.mods(ins)
-    tr.barriers = True
+    tr.fibers = True
     red = [m for m in mods if m in (".red",)]
     if ".arrive" in mods:
         raise tr.refuse("bar.arrive (producer-consumer barriers)")
@@ -645,7 +645,7 @@ def _atom(tr: Translator, ins: Instr, result: bool) -> str:
 
 def _warp(tr: Translator, kind: str, mode: int, a: str, b: str = "0", c: str = "0", mask: str = "0xffffffffu") -> str:
     """A statement that parks this lane at a warp operation; its WarpOp is `_o` afterwards."""
-    tr.barriers = True          # warps need fibers
+    tr.fibers = True
     return (f"::__kc::WarpOp _o{{::__kc::{kind}, {mode}u, (uint64_t)({a}), (uint32_t)({b}), (uint32_t)({c}), "
             f"(uint32_t)({mask}), 0, 0}}; __kc_warp_op(&_o);")
 

@@ -65,14 +65,13 @@ class Translator:
         self.shared: dict[int, int] = {}   # id(shared VarDecl) -> offset in the window
         self.shared_static = 0
         self.dynamic_shared = False
-        self.barriers = False
+        self.fibers = False            # barriers or warp operations: blocks run as fibers
         self.funcs: dict[str, Function] = {}
-        self.out: list[str] = []
         self.tmp = 0
 
     # -- the module ------------------------------------------------------------------------
-    def translate(self) -> tuple[str, bool]:
-        """(C++ source, whether the module needs fibers)."""
+    def translate(self) -> str:
+        """The C++ source: functions, then the runtime's tables (fibers where needed)."""
         m = self.m
         if not ((6, 0) <= m.version < (10, 0)):
             raise PtxUnsupportedError(f".version {m.version[0]}.{m.version[1]} (supported: 6.0 to 9.x)", 1)
@@ -101,11 +100,10 @@ class Translator:
         window = self.dynamic_offset + (SHARED_WINDOW_DYNAMIC if self.dynamic_shared else 0)
         head.append(f"alignas(16) static thread_local unsigned char _kc_smem[{max(window, 16)}];")
         text = "\n".join(head + protos + body) + "\n}  // namespace\n"
-        text += self._tables()
-        return text, self.barriers
+        return text + self._tables()
 
     def _tables(self) -> str:
-        g = [f"#define __KC_FIBERS {1 if self.barriers else 0}", "#define __KC_RUNTIME__ 1",
+        g = [f"#define __KC_FIBERS {1 if self.fibers else 0}", "#define __KC_RUNTIME__ 1",
              '#include "kubecash_cuda.h"',
              "namespace __kc { static void extern_shared_hook(void* p) { (void)p; } }",
              "static const ::__kc::KernelEntry __kc_kernel_table[] = {"]
@@ -467,7 +465,7 @@ def _float_literal(v: float) -> str:
     return repr(v)
 
 
-def translate(module: Module) -> tuple[str, bool]:
+def translate(module: Module) -> str:
     return Translator(module).translate()
 
 
