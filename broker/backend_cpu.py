@@ -23,6 +23,7 @@ from typing import Any
 from kubecash.client.errors import CUresult, error_from_code
 
 from . import cpukernels
+from .ptx import fatbin
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -102,16 +103,13 @@ class CpuBackend:
     # -- modules and launches -------------------------------------------------------------
     def load_module(self, kind: str, source: str | None, image: bytes | None,
                     options: Sequence[str]) -> cpukernels.CompiledModule:
-        # CUDA C source is compiled; a PTX image is translated (broker/ptx); a CUBIN or
-        # fatbin image runs here only when it comes with the CUDA C source it was compiled
-        # from (the shim ties NVRTC output to its source).
+        # CUDA C source goes through NVRTC to PTX; PTX is translated (broker/ptx), from a
+        # fatbin its best PTX entry. SASS (a CUBIN, a fatbin without PTX) cannot run here.
         language = "cuda-c"
-        if source is None and kind == "ptx" and image is not None:
-            source, language = _ptx_text(image), "ptx"
-        if source is None or kind not in ("cuda-c", "ptx", "cubin", "fatbin"):
-            raise error_from_code(CUresult.CUDA_ERROR_NO_BINARY_FOR_GPU,
-                          f"a CPU device runs CUDA C source and PTX; a {kind} image with no "
-                          "known source cannot run here")
+        if source is None and image is not None:
+            source, language = (_ptx_text(image) if kind == "ptx" else _ptx_of_image(image)), "ptx"
+        if source is None:
+            raise error_from_code(CUresult.CUDA_ERROR_INVALID_VALUE, "no source or image")
         if self.compile_helper is not None:
             image = self.compile_helper.build(source, options, COMPILE_TIMEOUT_S, language)
         else:
@@ -199,8 +197,8 @@ def build_image(source: str, options: Sequence[str], *, cache_dir: str, timeout_
         raise error_from_code(CUresult.CUDA_ERROR_NOT_SUPPORTED,
                       f"the CPU backend does not support {e.construct}", log=e.log) from None
     except cpukernels.KernelCompileError as e:
-        if e.code == CUresult.CUDA_ERROR_INVALID_PTX:
-            raise error_from_code(CUresult.CUDA_ERROR_INVALID_PTX, e.message, log=e.log) from None
+        if e.code != CUresult.CUDA_ERROR_INVALID_SOURCE:    # INVALID_PTX, NOT_SUPPORTED (no NVRTC)
+            raise error_from_code(e.code, e.message, log=e.log) from None
         raise error_from_code(CUresult.CUDA_ERROR_INVALID_SOURCE,
                       "module does not compile: " + _first_error(e.log), log=e.log) from None
 
@@ -212,6 +210,18 @@ def _ptx_text(image: bytes) -> str:
         return text.decode("utf-8")
     except UnicodeDecodeError:
         raise error_from_code(CUresult.CUDA_ERROR_INVALID_PTX, "the PTX image is not UTF-8 text") from None
+
+
+def _ptx_of_image(image: bytes) -> str:
+    """The PTX to run from a fatbin (its best PTX entry, broker/ptx/fatbin.py) or a CUBIN
+    (none: NO_BINARY_FOR_GPU naming what it held)."""
+    try:
+        return fatbin.ptx_from_image(bytes(image))
+    except fatbin.NoPtxError as e:
+        raise error_from_code(CUresult.CUDA_ERROR_NO_BINARY_FOR_GPU,
+                              f"{e} (build it with PTX: a compute_XX architecture, nvcc's default)") from None
+    except fatbin.FatbinFormatError as e:
+        raise error_from_code(CUresult.CUDA_ERROR_INVALID_IMAGE, f"module image: {e}") from None
 
 
 def _first_error(log: str) -> str:

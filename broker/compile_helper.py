@@ -1,13 +1,13 @@
-"""The compile helper: where a CPU executor's modules are preprocessed and compiled.
+"""The compile helper: where a CPU executor's modules are compiled (NVRTC) and built (g++).
 
-The preprocessor and the compiler read files as they please (`#include`, `__has_include`,
-`#pragma GCC dependency`, however a tenant spells them), so they do not run in the executor
-nor with the host's view. Each CPU executor forks one helper before it confines itself; the
-helper then makes its own view (`confine.View`: the compiler and system headers read-only,
-KubeCASH's header, its tenant's module cache as /cache, /dev/null; no network), drops to the
+Compilers read files as they please (`#include`, `__has_include`, `#pragma GCC dependency`,
+however a tenant spells them), so they do not run in the executor nor with the host's view.
+Each CPU executor forks one helper before it confines itself; the helper then makes its own
+view (`confine.View`: the compiler and system headers read-only, NVRTC and the CUDA headers,
+KubeCASH's headers, its tenant's module cache as /cache, /dev/null; no network), drops to the
 tenant's uid, and serves `build` requests (kubecash.client.protocol, channel `compile`) on a
-stream socketpair, one at a time: CUDA C source in, a shared object out. The executor then
-needs no exec and no view of the host.
+stream socketpair, one at a time: CUDA C source or PTX in, a shared object out. The executor
+then needs no exec and no view of the host.
 
 Frames: a 4-byte little-endian length, then one MessagePack message.
 """
@@ -29,6 +29,7 @@ from kubecash.client.limits import COMPILED_IMAGE_MAX
 from . import confine
 from .backend_cpu import build_image
 from .cpukernels import build as _build
+from .cpukernels import nvrtc
 
 log = logging.getLogger("kubecash.compile")
 _HEADER = struct.Struct("<I")
@@ -143,6 +144,9 @@ class _HelperServer:
                 v.bind("/etc/ld.so.cache", "/etc/ld.so.cache")
             v.bind("/dev/null", "/dev/null", dev=True)
             v.bind(include, include)
+            for d in nvrtc.prepare():          # loaded now; the headers are read per compile
+                if not d.startswith("/usr/"):
+                    v.bind(d, d)
             v.bind(cache_dir, "/cache", readonly=False, exec_=False)
             v.mkdir("/tmp", 0o1777)
             v.enter()

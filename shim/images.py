@@ -1,19 +1,16 @@
-"""Ties the images NVRTC produces in this program to the source they came from.
+"""The image bytes a module-load call names (bytes, arrays or a bare address, a file), the
+CUBINs NVRTC made in this program tied to the PTX it made with them, and kernel signatures
+read from PTX.
 
-A CPU device cannot run PTX or a CUBIN, but it can compile the CUDA C that NVRTC compiled.
-The shim records each program's source and options (nvrtcCreateProgram /
-nvrtcCompileProgram) and, when the program takes the PTX or CUBIN out (nvrtcGetPTX /
-nvrtcGetCUBIN and the pythonic get_ptx / get_cubin), files the image under a hash of its
-bytes. Loading those bytes later (cuModuleLoadData, ...Ex, ...FatBinary, cuModuleLoad of a
-file holding them) sends the source along. Also here: the image bytes a module-load call
-names (bytes, arrays or a bare address), and kernel signatures read from PTX.
+A CPU device runs PTX. A CUBIN holds SASS only; when the program took it out of NVRTC
+(nvrtcGetCUBIN, get_cubin: cuda-python's samples do, for the device's compute capability),
+the shim took that program's PTX too and files it under a hash of the CUBIN's bytes, so
+loading the CUBIN on a CPU device loads its PTX.
 """
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import hashlib
-import os
 import re
 import struct
 import threading
@@ -26,22 +23,7 @@ from .hostmem import host_address
 ELF_MAGIC = b"\x7fELF"
 FATBIN_MAGIC = 0xBA55ED50
 MAX_IMAGE = 32 << 20
-
-
-@dataclasses.dataclass
-class Program:
-    source: str
-    name: str
-    options: tuple[str, ...] = ()
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class KnownImage:
-    kind: str                      # "ptx" or "cubin"
-    source: str
-    options: tuple[str, ...]
-    headers: tuple[tuple[str, str], ...]
+MAX_TIED = 256          # CUBINs remembered (a program that compiles all day stays bounded)
 
 
 def _key(data: bytes) -> str:
@@ -53,49 +35,17 @@ def _key(data: bytes) -> str:
 class Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.programs: dict[int, Program] = {}
-        self.images: dict[str, KnownImage] = {}
-        self._raw: list[tuple[bytes, KnownImage]] = []   # for finding images inside fatbins
+        self._ptx: dict[str, bytes] = {}     # CUBIN hash -> the PTX of the same NVRTC program
 
-    def add_program(self, handle: int, source: bytes | str, name: Any, headers, include_names) -> None:
-        src = source.decode("utf-8", "replace") if isinstance(source, (bytes, bytearray)) else str(source)
-        hdrs: list[tuple[str, str]] = []
-        for h, n in zip(headers or (), include_names or (), strict=False):   # nvrtc: counts may differ
-            hdrs.append((_text(n), _text(h)))
+    def add(self, cubin: bytes, ptx: bytes) -> None:
         with self._lock:
-            self.programs[handle] = Program(src.rstrip("\0"), _text(name or b"default_program"),
-                                            (), tuple(hdrs))
+            self._ptx[_key(cubin)] = ptx.rstrip(b"\0")
+            while len(self._ptx) > MAX_TIED:
+                del self._ptx[next(iter(self._ptx))]
 
-    def set_options(self, handle: int, options) -> None:
+    def ptx_for(self, data: bytes) -> bytes | None:
         with self._lock:
-            p = self.programs.get(handle)
-            if p is not None:
-                p.options = tuple(_text(o) for o in (options or ()))
-
-    def drop_program(self, handle: int) -> None:
-        with self._lock:
-            self.programs.pop(handle, None)
-
-    def add_image(self, handle: int, data: bytes, kind: str) -> None:
-        with self._lock:
-            p = self.programs.get(handle)
-            if p is None or not data:
-                return
-            img = KnownImage(kind, p.source, p.options, p.headers)
-            self.images[_key(bytes(data))] = img
-            self._raw.append((bytes(data).rstrip(b"\0 \t\r\n"), img))
-            del self._raw[:-64]              # enough for fatbin lookups; bounded
-
-    def lookup(self, data: bytes) -> KnownImage | None:
-        with self._lock:
-            hit = self.images.get(_key(data))
-            if hit is not None or not is_fatbin(data):
-                return hit
-            # A fatbin built from images this program made: find one of them inside.
-            for raw, img in reversed(self._raw):
-                if raw and raw in data:
-                    return img
-            return None
+            return self._ptx.get(_key(data))
 
 
 def _text(v: Any) -> str:
@@ -211,101 +161,3 @@ def ptx_signatures(data: bytes) -> dict[str, tuple[int, ...]] | None:
         return ptx_entries(data.rstrip(b"\0").decode("utf-8", "replace"))
     except ValueError:
         return None
-
-
-# -- NVRTC options a CPU device can honour ---------------------------------------------------
-# Options that only steer GPU code generation or debugging: meaningless on a CPU, dropped.
-_DROP = re.compile(
-    r"(?:--?fmad(?:=\S*)?|--?ftz(?:=\S*)?|--?prec-div(?:=\S*)?|--?prec-sqrt(?:=\S*)?"
-    r"|-?-use_fast_math|--?extra-device-vectorization|-G|--device-debug|-lineinfo"
-    r"|--generate-line-info|-default-device|--device-as-default-execution-space"
-    r"|-rdc(?:=\S*)?|--relocatable-device-code(?:=\S*)?|-dopt(?:=\S*)?|--dopt(?:=\S*)?"
-    r"|-maxrregcount(?:=\S*)?|--maxrregcount(?:=\S*)?|-ewp|--extensible-whole-program"
-    r"|-restrict|--restrict|-w|--disable-warnings|-Werror(?:=\S*)?|-dw|-dlto|--dlink-time-opt"
-    r"|-time(?:=\S*)?|--time(?:=\S*)?|-split-compile(?:=\S*)?|--split-compile(?:=\S*)?"
-    r"|-pch|--pch|-no-pch|--no-pch|-err-no|--display-error-number|-no-err-no"
-    r"|--no-display-error-number|--diag-(?:suppress|error|warn)(?:=\S*)?"
-    r"|-diag-(?:suppress|error|warn)(?:=\S*)?|-builtin-move-forward(?:=\S*)?"
-    r"|-builtin-initializer-list(?:=\S*)?|--builtin-\S+|-std=c\+\+03|--std=c\+\+03"
-    r"|-opt-info(?:=\S*)?|--optimization-info(?:=\S*)?|-?-modify-stack-limit(?:=\S*)?"
-    r"|-?-minimal|-?-device-int128|-?-device-float128|-?-fdevice-syntax-only"
-    r"|-?-fdevice-time-trace(?:=\S*)?|-?-Ofast-compile(?:=\S*)?|-O[0-3])\Z")
-_INCLUDE = re.compile(r"(?:--include-path(?:=|\Z)|-I=?)(.*)", re.S)
-_ARCH = re.compile(r"(?:-arch|--gpu-architecture)(?:=|\Z)(.*)", re.S)
-_STD = re.compile(r"--?std=(.*)")
-
-
-def _nvidia_header_dir(path: str) -> bool:
-    """NVIDIA's own CUDA header directories: the CPU backend stands in for these headers."""
-    try:
-        return any(os.path.exists(os.path.join(path, f))
-                   for f in ("cuda_runtime.h", "cuda.h", "cuda/std/version", "cuda_fp16.h"))
-    except (OSError, ValueError):
-        return False
-
-
-def cpu_options(options: tuple[str, ...]) -> list[str]:
-    """The NVRTC options that mean something to a CPU compile. Raises CudaError for ones
-    that would need the program's files (include paths other than NVIDIA's own)."""
-    out: list[str] = []
-    opts = list(options)
-    i = 0
-    while i < len(opts):
-        o = opts[i].strip()
-        i += 1
-        if not o:
-            continue
-        if o in ("-D", "--define-macro") and i < len(opts):
-            out.append("-D" + opts[i].strip())
-            i += 1
-            continue
-        if o.startswith(("-D", "--define-macro=")):
-            out.append("-D" + (o[2:] if o.startswith("-D") else o.split("=", 1)[1]))
-            continue
-        m = _INCLUDE.match(o)
-        if m:
-            path = m.group(1)
-            if not path and i < len(opts):
-                path, i = opts[i], i + 1
-            if _nvidia_header_dir(path) or not os.path.isdir(path):
-                continue          # cuda_runtime.h & co. are provided; a missing dir holds nothing
-            raise CudaError(CUresult.CUDA_ERROR_NOT_SUPPORTED,
-                            f"NVRTC option {o!r}: a CPU device compiles the program's source in "
-                            "the broker, which cannot read include directories from the "
-                            "program's file system; pass headers to nvrtcCreateProgram or "
-                            "inline them")
-        m = _ARCH.match(o)
-        if m:
-            v = m.group(1)
-            if not v and i < len(opts):
-                v, i = opts[i], i + 1
-            out.append(f"--gpu-architecture={v}")   # sets __CUDA_ARCH__ as on the GPU
-            continue
-        if _DROP.match(o):
-            continue
-        m = _STD.match(o)
-        if m:
-            out.append(f"-std={m.group(1)}")
-            continue
-        out.append(o)             # anything else: the CPU compiler accepts it or says why
-    return out
-
-
-def inline_headers(source: str, headers: tuple[tuple[str, str], ...]) -> str:
-    """Headers given to nvrtcCreateProgram, pasted where the source includes them (the CPU
-    compiler reads no files): `#include "name"` / `<name>` of a given header is replaced."""
-    if not headers:
-        return source
-    table = dict(headers)
-
-    def sub(m: re.Match) -> str:
-        name = m.group(2)
-        if name in table:
-            return f"\n{table[name]}\n"
-        return m.group(0)
-    for _ in range(8):            # headers including headers, bounded
-        new = re.sub(r'(?m)^[ \t]*#[ \t]*include[ \t]*([<"])([^>"]+)[>"][^\n]*$', sub, source)
-        if new == source:
-            break
-        source = new
-    return source

@@ -1,6 +1,7 @@
-"""NVRTC stays the real NVRTC (it compiles in the program and needs no device). These
-wrappers only record what the CPU device needs to run the result: each program's source
-and options, and which PTX/CUBIN bytes came out of it (see images.py)."""
+"""NVRTC stays the real NVRTC (it compiles in the program and needs no device). One wrapper
+only: when the program takes a CUBIN out, the shim also takes the same program's PTX, so
+that the CUBIN, loaded on a CPU device (which runs PTX, not SASS), runs as that PTX (see
+images.py). PTX the program takes out needs nothing: a CPU device runs it as it is."""
 from __future__ import annotations
 
 import ctypes
@@ -17,10 +18,6 @@ def _ok(res) -> bool:
     return int(res[0] if isinstance(res, tuple) else res) == 0
 
 
-def _prog_id(prog) -> int:
-    return int(prog) if prog is not None else 0
-
-
 def _buffer_bytes(buf, size: int) -> bytes | None:
     """What NVRTC wrote into the caller's buffer (bytes objects included: cuda-python
     writes into them in place)."""
@@ -31,72 +28,33 @@ def _buffer_bytes(buf, size: int) -> bytes | None:
     return ctypes.string_at(addr, size) if addr and size > 0 else None
 
 
+def _program_ptx(prog) -> bytes | None:
+    res = real.nvrtcGetPTXSize(prog)
+    if not _ok(res) or int(res[1]) <= 0:
+        return None
+    buf = b" " * int(res[1])
+    return buf if _ok(real.nvrtcGetPTX(prog, buf)) else None
+
+
 # -- the classic bindings (nvrtcResult, ...) tuples ------------------------------------------------
-def nvrtcCreateProgram(src, name, numHeaders, headers, includeNames):
-    res = real.nvrtcCreateProgram(src, name, numHeaders, headers, includeNames)
-    if _ok(res):
-        STATE.images.add_program(_prog_id(res[1]), src, name, headers, includeNames)
-    return res
-
-
-def nvrtcCompileProgram(prog, numOptions, options):
-    STATE.images.set_options(_prog_id(prog), options)
-    return real.nvrtcCompileProgram(prog, numOptions, options)
-
-
-def nvrtcDestroyProgram(prog):
-    pid = _prog_id(prog)
-    res = real.nvrtcDestroyProgram(prog)
-    if _ok(res):
-        STATE.images.drop_program(pid)
-    return res
-
-
-def _get(kind: str, getter, size_fn, prog, buf):
-    res = getter(prog, buf)
-    if _ok(res):
-        sres = size_fn(prog)
-        if _ok(sres):
-            data = _buffer_bytes(buf, int(sres[1]))
-            if data is not None:
-                STATE.images.add_image(_prog_id(prog), data, kind)
-    return res
-
-
-def nvrtcGetPTX(prog, ptx):
-    return _get("ptx", real.nvrtcGetPTX, real.nvrtcGetPTXSize, prog, ptx)
-
-
 def nvrtcGetCUBIN(prog, cubin):
-    return _get("cubin", real.nvrtcGetCUBIN, real.nvrtcGetCUBINSize, prog, cubin)
+    res = real.nvrtcGetCUBIN(prog, cubin)
+    if _ok(res):
+        sres = real.nvrtcGetCUBINSize(prog)
+        data = _buffer_bytes(cubin, int(sres[1])) if _ok(sres) else None
+        ptx = _program_ptx(prog)
+        if data is not None and ptx is not None:
+            STATE.images.add(data, ptx)
+    return res
 
 
 # -- the pythonic form (cuda.bindings._v2.nvrtc: exceptions, plain returns) ----------------------
-def create_program(src, name, headers=None, include_names=None):
-    prog = real_v2.create_program(src, name, headers, include_names)
-    STATE.images.add_program(_prog_id(prog), src, name, headers, include_names)
-    return prog
-
-
-def compile_program(prog, options=None):
-    STATE.images.set_options(_prog_id(prog), options)
-    return real_v2.compile_program(prog, options)
-
-
-def destroy_program(prog):
-    pid = _prog_id(prog)
-    out = real_v2.destroy_program(prog)
-    STATE.images.drop_program(pid)
-    return out
-
-
-def get_ptx(prog):
-    data = real_v2.get_ptx(prog)
-    STATE.images.add_image(_prog_id(prog), bytes(data), "ptx")
-    return data
-
-
 def get_cubin(prog):
     data = real_v2.get_cubin(prog)
-    STATE.images.add_image(_prog_id(prog), bytes(data), "cubin")
+    try:
+        ptx = real_v2.get_ptx(prog)
+    except Exception:   # noqa: BLE001  (no PTX from this program: the CUBIN stays a CUBIN)
+        ptx = None
+    if ptx is not None:
+        STATE.images.add(bytes(data), bytes(ptx))
     return data

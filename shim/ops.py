@@ -116,25 +116,17 @@ def memset(dst: Any, value: Any, width: int, count: Any, stream: Any = None, *,
 
 # -- modules ------------------------------------------------------------------------------
 def load_module(data: bytes, ctx_handle: int, dev: int) -> int:
-    """Load an image on `dev`: with the CUDA C source NVRTC compiled it from, when known; a
-    PTX image the shim did not see made runs too (the CPU backend translates PTX)."""
+    """Load an image on `dev`. A CPU device runs PTX (fatbins: their PTX entry); a CUBIN
+    NVRTC made in this program runs there as the PTX NVRTC made with it."""
     if not data.strip(b"\0 \t\r\n"):
         raise CudaError(E.CUDA_ERROR_INVALID_IMAGE, "empty module image")
     kind = images.image_kind(data)
-    known = STATE.images.lookup(data)
     device = STATE.dev(dev)
-    fields: dict[str, Any] = {"kind": kind}
-    if known is not None:
-        source = images.inline_headers(known.source, known.headers)
-        fields.update(source=source, options=images.cpu_options(known.options))
-    elif device.kind == "cpu" and kind != "ptx":
-        raise CudaError(E.CUDA_ERROR_NO_BINARY_FOR_GPU,
-                        f"a {kind} image with no known source cannot run on the CPU device "
-                        f"'{device.name}': the CPU device runs PTX, and compiles the CUDA C source "
-                        "of images NVRTC produced in this program (nvrtcGetPTX/nvrtcGetCUBIN). "
-                        "Load the PTX, or compile the kernel with NVRTC in the program.")
-    if device.kind != "cpu" or known is None:
-        fields["image"] = data
+    if device.kind == "cpu" and kind == "cubin":
+        ptx = STATE.images.ptx_for(data)
+        if ptx is not None:
+            data, kind = ptx, "ptx"
+    fields: dict[str, Any] = {"kind": kind, "image": data}
     r = device.request("module_load", **fields)
     h = STATE.new_handle()
     STATE.modules[h] = Mod(dev, kc.Module(device, r["module"]), ctx_handle,

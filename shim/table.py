@@ -134,12 +134,11 @@ TABLE: dict[str, dict[str, str]] = {
         """),
     },
     NVRTC: {
-        # Recorded (source, options, produced images), then passed to the real NVRTC.
-        **_rows(LOCAL, """
-            nvrtcCreateProgram nvrtcCompileProgram nvrtcDestroyProgram nvrtcGetPTX nvrtcGetCUBIN
-        """),
+        # The real NVRTC's, and the program's PTX filed under the CUBIN's bytes (images.py).
+        **_rows(LOCAL, "nvrtcGetCUBIN"),
         # Passed to the real NVRTC unchanged (listed here for the record).
         **_rows(LOCAL + ":passthrough", """
+            nvrtcCreateProgram nvrtcCompileProgram nvrtcDestroyProgram nvrtcGetPTX
             nvrtcVersion nvrtcGetPTXSize nvrtcGetCUBINSize nvrtcGetProgramLogSize
             nvrtcGetProgramLog nvrtcGetErrorString nvrtcAddNameExpression nvrtcGetLoweredName
             nvrtcGetNumSupportedArchs nvrtcGetSupportedArchs nvrtcGetLTOIRSize nvrtcGetLTOIR
@@ -147,9 +146,10 @@ TABLE: dict[str, dict[str, str]] = {
         """),
     },
     NVRTC_V2: {
-        **_rows(LOCAL, "create_program compile_program destroy_program get_ptx get_cubin"),
+        **_rows(LOCAL, "get_cubin"),
         **_rows(LOCAL + ":passthrough", """
-            version get_ptx_size get_cubin_size get_program_log get_program_log_size
+            create_program compile_program destroy_program get_ptx version get_ptx_size
+            get_cubin_size get_program_log get_program_log_size
             get_error_string add_name_expression get_lowered_name get_supported_archs
             get_num_supported_archs
         """),

@@ -31,6 +31,7 @@ class BrokerProcess(LocalBroker):
         if settings.get("runtime_dir"):
             BrokerProcess.runtime_dirs.append(settings["runtime_dir"])
         super().__init__(tenants, **settings)
+        self.cache_dir = settings["cache_dir"]     # tenants' module caches: <cache_dir>/tenants/<name>
         BrokerProcess.runtime_dirs.append(self.runtime_dir)
 
     def connect(self, tenant: str) -> kc.Session:

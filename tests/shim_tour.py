@@ -2,6 +2,7 @@
 program (python -c, only KUBECASH_BROKER set): return tuples, handle types, error codes."""
 import ctypes
 import os
+import struct
 import tempfile
 
 import numpy as np
@@ -94,11 +95,13 @@ ok(cu.cuModuleUnload(mod2))
 ok(cu.cuModuleUnload(mod3))
 assert cu.cuModuleUnload(mod2)[0] == R.CUDA_ERROR_INVALID_HANDLE
 
-# PTX NVRTC never produced here runs (the CPU backend translates it); a CUBIN does not
+# PTX NVRTC never produced here runs (the CPU backend translates it); SASS does not
 hand = b".version 8.0\n.target sm_80\n.address_size 64\n.visible .entry k() { ret; }\n"
 ok(cu.cuModuleUnload(ok(cu.cuModuleLoadData(hand))))
-bad = b"\x7fELF\x02\x01\x01" + bytes(57)
-assert cu.cuModuleLoadData(bad)[0] == R.CUDA_ERROR_NO_BINARY_FOR_GPU
+cubin = (b"\x7fELF\x02\x01\x01\x33\x08" + bytes(7) + struct.pack("<HHI", 2, 190, 1) + bytes(24)
+         + struct.pack("<I", 0x6005004) + bytes(12))          # an sm_80 CUBIN's ELF header
+assert cu.cuModuleLoadData(cubin)[0] == R.CUDA_ERROR_NO_BINARY_FOR_GPU
+assert cu.cuModuleLoadData(b"\x7fELF\x02\x01\x01" + bytes(57))[0] == R.CUDA_ERROR_INVALID_IMAGE
 
 # streams, events, queries
 st = ok(cu.cuStreamCreate(0))

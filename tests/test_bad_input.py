@@ -1,6 +1,8 @@
 """Every bad input gets a clear error reply while the broker and executor keep serving."""
 from __future__ import annotations
 
+import struct
+
 import msgpack
 import numpy as np
 import pytest
@@ -117,9 +119,14 @@ def test_module_errors(session):
     mod = dev.load_module(VECADD)
     with pytest.raises(kc.NotFoundError, match="no kernel named 'vsub'.*vadd"):
         mod.get_kernel("vsub")
-    with pytest.raises(kc.CompileError) as e:
-        dev.load_module(image=b"\x7fELF....", kind="cubin")
+    cubin = (b"\x7fELF\x02\x01\x01\x33\x08" + bytes(7) + struct.pack("<HHI", 2, 190, 1) + bytes(24)
+             + struct.pack("<I", 0x6005A04) + bytes(12))          # an sm_90 CUBIN's ELF header
+    with pytest.raises(kc.CompileError, match="SASS for sm_90") as e:
+        dev.load_module(image=cubin, kind="cubin")
     assert e.value.name == "CUDA_ERROR_NO_BINARY_FOR_GPU"
+    with pytest.raises(kc.CudaError) as e:
+        dev.load_module(image=b"\x7fELF....", kind="cubin")
+    assert e.value.name == "CUDA_ERROR_INVALID_IMAGE"
     # still serving
     n = 256
     a = dev.allocate(n * 4)

@@ -1,7 +1,10 @@
 """The CPU backend's sandbox: tenant kernels are native code on the host and must not get
-out. Each attempt below (open a file, create a socket, run a program, a raw syscall(),
-code at module load or unload) is refused, the tenant is told why, the side effect did not
-happen, and the broker and the other tenants keep serving. Compiles are bounded."""
+out. Tenant CUDA C and PTX cannot name a host function (the translator refuses external
+functions): that is the first wall, tested first. Behind it, each attempt below (open a file,
+create a socket, run a program, a raw syscall(), code at module unload) comes from a native
+module planted in the tenant's module cache (tests/native.py: what a translator bug would
+give a tenant) and is refused by the sandbox: the tenant is told why, the side effect did
+not happen, and the broker and the other tenants keep serving. Compiles are bounded."""
 from __future__ import annotations
 
 import os
@@ -11,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from kernels import VECADD
+from native import plant
 
 import kubecash.client as kc
 from kubecash.broker import cpukernels as ck
@@ -87,9 +91,24 @@ def _bob_still_serves(b) -> None:
 
 
 @pytest.mark.parametrize("kind", list(ESCAPES))
+def test_tenant_code_cannot_name_a_host_function(tmp_path, kind):
+    src, _ = _source(kind, str(tmp_path / "never"))
+    with pytest.raises(ck.KernelCompileError, match="host functions are not allowed|undefined"):
+        ck.compile_module(src, cache_dir=tmp_path)
+    # Declared as device functions, they are external functions in the PTX: refused there.
+    with pytest.raises(ck.KernelCompileError, match="external function|undefined"):
+        ck.compile_module(src, ["-default-device"], cache_dir=tmp_path)
+
+
+def _tenant_cache(broker, tenant: str) -> str:
+    return os.path.join(broker.cache_dir, "tenants", tenant)
+
+
+@pytest.mark.parametrize("kind", list(ESCAPES))
 def test_a_kernel_that_tries_to_get_out_is_refused(broker, tmp_path, kind):
     target = str(tmp_path / f"made-by-{kind}")
     src, name = _source(kind, target)
+    plant(_tenant_cache(broker, "alice"), src, src)
     with broker.connect("alice") as a, broker.connect("alice") as a2, broker.connect("bob") as b:
         da, da2 = a.device("cpu0"), a2.device("cpu0")
         da2.allocate(16)
@@ -124,7 +143,6 @@ def _zombie(pid: int) -> bool:
 
 
 ALLOWED = r'''
-extern "C" void* malloc(unsigned long); extern "C" void free(void*);
 extern "C" __global__ void ok(int* out, int n) {
     __shared__ int s[64];
     int* big = (int*)malloc(8 << 20);           /* mmap'd by malloc */
@@ -151,32 +169,37 @@ def test_what_kernels_need_is_allowed(session):
 
 
 def test_code_that_would_run_at_load_time_is_refused(session, tmp_path):
+    """CUDA has no dynamic initialization of device variables: NVRTC refuses it; and a
+    module with initializers or finalizers of its own is refused however it was made."""
     d = session.device("cpu0")
     target = str(tmp_path / "made-at-load")
-    for src in (
+    loads = (
         f'extern "C" int system(const char*); static int x = system("touch {target}");\n'
         'extern "C" __global__ void k(int* p) { p[0] = x; }',
-        f'extern "C" int system(const char*);\n'
-        f'__attribute__((constructor)) static void c() {{ system("touch {target}"); }}\n'
-        'extern "C" __global__ void k(int* p) {}',
-        f'extern "C" int system(const char*); struct D {{ ~D() {{ system("touch {target}"); }} }} d;\n'
-        'extern "C" __global__ void k(int* p) {}',
-    ):
-        with pytest.raises(kc.NotSupportedError, match="load|constructor"):
+    )
+    for src in loads:
+        with pytest.raises(kc.CompileError):
             d.load_module(src)
+    for cpp in (f'extern "C" int system(const char*); static int x = system("touch {target}");',
+                f'__attribute__((constructor)) static void c() {{ system("touch {target}"); }}'):
+        with pytest.raises(ck.UnsupportedConstructError, match="loaded or unloaded"):
+            plant(str(tmp_path / "cache"), loads[0], '#include <stdlib.h>\n' + cpp
+                  + '\nextern "C" __global__ void k(int* p) {}')
     assert not os.path.exists(target)
     assert d.allocate(16).size == 16                 # nothing else happened
 
 
-def test_code_that_would_run_at_unload_time_runs_confined(session, tmp_path):
+def test_code_that_would_run_at_unload_time_runs_confined(broker, session, tmp_path):
     """A function-local static's destructor runs when the module is unloaded: on a
     confined thread too."""
     d = session.device("cpu0")
     target = str(tmp_path / "made-at-unload")
-    mod = d.load_module(f'''
+    src = f'''
         extern "C" int system(const char*);
         struct D {{ int v = 1; ~D() {{ system("touch {target}"); }} }};
-        extern "C" __global__ void k(int* p) {{ static D d; p[0] = d.v; }}''')
+        extern "C" __global__ void k(int* p) {{ static D d; p[0] = d.v; }}'''
+    plant(_tenant_cache(broker, "alice"), src, src)
+    mod = d.load_module(src)
     p = d.allocate(4)
     d.launch(mod.get_kernel("k"), (1,), (1,), [p])
     assert p.copy_to(np.empty(1, np.int32))[0] == 1
@@ -198,6 +221,7 @@ def test_sandbox_false_runs_kernels_unconfined(broker_factory, tmp_path):
     jailed = os.geteuid() == 0
     target = "/tenants/alice/made-unconfined" if jailed else str(tmp_path / "made-unconfined")
     src, _ = _source("open", target)
+    plant(_tenant_cache(b, "alice"), src, src)
     with b.connect("alice") as s:
         d = s.device("cpu0")
         r = d.allocate(64)
@@ -268,34 +292,31 @@ def test_no_table_no_kernels(monkeypatch):
 
 # -- compiles are bounded -------------------------------------------------------------------
 
-MACRO_BOMB = "\n".join([f"#define A0 {'x' * 200} {'x' * 200} {'x' * 200} {'x' * 200}"] +
-                       [f"#define A{i} A{i-1} A{i-1} A{i-1} A{i-1}" for i in range(1, 11)]) + "\nA10\n"
-CONSTEXPR_BOMB = r'''
-constexpr long f() {
-    long s = 0; for (long i = 0; i < 200000; i++) for (long j = 0; j < 200000; j++) s += i ^ j; return s; }
-static_assert(f() != 1, "");
-extern "C" __global__ void k(int* p) {}'''
-MEMORY_BOMB = r'''
-struct S { int a[1 << 24]; };
-constexpr S make() {
-    S s{}; for (int i = 0; i < 4096; i++) for (int j = 0; j < 4096; j++) s.a[i * 4096 + j] = i + j; return s; }
-constexpr S big = make();
-extern "C" __global__ void k(int* p) { p[0] = big.a[5]; }'''
+# 4^10 copies of 100 terms: NVRTC takes gigabytes and a long time over it.
+MACRO_BOMB = ("\n".join([f"#define A0 {'1+' * 100}"]
+                        + [f"#define A{i} A{i-1} A{i-1} A{i-1} A{i-1}" for i in range(1, 11)])
+              + '\n__device__ int v = A10 0;\nextern "C" __global__ void k(int* p) { p[0] = v; }\n')
 
 
 def test_a_macro_bomb_is_stopped_with_a_clear_error(session):
     d = session.device("cpu0")
     t0 = time.monotonic()
-    with pytest.raises(kc.CompileError, match="exceeds 64 MiB: runaway macro"):
+    with pytest.raises(kc.CompileError, match="out of memory|memory limit|timed out"):
         d.load_module(MACRO_BOMB)
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 90
     assert d.allocate(16).size == 16
+
+
+# 4^13 nested expansions of a tiny macro: minutes of preprocessing, almost no memory.
+TIME_BOMB = ("\n".join(["#define A0(x) x"]
+                       + [f"#define A{i}(x) A{i-1}(A{i-1}(A{i-1}(A{i-1}(x))))" for i in range(1, 14)])
+             + '\nextern "C" __global__ void k(int* p) { p[0] = A13(1); }\n')
 
 
 def test_compile_time_and_memory_are_bounded(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(ck.KernelCompileError, match="timed out"):
-        ck.compile_module(CONSTEXPR_BOMB, cache_dir=tmp_path, timeout_s=2)
+        ck.compile_module(TIME_BOMB, cache_dir=tmp_path, timeout_s=2)
     assert time.monotonic() - t0 < 10
-    with pytest.raises(ck.KernelCompileError, match="256 MiB memory limit"):
-        ck.compile_module(MEMORY_BOMB, cache_dir=tmp_path, memory_limit_bytes=256 << 20, timeout_s=60)
+    with pytest.raises(ck.KernelCompileError, match="out of memory"):     # NVRTC's own words
+        ck.compile_module(MACRO_BOMB, cache_dir=tmp_path, memory_limit_bytes=512 << 20, timeout_s=60)

@@ -1,5 +1,5 @@
-"""Tying NVRTC output to its source, kernel signatures from PTX, the NVRTC options a CPU
-device honours, kernel arguments in both forms, and the injection hook in built wheels.
+"""CUBINs NVRTC made tied to their PTX, kernel signatures from PTX, image bytes however
+they are named, kernel arguments in both forms, and the injection hook in built wheels.
 Real NVRTC, no broker."""
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
 from conftest import ROOT  # noqa: E402
 
-from kubecash.client import CUresult  # noqa: E402
 from kubecash.client.errors import CudaError  # noqa: E402
 from kubecash.shim import images, ops  # noqa: E402
 from kubecash.shim.state import Func  # noqa: E402
@@ -54,20 +53,16 @@ def test_ptx_entry_parameters_give_each_parameters_size():
     assert images.ptx_signatures(compile_nvrtc(SRC, "sm_80")) is None    # a CUBIN: not PTX
 
 
-def test_images_are_found_by_their_bytes_however_they_come_back():
+def test_a_cubin_is_tied_to_its_programs_ptx_however_it_comes_back():
     reg = images.Registry()
-    reg.add_program(1, SRC, b"t.cu", None, None)
-    reg.set_options(1, [b"--gpu-architecture=compute_80", b"-DX=1"])
-    ptx = compile_nvrtc(SRC, "compute_80")
-    reg.add_image(1, ptx, "ptx")
-    hit = reg.lookup(bytes(np.char.array(ptx).tobytes()))
-    assert hit is not None and hit.source == SRC.decode() and hit.options[1] == "-DX=1"
-    assert reg.lookup(ptx.rstrip(b"\0") + b"\0\0\0") is hit
-    assert reg.lookup(ptx.replace(b".target", b".target ")) is None      # other bytes: unknown
-    # A fatbin that carries a known image is tied to it.
-    fat = (0xBA55ED50).to_bytes(4, "little") + (1).to_bytes(2, "little") + (16).to_bytes(2, "little") \
-        + (len(ptx) + 16).to_bytes(8, "little") + b"\0" * 16 + ptx
-    assert reg.lookup(fat) is hit
+    cubin, ptx = compile_nvrtc(SRC, "sm_80"), compile_nvrtc(SRC, "compute_80")
+    reg.add(cubin, ptx)
+    assert reg.ptx_for(bytes(np.char.array(cubin).tobytes())) == ptx.rstrip(b"\0")
+    assert reg.ptx_for(cubin.rstrip(b"\0") + b"\0\0\0") == ptx.rstrip(b"\0")
+    assert reg.ptx_for(cubin[:-8] + b"\1" * 8) is None        # other bytes: unknown
+    for i in range(2 * images.MAX_TIED):                     # bounded: the oldest go first
+        reg.add(i.to_bytes(8, "little"), b"x")
+    assert reg.ptx_for(cubin) is None
 
 
 def test_image_bytes_from_an_address_take_the_images_own_length():
@@ -80,32 +75,6 @@ def test_image_bytes_from_an_address_take_the_images_own_length():
     assert images.image_bytes(np.frombuffer(cubin, np.uint8)) == cubin
     with pytest.raises(CudaError):
         images.image_bytes(0)
-
-
-def test_nvrtc_options_for_a_cpu_device(tmp_path):
-    keep = images.cpu_options(("--fmad=false", "--gpu-architecture=sm_80", "-arch", "compute_90",
-                               "--std=c++17", "-default-device", "-G", "-lineinfo",
-                               "--use_fast_math", "-rdc=true", "--relocatable-device-code=true",
-                               "-D", "A=1", "-DB", "--define-macro=C=3", "-dopt=on"))
-    assert keep == ["--gpu-architecture=sm_80", "--gpu-architecture=compute_90", "-std=c++17",
-                    "-DA=1", "-DB", "-DC=3"]
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    with pytest.raises(CudaError) as e:
-        images.cpu_options((f"--include-path={mine}",))
-    assert e.value.code == CUresult.CUDA_ERROR_NOT_SUPPORTED and "include" in e.value.message
-    with pytest.raises(CudaError):
-        images.cpu_options(("-I", str(mine)))
-    assert images.cpu_options(("-I/nonexistent/dir",)) == []   # nothing there to read
-    # NVIDIA's own header directories are stood in for by the CPU device's header.
-    (tmp_path / "cuda_runtime.h").write_text("")
-    assert images.cpu_options((f"-I{tmp_path}", f"--include-path={tmp_path}")) == []
-
-
-def test_headers_given_to_nvrtc_are_inlined():
-    src = images.inline_headers('#include "my.h"\n__global__ void k() { f(); }\n',
-                                (("my.h", "__device__ void f() {}"),))
-    assert "__device__ void f() {}" in src and "#include" not in src
 
 
 def test_kernel_arguments_in_both_forms():

@@ -118,7 +118,8 @@ def test_nvrtc_stays_real():
     nv, r = build_module(T.NVRTC), real(T.NVRTC)
     assert nv.nvrtcVersion is r.nvrtcVersion
     assert nv.nvrtcResult is r.nvrtcResult
-    assert nv.nvrtcGetPTX is not r.nvrtcGetPTX               # recorded, then the real one
+    assert nv.nvrtcGetPTX is r.nvrtcGetPTX                   # PTX runs on a CPU device as it is
+    assert nv.nvrtcGetCUBIN is not r.nvrtcGetCUBIN           # the real one, and its PTX filed
 
 
 def test_result_codes_map_to_the_same_names_in_each_enum():

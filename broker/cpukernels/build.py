@@ -1,14 +1,13 @@
-"""Building a module: the cache (a .so per content hash), the two g++ runs (preprocess in scan
-mode, then compile and link) under time, memory and file-size bounds, and the check of the
-built ELF object for code that would run at load or unload time."""
+"""Building a module: the cache (a .so per content hash); CUDA C source through NVRTC to PTX
+(nvrtc.py); PTX translated to C++ (kubecash.broker.ptx) and built by g++, each under time,
+memory and file-size bounds; and the check of the built ELF object for code that would run at
+load or unload time."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import signal
@@ -23,21 +22,16 @@ from pathlib import Path
 from kubecash.client.errors import E
 
 from .. import ptx  # imported here: the compile helper has no view of the package once confined
-from .analyze import analyze
-from .directives import sanitize_directives
+from . import nvrtc
+from .directives import check_directives
 from .errors import KernelCompileError, UnsupportedConstructError
-from .generate import GENERATOR_VERSION, generate
 from .loader import CompiledModule
-from .options import CompileOptions, parse_options
+from .options import parse_options
 from .tokens import normalize_newlines
 
 _INCLUDE_DIR = Path(__file__).resolve().parent.parent / "include"   # kubecash.broker's include/
-_HEADER_PATH = _INCLUDE_DIR / "kubecash_cuda.h"
-_PTX_HEADER_PATH = _INCLUDE_DIR / "kubecash_ptx.h"
-_TENANT_FILE = "kernel.cu"  # the name compiler messages give the tenant's source
-_SENTINEL = "__kc_tenant_source_begins_here__"
-_MAX_COMPILER_FILE_BYTES = 256 << 20   # RLIMIT_FSIZE of the compiler: preprocessed text, objects
-_MAX_PREPROCESSED_BYTES = 64 << 20    # the expanded source we go on to analyse and compile
+_HEADER_PATHS = (_INCLUDE_DIR / "kubecash_runtime.h", _INCLUDE_DIR / "kubecash_ptx.h")
+_MAX_COMPILER_FILE_BYTES = 256 << 20   # RLIMIT_FSIZE of the compiler: assembly, objects
 _MAX_COMPILER_LOG_CHARS = 1 << 20      # compiler messages kept (a bomb can print a lot)
 
 
@@ -46,9 +40,9 @@ class _Stats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.compiler_runs = 0   # g++ processes started (preprocess and compile)
+        self.compiler_runs = 0   # g++ processes started
         self.compiles = 0        # modules built
-        self.cache_hits = 0      # modules loaded from the cache without running g++
+        self.cache_hits = 0      # modules loaded from the cache without running a compiler
 
     def bump(self, field: str) -> None:
         with self._lock:
@@ -127,32 +121,6 @@ def _cxx_flags() -> list[str]:
             "-fdiagnostics-color=never", "-fmax-errors=50", "-I", str(_INCLUDE_DIR)]
 
 
-def _build(source: str, opts: CompileOptions, out_path: Path, *, work: str, deadline: float,
-           memory_limit_bytes: int) -> None:
-    cxx = _compiler()
-    scan_path = os.path.join(work, "scan.cc")
-    with open(scan_path, "w") as f:
-        f.write('#include "kubecash_cuda.h"\n'
-                f"{_SENTINEL}\n"
-                f'#line 1 "{_TENANT_FILE}"\n' + source + "\n")
-    argv = [cxx, f"-std={opts.std}", "-E", "-D__KC_SCAN__=1", f"-D__CUDA_ARCH__={opts.arch}"]
-    argv += [f"-D{d}" for d in opts.defines]
-    pp_path = os.path.join(work, "scan.ii")
-    argv += ["-fdiagnostics-color=never", "-fmax-errors=50", "-I", str(_INCLUDE_DIR), "-o", pp_path,
-             scan_path]
-    _run_compiler(argv, cwd=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes,
-                  what="preprocessor", file_limit_bytes=_MAX_PREPROCESSED_BYTES)
-    with open(pp_path, encoding="utf-8", errors="replace") as f:   # at most the file cap
-        pp = f.read()
-    m = re.search(rf"^{_SENTINEL}[ \t]*$", pp, re.M)
-    if not m:
-        raise KernelCompileError("internal error: tenant source not found after preprocessing", pp[-2000:])
-    tenant = pp[m.end() + 1:]
-    an = analyze(tenant)
-    _link('#include "kubecash_cuda.h"\n' + an.text + "\n" + generate(an), out_path, std=opts.std,
-          work=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes)
-
-
 def _link(tu: str, out_path: Path, *, std: str, work: str, deadline: float, memory_limit_bytes: int,
           flags: Sequence[str] = ()) -> None:
     """Compile translation unit `tu` into the module at `out_path`, checked for load-time code."""
@@ -189,7 +157,7 @@ _PTX_FLAGS = _host_fma_flags()
 
 def _translate_ptx(text: str) -> str:
     try:
-        return ptx.to_cpp(normalize_newlines(text))
+        return ptx.to_cpp(text)
     except ptx.PtxUnsupportedError as e:
         raise UnsupportedConstructError(str(e)) from None
     except ptx.PtxError as e:
@@ -201,11 +169,15 @@ def _translate_ptx(text: str) -> str:
                                  code=E.CUDA_ERROR_INVALID_PTX) from None
 
 
-def _build_translated(ptx_text: str, opts: CompileOptions, out_path: Path, *, work: str, deadline: float,
-                      memory_limit_bytes: int) -> None:
-    """Translate PTX and build the C++ (no tenant text in it: names are re-spelled)."""
-    _link(_translate_ptx(ptx_text), out_path, std="c++17", work=work, deadline=deadline,
-          memory_limit_bytes=memory_limit_bytes, flags=_PTX_FLAGS)
+def _translator_identity() -> str:
+    """The translator's own source: a cached build depends on it like on the headers."""
+    h = hashlib.sha256()
+    for f in sorted(Path(ptx.__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+_TRANSLATOR = _translator_identity()   # read at import, before the compile helper's view
 
 
 _DT_INIT_ARRAYSZ, _DT_FINI_ARRAYSZ, _DT_PREINIT_ARRAYSZ = 27, 28, 33
@@ -244,7 +216,7 @@ def _check_load_time_code(path: str) -> None:
 _header_cache: dict[Path, tuple[int, str]] = {}
 
 
-def _header_text(path: Path = _HEADER_PATH) -> str:
+def _header_text(path: Path) -> str:
     """A header's text (part of the cache key), read again only when it changes."""
     st = os.stat(path)
     cached = _header_cache.get(path)
@@ -253,13 +225,8 @@ def _header_text(path: Path = _HEADER_PATH) -> str:
     return cached[1]
 
 
-def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
-                 timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30,
-                 language: str = "cuda-c") -> Path:
-    """The built shared object for this source (CUDA C, or PTX text with language="ptx")
-    and these options: from the cache, or compiled into it. (The compile helper runs this
-    in its confined view.)"""
-    deadline = time.monotonic() + timeout_s
+def _checked(source, options: Sequence[str], language: str) -> tuple[str, list]:
+    """The source as text, checked, and what its cache key is made of."""
     if isinstance(source, (bytes, bytearray)):
         try:
             source = bytes(source).decode("utf-8")
@@ -271,16 +238,33 @@ def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Path
         raise KernelCompileError("module source contains a NUL character")
     if language not in ("cuda-c", "ptx"):
         raise KernelCompileError(f"unknown module language {language!r}")
-    opts = parse_options(options)
-    # Checked before the cache is looked at, and without the compiler: CUDA C's directives.
-    # (PTX is translated on a cache miss only: a cached build translated.)
-    sanitized = source if language == "ptx" else sanitize_directives(normalize_newlines(source))
+    source = normalize_newlines(source)
+    key_parts: list = [language, source]
+    if language == "cuda-c":
+        # Checked before the cache is looked at, and without the compiler.
+        opts = parse_options(options)
+        check_directives(source, nvrtc.include_dirs())
+        key_parts += [opts.args, nvrtc.identity()]
+    key_parts += [_TRANSLATOR, *(_header_text(p) for p in _HEADER_PATHS), _compiler_identity(_compiler()),
+                  _PTX_FLAGS]
+    return source, key_parts
 
-    cxx = _compiler()
-    ptx_parts = [_header_text(_PTX_HEADER_PATH), _PTX_FLAGS] if language == "ptx" else []
-    key = hashlib.sha256(json.dumps(
-        [GENERATOR_VERSION, _header_text(), _compiler_identity(cxx), source,
-         dataclasses.asdict(opts), language, *ptx_parts]).encode()).hexdigest()
+
+def cache_path(cache_dir: os.PathLike, source: str, options: Sequence[str] = (), language: str = "cuda-c") -> Path:
+    """Where the module built from this source and these options is cached."""
+    _, key_parts = _checked(source, options, language)
+    return Path(cache_dir) / f"{hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()}.so"
+
+
+def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
+                 timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30,
+                 language: str = "cuda-c") -> Path:
+    """The built shared object for this source (CUDA C, or PTX text with language="ptx")
+    and these options: from the cache, or built into it. (The compile helper runs this in
+    its confined view.)"""
+    deadline = time.monotonic() + timeout_s
+    source, key_parts = _checked(source, options, language)
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     so_path = cache / f"{key}.so"
@@ -289,9 +273,13 @@ def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Path
         return so_path
     work = tempfile.mkdtemp(prefix=".build-", dir=cache)
     try:
-        build = _build_translated if language == "ptx" else _build
-        build(sanitized, opts, so_path, work=work, deadline=deadline,
-              memory_limit_bytes=memory_limit_bytes)
+        ptx_text = source
+        if language == "cuda-c":
+            ptx_text = nvrtc.to_ptx(source, list(parse_options(options).args), deadline=deadline,
+                                    memory_limit_bytes=memory_limit_bytes, cwd=work)
+        # No tenant text reaches g++: the translation re-spells every name.
+        _link(_translate_ptx(ptx_text), so_path, std="c++17", work=work, deadline=deadline,
+              memory_limit_bytes=memory_limit_bytes, flags=_PTX_FLAGS)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stats.bump("compiles")
@@ -302,7 +290,8 @@ def compile_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Pa
                    timeout_s: float = 60.0, memory_limit_bytes: int = 2 << 30,
                    language: str = "cuda-c") -> CompiledModule:
     """Compile (or load from the cache) a module of CUDA C source (or PTX text) for the CPU
-    backend, in this process (tests and tools; executors build in their compile helper)."""
+    backend, in this process (tests and tools; executors build in their compile helper, and
+    NVRTC runs in a forked child: call this where no other thread holds a lock it needs)."""
     args = dict(cache_dir=cache_dir, timeout_s=timeout_s, memory_limit_bytes=memory_limit_bytes,
                 language=language)
     so_path = build_module(source, options, **args)

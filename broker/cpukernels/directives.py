@@ -1,29 +1,34 @@
 """Step 1 of a compile, on the raw tenant source: #include-like directives. The compiler must
-never read a host file for a tenant: the few headers kubecash_cuda.h stands in for are
-blanked out, every other include (and every probe of host files) is refused."""
+never read a host file for a tenant: a header the CUDA include directories hold (cuda_fp16.h,
+cooperative_groups.h, cuda/barrier, ...) may be included, every other include (and every
+probe of host files) is refused. (A broker that is not root compiles without a view of its
+own: this check is what keeps the compiler out of the host's files there.)"""
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Sequence
 
 from .errors import UnsupportedConstructError
-from .tokens import RAW_TOKEN_RE, splice, to_orig
+from .tokens import RAW_TOKEN_RE, splice
 
 _DIRECTIVE_RE = re.compile(r"[ \t\f\v\r]*(?P<hash>#|%:)[ \t\f\v\r]*([A-Za-z_]\w*)?(.*)", re.S)
 _INCLUDE_KWS = ("include", "include_next", "import", "embed")
 
-# Headers kubecash_cuda.h already stands in for: an #include of one of these is dropped.
-_INCLUDE_WHITELIST = frozenset({
-    "cuda_runtime.h", "cuda.h", "cuda_runtime_api.h", "device_launch_parameters.h",
-    "stdint.h", "cstdint", "math.h", "cmath", "stddef.h", "cstddef", "float.h", "cfloat",
-    "limits.h", "climits", "stdio.h", "cstdio",
-})
+_HEADER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(?:/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*\Z")
 
 
-def sanitize_directives(source: str) -> str:
-    """Refuse every #include-like directive except the whitelist, which is blanked out
-    (line numbers kept).  Works on the logical lines the compiler sees: after line
-    splicing, with comments replaced by spaces."""
-    spliced, pos_at, removed_at = splice(source)
+def _in_include_dirs(name: str, include_dirs: Sequence[str]) -> bool:
+    if not _HEADER_NAME.match(name) or ".." in name.split("/"):
+        return False
+    return any(os.path.isfile(os.path.join(d, name)) for d in include_dirs)
+
+
+def check_directives(source: str, include_dirs: Sequence[str]) -> None:
+    """Refuse every #include-like directive but #include of a header in `include_dirs`.
+    Works on the logical lines the compiler sees: after line splicing, with comments
+    replaced by spaces."""
+    spliced = splice(source)
     clean = []  # same length as `spliced`, comments blanked
     for m in RAW_TOKEN_RE.finditer(spliced):
         kind, text = m.lastgroup, m.group()
@@ -45,8 +50,6 @@ def sanitize_directives(source: str) -> str:
     if re.search(r"\bGCC\W{0,8}dependency\b", code):
         raise UnsupportedConstructError("#pragma GCC dependency", "it reads host files")
 
-    out = list(source)
-    line_start = 0
     for line in code.split("\n"):
         m = _DIRECTIVE_RE.match(line)
         if m and m.group(2) in _INCLUDE_KWS:
@@ -60,17 +63,8 @@ def sanitize_directives(source: str) -> str:
                     raise UnsupportedConstructError(f"#{kw} {operand}",
                                                     "a macro-expanded include is not allowed")
                 raise UnsupportedConstructError(f"#{kw} {operand}".rstrip())
-            if kw != "include" or name not in _INCLUDE_WHITELIST:
+            if kw != "include" or not _in_include_dirs(name, include_dirs):
                 raise UnsupportedConstructError(f"#{kw} {operand}",
-                                                "only headers the CPU backend provides may be included")
-            # Whitelisted: blank it in the original text, keeping every newline.
-            hash_pos = line_start + m.start("hash")
-            a = to_orig(hash_pos, pos_at, removed_at)
-            b = to_orig(line_start + len(line) - 1, pos_at, removed_at) + 1
-            for j in range(a, min(b, len(out))):
-                if out[j] != "\n":
-                    out[j] = " "
+                                                "only headers of the CUDA include directories may be included")
         elif m and m.group(2) == "pragma" and re.search(r"\bdependency\b", m.group(3)):
             raise UnsupportedConstructError("#pragma GCC dependency", "it reads host files")
-        line_start += len(line) + 1
-    return "".join(out)

@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import sandbox as _sandbox
 from .errors import KernelCompileError
 
-_ABI_VERSION = 1  # must equal __KC_ABI in kubecash_cuda.h
+_ABI_VERSION = 1  # must equal __KC_ABI in kubecash_runtime.h
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 /* kubecash_ptx.h -- what C++ translated from PTX (kubecash.broker.ptx) builds on.
  *
- * Included after kubecash_cuda.h part 1 (threadIdx and friends, __syncthreads) and before
+ * Included after kubecash_runtime.h (threadIdx and friends, __syncthreads) and before
  * the translated functions. Registers are C++ locals of their declared type; an instruction
  * reads them as its own type (kc_as: the same bits, or the low bits / zero-extended), and
  * writes its result back (kc_put: sign-extended where the value's type is signed). */

@@ -528,6 +528,8 @@ def call(tr: Translator, ins: Instr) -> str:
     f = tr.funcs[fname]
     if fname == "vprintf" and f.body is None:
         return _vprintf(tr, ins, rets, params)
+    if fname in ("malloc", "free") and f.body is None:
+        return _heap(tr, ins, fname, rets, params)
     if f.body is None:
         raise tr.refuse(f"the device-runtime function {fname}")
     if f.entry:
@@ -557,6 +559,18 @@ def _vprintf(tr: Translator, ins: Instr, rets: list, params: list) -> str:
     call = (f"::kc::vprintf_((const char*)(uintptr_t)::kc::ld<uint64_t>({fmt}), "
             f"(const unsigned char*)(uintptr_t)::kc::ld<uint64_t>({args}))")
     return f"::kc::st<int32_t>({ret[0]}, {call});" if ret else f"(void){call};"
+
+
+def _heap(tr: Translator, ins: Instr, fname: str, rets: list, params: list) -> str:
+    """Device-side malloc/free: the executor's heap (CUDA's is a per-context heap too). A
+    failed malloc returns NULL, as on the GPU."""
+    if len(params) != 1 or len(rets) != (1 if fname == "malloc" else 0):
+        raise PtxError(f"{fname} takes one argument" + (" and returns a pointer" if fname == "malloc" else ""),
+                       ins.line)
+    *ret, arg = _param_names(tr, ins, rets + params)
+    if fname == "free":
+        return f"::free((void*)(uintptr_t)::kc::ld<uint64_t>({arg}));"
+    return f"::kc::st<uint64_t>({ret[0]}, (uint64_t)(uintptr_t)::malloc((size_t)::kc::ld<uint64_t>({arg})));"
 
 
 def bar(tr: Translator, ins: Instr) -> str:

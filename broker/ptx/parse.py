@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from .errors import PtxError
+from .errors import PtxError, PtxUnsupportedError
 
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t\r]+|\n)
@@ -112,6 +112,7 @@ class Module:
 
 _SPACES = (".reg", ".local", ".shared", ".global", ".const", ".param", ".tex")
 _LINKAGE = (".extern", ".visible", ".weak", ".common")
+_TEXTURE_OPS = frozenset({"tex", "tld4", "txq", "suld", "sust", "sured", "suq", "istypep"})
 _PERF = (".maxntid", ".reqntid", ".minnctapersm", ".maxnctapersm", ".maxnreg", ".noreturn",
          ".pragma", ".maxclusterrank", ".reqnctapercluster", ".explicitcluster")
 
@@ -278,13 +279,15 @@ class _Parser:
         elif t.kind == "float":
             out.append(("bits", t.text))
         elif t.kind == "ident" and not neg:
-            name = t.text
+            name, wrapped = t.text, False
+            if name == "generic" and self.accept("("):     # generic(var): a generic address
+                name, wrapped = self.ident().text, True
             off = 0
             if self.accept("+"):
                 off = self.integer()
+            if wrapped:
+                self.expect(")")
             out.append(("sym", name, off))
-        elif t.text == "generic" or t.text == "(":
-            raise PtxError("generic() initializers are not supported", t.line)
         else:
             raise PtxError(f"bad initializer {t.text!r}", t.line)
         return out
@@ -361,6 +364,8 @@ class _Parser:
         if t.text.startswith("."):
             raise PtxError(f"unknown directive {t.text!r} in a function body", t.line)
         op, *mods = re.split(r"(?=\.)", t.text)
+        if op in _TEXTURE_OPS:      # their operands ([tex, {coords}]) are refused with them
+            raise PtxUnsupportedError(f"instruction {t.text} (textures and surfaces)", t.line)
         args: list[Operand] = []
         if not self.at(";"):
             args.append(self.operand())

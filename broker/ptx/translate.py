@@ -2,7 +2,7 @@
 
 Each PTX function becomes a C++ function whose registers are locals; each instruction one
 C++ statement (OPS below: one entry per opcode); branches are gotos. Kernels (.entry) get
-the runtime's tables (kubecash_cuda.h part 2), so they run on the same block scheduler, as
+the runtime's tables (kubecash_runtime.h), so they run on the same block scheduler, as
 fibers where the module has barriers. Address spaces are this process's memory: global,
 local, const and param addresses are plain pointers; shared addresses are offsets into the
 block's shared window (a thread_local buffer: one block runs at a time per OS thread).
@@ -78,7 +78,7 @@ class Translator:
         if m.address_size != 64:
             raise PtxUnsupportedError(f".address_size {m.address_size} (only 64)", 1)
         self._layout_shared()
-        head = ['#include "kubecash_cuda.h"', '#include "kubecash_ptx.h"', "namespace {"]
+        head = ['#include "kubecash_runtime.h"', '#include "kubecash_ptx.h"', "namespace {"]
         body: list[str] = []
         for v in m.variables:
             body += self._module_var(v)
@@ -99,14 +99,13 @@ class Translator:
                 body += self._function(f)
         window = self.dynamic_offset + (SHARED_WINDOW_DYNAMIC if self.dynamic_shared else 0)
         head.append(f"alignas(16) static thread_local unsigned char _kc_smem[{max(window, 16)}];")
+        # The scheduler's mode is fixed where the runtime header is read: first line.
+        head.insert(0, f"#define __KC_FIBERS {1 if self.fibers else 0}")
         text = "\n".join(head + protos + body) + "\n}  // namespace\n"
         return text + self._tables()
 
     def _tables(self) -> str:
-        g = [f"#define __KC_FIBERS {1 if self.fibers else 0}", "#define __KC_RUNTIME__ 1",
-             '#include "kubecash_cuda.h"',
-             "namespace __kc { static void extern_shared_hook(void* p) { (void)p; } }",
-             "static const ::__kc::KernelEntry __kc_kernel_table[] = {"]
+        g = ["static const ::__kc::KernelEntry __kc_kernel_table[] = {"]
         for f in self.funcs.values():
             if f.entry and f.body is not None:
                 g.append(f'    __KC_KERNEL("{f.name}", "{f.name}", {_ident("e", f.name)})')
@@ -148,11 +147,33 @@ class Translator:
         name = _ident("g", v.name)
         self.globals.names[v.name] = (v.space, v.type, name)
         init = ""
+        if v.init is not None and any(isinstance(x, tuple) and x[0] == "sym" for x in v.init):
+            return [self._address_table(v, name, size, align)]
         if v.init is not None:
             data = self._init_bytes(v, size)
             init = " = {" + ", ".join(str(b) for b in data) + "}"
         # Not static: the runtime's table takes its address, and cuModuleGetGlobal reaches it.
         return [f"alignas({align}) unsigned char {name}[{max(size, 1)}]{init};"]
+
+    def _address_table(self, v: VarDecl, name: str, size: int, align: int) -> str:
+        """A 64-bit variable initialized with addresses (`s = generic($str)`, tables of
+        functions): pointers, which the loader relocates; no code runs at load time."""
+        if TYPES[v.type][1] != 8 or size % 8:
+            raise PtxUnsupportedError(f"address initializers in {v.type} variable {v.name} (only 64-bit)", v.line)
+        items = []
+        for x in v.init:
+            if isinstance(x, tuple) and x[0] == "sym":
+                target = self.globals.names.get(x[1])
+                if target is None or target[0] not in (".global", ".const", "func"):
+                    raise PtxError(f"{v.name}: initializer names {x[1]}, not a global variable or function", v.line)
+                items.append(f"(void*)((unsigned char*)&{target[2]} + {int(x[2])})")
+            elif isinstance(x, int):
+                items.append(f"(void*)(uintptr_t){x % (1 << 64)}ULL")
+            else:
+                raise PtxError(f"a floating-point initializer for {v.type} {v.name}", v.line)
+        if len(items) > size // 8:
+            raise PtxError(f"too many initializers for {v.name}", v.line)
+        return f"alignas({align}) void* {name}[{size // 8}] = {{{', '.join(items)}}};"
 
     def _init_bytes(self, v: VarDecl, size: int) -> bytes:
         ctype, n, cls = TYPES[v.type]

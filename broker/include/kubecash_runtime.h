@@ -1,0 +1,451 @@
+/* kubecash_runtime.h -- the block scheduler every CPU-backend module runs on.
+ *
+ * A module is C++ translated from PTX (kubecash.broker.ptx); it is built as
+ *     #define __KC_FIBERS 0 or 1        (1: the module has barriers or warp operations)
+ *     #include "kubecash_runtime.h"      (this: built-ins, barriers, scheduler, exports)
+ *     #include "kubecash_ptx.h"          (what translated instructions call)
+ *     <translated functions>             (names re-spelled: none collides with ours)
+ *     <kernel and variable tables> __KC_EXPORTS
+ * A block's threads run as a plain loop, or as fibers (one stack each, switched with
+ * _setjmp/_longjmp) where they must meet at barriers and warp operations.
+ */
+#ifndef KUBECASH_RUNTIME_H
+#define KUBECASH_RUNTIME_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <setjmp.h>
+#include <ucontext.h>
+#include <dlfcn.h>
+#include <type_traits>
+#include <utility>
+
+struct uint3 { unsigned int x, y, z; };
+struct dim3 {
+    unsigned int x, y, z;
+    constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
+};
+
+/* ---- per-thread built-ins: thread_local state the block loop sets ------------------------
+ * Fibers of a block share their OS thread; the scheduler stores each fiber's threadIdx
+ * before resuming it, so a kernel always reads its own. */
+static thread_local uint3 threadIdx;
+static thread_local uint3 blockIdx;
+static thread_local dim3 blockDim;
+static thread_local dim3 gridDim;
+
+namespace __kc {
+/* Start of this launch's dynamic shared memory. */
+static thread_local void* dyn_shared;
+}
+
+/* ---- barriers (defined below) ----------------------------------------------------------- */
+static void __syncthreads(void);
+static int __syncthreads_count(int predicate);
+static int __syncthreads_and(int predicate);
+static int __syncthreads_or(int predicate);
+
+/* ---- warp-level operations (PTX shfl, vote, match, redux, activemask, bar.warp.sync) ----
+ * A lane that reaches one parks with its operands in a WarpOp; once every live lane of its
+ * warp has parked (at a warp operation, the block barrier, or its end), the scheduler
+ * computes each waiting lane's result from all of theirs, as the warp would in lockstep. */
+namespace __kc {
+enum WarpKind : uint32_t { WARP_SHFL = 1, WARP_VOTE, WARP_MATCH_ANY, WARP_MATCH_ALL, WARP_REDUX, WARP_SYNC };
+struct WarpOp {
+    uint32_t kind, mode;    /* shfl: up down bfly idx; vote: all any uni ballot; redux: add min max and or xor, +8 signed */
+    uint64_t a;             /* this lane's value (a predicate as 0 or 1) */
+    uint32_t b, c, mask;    /* shfl's lane/offset and clamp|segmask; the member mask */
+    uint64_t result;        /* out */
+    uint32_t pred;          /* out: shfl's and match.all's predicate */
+};
+}
+static void __kc_warp_op(__kc::WarpOp* op);
+
+#ifndef __KC_FIBERS
+#define __KC_FIBERS 0
+#endif
+#define __KC_ABI 1  /* must match cpukernels._ABI_VERSION */
+
+namespace __kc {
+
+/* Mirrors of the ctypes structures in cpukernels/launch.py and loader.py. */
+struct Launch {
+    uint32_t grid[3];
+    uint32_t block[3];
+    uint64_t nblocks;
+    uint64_t* next_block;   /* shared by all workers of the launch: blocks are grabbed from it */
+    uint64_t shared_bytes;
+    uint64_t module_id;     /* unique per loaded module instance, never reused */
+};
+/* One per Launcher worker thread, owned by Python, reused by every launch and module. */
+struct Worker {
+    void* shared;           /* >= 48 KiB, 16-byte aligned: the dynamic shared memory */
+    char* stacks;           /* nslots slots of slot_size bytes: [guard page | stack | FiberRec] */
+    uint64_t slot_size;
+    uint64_t guard_size;
+    uint64_t nslots;
+    uint64_t nfibers;       /* fibers already started (parked) for owner_module/owner_thread */
+    uint64_t owner_module;
+    const void* owner_thread;
+};
+
+struct FiberRec {
+    jmp_buf jb;             /* where the fiber is parked */
+    uint3 tid;
+    int done;
+    int state;              /* FIBER_READY, or what it waits at */
+    WarpOp* op;             /* at a warp operation: its operands and result */
+};
+enum { FIBER_READY = 0, FIBER_AT_BARRIER = 1, FIBER_AT_WARP_OP = 2 };
+static constexpr uint64_t kRecBytes = (sizeof(FiberRec) + 63) & ~uint64_t(63);
+
+typedef int (*RunFn)(void**, const Launch*, Worker*);
+struct KernelEntry {
+    const char* name;
+    const char* qualname;
+    void* addr;
+    RunFn run;
+    uint64_t nparams;
+    const uint64_t* sizes;
+    const uint64_t* aligns;
+};
+struct VarEntry {
+    const char* name;
+    const char* qualname;
+    void* addr;
+    uint64_t size;
+};
+
+/* Parameter types are deduced from the kernel's own function type, never parsed. */
+template <class F> struct Traits;
+template <class... A> struct Traits<void (*)(A...)> {
+    static constexpr uint64_t n = sizeof...(A);
+    static constexpr uint64_t sizes[sizeof...(A) ? sizeof...(A) : 1] = {sizeof(std::remove_reference_t<A>)...};
+    static constexpr uint64_t aligns[sizeof...(A) ? sizeof...(A) : 1] = {alignof(std::remove_reference_t<A>)...};
+    template <auto F, size_t... I>
+    static inline __attribute__((always_inline)) void call(void** a, std::index_sequence<I...>) {
+        F(*reinterpret_cast<std::remove_reference_t<A>*>(a[I])...);
+    }
+};
+template <class... A> struct Traits<void (*)(A...) noexcept> : Traits<void (*)(A...)> {};
+
+/* The scheduler's per-OS-thread state, in one object so that a function pays for one TLS
+ * address lookup (dlopen'ed modules use the general-dynamic TLS model). */
+struct Rt {
+    jmp_buf sched;              /* the block scheduler's resume point */
+    FiberRec* cur;              /* the running fiber, null outside fiber mode */
+    Worker* worker;
+    void (*invoke)(void**);
+    void** args;
+    int bar_count, bar_n;       /* __syncthreads_count/and/or accumulators of this phase */
+    int res_count, res_n;       /* ... and their results from the last phase */
+};
+static thread_local Rt rt;      /* its address also identifies the OS thread */
+
+static inline FiberRec* rec(Worker* W, uint64_t i) {
+    return reinterpret_cast<FiberRec*>(W->stacks + (i + 1) * W->slot_size - kRecBytes);
+}
+
+static void no_fiber_barrier(void) {
+    if ((uint64_t)blockDim.x * blockDim.y * blockDim.z == 1) return;
+    fprintf(stderr, "kubecash: __syncthreads reached in a module compiled without barrier support\n");
+    abort();
+}
+
+/* A fiber's whole life: park, run one CUDA thread when resumed, mark it done, park again.
+ * Parking is _setjmp here + _longjmp to the scheduler: no syscalls, unlike swapcontext. */
+static void fiber_main(int idx) {
+    FiberRec* r = rec(rt.worker, (uint64_t)idx);
+    for (;;) {
+        if (!_setjmp(r->jb)) _longjmp(rt.sched, 1);
+        rt.invoke(rt.args);
+        r->done = 1;
+    }
+}
+
+/* makecontext + one swapcontext per fiber, once per (worker, module): the fiber parks
+ * itself straight away and every later switch is _setjmp/_longjmp. */
+static int start_fibers(Worker* W, uint64_t upto) {
+    for (uint64_t i = W->nfibers; i < upto; ++i) {
+        char* slot = W->stacks + i * W->slot_size;
+        ucontext_t uc, back;
+        if (getcontext(&uc) != 0) return -3;
+        uc.uc_stack.ss_sp = slot + W->guard_size;
+        uc.uc_stack.ss_size = W->slot_size - W->guard_size - kRecBytes;
+        uc.uc_link = nullptr;
+        makecontext(&uc, (void (*)(void))fiber_main, 1, (int)i);
+        if (!_setjmp(rt.sched)) swapcontext(&back, &uc);
+        W->nfibers = i + 1;
+    }
+    return 0;
+}
+
+static inline void set_block(const Launch* L, uint64_t b) {
+    uint64_t gx = L->grid[0], gy = L->grid[1];
+    blockIdx.x = (unsigned int)(b % gx);
+    blockIdx.y = (unsigned int)((b / gx) % gy);
+    blockIdx.z = (unsigned int)(b / (gx * gy));
+}
+
+static inline void setup(const Launch* L, Worker* W) {
+    blockDim = dim3(L->block[0], L->block[1], L->block[2]);
+    gridDim = dim3(L->grid[0], L->grid[1], L->grid[2]);
+    dyn_shared = W->shared;
+    rt.cur = nullptr;
+}
+
+static inline bool warp_value_lt(uint32_t mode, uint64_t x, uint64_t y) {
+    return (mode & 8) ? (int32_t)(uint32_t)x < (int32_t)(uint32_t)y : (uint32_t)x < (uint32_t)y;
+}
+
+/* Results for the lanes of the warp at fibers base..base+n-1 that wait at a warp operation,
+ * each from the values of all of them (a lane not waiting is not active: not a source). */
+static void resolve_warp(Worker* W, uint64_t base, uint64_t n) {
+    WarpOp* ops[32];
+    uint32_t active = 0;
+    for (uint64_t l = 0; l < n; ++l) {
+        FiberRec* r = rec(W, base + l);
+        ops[l] = (!r->done && r->state == FIBER_AT_WARP_OP) ? r->op : nullptr;
+        if (ops[l]) active |= 1u << l;
+    }
+    for (uint32_t l = 0; l < n; ++l) {
+        WarpOp* o = ops[l];
+        if (!o) continue;
+        const uint32_t members = o->mask & active;
+        uint64_t r = 0;
+        uint32_t p = 0;
+        switch (o->kind) {
+        case WARP_SHFL: {
+            const int32_t lane = (int32_t)l, bval = (int32_t)(o->b & 31), cval = (int32_t)(o->c & 31);
+            const int32_t seg = (int32_t)((o->c >> 8) & 31);
+            const int32_t max_lane = (lane & seg) | (cval & ~seg), min_lane = lane & seg;
+            int32_t j = lane;
+            bool in = false;
+            switch (o->mode) {
+            case 0: j = lane - bval; in = j >= max_lane; break;
+            case 1: j = lane + bval; in = j <= max_lane; break;
+            case 2: j = lane ^ bval; in = j <= max_lane; break;
+            default: j = min_lane | (bval & ~seg); in = j <= max_lane; break;
+            }
+            if (!in || j < 0 || j >= (int32_t)n || !ops[j]) j = lane;    /* out of range: its own */
+            r = ops[j]->a;
+            p = in;
+            break;
+        }
+        case WARP_VOTE: {
+            uint32_t ballot = 0;
+            for (uint32_t k = 0; k < n; ++k)
+                if ((members >> k & 1) && ops[k]->a) ballot |= 1u << k;
+            r = o->mode == 0 ? (ballot == members) : o->mode == 1 ? (ballot != 0)
+              : o->mode == 2 ? (ballot == 0 || ballot == members) : ballot;
+            break;
+        }
+        case WARP_MATCH_ANY:
+        case WARP_MATCH_ALL: {
+            uint32_t same = 0;
+            for (uint32_t k = 0; k < n; ++k)
+                if ((members >> k & 1) && ops[k]->a == o->a) same |= 1u << k;
+            if (o->kind == WARP_MATCH_ANY) r = same;
+            else { p = same == members; r = p ? members : 0; }
+            break;
+        }
+        case WARP_REDUX: {
+            bool first = true;
+            for (uint32_t k = 0; k < n; ++k) {
+                if (!(members >> k & 1)) continue;
+                uint64_t v = (uint32_t)ops[k]->a;
+                if (first) { r = v; first = false; continue; }
+                switch (o->mode & 7) {
+                case 0: r = (uint32_t)(r + v); break;
+                case 1: if (warp_value_lt(o->mode, v, r)) r = v; break;
+                case 2: if (warp_value_lt(o->mode, r, v)) r = v; break;
+                case 3: r &= v; break;
+                case 4: r |= v; break;
+                default: r ^= v; break;
+                }
+            }
+            break;
+        }
+        default:            /* WARP_SYNC: bar.warp.sync, activemask */
+            r = active;
+            break;
+        }
+        o->result = r;
+        o->pred = p;
+    }
+    for (uint64_t l = 0; l < n; ++l)
+        if (ops[l]) rec(W, base + l)->state = FIBER_READY;
+}
+
+/* Runs each block's threads as fibers on this OS thread: each fiber runs until it reaches
+ * a barrier (or returns); once every live fiber has, the next phase starts. */
+static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Worker* W) {
+    const uint64_t bx = L->block[0], by = L->block[1], bz = L->block[2];
+    const uint64_t T = bx * by * bz;
+    if (T > W->nslots || W->slot_size < W->guard_size + kRecBytes + 16384) return -2;
+    setup(L, W);
+    if (W->owner_module != L->module_id || W->owner_thread != &rt) {
+        W->nfibers = 0;  /* parked fibers belong to another module (or thread): start anew */
+        W->owner_module = L->module_id;
+        W->owner_thread = &rt;
+    }
+    rt.worker = W;
+    if (W->nfibers < T) {
+        int rc = start_fibers(W, T);
+        if (rc) return rc;
+    }
+    rt.invoke = invoke;
+    rt.args = args;
+    for (;;) {
+        uint64_t b = __atomic_fetch_add(L->next_block, 1, __ATOMIC_RELAXED);
+        if (b >= L->nblocks) break;
+        set_block(L, b);
+        uint64_t i = 0;
+        for (uint32_t z = 0; z < bz; ++z)
+            for (uint32_t y = 0; y < by; ++y)
+                for (uint32_t x = 0; x < bx; ++x, ++i) {
+                    FiberRec* r = rec(W, i);
+                    r->tid = uint3{x, y, z};
+                    r->done = 0;
+                    r->state = FIBER_READY;
+                }
+        uint64_t alive = T;
+        rt.bar_count = rt.bar_n = 0;
+        while (alive) {
+            /* A warp at a time: its lanes run until each waits at the block barrier or has
+             * ended; lanes waiting at a warp operation get their results and run on. */
+            for (uint64_t w0 = 0; w0 < T; w0 += 32) {
+                const uint64_t n = T - w0 < 32 ? T - w0 : 32;
+                for (;;) {
+                    bool at_warp_op = false;
+                    for (uint64_t l = 0; l < n; ++l) {
+                        FiberRec* r = rec(W, w0 + l);
+                        if (r->done || r->state != FIBER_READY) continue;
+                        rt.cur = r;
+                        threadIdx = r->tid;
+                        if (!_setjmp(rt.sched)) _longjmp(r->jb, 1);
+                        if (r->done) --alive;
+                        else if (r->state == FIBER_AT_WARP_OP) at_warp_op = true;
+                    }
+                    if (!at_warp_op) break;
+                    resolve_warp(W, w0, n);
+                }
+            }
+            for (uint64_t k = 0; k < T; ++k) rec(W, k)->state = FIBER_READY;   /* the barrier opens */
+            rt.res_count = rt.bar_count;
+            rt.res_n = rt.bar_n;
+            rt.bar_count = rt.bar_n = 0;
+        }
+        rt.cur = nullptr;
+    }
+    return 0;
+}
+
+template <auto F> struct Kernel {
+    using Tr = Traits<decltype(F)>;
+    static void invoke(void** a) { Tr::template call<F>(a, std::make_index_sequence<Tr::n>{}); }
+    static int run(void** a, const Launch* L, Worker* W) {
+#if __KC_FIBERS
+        return run_fibers(&invoke, a, L, W);
+#else
+        /* No barrier anywhere in the module: a block's threads are a plain loop, and the
+         * kernel body inlines into it. */
+        setup(L, W);
+        const uint32_t bx = L->block[0], by = L->block[1], bz = L->block[2];
+        for (;;) {
+            uint64_t b = __atomic_fetch_add(L->next_block, 1, __ATOMIC_RELAXED);
+            if (b >= L->nblocks) break;
+            set_block(L, b);
+            for (uint32_t z = 0; z < bz; ++z)
+                for (uint32_t y = 0; y < by; ++y)
+                    for (uint32_t x = 0; x < bx; ++x) {
+                        threadIdx = uint3{x, y, z};
+                        Tr::template call<F>(a, std::make_index_sequence<Tr::n>{});
+                    }
+        }
+        return 0;
+#endif
+    }
+};
+
+static const char* symbol_of(void* addr) {
+    Dl_info di;
+    if (addr && dladdr(addr, &di) && di.dli_sname && di.dli_saddr == addr) return di.dli_sname;
+    return nullptr;  /* not in the dynamic symbol table (static): Python uses the plain name */
+}
+
+}  // namespace __kc
+
+/* Barriers.  noinline: the _setjmp must live in this frame, not in the kernel's. */
+static __attribute__((noinline)) void __syncthreads(void) {
+    __kc::FiberRec* r = __kc::rt.cur;
+    if (__builtin_expect(r == nullptr, 0)) {
+        __kc::no_fiber_barrier();
+        return;
+    }
+    r->state = __kc::FIBER_AT_BARRIER;
+    if (!_setjmp(r->jb)) _longjmp(__kc::rt.sched, 1);
+}
+static __attribute__((noinline)) void __kc_warp_op(__kc::WarpOp* op) {
+    __kc::FiberRec* r = __kc::rt.cur;
+    if (__builtin_expect(r == nullptr, 0)) {    /* no fibers: a warp of this one lane */
+        op->result = op->kind == __kc::WARP_SHFL || op->kind == __kc::WARP_REDUX ? op->a
+                   : op->kind == __kc::WARP_VOTE ? (op->mode == 3 ? (op->a ? 1 : 0) : (op->a ? 1 : op->mode == 2))
+                   : 1;
+        op->pred = op->kind == __kc::WARP_SHFL ? (op->b & 31) == 0 : 1;
+        return;
+    }
+    r->op = op;
+    r->state = __kc::FIBER_AT_WARP_OP;
+    if (!_setjmp(r->jb)) _longjmp(__kc::rt.sched, 1);
+}
+static int __syncthreads_count(int p) {
+    __kc::rt.bar_count += (p != 0);
+    __kc::rt.bar_n += 1;
+    __syncthreads();
+    return __kc::rt.cur ? __kc::rt.res_count : (p != 0);
+}
+static int __syncthreads_and(int p) {
+    __kc::rt.bar_count += (p != 0);
+    __kc::rt.bar_n += 1;
+    __syncthreads();
+    return __kc::rt.cur ? (__kc::rt.res_count == __kc::rt.res_n) : (p != 0);
+}
+static int __syncthreads_or(int p) { return __syncthreads_count(p) != 0; }
+
+#define __KC_KERNEL(NAME, QUAL, F)                                                        \
+    { NAME, QUAL, reinterpret_cast<void*>(&F), &::__kc::Kernel< &F >::run,                \
+      ::__kc::Traits<decltype(&F)>::n, ::__kc::Traits<decltype(&F)>::sizes,              \
+      ::__kc::Traits<decltype(&F)>::aligns },
+#define __KC_VAR(NAME, QUAL, V) { NAME, QUAL, (void*)(&V), sizeof(V) },
+
+/* The exported C API over the generated tables __kc_kernel_table / __kc_var_table (each
+ * ends with a null entry so that neither is ever empty). */
+#define __KC_EXPORTS                                                                       \
+    static const int __kc_nk = int(sizeof(__kc_kernel_table) / sizeof(__kc_kernel_table[0])) - 1; \
+    static const int __kc_nv = int(sizeof(__kc_var_table) / sizeof(__kc_var_table[0])) - 1;       \
+    extern "C" {                                                                           \
+    int __kc_abi_version(void) { return __KC_ABI; }                                        \
+    int __kc_uses_fibers(void) { return __KC_FIBERS; }                                     \
+    int __kc_kernel_count(void) { return __kc_nk; }                                        \
+    const char* __kc_kernel_name(int i) { return __kc_kernel_table[i].name; }              \
+    const char* __kc_kernel_qualname(int i) { return __kc_kernel_table[i].qualname; }      \
+    const char* __kc_kernel_symbol(int i) { return ::__kc::symbol_of(__kc_kernel_table[i].addr); } \
+    uint64_t __kc_kernel_nparams(int i) { return __kc_kernel_table[i].nparams; }           \
+    const uint64_t* __kc_kernel_sizes(int i) { return __kc_kernel_table[i].sizes; }        \
+    const uint64_t* __kc_kernel_aligns(int i) { return __kc_kernel_table[i].aligns; }      \
+    int __kc_var_count(void) { return __kc_nv; }                                           \
+    const char* __kc_var_name(int i) { return __kc_var_table[i].name; }                    \
+    const char* __kc_var_qualname(int i) { return __kc_var_table[i].qualname; }            \
+    const char* __kc_var_symbol(int i) { return ::__kc::symbol_of(__kc_var_table[i].addr); } \
+    void* __kc_var_addr(int i) { return __kc_var_table[i].addr; }                          \
+    uint64_t __kc_var_size(int i) { return __kc_var_table[i].size; }                       \
+    int __kc_run(int i, void** args, const ::__kc::Launch* L, ::__kc::Worker* W) {         \
+        if (i < 0 || i >= __kc_nk) return -1;                                              \
+        return __kc_kernel_table[i].run(args, L, W);                                       \
+    }                                                                                      \
+    }
+
+#endif /* KUBECASH_RUNTIME_H */
