@@ -1,25 +1,31 @@
-"""The CPU backend's two ways to a kernel, side by side in one run: CUDA C compiled from
-source (today's path) and the same kernels compiled by NVRTC to PTX and translated
-(broker/ptx). By hand:
+"""The CPU backend's kernels through NVRTC and the PTX translator (today's path) against the
+hand-written CUDA C path it replaced (retired in #18), side by side in one run. By hand,
+from a git checkout:
 
-    .venv/bin/python bench/ptx.py [--reps 7] [--threads 2]
+    .venv/bin/python bench/ptx.py [--reps 7] [--threads 2] [--baseline 7031baa]
 
-Per kernel: the best of `reps` launches each way, in this process on one Launcher, and the
-ratio source time / PTX time (target >= 1.0: NVIDIA's front end plus the host compiler is
-not slower than the hand-written path); and the translation time per KiB of PTX (parse and
-translate, not the host compiler). Ends "N passed, M failed" (one check per kernel).
+The baseline is the last revision with the hand-written path: its package is exported from
+git into a temporary directory and this same script measures it there, in a child process
+(its own Launcher, same thread count, same inputs), while this process measures today's.
+Per kernel: the best of `reps` launches each way and the ratio baseline time / today's time
+(target >= 1.0: NVIDIA's front end plus the host compiler is not slower than the
+hand-written path), and the translation time per KiB of PTX (parse and translate, not the
+host compiler). Ends "N passed, M failed" (one check per kernel).
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+if not os.environ.get("KC_BENCH_BASELINE"):      # the baseline child imports the exported package
+    sys.path.insert(0, os.path.dirname(HERE))
 
 import numpy as np  # noqa: E402
 
@@ -61,17 +67,14 @@ extern "C" __global__ void k(const float* a, const float* b, float* c, int n) {
 
 
 def nvrtc_ptx(src: str) -> str:
-    from cuda.bindings import nvrtc
-    _, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"bench.cu", 0, [], [])
-    opts = [b"--gpu-architecture=compute_80"]
-    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        raise RuntimeError(f"NVRTC: {err}")
-    _, n = nvrtc.nvrtcGetPTXSize(prog)
-    buf = b" " * n
-    nvrtc.nvrtcGetPTX(prog, buf)
-    nvrtc.nvrtcDestroyProgram(prog)
-    return buf.rstrip(b"\0").decode()
+    from kubecash.broker.cpukernels import nvrtc, options
+    return nvrtc.to_ptx(src, list(options.parse_options(()).args), deadline=time.monotonic() + 60,
+                        memory_limit_bytes=2 << 30, cwd=tempfile.gettempdir())
+
+
+def inputs(n: int):
+    rng = np.random.default_rng(0)
+    return rng.random(n, np.float32), rng.random(n, np.float32)
 
 
 def ptr(a: np.ndarray) -> bytes:
@@ -91,34 +94,65 @@ def best(launcher, m, n: int, block: int, reps: int, a, b, c) -> float:
     return min(times)
 
 
+def measure_all(reps: int, threads: int, cache: str) -> dict[str, tuple[float, list[float]]]:
+    """Each kernel's best launch time through `ck.compile_module` of its source, and a sample
+    of its output (whatever path the imported package compiles source with)."""
+    out = {}
+    with ck.Launcher(threads) as launcher:
+        for name, (src, n, block, _) in KERNELS.items():
+            x, y = inputs(n)
+            c = np.zeros(n, np.float32)
+            with ck.compile_module(src, cache_dir=cache) as m:
+                out[name] = (best(launcher, m, n, block, reps, x, y, c), c[:4096].tolist())
+    return out
+
+
+def baseline(rev: str, reps: int, threads: int) -> dict[str, tuple[float, list[float]]]:
+    """measure_all in the package of revision `rev`, exported from git, in a child process."""
+    root = tempfile.mkdtemp(prefix="kc-bench-baseline-")
+    repo = os.path.dirname(HERE)
+    tree = subprocess.run(["git", "-C", repo, "archive", rev, "broker", "client", "shim"],
+                          check=True, capture_output=True).stdout
+    pkg = os.path.join(root, "kubecash")
+    os.makedirs(pkg)
+    subprocess.run(["tar", "-x", "-C", pkg], input=tree, check=True)
+    open(os.path.join(pkg, "__init__.py"), "w").close()
+    env = dict(os.environ, KC_BENCH_BASELINE="1", PYTHONPATH=root)
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", "--reps", str(reps),
+                        "--threads", str(threads)], env=env, capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--baseline", default="7031baa", help="the git revision to compare with")
+    ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)   # the baseline child
     a = ap.parse_args()
     cache = tempfile.mkdtemp(prefix="kc-bench-ptx-")
+    if a.measure:
+        print(json.dumps(measure_all(a.reps, a.threads, cache)))
+        return 0
+    base = baseline(a.baseline, a.reps, a.threads)
+    now = measure_all(a.reps, a.threads, cache)
     passed = 0
-    print(f"{'kernel':<9} {'source ms':>10} {'PTX ms':>9} {'ratio':>7} {'PTX KiB':>8} {'translate ms/KiB':>17}")
-    with ck.Launcher(a.threads) as launcher:
-        for name, (src, n, block, _) in KERNELS.items():
-            text = nvrtc_ptx(src)
-            t = time.perf_counter()
-            for _ in range(5):
-                ptx.to_cpp(text)
-            per_kib = (time.perf_counter() - t) / 5 * 1000 / (len(text) / 1024)
-            rng = np.random.default_rng(0)
-            x, y = rng.random(n, np.float32), rng.random(n, np.float32)
-            outs = [np.zeros(n, np.float32), np.zeros(n, np.float32)]
-            with ck.compile_module(src, cache_dir=cache) as m_src, \
-                    ck.compile_module(text, cache_dir=cache, language="ptx") as m_ptx:
-                t_src = best(launcher, m_src, n, block, a.reps, x, y, outs[0])
-                t_ptx = best(launcher, m_ptx, n, block, a.reps, x, y, outs[1])
-            same = np.allclose(outs[0], outs[1], rtol=1e-5, equal_nan=True)
-            ratio = t_src / t_ptx
-            ok = ratio >= 1.0 and same
-            passed += ok
-            print(f"{name:<9} {t_src * 1e3:10.2f} {t_ptx * 1e3:9.2f} {ratio:7.2f} {len(text) / 1024:8.1f} "
-                  f"{per_kib:17.2f}  {'ok' if ok else 'BELOW TARGET' if same else 'RESULTS DIFFER'}")
+    print(f"baseline: {a.baseline} (hand-written CUDA C path); today: NVRTC -> PTX -> translator; "
+          f"{a.threads} threads")
+    print(f"{'kernel':<9} {'baseline ms':>12} {'today ms':>9} {'ratio':>7} {'PTX KiB':>8} {'translate ms/KiB':>17}")
+    for name, (src, _n, _block, _) in KERNELS.items():
+        text = nvrtc_ptx(src)
+        t = time.perf_counter()
+        for _ in range(5):
+            ptx.to_cpp(text)
+        per_kib = (time.perf_counter() - t) / 5 * 1000 / (len(text) / 1024)
+        (t_base, o_base), (t_now, o_now) = base[name], now[name]
+        same = np.allclose(o_base, o_now, rtol=1e-5, equal_nan=True)
+        ratio = t_base / t_now
+        ok = ratio >= 1.0 and same
+        passed += ok
+        print(f"{name:<9} {t_base * 1e3:12.2f} {t_now * 1e3:9.2f} {ratio:7.2f} {len(text) / 1024:8.1f} "
+              f"{per_kib:17.2f}  {'ok' if ok else 'BELOW TARGET' if same else 'RESULTS DIFFER'}")
     print(f"{passed} passed, {len(KERNELS) - passed} failed")
     return 0 if passed == len(KERNELS) else 1
 
