@@ -7,7 +7,9 @@ one device). Same methods as the CPU backend (see backend_cpu.py's docstring).
   already pipelines large copies over the two halves of its staging segment.
 - Modules: PTX, CUBIN or fatbin images as the program sent them (cuModuleLoadDataEx, the JIT
   log returned on failure); CUDA C source (kubecash.client's load_module(source=...)) is
-  compiled with NVRTC for this device's architecture.
+  compiled with NVRTC for this device's architecture, with the options, include check and
+  CUDA include directories of the CPU backend (cpukernels: options, directives, nvrtc), so
+  both accept the same source and neither compiler reads a host file for a tenant.
 - Launches use the client's argument bytes; parameter sizes come from cuFuncGetParamInfo.
 - Every operation completes before it returns (the executor's runner measures the lease's
   device time around it), on one stream of the executor's own.
@@ -24,6 +26,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kubecash.client.errors import CudaError, CUresult, error_from_code
+
+from .cpukernels import KernelCompileError, directives, parse_options
+from .cpukernels import nvrtc as cpu_nvrtc
+from .cpukernels.tokens import normalize_newlines
 
 try:
     from cuda.bindings import driver as cu
@@ -177,10 +183,19 @@ class CudaBackend:
 
     def _nvrtc(self, source: str, options: Sequence[str]) -> bytes:
         ok = _check
-        prog = ok(nvrtc.nvrtcCreateProgram(source.encode(), b"kubecash.cu", 0, [], []),
+        source = normalize_newlines(source)
+        try:
+            checked = parse_options(options)
+            dirs = cpu_nvrtc.include_dirs()
+            directives.check_directives(source, dirs)
+        except KernelCompileError as e:
+            raise error_from_code(e.code, e.message, log=e.log) from None
+        # The checked options, for this device's real architecture: a CUBIN, not PTX.
+        args = [f"--gpu-architecture={self.arch}", *checked.args[1:], *(f"--include-path={d}" for d in dirs)]
+        prog = ok(nvrtc.nvrtcCreateProgram(source.encode(), b"kernel.cu", 0, [], []),
                   "nvrtcCreateProgram")
         try:
-            opts = [f"--gpu-architecture={self.arch}".encode()] + [o.encode() for o in options]
+            opts = [a.encode() for a in args]
             err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
             if int(err) != 0:
                 size = ok(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")

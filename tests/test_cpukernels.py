@@ -11,7 +11,7 @@ import pytest
 
 from kubecash.broker import cpukernels as ck
 from kubecash.broker.cpukernels.launch import _pack_args
-from kubecash.client.errors import E
+from kubecash.client.errors import CudaError, E
 
 
 @pytest.fixture(scope="module")
@@ -482,3 +482,18 @@ def test_loading_and_launching_leave_nothing_for_the_cyclic_gc(cache_dir):
             gc.enable()
     assert np.array_equal(out, np.full(32, 50, np.int32))
     assert garbage < 50, f"{garbage} objects in reference cycles after 50 loads and launches"
+
+
+def test_the_gpu_backend_compiles_the_same_source_under_the_same_checks():
+    """GPU executors run NVRTC as root with the host's view: the same option and include
+    checks as the CPU backend's keep it from reading host files for a tenant. (NVRTC needs no
+    GPU: the CUBIN is made here.)"""
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from kubecash.broker.backend_cuda import CudaBackend
+    b = CudaBackend.__new__(CudaBackend)     # no device: only the compile is exercised
+    b.arch = "sm_80"
+    assert b._nvrtc(HALF_AND_WARPS, ["-DX=1", "--use_fast_math"])[:4] == b"\x7fELF"
+    for src, opts in (('#include "/etc/passwd"\n' + VECADD, []), (VECADD, ["-I/etc"]), (VECADD, ["-include=/etc/x"])):
+        with pytest.raises(CudaError) as e:
+            b._nvrtc(src, opts)
+        assert "/etc" in e.value.message

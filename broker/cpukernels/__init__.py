@@ -35,8 +35,9 @@ from .build import build_module, compile_module, stats
 from .errors import KernelCompileError, UnsupportedConstructError
 from .launch import MAX_SHARED_BYTES, Launcher
 from .loader import CompiledModule, KernelInfo
+from .options import parse_options
 
 __all__ = [
     "KernelCompileError", "UnsupportedConstructError", "build_module", "compile_module", "CompiledModule",
-    "KernelInfo", "Launcher", "stats", "MAX_SHARED_BYTES",
+    "KernelInfo", "Launcher", "stats", "MAX_SHARED_BYTES", "parse_options",
 ]
