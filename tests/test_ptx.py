@@ -540,3 +540,14 @@ def test_a_volatile_spin_sees_another_blocks_store(dev):
         f.copy_from(np.zeros(1, np.int32))
         dev.launch(m.get_kernel("flag"), (2,), (1,), [f, out])
         assert list(out.copy_to(np.empty(2, np.int32))) == [42, 1]
+
+
+def test_debug_ptx_with_dwarf_sections_runs(dev):
+    """NVRTC -G (cuda-gdb builds) writes .section .debug_* blocks of .b8 data: skipped."""
+    text = nvrtc_ptx(r"""extern "C" __global__ void inc(int* p) { p[threadIdx.x] += threadIdx.x; }""", "-G")
+    assert b".section\t.debug_abbrev" in text or b".section .debug_abbrev" in text
+    m = dev.load_module(image=text, kind="ptx")
+    with dev.allocate(4 * 32) as d:
+        d.copy_from(np.ones(32, np.int32))
+        dev.launch(m.get_kernel("inc"), (1,), (32,), [d])
+        np.testing.assert_array_equal(d.copy_to(np.empty(32, np.int32)), 1 + np.arange(32))

@@ -189,7 +189,11 @@ class _Parser:
             elif t.text == ".address_size":
                 self.next()
                 asize = self.integer()
-            elif t.text in (".file", ".loc", ".section"):
+            elif t.text == ".section":          # DWARF for cuda-gdb (-G): { .b8 ... } blocks
+                self._skip_directive()
+                if self.at("{"):
+                    self._skip_braces()
+            elif t.text in (".file", ".loc"):
                 self._skip_directive()
             elif t.text == ".pragma":
                 self.next()
@@ -212,6 +216,16 @@ class _Parser:
         if version == (0, 0):
             raise PtxError("no .version directive: not PTX text", 1)
         return Module(version, target, asize, variables, functions)
+
+    def _skip_braces(self) -> None:
+        start = self.next()
+        depth = 1
+        while depth:
+            t = self.peek()
+            if t is None:
+                raise PtxError("unclosed '{' of a .section", start.line)
+            self.next()
+            depth += {"{": 1, "}": -1}.get(t.text, 0)
 
     def _skip_directive(self) -> None:
         line = self.next().line
