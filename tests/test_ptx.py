@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -551,3 +552,17 @@ def test_debug_ptx_with_dwarf_sections_runs(dev):
         d.copy_from(np.ones(32, np.int32))
         dev.launch(m.get_kernel("inc"), (1,), (32,), [d])
         np.testing.assert_array_equal(d.copy_to(np.empty(32, np.int32)), 1 + np.arange(32))
+
+
+def test_translation_is_bounded_by_the_builds_time(tmp_path):
+    """Parsing and translating are linear but not free (about 1 s per 12k instructions): a
+    huge module ends at the build's time bound like a slow host compile does."""
+    from kubecash.broker import cpukernels as ck
+    body = "\n".join("add.s32 %r1, %r1, 1;" for _ in range(200_000))
+    text = (".version 8.0\n.target sm_80\n.address_size 64\n.visible .entry k() {\n.reg .b32 %r<2>;\n"
+            f"{body}\nret;\n}}\n")
+    t0 = time.monotonic()
+    with pytest.raises(ck.KernelCompileError, match="timed out") as e:
+        ck.compile_module(text, cache_dir=tmp_path, language="ptx", timeout_s=1)
+    assert e.value.code == E.CUDA_ERROR_INVALID_SOURCE and "time bound" in e.value.log
+    assert time.monotonic() - t0 < 20

@@ -155,11 +155,13 @@ def _host_fma_flags() -> list[str]:
 _PTX_FLAGS = _host_fma_flags()
 
 
-def _translate_ptx(text: str) -> str:
+def _translate_ptx(text: str, deadline: float) -> str:
     try:
-        return ptx.to_cpp(text)
+        return ptx.to_cpp(text, deadline)
     except ptx.PtxUnsupportedError as e:
         raise UnsupportedConstructError(str(e)) from None
+    except ptx.PtxTimeoutError as e:
+        raise KernelCompileError("compile timed out (PTX translation)", f"error: {e}") from None
     except ptx.PtxError as e:
         raise KernelCompileError(f"PTX does not translate: {e}", code=E.CUDA_ERROR_INVALID_PTX) from None
     except RecursionError:
@@ -278,7 +280,7 @@ def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Path
             ptx_text = nvrtc.to_ptx(source, list(parse_options(options).args), deadline=deadline,
                                     memory_limit_bytes=memory_limit_bytes, cwd=work)
         # No tenant text reaches g++: the translation re-spells every name.
-        _link(_translate_ptx(ptx_text), so_path, std="c++17", work=work, deadline=deadline,
+        _link(_translate_ptx(ptx_text, deadline), so_path, std="c++17", work=work, deadline=deadline,
               memory_limit_bytes=memory_limit_bytes, flags=_PTX_FLAGS)
     finally:
         shutil.rmtree(work, ignore_errors=True)

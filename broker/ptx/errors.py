@@ -13,3 +13,7 @@ class PtxError(Exception):
 
 class PtxUnsupportedError(PtxError):
     """PTX this translator does not run (CUDA_ERROR_NOT_SUPPORTED): never a wrong result."""
+
+
+class PtxTimeoutError(PtxError):
+    """Parsing or translating outlasted the build's time bound (a compile timeout, not bad PTX)."""

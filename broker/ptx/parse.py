@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 
-from .errors import PtxError, PtxUnsupportedError
+from .errors import PtxError, PtxTimeoutError, PtxUnsupportedError
 
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t\r]+|\n)
@@ -27,9 +28,11 @@ class Tok:
     line: int
 
 
-def tokenize(text: str) -> list[Tok]:
+def tokenize(text: str, deadline: float | None = None) -> list[Tok]:
     toks, line, pos = [], 1, 0
     while pos < len(text):
+        if deadline is not None and not len(toks) & 4095 and time.monotonic() > deadline:
+            raise PtxTimeoutError("parsing timed out (the build's time bound)", line)
         m = _TOKEN.match(text, pos)
         if not m:
             raise PtxError(f"unexpected character {text[pos]!r}", line)
@@ -118,8 +121,9 @@ _PERF = (".maxntid", ".reqntid", ".minnctapersm", ".maxnctapersm", ".maxnreg", "
 
 
 class _Parser:
-    def __init__(self, toks: list[Tok]):
+    def __init__(self, toks: list[Tok], deadline: float | None = None):
         self.t, self.i = toks, 0
+        self.deadline = deadline
 
     # -- tokens -----------------------------------------------------------------------------
     def peek(self, k: int = 0) -> Tok | None:
@@ -366,6 +370,8 @@ class _Parser:
                 items.append(Label(t.text, t.line))
             else:
                 items.append(self.instruction())
+                if self.deadline is not None and not len(items) & 1023 and time.monotonic() > self.deadline:
+                    raise PtxTimeoutError("parsing timed out (the build's time bound)", items[-1].line)
         return Block(items, start.line)
 
     def instruction(self) -> Instr:
@@ -466,6 +472,7 @@ def _number(text: str) -> int | float:
     return _int(text)
 
 
-def parse(text: str) -> Module:
-    """The syntax tree of PTX `text`; PtxError (with a line) where it is not PTX."""
-    return _Parser(tokenize(text)).module()
+def parse(text: str, deadline: float | None = None) -> Module:
+    """The syntax tree of PTX `text`; PtxError (with a line) where it is not PTX;
+    PtxTimeoutError once time.monotonic() passes `deadline`."""
+    return _Parser(tokenize(text, deadline), deadline).module()

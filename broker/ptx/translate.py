@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 import re
 import struct
+import time
 
-from .errors import PtxError, PtxUnsupportedError
+from .errors import PtxError, PtxTimeoutError, PtxUnsupportedError
 from .parse import Block, Function, Instr, Label, Module, Operand, VarDecl, _number
 
 # PTX type: (C++ type, bytes, class)  class: u s f (floats) b (untyped bits) p (predicate)
@@ -59,8 +60,10 @@ class _Scope:
 
 
 class Translator:
-    def __init__(self, module: Module):
+    def __init__(self, module: Module, deadline: float | None = None):
         self.m = module
+        self.deadline = deadline
+        self.count = 0                 # instructions translated: the deadline is checked every 1024
         self.globals = _Scope()
         self.shared: dict[int, int] = {}   # id(shared VarDecl) -> offset in the window
         self.shared_static = 0
@@ -330,6 +333,10 @@ class Translator:
         handler = OPS.get(ins.op)
         if handler is None:
             raise PtxUnsupportedError(f"instruction {ins.op}", ins.line)
+        self.count += 1
+        if self.deadline is not None and not self.count & 1023 and time.monotonic() > self.deadline:
+            raise PtxTimeoutError(f"translation timed out after {self.count} instructions (the build's time bound)",
+                                  ins.line)
         self.scope = scope
         self.ins = ins
         code = handler(self, ins)
@@ -486,8 +493,8 @@ def _float_literal(v: float) -> str:
     return repr(v)
 
 
-def translate(module: Module) -> str:
-    return Translator(module).translate()
+def translate(module: Module, deadline: float | None = None) -> str:
+    return Translator(module, deadline).translate()
 
 
 from .instructions import OPS  # noqa: E402  (the table refers back to Translator's helpers)
