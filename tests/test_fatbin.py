@@ -11,8 +11,10 @@ import struct
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
+import kubecash.client as kc
 from kubecash.broker import ptx
 from kubecash.broker.ptx import fatbin as F
 
@@ -265,3 +267,21 @@ def test_zstd_without_decoder_is_a_format_error_saying_so(images, monkeypatch):
     with pytest.raises(F.FatbinFormatError, match="zstandard"):
         F.ptx_from_image(images["default"])
     assert F.ptx_from_image(images["speed"])     # LZ4 and plain entries need no package
+
+
+@needs_nvcc
+@needs_zstd
+def test_an_nvcc_fatbin_runs_on_the_cpu_device_and_sass_is_refused_naming_its_sms(images, session):
+    """Through the client and the executor: the fatbin's best PTX entry runs; a fatbin of SASS
+    only is NO_BINARY_FOR_GPU naming what it held."""
+    dev = session.device("cpu0")
+    m = dev.load_module(image=images["default"], kind="fatbin")
+    a, b = np.arange(64, dtype=np.float32), np.full(64, 2.0, np.float32)
+    with dev.allocate(a.nbytes) as da, dev.allocate(b.nbytes) as db:
+        da.copy_from(a)
+        db.copy_from(b)
+        dev.launch(m.get_kernel("add"), (1,), (64,), [da, db, np.int32(64)])
+        np.testing.assert_array_equal(da.copy_to(np.empty_like(a)), a + b)
+    with pytest.raises(kc.CudaError, match="SASS for sm_80, sm_90") as e:
+        dev.load_module(image=images["sass"], kind="fatbin")
+    assert e.value.name == "CUDA_ERROR_NO_BINARY_FOR_GPU"
