@@ -20,6 +20,9 @@ _MAX_BLOCK = (1024, 1024, 64)
 _MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
+_DEADLOCK = -5   # kDeadlock in kubecash_runtime.h: a block no lane of which can go on
+
+
 class _KcLaunch(ctypes.Structure):
     _fields_ = [("grid", ctypes.c_uint32 * 3), ("block", ctypes.c_uint32 * 3),
                 ("nblocks", ctypes.c_uint64), ("next_block", ctypes.c_void_p),
@@ -167,6 +170,9 @@ class Launcher:
             finally:
                 module._release()
         for rc in rcs:
+            if rc == _DEADLOCK:
+                raise RuntimeError("kernel deadlocked: every live thread of a block waits on an mbarrier "
+                                   "that cannot complete (code -5)")
             if rc != 0:
                 raise RuntimeError(f"kernel block runner failed (code {rc})")
 

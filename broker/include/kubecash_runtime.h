@@ -97,8 +97,14 @@ struct FiberRec {
     int done;
     int state;              /* FIBER_READY, or what it waits at */
     WarpOp* op;             /* at a warp operation: its operands and result */
+    int waiting;            /* its last mbarrier wait failed (a yield of it is no progress) */
 };
-enum { FIBER_READY = 0, FIBER_AT_BARRIER = 1, FIBER_AT_WARP_OP = 2 };
+/* FIBER_YIELD: runnable again next round (mbarrier waits, nanosleep), after the others ran */
+enum { FIBER_READY = 0, FIBER_AT_BARRIER = 1, FIBER_AT_WARP_OP = 2, FIBER_YIELD = 3 };
+/* Rounds in a row where every lane that ran only waited again, no mbarrier changed, and no
+ * lane ended or reached a barrier: the block can never go on (run_fibers fails the launch). */
+static constexpr uint32_t kIdleRounds = 4096;
+static constexpr int kDeadlock = -5;     /* run's code for that; cpukernels/launch.py names it */
 static constexpr uint64_t kRecBytes = (sizeof(FiberRec) + 63) & ~uint64_t(63);
 
 typedef int (*RunFn)(void**, const Launch*, Worker*);
@@ -141,6 +147,8 @@ struct Rt {
     void** args;
     int bar_count, bar_n;       /* __syncthreads_count/and/or accumulators of this phase */
     int res_count, res_n;       /* ... and their results from the last phase */
+    uint64_t progress;          /* bumped by whatever lets a waiting lane go on (mbarrier changes...) */
+    int busy_yield;             /* a lane yielded this round without waiting on an mbarrier */
 };
 static thread_local Rt rt;      /* its address also identifies the OS thread */
 
@@ -310,16 +318,22 @@ static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Work
                     r->tid = uint3{x, y, z};
                     r->done = 0;
                     r->state = FIBER_READY;
+                    r->waiting = 0;
                 }
         uint64_t alive = T;
+        uint32_t idle = 0;
         rt.bar_count = rt.bar_n = 0;
         while (alive) {
-            /* A warp at a time: its lanes run until each waits at the block barrier or has
-             * ended; lanes waiting at a warp operation get their results and run on. */
+            /* A warp at a time: its lanes run until each waits at the block barrier, has
+             * ended, or yielded; lanes waiting at a warp operation get their results and run
+             * on (once no lane of the warp still yields, or the last round got nowhere). */
+            const uint64_t before = rt.progress;
+            bool yielded = false;
+            rt.busy_yield = 0;
             for (uint64_t w0 = 0; w0 < T; w0 += 32) {
                 const uint64_t n = T - w0 < 32 ? T - w0 : 32;
                 for (;;) {
-                    bool at_warp_op = false;
+                    bool at_warp_op = false, warp_yield = false;
                     for (uint64_t l = 0; l < n; ++l) {
                         FiberRec* r = rec(W, w0 + l);
                         if (r->done || r->state != FIBER_READY) continue;
@@ -327,12 +341,35 @@ static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Work
                         threadIdx = r->tid;
                         if (!_setjmp(rt.sched)) _longjmp(r->jb, 1);
                         if (r->done) --alive;
-                        else if (r->state == FIBER_AT_WARP_OP) at_warp_op = true;
+                        if (r->done || r->state != FIBER_YIELD) ++rt.progress;
                     }
-                    if (!at_warp_op) break;
+                    for (uint64_t l = 0; l < n; ++l) {
+                        FiberRec* r = rec(W, w0 + l);
+                        if (r->done) continue;
+                        at_warp_op |= r->state == FIBER_AT_WARP_OP;
+                        warp_yield |= r->state == FIBER_YIELD;
+                    }
+                    yielded |= warp_yield;
+                    if (!at_warp_op || (warp_yield && idle == 0)) break;
                     resolve_warp(W, w0, n);
+                    ++rt.progress;
                 }
             }
+            if (yielded) {      /* a lane waits: the others run first, then it tries again */
+                idle = (rt.progress == before && !rt.busy_yield) ? idle + 1 : 0;
+                if (idle > kIdleRounds) {
+                    fprintf(stderr, "kubecash: block (%u,%u,%u) deadlocked: every live thread waits on an "
+                            "mbarrier that cannot complete\n", blockIdx.x, blockIdx.y, blockIdx.z);
+                    __atomic_store_n(L->next_block, L->nblocks, __ATOMIC_RELAXED);
+                    W->nfibers = 0;     /* they are parked mid-kernel: start them afresh next time */
+                    rt.cur = nullptr;
+                    return kDeadlock;
+                }
+                for (uint64_t k = 0; k < T; ++k)
+                    if (rec(W, k)->state == FIBER_YIELD) rec(W, k)->state = FIBER_READY;
+                continue;
+            }
+            idle = 0;
             for (uint64_t k = 0; k < T; ++k) rec(W, k)->state = FIBER_READY;   /* the barrier opens */
             rt.res_count = rt.bar_count;
             rt.res_n = rt.bar_n;
@@ -400,6 +437,66 @@ static __attribute__((noinline)) void __kc_warp_op(__kc::WarpOp* op) {
     r->op = op;
     r->state = __kc::FIBER_AT_WARP_OP;
     if (!_setjmp(r->jb)) _longjmp(__kc::rt.sched, 1);
+}
+/* Yield: the lane runs again in the block's next round, after the other lanes. */
+static __attribute__((noinline)) void __kc_yield(void) {
+    __kc::FiberRec* r = __kc::rt.cur;
+    if (r == nullptr) return;       /* no fibers: nothing else could run */
+    if (!r->waiting) __kc::rt.busy_yield = 1;
+    r->state = __kc::FIBER_YIELD;
+    if (!_setjmp(r->jb)) _longjmp(__kc::rt.sched, 1);
+}
+
+/* mbarrier objects (PTX mbarrier.*): 64 bits in shared memory, only ever touched by the
+ * fibers of one block on one OS thread, so plain loads and stores. Layout (ours; the ISA
+ * leaves it opaque): pending arrivals bits 0-20, expected arrivals 21-41, the transaction
+ * count 42-62 (two's complement), the current phase's parity bit 63. A state (what arrive
+ * returns) is the parity of the phase it arrived on (bit 63) and the pending count after. */
+namespace __kc {
+static constexpr uint64_t kMbField = (1u << 21) - 1;
+static inline uint64_t mb_load(const unsigned char* p) { uint64_t v; __builtin_memcpy(&v, p, 8); return v; }
+static inline void mb_store(unsigned char* p, uint64_t v) { __builtin_memcpy(p, &v, 8); ++rt.progress; }
+static inline int64_t mb_tx(uint64_t v) { return (int64_t)(v << 1) >> 43; }
+static inline uint64_t mb_make(uint64_t phase, uint64_t pending, uint64_t expected, int64_t tx) {
+    return (phase << 63) | (pending & kMbField) | ((expected & kMbField) << 21) | (((uint64_t)tx & kMbField) << 42);
+}
+/* pending -= count (expected too for a drop), tx += tx_add; the phase completes when both
+ * pending arrivals and transactions are none (unless no_complete). Returns the state. */
+static inline uint64_t mb_update(unsigned char* p, uint32_t count, bool drop, bool no_complete, int64_t tx_add) {
+    const uint64_t v = mb_load(p);
+    uint64_t phase = v >> 63, pending = v & kMbField, expected = (v >> 21) & kMbField;
+    int64_t tx = mb_tx(v) + tx_add;
+    pending = (pending - count) & kMbField;
+    if (drop) expected = (expected - count) & kMbField;
+    const uint64_t state = (phase << 63) | pending;
+    if (pending == 0 && tx == 0 && !no_complete) { phase ^= 1; pending = expected; }
+    mb_store(p, mb_make(phase, pending, expected, tx));
+    return state;
+}
+static inline bool mb_done(const unsigned char* p, uint64_t parity) { return (mb_load(p) >> 63) != (parity & 1); }
+}
+static inline void __kc_mbar_init(unsigned char* p, uint32_t count) {
+    __kc::mb_store(p, __kc::mb_make(0, count, count, 0));
+}
+static inline void __kc_mbar_inval(unsigned char* p) { __kc::mb_store(p, 0); }
+static inline uint64_t __kc_mbar_arrive(unsigned char* p, uint32_t count, int drop, int no_complete, int64_t tx) {
+    return __kc::mb_update(p, count, drop, no_complete, tx);
+}
+static inline void __kc_mbar_tx(unsigned char* p, int64_t tx) { (void)__kc::mb_update(p, 0, false, false, tx); }
+static inline uint32_t __kc_mbar_pending(uint64_t state) { return (uint32_t)(state & __kc::kMbField); }
+/* test_wait / try_wait: has the phase of this parity completed? If not, the lane yields
+ * (the others run, perhaps arriving) and looks again: a spin on it never starves them. */
+static bool __kc_mbar_wait(const unsigned char* p, uint64_t parity) {
+    __kc::FiberRec* r = __kc::rt.cur;
+    if (__kc::mb_done(p, parity)) {
+        if (r) r->waiting = 0;
+        return true;
+    }
+    if (r) r->waiting = 1;
+    __kc_yield();
+    const bool done = __kc::mb_done(p, parity);
+    if (r && done) r->waiting = 0;
+    return done;
 }
 static int __syncthreads_count(int p) {
     __kc::rt.bar_count += (p != 0);

@@ -749,6 +749,217 @@ def warp_sync(tr: Translator, ins: Instr) -> str:
     return "{ " + _warp(tr, "WARP_SYNC", 0, "0", mask=tr.src(ins.args[0], ".b32")) + " }"
 
 
+# -- asynchronous copies and mbarriers (sm_80 cp.async, sm_90 bulk copies) -----------------
+# A CPU copies at issue: an asynchronous copy is complete before the next instruction, so
+# commit/wait groups have nothing to wait for, and a copy's mbarrier arrival or transaction
+# completion happens right away. mbarrier waits yield the lane (kubecash_runtime.h).
+
+_SHARED_SPACES = {".shared": ".shared", ".shared::cta": ".shared", ".shared::cluster": ".shared"}
+
+
+def _space(tr: Translator, mods: list[str]) -> tuple[str, list[str]]:
+    """The state space of an mbarrier / shared operand ("" generic) and the other modifiers."""
+    spaces = [m for m in mods if m in _SHARED_SPACES]
+    if len(spaces) > 1:
+        raise tr.refuse("two state spaces")
+    return (_SHARED_SPACES[spaces[0]] if spaces else ""), [m for m in mods if m not in _SHARED_SPACES]
+
+
+def _u32_operand(tr: Translator, o) -> str:
+    return tr.src(o, ".u32")
+
+
+def cp(tr: Translator, ins: Instr) -> str:
+    mods = tr.mods(ins)
+    if not mods or mods[0] != ".async":
+        raise tr.refuse("only cp.async")
+    rest = mods[1:]
+    if rest and rest[0] == ".bulk":
+        return _cp_bulk(tr, ins, rest[1:])
+    if rest in ([".commit_group"], [".wait_all"]):
+        _nargs(tr, ins, 0)
+        return ";"      # every copy of this thread is already complete
+    if rest == [".wait_group"]:
+        _nargs(tr, ins, 1)
+        if ins.args[0].kind != "imm":
+            raise PtxError("cp.async.wait_group takes an immediate group count", ins.line)
+        return ";"
+    if rest and rest[0] == ".mbarrier":
+        return _cp_mbarrier_arrive(tr, ins, rest[1:])
+    space, rest = _space(tr, rest)
+    # cp.async.{ca,cg}.shared.global (.ca/.cg and .L2:: hints are dropped by tr.mods)
+    _only(tr, rest, {".global"})
+    if space != ".shared" or rest != [".global"]:
+        raise tr.refuse("only shared <- global copies")
+    hint = ".L2::cache_hint" in ins.mods
+    _nargs(tr, ins, 3 + hint, 4 + hint)
+    d, a, size = ins.args[:3]
+    if size.kind != "imm" or _int(size.text, ins.line) not in (4, 8, 16):
+        raise PtxError("cp.async's copy size is 4, 8 or 16 bytes (an immediate)", ins.line)
+    if ".cg" in ins.mods and _int(size.text, ins.line) != 16:
+        raise PtxError("cp.async.cg copies 16 bytes", ins.line)
+    n = _int(size.text, ins.line)
+    src_n = str(n)
+    if len(ins.args) == 4 + hint:                  # src-size (zero-fill the rest) or ignore-src
+        x = ins.args[3]
+        pred = x.kind == "name" and (tr.scope.find(x.text) or ("", "", ""))[1] == ".pred"
+        src_n = f"({tr.src(x, '.pred')} ? 0u : {n}u)" if pred else f"({tr.src(x, '.u32')})"
+    dp, sp, k = tr.fresh(), tr.fresh(), tr.fresh()
+    return (f"{{ unsigned char* {dp} = {tr.pointer(d, '.shared')}; "
+            f"const unsigned char* {sp} = {tr.pointer(a, '.global')}; uint32_t {k} = {src_n}; "
+            f"if ({k} > {n}u) {k} = {n}u; __builtin_memcpy({dp}, {sp}, {k}); "
+            f"__builtin_memset({dp} + {k}, 0, {n}u - {k}); }}")
+
+
+def _cp_mbarrier_arrive(tr: Translator, ins: Instr, rest: list[str]) -> str:
+    """cp.async.mbarrier.arrive{.noinc}.shared.b64 [mbar]: an arrival once this thread's
+    copies are done (now). Without .noinc the pending count is raised by one first: the
+    two cancel."""
+    tr.fibers = True
+    space, rest = _space(tr, rest)
+    _only(tr, rest, {".arrive", ".noinc", ".b64"})
+    if ".arrive" not in rest or ".b64" not in rest:
+        raise tr.refuse("expected .arrive and .b64")
+    _nargs(tr, ins, 1)
+    p = tr.pointer(ins.args[0], space)
+    if ".noinc" in rest:
+        return f"(void)__kc_mbar_arrive({p}, 1u, 0, 0, 0);"
+    return f"(void)({p});"
+
+
+def _cp_bulk(tr: Translator, ins: Instr, rest: list[str]) -> str:
+    """cp.async.bulk: shared <- global completing transactions on an mbarrier, global <-
+    shared in bulk groups; their commit/wait groups. Tensor, multicast and prefetch forms
+    are refused."""
+    if rest in ([".commit_group"],):
+        _nargs(tr, ins, 0)
+        return ";"
+    if rest in ([".wait_group"], [".wait_group", ".read"]):
+        _nargs(tr, ins, 1)
+        return ";"
+    if ".mbarrier::complete_tx::bytes" in rest:
+        dst = [m for m in rest if m in _SHARED_SPACES]
+        _only(tr, rest, {*dst, ".global", ".mbarrier::complete_tx::bytes"})
+        if len(dst) != 1 or rest.index(dst[0]) != 0 or ".global" not in rest:
+            raise tr.refuse("only shared <- global copies with an mbarrier")
+        tr.fibers = True
+        hint = ".L2::cache_hint" in ins.mods
+        _nargs(tr, ins, 4 + hint)
+        d, a, size, mbar = ins.args[:4]
+        n, dp = tr.fresh(), tr.fresh()
+        return (f"{{ uint32_t {n} = {tr.src(size, '.u32')}; unsigned char* {dp} = {tr.pointer(d, '.shared')}; "
+                f"__builtin_memcpy({dp}, {tr.pointer(a, '.global')}, {n}); "
+                f"__kc_mbar_tx({tr.pointer(mbar, '.shared')}, -(int64_t){n}); }}")
+    if rest[:1] == [".global"] and rest[1:2] and rest[1] in _SHARED_SPACES:
+        _only(tr, rest[2:], {".bulk_group"})
+        _nargs(tr, ins, 3 + (".L2::cache_hint" in ins.mods))
+        d, a, size = ins.args[:3]
+        return f"__builtin_memcpy({tr.pointer(d, '.global')}, {tr.pointer(a, '.shared')}, {tr.src(size, '.u32')});"
+    raise tr.refuse("this bulk copy form")
+
+
+_MBAR_KINDS = {".init", ".inval", ".arrive", ".arrive_drop", ".expect_tx", ".complete_tx", ".test_wait",
+               ".try_wait", ".pending_count"}
+
+
+def mbarrier(tr: Translator, ins: Instr) -> str:
+    tr.fibers = True
+    space, mods = _space(tr, tr.mods(ins))
+    kinds = [m for m in mods if m in _MBAR_KINDS]
+    if not kinds:
+        raise tr.refuse("no operation")
+    kind = kinds[0]
+    if kind in (".arrive", ".arrive_drop") and kinds[1:] == [".expect_tx"]:
+        kinds = kinds[:1]
+    if len(kinds) != 1:
+        raise tr.refuse(f"operations {' '.join(kinds)}")
+    sems = {".release", ".acquire"} if kind in (".arrive", ".arrive_drop", ".test_wait", ".try_wait",
+                                                ".expect_tx", ".complete_tx") else set()
+    extra = {".arrive": {".expect_tx", ".noComplete"}, ".arrive_drop": {".expect_tx", ".noComplete"},
+             ".test_wait": {".parity"}, ".try_wait": {".parity"}}.get(kind, set())
+    _only(tr, mods, {kind, ".b64", *sems, *extra})
+    if ".b64" not in mods:
+        raise tr.refuse("expected .b64")
+    args = ins.args
+    if kind == ".pending_count":
+        _nargs(tr, ins, 2)
+        return tr.dst(args[0], ".u32", f"__kc_mbar_pending({tr.src(args[1], '.b64')})")
+    if kind in (".init", ".inval", ".expect_tx", ".complete_tx"):
+        _nargs(tr, ins, 1 if kind == ".inval" else 2)
+        p = tr.pointer(args[0], space)
+        if kind == ".inval":
+            return f"__kc_mbar_inval({p});"
+        v = tr.src(args[1], ".u32")
+        if kind == ".init":
+            return f"__kc_mbar_init({p}, {v});"
+        return f"__kc_mbar_tx({p}, {'' if kind == '.expect_tx' else '-'}(int64_t){v});"
+    if kind in (".test_wait", ".try_wait"):
+        _nargs(tr, ins, 3, 4 if kind == ".try_wait" else 3)     # try_wait's suspend-time hint: ignored
+        d, a, x = args[:3]
+        parity = f"(uint64_t){tr.src(x, '.u32')}" if ".parity" in mods else f"({tr.src(x, '.b64')} >> 63)"
+        return tr.dst(d, ".pred", f"__kc_mbar_wait({tr.pointer(a, space)}, {parity})")
+    # arrive / arrive_drop: state, [a] {, count}  |  .expect_tx: state, [a], tx
+    _nargs(tr, ins, 2, 3)
+    d, a = args[:2]
+    tx = ".expect_tx" in mods
+    if ".noComplete" in mods and len(args) != 3:
+        raise PtxError(f"{ins.op}{''.join(ins.mods)} needs a count", ins.line)
+    count = tr.src(args[2], ".u32") if len(args) == 3 and not tx else "1u"
+    txv = f"(int64_t){tr.src(args[2], '.u32')}" if tx else "0"
+    if tx and len(args) != 3:
+        raise PtxError(f"{ins.op}{''.join(ins.mods)} needs a transaction count", ins.line)
+    call = (f"__kc_mbar_arrive({tr.pointer(a, space)}, {count}, {int(kind == '.arrive_drop')}, "
+            f"{int('.noComplete' in mods)}, {txv})")
+    return tr.dst(d, ".b64", call)
+
+
+def nanosleep(tr: Translator, ins: Instr) -> str:
+    """nanosleep.u32 t: in fiber mode the lane yields (the others run); otherwise nothing."""
+    _only(tr, tr.mods(ins), {".u32"})
+    _nargs(tr, ins, 1)
+    return f"(void){tr.src(ins.args[0], '.u32')}; __kc_yield();"
+
+
+def elect(tr: Translator, ins: Instr) -> str:
+    """elect.sync d|p, membermask: the lowest active lane of the mask is the leader."""
+    _only(tr, tr.mods(ins), set())
+    _nargs(tr, ins, 2)
+    d, mask = ins.args
+    pq = d.items if d.kind == "vec" and d.text == "|" else [d]
+    m = tr.fresh()
+    out = [_warp(tr, "WARP_SYNC", 0, "0", mask=tr.src(mask, ".b32")),
+           f"uint32_t {m} = (uint32_t)_o.result & {tr.src(mask, '.b32')};",
+           f"{m} = {m} ? (uint32_t)__builtin_ctz({m}) : 0u;",
+           tr.dst(pq[0], ".b32", m)]
+    if len(pq) == 2:
+        out.append(tr.dst(pq[1], ".pred", f"{m} == (::kc::linear_tid() & 31u)"))
+    return "{ " + " ".join(out) + " }"
+
+
+def bfind(tr: Translator, ins: Instr) -> str:
+    """bfind{.shiftamt}.{u32,s32,u64,s64} d, a: the most significant non-sign bit's position
+    (or 31/63 minus it), 0xffffffff where there is none."""
+    mods = tr.mods(ins)
+    t = tr.type_of(mods)
+    _only(tr, mods, {t, ".shiftamt"})
+    if t not in (".u32", ".s32", ".u64", ".s64"):
+        raise tr.refuse(f"type {t}")
+    _nargs(tr, ins, 2)
+    d, a = ins.args
+    bits = 8 * TYPES[t][1]
+    ut = _UNSIGNED_OF[bits]
+    x = f"(({ut}){tr.src(a, t)})"
+    if _cls(t) == "s":
+        x = f"(({_ctype(t)}){x} < 0 ? ({ut})~{x} : {x})"
+    clz = "__builtin_clz" if bits == 32 else "__builtin_clzll"
+    v, k = tr.fresh(), tr.fresh()
+    pos = f"(uint32_t){clz}({v})" if ".shiftamt" in mods else f"(uint32_t)({bits - 1} - {clz}({v}))"
+    return f"{{ {ut} {v} = {x}; uint32_t {k} = {v} ? {pos} : 0xffffffffu; {tr.dst(d, '.u32', k)} }}"
+
+
+_UNSIGNED_OF = {32: "uint32_t", 64: "uint64_t"}
+
+
 OPS = {
     "mov": mov, "ld": partial(_access, load=True), "ldu": partial(_access, load=True),
     "st": partial(_access, load=False), "cvta": cvta,
@@ -765,4 +976,5 @@ OPS = {
     "atom": partial(_atom, result=True), "red": partial(_atom, result=False),
     "prefetch": nop, "prefetchu": nop,
     "shfl": shfl, "vote": vote, "match": match, "redux": redux, "activemask": activemask,
+    "cp": cp, "mbarrier": mbarrier, "nanosleep": nanosleep, "elect": elect, "bfind": bfind,
 }

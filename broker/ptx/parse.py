@@ -16,7 +16,7 @@ _TOKEN = re.compile(r"""
   | (?P<string>"(?:[^"\\\n]|\\.)*")
   | (?P<float>0[fF][0-9a-fA-F]{8}|0[dD][0-9a-fA-F]{16})
   | (?P<number>0[xX][0-9a-fA-F]+U?|0[bB][01]+U?|[0-9]+\.[0-9]*(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+|[0-9]+U?)
-  | (?P<ident>[.%$_a-zA-Z][a-zA-Z0-9_$.]*)
+  | (?P<ident>[.%$_a-zA-Z][a-zA-Z0-9_$.]*(?:::[a-zA-Z0-9_$]+[a-zA-Z0-9_$.]*)*)     # .shared::cta, .L2::128B
   | (?P<punct>[{}()\[\],;:@!+\-<>=|*])
 """, re.X | re.S)
 
@@ -426,6 +426,8 @@ class _Parser:
             return Operand("float", t.text)
         if t.kind == "ident" and not neg:
             if t.text == "_":
+                if self.accept("|"):    # elect.sync _|p: no lane index, only the predicate
+                    return Operand("vec", text="|", items=[Operand("sink"), Operand("name", self.ident().text)])
                 return Operand("sink")
             if self.at("+") and self.peek(1) is not None and self.peek(1).kind == "number":
                 self.next()
