@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -241,6 +242,133 @@ def test_float_conversions_and_comparisons(dev):
         np.testing.assert_array_equal(h, x.astype(np.float16).view(np.uint16))
 
 
+CARRY = rb"""
+.version 8.0
+.target sm_80
+.address_size 64
+.visible .entry carry(.param .u64 out, .param .u64 a, .param .u64 b)
+{
+    .reg .b64 %rd<8>;
+    ld.param.u64 %rd1, [out];
+    ld.param.u64 %rd2, [a];
+    ld.param.u64 %rd3, [b];
+    {   // as libdevice's inline assembly writes it: names without %, several in one .reg
+    .reg .u32 alo, ahi, blo, bhi, s0, s1, s2;
+    mov.b64 {alo, ahi}, %rd2;
+    mov.b64 {blo, bhi}, %rd3;
+    add.cc.u32 s0, alo, blo;
+    addc.cc.u32 s1, ahi, bhi;
+    addc.u32 s2, 0, 0;
+    st.global.v2.u32 [%rd1], {s0, s1};
+    st.global.u32 [%rd1+8], s2;
+    sub.cc.u32 s0, alo, blo;
+    subc.cc.u32 s1, ahi, bhi;
+    subc.u32 s2, 0, 0;
+    st.global.v2.u32 [%rd1+16], {s0, s1};
+    st.global.u32 [%rd1+24], s2;
+    mad.lo.cc.u32 s0, alo, blo, ahi;
+    madc.hi.u32 s1, alo, blo, 0;
+    st.global.v2.u32 [%rd1+32], {s0, s1};
+    }
+    add.cc.u64 %rd4, %rd2, %rd3;
+    st.global.u64 [%rd1+40], %rd4;
+    mad.lo.cc.u64 %rd4, %rd2, %rd3, %rd2;
+    madc.hi.u64 %rd5, %rd2, %rd3, 0;
+    st.global.v2.u64 [%rd1+48], {%rd4, %rd5};
+    ret;
+}
+"""
+
+
+@pytest.mark.parametrize("a, b", [(0, 0), (2**64 - 1, 1), (1, 2), (0xFFFFFFFF, 0xFFFFFFFF),
+                                  (0x123456789ABCDEF0, 0xFEDCBA9876543210), (2**63, 2**63)])
+def test_carry_chains_as_libdevice_writes_them(dev, a, b):
+    """add.cc / addc / sub.cc / subc / mad.lo.cc / madc.hi (32 and 64 bits), carrying
+    through the condition code: the multi-word arithmetic of libdevice's sin and cos."""
+    m = dev.load_module(image=CARRY, kind="ptx")
+    M = 2**64
+    with dev.allocate(64) as out:
+        out.fill(0)
+        dev.launch(m.get_kernel("carry"), (1,), (1,), [out, np.uint64(a), np.uint64(b)])
+        got = [int(v) for v in out.copy_to(np.empty(8, np.uint64))]
+    assert got == [(a + b) % M, (a + b) // M, (a - b) % M, 0xFFFFFFFF if a < b else 0,
+                   (a % 2**32) * (b % 2**32) + (a >> 32), (a + b) % M, (a * b + a) % M, (a * b + a) // M]
+
+
+ROUNDED = rb"""
+.version 8.0
+.target sm_80
+.address_size 64
+.visible .entry rounded(.param .u64 out, .param .u64 in)
+{
+    .reg .b32 %r<2>;
+    .reg .b64 %rd<6>;
+    .reg .f32 %f<12>;
+    ld.param.u64 %rd1, [out];
+    ld.param.u64 %rd2, [in];
+    mov.u32 %r1, %tid.x;
+    mul.wide.u32 %rd3, %r1, 8;
+    add.s64 %rd4, %rd2, %rd3;
+    ld.global.v2.f32 {%f1, %f2}, [%rd4];
+    add.rm.f32 %f3, %f1, %f2;
+    add.rp.f32 %f4, %f1, %f2;
+    sub.rz.f32 %f5, %f1, %f2;
+    mul.rm.f32 %f6, %f1, %f2;
+    mul.rp.f32 %f7, %f1, %f2;
+    fma.rm.f32 %f8, %f1, %f2, %f1;
+    div.rz.f32 %f9, %f1, %f2;
+    abs.f32 %f10, %f1;
+    sqrt.rp.f32 %f11, %f10;
+    mul.wide.u32 %rd3, %r1, 36;
+    add.s64 %rd5, %rd1, %rd3;
+    st.global.v4.f32 [%rd5], {%f3, %f4, %f5, %f6};
+    st.global.v4.f32 [%rd5+16], {%f7, %f8, %f9, %f11};
+    add.f32 %f3, %f1, %f2;
+    st.global.f32 [%rd5+32], %f3;
+    ret;
+}
+"""
+
+
+def _round32(exact: Fraction, mode: str) -> np.float32:
+    """`exact` rounded to float32 down (rm), up (rp) or toward zero (rz)."""
+    lo = np.float32(float(exact))
+    while Fraction(float(lo)) > exact:
+        lo = np.nextafter(lo, np.float32(-np.inf))
+    while Fraction(float(np.nextafter(lo, np.float32(np.inf)))) <= exact:
+        lo = np.nextafter(lo, np.float32(np.inf))
+    hi = lo if Fraction(float(lo)) == exact else np.nextafter(lo, np.float32(np.inf))
+    return {"rm": lo, "rp": hi, "rz": lo if exact >= 0 else hi}[mode]
+
+
+def _sqrt_up(x: np.float32) -> np.float32:
+    r = np.float32(np.sqrt(np.float64(x)))
+    while r > 0 and Fraction(float(np.nextafter(r, np.float32(0)))) ** 2 >= Fraction(float(x)):
+        r = np.nextafter(r, np.float32(0))
+    while Fraction(float(r)) ** 2 < Fraction(float(x)):
+        r = np.nextafter(r, np.float32(np.inf))
+    return r
+
+
+def test_directed_rounding_modes(dev):
+    """.rm .rp .rz on float add, sub, mul, fma, div and sqrt round each result that way
+    (libdevice's expf builds its result from the bits of an fma.rm); the next instruction
+    is round-to-nearest again."""
+    rng = np.random.default_rng(7)
+    xy = np.concatenate([rng.uniform(-4, 4, (60, 2)), [[1, 3], [-1, 3], [2, 1e-9], [1e30, -7]]]).astype(np.float32)
+    m = dev.load_module(image=ROUNDED, kind="ptx")
+    with dev.allocate(xy.nbytes) as din, dev.allocate(len(xy) * 36) as dout:
+        din.copy_from(xy)
+        dev.launch(m.get_kernel("rounded"), (1,), (len(xy),), [dout, din])
+        got = dout.copy_to(np.empty((len(xy), 9), np.float32))
+    for (x, y), g in zip(xy, got, strict=True):
+        fx, fy = Fraction(float(x)), Fraction(float(y))
+        want = [_round32(fx + fy, "rm"), _round32(fx + fy, "rp"), _round32(fx - fy, "rz"),
+                _round32(fx * fy, "rm"), _round32(fx * fy, "rp"), _round32(fx * fy + fx, "rm"),
+                _round32(fx / fy, "rz"), _sqrt_up(abs(x)), x + y]
+        np.testing.assert_array_equal(g, np.array(want, np.float32), err_msg=f"x={x!r} y={y!r}")
+
+
 HAND = r"""
 .version 8.0
 .target sm_80
@@ -326,8 +454,6 @@ def _ftz_add(x: int) -> int:
     (r"""extern "C" __global__ void k(int* o) { asm volatile("trap;"); }""", "instruction trap"),
     (r"""extern "C" __global__ void k(unsigned short* o) {
            unsigned short r; asm("add.f16 %0, %1, %1;" : "=h"(r) : "h"(o[0])); o[0] = r; }""", "add.f16: type .f16"),
-    (r"""extern "C" __global__ void k(float* o) { float r; asm("add.rz.f32 %0, %1, %1;" : "=f"(r) : "f"(o[0]));
-           o[0] = r; }""", "rounding mode .rz"),
     (r"""extern "C" __global__ void k(int* o) { assert(o[0] == 1); }""", "device-runtime function __assertfail"),
     # through float it would round twice: refused rather than one step off
     (r"""extern "C" __global__ void k(double* d, unsigned short* o) {

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <fenv.h>
 #include <time.h>
 #include <type_traits>
 
@@ -76,6 +77,21 @@ template <class T> static inline T mulhi(T a, T b) {
         using W = std::conditional_t<std::is_signed_v<T>, int64_t, uint64_t>;
         return (T)(((W)a * (W)b) >> (8 * sizeof(T)));
     }
+}
+/* A float operation in a directed rounding mode (.rz .rm .rp; FE_TOWARDZERO and friends):
+   the host's mode set around it, its operands and result pinned between the two changes so
+   that the compiler neither folds nor moves the arithmetic out (PTX's mode is per instruction). */
+template <class T> static inline __attribute__((always_inline)) void pin(T& v) {
+    asm volatile("" : "+m"(v) : : "memory");
+}
+template <int MODE, class F, class... A> static inline auto rounded(F f, A... a) {
+    const int old = fegetround();
+    fesetround(MODE);
+    (pin(a), ...);
+    auto r = f(a...);
+    pin(r);
+    fesetround(old);
+    return r;
 }
 /* Division by zero and INT_MIN / -1 do not trap on the device: all ones / the dividend. */
 template <class T> static inline T div(T a, T b) {

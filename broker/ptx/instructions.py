@@ -117,19 +117,28 @@ def cvta(tr: Translator, ins: Instr) -> str:
 
 # -- integer and float arithmetic -----------------------------------------------------------
 
+_DIRECTED = {".rz": "FE_TOWARDZERO", ".rm": "FE_DOWNWARD", ".rp": "FE_UPWARD"}
+
+
 def _rounding(tr: Translator, mods: list[str]) -> list[str]:
-    """Float rounding modifiers: .rn is what C++ does; the others are refused for now."""
-    for m in (".rz", ".rm", ".rp"):
-        if m in mods:
-            raise tr.refuse(f"rounding mode {m}")
-    return [m for m in mods if m != ".rn"]
+    """Float rounding modifiers: .rn is what C++ does; .rz .rm .rp (at most one) are done
+    by _float_wrap, which every caller of this goes on to (libdevice's expf uses fma.rm)."""
+    if len([m for m in mods if m == ".rn" or m in _DIRECTED]) > 1:
+        raise tr.refuse("more than one rounding mode")
+    return [m for m in mods if m != ".rn" and m not in _DIRECTED]
 
 
 def _float_wrap(tr: Translator, mods: list[str], t: str, args: list[str], expr) -> str:
     ftz, sat = ".ftz" in mods, ".sat" in mods
     if ftz:
         args = [f"::kc::ftz({a})" for a in args]
-    r = expr(*args)
+    mode = next((_DIRECTED[m] for m in tr.ins.mods if m in _DIRECTED), None)
+    if mode is not None:            # the operation alone in that mode, its operands pinned
+        xs = [f"_x{i}" for i in range(len(args))]
+        lam = f"[]({', '.join('auto ' + x for x in xs)}) {{ return ({_ctype(t)})({expr(*xs)}); }}"
+        r = f"::kc::rounded<{mode}>({lam}, {', '.join(args)})"
+    else:
+        r = expr(*args)
     if ftz:
         r = f"::kc::ftz(({_ctype(t)})({r}))"
     if sat:
@@ -232,6 +241,45 @@ def fma(tr: Translator, ins: Instr) -> str:
     d, a, b, c = ins.args
     return tr.dst(d, t, _float_wrap(tr, rest, t, [tr.src(x, t) for x in (a, b, c)],
                                     lambda x, y, z: f"fma({x}, {y}, {z})"))
+
+
+def _carry(plain):
+    """Extended-precision integer arithmetic through the condition code's carry flag
+    (CC.CF, one per thread: the function's _kc_cc): add.cc / sub.cc / mad.{lo,hi}.cc write
+    it, addc / subc / madc.{lo,hi} also read it (sub's carry is the borrow, as subc takes
+    it). Plain add, sub and mad go to `plain`."""
+    def handler(tr: Translator, ins: Instr) -> str:
+        carry_in = ins.op.endswith("c")
+        if not carry_in and ".cc" not in ins.mods:
+            return plain(tr, ins)
+        mods = tr.mods(ins)
+        t = tr.type_of(mods)
+        rest = [m for m in mods if m not in (t, ".cc")]
+        mad = ins.op.startswith("mad")
+        _only(tr, rest, {".lo", ".hi"} if mad else set())
+        if t not in (".u32", ".s32", ".u64", ".s64"):
+            raise tr.refuse(f"type {t}")
+        if mad and len(rest) != 1:
+            raise tr.refuse("expected one of .lo .hi")
+        _nargs(tr, ins, 4 if mad else 3)
+        bits = 8 * TYPES[t][1]
+        u, wide = _ctype(".u32" if bits == 32 else ".u64"), "uint64_t" if bits == 32 else "unsigned __int128"
+        ut = ".u32" if bits == 32 else ".u64"
+        d, a, b = ins.args[:3]
+        if mad:
+            half = "mulhi" if rest == [".hi"] else "mul"
+            a, b = f"({u})::kc::{half}({tr.src(a, t)}, {tr.src(b, t)})", tr.src(ins.args[3], ut)
+        else:
+            a, b = tr.src(a, ut), tr.src(b, ut)
+        sign = "-" if ins.op.startswith("sub") else "+"
+        s = tr.fresh()
+        expr = f"({wide}){a} {sign} ({wide}){b}" + (f" {sign} ({wide})_kc_cc" if carry_in else "")
+        tr.carry = True
+        out = f"{wide} {s} = {expr}; " + tr.dst(d, ut, f"({u}){s}")
+        if ".cc" in ins.mods:
+            out += f" _kc_cc = (uint32_t)({s} >> {bits}) & 1u;"
+        return "{ " + out + " }"
+    return handler
 
 
 def _unary(int_fn, float_fn, float_mods=(".ftz",)):
@@ -963,8 +1011,9 @@ _UNSIGNED_OF = {32: "uint32_t", 64: "uint64_t"}
 OPS = {
     "mov": mov, "ld": partial(_access, load=True), "ldu": partial(_access, load=True),
     "st": partial(_access, load=False), "cvta": cvta,
-    "add": add, "sub": sub, "mul": partial(_product, add=False),
-    "mad": partial(_product, add=True), "fma": fma, "div": div, "rem": rem,
+    "add": _carry(add), "sub": _carry(sub), "mul": partial(_product, add=False),
+    "mad": _carry(partial(_product, add=True)), "fma": fma, "div": div, "rem": rem,
+    "addc": _carry(None), "subc": _carry(None), "madc": _carry(None),
     "abs": abs_, "neg": neg, "min": _minmax, "max": _minmax,
     "and": and_, "or": or_, "xor": xor, "not": not_, "cnot": cnot, "shl": shl, "shr": shr, "shf": shf,
     "popc": popc, "clz": clz, "brev": brev, "bfe": bfe, "bfi": bfi, "prmt": prmt, "lop3": lop3,

@@ -213,7 +213,7 @@ class _Parser:
                 if t.text in (".entry", ".func"):
                     functions.append(self.function(linkage))
                 elif t.text in _SPACES:
-                    variables.append(self.var_decl(linkage))
+                    variables += self.var_decls(linkage)
                     self.expect(";")
                 else:
                     raise PtxError(f"unknown module-level directive {t.text!r}", t.line)
@@ -260,8 +260,20 @@ class _Parser:
                 break
         if not typ:
             raise PtxError(f"{space} declaration without a type", line)
-        name = self.ident().text
-        d = VarDecl(space, typ, name, line, align=align, linkage=linkage, vector=vector)
+        return self._declarator(VarDecl(space, typ, "", line, align=align, linkage=linkage, vector=vector))
+
+    def var_decls(self, linkage: str = "") -> list[VarDecl]:
+        """One declaration statement: one or more names of one space and type, each with its
+        own count, array sizes and initializer (`.reg .u32 lo, hi;` in inline assembly)."""
+        out = [self.var_decl(linkage)]
+        while self.accept(","):
+            out.append(self._declarator(dataclasses.replace(out[0], name="", array=[], count=None, init=None)))
+        return out
+
+    def _declarator(self, d: VarDecl) -> VarDecl:
+        """The name of a declaration and what follows it: <count>, [sizes], = initializer."""
+        name, line = self.ident().text, d.line
+        d.name = name
         if self.accept("<"):
             d.count = self.integer()
             self.expect(">")
@@ -355,7 +367,7 @@ class _Parser:
             if t.text == "{":
                 items.append(self.block())
             elif t.text in _SPACES:
-                items.append(self.var_decl())
+                items += self.var_decls()
                 self.expect(";")
             elif t.text in (".loc", ".file"):
                 self._skip_directive()

@@ -259,7 +259,11 @@ class Translator:
             c = _ident("p", r.name)
             scope.names[r.name] = (".param", r.type, c)
             lines.append(f"    unsigned char* const {c} = _r{i};")
-        lines += self._block(f.body, scope, top=True)
+        self.carry = False             # add.cc and the like: the carry flag, one per thread
+        body = self._block(f.body, scope, top=True)
+        if self.carry:
+            lines.append("    uint32_t _kc_cc = 0;")
+        lines += body
         lines.append("}")
         return lines
 
