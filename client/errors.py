@@ -60,6 +60,7 @@ class CUresult(enum.IntEnum):
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701
     CUDA_ERROR_LAUNCH_TIMEOUT = 702
     CUDA_ERROR_CONTEXT_IS_DESTROYED = 709
+    CUDA_ERROR_ASSERT = 710
     CUDA_ERROR_HARDWARE_STACK_ERROR = 714
     CUDA_ERROR_ILLEGAL_INSTRUCTION = 715
     CUDA_ERROR_MISALIGNED_ADDRESS = 716
@@ -96,14 +97,18 @@ ERROR_STRINGS: dict[CUresult, str] = {
     E.CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: "too many resources requested for launch",
     E.CUDA_ERROR_LAUNCH_TIMEOUT: "the launch timed out and was terminated",
     E.CUDA_ERROR_LAUNCH_FAILED: "unspecified launch failure",
+    E.CUDA_ERROR_ASSERT: "device-side assert triggered",
+    E.CUDA_ERROR_ILLEGAL_INSTRUCTION: "an illegal instruction was encountered",
     E.CUDA_ERROR_NOT_PERMITTED: "operation not permitted",
     E.CUDA_ERROR_NOT_SUPPORTED: "operation not supported",
     E.CUDA_ERROR_UNKNOWN: "unknown error",
 }
 
 # Codes after which the context is unusable (CUDA calls these "sticky"); LAUNCH_TIMEOUT: a
-# kernel ran past max_kernel_seconds and the broker ended its executor.
+# kernel ran past max_kernel_seconds and the broker ended its executor; ASSERT: a device-side
+# assert() failed (ILLEGAL_INSTRUCTION: a trap).
 STICKY_CODES: frozenset[CUresult] = frozenset({
+    E.CUDA_ERROR_ASSERT,
     E.CUDA_ERROR_ILLEGAL_ADDRESS, E.CUDA_ERROR_LAUNCH_TIMEOUT, E.CUDA_ERROR_HARDWARE_STACK_ERROR,
     E.CUDA_ERROR_ILLEGAL_INSTRUCTION, E.CUDA_ERROR_MISALIGNED_ADDRESS,
     E.CUDA_ERROR_INVALID_ADDRESS_SPACE, E.CUDA_ERROR_INVALID_PC, E.CUDA_ERROR_LAUNCH_FAILED})

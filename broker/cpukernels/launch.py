@@ -10,6 +10,8 @@ import os
 import threading
 from collections.abc import Sequence
 
+from kubecash.client.errors import CudaError, E, error_from_code, error_string
+
 from .. import sandbox as _sandbox
 from ..sandbox import array_type
 from .loader import CompiledModule, KernelInfo
@@ -21,12 +23,20 @@ _MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
 _DEADLOCK = -5   # kDeadlock in kubecash_runtime.h: a block no lane of which can go on
+_DEVICE_ERROR = -6   # kDeviceError: a trap or failed assert, recorded in the _KcDeviceError
+
+
+class _KcDeviceError(ctypes.Structure):
+    """DeviceError in kubecash_runtime.h: the first trap / failed assert of a launch."""
+    _fields_ = [("claimed", ctypes.c_uint32), ("code", ctypes.c_int32),
+                ("message", ctypes.c_char * 1024)]
 
 
 class _KcLaunch(ctypes.Structure):
     _fields_ = [("grid", ctypes.c_uint32 * 3), ("block", ctypes.c_uint32 * 3),
                 ("nblocks", ctypes.c_uint64), ("next_block", ctypes.c_void_p),
-                ("shared_bytes", ctypes.c_uint64), ("module_id", ctypes.c_uint64)]
+                ("shared_bytes", ctypes.c_uint64), ("module_id", ctypes.c_uint64),
+                ("error", ctypes.c_void_p)]
 
 
 class _KcWorker(ctypes.Structure):
@@ -157,8 +167,10 @@ class Launcher:
                                      f"grid's {total} blocks")
                 # Workers grab block indices from the counter until it reaches nblocks.
                 counter = ctypes.c_uint64(first_block)
+                fault = _KcDeviceError()
                 L = _KcLaunch((ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*block),
-                              nblocks, ctypes.addressof(counter), shared_bytes, module._id)
+                              nblocks, ctypes.addressof(counter), shared_bytes, module._id,
+                              ctypes.addressof(fault))
                 nw = min(len(self._workers), nblocks - first_block)
                 if module.uses_fibers:     # the workers are idle: set up their stacks here
                     for w in self._workers[:nw]:
@@ -169,6 +181,8 @@ class Launcher:
                 del argbuf, counter, L  # kept alive until every worker has finished
             finally:
                 module._release()
+        if _DEVICE_ERROR in rcs:
+            raise _device_error(fault)
         for rc in rcs:
             if rc == _DEADLOCK:
                 raise RuntimeError("kernel deadlocked: every live thread of a block waits on an mbarrier "
@@ -190,6 +204,13 @@ class Launcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _device_error(fault: _KcDeviceError) -> CudaError:
+    """The launch's trap or failed assert as the (sticky) CudaError CUDA reports for it."""
+    code = fault.code if fault.claimed else int(E.CUDA_ERROR_LAUNCH_FAILED)
+    text = fault.message.decode(errors="replace") or "device-side error"
+    return error_from_code(code, f"{error_string(code)}: {text}")
 
 
 def _pack_args(kernel: KernelInfo, args: Sequence[bytes]):

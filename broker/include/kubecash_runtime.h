@@ -70,6 +70,15 @@ static void __kc_warp_op(__kc::WarpOp* op);
 
 namespace __kc {
 
+/* A launch's device-side error (trap, a failed assert), set by the first thread to hit one
+ * (claimed atomically: first one wins); cpukernels/launch.py mirrors it as _KcDeviceError. */
+struct DeviceError {
+    uint32_t claimed;       /* 0 until a thread has claimed the record */
+    int32_t code;           /* the CUresult: CUDA_ERROR_ASSERT, CUDA_ERROR_ILLEGAL_INSTRUCTION */
+    char message[1024];     /* NUL-terminated */
+};
+static constexpr int kDeviceError = -6;  /* run's code for that; cpukernels/launch.py names it */
+
 /* Mirrors of the ctypes structures in cpukernels/launch.py and loader.py. */
 struct Launch {
     uint32_t grid[3];
@@ -78,6 +87,7 @@ struct Launch {
     uint64_t* next_block;   /* shared by all workers of the launch: blocks are grabbed from it */
     uint64_t shared_bytes;
     uint64_t module_id;     /* unique per loaded module instance, never reused */
+    DeviceError* error;     /* where a trap or failed assert is recorded (may be null) */
 };
 /* One per Launcher worker thread, owned by Python, reused by every launch and module. */
 struct Worker {
@@ -380,10 +390,31 @@ static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Work
     return 0;
 }
 
+/* Where a thread that traps or fails an assert leaves its block, and the launch it is in:
+ * per OS thread, set by Kernel::run before any block runs (see __kc_device_error). */
+struct FaultRt {
+    jmp_buf jb;
+    const Launch* launch;
+};
+static thread_local FaultRt fault;
+
+/* After a device error: this worker runs no more blocks. Its fibers are parked mid-kernel
+ * (or abandoned mid-block): they start afresh next time. */
+static int after_device_error(Worker* W) {
+    rt.cur = nullptr;
+    W->nfibers = 0;
+    return kDeviceError;
+}
+
 template <auto F> struct Kernel {
     using Tr = Traits<decltype(F)>;
     static void invoke(void** a) { Tr::template call<F>(a, std::make_index_sequence<Tr::n>{}); }
     static int run(void** a, const Launch* L, Worker* W) {
+        fault.launch = L;
+        if (_setjmp(fault.jb)) return after_device_error(W);
+        return run_blocks(a, L, W);
+    }
+    static __attribute__((noinline)) int run_blocks(void** a, const Launch* L, Worker* W) {
 #if __KC_FIBERS
         return run_fibers(&invoke, a, L, W);
 #else
@@ -445,6 +476,38 @@ static __attribute__((noinline)) void __kc_yield(void) {
     if (!r->waiting) __kc::rt.busy_yield = 1;
     r->state = __kc::FIBER_YIELD;
     if (!_setjmp(r->jb)) _longjmp(__kc::rt.sched, 1);
+}
+
+/* trap / __assertfail: record the error (the first thread of the launch to get here wins),
+ * stop the launch handing out blocks, and leave this block for the worker's entry in
+ * Kernel::run (the block's other threads are abandoned: the launch has failed). */
+static __attribute__((noreturn, noinline)) void __kc_device_error(int32_t code, const char* text) {
+    const __kc::Launch* L = __kc::fault.launch;
+    if (L == nullptr) abort();      /* not inside a launch: cannot happen */
+    __kc::DeviceError* e = L->error;
+    uint32_t unclaimed = 0;
+    if (e && __atomic_compare_exchange_n(&e->claimed, &unclaimed, 1, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+        snprintf(e->message, sizeof e->message, "%s", text);
+        e->code = code;
+    }
+    __atomic_store_n(L->next_block, L->nblocks, __ATOMIC_RELAXED);
+    _longjmp(__kc::fault.jb, 1);
+}
+static __attribute__((noreturn)) void __kc_trap(void) {
+    char text[160];
+    snprintf(text, sizeof text, "trap instruction executed: block: [%u,%u,%u], thread: [%u,%u,%u]",
+             blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+    __kc_device_error(715, text);   /* CUDA_ERROR_ILLEGAL_INSTRUCTION */
+}
+/* What CUDA's device-side assert prints (and the error's message), then the error. */
+static __attribute__((noreturn)) void __kc_assertfail(const char* msg, const char* file, uint32_t line,
+                                                      const char* function) {
+    char text[1024];
+    snprintf(text, sizeof text, "%s:%u: %s: block: [%u,%u,%u], thread: [%u,%u,%u] Assertion `%s` failed.",
+             file ? file : "?", line, function ? function : "?", blockIdx.x, blockIdx.y, blockIdx.z,
+             threadIdx.x, threadIdx.y, threadIdx.z, msg ? msg : "?");
+    fprintf(stdout, "%s\n", text);
+    __kc_device_error(710, text);   /* CUDA_ERROR_ASSERT */
 }
 
 /* mbarrier objects (PTX mbarrier.*): 64 bits in shared memory, only ever touched by the

@@ -578,6 +578,8 @@ def call(tr: Translator, ins: Instr) -> str:
         return _vprintf(tr, ins, rets, params)
     if fname in ("malloc", "free") and f.body is None:
         return _heap(tr, ins, fname, rets, params)
+    if fname == "__assertfail" and f.body is None:
+        return _assertfail(tr, ins, rets, params)
     if f.body is None:
         raise tr.refuse(f"the device-runtime function {fname}")
     if f.entry:
@@ -619,6 +621,23 @@ def _heap(tr: Translator, ins: Instr, fname: str, rets: list, params: list) -> s
     if fname == "free":
         return f"::free((void*)(uintptr_t)::kc::ld<uint64_t>({arg}));"
     return f"::kc::st<uint64_t>({ret[0]}, (uint64_t)(uintptr_t)::malloc((size_t)::kc::ld<uint64_t>({arg})));"
+
+
+def _assertfail(tr: Translator, ins: Instr, rets: list, params: list) -> str:
+    """call __assertfail, (message, file, line, function, charsize): device assert(). The
+    strings are generic pointers; the launch ends with CUDA_ERROR_ASSERT (kubecash_runtime.h)."""
+    if len(params) != 5 or rets:
+        raise PtxError("__assertfail takes a message, file, line, function and char size", ins.line)
+    msg, file, line, func, _size = _param_names(tr, ins, params)
+    ptr = "(const char*)(uintptr_t)::kc::ld<uint64_t>({})".format
+    return (f"__kc_assertfail({ptr(msg)}, {ptr(file)}, ::kc::ld<uint32_t>({line}), {ptr(func)});")
+
+
+def trap(tr: Translator, ins: Instr) -> str:
+    """trap: the launch ends with CUDA_ERROR_ILLEGAL_INSTRUCTION, as on the device."""
+    _only(tr, tr.mods(ins), set())
+    _nargs(tr, ins, 0)
+    return "__kc_trap();"
 
 
 def bar(tr: Translator, ins: Instr) -> str:
@@ -1020,7 +1039,7 @@ OPS = {
     "sqrt": sqrt, "rsqrt": rsqrt, "rcp": rcp, "sin": sin, "cos": cos, "lg2": lg2, "ex2": ex2,
     "tanh": tanh, "copysign": copysign, "testp": testp,
     "setp": setp, "set": set_, "selp": selp, "cvt": cvt,
-    "bra": bra, "ret": ret, "exit": exit_, "call": call,
+    "bra": bra, "ret": ret, "exit": exit_, "call": call, "trap": trap,
     "bar": bar, "barrier": bar, "membar": fence, "fence": fence,
     "atom": partial(_atom, result=True), "red": partial(_atom, result=False),
     "prefetch": nop, "prefetchu": nop,
