@@ -451,11 +451,6 @@ def _ftz_add(x: int) -> int:
 
 
 @pytest.mark.parametrize("src, construct", [
-    (r"""extern "C" __global__ void k(unsigned short* o) {
-           unsigned short r; asm("add.f16 %0, %1, %1;" : "=h"(r) : "h"(o[0])); o[0] = r; }""", "add.f16: type .f16"),
-    # through float it would round twice: refused rather than one step off
-    (r"""extern "C" __global__ void k(double* d, unsigned short* o) {
-           unsigned short r; asm("cvt.rn.f16.f64 %0, %1;" : "=h"(r) : "d"(d[0])); o[0] = r; }""", "cvt.rn.f16.f64"),
     (r"""extern "C" __global__ void k(int* o) { asm("bar.red.u32 %0, 0, 1;" : "=r"(o[0])); }""",
      "expected .popc, .and or .or"),
 ])

@@ -231,6 +231,119 @@ static inline uint16_t f2bf(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* ---- half-precision arithmetic (PTX .f16 .f16x2 .bf16 .bf16x2) --------------------------
+ * Each result is the exact one rounded once to the 16-bit format, in the instruction's mode.
+ * Operands widen exactly to double. The exact a*b + c of 16-bit operands is a sum of two
+ * doubles (a*b is exact: 22 significant bits at most); TwoSum gives its rounding error, and
+ * a non-zero error makes the double round-to-odd (the last bit set, by stepping one double
+ * ulp towards the error). Round-to-odd to 53 bits then rounding to 11 (or 8) bits, in any
+ * mode, is the correct single rounding (Boldo & Melquiond: p + 2 <= 53 bits suffice), where
+ * plain double rounding is not (bf16: 7 * 37 + -2^-100 would round to 260, not 258).
+ * add is a*1 + b, sub b*-1 + a, mul a*b + -0 (so -0 * x keeps its sign). NaN results are the
+ * canonical NaN 0x7fff, as the device gives. */
+enum HalfMode : int { H_RN = 0, H_RZ = 1, H_RM = 2, H_RP = 3 };
+enum HalfFlag : int { H_FTZ = 1, H_SAT = 2, H_RELU = 4 };
+static constexpr uint16_t kHalfNaN = 0x7fff;
+
+/* x (any double) rounded to the binary format of E exponent and M fraction bits, in `mode`. */
+template <int E, int M> static inline uint16_t round_small(double x, int mode) {
+    constexpr int bias = (1 << (E - 1)) - 1, emin = 1 - bias, emax = bias;
+    constexpr uint16_t inf = (uint16_t)(((1u << E) - 1) << M), maxf = (uint16_t)(inf - 1);
+    if (x != x) return kHalfNaN;
+    const bool neg = signbit(x);
+    const uint16_t sg = neg ? (uint16_t)(1u << (E + M)) : 0;
+    const double a = fabs(x);
+    if (a == 0) return sg;
+    if (isinf(a)) return sg | inf;
+    const bool up = (mode == H_RP && !neg) || (mode == H_RM && neg);   /* away from zero */
+    int e;
+    frexp(a, &e);
+    int ex = e - 1;                                 /* a in [2^ex, 2^(ex+1)) */
+    if (ex > emax) return sg | ((mode == H_RN || up) ? inf : maxf);    /* inf too */
+    if (ex < emin) ex = emin;                       /* subnormal: the fixed quantum */
+    const double r = ldexp(a, M - ex);              /* exact: a in units of the result's ulp */
+    double n = floor(r);
+    const double f = r - n;
+    if (f != 0 && (mode == H_RN ? (f > 0.5 || (f == 0.5 && fmod(n, 2.0) != 0)) : up)) n += 1;
+    /* n < 2^M: subnormal (ex == emin); n == 2^(M+1): carried into the next binade (or inf) */
+    return sg | (uint16_t)(((uint32_t)(ex + bias) << M) + (uint32_t)n - (1u << M));
+}
+template <bool BF> static inline double hget(uint16_t v) { return BF ? (double)bf2f(v) : (double)h2f(v); }
+template <bool BF> static inline uint16_t hround(double x, int mode) {
+    return BF ? round_small<8, 7>(x, mode) : round_small<5, 10>(x, mode);
+}
+template <bool BF> static inline uint16_t hftz(uint16_t v) {
+    const uint16_t expo = BF ? 0x7f80 : 0x7c00;
+    return (v & expo) == 0 ? (uint16_t)(v & 0x8000) : v;
+}
+/* a*b + c rounded to odd (a*b must be exact in double). */
+static inline double fma_odd(double a, double b, double c) {
+    const double p = a * b;
+    const double s = p + c;
+    if (s != s || isinf(s)) return s;
+    const double bb = s - p;
+    const double err = (p - (s - bb)) + (c - bb);   /* TwoSum: s + err == p + c exactly */
+    uint64_t bits;
+    __builtin_memcpy(&bits, &s, 8);
+    if (err != 0 && (bits & 1) == 0) return nextafter(s, err > 0 ? INFINITY : -INFINITY);
+    return s;
+}
+/* The exact result x (rounded to odd) to the format, with .sat / .relu / .ftz applied. */
+template <bool BF> static inline uint16_t hfinish(double x, int mode, int flags) {
+    if (x != x) return (flags & H_SAT) ? 0 : kHalfNaN;
+    if (flags & H_SAT) x = x <= 0 ? 0.0 : x > 1 ? 1.0 : x;    /* before rounding: same result; -0 is +0 */
+    if ((flags & H_RELU) && x < 0) x = 0.0;
+    uint16_t r = hround<BF>(x, mode);
+    return (flags & H_FTZ) ? hftz<BF>(r) : r;
+}
+template <bool BF> static inline uint16_t hfma(uint16_t a, uint16_t b, uint16_t c, int mode, int flags) {
+    if (flags & H_FTZ) { a = hftz<BF>(a); b = hftz<BF>(b); c = hftz<BF>(c); }
+    return hfinish<BF>(fma_odd(hget<BF>(a), hget<BF>(b), hget<BF>(c)), mode, flags);
+}
+template <bool BF> static inline uint16_t hadd(uint16_t a, uint16_t b, int mode, int flags) {
+    if (flags & H_FTZ) { a = hftz<BF>(a); b = hftz<BF>(b); }
+    return hfinish<BF>(fma_odd(hget<BF>(a), 1.0, hget<BF>(b)), mode, flags);
+}
+template <bool BF> static inline uint16_t hsub(uint16_t a, uint16_t b, int mode, int flags) {
+    if (flags & H_FTZ) { a = hftz<BF>(a); b = hftz<BF>(b); }
+    return hfinish<BF>(fma_odd(hget<BF>(b), -1.0, hget<BF>(a)), mode, flags);
+}
+template <bool BF> static inline uint16_t hmul(uint16_t a, uint16_t b, int mode, int flags) {
+    if (flags & H_FTZ) { a = hftz<BF>(a); b = hftz<BF>(b); }
+    return hfinish<BF>(fma_odd(hget<BF>(a), hget<BF>(b), -0.0), mode, flags);
+}
+/* min / max: a NaN operand gives the other (both NaN, or .NaN: the canonical NaN); -0 < +0. */
+template <bool BF> static inline uint16_t hminmax(uint16_t a, uint16_t b, bool is_max, bool nan, int flags) {
+    if (flags & H_FTZ) { a = hftz<BF>(a); b = hftz<BF>(b); }
+    const double x = hget<BF>(a), y = hget<BF>(b);
+    uint16_t r;
+    if (x != x || y != y) {
+        if (nan || (x != x && y != y)) return kHalfNaN;
+        r = x != x ? b : a;
+    } else if (x == y) {
+        r = (signbit(x) != is_max) ? a : b;
+    } else {
+        r = ((x > y) == is_max) ? a : b;
+    }
+    if ((flags & H_RELU) && (r & 0x8000)) r = 0;
+    return r;
+}
+template <bool BF> static inline uint16_t hneg(uint16_t a, int flags) {
+    return (uint16_t)(((flags & H_FTZ) ? hftz<BF>(a) : a) ^ 0x8000);
+}
+template <bool BF> static inline uint16_t habs(uint16_t a, int flags) {
+    return (uint16_t)(((flags & H_FTZ) ? hftz<BF>(a) : a) & 0x7fff);
+}
+/* The .x2 forms: the operation on the low halves and on the high halves. */
+template <class F> static inline uint32_t h2(F f, uint32_t a, uint32_t b = 0, uint32_t c = 0) {
+    return (uint32_t)f((uint16_t)a, (uint16_t)b, (uint16_t)c) |
+           ((uint32_t)f((uint16_t)(a >> 16), (uint16_t)(b >> 16), (uint16_t)(c >> 16)) << 16);
+}
+/* cvt.{rz,rm,rp} between f64 and f32: the conversion alone in that mode. */
+template <int MODE> static inline float f64_to_f32(double x) {
+    return rounded<MODE>([](double v) { return (float)v; }, x);
+}
+
 static inline uint64_t clock64() {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

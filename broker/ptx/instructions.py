@@ -5,6 +5,7 @@ one C++ statement. It accepts only the modifiers it implements; anything else is
 with the instruction's full name and line (Translator.refuse)."""
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 from .errors import PtxError
@@ -1046,3 +1047,188 @@ OPS = {
     "shfl": shfl, "vote": vote, "match": match, "redux": redux, "activemask": activemask,
     "cp": cp, "mbarrier": mbarrier, "nanosleep": nanosleep, "elect": elect, "bfind": bfind,
 }
+
+
+# -- half precision: .f16 .f16x2 .bf16 .bf16x2 ----------------------------------------------
+# kubecash_ptx.h's hadd/hfma/... compute each result exactly and round it once (see there).
+
+_HALF_MODE = {".rn": "::kc::H_RN", ".rz": "::kc::H_RZ", ".rm": "::kc::H_RM", ".rp": "::kc::H_RP"}
+_HALF_FLAGS = {".ftz": "::kc::H_FTZ", ".sat": "::kc::H_SAT", ".relu": "::kc::H_RELU"}
+
+
+def _half_type(mods: list[str]) -> str | None:
+    return next((m for m in mods if m in TYPES and _cls(m) == "h"), None)
+
+
+def _half_flags(mods: list[str]) -> str:
+    return " | ".join(_HALF_FLAGS[m] for m in mods if m in _HALF_FLAGS) or "0"
+
+
+def _half_apply(tr: Translator, ins: Instr, t: str, fn: str, args: list[str]) -> str:
+    """fn (a C++ function of 16-bit operands) on the operands, per half for the x2 types."""
+    d, *srcs = ins.args
+    xs = [tr.src(x, t) for x in srcs]
+    bf = "true" if t.startswith(".bf16") else "false"
+    if t.endswith("x2"):
+        names = ["_ha", "_hb", "_hc"]
+        lam = (f"[](uint16_t _ha, uint16_t _hb, uint16_t _hc) {{ (void)_hb; (void)_hc; "
+               f"return ::kc::{fn}<{bf}>({', '.join(names[:len(xs)] + args)}); }}")
+        return tr.dst(d, t, f"::kc::h2({lam}, {', '.join(xs)})")
+    return tr.dst(d, t, f"::kc::{fn}<{bf}>({', '.join(xs + args)})")
+
+
+def _half_arith(tr: Translator, ins: Instr) -> str:
+    """add sub mul fma (.rn; .ftz .sat .relu as PTX allows them), neg abs (.ftz), min max
+    (.ftz .NaN .relu) of the 16-bit float types."""
+    mods = tr.mods(ins)
+    t = tr.type_of(mods)
+    rest = [m for m in mods if m != t]
+    op = ins.op
+    bf = t.startswith(".bf16")
+    if op in ("add", "sub", "mul", "fma"):
+        allowed = {".rn", ".relu"} if op == "fma" else {".rn"}
+        if not bf:
+            allowed |= {".ftz", ".sat"}
+        _only(tr, rest, allowed)
+        if ".sat" in rest and ".relu" in rest:
+            raise tr.refuse("both .sat and .relu")
+        if op == "fma" and ".rn" not in rest:
+            raise tr.refuse("fma without a rounding mode")
+        _nargs(tr, ins, 4 if op == "fma" else 3)
+        return _half_apply(tr, ins, t, f"h{op}", ["::kc::H_RN", _half_flags(rest)])
+    if op in ("neg", "abs"):
+        _only(tr, rest, set() if bf else {".ftz"})
+        _nargs(tr, ins, 2)
+        return _half_apply(tr, ins, t, f"h{op}", [_half_flags(rest)])
+    _only(tr, rest, {".NaN", ".relu"} | (set() if bf else {".ftz"}))
+    _nargs(tr, ins, 3)
+    flags = _half_flags(rest)
+    return _half_apply(tr, ins, t, "hminmax", ["true" if op == "max" else "false",
+                                               "true" if ".NaN" in rest else "false", flags])
+
+
+def _half_value(tr: Translator, x: str, t: str, half: int, ftz: bool) -> str:
+    """Half `half` (0: low) of a 16-bit float operand `x` of type t, as a double."""
+    bf = "true" if t.startswith(".bf16") else "false"
+    v = f"(uint16_t)({x} >> 16)" if half else f"(uint16_t)({x})"
+    if ftz:
+        v = f"::kc::hftz<{bf}>({v})"
+    return f"::kc::hget<{bf}>({v})"
+
+
+def _half_compare(tr: Translator, ins: Instr, mods: list[str], t: str, half: int) -> tuple[str, list[str]]:
+    cmp = [m for m in mods if m in _FLOAT_CMP]
+    if len(cmp) != 1:
+        raise tr.refuse("expected one comparison")
+    ftz = ".ftz" in mods
+    a, b = (_half_value(tr, tr.src(x, t), t, half, ftz) for x in ins.args[1:3])
+    return "(" + _FLOAT_CMP[cmp[0]].format(a=a, b=b) + ")", cmp
+
+
+def _half_setp(tr: Translator, ins: Instr) -> str:
+    """setp.cmp{.bool}{.ftz}.{f16,bf16} p{|q}, a, b{, c}; the x2 types: p from the low
+    halves, q from the high halves."""
+    mods = tr.mods(ins)
+    t = tr.type_of(mods)
+    boolop = [m for m in mods if m in _BOOL]
+    _nargs(tr, ins, 4 if boolop else 3)
+    pair = t.endswith("x2")
+    conds = []
+    for half in (0, 1) if pair else (0,):
+        cond, cmp = _half_compare(tr, ins, mods, t, half)
+        conds.append(cond)
+    _only(tr, mods, {t, *cmp, *boolop, ".ftz"})
+    d = ins.args[0]
+    pq = d.items if d.kind == "vec" and d.text == "|" else [d]
+    if pair and len(pq) != 2:
+        raise tr.refuse(f"setp of {t} with one destination (it sets two: p|q)")
+    vals = conds if pair else [conds[0], f"!{conds[0]}"][:len(pq)]
+    if boolop:
+        c = tr.src(ins.args[3], ".pred")
+        vals = [f"(({v}) {_BOOL[boolop[0]]} ({c}))" for v in vals]
+    return "{ " + " ".join(tr.dst(x, ".pred", v) for x, v in zip(pq, vals, strict=False)) + " }"
+
+
+def _half_set(tr: Translator, ins: Instr) -> str:
+    """set.cmp{.bool}{.ftz}.dtype.{f16,bf16,f16x2,bf16x2}: 1.0 (dtype a 16-bit float type) or
+    all ones (an integer dtype) where true, 0 where false; per half for the x2 types."""
+    mods = tr.mods(ins)
+    dt, at = _two_types(tr, mods)
+    boolop = [m for m in mods if m in _BOOL]
+    _nargs(tr, ins, 4 if boolop else 3)
+    pair = at.endswith("x2")
+    if dt not in ((".u32", ".s32", ".b32", ".f16x2", ".bf16x2") if pair else
+                  (".u32", ".s32", ".b32", ".f32", ".f16", ".bf16", ".u16", ".s16", ".b16")):
+        raise tr.refuse(f"destination type {dt}")
+    one = {".f16": "0x3c00u", ".f16x2": "0x3c00u", ".bf16": "0x3f80u", ".bf16x2": "0x3f80u",
+           ".f32": "0x3f800000u"}.get(dt, "0xffffu" if pair or TYPES[dt][1] == 2 else "0xffffffffu")
+    parts = []
+    for half in (0, 1) if pair else (0,):
+        cond, cmp = _half_compare(tr, ins, mods, at, half)
+        if boolop:
+            cond = f"(({cond}) {_BOOL[boolop[0]]} ({tr.src(ins.args[3], '.pred')}))"
+        parts.append(f"((uint32_t)({cond} ? {one} : 0u) << {16 * half})")
+    _only(tr, mods, {dt, at, *cmp, *boolop, ".ftz"})
+    return tr.dst(ins.args[0], dt, f"::kc::as<{_ctype(dt)}>(({TYPES[dt][0]})({' | '.join(parts)}))")
+
+
+def _half_or(half, other, pick=_half_type):
+    """The half-precision handler where an operand is of a 16-bit float type, else `other`."""
+    def handler(tr: Translator, ins: Instr) -> str:
+        return half(tr, ins) if pick(tr.mods(ins)) else other(tr, ins)
+    return handler
+
+
+def _cvt_rounded(tr: Translator, ins: Instr) -> str | None:
+    """cvt into the 16-bit float types in every rounding mode, from f32 or f64 (one rounding:
+    kc::round_small from the exact double), .relu, and the packing cvt.f16x2.f32 d, a, b (a in
+    the high half); cvt.{rz,rm,rp}.f32.f64. None: cvt's own handler does it."""
+    mods = tr.mods(ins)
+    dt, at = _two_types(tr, mods)
+    rest = [m for m in mods if m not in (dt, at)]
+    rnd = [m for m in rest if m in _HALF_MODE]
+    directed = any(m in _DIRECTED for m in rnd)
+    if _cls(dt) == "h" and at in (".f32", ".f64") and (directed or at == ".f64" or dt.endswith("x2")
+                                                       or ".relu" in rest):
+        _only(tr, rest, {*rnd, ".relu", ".ftz", ".sat"})
+        if len(rnd) != 1:
+            raise tr.refuse("expected one rounding mode")
+        bf = "true" if dt.startswith(".bf16") else "false"
+        flags = " | ".join(_HALF_FLAGS[m] for m in rest if m in (".relu", ".sat")) or "0"
+
+        def one(o) -> str:
+            x = tr.src(o, at)
+            if ".ftz" in rest:
+                x = f"::kc::ftz({x})"
+            return f"::kc::hfinish<{bf}>((double)({x}), {_HALF_MODE[rnd[0]]}, {flags})"
+        if dt.endswith("x2"):
+            _nargs(tr, ins, 3)
+            hi, lo = ins.args[1:]
+            return tr.dst(ins.args[0], dt, f"((uint32_t){one(hi)} << 16 | (uint32_t){one(lo)})")
+        _nargs(tr, ins, 2)
+        return tr.dst(ins.args[0], dt, one(ins.args[1]))
+    if dt == ".f32" and at == ".f64" and directed:
+        _only(tr, rest, {*rnd, ".ftz", ".sat"})
+        _nargs(tr, ins, 2)
+        x = tr.src(ins.args[1], at)
+        v = f"::kc::f64_to_f32<{_DIRECTED[rnd[0]]}>({x})"
+        if ".ftz" in rest:
+            v = f"::kc::ftz({v})"
+        if ".sat" in rest:
+            v = f"::kc::sat01({v})"
+        return tr.dst(ins.args[0], dt, v)
+    if dt == ".f64" and at == ".f32" and directed:      # exact: no rounding happens
+        _only(tr, rest, {*rnd, ".ftz", ".sat"})
+        return cvt(tr, dataclasses.replace(ins, mods=[m for m in ins.mods if m not in _DIRECTED]))
+    return None
+
+
+def _cvt_any(tr: Translator, ins: Instr) -> str:
+    r = _cvt_rounded(tr, ins)
+    return r if r is not None else cvt(tr, ins)
+
+
+OPS.update({op: _half_or(_half_arith, OPS[op]) for op in
+            ("add", "sub", "mul", "fma", "neg", "abs", "min", "max")})
+OPS.update({"setp": _half_or(_half_setp, OPS["setp"]), "set": _half_or(_half_set, OPS["set"]),
+            "cvt": _cvt_any})
