@@ -101,6 +101,38 @@ def test_trap_is_sticky_illegal_instruction(broker):
         assert fresh.device("cpu0").allocate(16).size == 16
 
 
+DEADLOCK = r"""
+extern "C" __global__ void stuck(int* out) {
+    __shared__ unsigned long long bar;
+    unsigned b = (unsigned)__cvta_generic_to_shared(&bar);
+    if (threadIdx.x == 0) asm volatile("mbarrier.init.shared.b64 [%0], %1;" :: "r"(b), "r"(blockDim.x + 1));
+    __syncthreads();
+    unsigned long long st;
+    asm volatile("mbarrier.arrive.shared.b64 %0, [%1];" : "=l"(st) : "r"(b));
+    unsigned done = 0;
+    while (!done)
+        asm volatile("{ .reg .pred p; mbarrier.test_wait.shared.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(b), "l"(st));
+    out[threadIdx.x] = 1;
+}
+"""
+
+
+def test_a_block_stuck_on_an_mbarrier_is_a_sticky_launch_timeout(broker):
+    """Where a GPU would hang until its watchdog: every live thread waits on a barrier that
+    cannot complete. The launch ends with the watchdog's code, sticky, and names why."""
+    with broker.connect("alice") as a, broker.connect("bob") as b:
+        da = a.device("cpu0")
+        out = da.allocate(4 * 64)
+        da.launch(da.load_module(DEADLOCK).get_kernel("stuck"), (2,), (64,), [out])
+        with pytest.raises(kc.LaunchFailedError, match="deadlocked") as e:
+            da.synchronize()
+        assert e.value.code == E.CUDA_ERROR_LAUNCH_TIMEOUT, e.value
+        with pytest.raises(kc.LaunchFailedError):
+            da.allocate(16)
+        assert b.device("cpu0").allocate(16).size == 16
+
+
 def test_printf_before_a_failed_assert_reaches_the_program(broker):
     code = r"""
         import numpy as np, kubecash.client as kc

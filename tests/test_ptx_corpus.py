@@ -14,6 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
+import kubecash.client as kc
 from kubecash.broker import cpukernels as ck
 from kubecash.broker import ptx
 from kubecash.broker.ptx import fatbin
@@ -555,8 +556,9 @@ def test_mbarrier_phases_pending_counts_and_transactions(build, corpus_launcher)
 def test_an_mbarrier_that_cannot_complete_fails_the_launch(build, corpus_launcher):
     m = build(MBAR)
     out = np.zeros(64, np.int32)
-    with pytest.raises(RuntimeError, match="deadlocked"):
+    with pytest.raises(kc.LaunchFailedError, match="deadlocked") as e:
         run(corpus_launcher, m, "mbar_deadlock", 2, 64, [ptr(out)])
+    assert e.value.name == "CUDA_ERROR_LAUNCH_TIMEOUT"
     assert not out.any()
     run(corpus_launcher, m, "mbar_late", 3, 64, [ptr(out), i32(1000)])   # the fibers start afresh after it
     np.testing.assert_array_equal(out, np.arange(64))

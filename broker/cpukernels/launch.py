@@ -184,9 +184,10 @@ class Launcher:
         if _DEVICE_ERROR in rcs:
             raise _device_error(fault)
         for rc in rcs:
-            if rc == _DEADLOCK:
-                raise RuntimeError("kernel deadlocked: every live thread of a block waits on an mbarrier "
-                                   "that cannot complete (code -5)")
+            if rc == _DEADLOCK:     # on a GPU it would hang until the watchdog: its code, sticky
+                raise error_from_code(E.CUDA_ERROR_LAUNCH_TIMEOUT,
+                                      "kernel deadlocked: every live thread of a block waits on an mbarrier "
+                                      "that cannot complete")
             if rc != 0:
                 raise RuntimeError(f"kernel block runner failed (code {rc})")
 
