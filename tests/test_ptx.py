@@ -13,6 +13,7 @@ import pytest
 from conftest import run_client
 
 import kubecash.client as kc
+from kubecash.broker.cpukernels.nvrtc import include_dirs as cuda_include_dirs
 from kubecash.client.errors import E
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC (pip nvidia-cuda-nvrtc) compiles the corpus")
@@ -23,7 +24,8 @@ def nvrtc_ptx(src: str, *options: str) -> bytes:
     err, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"corpus.cu", 0, [], [])
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
     try:
-        opts = [b"--gpu-architecture=compute_80", *(o.encode() for o in options)]
+        opts = [b"--gpu-architecture=compute_80", *(o.encode() for o in options),
+                *(f"--include-path={d}".encode() for d in cuda_include_dirs())]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             _, n = nvrtc.nvrtcGetProgramLogSize(prog)
@@ -453,6 +455,11 @@ def _ftz_add(x: int) -> int:
 @pytest.mark.parametrize("src, construct", [
     (r"""extern "C" __global__ void k(int* o) { asm("bar.red.u32 %0, 0, 1;" : "=r"(o[0])); }""",
      "expected .popc, .and or .or"),
+    (r"""#include <cooperative_groups.h>
+         extern "C" __global__ void k(int* p) { p[blockIdx.x] = 1; cooperative_groups::this_grid().sync(); }""",
+     "grid-wide synchronisation"),
+    (r"""extern "C" __global__ void k(cudaTextureObject_t t, float* o) { o[0] = tex1Dfetch<float>(t, 0); }""",
+     "textures and surfaces"),
 ])
 def test_what_is_not_run_yet_is_refused_by_name_and_line(session, src, construct):
     """Never a wrong result: the module load fails with CUDA_ERROR_NOT_SUPPORTED naming the

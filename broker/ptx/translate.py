@@ -433,6 +433,8 @@ class Translator:
         }
         if name in simple:
             return simple[name]
+        if name.startswith("%envreg"):     # where cooperative launches hand kernels their grid workspace
+            raise self.refuse(f"special register {name} (grid-wide synchronisation, cooperative launch)")
         raise self.refuse(f"special register {name}")
 
     def address_of(self, name: str, offset: int = 0) -> str:
