@@ -21,7 +21,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 import re
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +41,8 @@ except ImportError:  # pragma: no cover - only where the gpu extra is missing
     nvrtc = None
 
 JIT_LOG_BYTES = 64 << 10
+NVRTC_TIMEOUT_S = 60.0           # the CPU backend's compile bounds
+NVRTC_MEMORY_BYTES = 2 << 30
 
 
 def _check(result: tuple, what: str, *, code: int | None = None, log: str = "") -> Any:
@@ -182,35 +186,20 @@ class CudaBackend:
         return {"module": module, "ptx": image if kind == "ptx" else None}
 
     def _nvrtc(self, source: str, options: Sequence[str]) -> bytes:
-        ok = _check
+        """A CUBIN for this device, under the CPU backend's checks and in NVRTC's confined
+        child (nvrtc.py): this executor runs as root with the host's view."""
         source = normalize_newlines(source)
         try:
             checked = parse_options(options)
-            dirs = cpu_nvrtc.include_dirs()
-            directives.check_directives(source, dirs)
+            directives.check_directives(source, cpu_nvrtc.include_dirs(),
+                                        digit_separators=checked.std not in ("c++03", "c++11"))
+            # The checked options, for this device's real architecture: a CUBIN, not PTX.
+            args = [f"--gpu-architecture={self.arch}", *checked.args[1:]]
+            with tempfile.TemporaryDirectory(prefix="kubecash-nvrtc-") as work:
+                return cpu_nvrtc.to_cubin(source, args, deadline=time.monotonic() + NVRTC_TIMEOUT_S,
+                                          memory_limit_bytes=NVRTC_MEMORY_BYTES, cwd=work)
         except KernelCompileError as e:
             raise error_from_code(e.code, e.message, log=e.log) from None
-        # The checked options, for this device's real architecture: a CUBIN, not PTX.
-        args = [f"--gpu-architecture={self.arch}", *checked.args[1:], *(f"--include-path={d}" for d in dirs)]
-        prog = ok(nvrtc.nvrtcCreateProgram(source.encode(), b"kernel.cu", 0, [], []),
-                  "nvrtcCreateProgram")
-        try:
-            opts = [a.encode() for a in args]
-            err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-            if int(err) != 0:
-                size = ok(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-                buf = b" " * size
-                ok(nvrtc.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
-                text = buf.decode(errors="replace").rstrip("\0 \n")
-                first = next((ln for ln in text.splitlines() if "error" in ln), text[:200])
-                raise error_from_code(CUresult.CUDA_ERROR_INVALID_SOURCE,
-                                      f"module does not compile: {first}", log=text)
-            size = ok(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-            cubin = b" " * size
-            ok(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-            return cubin
-        finally:
-            nvrtc.nvrtcDestroyProgram(prog)
 
     def unload_module(self, module) -> None:
         self._current()

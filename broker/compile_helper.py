@@ -150,6 +150,7 @@ class _HelperServer:
             v.bind(cache_dir, "/cache", readonly=False, exec_=False)
             v.mkdir("/tmp", 0o1777)
             v.enter()
+            nvrtc.in_view = True
             self.cache = "/cache"
         if uid is not None:
             confine.drop_to(uid, gid)

@@ -497,3 +497,28 @@ def test_the_gpu_backend_compiles_the_same_source_under_the_same_checks():
         with pytest.raises(CudaError) as e:
             b._nvrtc(src, opts)
         assert "/etc" in e.value.message
+
+
+@pytest.mark.parametrize("src, options", [
+    # A tenant's macro names the file an allowed header includes (CCCL: #include MACRO).
+    ('#define THRUST_MR_STD_MR_HEADER "/etc/passwd"\n#include <thrust/mr/memory_resource.h>\n' + VECADD, []),
+    ("??=include \"/etc/passwd\"\n" + VECADD, ["-std=c++14"]),              # a trigraph for '#'
+    ("int x = 0'a/*';\n#include \"/etc/passwd\"\n/* */\n" + VECADD, ["-std=c++11"]),  # no digit separators
+    ('#if X\n#error exists\n#endif\n' + VECADD, ['-DX=__has_include("/etc/passwd")']),
+])
+def test_nvrtc_reads_no_host_file_however_it_is_asked(cache_dir, src, options):
+    """Found by an attacker review: each made NVRTC read a host file (and print its first
+    line in the log) or probe one. The directive check refuses what it can see; NVRTC's
+    Landlock ruleset (nvrtc.py) refuses the file where it cannot."""
+    with pytest.raises(ck.KernelCompileError) as e:
+        ck.compile_module(src, options, cache_dir=cache_dir)
+    assert "root:" not in e.value.log and "exists" not in e.value.message, e.value.log
+
+
+def test_without_landlock_or_a_view_cuda_c_is_refused_not_compiled_unconfined(cache_dir, monkeypatch):
+    from kubecash.broker.cpukernels import nvrtc
+    monkeypatch.setattr(nvrtc, "_landlock", lambda readable: False)   # a kernel without Landlock
+    monkeypatch.setattr(nvrtc, "in_view", False)
+    with pytest.raises(ck.KernelCompileError, match="no Landlock") as e:
+        ck.compile_module(VECADD + "// unconfined\n", cache_dir=cache_dir)
+    assert e.value.code == E.CUDA_ERROR_NOT_SUPPORTED

@@ -285,3 +285,14 @@ def test_an_nvcc_fatbin_runs_on_the_cpu_device_and_sass_is_refused_naming_its_sm
     with pytest.raises(kc.CudaError, match="SASS for sm_80, sm_90") as e:
         dev.load_module(image=images["sass"], kind="fatbin")
     assert e.value.name == "CUDA_ERROR_NO_BINARY_FOR_GPU"
+
+
+@needs_zstd
+def test_a_zstd_bomb_is_refused_before_it_is_decompressed():
+    """Found by an attacker review: zstandard's decompress() trusts the frame's declared
+    size over max_output_size. 16 KiB that would become 512 MiB: refused at once."""
+    bomb = F.zstandard.ZstdCompressor().compress(b"\0" * (512 << 20))
+    t0 = time.monotonic()
+    with pytest.raises(F.FatbinFormatError, match="declares"):
+        F.entries(_container(flags=F.FLAG_ZSTD, payload=bomb, usize=100))[0].data()
+    assert time.monotonic() - t0 < 2

@@ -245,7 +245,7 @@ def _checked(source, options: Sequence[str], language: str) -> tuple[str, list]:
     if language == "cuda-c":
         # Checked before the cache is looked at, and without the compiler.
         opts = parse_options(options)
-        check_directives(source, nvrtc.include_dirs())
+        check_directives(source, nvrtc.include_dirs(), digit_separators=opts.std not in ("c++03", "c++11"))
         key_parts += [opts.args, nvrtc.identity()]
     key_parts += [_TRANSLATOR, *(_header_text(p) for p in _HEADER_PATHS), _compiler_identity(_compiler()),
                   _PTX_FLAGS]

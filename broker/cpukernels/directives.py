@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 
 from .errors import UnsupportedConstructError
-from .tokens import RAW_TOKEN_RE, splice
+from .tokens import RAW_TOKEN_RE, RAW_TOKEN_RE_NO_SEPARATORS, splice
 
 _DIRECTIVE_RE = re.compile(r"[ \t\f\v\r]*(?P<hash>#|%:)[ \t\f\v\r]*([A-Za-z_]\w*)?(.*)", re.S)
 _INCLUDE_KWS = ("include", "include_next", "import", "embed")
@@ -24,13 +24,18 @@ def _in_include_dirs(name: str, include_dirs: Sequence[str]) -> bool:
     return any(os.path.isfile(os.path.join(d, name)) for d in include_dirs)
 
 
-def check_directives(source: str, include_dirs: Sequence[str]) -> None:
+def check_directives(source: str, include_dirs: Sequence[str], *, digit_separators: bool = True) -> None:
     """Refuse every #include-like directive but #include of a header in `include_dirs`.
     Works on the logical lines the compiler sees: after line splicing, with comments
-    replaced by spaces."""
+    replaced by spaces, tokenized as the C++ dialect does (`digit_separators`: C++14 on).
+    (NVRTC itself reads files through a Landlock ruleset: see nvrtc.py. This check is what
+    a tenant is told, and the first wall.)"""
+    # Trigraphs (??= is # before C++17) would spell directives this check does not see.
+    if re.search(r"\?\?[=/'()!<>\-]", source):
+        raise UnsupportedConstructError("trigraph", "??= and the like can spell a directive")
     spliced = splice(source)
     clean = []  # same length as `spliced`, comments blanked
-    for m in RAW_TOKEN_RE.finditer(spliced):
+    for m in (RAW_TOKEN_RE if digit_separators else RAW_TOKEN_RE_NO_SEPARATORS).finditer(spliced):
         kind, text = m.lastgroup, m.group()
         if kind in ("lc", "bc", "ubc"):
             clean.append(re.sub(r"[^\n]", " ", text) if kind == "lc" else " " * len(text))

@@ -11,7 +11,13 @@ CUDA C source is refused with NOT_SUPPORTED and programs load PTX.
 Each compile runs in a forked child under the build's time and memory bounds (a template bomb
 must not take the compile helper with it); the child writes the result to a pipe. The compile
 helper is single-threaded, so the fork is safe; call `prepare()` before it loses its view of
-the host (it loads the library and says which directories the view must show)."""
+the host (it loads the library and says which directories the view must show).
+
+The child reads files through a Landlock ruleset: the CUDA include directories and nothing
+else, read-only. Checks of the source text cannot stop NVRTC reading host files (a tenant's
+macro names the file an allowed header includes: CCCL has dozens of `#include MACRO`), and a
+broker that is not root has no view to hide them in. Where the kernel has no Landlock, only a
+compile helper with a view of its own (a root broker) compiles CUDA C."""
 from __future__ import annotations
 
 import ctypes
@@ -33,6 +39,13 @@ _MAX_PTX_BYTES = 256 << 20      # what the child may send back
 _lib: ctypes.CDLL | None = None
 _lib_path = ""
 _include_dirs: list[str] = []
+in_view = False                 # set by the compile helper once it has entered its own view
+
+# Landlock (linux/landlock.h): the syscalls and the file-system access rights.
+_SYS_LANDLOCK = {"x86_64": (444, 445, 446), "aarch64": (444, 445, 446), "riscv64": (444, 445, 446)}
+_LL_READ = (1 << 2) | (1 << 3)              # READ_FILE, READ_DIR
+_LL_V1_ALL = (1 << 13) - 1                  # every right of ABI 1 (execute, write, make_*, ...)
+_LL_REFER, _LL_TRUNCATE, _LL_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
 
 
 def _unavailable(why: str) -> KernelCompileError:
@@ -70,6 +83,8 @@ def _load() -> ctypes.CDLL:
             ("nvrtcCompileProgram", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]),
             ("nvrtcGetPTXSize", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]),
             ("nvrtcGetPTX", ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p]),
+            ("nvrtcGetCUBINSize", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]),
+            ("nvrtcGetCUBIN", ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p]),
             ("nvrtcGetProgramLogSize", ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]),
             ("nvrtcGetProgramLog", ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p]),
             ("nvrtcDestroyProgram", ctypes.c_int, [ctypes.POINTER(ctypes.c_void_p)]),
@@ -105,8 +120,45 @@ def identity() -> str:
     return f"nvrtc {major.value}.{minor.value} {_lib_path}:{st.st_size}:{st.st_mtime_ns} {_include_dirs}"
 
 
-def _compile(source: str, args: list[str]) -> tuple[bool, str, str]:
-    """In the child: (ok, ptx, log)."""
+def _landlock(readable: list[str]) -> bool:
+    """Restrict this process (the NVRTC child) to reading `readable`; False where the kernel
+    has no Landlock. Irreversible: call only in the child."""
+    import platform
+    nrs = _SYS_LANDLOCK.get(platform.machine())
+    if nrs is None:
+        return False
+    create, add_rule, restrict = nrs
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(ctypes.c_long(create), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    if abi < 1:
+        return False
+    handled = _LL_V1_ALL | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0) \
+        | (_LL_IOCTL_DEV if abi >= 5 else 0)
+    attr = struct.pack("<Q", handled)
+    fd = libc.syscall(ctypes.c_long(create), attr, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    if fd < 0:
+        return False
+    for d in readable:
+        try:
+            pfd = os.open(d, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        rule = struct.pack("<Qi", _LL_READ, pfd)          # struct landlock_path_beneath_attr (packed)
+        rc = libc.syscall(ctypes.c_long(add_rule), ctypes.c_int(fd), ctypes.c_int(1), rule, ctypes.c_uint32(0))
+        os.close(pfd)
+        if rc < 0:
+            os.close(fd)
+            return False
+    if libc.prctl(38, 1, 0, 0, 0) != 0:                    # PR_SET_NO_NEW_PRIVS
+        return False
+    ok = libc.syscall(ctypes.c_long(restrict), ctypes.c_int(fd), ctypes.c_uint32(0)) == 0
+    os.close(fd)
+    return ok
+
+
+def _compile(source: str, args: list[str], cubin: bool) -> tuple[bool, str | bytes, str]:
+    """In the child: (ok, the PTX text or the CUBIN's bytes, log)."""
     lib = _load()
     prog = ctypes.c_void_p()
     rc = lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None)
@@ -122,12 +174,21 @@ def _compile(source: str, args: list[str]) -> tuple[bool, str, str]:
         log = buf.value.decode("utf-8", "replace")[-_MAX_LOG_CHARS:]
         if rc:
             return False, "", log
+        if cubin:
+            lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+            buf = ctypes.create_string_buffer(max(n.value, 1))
+            lib.nvrtcGetCUBIN(prog, buf)
+            return True, buf.raw[:n.value], log
         lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
         buf = ctypes.create_string_buffer(max(n.value, 1))
         lib.nvrtcGetPTX(prog, buf)
         return True, buf.value.decode("utf-8", "replace"), log
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+_UNCONFINED = ("NVRTC would read host files unconfined: this kernel has no Landlock and the broker is not "
+               "root (no compile view); load PTX instead")
 
 
 def _read_all(fd: int, deadline: float, pid: int) -> bytes:
@@ -148,6 +209,18 @@ def _read_all(fd: int, deadline: float, pid: int) -> bytes:
 def to_ptx(source: str, args: list[str], *, deadline: float, memory_limit_bytes: int, cwd: str) -> str:
     """PTX for CUDA C `source` compiled with NVRTC options `args` (checked ones: options.py),
     in a child bounded by `deadline` and `memory_limit_bytes`; KernelCompileError otherwise."""
+    return _run(source, args, deadline=deadline, memory_limit_bytes=memory_limit_bytes, cwd=cwd, cubin=False)
+
+
+def to_cubin(source: str, args: list[str], *, deadline: float, memory_limit_bytes: int, cwd: str) -> bytes:
+    """As to_ptx, for a real architecture (--gpu-architecture=sm_XX): the CUBIN (the GPU
+    backend: its executors run as root with the host's view, so they need the child's
+    confinement most)."""
+    return _run(source, args, deadline=deadline, memory_limit_bytes=memory_limit_bytes, cwd=cwd, cubin=True)
+
+
+def _run(source: str, args: list[str], *, deadline: float, memory_limit_bytes: int, cwd: str,
+         cubin: bool):
     _load()
     args = [*args, *(f"--include-path={d}" for d in _include_dirs)]
     r, w = os.pipe()
@@ -164,7 +237,10 @@ def to_ptx(source: str, args: list[str], *, deadline: float, memory_limit_bytes:
             resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
             try:
-                ok, ptx, log = _compile(source, args)
+                if not _landlock([*_include_dirs, os.path.dirname(_lib_path)]) and not in_view:
+                    ok, ptx, log = False, "", _UNCONFINED
+                else:
+                    ok, ptx, log = _compile(source, args, cubin)
                 msg = msgpack.packb([ok, ptx, log])
             except MemoryError:
                 msg = msgpack.packb([False, "", "error: NVRTC ran out of memory"])
@@ -195,6 +271,8 @@ def to_ptx(source: str, args: list[str], *, deadline: float, memory_limit_bytes:
                if os.WIFSIGNALED(status) or len(data) < 8 else "NVRTC's answer was cut short")
         raise KernelCompileError(f"module does not compile ({why})", f"error: {why}")
     ok, ptx, log = msgpack.unpackb(data[8:])
+    if log == _UNCONFINED:
+        raise KernelCompileError(f"CUDA C source is not compiled here: {_UNCONFINED}", code=E.CUDA_ERROR_NOT_SUPPORTED)
     if not ok:
         first = next((ln for ln in log.splitlines() if "error" in ln), log.strip()[:200] or "NVRTC failed")
         raise KernelCompileError(f"module does not compile: {first}", log, code=E.CUDA_ERROR_INVALID_SOURCE)

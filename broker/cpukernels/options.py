@@ -31,6 +31,7 @@ _ARCH_OPTION = re.compile(r"(?:-arch|--gpu-architecture)(?:[=\s]+|\Z)(.*)", re.S
 class CompileOptions:
     args: tuple[str, ...]    # NVRTC's options, in order
     arch: str                # compute_XX[a|f]: the virtual architecture the PTX is for
+    std: str = "c++17"       # the C++ dialect (the directive check tokenizes as it does)
 
 
 def _check_text(o: str) -> None:
@@ -63,6 +64,10 @@ def parse_options(options: Sequence[str]) -> CompileOptions:
             name = d.partition("=")[0]
             if not _MACRO_NAME.match(name) or (o[1] == "U" and "=" in d):
                 raise KernelCompileError(f"compile option {o!r}: not a macro name")
+            # A definition is source text too: what the directive check refuses there.
+            if re.search(r"__has_include|_Pragma|dependency|#|\?\?|%:", d):
+                raise KernelCompileError(f"compile option {o!r}: a macro value may not probe files or "
+                                         "hold directives")
             args.append(o[:2] + d)
         elif o.startswith(("-std=", "--std=")):
             v = o.split("=", 1)[1]
@@ -86,4 +91,4 @@ def parse_options(options: Sequence[str]) -> CompileOptions:
             pass
         else:
             raise KernelCompileError(f"compile option {o!r} is not accepted by the CPU backend")
-    return CompileOptions((f"--gpu-architecture={arch}", f"--std={std}", *args), arch)
+    return CompileOptions((f"--gpu-architecture={arch}", f"--std={std}", *args), arch, std)

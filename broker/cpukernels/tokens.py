@@ -19,6 +19,10 @@ _TOKEN_BODY = r"""
 """
 # Raw source: no directive lines to skip (they are what we look for).
 RAW_TOKEN_RE = re.compile(r"(?P<nothing>(?!))" + _TOKEN_BODY, re.S | re.X)
+# Before C++14 an apostrophe after a digit starts a character literal, not a digit separator:
+# the check must tokenize as the compiler does, or a quote could hide a directive from it.
+RAW_TOKEN_RE_NO_SEPARATORS = re.compile(r"(?P<nothing>(?!))" + _TOKEN_BODY.replace("|'(?=[0-9A-Za-z_])", ""),
+                                        re.S | re.X)
 
 
 def splice(src: str) -> str:

@@ -202,9 +202,20 @@ def _zstd(src: bytes, size: int, where: int) -> bytes:
         raise _bad("a zstd-compressed entry (nvcc 13's default for PTX), and no zstd decoder here: "
                    "install the 'zstandard' package", where)
     try:
-        out = zstandard.ZstdDecompressor().decompress(src, max_output_size=size)
-    except zstandard.ZstdError as e:
-        raise _bad(f"zstd data does not decompress: {e}", where) from None
+        # decompress() trusts a frame's declared content size over max_output_size: check it
+        # first, and read through a stream (bounded by the header's size) either way.
+        declared = zstandard.get_frame_parameters(src).content_size
+        if declared not in (0, zstandard.CONTENTSIZE_UNKNOWN) and declared > size:
+            raise _bad(f"zstd frame declares {declared} bytes, the entry header {size}", where)
+        with zstandard.ZstdDecompressor().stream_reader(src) as r:
+            out = bytearray()
+            while len(out) <= size:
+                chunk = r.read(min(1 << 20, size + 1 - len(out)))
+                if not chunk:
+                    break
+                out += chunk
+    except (zstandard.ZstdError, MemoryError) as e:
+        raise _bad(f"zstd data does not decompress: {e or 'out of memory'}", where) from None
     if len(out) != size:
         raise _bad(f"zstd data decompresses to {len(out)}+ bytes, the header says {size}", where)
     return bytes(out)
