@@ -67,8 +67,8 @@ def _compiler_identity(cxx: str) -> str:
 
 
 def _run_compiler(argv: list[str], *, cwd: str, deadline: float, memory_limit_bytes: int,
-                  what: str, file_limit_bytes: int = 0) -> str:
-    file_limit = file_limit_bytes or _MAX_COMPILER_FILE_BYTES
+                  what: str) -> str:
+    file_limit = _MAX_COMPILER_FILE_BYTES
     timeout = deadline - time.monotonic()
     if timeout <= 0:
         raise KernelCompileError(f"compile timed out ({what})")
@@ -252,10 +252,13 @@ def _checked(source, options: Sequence[str], language: str) -> tuple[str, list]:
     return source, key_parts
 
 
+def _so_name(key_parts: list) -> str:
+    return f"{hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()}.so"
+
+
 def cache_path(cache_dir: os.PathLike, source: str, options: Sequence[str] = (), language: str = "cuda-c") -> Path:
     """Where the module built from this source and these options is cached."""
-    _, key_parts = _checked(source, options, language)
-    return Path(cache_dir) / f"{hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()}.so"
+    return Path(cache_dir) / _so_name(_checked(source, options, language)[1])
 
 
 def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.PathLike,
@@ -266,10 +269,9 @@ def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Path
     its confined view.)"""
     deadline = time.monotonic() + timeout_s
     source, key_parts = _checked(source, options, language)
-    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    so_path = cache / f"{key}.so"
+    so_path = cache / _so_name(key_parts)
     if so_path.exists():
         stats.bump("cache_hits")
         return so_path
