@@ -2,12 +2,13 @@
 hand-written CUDA C path it replaced (retired in #18), side by side in one run. By hand,
 from a git checkout:
 
-    .venv/bin/python bench/ptx.py [--reps 7] [--threads 2] [--baseline 7031baa]
+    .venv/bin/python bench/ptx.py [--reps 7] [--rounds 3] [--threads 2] [--baseline 7031baa]
 
 The baseline is the last revision with the hand-written path: its package is exported from
 git into a temporary directory and this same script measures it there, in a child process
 (its own Launcher, same thread count, same inputs), while this process measures today's.
-Per kernel: the best of `reps` launches each way and the ratio baseline time / today's time
+The two take turns, `rounds` times, so that a change in the machine's load falls on both.
+Per kernel: the best of all launches each way and the ratio baseline time / today's time
 (target >= 1.0: NVIDIA's front end plus the host compiler is not slower than the
 hand-written path), and the translation time per KiB of PTX (parse and translate, not the
 host compiler). Ends "N passed, M failed" (one check per kernel).
@@ -107,8 +108,8 @@ def measure_all(reps: int, threads: int, cache: str) -> dict[str, tuple[float, l
     return out
 
 
-def baseline(rev: str, reps: int, threads: int) -> dict[str, tuple[float, list[float]]]:
-    """measure_all in the package of revision `rev`, exported from git, in a child process."""
+def export_baseline(rev: str) -> str:
+    """The package of revision `rev`, exported from git: the directory to put on its path."""
     root = tempfile.mkdtemp(prefix="kc-bench-baseline-")
     repo = os.path.dirname(HERE)
     tree = subprocess.run(["git", "-C", repo, "archive", rev, "broker", "client", "shim"],
@@ -117,28 +118,45 @@ def baseline(rev: str, reps: int, threads: int) -> dict[str, tuple[float, list[f
     os.makedirs(pkg)
     subprocess.run(["tar", "-x", "-C", pkg], input=tree, check=True)
     open(os.path.join(pkg, "__init__.py"), "w").close()
+    os.makedirs(os.path.join(root, "cache"))
+    return root
+
+
+def baseline(root: str, reps: int, threads: int) -> dict[str, tuple[float, list[float]]]:
+    """measure_all in the exported package at `root`, in a child process."""
     env = dict(os.environ, KC_BENCH_BASELINE="1", PYTHONPATH=root)
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--measure", "--reps", str(reps),
-                        "--threads", str(threads)], env=env, capture_output=True, text=True, check=True)
+                        "--threads", str(threads), "--cache", os.path.join(root, "cache")],
+                       env=env, capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def best_of(runs: list[dict[str, tuple[float, list[float]]]]) -> dict[str, tuple[float, list[float]]]:
+    return {name: (min(r[name][0] for r in runs), runs[0][name][1]) for name in runs[0]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=3, help="turns each way, alternating")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--baseline", default="7031baa", help="the git revision to compare with")
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)   # the baseline child
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    cache = tempfile.mkdtemp(prefix="kc-bench-ptx-")
+    cache = a.cache or tempfile.mkdtemp(prefix="kc-bench-ptx-")
     if a.measure:
         print(json.dumps(measure_all(a.reps, a.threads, cache)))
         return 0
-    base = baseline(a.baseline, a.reps, a.threads)
-    now = measure_all(a.reps, a.threads, cache)
+    root = export_baseline(a.baseline)
+    base_runs, now_runs = [], []
+    for _ in range(max(1, a.rounds)):
+        base_runs.append(baseline(root, a.reps, a.threads))
+        now_runs.append(measure_all(a.reps, a.threads, cache))
+    base, now = best_of(base_runs), best_of(now_runs)
     passed = 0
     print(f"baseline: {a.baseline} (hand-written CUDA C path); today: NVRTC -> PTX -> translator; "
-          f"{a.threads} threads")
+          f"{a.threads} threads, best of {a.rounds} alternating rounds of {a.reps}")
     print(f"{'kernel':<9} {'baseline ms':>12} {'today ms':>9} {'ratio':>7} {'PTX KiB':>8} {'translate ms/KiB':>17}")
     for name, (src, _n, _block, _) in KERNELS.items():
         text = nvrtc_ptx(src)

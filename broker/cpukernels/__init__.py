@@ -16,7 +16,7 @@ host g++ into a shared object:
 (:mod:`kubecash.broker.sandbox`: each confined by a seccomp filter before it runs tenant
 code).  Each worker calls the module's ``__kc_run``, grabbing block indices from one shared
 atomic counter.  A block's threads run as a plain loop, or, in modules with barriers or warp
-operations, as fibers switched with ``_setjmp``/``_longjmp``.
+operations, as fibers (a stack each, switched by a few instructions of assembly per architecture).
 
 The rooms, in the order a compile goes through them:
 

@@ -113,11 +113,18 @@ def _run_compiler(argv: list[str], *, cwd: str, deadline: float, memory_limit_by
     return out.decode("utf-8", "replace")
 
 
+# The fiber switch (kubecash_runtime.h) moves between stacks and leaves by an indirect jump:
+# a module must not claim shadow-stack or branch-target compatibility (distributions' compilers
+# turn both on by default), or a loader enforcing them would fault it.
+_ARCH_FLAGS = {"x86_64": ["-fcf-protection=none"], "aarch64": ["-mbranch-protection=none"]}
+
+
 def _cxx_flags() -> list[str]:
     return ["-O2", "-fPIC", "-pthread", "-fno-exceptions",
             "-fno-strict-aliasing",          # CUDA code casts float* to float4* and the like
             "-fno-gnu-unique",               # keep each loaded instance's statics its own
-            "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # longjmp between stacks
+            "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # a trap longjmps off a fiber stack
+            *_ARCH_FLAGS.get(platform.machine(), []),
             "-fdiagnostics-color=never", "-fmax-errors=50", "-I", str(_INCLUDE_DIR)]
 
 
@@ -248,7 +255,7 @@ def _checked(source, options: Sequence[str], language: str) -> tuple[str, list]:
         check_directives(source, nvrtc.include_dirs(), digit_separators=opts.std not in ("c++03", "c++11"))
         key_parts += [opts.args, nvrtc.identity()]
     key_parts += [_TRANSLATOR, *(_header_text(p) for p in _HEADER_PATHS), _compiler_identity(_compiler()),
-                  _PTX_FLAGS]
+                  _cxx_flags(), _PTX_FLAGS]
     return source, key_parts
 
 

@@ -219,9 +219,40 @@ template <class T, class Op> static inline T atom_rmw(void* p, Op op) {
     }
 }
 
-/* Half and bfloat16, stored as their bits: converted through float (round to nearest even). */
-static inline float h2f(uint16_t h) { _Float16 x; __builtin_memcpy(&x, &h, 2); return (float)x; }
-static inline uint16_t f2h(float f) { _Float16 x = (_Float16)f; uint16_t h; __builtin_memcpy(&h, &x, 2); return h; }
+/* Half and bfloat16, stored as their bits: converted through float (round to nearest even).
+ * By hand, not through _Float16, which g++ before 13 lacks in C++ on aarch64 and riscv64. */
+static inline float h2f(uint16_t h) {
+    const uint32_t sg = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu;
+    uint32_t m = h & 0x3ffu, u;
+    if (e == 0x1f) u = sg | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0);   /* inf; NaN made quiet */
+    else if (e) u = sg | ((e + 112) << 23) | (m << 13);
+    else if (!m) u = sg;
+    else {                                                              /* subnormal: normalise */
+        const uint32_t s = (uint32_t)__builtin_clz(m) - 21;
+        u = sg | ((113 - s) << 23) | (((m << s) & 0x3ffu) << 13);
+    }
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+static inline uint16_t f2h(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    const uint16_t sg = (uint16_t)((u >> 16) & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sg | 0x7e00u | ((a >> 13) & 0x3ffu));   /* NaN: quiet */
+    if (a >= 0x477ff000u) return (uint16_t)(sg | 0x7c00u);    /* 65520 and up: inf (and inf) */
+    if (a >= 0x38800000u) {                                   /* a normal half: re-bias, round */
+        const uint32_t r = a - 0x38000000u;
+        return (uint16_t)(sg | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
+    }
+    if (a < 0x33000000u) return sg;                           /* below 2^-25: zero */
+    const uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u, shift = 126 - e;   /* 14..24 */
+    uint32_t q = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (q & 1u))) ++q;         /* may carry into the smallest normal */
+    return (uint16_t)(sg | q);
+}
 static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; __builtin_memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {
     uint32_t u;

@@ -6,8 +6,8 @@
  *     #include "kubecash_ptx.h"          (what translated instructions call)
  *     <translated functions>             (names re-spelled: none collides with ours)
  *     <kernel and variable tables> __KC_EXPORTS
- * A block's threads run as a plain loop, or as fibers (one stack each, switched with
- * _setjmp/_longjmp) where they must meet at barriers and warp operations.
+ * A block's threads run as a plain loop, or as fibers (one stack each, switched by
+ * __kc_switch below) where they must meet at barriers and warp operations.
  */
 #ifndef KUBECASH_RUNTIME_H
 #define KUBECASH_RUNTIME_H
@@ -17,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <setjmp.h>
-#include <ucontext.h>
 #include <dlfcn.h>
 #include <type_traits>
 #include <utility>
@@ -66,6 +65,203 @@ static void __kc_warp_op(__kc::WarpOp* op);
 #ifndef __KC_FIBERS
 #define __KC_FIBERS 0
 #endif
+
+/* ---- the fiber switch ------------------------------------------------------------------
+ * __kc_switch(save, to): push the callee-saved registers on the running stack, store its
+ * stack pointer in *save, load `to`, pop, return there. What _setjmp/_longjmp did, without
+ * their pointer mangling and unwinding checks: a barrier costs two of these per thread.
+ * It leaves by an indirect jump, not a return: the return predictor would expect the caller
+ * on the stack being left and miss on every switch (half of a barrier's cost, measured).
+ * The floating-point control state is not switched: it is the OS thread's, and translated
+ * code changes it only around one instruction (kc::rounded), never across a switch.
+ * __kc_fiber_frame builds the frame a fiber not yet run is resumed from. Hidden symbols:
+ * each loaded module has its own. */
+extern "C" {
+__attribute__((visibility("hidden"))) void __kc_switch(void** save, void* to);
+__attribute__((visibility("hidden"), noreturn)) void __kc_fiber_main(int idx);
+__attribute__((visibility("hidden"))) void __kc_fiber_start(void);
+}
+#if defined(__x86_64__)
+asm(R"(
+    .text
+    .p2align 4
+    .globl __kc_switch
+    .hidden __kc_switch
+    .type __kc_switch, @function
+__kc_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    popq %rcx
+    jmpq *%rcx
+    .size __kc_switch, .-__kc_switch
+    .globl __kc_fiber_start
+    .hidden __kc_fiber_start
+    .type __kc_fiber_start, @function
+__kc_fiber_start:
+    movl %r12d, %edi
+    call __kc_fiber_main
+    ud2
+    .size __kc_fiber_start, .-__kc_fiber_start
+)");
+/* Popped from low to high: r15 r14 r13 r12 (the index) rbx rbp, the return address;
+ * __kc_fiber_start then runs on a 16-byte aligned stack, as a call expects. */
+static void* __kc_fiber_frame(uintptr_t top, int idx) {
+    uint64_t* f = (uint64_t*)(top - 56);
+    f[0] = f[1] = f[2] = 0;
+    f[3] = (uint64_t)(uint32_t)idx;
+    f[4] = f[5] = 0;
+    f[6] = (uint64_t)(uintptr_t)&__kc_fiber_start;
+    return f;
+}
+#elif defined(__aarch64__)
+asm(R"(
+    .text
+    .p2align 4
+    .globl __kc_switch
+    .hidden __kc_switch
+    .type __kc_switch, %function
+__kc_switch:
+    sub sp, sp, #160
+    stp x19, x20, [sp, #0]
+    stp x21, x22, [sp, #16]
+    stp x23, x24, [sp, #32]
+    stp x25, x26, [sp, #48]
+    stp x27, x28, [sp, #64]
+    stp x29, x30, [sp, #80]
+    stp d8, d9, [sp, #96]
+    stp d10, d11, [sp, #112]
+    stp d12, d13, [sp, #128]
+    stp d14, d15, [sp, #144]
+    mov x9, sp
+    str x9, [x0]
+    mov sp, x1
+    ldp x19, x20, [sp, #0]
+    ldp x21, x22, [sp, #16]
+    ldp x23, x24, [sp, #32]
+    ldp x25, x26, [sp, #48]
+    ldp x27, x28, [sp, #64]
+    ldp x29, x30, [sp, #80]
+    ldp d8, d9, [sp, #96]
+    ldp d10, d11, [sp, #112]
+    ldp d12, d13, [sp, #128]
+    ldp d14, d15, [sp, #144]
+    add sp, sp, #160
+    br x30
+    .size __kc_switch, .-__kc_switch
+    .globl __kc_fiber_start
+    .hidden __kc_fiber_start
+    .type __kc_fiber_start, %function
+__kc_fiber_start:
+    mov w0, w19
+    bl __kc_fiber_main
+    brk #0
+    .size __kc_fiber_start, .-__kc_fiber_start
+)");
+/* 160 bytes: x19..x30 (x19: the index, x30: where ret goes), d8..d15. */
+static void* __kc_fiber_frame(uintptr_t top, int idx) {
+    uint64_t* f = (uint64_t*)(top - 160);
+    for (int k = 0; k < 20; ++k) f[k] = 0;
+    f[0] = (uint64_t)(uint32_t)idx;
+    f[11] = (uint64_t)(uintptr_t)&__kc_fiber_start;
+    return f;
+}
+#elif defined(__riscv) && __riscv_xlen == 64 && defined(__riscv_float_abi_double)
+asm(R"(
+    .text
+    .p2align 2
+    .globl __kc_switch
+    .hidden __kc_switch
+    .type __kc_switch, @function
+__kc_switch:
+    addi sp, sp, -208
+    sd ra, 0(sp)
+    sd s0, 8(sp)
+    sd s1, 16(sp)
+    sd s2, 24(sp)
+    sd s3, 32(sp)
+    sd s4, 40(sp)
+    sd s5, 48(sp)
+    sd s6, 56(sp)
+    sd s7, 64(sp)
+    sd s8, 72(sp)
+    sd s9, 80(sp)
+    sd s10, 88(sp)
+    sd s11, 96(sp)
+    fsd fs0, 104(sp)
+    fsd fs1, 112(sp)
+    fsd fs2, 120(sp)
+    fsd fs3, 128(sp)
+    fsd fs4, 136(sp)
+    fsd fs5, 144(sp)
+    fsd fs6, 152(sp)
+    fsd fs7, 160(sp)
+    fsd fs8, 168(sp)
+    fsd fs9, 176(sp)
+    fsd fs10, 184(sp)
+    fsd fs11, 192(sp)
+    sd sp, 0(a0)
+    mv sp, a1
+    ld ra, 0(sp)
+    ld s0, 8(sp)
+    ld s1, 16(sp)
+    ld s2, 24(sp)
+    ld s3, 32(sp)
+    ld s4, 40(sp)
+    ld s5, 48(sp)
+    ld s6, 56(sp)
+    ld s7, 64(sp)
+    ld s8, 72(sp)
+    ld s9, 80(sp)
+    ld s10, 88(sp)
+    ld s11, 96(sp)
+    fld fs0, 104(sp)
+    fld fs1, 112(sp)
+    fld fs2, 120(sp)
+    fld fs3, 128(sp)
+    fld fs4, 136(sp)
+    fld fs5, 144(sp)
+    fld fs6, 152(sp)
+    fld fs7, 160(sp)
+    fld fs8, 168(sp)
+    fld fs9, 176(sp)
+    fld fs10, 184(sp)
+    fld fs11, 192(sp)
+    addi sp, sp, 208
+    mv t1, ra
+    jr t1
+    .size __kc_switch, .-__kc_switch
+    .globl __kc_fiber_start
+    .hidden __kc_fiber_start
+    .type __kc_fiber_start, @function
+__kc_fiber_start:
+    mv a0, s1
+    call __kc_fiber_main
+    ebreak
+    .size __kc_fiber_start, .-__kc_fiber_start
+)");
+/* 208 bytes (a multiple of 16): ra (where ret goes), s0..s11 (s1: the index), fs0..fs11. */
+static void* __kc_fiber_frame(uintptr_t top, int idx) {
+    uint64_t* f = (uint64_t*)(top - 208);
+    for (int k = 0; k < 26; ++k) f[k] = 0;
+    f[0] = (uint64_t)(uintptr_t)&__kc_fiber_start;
+    f[2] = (uint64_t)(uint32_t)idx;
+    return f;
+}
+#else
+#error "kubecash: no fiber switch for this architecture (x86-64, aarch64 and riscv64 have one)"
+#endif
 #define __KC_ABI 1  /* must match cpukernels._ABI_VERSION */
 
 namespace __kc {
@@ -102,7 +298,7 @@ struct Worker {
 };
 
 struct FiberRec {
-    jmp_buf jb;             /* where the fiber is parked */
+    void* sp;               /* where the fiber is parked: its stack pointer in __kc_switch */
     uint3 tid;
     int done;
     int state;              /* FIBER_READY, or what it waits at */
@@ -116,6 +312,11 @@ enum { FIBER_READY = 0, FIBER_AT_BARRIER = 1, FIBER_AT_WARP_OP = 2, FIBER_YIELD 
 static constexpr uint32_t kIdleRounds = 4096;
 static constexpr int kDeadlock = -5;     /* run's code for that; cpukernels/launch.py names it */
 static constexpr uint64_t kRecBytes = (sizeof(FiberRec) + 63) & ~uint64_t(63);
+/* Each fiber's record, with its stack's hot top just below, sits this far below the end of
+ * its slot. Slots are a whole number of pages apart, so without the stagger every record
+ * would fall in the same cache sets and a barrier round would miss on each one. */
+static constexpr uint64_t kRecStagger = 15 * 256;
+static inline uint64_t rec_offset(uint64_t i) { return kRecBytes + ((i >> 4) & 15) * 256; }
 
 typedef int (*RunFn)(void**, const Launch*, Worker*);
 struct KernelEntry {
@@ -150,7 +351,7 @@ template <class... A> struct Traits<void (*)(A...) noexcept> : Traits<void (*)(A
 /* The scheduler's per-OS-thread state, in one object so that a function pays for one TLS
  * address lookup (dlopen'ed modules use the general-dynamic TLS model). */
 struct Rt {
-    jmp_buf sched;              /* the block scheduler's resume point */
+    void* sched;                /* the block scheduler's stack pointer while a fiber runs */
     FiberRec* cur;              /* the running fiber, null outside fiber mode */
     Worker* worker;
     void (*invoke)(void**);
@@ -163,7 +364,7 @@ struct Rt {
 static thread_local Rt rt;      /* its address also identifies the OS thread */
 
 static inline FiberRec* rec(Worker* W, uint64_t i) {
-    return reinterpret_cast<FiberRec*>(W->stacks + (i + 1) * W->slot_size - kRecBytes);
+    return reinterpret_cast<FiberRec*>(W->stacks + (i + 1) * W->slot_size - rec_offset(i));
 }
 
 static void no_fiber_barrier(void) {
@@ -172,29 +373,23 @@ static void no_fiber_barrier(void) {
     abort();
 }
 
-/* A fiber's whole life: park, run one CUDA thread when resumed, mark it done, park again.
- * Parking is _setjmp here + _longjmp to the scheduler: no syscalls, unlike swapcontext. */
-static void fiber_main(int idx) {
+/* A fiber's whole life: run one CUDA thread each time it is resumed, mark it done, park. */
+extern "C" __attribute__((visibility("hidden"), noreturn)) void __kc_fiber_main(int idx) {
     FiberRec* r = rec(rt.worker, (uint64_t)idx);
     for (;;) {
-        if (!_setjmp(r->jb)) _longjmp(rt.sched, 1);
         rt.invoke(rt.args);
         r->done = 1;
+        __kc_switch(&r->sp, rt.sched);
     }
 }
 
-/* makecontext + one swapcontext per fiber, once per (worker, module): the fiber parks
- * itself straight away and every later switch is _setjmp/_longjmp. */
+/* A fiber not yet run: a stack whose top holds the frame __kc_switch pops, returning into
+ * __kc_fiber_start (which calls __kc_fiber_main with the fiber's index), with this thread's
+ * floating-point control state. Once per (worker, module); nothing runs until resumed. */
 static int start_fibers(Worker* W, uint64_t upto) {
     for (uint64_t i = W->nfibers; i < upto; ++i) {
-        char* slot = W->stacks + i * W->slot_size;
-        ucontext_t uc, back;
-        if (getcontext(&uc) != 0) return -3;
-        uc.uc_stack.ss_sp = slot + W->guard_size;
-        uc.uc_stack.ss_size = W->slot_size - W->guard_size - kRecBytes;
-        uc.uc_link = nullptr;
-        makecontext(&uc, (void (*)(void))fiber_main, 1, (int)i);
-        if (!_setjmp(rt.sched)) swapcontext(&back, &uc);
+        uintptr_t top = (uintptr_t)rec(W, i) & ~(uintptr_t)15;
+        rec(W, i)->sp = __kc_fiber_frame(top, (int)i);
         W->nfibers = i + 1;
     }
     return 0;
@@ -302,20 +497,25 @@ static void resolve_warp(Worker* W, uint64_t base, uint64_t n) {
 static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Worker* W) {
     const uint64_t bx = L->block[0], by = L->block[1], bz = L->block[2];
     const uint64_t T = bx * by * bz;
-    if (T > W->nslots || W->slot_size < W->guard_size + kRecBytes + 16384) return -2;
+    if (T > W->nslots || W->slot_size < W->guard_size + kRecBytes + kRecStagger + 16384) return -2;
     setup(L, W);
-    if (W->owner_module != L->module_id || W->owner_thread != &rt) {
+    /* This OS thread's state, looked up once: laundered so that the compiler keeps the
+     * addresses rather than calling __tls_get_addr again after every switch. */
+    Rt* R = &rt;
+    uint3* tid = &threadIdx;
+    __asm__("" : "+r"(R), "+r"(tid));
+    if (W->owner_module != L->module_id || W->owner_thread != R) {
         W->nfibers = 0;  /* parked fibers belong to another module (or thread): start anew */
         W->owner_module = L->module_id;
-        W->owner_thread = &rt;
+        W->owner_thread = R;
     }
-    rt.worker = W;
+    R->worker = W;
     if (W->nfibers < T) {
         int rc = start_fibers(W, T);
         if (rc) return rc;
     }
-    rt.invoke = invoke;
-    rt.args = args;
+    R->invoke = invoke;
+    R->args = args;
     for (;;) {
         uint64_t b = __atomic_fetch_add(L->next_block, 1, __ATOMIC_RELAXED);
         if (b >= L->nblocks) break;
@@ -332,47 +532,55 @@ static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Work
                 }
         uint64_t alive = T;
         uint32_t idle = 0;
-        rt.bar_count = rt.bar_n = 0;
+        R->bar_count = R->bar_n = 0;
         while (alive) {
             /* A warp at a time: its lanes run until each waits at the block barrier, has
              * ended, or yielded; lanes waiting at a warp operation get their results and run
              * on (once no lane of the warp still yields, or the last round got nowhere). */
-            const uint64_t before = rt.progress;
+            const uint64_t before = R->progress;
             bool yielded = false;
-            rt.busy_yield = 0;
+            R->busy_yield = 0;
             for (uint64_t w0 = 0; w0 < T; w0 += 32) {
                 const uint64_t n = T - w0 < 32 ? T - w0 : 32;
                 for (;;) {
                     bool at_warp_op = false, warp_yield = false;
                     for (uint64_t l = 0; l < n; ++l) {
                         FiberRec* r = rec(W, w0 + l);
-                        if (r->done || r->state != FIBER_READY) continue;
-                        rt.cur = r;
-                        threadIdx = r->tid;
-                        if (!_setjmp(rt.sched)) _longjmp(r->jb, 1);
-                        if (r->done) --alive;
-                        if (r->done || r->state != FIBER_YIELD) ++rt.progress;
-                    }
-                    for (uint64_t l = 0; l < n; ++l) {
-                        FiberRec* r = rec(W, w0 + l);
                         if (r->done) continue;
-                        at_warp_op |= r->state == FIBER_AT_WARP_OP;
+                        if (r->state == FIBER_READY) {
+                            if (l + 1 < n) {    /* the next lane's record and stack top, fetched while this one runs */
+                                const char* nx = reinterpret_cast<const char*>(rec(W, w0 + l + 1));
+                                __builtin_prefetch(nx);
+                                __builtin_prefetch(nx - 64);
+                                __builtin_prefetch(nx - 128);
+                            }
+                            R->cur = r;
+                            *tid = r->tid;
+                            __kc_switch(&R->sched, r->sp);
+                            if (r->done) {
+                                --alive;
+                                ++R->progress;
+                                continue;
+                            }
+                            if (r->state != FIBER_YIELD) ++R->progress;
+                        }
+                        at_warp_op |= r->state == FIBER_AT_WARP_OP;   /* a lane's state changes only as it runs */
                         warp_yield |= r->state == FIBER_YIELD;
                     }
                     yielded |= warp_yield;
                     if (!at_warp_op || (warp_yield && idle == 0)) break;
                     resolve_warp(W, w0, n);
-                    ++rt.progress;
+                    ++R->progress;
                 }
             }
             if (yielded) {      /* a lane waits: the others run first, then it tries again */
-                idle = (rt.progress == before && !rt.busy_yield) ? idle + 1 : 0;
+                idle = (R->progress == before && !R->busy_yield) ? idle + 1 : 0;
                 if (idle > kIdleRounds) {
                     fprintf(stderr, "kubecash: block (%u,%u,%u) deadlocked: every live thread waits on an "
                             "mbarrier that cannot complete\n", blockIdx.x, blockIdx.y, blockIdx.z);
                     __atomic_store_n(L->next_block, L->nblocks, __ATOMIC_RELAXED);
                     W->nfibers = 0;     /* they are parked mid-kernel: start them afresh next time */
-                    rt.cur = nullptr;
+                    R->cur = nullptr;
                     return kDeadlock;
                 }
                 for (uint64_t k = 0; k < T; ++k)
@@ -381,11 +589,11 @@ static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Work
             }
             idle = 0;
             for (uint64_t k = 0; k < T; ++k) rec(W, k)->state = FIBER_READY;   /* the barrier opens */
-            rt.res_count = rt.bar_count;
-            rt.res_n = rt.bar_n;
-            rt.bar_count = rt.bar_n = 0;
+            R->res_count = R->bar_count;
+            R->res_n = R->bar_n;
+            R->bar_count = R->bar_n = 0;
         }
-        rt.cur = nullptr;
+        R->cur = nullptr;
     }
     return 0;
 }
@@ -446,7 +654,7 @@ static const char* symbol_of(void* addr) {
 
 }  // namespace __kc
 
-/* Barriers.  noinline: the _setjmp must live in this frame, not in the kernel's. */
+/* Barriers.  noinline: a call the kernel's code cannot see into (its registers live across it). */
 static __attribute__((noinline)) void __syncthreads(void) {
     __kc::FiberRec* r = __kc::rt.cur;
     if (__builtin_expect(r == nullptr, 0)) {
@@ -454,7 +662,7 @@ static __attribute__((noinline)) void __syncthreads(void) {
         return;
     }
     r->state = __kc::FIBER_AT_BARRIER;
-    if (!_setjmp(r->jb)) _longjmp(__kc::rt.sched, 1);
+    __kc_switch(&r->sp, __kc::rt.sched);
 }
 static __attribute__((noinline)) void __kc_warp_op(__kc::WarpOp* op) {
     __kc::FiberRec* r = __kc::rt.cur;
@@ -467,7 +675,7 @@ static __attribute__((noinline)) void __kc_warp_op(__kc::WarpOp* op) {
     }
     r->op = op;
     r->state = __kc::FIBER_AT_WARP_OP;
-    if (!_setjmp(r->jb)) _longjmp(__kc::rt.sched, 1);
+    __kc_switch(&r->sp, __kc::rt.sched);
 }
 /* Yield: the lane runs again in the block's next round, after the other lanes. */
 static __attribute__((noinline)) void __kc_yield(void) {
@@ -475,7 +683,7 @@ static __attribute__((noinline)) void __kc_yield(void) {
     if (r == nullptr) return;       /* no fibers: nothing else could run */
     if (!r->waiting) __kc::rt.busy_yield = 1;
     r->state = __kc::FIBER_YIELD;
-    if (!_setjmp(r->jb)) _longjmp(__kc::rt.sched, 1);
+    __kc_switch(&r->sp, __kc::rt.sched);
 }
 
 /* trap / __assertfail: record the error (the first thread of the launch to get here wins),

@@ -101,7 +101,7 @@ class Translator:
             if f.body is not None:
                 body += self._function(f)
         window = self.dynamic_offset + (SHARED_WINDOW_DYNAMIC if self.dynamic_shared else 0)
-        head.append(f"alignas(16) static thread_local unsigned char _kc_smem[{max(window, 16)}];")
+        head.append(f"alignas(16) static thread_local unsigned char _kc_smem_window[{max(window, 16)}];")
         # The scheduler's mode is fixed where the runtime header is read: first line.
         head.insert(0, f"#define __KC_FIBERS {1 if self.fibers else 0}")
         text = "\n".join(head + protos + body) + "\n}  // namespace\n"
@@ -263,6 +263,10 @@ class Translator:
         body = self._block(f.body, scope, top=True)
         if self.carry:
             lines.append("    uint32_t _kc_cc = 0;")
+        if any("_kc_smem" in line for line in body):
+            # The window's address once per thread: each use of the thread_local after a
+            # call (a barrier) would look it up again (__tls_get_addr in a dlopen'ed module).
+            lines.append("    unsigned char* const _kc_smem = _kc_smem_window;")
         lines += body
         lines.append("}")
         return lines
