@@ -11,9 +11,6 @@ import logging
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
 log = logging.getLogger("kubecash.broker.metrics")
 
 
@@ -26,6 +23,9 @@ class BrokerCollector:
         self.snapshot, self.snapshot_time = snapshot, time.monotonic()   # one reference swap
 
     def collect(self):
+        # prometheus-client is imported only where metrics are served: a broker with
+        # metrics off (or a node without the package) never loads it.
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         st, at = self.snapshot, self.snapshot_time
         up = GaugeMetricFamily("kubecash_broker_up", "1 while the broker serves")
         up.add_metric([], 1.0 if st is not None else 0.0)
@@ -110,6 +110,7 @@ class BrokerCollector:
 def serve(address: str, collector: BrokerCollector) -> tuple[Any, str] | None:
     """Serve /metrics on "host:port" (port 0: any free port). Returns (server, bound address),
     or None after logging why it could not (the broker keeps serving tenants)."""
+    from prometheus_client import CollectorRegistry, start_http_server
     host, _, port = address.rpartition(":")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)

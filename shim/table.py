@@ -38,6 +38,10 @@ REFUSED_MODULES = {
                  "which the KubeCASH shim cannot broker; under KUBECASH_BROKER it is refused "
                  "rather than let it use a device outside the broker. Use cuda.bindings.driver "
                  "or cuda.bindings.runtime (brokered), or unset KUBECASH_BROKER.",
+    "cuda.bindings.nvml": "cuda.bindings.nvml reads the node's physical GPUs through the real NVML, "
+                          "outside the tenant's view of its devices and quota; under KUBECASH_BROKER "
+                          "it is refused. Use pynvml (brokered: the tenant's devices, its memory "
+                          "quota as total memory), or unset KUBECASH_BROKER.",
 }
 
 # What counts as an API call of each module (a callable, not a type, named so): unlisted

@@ -1,8 +1,10 @@
-"""The block scheduler's fiber switch, written by hand for each architecture (x86-64, aarch64,
-riscv64; kubecash_runtime.h), on each of them: kernels with barriers, warp shuffles, mbarrier
-waits (lanes that yield), recursion on fiber stacks and half-precision conversions, compiled
-by NVRTC, translated, built with that architecture's g++ and the flags modules are built with,
-and run natively or under qemu-user. Each result is checked against numpy.
+"""Modules on each architecture the CPU backend runs on (x86-64, aarch64, riscv64): kernels
+with barriers, warp shuffles, mbarrier waits (lanes that yield), recursion on fiber stacks,
+half-precision conversions and atomics, compiled by NVRTC, translated, and built with that
+architecture's g++ and the flags modules are built with: as a module (which must carry no
+load-time code: gcc's arm64 outline atomics would add some) and linked into a small driver
+run natively or under qemu-user, its results checked against numpy. The fiber switch
+(kubecash_runtime.h) is written by hand for each architecture: this is its test there.
 
 The cross compilers and qemu come from Debian's packages (g++-aarch64-linux-gnu,
 g++-riscv64-linux-gnu, qemu-user-static; .ci/run installs them); where one is missing its
@@ -20,6 +22,7 @@ import pytest
 
 from kubecash.broker import ptx
 from kubecash.broker.cpukernels import build, nvrtc, options
+from kubecash.broker.cpukernels.errors import UnsupportedConstructError
 
 pytest.importorskip("cuda.pathfinder", reason="NVRTC (pip nvidia-cuda-nvrtc) compiles the kernels")
 
@@ -78,6 +81,18 @@ extern "C" __global__ void k(const float* a, const float* b, float* c, int n) {
     __half h = __hadd(__hmul(__float2half(a[i]), __float2half(b[i])), __float2half(0.25f));
     c[i] = (float)f + __half2float(h) + __half2float(__float2half(1.0f / 3.0f));
 }""",
+    # atomics, global and shared: a histogram of a by value, weighted by b
+    "atomics": r"""
+extern "C" __global__ void k(const float* a, const float* b, float* c, int n) {
+    __shared__ unsigned int hist[8];
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (threadIdx.x < 8) hist[threadIdx.x] = 0;
+    __syncthreads();
+    atomicAdd(&hist[(int)a[i]], (unsigned int)b[i]);
+    atomicAdd(&c[(int)a[i]], b[i]);
+    __syncthreads();
+    if (threadIdx.x < 8) atomicAdd(&c[8 + threadIdx.x], (float)atomicCAS(&hist[threadIdx.x], 0u, 0u));
+}""",
 }
 
 
@@ -94,6 +109,11 @@ def expected(name: str) -> np.ndarray:
     if name == "barrier":
         rev = a.reshape(-1, BLOCK)[:, ::-1].reshape(-1)
         return rev * np.float32(2) + b
+    if name == "atomics":
+        out = np.zeros(N, np.float32)
+        for v in range(7):
+            out[v] = out[8 + v] = b[a == v].sum()
+        return out
     fib = [0, 1]
     while len(fib) < 13:
         fib.append(fib[-1] + fib[-2])
@@ -121,12 +141,6 @@ def toolchain(arch: str) -> tuple[str, list[str]]:
     return compiler, [qemu]
 
 
-def module_flags(arch: str) -> list[str]:
-    """The flags modules are built with, for `arch` rather than this machine."""
-    host_only = {f for fl in build._ARCH_FLAGS.values() for f in fl}
-    return [f for f in build._cxx_flags() if f not in host_only] + build._ARCH_FLAGS.get(arch, [])
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, str]:
     out = {}
@@ -144,11 +158,28 @@ def sources(tmp_path_factory) -> dict[str, str]:
 def test_fiber_switch_on_each_architecture(arch, sources, tmp_path):
     compiler, runner = toolchain(arch)
     for name, tu in sources.items():
-        exe = str(tmp_path / f"{name}.{arch}")
-        r = subprocess.run([compiler, "-std=c++17", "-static", *module_flags(arch), "-o", exe, DRIVER, tu, "-ldl"],
+        so = str(tmp_path / f"{name}.{arch}.so")
+        r = subprocess.run(build.link_argv(compiler, tu, so, std="c++17", machine=arch),
                            capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{arch} {name}: {r.stderr[-3000:]}"
+        build.check_load_time_code(so)          # what loading it on that machine checks first
+        exe = str(tmp_path / f"{name}.{arch}")
+        r = subprocess.run([compiler, "-std=c++17", "-static", *build._cxx_flags(arch), "-o", exe, DRIVER, tu,
+                            "-ldl"], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{arch} {name}: {r.stderr[-3000:]}"
         r = subprocess.run([*runner, exe, str(N), str(BLOCK)], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{arch} {name}: exit {r.returncode}: {r.stderr[-2000:]}"
         got = np.array([float.fromhex(x) for x in r.stdout.split()], np.float32)
         np.testing.assert_array_equal(got, expected(name), err_msg=f"{arch} {name}")
+
+
+def test_outline_atomics_would_be_load_time_code(sources, tmp_path):
+    """Why modules for arm64 are built with -mno-outline-atomics: without it gcc links
+    libgcc's CPU-feature constructor into a module that uses atomics, and it is refused."""
+    compiler, _ = toolchain("aarch64")
+    so = str(tmp_path / "atomics.outline.so")
+    argv = [a for a in build.link_argv(compiler, sources["atomics"], so, std="c++17", machine="aarch64")
+            if a != "-mno-outline-atomics"]
+    subprocess.run(argv, check=True, capture_output=True, timeout=600)
+    with pytest.raises(UnsupportedConstructError, match="loaded or unloaded"):
+        build.check_load_time_code(so)

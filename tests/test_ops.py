@@ -214,12 +214,13 @@ def test_systemd_unit_verifies(tmp_path):
         pytest.skip("systemd-analyze is not installed (.ci/run installs it)")
     unit = open(os.path.join(ROOT, "systemd", "kubecash-broker.service")).read()
     assert "Type=notify" in unit and "RuntimeDirectory=kubecash" in unit
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit and "WatchdogSec=" in unit
-    # Verified as installed here: ExecStart pointing at this environment's kubecash-broker
-    # (the unit names /usr/local/bin, where a root pip install puts it on a node).
-    script = os.path.join(os.path.dirname(sys.executable), "kubecash-broker")
+    assert "ExecReload=/usr/local/bin/brokerctl reload" in unit and "WatchdogSec=" in unit
+    assert "/bin/kill" not in unit          # a minimal image has none
+    # Verified as installed here: ExecStart and ExecReload pointing at this environment's
+    # scripts (the unit names /usr/local/bin, where a root pip install puts them on a node).
+    bindir = os.path.dirname(sys.executable)
     installed = tmp_path / "kubecash-broker.service"
-    installed.write_text(unit.replace("/usr/local/bin/kubecash-broker", script))
+    installed.write_text(unit.replace("/usr/local/bin/", bindir + "/"))
     p = subprocess.run([analyze, "verify", str(installed)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "kubecash-broker.service" not in p.stderr, p.stderr
 
@@ -290,3 +291,14 @@ def test_a_request_on_an_evicted_session_hears_why(broker, raw_socket):
     assert not r["ok"] and "evicted by the operator" in r["error"], r
     sock.send(P.request("heartbeat", 3, session=b"x" * 16))
     assert "unknown or ended session" in P.unpack(sock.recv())["error"]
+
+
+def test_metrics_off_never_imports_prometheus_client():
+    """prometheus-client is loaded only where /metrics is served (#16: a node without the
+    package, or with metrics off, runs the broker all the same)."""
+    code = ("import sys\n"
+            "import kubecash.broker.daemon, kubecash.broker.server.core, kubecash.broker.metrics as m\n"
+            "c = m.BrokerCollector(); c.publish({})\n"
+            "assert 'prometheus_client' not in sys.modules, 'imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -8,7 +8,11 @@ not happen, and the broker and the other tenants keep serving. Compiles are boun
 from __future__ import annotations
 
 import os
+import platform
+import re
+import shutil
 import struct
+import subprocess
 import time
 
 import numpy as np
@@ -245,7 +249,7 @@ def test_sandbox_setting_is_a_boolean():
 
 # -- the filter itself ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64", "riscv64"])
 def test_the_allow_list_per_architecture(machine):
     pol = sb.policy(machine)
     allowed = set(pol["allowed"]) | set(pol["conditional"])
@@ -255,7 +259,8 @@ def test_the_allow_list_per_architecture(machine):
                  "prctl", "seccomp", "process_vm_writev", "memfd_create", "io_uring_setup"):
         assert name not in allowed
     nr = {"x86_64": {"openat": 257, "write": 1, "futex": 202, "mmap": 9},
-          "aarch64": {"openat": 56, "write": 64, "futex": 98, "mmap": 222}}[machine]
+          "aarch64": {"openat": 56, "write": 64, "futex": 98, "mmap": 222},
+          "riscv64": {"openat": 56, "write": 64, "futex": 98, "mmap": 222}}[machine]
     assert pol["conditional"]["write"] == nr["write"] and pol["allowed"]["futex"] == nr["futex"]
     assert sb.syscall_name(nr["openat"], pol["audit_arch"]) == "openat"
     prog = sb.build_filter(1234, machine)
@@ -264,7 +269,7 @@ def test_the_allow_list_per_architecture(machine):
     assert len(prog) % 8 == 0 and len(prog) // 8 < 100
 
 
-@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64", "riscv64"])
 def test_the_executor_process_allow_list_per_architecture(machine):
     """What every thread of a CPU executor may do once it serves (kernels may call into it)."""
     pol = sb.process_policy(machine)
@@ -285,9 +290,51 @@ def test_the_executor_process_allow_list_per_architecture(machine):
 
 
 def test_no_table_no_kernels(monkeypatch):
-    monkeypatch.setattr(sb.platform, "machine", lambda: "riscv64")
-    with pytest.raises(sb.SandboxError, match="riscv64.*sandbox = false"):
+    monkeypatch.setattr(sb.platform, "machine", lambda: "s390x")
+    with pytest.raises(sb.SandboxError, match="s390x.*sandbox = false"):
         ck.Launcher(1)
+
+
+_CROSS = {"x86_64": "x86_64-linux-gnu-gcc", "aarch64": "aarch64-linux-gnu-gcc", "riscv64": "riscv64-linux-gnu-gcc"}
+
+
+def _kernel_numbers(compiler: str) -> dict[str, int]:
+    """__NR_* of <asm/unistd.h> as that compiler's kernel headers define them."""
+    out = subprocess.run([compiler, "-E", "-dM", "-x", "c", "-"], input="#include <asm/unistd.h>\n",
+                         capture_output=True, text=True, check=True).stdout
+    macros = {}
+    for line in out.splitlines():
+        m = re.match(r"#define (__NR\w*) (.+)$", line)
+        if m:
+            macros[m.group(1)] = m.group(2).strip()
+
+    def value(name: str, depth: int = 0) -> int | None:
+        text = macros.get(name)
+        if text is None or depth > 8:
+            return None
+        expr = re.sub(r"__NR\w*", lambda t: str(value(t.group(0), depth + 1)), text)
+        return int(eval(expr, {"__builtins__": {}})) if re.fullmatch(r"[\d\s+()]+", expr) else None
+
+    return {k[5:]: v for k in macros if k.startswith("__NR_") and (v := value(k)) is not None}
+
+
+@pytest.mark.parametrize("machine", sorted(_CROSS))
+def test_system_call_tables_match_the_kernel_headers(machine):
+    """Every name in the sandbox's table for `machine` has the number that architecture's
+    kernel headers give it (those of its cross compiler, Debian's gcc-<arch>-linux-gnu),
+    and every call either allow-list names exists there."""
+    compiler = shutil.which(_CROSS[machine]) or (shutil.which("gcc") if platform.machine() == machine else None)
+    if compiler is None:
+        pytest.skip(f"no {_CROSS[machine]} for {machine}'s kernel headers")
+    kernel = _kernel_numbers(compiler)
+    names = sb._ARCHES[machine][1]
+    ours = {name: nr for nr, name in enumerate(names) if name != "-"}
+    wrong = {n: (nr, kernel[n]) for n, nr in ours.items() if n in kernel and kernel[n] != nr}
+    assert not wrong, f"{machine}: ours vs the headers: {wrong}"
+    for pol in (sb.policy(machine), sb.process_policy(machine)):
+        for group in ("allowed", "conditional"):
+            for name, nr in pol[group].items():
+                assert kernel.get(name) == nr, f"{machine}: {name} is {nr}, headers say {kernel.get(name)}"
 
 
 # -- compiles are bounded -------------------------------------------------------------------

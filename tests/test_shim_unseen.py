@@ -237,5 +237,24 @@ def test_cuda_core_is_refused_with_its_reason_under_the_broker():
     assert r.stdout.strip().endswith("cuda.bindings.driver"), r.stdout
 
 
+def test_cuda_bindings_nvml_is_refused_under_the_broker():
+    """It would report the node's physical GPUs, not the tenant's view (#16)."""
+    code = textwrap.dedent("""
+        try:
+            import cuda.bindings.nvml
+        except ImportError as e:
+            print("refused:", e)
+        else:
+            print("imported")
+    """)
+    env = dict(os.environ, KUBECASH_BROKER="ipc:///nonexistent/kubecash/broker.sock")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert "refused: kubecash.shim: cuda.bindings.nvml reads the node's physical GPUs" in r.stdout, \
+        r.stdout + r.stderr
+    env.pop("KUBECASH_BROKER")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert "imported" in r.stdout, r.stdout + r.stderr      # outside the broker: untouched
+
+
 def test_refused_modules_agree_with_the_injector():
     assert inject.REFUSED_MODULES == T.REFUSED_MODULES

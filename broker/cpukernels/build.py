@@ -113,19 +113,31 @@ def _run_compiler(argv: list[str], *, cwd: str, deadline: float, memory_limit_by
     return out.decode("utf-8", "replace")
 
 
-# The fiber switch (kubecash_runtime.h) moves between stacks and leaves by an indirect jump:
-# a module must not claim shadow-stack or branch-target compatibility (distributions' compilers
-# turn both on by default), or a loader enforcing them would fault it.
-_ARCH_FLAGS = {"x86_64": ["-fcf-protection=none"], "aarch64": ["-mbranch-protection=none"]}
+# Per architecture. The fiber switch (kubecash_runtime.h) moves between stacks and leaves by
+# an indirect jump: a module must not claim shadow-stack or branch-target compatibility
+# (distributions' compilers turn both on by default), or a loader enforcing them would fault
+# it. On arm64, gcc's default outline atomics link libgcc's CPU-feature constructor into the
+# module: load-time code, which check_load_time_code refuses (inline LSE/LL-SC instead).
+_ARCH_FLAGS = {"x86_64": ["-fcf-protection=none"],
+               "aarch64": ["-mbranch-protection=none", "-mno-outline-atomics"]}
 
 
-def _cxx_flags() -> list[str]:
+def _cxx_flags(machine: str | None = None) -> list[str]:
+    """What modules are compiled with, for this machine (or `machine`: tests cross-build)."""
     return ["-O2", "-fPIC", "-pthread", "-fno-exceptions",
             "-fno-strict-aliasing",          # CUDA code casts float* to float4* and the like
             "-fno-gnu-unique",               # keep each loaded instance's statics its own
             "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0",  # a trap longjmps off a fiber stack
-            *_ARCH_FLAGS.get(platform.machine(), []),
+            *_ARCH_FLAGS.get(machine or platform.machine(), []),
             "-fdiagnostics-color=never", "-fmax-errors=50", "-I", str(_INCLUDE_DIR)]
+
+
+def link_argv(compiler: str, tu_path: str, out: str, *, std: str, flags: Sequence[str] = (),
+              machine: str | None = None) -> list[str]:
+    """The command that builds a module (a shared object) from C++ file `tu_path`."""
+    return [compiler, f"-std={std}", "-shared", *_cxx_flags(machine), *flags,
+            "-Wl,-Bsymbolic",                # the module's own symbols bind to itself
+            "-Wl,-z,noexecstack", "-o", out, tu_path, "-ldl"]
 
 
 def _link(tu: str, out_path: Path, *, std: str, work: str, deadline: float, memory_limit_bytes: int,
@@ -135,12 +147,10 @@ def _link(tu: str, out_path: Path, *, std: str, work: str, deadline: float, memo
     with open(tu_path, "w") as f:
         f.write(tu)
     tmp_out = os.path.join(work, "module.so")
-    argv = [_compiler(), f"-std={std}", "-shared", *_cxx_flags(), *flags,
-            "-Wl,-Bsymbolic",                # the module's own symbols bind to itself
-            "-Wl,-z,noexecstack", "-o", tmp_out, tu_path, "-ldl"]
+    argv = link_argv(_compiler(), tu_path, tmp_out, std=std, flags=flags)
     _run_compiler(argv, cwd=work, deadline=deadline, memory_limit_bytes=memory_limit_bytes,
                   what="compiler")
-    _check_load_time_code(tmp_out)
+    check_load_time_code(tmp_out)
     os.replace(tmp_out, out_path)  # atomic: concurrent builders of one key never clash
 
 
@@ -192,7 +202,7 @@ _TRANSLATOR = _translator_identity()   # read at import, before the compile help
 _DT_INIT_ARRAYSZ, _DT_FINI_ARRAYSZ, _DT_PREINIT_ARRAYSZ = 27, 28, 33
 
 
-def _check_load_time_code(path: str) -> None:
+def check_load_time_code(path: str) -> None:
     """Refuse a module with initializers or finalizers of its own: dlopen/dlclose would run
     them on the executor's unconfined threads. A module built here has exactly one entry
     in each of .init_array and .fini_array (crtbegin's frame_dummy and

@@ -266,7 +266,10 @@ class Translator:
         if any("_kc_smem" in line for line in body):
             # The window's address once per thread: each use of the thread_local after a
             # call (a barrier) would look it up again (__tls_get_addr in a dlopen'ed module).
-            lines.append("    unsigned char* const _kc_smem = _kc_smem_window;")
+            # Laundered: g++ would otherwise fold a constant offset (an out-of-range index on
+            # a path it proves) into a TLS relocation too small for it, and the link fails.
+            lines.append("    unsigned char* _kc_smem = _kc_smem_window;")
+            lines.append('    __asm__("" : "+r"(_kc_smem));')
         lines += body
         lines.append("}")
         return lines
