@@ -218,6 +218,15 @@ def test_runtime_pointer_attributes_host_function_helpers_and_printf(broker):
 
 
 # -- cuda.core: compiled driver calls the shim cannot see are refused at import ----------------
+def _python(code: str, broker: bool = True) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter, under KUBECASH_BROKER (a broker that is not there:
+    imports are decided before any call) or without it."""
+    env = dict(os.environ, KUBECASH_BROKER="ipc:///nonexistent/kubecash/broker.sock")
+    if not broker:
+        env.pop("KUBECASH_BROKER")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_cuda_core_is_refused_with_its_reason_under_the_broker():
     code = textwrap.dedent("""
         try:
@@ -229,9 +238,7 @@ def test_cuda_core_is_refused_with_its_reason_under_the_broker():
         import cuda.bindings.driver as d
         print(getattr(d, "__kubecash_shim__", None))
     """)
-    env = dict(os.environ, KUBECASH_BROKER="ipc:///nonexistent/kubecash/broker.sock")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=60)
+    r = _python(code)
     assert "refused: kubecash.shim: cuda.core calls the CUDA driver from compiled code" in r.stdout, \
         r.stdout + r.stderr
     assert r.stdout.strip().endswith("cuda.bindings.driver"), r.stdout
@@ -247,12 +254,10 @@ def test_cuda_bindings_nvml_is_refused_under_the_broker():
         else:
             print("imported")
     """)
-    env = dict(os.environ, KUBECASH_BROKER="ipc:///nonexistent/kubecash/broker.sock")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    r = _python(code)
     assert "refused: kubecash.shim: cuda.bindings.nvml reads the node's physical GPUs" in r.stdout, \
         r.stdout + r.stderr
-    env.pop("KUBECASH_BROKER")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    r = _python(code, broker=False)
     assert "imported" in r.stdout, r.stdout + r.stderr      # outside the broker: untouched
 
 
