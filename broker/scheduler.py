@@ -7,8 +7,12 @@ reports the device time it actually used. That measured time is charged:
 
 - weight (1-10000): each (tenant, device) has a virtual time, advanced by used/weight. The
   next holder is the runnable entity with the least virtual time; an entity that wakes up
-  from idle keeps at most WAKE_CREDIT_NS of lag behind those already running, so a short
-  pause keeps its share and a long idle is not banked (work-conserving, like CFS).
+  from idle keeps at most WAKE_CREDIT_NS of lag behind the device's minimum virtual time,
+  so a short pause keeps its share and a long idle is not banked (work-conserving, like
+  CFS). That minimum only moves forward (CFS's min_vruntime): measured from the lowest
+  runnable entity instead, each waker could be placed below the last, and a burst of them
+  ratcheted the floor down by WAKE_CREDIT_NS apiece, locking out for seconds a tenant
+  that had just run alone.
   Overruns (a kernel longer than the quantum) are charged in full, so shares hold over time
   whatever the kernel length.
 - limit (0.0001 and up, a fraction of one device's time; above 1 it spans devices): a
@@ -128,18 +132,19 @@ class DeviceScheduler:
         self._leases = itertools.count(1)
         self.created_ns: int | None = None
         self.busy_ns = 0              # sum of charged device time
+        self.min_vtime = 0.0          # forward-only: wakers are placed relative to it
 
     # -- membership ------------------------------------------------------------------------
     def add(self, tenant: str, weight: int, klass: str, bucket: LimitBucket) -> Entity:
         """A tenant's executor for this device is ready. Its accounting (device time,
         kernels, histograms) carries over from its earlier executors: counters only grow."""
         e = self.entities.get(tenant)
-        vtime = self._min_vtime()
+        self._advance_min_vtime()
         if e is None:
             e = self.entities[tenant] = Entity(tenant, self.device, weight, klass, bucket)
         e.weight, e.klass, e.bucket = weight, klass, bucket
         e.active, e.runnable, e.want_since = True, False, None
-        e.vtime = max(e.vtime, vtime)
+        e.vtime = max(e.vtime, self.min_vtime)
         return e
 
     def remove(self, tenant: str) -> None:
@@ -155,10 +160,11 @@ class DeviceScheduler:
         self.remove(tenant)
         self.entities.pop(tenant, None)
 
-    def _min_vtime(self) -> float:
-        active = [e.vtime for e in self.entities.values() if e.runnable or e is self.holder]
-        return min(active) if active else max(
-            (e.vtime for e in self.entities.values() if e.active), default=0.0)
+    def _advance_min_vtime(self) -> None:
+        """Up to the least virtual time of those running or runnable, never back."""
+        current = [e.vtime for e in self.entities.values() if e.runnable or e is self.holder]
+        if current:
+            self.min_vtime = max(self.min_vtime, min(current))
 
     # -- events --------------------------------------------------------------------------
     def want(self, tenant: str, now: int) -> bool:
@@ -168,7 +174,8 @@ class DeviceScheduler:
             return False
         # Clients go idle for a moment between batches (a synchronize round trip): keep a
         # bounded lag so that does not cost them their share, without banking long idles.
-        e.vtime = max(e.vtime, self._min_vtime() - WAKE_CREDIT_NS)
+        self._advance_min_vtime()
+        e.vtime = max(e.vtime, self.min_vtime - WAKE_CREDIT_NS)
         e.runnable = True
         e.want_since = now
         h = self.holder
@@ -187,6 +194,7 @@ class DeviceScheduler:
         # can take several ms to wake, and charging that would overcharge sparse tenants.)
         held = now - self.lease_start
         self.charge(e, min(max(used_ns, held // 2), held), kernels, now)
+        self._advance_min_vtime()       # with the holder's new virtual time in it
         self.holder, self.lease = None, None
         if more:
             e.runnable = True

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from kubecash.broker.scheduler import NS, DeviceScheduler, LimitBucket, expected_shares
+from kubecash.broker.scheduler import NS, WAKE_CREDIT_NS, DeviceScheduler, LimitBucket, expected_shares
 
 Q = 10_000_000  # 10 ms quantum
 
@@ -125,3 +125,37 @@ def test_executor_reports_are_held_to_the_lease_the_broker_saw():
     g = s.next_grant(60_000_000)
     s.release("a", g.lease, 9_500_000, 1, True, 70_000_000)      # honest: 9.5 ms of 10 ms
     assert e.used_ns == 35_000_000 + 9_500_000
+
+
+def test_a_burst_of_wakers_does_not_lock_out_who_ran_alone():
+    """16 tenants wake at once while `a` (which ran alone for 5 s) holds the device, then all
+    saturate. Each waker keeps at most WAKE_CREDIT_NS of lag behind the device's forward-only
+    minimum virtual time; placed relative to the lowest runnable one instead, each would go
+    WAKE_CREDIT_NS below the last and `a` would wait about 50 ms * (1 + 2 + ... + 16) = 6.8 s."""
+    names = ["a"] + [f"w{i}" for i in range(16)]
+    s = make({t: (100, None, "batch") for t in names})
+    kernels = dict.fromkeys(names, 1_000_000)
+    _, now = simulate(s, kernels, 5, wants={"a"})
+    g = s.next_grant(now)                   # `a` holds the device as the others wake
+    assert g.entity.tenant == "a"
+    for t in names[1:]:
+        s.want(t, now)
+    floor = s.entities["a"].vtime - WAKE_CREDIT_NS
+    assert all(s.entities[t].vtime >= floor for t in names[1:])
+    now += Q
+    s.release("a", g.lease, Q, 10, True, now)
+    grants, next_grant = [now], s.next_grant
+
+    def recording(t_now):                   # when `a` gets the device
+        g = next_grant(t_now)
+        if g is not None and g.entity.tenant == "a":
+            grants.append(t_now)
+        return g
+    s.next_grant = recording
+    used, _ = simulate(s, kernels, 3, now=now, wants=set())
+    waits = [b - a for a, b in zip(grants, grants[1:], strict=False)]
+    # Before its next grant `a` waits out the wakers' credit (16 of them, 50 ms each, plus the
+    # quantum it had just run); then round-robin: 17 quanta.
+    assert waits and waits[0] <= 16 * (WAKE_CREDIT_NS + Q) + 2 * Q, [w / 1e6 for w in waits]
+    assert max(waits[1:]) <= 17 * Q + Q
+    assert used["a"] / sum(used.values()) == pytest.approx(1 / 17, abs=0.02)
