@@ -200,6 +200,35 @@ def test_recursion_module_globals_and_integer_intrinsics(dev):
     assert dev.request("memcpy_dtoh", src=calls, size=4)["data"] == n.to_bytes(4, "little")
 
 
+
+def test_dot_product_and_sad_intrinsics(dev):
+    """__dp4a, __dp2a_lo/hi and __sad/__usad: NVRTC emits dp4a, dp2a and sad for them."""
+    m = load(dev, r"""
+        extern "C" __global__ void k(const int* a, const int* b, int* o) {
+            int i = threadIdx.x;
+            o[5 * i + 0] = __dp4a(a[i], b[i], 3);
+            o[5 * i + 1] = __dp2a_lo(a[i], b[i], 1);
+            o[5 * i + 2] = __dp2a_hi((unsigned)a[i], (unsigned)b[i], 2u);
+            o[5 * i + 3] = __sad(a[i], b[i], 5u);
+            o[5 * i + 4] = __usad(a[i], b[i], 1u);
+        }""")
+    n = 64
+    rng = np.random.default_rng(7)
+    a = rng.integers(-2**31, 2**31, n, dtype=np.int64).astype(np.int32)
+    b = rng.integers(-2**31, 2**31, n, dtype=np.int64).astype(np.int32)
+    a[0], b[0] = -2**31, 2**31 - 1
+    with dev.allocate(a.nbytes) as da, dev.allocate(b.nbytes) as db, dev.allocate(n * 20) as do:
+        da.copy_from(a)
+        db.copy_from(b)
+        dev.launch(m.get_kernel("k"), (1,), (n,), [da, db, do])
+        got = do.copy_to(np.empty((n, 5), np.uint32))
+    ua, ub = a.view(np.uint32), b.view(np.uint32)
+    for i in range(n):
+        x, y = int(ua[i]), int(ub[i])
+        want = [_dp(x, y, 3, True, True, 4), _dp(x, y, 1, True, True, 2, 0), _dp(x, y, 2, False, False, 2, 2),
+                5 + abs(_s(x) - _s(y)), 1 + abs(x - y)]
+        assert [int(v) for v in got[i]] == [w & 0xFFFFFFFF for w in want], (i, hex(x), hex(y))
+
 def test_float_conversions_and_comparisons(dev):
     m = load(dev, r"""
         extern "C" __global__ void conv(const float* x, int* out, float* fout, unsigned short* h) {
@@ -412,6 +441,19 @@ HAND = r"""
      lambda a, b: [int(_isnan(a) or _isnan(b)), int(_isnan(a) or _isnan(b) or _f(a) != _f(b)),
                    int(0 < (a & 0x7FFFFFFF) < 0x800000), _ftz_add(a), bin(a).count("1"),
                    32 - b.bit_length(), int(f"{b:032b}"[::-1], 2), int(b == 0)]),
+    ("dp4a.s32.s32 %r3, %r1, %r2, 7; dp4a.u32.s32 %r4, %r1, %r2, 0; dp2a.lo.s32.u32 %r5, %r1, %r2, 1;"
+     "dp2a.hi.u32.u32 %r6, %r1, %r2, 0; mul24.hi.s32 %r7, %r1, %r2; mad24.lo.u32 %r8, %r1, %r2, 3;"
+     "sad.s32 %r9, %r1, %r2, 2; mul24.hi.u32 %r10, %r1, %r2;",
+     lambda a, b: [_dp(a, b, 7, True, True, 4), _dp(a, b, 0, False, True, 4), _dp(a, b, 1, True, False, 2, 0),
+                   _dp(a, b, 0, False, False, 2, 2), _mul24(a, b, True, True), _mul24(a, b, False, False) + 3,
+                   2 + abs(_s(a) - _s(b)), _mul24(a, b, False, True)]),
+    ("and.b32 %r11, %r1, 0x3f; szext.clamp.s32 %r3, %r2, %r11; szext.wrap.s32 %r4, %r2, %r11;"
+     "szext.clamp.u32 %r5, %r2, %r11; and.b32 %r11, %r2, 0x3f; bmsk.wrap.b32 %r6, %r11, 9;"
+     "bmsk.clamp.b32 %r7, 3, %r11; bmsk.wrap.b32 %r8, %r11, %r11; mul24.lo.s32 %r9, %r1, %r2;"
+     "sad.u32 %r10, %r1, %r2, 0xFFFFFFF0;",
+     lambda a, b: [_szext(b, a & 63, True, True), _szext(b, a & 63, False, True), _szext(b, a & 63, True, False),
+                   _bmsk(b & 63, 9, False), _bmsk(3, b & 63, True), _bmsk(b & 63, b & 63, False),
+                   _mul24(a, b, True, False), 0xFFFFFFF0 + abs(a - b)]),
 ])
 @pytest.mark.parametrize("a, b", [(0x12345678, 0x9ABCDEF0), (0x80000001, 7), (0x00000001, 0x7FC00000),
                                   (0x00000000, 0x00000000), (0xFFFFFFFF, 0x00400000)])
@@ -429,6 +471,48 @@ def _s(x: int) -> int:
 
 def _sx(x: int, bits: int) -> int:
     return (x - (1 << bits) if x & (1 << (bits - 1)) else x) & 0xFFFFFFFF
+
+
+def _dp(a: int, b: int, c: int, sa: bool, sb: bool, n: int, hi: int = 0) -> int:
+    """dp4a (n=4: bytes of a) and dp2a (n=2: 16-bit halves of a, bytes hi.. of b)."""
+    wa = 8 if n == 4 else 16
+    total = c
+    for i in range(n):
+        x = (a >> (wa * i)) & ((1 << wa) - 1)
+        y = (b >> (8 * (i + hi))) & 0xFF
+        total += (x - (1 << wa) if sa and x >> (wa - 1) else x) * (y - 256 if sb and y >> 7 else y)
+    return total
+
+
+def _mul24(a: int, b: int, signed: bool, hi: bool) -> int:
+    def ext(v: int) -> int:
+        v &= 0xFFFFFF
+        return v - (1 << 24) if signed and v >> 23 else v
+    p = (ext(a) * ext(b)) & ((1 << 64) - 1)
+    return p >> 16 if hi else p
+
+
+def _bmsk(a: int, b: int, clamp: bool) -> int:
+    """The PTX ISA's bmsk semantics, step by step."""
+    a1, b1 = a & 31, b & 31
+    mask0, total = (0xFFFFFFFF << a1) & 0xFFFFFFFF, a1 + b1
+    mask1 = (0xFFFFFFFF << total) & 0xFFFFFFFF if total < 32 else 0
+    overflow = total >= 32
+    if clamp and a >= 32:
+        mask0, overflow = 0, True
+    if clamp and b >= 32:
+        overflow = True
+    mask1 = 0 if overflow else 0xFFFFFFFF if b1 == 0 else mask1
+    return mask0 & ~mask1
+
+
+def _szext(a: int, b: int, clamp: bool, signed: bool) -> int:
+    """The PTX ISA's szext semantics, step by step."""
+    b1 = b & 31
+    too_large = b >= 32 and clamp
+    mask = 0 if too_large else (0xFFFFFFFF << b1) & 0xFFFFFFFF
+    sign = not (b1 == 0 or too_large or not signed) and (a >> ((b1 - 1) & 31)) & 1
+    return (a & ~mask) | (mask if sign else 0)
 
 
 def _prmt(a: int, b: int, c: int) -> int:

@@ -154,6 +154,57 @@ static inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
     }
     return r;
 }
+/* dp4a / dp2a: c plus a dot product of a's bytes (dp2a: 16-bit halves) with b's bytes. */
+static inline uint32_t dp4a(uint32_t a, uint32_t b, uint32_t c, bool as, bool bs) {
+    uint32_t r = c;
+    for (int i = 0; i < 4; ++i) {
+        const int32_t x = as ? (int32_t)(int8_t)(a >> 8 * i) : (int32_t)(uint8_t)(a >> 8 * i);
+        const int32_t y = bs ? (int32_t)(int8_t)(b >> 8 * i) : (int32_t)(uint8_t)(b >> 8 * i);
+        r += (uint32_t)(x * y);
+    }
+    return r;
+}
+static inline uint32_t dp2a(uint32_t a, uint32_t b, uint32_t c, bool as, bool bs, bool hi) {
+    uint32_t r = c;
+    for (int i = 0; i < 2; ++i) {
+        const int k = i + (hi ? 2 : 0);
+        const int32_t x = as ? (int32_t)(int16_t)(a >> 16 * i) : (int32_t)(uint16_t)(a >> 16 * i);
+        const int32_t y = bs ? (int32_t)(int8_t)(b >> 8 * k) : (int32_t)(uint8_t)(b >> 8 * k);
+        r += (uint32_t)(x * y);
+    }
+    return r;
+}
+/* mul24: the 48-bit product of the low 24 bits (sign-extended if s): bits 31..0 or 47..16. */
+static inline uint32_t mul24(uint32_t a, uint32_t b, bool s, bool hi) {
+    const int64_t x = s ? (int64_t)((int32_t)(a << 8) >> 8) : (int64_t)(a & 0xffffffu);
+    const int64_t y = s ? (int64_t)((int32_t)(b << 8) >> 8) : (int64_t)(b & 0xffffffu);
+    const uint64_t p = (uint64_t)(x * y);
+    return hi ? (uint32_t)(p >> 16) : (uint32_t)p;
+}
+/* sad: c + |a - b| (wrapping). */
+template <class T> static inline T sad(T a, T b, T c) {
+    const U<T> d = a > b ? (U<T>)((U<T>)a - (U<T>)b) : (U<T>)((U<T>)b - (U<T>)a);
+    return (T)(U<T>)((U<T>)c + d);
+}
+/* bmsk and szext, as the PTX ISA's semantics give them (clamp: operands of 32 and up
+ * saturate; wrap: taken mod 32). */
+static inline uint32_t bmsk(uint32_t a, uint32_t b, bool clamp) {
+    const uint32_t a1 = a & 31u, b1 = b & 31u, sum = a1 + b1;
+    uint32_t mask0 = ~0u << a1, mask1 = sum >= 32 ? 0u : ~0u << sum;
+    bool overflow = sum >= 32;
+    if (clamp && a >= 32) { mask0 = 0; overflow = true; }
+    if (clamp && b >= 32) overflow = true;
+    if (overflow) mask1 = 0;
+    else if (b1 == 0) mask1 = ~0u;
+    return mask0 & ~mask1;
+}
+static inline uint32_t szext(uint32_t a, uint32_t b, bool clamp, bool s) {
+    const uint32_t b1 = b & 31u;
+    const bool too_large = b >= 32 && clamp;
+    const uint32_t mask = too_large ? 0u : ~0u << b1;
+    const bool sign = !(b1 == 0 || too_large || !s) && ((a >> ((b1 - 1) & 31u)) & 1u);
+    return (a & ~mask) | (sign ? mask : 0u);
+}
 /* Funnel shifts: the 64 bits b:a shifted, 32 of them kept (rotates when a == b). */
 static inline uint32_t shf_l(uint32_t a, uint32_t b, uint32_t n) {
     return n == 0 ? b : n >= 32 ? a : (b << n) | (a >> (32 - n));

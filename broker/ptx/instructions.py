@@ -1028,6 +1028,79 @@ def bfind(tr: Translator, ins: Instr) -> str:
 _UNSIGNED_OF = {32: "uint32_t", 64: "uint64_t"}
 
 
+# -- integer dot products, 24-bit multiplies, sad, bmsk, szext -------------------------------
+# (__dp4a, __dp2a_lo/hi, __mul24, __umul24, __sad, __usad and cuda::ptx::bmsk/szext)
+
+def _dp(tr: Translator, ins: Instr) -> str:
+    """dp4a.atype.btype d, a, b, c and dp2a.{lo,hi}.atype.btype d, a, b, c: c plus the dot
+    product of a's bytes (dp2a: halves) with b's bytes, each sign- or zero-extended by its
+    type; d is .u32 when both are, else .s32 (wrapping)."""
+    mods = tr.mods(ins)
+    types = [m for m in mods if m in (".u32", ".s32")]
+    modes = [m for m in mods if m in (".lo", ".hi")]
+    _only(tr, mods, {*types, *modes})
+    if len(types) != 2 or (ins.op == "dp2a") != (len(modes) == 1):
+        raise tr.refuse("expected " + ("a mode (.lo or .hi) and " if ins.op == "dp2a" else "") +
+                        "two operand types (.u32 or .s32)")
+    _nargs(tr, ins, 4)
+    d, a, b, c = ins.args
+    at, bt = types
+    dt = ".u32" if at == bt == ".u32" else ".s32"
+    sa, sb = str(at == ".s32").lower(), str(bt == ".s32").lower()
+    args = f"{tr.src(a, '.b32')}, {tr.src(b, '.b32')}, {tr.src(c, '.b32')}, {sa}, {sb}"
+    if ins.op == "dp4a":
+        return tr.dst(d, dt, f"::kc::dp4a({args})")
+    return tr.dst(d, dt, f"::kc::dp2a({args}, {str(modes[0] == '.hi').lower()})")
+
+
+def _mul24(tr: Translator, ins: Instr) -> str:
+    """mul24.{lo,hi}.{u32,s32} d, a, b (and mad24, + c): the 48-bit product of a's and b's
+    low 24 bits (sign-extended for .s32), its low 32 bits or bits 47..16."""
+    mods = tr.mods(ins)
+    t = tr.type_of(mods)
+    mode = [m for m in mods if m in (".lo", ".hi")]
+    _only(tr, mods, {t, *mode})
+    if t not in (".u32", ".s32") or len(mode) != 1:
+        raise tr.refuse("expected .lo or .hi and .u32 or .s32 (mad24.sat is not supported)")
+    mad = ins.op == "mad24"
+    _nargs(tr, ins, 4 if mad else 3)
+    d, a, b, *c = ins.args
+    p = (f"::kc::mul24({tr.src(a, '.u32')}, {tr.src(b, '.u32')}, {str(t == '.s32').lower()}, "
+         f"{str(mode[0] == '.hi').lower()})")
+    if mad:
+        p = f"(uint32_t)({p} + {tr.src(c[0], '.u32')})"
+    return tr.dst(d, t, p)
+
+
+sad = _call("::kc::sad({0}, {1}, {2})", ("t", "t", "t"), classes="us")
+
+
+def _bits_mode(tr: Translator, ins: Instr, types: tuple[str, ...]) -> tuple[str, bool]:
+    mods = tr.mods(ins)
+    mode = [m for m in mods if m in (".clamp", ".wrap")]
+    t = [m for m in mods if m in types]
+    _only(tr, mods, {*mode, *t})
+    if len(mode) != 1 or len(t) != 1:
+        raise tr.refuse(f"expected .clamp or .wrap and one of {' '.join(types)}")
+    _nargs(tr, ins, 3)
+    return t[0], mode[0] == ".clamp"
+
+
+def bmsk(tr: Translator, ins: Instr) -> str:
+    """bmsk.{clamp,wrap}.b32 d, a, b: b bits set from bit a."""
+    t, clamp = _bits_mode(tr, ins, (".b32",))
+    d, a, b = ins.args
+    return tr.dst(d, t, f"::kc::bmsk({tr.src(a, '.u32')}, {tr.src(b, '.u32')}, {str(clamp).lower()})")
+
+
+def szext(tr: Translator, ins: Instr) -> str:
+    """szext.{clamp,wrap}.{u32,s32} d, a, b: a's low b bits, zero- or sign-extended."""
+    t, clamp = _bits_mode(tr, ins, (".u32", ".s32"))
+    d, a, b = ins.args
+    return tr.dst(d, t, f"::kc::szext({tr.src(a, '.u32')}, {tr.src(b, '.u32')}, {str(clamp).lower()}, "
+                        f"{str(t == '.s32').lower()})")
+
+
 OPS = {
     "mov": mov, "ld": partial(_access, load=True), "ldu": partial(_access, load=True),
     "st": partial(_access, load=False), "cvta": cvta,
@@ -1046,6 +1119,7 @@ OPS = {
     "prefetch": nop, "prefetchu": nop,
     "shfl": shfl, "vote": vote, "match": match, "redux": redux, "activemask": activemask,
     "cp": cp, "mbarrier": mbarrier, "nanosleep": nanosleep, "elect": elect, "bfind": bfind,
+    "dp4a": _dp, "dp2a": _dp, "mul24": _mul24, "mad24": _mul24, "sad": sad, "bmsk": bmsk, "szext": szext,
 }
 
 
