@@ -7,7 +7,9 @@ Through the broker: a real client process's kubecash.client calls to its executo
 through the shared-memory staging segment, pipelined over its two halves). Directly: on a
 GPU, cuMemcpyHtoD/DtoH from pageable host memory and cuLaunchKernel in this process; on the
 CPU device, a host memcpy and an in-process launch of the same compiled kernel. Targets (GPU):
-H2D and D2H through the broker >= 0.8x direct; the per-launch overhead is reported.
+H2D and D2H through the broker >= 0.8x direct; the per-launch overhead is reported. On every
+device: the median synchronous call (mem_info) and ctx_sync on an empty queue against the
+median round trip of a raw pyzmq DEALER/ROUTER echo over ipc, target <= 1.2x (#17).
 """
 from __future__ import annotations
 
@@ -52,8 +54,63 @@ with kc.connect() as s:
     for _ in range(launches): d.launch(k, (1,), (32,), [small, 1])
     d.synchronize()
     launch_us = (time.perf_counter() - t) / launches * 1e6
-print(json.dumps({"h2d": h2d, "d2h": d2h, "launch_us": launch_us}))
+    def p50(fn, n=2000):
+        for _ in range(200): fn()
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+        return sorted(ts)[n // 2] * 1e6
+    query_us = p50(d.mem_info)          # a synchronous request the executor answers at once
+    sync_us = p50(d.synchronize)        # ctx_sync on an empty queue
+print(json.dumps({"h2d": h2d, "d2h": d2h, "launch_us": launch_us, "query_us": query_us, "sync_us": sync_us}))
 """
+
+
+ECHO = r"""
+import sys, time, zmq
+ctx = zmq.Context()
+s = ctx.socket(zmq.DEALER)
+s.connect(sys.argv[1])
+msg = b"x" * 64
+for _ in range(200): s.send(msg); s.recv()
+ts = []
+for _ in range(2000):
+    t = time.perf_counter(); s.send(msg); s.recv(); ts.append(time.perf_counter() - t)
+print(sorted(ts)[1000] * 1e6)
+"""
+
+
+def raw_echo_us() -> float:
+    """p50 of a raw pyzmq round trip: a DEALER in another process, a ROUTER echoing in a thread
+    of this one, over ipc (what a synchronous call costs at the least)."""
+    import threading
+
+    import zmq
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    path = tempfile.mktemp(prefix="kc-echo-")
+    router.bind(f"ipc://{path}")
+    stop = threading.Event()
+
+    def serve():
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        while not stop.is_set():
+            if poller.poll(100):
+                router.send_multipart(router.recv_multipart())
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        out = subprocess.run([sys.executable, "-c", ECHO, f"ipc://{path}"], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+    finally:
+        stop.set()
+        th.join()
+        router.close(0)
+        ctx.term()
+        if os.path.exists(path):
+            os.unlink(path)
+    return float(out.strip().splitlines()[-1])
 
 
 def direct_gpu(index: int, nbytes: int, launches: int, reps: int) -> dict:
@@ -169,6 +226,12 @@ def main() -> int:
     print(f"{'per-launch us':24} {direct['launch_us']:12.1f} {brokered['launch_us']:12.1f} "
           f"{brokered['launch_us'] / direct['launch_us']:7.2f}  info (overhead "
           f"{brokered['launch_us'] - direct['launch_us']:.1f} us per launch)")
+    echo = raw_echo_us()
+    for key, label in (("query_us", "sync call p50 us"), ("sync_us", "ctx_sync empty p50 us")):
+        ratio = brokered[key] / echo
+        results.append(ratio <= 1.2)
+        print(f"{label:24} {echo:12.1f} {brokered[key]:12.1f} {ratio:7.2f}  "
+              f"{'PASS' if ratio <= 1.2 else 'FAIL'} (direct: a raw pyzmq echo; target <= 1.20)")
     passed = sum(results)
     print(f"{passed} passed, {len(results) - passed} failed")
     return 0 if passed == len(results) else 1

@@ -119,10 +119,12 @@ class Session(_Resource):
               watch: str | None = None) -> dict:
         """Wait for the reply to `rid` on `ch`, watching the broker for executor failures."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        poller = zmq.Poller()
-        poller.register(ch.sock, zmq.POLLIN)
-        if ch is not self._broker:
-            poller.register(self._broker.sock, zmq.POLLIN)
+        poller = ch.poller
+        if poller is None:          # made once per channel: a sync call is one poll and one recv
+            poller = ch.poller = zmq.Poller()
+            poller.register(ch.sock, zmq.POLLIN)
+            if ch is not self._broker:
+                poller.register(self._broker.sock, zmq.POLLIN)
         while True:
             msg = ch.stash.pop(rid, None)
             if msg is not None:
@@ -142,12 +144,9 @@ class Session(_Resource):
                     raise BrokerUnavailable(f"no answer from {self.address} within {timeout:g} s")
                 wait_ms = min(wait_ms, max(1, int(left * 1000)))
             for sock, _ in poller.poll(wait_ms):
-                while True:
-                    try:
-                        frame = sock.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._dispatch(ch if sock is ch.sock else self._broker, frame)
+                # Everything queued, without the exception a last non-blocking recv raises.
+                while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._dispatch(ch if sock is ch.sock else self._broker, sock.recv(zmq.NOBLOCK))
 
     def _dispatch(self, ch: _Channel, frame: bytes) -> None:
         try:

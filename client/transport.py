@@ -43,8 +43,10 @@ class _Channel:
         # What the far end accepts: ZeroMQ drops a larger frame (and the connection) with no
         # reply, so a request past it is refused here rather than left waiting forever.
         self.max_bytes = P.MAX_MESSAGE_BYTES
+        self.poller: zmq.Poller | None = None   # the session's, for waits on this channel
 
     def close(self) -> None:
+        self.poller = None
         self.sock.close()
 
     def send(self, rid: int, op: str, fields: dict, *, asynchronous: bool = False) -> None:

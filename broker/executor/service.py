@@ -178,12 +178,12 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
                 if self.ctl.fileno() in events:
                     self._read_control()
                 if self.sock in events:
-                    for _ in range(256):     # bounded batch so control stays responsive
-                        try:
-                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
+                    # A bounded batch so control stays responsive; EVENTS rather than the
+                    # exception a last non-blocking recv raises (a sync call's cost, #17).
+                    for _ in range(256):
+                        if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                             break
-                        self._on_client(frames)
+                        self._on_client(self.sock.recv_multipart(zmq.NOBLOCK))
                 now = time.monotonic()
                 if now >= next_stats:
                     next_stats = now + 0.25
