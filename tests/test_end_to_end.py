@@ -255,3 +255,26 @@ def test_a_repeated_open_is_answered_and_keeps_the_session(broker, raw_socket):
     ex = raw_socket(f"ipc://{P.executor_socket_path(broker.runtime_dir, 'alice', 'cpu0')}")
     ex.send(P.pack({"v": 1, "id": 4, "op": "mem_alloc", "session": token, "size": 64}))
     assert P.unpack(ex.recv())["ok"] is True
+
+
+def test_a_sync_after_the_queue_drained_still_reports_the_async_error(session):
+    """ctx_sync (and the default stream's sync) with nothing queued or running is answered at
+    once by the executor's main thread: it must still hand over an error kept from async work
+    that has already run, once."""
+    dev = session.device("cpu0")
+    with dev.allocate(64) as buf:
+        dev.submit("memcpy_dtod", dst=buf.ptr, src=buf.ptr + 32, size=64)   # runs off the end
+        deadline = time.monotonic() + 60
+        while not dev.request("stream_query", stream=0)["ready"]:         # it has run
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(kc.InvalidValueError):
+            dev.synchronize()
+        dev.synchronize()                        # reported once
+        dev.submit("memcpy_dtod", dst=buf.ptr, src=buf.ptr + 32, size=64)
+        while not dev.request("stream_query", stream=0)["ready"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(kc.InvalidValueError):
+            dev.request("stream_sync", stream=0)
+        dev.request("stream_sync", stream=0)

@@ -53,9 +53,22 @@ class SyncOps:
         if st.handle == 0:
             # The legacy default stream orders against every blocking stream: wait for all
             # of this session's work queued so far.
-            self._queue_op(s, msg, ident, lambda: None)
+            self._sync_session(s, msg, ident)
         else:
             self._wait_for(s, st, ident, msg["id"])
+
+    def _sync_session(self, s: SessionState, msg: dict, ident: bytes) -> None:
+        """Answer once all of the session's work queued so far has run: at once when none
+        is queued or running, without a hand-off to the runner and back (#17)."""
+        payload = None
+        if not msg.get("async"):
+            with self._cv:
+                if not s.queue and not s.running:
+                    payload = self._sync_payload_locked(s, msg["id"])
+        if payload is None:
+            self._queue_op(s, msg, ident, lambda: None)
+        else:
+            self._send(ident, payload)
 
     def op_stream_query(self, s: SessionState, msg: dict, ident: bytes):
         return {"ready": self._stream(s, msg).pending == 0}
@@ -101,4 +114,4 @@ class SyncOps:
         return {"ms": (b.time_ns - a.time_ns) / 1e6}
 
     def op_ctx_sync(self, s: SessionState, msg: dict, ident: bytes):
-        self._queue_op(s, msg, ident, lambda: None)
+        self._sync_session(s, msg, ident)

@@ -60,6 +60,7 @@ class Runner:
                         break                    # s needs the device
                     s = pick
                     op = s.queue.popleft()
+                    s.running += 1
                     self._ready.remove(s)
                     if s.queue:
                         self._ready.append(s)
@@ -77,7 +78,11 @@ class Runner:
                 continue
             if op.device and self._lease is not None and self._lease_t0 is None:
                 self._lease_t0 = time.perf_counter_ns()
-            self._execute(s, op)
+            try:
+                self._execute(s, op)
+            finally:
+                with self._cv:
+                    s.running -= 1
             if op.device and self._lease is not None:
                 # The device is charged for the whole time it is held, from the start of the
                 # lease's first work to the end of its last (what runs between is the tenant's).

@@ -71,6 +71,7 @@ class SessionState:
         self.staging_charged = 0                # what the staging segment counts in the quota
         self.closed = False
         self.in_ready = False                   # listed in the runner's round robin
+        self.running = 0                        # its ops the runner is executing right now
         self.ident: bytes | None = None         # the client's socket, for kernel output
         self.building = 0                       # module loads submitted, not yet registered
         self.fn_names: dict[tuple[int, str], int] = {}   # (module, name) -> function handle
