@@ -83,7 +83,7 @@ __attribute__((visibility("hidden"))) void __kc_fiber_start(void);
 }
 #if defined(__x86_64__)
 asm(R"(
-    .text
+    .pushsection .text
     .p2align 4
     .globl __kc_switch
     .hidden __kc_switch
@@ -114,6 +114,7 @@ __kc_fiber_start:
     call __kc_fiber_main
     ud2
     .size __kc_fiber_start, .-__kc_fiber_start
+    .popsection
 )");
 /* Popped from low to high: r15 r14 r13 r12 (the index) rbx rbp, the return address;
  * __kc_fiber_start then runs on a 16-byte aligned stack, as a call expects. */
@@ -127,7 +128,7 @@ static void* __kc_fiber_frame(uintptr_t top, int idx) {
 }
 #elif defined(__aarch64__)
 asm(R"(
-    .text
+    .pushsection .text
     .p2align 4
     .globl __kc_switch
     .hidden __kc_switch
@@ -168,8 +169,9 @@ __kc_fiber_start:
     bl __kc_fiber_main
     brk #0
     .size __kc_fiber_start, .-__kc_fiber_start
+    .popsection
 )");
-/* 160 bytes: x19..x30 (x19: the index, x30: where ret goes), d8..d15. */
+/* 160 bytes: x19..x30 (x19: the index, x30: where the switch jumps), d8..d15. */
 static void* __kc_fiber_frame(uintptr_t top, int idx) {
     uint64_t* f = (uint64_t*)(top - 160);
     for (int k = 0; k < 20; ++k) f[k] = 0;
@@ -179,7 +181,7 @@ static void* __kc_fiber_frame(uintptr_t top, int idx) {
 }
 #elif defined(__riscv) && __riscv_xlen == 64 && defined(__riscv_float_abi_double)
 asm(R"(
-    .text
+    .pushsection .text
     .p2align 2
     .globl __kc_switch
     .hidden __kc_switch
@@ -250,8 +252,9 @@ __kc_fiber_start:
     call __kc_fiber_main
     ebreak
     .size __kc_fiber_start, .-__kc_fiber_start
+    .popsection
 )");
-/* 208 bytes (a multiple of 16): ra (where ret goes), s0..s11 (s1: the index), fs0..fs11. */
+/* 208 bytes (a multiple of 16): ra (where the switch jumps), s0..s11 (s1: the index), fs0..fs11. */
 static void* __kc_fiber_frame(uintptr_t top, int idx) {
     uint64_t* f = (uint64_t*)(top - 208);
     for (int k = 0; k < 26; ++k) f[k] = 0;
