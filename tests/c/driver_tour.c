@@ -67,10 +67,12 @@ int main(int argc, char **argv) {
     if (init) return 1;
     if (!strcmp(what, "fork")) {
         open_ctx();
+        SAY("parent_pid", "%d", (int)getpid());
         int parent_ok = roundtrip(1000, "parent_before");
         fflush(stdout);
         pid_t pid = fork();
         if (pid == 0) {                          /* the child: a session of its own */
+            SAY("child_pid", "%d", (int)getpid());
             int n = 0;
             SAY("child_count", "%d", cuDeviceGetCount(&n));
             SAY("child_devices", "%d", n);
