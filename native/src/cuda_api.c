@@ -342,9 +342,10 @@ KC_EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
 }
 
 /* Copies, as client/device.py's write/read: inline pieces of KCP_INLINE_MAX, or through the
- * staging segment when the executor gave one (one chunk at a time, staging-sized). */
-KC_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
-    if (n && !src) return CUDA_ERROR_INVALID_VALUE;
+ * staging segment when the executor gave one (one chunk at a time, staging-sized). One
+ * function for both directions: to_device says which. */
+static CUresult copy(int to_device, CUdeviceptr dptr, void *host, size_t n) {
+    if (n && !host) return CUDA_ERROR_INVALID_VALUE;
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
@@ -354,51 +355,38 @@ KC_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
     size_t piece = staged ? d->staging_size : KCP_INLINE_MAX;
     for (size_t off = 0; !rc && off < n; off += piece) {
         size_t m = n - off < piece ? n - off : piece;
+        char *h = (char *)host + off;
         struct kc_buf b = {0};
-        mp_str(&b, KCP_EXECUTOR_MEMCPY_HTOD_DST); mp_uint(&b, dst + off);
-        mp_str(&b, KCP_EXECUTOR_MEMCPY_HTOD_SIZE); mp_uint(&b, m);
+        mp_str(&b, to_device ? KCP_EXECUTOR_MEMCPY_HTOD_DST : KCP_EXECUTOR_MEMCPY_DTOH_SRC);
+        mp_uint(&b, dptr + off);
+        mp_str(&b, to_device ? KCP_EXECUTOR_MEMCPY_HTOD_SIZE : KCP_EXECUTOR_MEMCPY_DTOH_SIZE);
+        mp_uint(&b, m);
         if (staged) {
-            memcpy(d->staging, (const char *)src + off, m);
-            mp_str(&b, KCP_EXECUTOR_MEMCPY_HTOD_OFFSET); mp_uint(&b, 0);
-        } else {
-            mp_str(&b, KCP_EXECUTOR_MEMCPY_HTOD_DATA); mp_bin(&b, (const char *)src + off, m);
+            if (to_device) memcpy(d->staging, h, m);
+            mp_str(&b, to_device ? KCP_EXECUTOR_MEMCPY_HTOD_OFFSET : KCP_EXECUTOR_MEMCPY_DTOH_OFFSET);
+            mp_uint(&b, 0);
+        } else if (to_device) {
+            mp_str(&b, KCP_EXECUTOR_MEMCPY_HTOD_DATA);
+            mp_bin(&b, h, m);
         }
-        struct mp_val r;
-        rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(dev, KCP_EXECUTOR_MEMCPY_HTOD, &b, 3, &r);
+        struct mp_val r, data;
+        uint32_t nfields = 2 + (staged || to_device);
+        rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY
+                   : kc_exec_request(dev, to_device ? KCP_EXECUTOR_MEMCPY_HTOD : KCP_EXECUTOR_MEMCPY_DTOH,
+                                     &b, nfields, &r);
         mp_free(&b);
+        if (rc || to_device) continue;
+        if (staged) memcpy(h, d->staging, m);
+        else if (mp_find(&r, KCP_EXECUTOR_MEMCPY_DTOH_R_DATA, &data) == 1 && data.type == MP_BIN && data.len == m)
+            memcpy(h, data.data, m);
+        else rc = CUDA_ERROR_UNKNOWN;          /* a reply without the bytes asked for */
     }
     kc_unlock();
     return rc;
 }
 
-KC_EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
-    if (n && !dst) return CUDA_ERROR_INVALID_VALUE;
-    int dev;
-    CUresult rc = lock_current(&dev);
-    if (rc) return rc;
-    rc = kc_device_attach(dev);
-    struct kc_device *d = kc_device(dev);
-    int staged = n > KCP_INLINE_MAX && d->staging;
-    size_t piece = staged ? d->staging_size : KCP_INLINE_MAX;
-    for (size_t off = 0; !rc && off < n; off += piece) {
-        size_t m = n - off < piece ? n - off : piece;
-        struct kc_buf b = {0};
-        mp_str(&b, KCP_EXECUTOR_MEMCPY_DTOH_SRC); mp_uint(&b, src + off);
-        mp_str(&b, KCP_EXECUTOR_MEMCPY_DTOH_SIZE); mp_uint(&b, m);
-        if (staged) { mp_str(&b, KCP_EXECUTOR_MEMCPY_DTOH_OFFSET); mp_uint(&b, 0); }
-        struct mp_val r, data;
-        rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY
-                   : kc_exec_request(dev, KCP_EXECUTOR_MEMCPY_DTOH, &b, staged ? 3 : 2, &r);
-        mp_free(&b);
-        if (rc) break;
-        if (staged) {
-            memcpy((char *)dst + off, d->staging, m);
-        } else if (mp_find(&r, KCP_EXECUTOR_MEMCPY_DTOH_R_DATA, &data) == 1 && data.type == MP_BIN && data.len == m) {
-            memcpy((char *)dst + off, data.data, m);
-        } else {
-            rc = CUDA_ERROR_UNKNOWN;        /* a reply without the bytes asked for */
-        }
-    }
-    kc_unlock();
-    return rc;
+KC_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+    return copy(1, dst, (void *)src, n);
 }
+
+KC_EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) { return copy(0, src, dst, n); }
