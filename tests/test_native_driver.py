@@ -45,7 +45,7 @@ def programs(tmp_path_factory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("native-programs")
     lib = _libdir()
     built = {}
-    for name, extra in (("driver_tour", ["-I", _cuda_include(), "-l:libcuda.so.1", "-ldl"]),
+    for name, extra in (("driver_tour", ["-I", _cuda_include(), "-l:libcuda.so.1", "-ldl", "-lpthread"]),
                         ("nvml_tour", ["-l:libnvidia-ml.so.1"])):
         exe = str(out / name)
         cmd = ["cc", "-Wall", "-Wno-deprecated-declarations", "-o", exe, os.path.join(HERE, "c", f"{name}.c"),
@@ -110,10 +110,22 @@ def test_wheel_contains_the_libraries(tmp_path):
     assert {"kubecash/native/lib/libcuda.so.1", "kubecash/native/lib/libnvidia-ml.so.1"} <= names
 
 
-def test_generated_sources_match_the_headers_and_the_protocol():
-    """Regenerated from the headers, table, protocol and devattr here, nothing differs: the
-    checked-in C cannot drift. Where the headers here differ from those it was made from
-    (another CUDA version), it says which."""
+def _assert_fresh(name: str, text: str) -> None:
+    with open(os.path.join(gen.SRC, name)) as f:
+        assert f.read() == text, f"native/src/{name} is stale: run python -m kubecash.native.gen"
+
+
+def test_generated_protocol_and_nvml_match_their_sources():
+    """gen_protocol.h (from the protocol's export) and gen_nvml.c (from the table) need no
+    headers: they are checked everywhere."""
+    _assert_fresh("gen_protocol.h", gen.gen_protocol())
+    _assert_fresh("gen_nvml.c", gen.gen_nvml())
+
+
+def test_generated_surface_matches_the_headers():
+    """Regenerated from the CUDA headers, table and devattr here, the driver surface is what
+    is checked in: it cannot drift. It was made from every header set found (the pip
+    package's and the toolkit's): where this machine has another set, it says which."""
     incs = gen.include_dirs()
     if not incs:
         pytest.skip("no CUDA headers here")
@@ -122,10 +134,8 @@ def test_generated_sources_match_the_headers_and_the_protocol():
     here = ", ".join(str(gen.cuda_version(i)) for i in incs)
     if f"CUDA_VERSION {here})" not in banner:
         pytest.skip(f"the checked-in surface was made from other headers ({banner.strip()}; here: {here})")
-    out = gen.generate(incs)
-    for name, text in out.items():
-        with open(os.path.join(gen.SRC, name)) as f:
-            assert f.read() == text, f"native/src/{name} is stale: run python -m kubecash.native.gen"
+    _assert_fresh("gen_surface.c", gen.gen_surface(incs))
+    _assert_fresh("gen_devattr.c", gen.gen_devattr(incs))
 
 
 def test_protocol_names_come_from_the_declaration():
@@ -201,6 +211,19 @@ def test_forked_child_opens_its_own_session(programs, quota_broker):
     log = quota_broker.log()
     for who in ("parent_pid", "child_pid"):
         assert f"opened (pid {v[who]})" in log, (who, log[-3000:])
+
+
+def test_threads_share_the_session(programs, quota_broker):
+    v, err = run(programs["driver_tour"], "threads", broker=quota_broker.address("alice"))
+    assert v["threads_failed"] == "0", err
+    assert sum(1 for k, x in v.items() if k.endswith("_same") and x == "1") == 4
+
+
+def test_an_idle_session_outlives_the_heartbeat_timeout(programs, quota_broker):
+    # the test broker's heartbeat_timeout_s is 1.5: only heartbeats keep the session past it
+    v, err = run(programs["driver_tour"], "idle", "4", broker=quota_broker.address("alice"))
+    assert v["after_idle_ok"] == "1", err
+    assert "ended" not in err, err
 
 
 def test_local_answers_need_no_broker(programs):

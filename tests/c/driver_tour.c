@@ -2,6 +2,7 @@
  * libcuda.so.1 (tests/test_native_driver.py). It prints key=value lines the test checks. */
 #include <cuda.h>
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,18 @@ static CUcontext open_ctx(void) {
     SAY("retain", "%d", cuDevicePrimaryCtxRetain(&ctx, dev));
     SAY("set_current", "%d", cuCtxSetCurrent(ctx));
     return ctx;
+}
+
+/* Each thread makes the primary context current (per thread, as in CUDA) and copies. */
+static CUcontext shared_ctx;
+static void *worker(void *arg) {
+    long i = (long)arg;
+    if (cuCtxSetCurrent(shared_ctx)) return (void *)1;
+    char label[32];
+    snprintf(label, sizeof label, "thread%ld", i);
+    int ok = 1;
+    for (int k = 0; k < 20; k++) ok &= roundtrip(1000 + (size_t)i * 977 + (size_t)k, label);
+    return (void *)(long)!ok;
 }
 
 static void *sym(const char *name) { return dlsym(RTLD_DEFAULT, name); }
@@ -83,6 +96,21 @@ int main(int argc, char **argv) {
         waitpid(pid, &status, 0);
         SAY("child_exit", "%d", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
         SAY("parent_after_ok", "%d", roundtrip(2000, "parent_after") && parent_ok);
+        return 0;
+    }
+    if (!strcmp(what, "threads")) {
+        shared_ctx = open_ctx();
+        pthread_t t[4];
+        for (long i = 0; i < 4; i++) pthread_create(&t[i], NULL, worker, (void *)i);
+        int bad = 0;
+        for (int i = 0; i < 4; i++) { void *r; pthread_join(t[i], &r); bad += r != NULL; }
+        SAY("threads_failed", "%d", bad);
+        return 0;
+    }
+    if (!strcmp(what, "idle")) {                 /* heartbeats keep an idle session open */
+        open_ctx();
+        sleep((unsigned)atoi(argc > 2 ? argv[2] : "3"));
+        SAY("after_idle_ok", "%d", roundtrip(3000, "idle"));
         return 0;
     }
     int n = 0;
