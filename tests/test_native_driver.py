@@ -61,7 +61,8 @@ def run(exe: str, *args: str, broker: str | None, timeout: float = RUN_TIMEOUT) 
     env["LD_LIBRARY_PATH"] = _libdir()
     if broker is not None:
         env["KUBECASH_BROKER"] = broker
-    r = subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([exe, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=timeout)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
     vals = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     return vals, r.stderr
@@ -201,6 +202,7 @@ def test_driver_tour(programs, quota_broker):
     assert (v["proc_unknown"], v["proc_unknown_status"]) == ("500", "1")    # SYMBOL_NOT_FOUND
     assert (v["proc_call"], v["proc_call_count"]) == ("0", "1")
     assert v["release"] == "0"
+    assert v["stdin_open"] == "1"
 
 
 def test_forked_child_opens_its_own_session(programs, quota_broker):
@@ -208,6 +210,7 @@ def test_forked_child_opens_its_own_session(programs, quota_broker):
     assert v["child_exit"] == "0", (v, err)
     assert v["child_count"] == "0" and v["child_devices"] == "1" and v["child_same"] == "1"
     assert v["parent_after_ok"] == "1"                           # the parent's session is untouched
+    assert v["stdin_open"] == "1"
     log = quota_broker.log()
     for who in ("parent_pid", "child_pid"):
         assert f"opened (pid {v[who]})" in log, (who, log[-3000:])

@@ -84,7 +84,7 @@ static void set_broken(CUresult code, const char *why) {
 
 /* What a child inherited from its parent's session: closed here, never used or announced. */
 static void drop_session(void) {
-    zmtp_close(&g.broker);
+    if (g.open) zmtp_close(&g.broker);   /* never opened: its fd field is not a descriptor of ours */
     for (int i = 0; i < g.ndev; i++) {
         struct kc_device *d = &g.dev[i];
         if (d->attached) zmtp_close(&d->exec);
@@ -99,7 +99,6 @@ static void drop_session(void) {
     g.ndev = 0;
     g.failed = 0;
     g.broken = 0;
-    g.pid = getpid();
 }
 
 static void put_envelope(struct kc_buf *b, uint64_t id, const char *op, uint32_t nfields, int session) {
@@ -390,7 +389,10 @@ bad:
 CUresult kc_lock(int open) {
     pthread_once(&g_once, install_atfork);
     pthread_mutex_lock(&g_lock);
-    if (g.pid != getpid()) drop_session();      /* a forked child (or the first call) */
+    if (g.pid != getpid()) {                    /* a forked child, or the first call */
+        if (g.pid) drop_session();
+        g.pid = getpid();
+    }
     if (!g.open) {
         if (!open && !g.wanted) { pthread_mutex_unlock(&g_lock); return CUDA_ERROR_NOT_INITIALIZED; }
         if (g.failed) { pthread_mutex_unlock(&g_lock); return g.failed; }

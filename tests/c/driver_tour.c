@@ -2,6 +2,7 @@
  * libcuda.so.1 (tests/test_native_driver.py). It prints key=value lines the test checks. */
 #include <cuda.h>
 #include <dlfcn.h>
+#include <sys/stat.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,6 +48,12 @@ static void *worker(void *arg) {
     return (void *)(long)!ok;
 }
 
+/* stdin is still the program's /dev/null: the library closed or took over no descriptor of ours */
+static int stdin_intact(void) {
+    struct stat st;
+    return fstat(0, &st) == 0 && S_ISCHR(st.st_mode);
+}
+
 static void *sym(const char *name) { return dlsym(RTLD_DEFAULT, name); }
 
 static int proc(const char *name, int version, cuuint64_t flags, const char *expect) {
@@ -90,12 +97,14 @@ int main(int argc, char **argv) {
             SAY("child_count", "%d", cuDeviceGetCount(&n));
             SAY("child_devices", "%d", n);
             open_ctx();
-            _exit(roundtrip(5000, "child") ? 0 : 3);
+            int ok = roundtrip(5000, "child") && stdin_intact();
+            _exit(ok ? 0 : 3);
         }
         int status = 0;
         waitpid(pid, &status, 0);
         SAY("child_exit", "%d", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
         SAY("parent_after_ok", "%d", roundtrip(2000, "parent_after") && parent_ok);
+        SAY("stdin_open", "%d", stdin_intact());
         return 0;
     }
     if (!strcmp(what, "threads")) {
@@ -188,5 +197,6 @@ int main(int argc, char **argv) {
     SAY("proc_call", "%d", count_fn ? count_fn(&n2) : -1);
     SAY("proc_call_count", "%d", n2);
     SAY("release", "%d", cuDevicePrimaryCtxRelease(0));
+    SAY("stdin_open", "%d", stdin_intact());
     return 0;
 }
