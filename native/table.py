@@ -29,6 +29,7 @@ DRIVER: dict[str, str] = {
     "cuDeviceComputeCapability": LOCAL,
     "cuDevicePrimaryCtxRetain": BROKER,   # open_device + attach, once per device
     "cuDevicePrimaryCtxRelease_v2": LOCAL,
+    "cuDevicePrimaryCtxRelease": LOCAL,   # the 7.0 name: the same prototype and meaning
     "cuCtxGetCurrent": LOCAL,
     "cuCtxSetCurrent": LOCAL,
     "cuCtxGetDevice": LOCAL,

@@ -240,7 +240,7 @@ KC_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
     return rc;
 }
 
-KC_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
+static CUresult primary_release(CUdevice dev) {
     CUresult rc = lock_device(dev);
     if (rc) return rc;
     if (primary[dev].refs > 0) primary[dev].refs--;
@@ -248,6 +248,9 @@ KC_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
     kc_unlock();
     return rc;
 }
+
+KC_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) { return primary_release(dev); }
+KC_EXPORT CUresult cuDevicePrimaryCtxRelease(CUdevice dev) { return primary_release(dev); }
 
 KC_EXPORT CUresult cuCtxGetCurrent(CUcontext *pctx) {
     if (!pctx) return CUDA_ERROR_INVALID_VALUE;
