@@ -229,6 +229,33 @@ def test_an_idle_session_outlives_the_heartbeat_timeout(programs, quota_broker):
     assert "ended" not in err, err
 
 
+def test_a_broker_gone_mid_session_is_an_error_not_a_hang(programs, kernel_cache):
+    from conftest import BrokerProcess
+    b = BrokerProcess({"alice": {"memory": QUOTA}}, kernel_cache)     # not the factory's: it is stopped here
+    try:
+        env = dict(os.environ, LD_LIBRARY_PATH=_libdir(), KUBECASH_BROKER=b.address("alice"))
+        p = subprocess.Popen([programs["driver_tour"], "idle", "6"], env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            seen = []
+            for line in p.stdout:                 # the session and context are open...
+                seen.append(line)
+                if line.startswith("set_current="):
+                    break
+            assert seen and seen[-1] == "set_current=0\n", seen
+            b.stop()                              # ...when the broker (and its executors) go
+            out, err = p.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    finally:
+        b.stop()
+    assert p.returncode == 0, err
+    assert "after_idle_ok=0" in out, out
+    assert "ended" in err or "lost the executor" in err, err
+
+
 def test_local_answers_need_no_broker(programs):
     v, _ = run(programs["driver_tour"], "version", broker="ipc:///nonexistent/broker.sock")
     assert v["driver_version_rc"] == "0" and int(v["driver_version"]) >= 13000

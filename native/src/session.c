@@ -156,6 +156,25 @@ static int on_event(const struct mp_val *m) {
     return 1;
 }
 
+/* The executor's connection broke: its context is gone for good (as a GPU context is after
+ * a fatal error). The broker says why in an executor_died event, which may come just after. */
+static CUresult executor_lost(int device, char *err, size_t errlen) {
+    const uint8_t *msg; size_t n;
+    char why[512];
+    snprintf(why, sizeof why, "%s", err);
+    for (int k = 0; k < 10 && !g.dev_failed[device]; k++)
+        if (zmtp_recv(&g.broker, &msg, &n, SLICE_MS, err, errlen) > 0) {
+            struct mp_val m;
+            if (mp_read(msg, msg + n, &m) == 0 && m.type == MP_MAP) on_event(&m);
+        }
+    if (!g.dev_failed[device]) {
+        g.dev_failed[device] = CUDA_ERROR_UNKNOWN;
+        kc_log("kubecash: lost the executor for %s: %s", g.dev[device].name, why);
+    }
+    snprintf(err, errlen, "the executor for %s ended (%s)", g.dev[device].name, why);
+    return g.dev_failed[device];
+}
+
 /* Send request `op` on `c` and wait for its reply, watching the broker socket for events.
  * timeout_ms < 0: as long as the session and the device's executor live. */
 static CUresult request(struct kc_conn *c, int device, const char *op, int session,
@@ -174,7 +193,10 @@ static CUresult request(struct kc_conn *c, int device, const char *op, int sessi
     for (;;) {
         const uint8_t *msg; size_t n;
         int r = zmtp_recv(c, &msg, &n, SLICE_MS, err, errlen);
-        if (r < 0) return CUDA_ERROR_UNKNOWN;
+        if (r < 0) {
+            if (device >= 0 && c != &g.broker) return executor_lost(device, err, errlen);
+            return CUDA_ERROR_UNKNOWN;
+        }
         if (r > 0) {
             struct mp_val m;
             int64_t rid;
