@@ -256,6 +256,13 @@ def test_a_broker_gone_mid_session_is_an_error_not_a_hang(programs, kernel_cache
     assert "ended" in err or "lost the executor" in err, err
 
 
+def test_no_signal_handlers_and_no_signals_for_our_thread(programs, quota_broker):
+    v, err = run(programs["driver_tour"], "signals", broker=quota_broker.address("alice"))
+    assert v["handlers_unchanged"] == "1"
+    assert int(v["library_threads"]) >= 1              # the heartbeat thread is running...
+    assert v["library_threads_block_signals"] == "1"   # ...with every signal blocked
+
+
 def test_local_answers_need_no_broker(programs):
     v, _ = run(programs["driver_tour"], "version", broker="ipc:///nonexistent/broker.sock")
     assert v["driver_version_rc"] == "0" and int(v["driver_version"]) >= 13000

@@ -1,9 +1,11 @@
 /* A plain CUDA driver-API program, compiled against NVIDIA's cuda.h and linked to KubeCASH's
  * libcuda.so.1 (tests/test_native_driver.py). It prints key=value lines the test checks. */
 #include <cuda.h>
+#include <dirent.h>
 #include <dlfcn.h>
 #include <sys/stat.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +56,20 @@ static int stdin_intact(void) {
     return fstat(0, &st) == 0 && S_ISCHR(st.st_mode);
 }
 
+/* The hex mask of a /proc status line ("SigCgt:", "SigBlk:") of task `tid` (0: the process). */
+static unsigned long long proc_mask(int tid, const char *key) {
+    char path[64], line[256];
+    unsigned long long v = ~0ULL;
+    if (tid) snprintf(path, sizeof path, "/proc/self/task/%d/status", tid);
+    else snprintf(path, sizeof path, "/proc/self/status");
+    FILE *f = fopen(path, "r");
+    if (!f) return v;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, key, strlen(key))) v = strtoull(line + strlen(key), NULL, 16);
+    fclose(f);
+    return v;
+}
+
 static void *sym(const char *name) { return dlsym(RTLD_DEFAULT, name); }
 
 static int proc(const char *name, int version, cuuint64_t flags, const char *expect) {
@@ -81,6 +97,7 @@ int main(int argc, char **argv) {
         SAY("count_before_init", "%d", cuDeviceGetCount(&n));
         return 0;
     }
+    unsigned long long caught_before = proc_mask(0, "SigCgt:");
     CUresult init = cuInit(0);
     SAY("init", "%d", init);
     if (!strcmp(what, "init")) return 0;
@@ -105,6 +122,28 @@ int main(int argc, char **argv) {
         SAY("child_exit", "%d", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
         SAY("parent_after_ok", "%d", roundtrip(2000, "parent_after") && parent_ok);
         SAY("stdin_open", "%d", stdin_intact());
+        return 0;
+    }
+    if (!strcmp(what, "signals")) {              /* no handlers of ours; our thread takes none */
+        open_ctx();
+        /* glibc's own (signals 32 and 33, below SIGRTMIN) appear with the first thread: not ours */
+        unsigned long long libc = 0;
+        for (int s = 32; s < SIGRTMIN; s++) libc |= 1ULL << (s - 1);
+        SAY("handlers_unchanged", "%d", (proc_mask(0, "SigCgt:") & ~libc) == (caught_before & ~libc));
+        int others = 0, all_blocked = 1;
+        unsigned long long want = 0;
+        int sigs[] = {SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGALRM, SIGCHLD, SIGPIPE, SIGHUP, SIGQUIT};
+        for (unsigned i = 0; i < sizeof sigs / sizeof *sigs; i++) want |= 1ULL << (sigs[i] - 1);
+        DIR *tasks = opendir("/proc/self/task");
+        for (struct dirent *e; tasks && (e = readdir(tasks));) {
+            int tid = atoi(e->d_name);
+            if (tid <= 0 || tid == getpid()) continue;        /* the main thread is the program's */
+            others++;
+            if ((proc_mask(tid, "SigBlk:") & want) != want) all_blocked = 0;
+        }
+        if (tasks) closedir(tasks);
+        SAY("library_threads", "%d", others);
+        SAY("library_threads_block_signals", "%d", all_blocked);
         return 0;
     }
     if (!strcmp(what, "threads")) {
