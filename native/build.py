@@ -24,10 +24,11 @@ LIBRARIES = {
 }
 # Hidden by default: only what KC_EXPORT marks (the CUDA and NVML names) is exported, so the
 # libraries' helpers never collide with a program's symbols. -z defs: a table entry without
-# a C definition fails the link instead of the first call.
+# a C definition fails the link instead of the first call. -z nodelete: dlclose leaves the
+# libraries loaded, since the heartbeat thread runs their code until the process ends.
 CFLAGS = ("-std=gnu11", "-O2", "-g", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra",
           "-Wno-unused-parameter", "-pthread")
-LDFLAGS = ("-shared", "-Wl,-z,defs", "-Wl,--as-needed", "-pthread")
+LDFLAGS = ("-shared", "-Wl,-z,defs", "-Wl,-z,nodelete", "-Wl,--as-needed", "-pthread")
 
 
 def compiler() -> list[str]:

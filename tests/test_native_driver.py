@@ -83,6 +83,7 @@ def test_libraries_are_self_contained():
         needed = {line.split("[")[1].rstrip("]") for line in dyn.splitlines() if "(NEEDED)" in line}
         assert needed and needed <= allowed, f"{name} needs {needed - allowed}"
         assert f"Library soname: [{name}]" in dyn
+        assert "NODELETE" in dyn                     # dlclose must not unmap a running thread's code
         syms = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True,
                               check=True).stdout.split("\n")
         names = {s.split()[-1] for s in syms if s.strip()}
@@ -340,3 +341,10 @@ def test_nvml_tour(programs, quota_broker):
     assert v["uuid_1"] == v["uuid_2"] == "3"                     # NVML_ERROR_NOT_SUPPORTED
     assert err.count("kubecash: nvmlDeviceGetUUID is not supported") == 1, err
     assert v["err_string"] == "Not Supported" and v["shutdown"] == "0"
+
+
+def test_nvml_without_a_broker_is_driver_not_loaded(programs):
+    v, err = run(programs["nvml_tour"], broker="ipc:///nonexistent/broker.sock")
+    assert v["init"] == "9"                                      # NVML_ERROR_DRIVER_NOT_LOADED
+    assert v["count_rc"] == "1"                                  # still uninitialised
+    assert "ipc:///nonexistent/broker.sock" in err, err
