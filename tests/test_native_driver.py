@@ -348,3 +348,39 @@ def test_nvml_without_a_broker_is_driver_not_loaded(programs):
     assert v["init"] == "9"                                      # NVML_ERROR_DRIVER_NOT_LOADED
     assert v["count_rc"] == "1"                                  # still uninitialised
     assert "ipc:///nonexistent/broker.sock" in err, err
+
+
+_CUDA_PYTHON = r"""
+import numpy as np
+from cuda.bindings import driver as d
+ok = d.CUresult.CUDA_SUCCESS
+assert d.cuInit(0) == (ok,)
+assert d.cuDeviceGetCount() == (ok, 1)
+err, dev = d.cuDeviceGet(0)
+assert d.cuDeviceTotalMem(dev) == (ok, QUOTA)
+err, ctx = d.cuDevicePrimaryCtxRetain(dev)
+assert err == ok and d.cuCtxSetCurrent(ctx) == (ok,)
+err, p = d.cuMemAlloc(1 << 20)
+assert err == ok
+a = np.arange(1000, dtype=np.float32)
+b = np.zeros_like(a)
+assert d.cuMemcpyHtoD(p, a.ctypes.data, a.nbytes) == (ok,)
+assert d.cuMemcpyDtoH(b.ctypes.data, p, a.nbytes) == (ok,)
+assert (a == b).all()
+assert d.cuMemAlloc(QUOTA)[0] == d.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+assert d.cuStreamCreate(0)[0] == d.CUresult.CUDA_ERROR_NOT_SUPPORTED
+assert d.cuMemFree(p) == (ok,)
+print("done")
+"""
+
+
+def test_cuda_python_bindings_run_on_the_native_driver(quota_broker):
+    """cuda-python's compiled bindings dlopen libcuda.so.1 and resolve every call through
+    cuGetProcAddress: with the Python shim off, they reach the broker through this library."""
+    pytest.importorskip("cuda.bindings.driver")
+    env = dict(os.environ, KUBECASH_BROKER=quota_broker.address("alice"), LD_LIBRARY_PATH=_libdir(),
+               KUBECASH_SHIM="0")
+    r = subprocess.run([sys.executable, "-c", f"QUOTA = {QUOTA}\n" + _CUDA_PYTHON], env=env,
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-3000:]
+    assert r.stderr.count("kubecash: cuStreamCreate is not supported") == 1, r.stderr
