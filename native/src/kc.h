@@ -8,7 +8,6 @@
 #include <sys/types.h>
 
 #define KC_EXPORT __attribute__((visibility("default")))
-#define KC_HIDDEN __attribute__((visibility("hidden")))
 
 typedef int CUresult;
 enum {

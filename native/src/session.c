@@ -106,6 +106,7 @@ static void put_envelope(struct kc_buf *b, uint64_t id, const char *op, uint32_t
     mp_str(b, KCP_ENV_V); mp_uint(b, KCP_VERSION);
     mp_str(b, KCP_ENV_ID); mp_uint(b, id);
     mp_str(b, KCP_ENV_OP); mp_str(b, op);
+    /* every request after hello carries the token under the same name (heartbeat's stands for all) */
     if (session) { mp_str(b, KCP_TENANT_HEARTBEAT_SESSION); mp_bin(b, g.token, g.token_len); }
 }
 
@@ -386,7 +387,7 @@ static CUresult open_session(char *err, size_t errlen) {
         if (str_field(&d, "name", x->name, sizeof x->name) || int_field(&d, "memory_limit", &lim) || lim < 0)
             continue;
         str_field(&d, "kind", x->kind, sizeof x->kind);
-        if (str_field(&d, "model", x->model_prop, sizeof x->model_prop)) snprintf(x->model_prop, sizeof x->model_prop, "%s", "");
+        if (str_field(&d, "model", x->model_prop, sizeof x->model_prop)) x->model_prop[0] = 0;
         snprintf(x->model, sizeof x->model, "%s", x->model_prop[0] ? x->model_prop : x->name);
         x->memory_limit = (uint64_t)lim;
         const uint8_t *ds = d.start;
