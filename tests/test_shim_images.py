@@ -108,7 +108,7 @@ def test_built_wheel_carries_the_injection_hook(tmp_path):
     """A regular (non-editable) install gets kubecash_shim.pth at the top of site-packages."""
     src = tmp_path / "src"             # build from a copy: no build/ left in the work tree
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-    for d in ("kubecash", "broker", "client", "shim"):
+    for d in ("kubecash", "broker", "client", "shim", "native"):     # native: the backend builds its libraries
         shutil.copytree(os.path.join(ROOT, d), src / d, ignore=ignore)
     for f in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(ROOT, f), src / f)
@@ -123,11 +123,12 @@ def test_built_wheel_carries_the_injection_hook(tmp_path):
         # every module and header of the tree is in the wheel (subpackages listed in pyproject)
         shipped = set(z.namelist())
         for d, pkg in (("kubecash", "kubecash"), ("broker", "kubecash/broker"), ("client", "kubecash/client"),
-                       ("shim", "kubecash/shim")):
+                       ("shim", "kubecash/shim"), ("native", "kubecash/native")):
             for path in glob.glob(os.path.join(ROOT, d, "**", "*.[ph]*"), recursive=True):
                 rel = os.path.relpath(path, os.path.join(ROOT, d))
                 if path.endswith((".py", ".h")) and not rel.startswith("_build"):
                     assert f"{pkg}/{rel}" in shipped, f"the wheel lacks {pkg}/{rel}"
+        assert {"kubecash/native/lib/libcuda.so.1", "kubecash/native/lib/libnvidia-ml.so.1"} <= shipped
         record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
         lines = z.read(record).decode().splitlines()
         z.extractall(tmp_path / "site")

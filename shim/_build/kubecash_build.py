@@ -4,11 +4,15 @@ The .pth file is what makes `KUBECASH_BROKER=... python program.py` brokered wit
 to the program: site-packages .pth lines run at interpreter start. setuptools has no way to
 place a file at the top of site-packages for both regular and editable (PEP 660) installs,
 so the built wheel gets it added here, with its RECORD line.
+
+It also compiles KubeCASH's libcuda.so.1 and libnvidia-ml.so.1 (native/build.py) into
+native/lib before setuptools collects the package, so wheels and editable installs have them.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import os
 import warnings
 import zipfile
@@ -51,13 +55,24 @@ def _add_pth(wheel_path: str) -> None:
     os.replace(tmp, wheel_path)
 
 
+def _build_native() -> None:
+    """native/build.py, loaded by path: nothing of the package is importable yet."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "native", "build.py")
+    spec = importlib.util.spec_from_file_location("_kubecash_native_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.build()
+
+
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    _build_native()
     name = _orig.build_wheel(wheel_directory, config_settings, metadata_directory)
     _add_pth(os.path.join(wheel_directory, name))
     return name
 
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    _build_native()       # in place: the editable install imports kubecash.native from native/
     name = _orig.build_editable(wheel_directory, config_settings, metadata_directory)
     _add_pth(os.path.join(wheel_directory, name))
     return name

@@ -1,0 +1,395 @@
+/* The driver API entry points native/table.py marks "broker" or "local", with their real
+ * prototypes (written with plain C types: the build needs no cuda.h). Everything else is a
+ * generated NOT_SUPPORTED stub (gen_surface.c). */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gen_protocol.h"
+#include "kc.h"
+
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef struct kc_ctx *CUcontext;
+typedef struct { char bytes[16]; } CUuuid;
+
+#define GET_PROC_LEGACY_STREAM 1
+#define GET_PROC_PER_THREAD_STREAM 2
+enum { PROC_SUCCESS = 0, PROC_SYMBOL_NOT_FOUND = 1, PROC_VERSION_NOT_SUFFICIENT = 2 };
+
+/* One primary context per device; the handle a program sees is its address. */
+struct kc_ctx { int device; int refs; };
+static struct kc_ctx primary[KC_MAX_DEVICES];
+/* The calling thread's current context: a pthread key rather than __thread, whose dynamic
+ * TLS model would make the library need ld-linux (__tls_get_addr) besides libc. */
+static pthread_key_t current_key;
+static pthread_once_t current_once = PTHREAD_ONCE_INIT;
+static void make_key(void) { pthread_key_create(&current_key, NULL); }
+static struct kc_ctx *get_current(void) {
+    pthread_once(&current_once, make_key);
+    return pthread_getspecific(current_key);
+}
+static void set_current(struct kc_ctx *c) {
+    pthread_once(&current_once, make_key);
+    pthread_setspecific(current_key, c);
+}
+
+static int is_ctx(const struct kc_ctx *c) { return c >= primary && c < primary + KC_MAX_DEVICES; }
+
+/* The lock on an open session plus a valid device; unlocked again on failure. */
+static CUresult lock_device(CUdevice dev) {
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    if (!kc_device(dev)) { kc_unlock(); return CUDA_ERROR_INVALID_DEVICE; }
+    return CUDA_SUCCESS;
+}
+
+/* The lock plus the calling thread's current context's device (*dev). */
+static CUresult lock_current(int *dev) {
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct kc_ctx *c = get_current();
+    if (!c || !kc_device(c->device)) { kc_unlock(); return CUDA_ERROR_INVALID_CONTEXT; }
+    *dev = c->device;
+    return CUDA_SUCCESS;
+}
+
+/* ---- initialisation, version, errors ---- */
+KC_EXPORT CUresult cuInit(unsigned int flags) {
+    if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = kc_lock(1);
+    if (rc) return rc;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuDriverGetVersion(int *version) {
+    if (!version) return CUDA_ERROR_INVALID_VALUE;
+    *version = kc_driver_version;
+    return CUDA_SUCCESS;
+}
+
+static const struct kc_errname *errname(CUresult code) {
+    for (int i = 0; i < kc_nerrnames; i++)
+        if (kc_errnames[i].code == code) return &kc_errnames[i];
+    return NULL;
+}
+
+KC_EXPORT CUresult cuGetErrorName(CUresult error, const char **str) {
+    if (!str) return CUDA_ERROR_INVALID_VALUE;
+    const struct kc_errname *e = errname(error);
+    *str = e ? e->name : NULL;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+KC_EXPORT CUresult cuGetErrorString(CUresult error, const char **str) {
+    if (!str) return CUDA_ERROR_INVALID_VALUE;
+    const struct kc_errname *e = errname(error);
+    *str = e ? e->text : NULL;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+/* ---- cuGetProcAddress: the generated (name, version, flavour) table ---- */
+static CUresult get_proc(const char *symbol, void **pfn, int version, unsigned long long flags, int *status) {
+    if (!symbol || !pfn || flags > (GET_PROC_LEGACY_STREAM | GET_PROC_PER_THREAD_STREAM)) {
+        if (pfn) *pfn = NULL;
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    /* The default (0) is the legacy default stream: a driver cannot know how the program was
+     * compiled; cudart built for per-thread streams asks with the flag. */
+    int per_thread = (flags & GET_PROC_PER_THREAD_STREAM) != 0;
+    const struct kc_proc *plain = NULL, *pt = NULL;
+    int known = 0;
+    for (int i = 0; i < kc_nprocs; i++) {
+        const struct kc_proc *p = &kc_procs[i];
+        if (strcmp(p->name, symbol) != 0) continue;
+        known = 1;
+        if (p->version > version) continue;
+        const struct kc_proc **best = p->per_thread ? &pt : &plain;
+        if (!*best || (*best)->version < p->version) *best = p;
+    }
+    const struct kc_proc *hit = per_thread && pt ? pt : plain;
+    *pfn = hit ? hit->fn : NULL;
+    if (status) *status = hit ? PROC_SUCCESS : known ? PROC_VERSION_NOT_SUFFICIENT : PROC_SYMBOL_NOT_FOUND;
+    return hit ? CUDA_SUCCESS : CUDA_ERROR_NOT_FOUND;
+}
+
+KC_EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int cudaVersion, unsigned long long flags) {
+    return get_proc(symbol, pfn, cudaVersion, flags, NULL);
+}
+
+KC_EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion, unsigned long long flags,
+                                       int *symbolStatus) {
+    return get_proc(symbol, pfn, cudaVersion, flags, symbolStatus);
+}
+
+/* ---- devices: answered from the hello reply's device descriptions ---- */
+KC_EXPORT CUresult cuDeviceGetCount(int *count) {
+    if (!count) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    *count = kc_device_count();
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuDeviceGet(CUdevice *device, int ordinal) {
+    if (!device) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(ordinal);
+    if (rc) return rc;
+    *device = ordinal;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuDeviceGetName(char *name, int len, CUdevice dev) {
+    if (!name || len <= 0) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    const char *m = kc_device(dev)->model;
+    size_t n = strlen(m) < (size_t)len - 1 ? strlen(m) : (size_t)len - 1;
+    memcpy(name, m, n);
+    name[n] = 0;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+static CUresult get_uuid(CUuuid *uuid, CUdevice dev) {
+    if (!uuid) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    memcpy(uuid->bytes, kc_device(dev)->uuid, 16);
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice dev) { return get_uuid(uuid, dev); }
+KC_EXPORT CUresult cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev) { return get_uuid(uuid, dev); }
+
+KC_EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
+    if (!bytes) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    *bytes = (size_t)kc_device(dev)->memory_limit;          /* the tenant's quota, not the card */
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+/* One integer of the device description: key, or element `index` of the list at key. */
+static int desc_int(const struct kc_device *d, const char *key, int index, long long *out) {
+    struct mp_val m, v, e;
+    int64_t i;
+    if (mp_read(d->desc, d->desc + d->desc_len, &m) || mp_find(&m, key, &v) != 1) return -1;
+    if (index >= 0) {
+        if (mp_index(&v, (uint32_t)index, &e) != 1) return -1;
+        v = e;
+    }
+    if (mp_as_int(&v, &i)) return -1;
+    *out = i;
+    return 0;
+}
+
+KC_EXPORT CUresult cuDeviceGetAttribute(int *pi, int attrib, CUdevice dev) {
+    if (!pi) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    const struct kc_device *d = kc_device(dev);
+    rc = CUDA_ERROR_NOT_SUPPORTED;      /* what shim/devattr.py answers for an attribute it cannot */
+    for (int i = 0; i < kc_nattrs; i++) {
+        const struct kc_attr *a = &kc_attrs[i];
+        if (a->attr != attrib) continue;
+        long long v = a->value;
+        if (a->kind == KC_ATTR_PROP && desc_int(d, a->key, a->index, &v)) break;
+        if (a->kind == KC_ATTR_CPU && strcmp(d->kind, "cpu") != 0) break;
+        *pi = (int)v;
+        rc = CUDA_SUCCESS;
+        break;
+    }
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuDeviceComputeCapability(int *major, int *minor, CUdevice dev) {
+    if (!major || !minor) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    long long ma, mi;
+    const struct kc_device *d = kc_device(dev);
+    if (desc_int(d, "compute_capability", 0, &ma) || desc_int(d, "compute_capability", 1, &mi)) {
+        rc = CUDA_ERROR_NOT_SUPPORTED;
+    } else {
+        *major = (int)ma;
+        *minor = (int)mi;
+    }
+    kc_unlock();
+    return rc;
+}
+
+/* ---- contexts: the primary context of each device; retaining one attaches its executor ---- */
+KC_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
+    if (!pctx) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    rc = kc_device_attach(dev);
+    if (!rc) {
+        primary[dev].device = dev;
+        primary[dev].refs++;
+        *pctx = &primary[dev];
+    }
+    kc_unlock();
+    return rc;
+}
+
+static CUresult primary_release(CUdevice dev) {
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    if (primary[dev].refs > 0) primary[dev].refs--;
+    else rc = CUDA_ERROR_INVALID_CONTEXT;
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) { return primary_release(dev); }
+KC_EXPORT CUresult cuDevicePrimaryCtxRelease(CUdevice dev) { return primary_release(dev); }
+
+KC_EXPORT CUresult cuCtxGetCurrent(CUcontext *pctx) {
+    if (!pctx) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    kc_unlock();
+    *pctx = get_current();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) {
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    if (ctx && (!is_ctx(ctx) || !kc_device(ctx->device))) rc = CUDA_ERROR_INVALID_CONTEXT;
+    else set_current(ctx);
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuCtxGetDevice(CUdevice *device) {
+    if (!device) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_current(&dev);
+    if (rc) return rc;
+    *device = dev;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuCtxSynchronize(void) {
+    int dev;
+    CUresult rc = lock_current(&dev);
+    if (rc) return rc;
+    struct mp_val r;
+    rc = kc_exec_request(dev, KCP_EXECUTOR_CTX_SYNC, NULL, 0, &r);
+    kc_unlock();
+    return rc;
+}
+
+/* ---- memory ---- */
+static int uint_of(const struct mp_val *m, const char *key, uint64_t *out) {
+    struct mp_val v;
+    if (mp_find(m, key, &v) != 1 || v.type != MP_UINT) return -1;
+    *out = v.v.u;
+    return 0;
+}
+
+KC_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
+    if (!dptr || bytesize == 0) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_current(&dev);
+    if (rc) return rc;
+    struct kc_buf b = {0};
+    mp_str(&b, KCP_EXECUTOR_MEM_ALLOC_SIZE); mp_uint(&b, bytesize);
+    struct mp_val r;
+    uint64_t p;
+    rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_ALLOC, &b, 1, &r);      /* over quota: the executor's OOM */
+    if (!rc) rc = uint_of(&r, KCP_EXECUTOR_MEM_ALLOC_R_PTR, &p) ? CUDA_ERROR_UNKNOWN : CUDA_SUCCESS;
+    if (!rc) *dptr = p;
+    mp_free(&b);
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
+    if (dptr == 0) return CUDA_SUCCESS;            /* as the driver: freeing NULL is a no-op */
+    int dev;
+    CUresult rc = lock_current(&dev);
+    if (rc) return rc;
+    struct kc_buf b = {0};
+    mp_str(&b, KCP_EXECUTOR_MEM_FREE_PTR); mp_uint(&b, dptr);
+    struct mp_val r;
+    rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_FREE, &b, 1, &r);
+    mp_free(&b);
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
+    if (!free_bytes || !total) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_current(&dev);
+    if (rc) return rc;
+    struct mp_val r;
+    uint64_t f, t;
+    rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_INFO, NULL, 0, &r);
+    if (!rc && (uint_of(&r, KCP_EXECUTOR_MEM_INFO_R_FREE, &f) || uint_of(&r, KCP_EXECUTOR_MEM_INFO_R_TOTAL, &t)))
+        rc = CUDA_ERROR_UNKNOWN;
+    if (!rc) { *free_bytes = (size_t)f; *total = (size_t)t; }
+    kc_unlock();
+    return rc;
+}
+
+/* Copies, as client/device.py's write/read: inline pieces of KCP_INLINE_MAX, or through the
+ * staging segment when the executor gave one (one chunk at a time, staging-sized). One
+ * function for both directions: to_device says which. */
+static CUresult copy(int to_device, CUdeviceptr dptr, void *host, size_t n) {
+    if (n && !host) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_current(&dev);
+    if (rc) return rc;
+    rc = kc_device_attach(dev);
+    struct kc_device *d = kc_device(dev);
+    int staged = n > KCP_INLINE_MAX && d->staging;
+    size_t piece = staged ? d->staging_size : KCP_INLINE_MAX;
+    for (size_t off = 0; !rc && off < n; off += piece) {
+        size_t m = n - off < piece ? n - off : piece;
+        char *h = (char *)host + off;
+        struct kc_buf b = {0};
+        mp_str(&b, to_device ? KCP_EXECUTOR_MEMCPY_HTOD_DST : KCP_EXECUTOR_MEMCPY_DTOH_SRC);
+        mp_uint(&b, dptr + off);
+        mp_str(&b, to_device ? KCP_EXECUTOR_MEMCPY_HTOD_SIZE : KCP_EXECUTOR_MEMCPY_DTOH_SIZE);
+        mp_uint(&b, m);
+        if (staged) {
+            if (to_device) memcpy(d->staging, h, m);
+            mp_str(&b, to_device ? KCP_EXECUTOR_MEMCPY_HTOD_OFFSET : KCP_EXECUTOR_MEMCPY_DTOH_OFFSET);
+            mp_uint(&b, 0);
+        } else if (to_device) {
+            mp_str(&b, KCP_EXECUTOR_MEMCPY_HTOD_DATA);
+            mp_bin(&b, h, m);
+        }
+        struct mp_val r, data;
+        uint32_t nfields = 2 + (staged || to_device);
+        rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY
+                   : kc_exec_request(dev, to_device ? KCP_EXECUTOR_MEMCPY_HTOD : KCP_EXECUTOR_MEMCPY_DTOH,
+                                     &b, nfields, &r);
+        mp_free(&b);
+        if (rc || to_device) continue;
+        if (staged) memcpy(h, d->staging, m);
+        else if (mp_find(&r, KCP_EXECUTOR_MEMCPY_DTOH_R_DATA, &data) == 1 && data.type == MP_BIN && data.len == m)
+            memcpy(h, data.data, m);
+        else rc = CUDA_ERROR_UNKNOWN;          /* a reply without the bytes asked for */
+    }
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+    return copy(1, dst, (void *)src, n);
+}
+
+KC_EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) { return copy(0, src, dst, n); }

@@ -1,0 +1,116 @@
+/* KubeCASH's libcuda.so.1 / libnvidia-ml.so.1: what the C files share.
+ * Self-contained on purpose (no cuda.h): the build needs no CUDA headers. */
+#ifndef KC_H
+#define KC_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define KC_EXPORT __attribute__((visibility("default")))
+
+typedef int CUresult;
+enum {
+    CUDA_SUCCESS = 0, CUDA_ERROR_INVALID_VALUE = 1, CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_NOT_INITIALIZED = 3, CUDA_ERROR_NO_DEVICE = 100, CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_CONTEXT = 201, CUDA_ERROR_NOT_FOUND = 500, CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_UNKNOWN = 999,
+};
+
+/* ---- logging (session.c) ---- */
+void kc_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Log "kubecash: <name> is not supported" the first time *once is seen clear. */
+void kc_unsupported_once(const char *name, int *once);
+
+/* Stubs for the entry points the table leaves NOT_SUPPORTED (gen_surface.c, gen_nvml.c). */
+#define KC_STUB(name) \
+    KC_EXPORT CUresult name(void) { static int once; kc_unsupported_once(#name, &once); \
+                                    return CUDA_ERROR_NOT_SUPPORTED; }
+#define KC_NVML_STUB(name) \
+    KC_EXPORT int name(void) { static int once; kc_unsupported_once(#name, &once); \
+                               return 3; /* NVML_ERROR_NOT_SUPPORTED */ }
+
+/* ---- generated tables ---- */
+struct kc_proc { const char *name; int version; int per_thread; void *fn; };
+extern const struct kc_proc kc_procs[];
+extern const int kc_nprocs;
+struct kc_errname { int code; const char *name; const char *text; };
+extern const struct kc_errname kc_errnames[];
+extern const int kc_nerrnames;
+extern const int kc_driver_version;
+enum kc_attr_kind { KC_ATTR_PROP, KC_ATTR_CONST, KC_ATTR_CPU };
+struct kc_attr { int attr; enum kc_attr_kind kind; const char *key; int index; long long value; };
+extern const struct kc_attr kc_attrs[];
+extern const int kc_nattrs;
+
+/* ---- MessagePack (mpack.c): an encoder into a growing buffer, a bounds-checked reader ---- */
+struct kc_buf { uint8_t *p; size_t n, cap; int oom; };
+void mp_free(struct kc_buf *b);
+void mp_raw(struct kc_buf *b, const void *p, size_t n);   /* already-encoded bytes */
+void mp_map(struct kc_buf *b, uint32_t n);
+void mp_array(struct kc_buf *b, uint32_t n);
+void mp_str(struct kc_buf *b, const char *s);
+void mp_bin(struct kc_buf *b, const void *p, size_t n);
+void mp_uint(struct kc_buf *b, uint64_t v);
+void mp_int(struct kc_buf *b, int64_t v);
+void mp_bool(struct kc_buf *b, int v);
+
+enum mp_type { MP_NIL, MP_BOOL, MP_INT, MP_UINT, MP_FLOAT, MP_STR, MP_BIN, MP_ARRAY, MP_MAP, MP_EXT };
+/* One decoded value: scalars in place, str/bin point into the message, array/map give their
+ * count and `next` points at their first element. */
+struct mp_val {
+    enum mp_type type;
+    union { int b; int64_t i; uint64_t u; double f; } v;
+    const uint8_t *data; uint32_t len;     /* str/bin bytes; array/map element count */
+    const uint8_t *next;                   /* just past the header (for containers) or the value */
+    const uint8_t *start;                  /* where the value's encoding begins */
+    const uint8_t *end;                    /* the end of the whole buffer */
+};
+int mp_read(const uint8_t *p, const uint8_t *end, struct mp_val *out);   /* 0 ok, -1 malformed */
+int mp_skip(const uint8_t *p, const uint8_t *end, const uint8_t **after); /* past one value */
+/* In map `m` (a MP_MAP value), find `key`: 1 found (*out), 0 absent, -1 malformed. */
+int mp_find(const struct mp_val *m, const char *key, struct mp_val *out);
+/* Element i of array `a` (MP_ARRAY). 1 found, 0 out of range, -1 malformed. */
+int mp_index(const struct mp_val *a, uint32_t i, struct mp_val *out);
+int mp_as_int(const struct mp_val *v, int64_t *out);    /* an integer that fits: 0, else -1 */
+int mp_as_double(const struct mp_val *v, double *out);
+
+/* ---- ZMTP 3.1 DEALER over a Unix socket (zmtp.c) ---- */
+struct kc_conn { int fd; uint8_t *rbuf; size_t rlen, rcap, rdone; };
+/* Connect to ipc:// `address` and handshake within timeout_ms; on failure write why to err. */
+int zmtp_connect(struct kc_conn *c, const char *address, int timeout_ms, char *err, size_t errlen);
+int zmtp_send(struct kc_conn *c, const uint8_t *p, size_t n, char *err, size_t errlen);
+/* Receive one message into *msg (owned by the connection until the next call): 1 got one,
+ * 0 timed out, -1 failed (err says why). Commands (PING) are answered in passing. */
+int zmtp_recv(struct kc_conn *c, const uint8_t **msg, size_t *n, int timeout_ms, char *err, size_t errlen);
+void zmtp_close(struct kc_conn *c);     /* also right in a forked child: closes its copy only */
+
+/* ---- the session with the broker (session.c) ---- */
+#define KC_MAX_DEVICES 16
+struct kc_device {
+    char name[65], kind[16], model[256], model_prop[256];   /* model: model_prop or the name */
+    uint64_t memory_limit;
+    uint8_t uuid[16];
+    uint8_t *desc; size_t desc_len;      /* the device's description map from hello, as sent */
+    /* the executor for it, once attached (kc_device_attach) */
+    int attached;
+    struct kc_conn exec;
+    uint8_t *staging; size_t staging_size;
+};
+/* Lock the session (opening it if this process has none yet; `open` 0: only if open).
+ * On success the caller holds the session lock and must kc_unlock(). */
+CUresult kc_lock(int open);
+void kc_unlock(void);
+int kc_device_count(void);
+struct kc_device *kc_device(int i);
+CUresult kc_device_attach(int i);                         /* lock held */
+/* One executor request for device i (lock held): fields are the map's entries after the
+ * envelope and session (nfields of them, already encoded in `body`). The reply is decoded
+ * into *reply (valid until the next request). */
+CUresult kc_exec_request(int i, const char *op, const struct kc_buf *body, uint32_t nfields,
+                         struct mp_val *reply);
+CUresult kc_broker_request(const char *op, const struct kc_buf *body, uint32_t nfields,
+                           struct mp_val *reply, int timeout_ms);
+const char *kc_address(void);
+void kc_sha256(const void *data, size_t n, uint8_t out[32]);   /* sha256.c */
+#endif

@@ -1,0 +1,80 @@
+"""What libcuda.so.1 does with each driver API entry point: one entry per exported symbol.
+
+"broker": forwarded to the broker or the tenant's executor (native/src/cuda_api.c);
+"local": answered inside the library, no message sent (native/src/cuda_api.c).
+Every other symbol the CUDA headers declare is generated as a stub that returns
+CUDA_ERROR_NOT_SUPPORTED and logs its name once (native/gen.py writes the stubs).
+The role shim/table.py plays for the Python shim: native/gen.py refuses a name here that the
+headers do not declare, and the library's link fails for a name here with no C definition
+(-z defs) or one defined in C but missing here (a duplicate of its stub).
+"""
+from __future__ import annotations
+
+BROKER, LOCAL = "broker", "local"
+
+DRIVER: dict[str, str] = {
+    "cuInit": BROKER,                     # opens the session (hello)
+    "cuDriverGetVersion": LOCAL,
+    "cuGetErrorName": LOCAL,
+    "cuGetErrorString": LOCAL,
+    "cuGetProcAddress": LOCAL,
+    "cuGetProcAddress_v2": LOCAL,
+    "cuDeviceGetCount": LOCAL,            # from the hello reply's device list
+    "cuDeviceGet": LOCAL,
+    "cuDeviceGetName": LOCAL,
+    "cuDeviceGetUuid": LOCAL,
+    "cuDeviceGetUuid_v2": LOCAL,
+    "cuDeviceTotalMem_v2": LOCAL,         # the tenant's memory quota
+    "cuDeviceGetAttribute": LOCAL,        # from the device description (shim/devattr.py's table)
+    "cuDeviceComputeCapability": LOCAL,
+    "cuDevicePrimaryCtxRetain": BROKER,   # open_device + attach, once per device
+    "cuDevicePrimaryCtxRelease_v2": LOCAL,
+    "cuDevicePrimaryCtxRelease": LOCAL,   # the 7.0 name: the same prototype and meaning
+    "cuCtxGetCurrent": LOCAL,
+    "cuCtxSetCurrent": LOCAL,
+    "cuCtxGetDevice": LOCAL,
+    "cuCtxSynchronize": BROKER,           # ctx_sync
+    "cuMemAlloc_v2": BROKER,
+    "cuMemFree_v2": BROKER,
+    "cuMemGetInfo_v2": BROKER,
+    "cuMemcpyHtoD_v2": BROKER,
+    "cuMemcpyDtoH_v2": BROKER,
+}
+
+NVML: dict[str, str] = {
+    "nvmlInit_v2": BROKER,
+    "nvmlInit": BROKER,
+    "nvmlShutdown": LOCAL,
+    "nvmlErrorString": LOCAL,
+    "nvmlDeviceGetCount_v2": LOCAL,
+    "nvmlDeviceGetCount": LOCAL,
+    "nvmlDeviceGetHandleByIndex_v2": LOCAL,
+    "nvmlDeviceGetHandleByIndex": LOCAL,
+    "nvmlDeviceGetName": LOCAL,
+    "nvmlDeviceGetMemoryInfo": BROKER,    # status: the tenant's use on the device
+}
+
+# The NVML names exported as NOT_SUPPORTED stubs (no nvml.h ships with the pip packages or
+# the toolkit here, so this list is written out; what pynvml and nvidia-smi-style tools ask first).
+NVML_UNSUPPORTED: tuple[str, ...] = (
+    "nvmlSystemGetDriverVersion", "nvmlSystemGetNVMLVersion", "nvmlSystemGetCudaDriverVersion",
+    "nvmlSystemGetCudaDriverVersion_v2", "nvmlDeviceGetUUID", "nvmlDeviceGetMemoryInfo_v2",
+    "nvmlDeviceGetUtilizationRates", "nvmlDeviceGetComputeRunningProcesses",
+    "nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetPciInfo", "nvmlDeviceGetPciInfo_v3",
+    "nvmlDeviceGetHandleByUUID", "nvmlDeviceGetHandleByPciBusId_v2", "nvmlDeviceGetIndex",
+    "nvmlDeviceGetMinorNumber", "nvmlDeviceGetCudaComputeCapability", "nvmlDeviceGetTemperature",
+    "nvmlDeviceGetPowerUsage", "nvmlDeviceGetClockInfo", "nvmlDeviceGetMaxClockInfo",
+    "nvmlDeviceGetBAR1MemoryInfo", "nvmlDeviceGetPersistenceMode", "nvmlDeviceGetComputeMode",
+    "nvmlDeviceGetMigMode", "nvmlDeviceGetEccMode", "nvmlDeviceGetFanSpeed", "nvmlDeviceGetBrand",
+    "nvmlDeviceGetSerial", "nvmlDeviceGetArchitecture", "nvmlDeviceGetNumGpuCores",
+    "nvmlDeviceGetAttributes_v2", "nvmlDeviceGetP2PStatus", "nvmlDeviceGetTopologyCommonAncestor",
+    "nvmlInitWithFlags",
+)
+
+# Protocol messages the C side sends, per channel (native/gen.py emits their names and
+# fields from kubecash.client.protocol's export and fails if one is gone).
+MESSAGES_USED: dict[str, tuple[str, ...]] = {
+    "tenant": ("hello", "heartbeat", "open_device", "status", "close"),
+    "executor": ("attach", "mem_alloc", "mem_free", "mem_info", "memcpy_htod", "memcpy_dtoh", "ctx_sync"),
+    "event": ("stdout", "executor_died", "session_ended", "throttled"),
+}

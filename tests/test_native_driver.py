@@ -1,0 +1,392 @@
+"""KubeCASH's own libcuda.so.1 and libnvidia-ml.so.1 (native/): C programs compiled against
+NVIDIA's cuda.h, linked to the libraries kubecash-libdir names, run against a real broker."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import zipfile
+
+import pytest
+
+import kubecash.native as kn
+from kubecash.client import protocol as P
+from kubecash.native import gen, table
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QUOTA = 64 << 20
+RUN_TIMEOUT = 180                       # generous: a loaded 2-core machine
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+
+
+def _cuda_include() -> str:
+    incs = gen.include_dirs()
+    if not incs:
+        pytest.skip("no cuda.h here (nvidia-cuda-runtime is not installed on this platform)")
+    return incs[0]
+
+
+def _libdir() -> str:
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "kubecash-libdir")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory) -> dict[str, str]:
+    """driver_tour and nvml_tour, built as any CUDA program is: cuda.h, -lcuda (the soname)."""
+    out = tmp_path_factory.mktemp("native-programs")
+    lib = _libdir()
+    built = {}
+    for name, extra in (("driver_tour", ["-I", _cuda_include(), "-l:libcuda.so.1", "-ldl", "-lpthread"]),
+                        ("nvml_tour", ["-l:libnvidia-ml.so.1"])):
+        exe = str(out / name)
+        cmd = ["cc", "-Wall", "-Wno-deprecated-declarations", "-o", exe, os.path.join(HERE, "c", f"{name}.c"),
+               "-L", lib, "-Wl,--no-as-needed", *extra]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        assert r.returncode == 0, r.stderr
+        built[name] = exe
+    return built
+
+
+def run(exe: str, *args: str, broker: str | None, timeout: float = RUN_TIMEOUT) -> tuple[dict[str, str], str]:
+    env = {k: v for k, v in os.environ.items() if k != "KUBECASH_BROKER"}
+    env["LD_LIBRARY_PATH"] = _libdir()
+    if broker is not None:
+        env["KUBECASH_BROKER"] = broker
+    r = subprocess.run([exe, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    vals = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    return vals, r.stderr
+
+
+@pytest.fixture
+def quota_broker(broker_factory):
+    return broker_factory({"alice": {"memory": QUOTA}})
+
+
+# -- the build ------------------------------------------------------------------------------
+def test_libraries_are_self_contained():
+    """Only libc, libdl, libpthread, libm needed; only CUDA/NVML names exported."""
+    if not (shutil.which("readelf") and shutil.which("nm")):
+        pytest.skip("binutils (readelf, nm) not installed")
+    allowed = {"libc.so.6", "libdl.so.2", "libpthread.so.0", "libm.so.6"}
+    for name, prefix in (("libcuda.so.1", "cu"), ("libnvidia-ml.so.1", "nvml")):
+        path = os.path.join(kn.libdir(), name)
+        dyn = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+        needed = {line.split("[")[1].rstrip("]") for line in dyn.splitlines() if "(NEEDED)" in line}
+        assert needed and needed <= allowed, f"{name} needs {needed - allowed}"
+        assert f"Library soname: [{name}]" in dyn
+        assert "NODELETE" in dyn                     # dlclose must not unmap a running thread's code
+        syms = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True,
+                              check=True).stdout.split("\n")
+        names = {s.split()[-1] for s in syms if s.strip()}
+        assert names and all(n.startswith(prefix) for n in names), sorted(n for n in names if not n.startswith(prefix))
+        if name == "libcuda.so.1":
+            # every generated entry point and every table entry is exported under its exact name
+            for must in ("cuMemAlloc", "cuMemAlloc_v2", "cuMemcpyHtoD_v2_ptds", "cuMemcpyHtoDAsync_v2_ptsz",
+                         "cuGetProcAddress", "cuGetProcAddress_v2", "cuCtxCreate_v4", *table.DRIVER):
+                assert must in names, must
+
+
+def test_kubecash_libdir_prints_the_directory():
+    d = _libdir()
+    assert os.path.samefile(d, kn.libdir())
+    assert all(os.path.isfile(os.path.join(d, n)) for n in kn.LIBS)
+
+
+def test_wheel_contains_the_libraries(tmp_path):
+    root = os.path.dirname(HERE)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", root, "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    (whl,) = [p for p in os.listdir(tmp_path) if p.endswith(".whl")]
+    with zipfile.ZipFile(tmp_path / whl) as z:
+        names = set(z.namelist())
+    assert {"kubecash/native/lib/libcuda.so.1", "kubecash/native/lib/libnvidia-ml.so.1"} <= names
+
+
+def _assert_fresh(name: str, text: str) -> None:
+    with open(os.path.join(gen.SRC, name)) as f:
+        assert f.read() == text, f"native/src/{name} is stale: run python -m kubecash.native.gen"
+
+
+def test_generated_protocol_and_nvml_match_their_sources():
+    """gen_protocol.h (from the protocol's export) and gen_nvml.c (from the table) need no
+    headers: they are checked everywhere."""
+    _assert_fresh("gen_protocol.h", gen.gen_protocol())
+    _assert_fresh("gen_nvml.c", gen.gen_nvml())
+
+
+def test_generated_surface_matches_the_headers():
+    """Regenerated from the CUDA headers, table and devattr here, the driver surface is what
+    is checked in: it cannot drift. It was made from every header set found (the pip
+    package's and the toolkit's): where this machine has another set, it says which."""
+    incs = gen.include_dirs()
+    if not incs:
+        pytest.skip("no CUDA headers here")
+    with open(os.path.join(gen.SRC, "gen_surface.c")) as f:
+        banner = f.readline()
+    here = ", ".join(str(gen.cuda_version(i)) for i in incs)
+    if f"CUDA_VERSION {here})" not in banner:
+        pytest.skip(f"the checked-in surface was made from other headers ({banner.strip()}; here: {here})")
+    _assert_fresh("gen_surface.c", gen.gen_surface(incs))
+    _assert_fresh("gen_devattr.c", gen.gen_devattr(incs))
+
+
+def test_protocol_names_come_from_the_declaration():
+    """Every op and field the C side sends is the protocol's (gen_protocol.h is generated
+    from its export); a message the table lists but the protocol lacks is refused."""
+    with open(os.path.join(gen.SRC, "gen_protocol.h")) as f:
+        header = f.read()
+    ex = P.export()
+    for m in ex["messages"]:
+        if m["name"] in table.MESSAGES_USED.get(m["channel"], ()):
+            for field in m["fields"]:
+                assert f'_{field.upper()} "{field}"' in header
+    assert f"#define KCP_VERSION {P.VERSION}" in header
+    saved = table.MESSAGES_USED
+    try:
+        table.MESSAGES_USED = {"executor": ("no_such_op",)}
+        with pytest.raises(gen.GenError, match="no_such_op"):
+            gen.gen_protocol()
+    finally:
+        table.MESSAGES_USED = saved
+
+
+def test_table_names_only_declared_symbols():
+    saved = dict(table.DRIVER)
+    try:
+        table.DRIVER["cuNoSuchThing"] = table.LOCAL
+        with pytest.raises(gen.GenError, match="cuNoSuchThing"):
+            gen.gen_surface(gen.include_dirs() or pytest.skip("no CUDA headers here"))
+    finally:
+        table.DRIVER.clear()
+        table.DRIVER.update(saved)
+
+
+# -- the driver, brokered --------------------------------------------------------------------
+def test_driver_tour(programs, quota_broker):
+    v, err = run(programs["driver_tour"], "tour", broker=quota_broker.address("alice"))
+    assert v["init"] == "0" and v["count_rc"] == "0" and v["count"] == "1"
+    assert v["device_get_bad"] == "101"                          # CUDA_ERROR_INVALID_DEVICE
+    assert v["name_rc"] == "0" and v["name"].startswith("KubeCASH CPU")
+    assert v["total_rc"] == "0" and int(v["total"]) == QUOTA     # the quota, not the machine
+    # the same UUID the Python shim derives (shim/devattr.py uuid_bytes)
+    assert v["uuid"] == hashlib.sha256(f"kubecash:cpu0:{v['name']}".encode()).digest()[:16].hex()
+    assert (v["cc_rc"], v["cc"]) == ("0", "8.0")
+    assert (v["attr_warp_rc"], v["attr_warp"]) == ("0", "32")
+    assert (v["attr_block_x_rc"], v["attr_block_x"]) == ("0", "1024")
+    assert (v["attr_cc_major_rc"], v["attr_cc_major"]) == ("0", "8")
+    assert (v["attr_managed_rc"], v["attr_managed"]) == ("0", "0")
+    assert v["alloc_no_ctx"] == "201"                            # no current context
+    assert v["retain"] == v["set_current"] == v["get_current_rc"] == "0"
+    assert v["current_is_primary"] == "1" and v["ctx_device"] == "0"
+    assert v["mem_info_rc"] == "0" and int(v["mem_info_total"]) == QUOTA
+    assert 0 < int(v["mem_info_free"]) <= QUOTA
+    for size in ("small", "large"):                              # inline, and through staging
+        assert [v[f"{size}_{k}"] for k in ("alloc", "htod", "dtoh", "free", "same")] == ["0", "0", "0", "0", "1"]
+    assert v["over_quota"] == "2"                                # CUDA_ERROR_OUT_OF_MEMORY, from the executor
+    assert v["sync"] == "0"
+    assert v["unsupported_1"] == v["unsupported_2"] == "801"     # CUDA_ERROR_NOT_SUPPORTED
+    assert err.count("kubecash: cuStreamCreate is not supported") == 1, err
+    assert (v["err_name"], v["err_string"]) == ("CUDA_ERROR_OUT_OF_MEMORY", "out of memory")
+    assert v["err_name_bad"] == "1"
+    assert v["procs_ok"] == "1", {k: x for k, x in v.items() if k.startswith("proc_")}
+    assert (v["proc_too_old"], v["proc_too_old_status"]) == ("500", "2")    # VERSION_NOT_SUFFICIENT
+    assert (v["proc_unknown"], v["proc_unknown_status"]) == ("500", "1")    # SYMBOL_NOT_FOUND
+    assert (v["proc_call"], v["proc_call_count"]) == ("0", "1")
+    assert v["release"] == "0"
+    assert v["stdin_open"] == "1"
+
+
+def test_forked_child_opens_its_own_session(programs, quota_broker):
+    v, err = run(programs["driver_tour"], "fork", broker=quota_broker.address("alice"))
+    assert v["child_exit"] == "0", (v, err)
+    assert v["child_count"] == "0" and v["child_devices"] == "1" and v["child_same"] == "1"
+    assert v["parent_after_ok"] == "1"                           # the parent's session is untouched
+    assert v["stdin_open"] == "1"
+    log = quota_broker.log()
+    for who in ("parent_pid", "child_pid"):
+        assert f"opened (pid {v[who]})" in log, (who, log[-3000:])
+
+
+def test_threads_share_the_session(programs, quota_broker):
+    v, err = run(programs["driver_tour"], "threads", broker=quota_broker.address("alice"))
+    assert v["threads_failed"] == "0", err
+    assert sum(1 for k, x in v.items() if k.endswith("_same") and x == "1") == 4
+
+
+def test_an_idle_session_outlives_the_heartbeat_timeout(programs, quota_broker):
+    # the test broker's heartbeat_timeout_s is 1.5: only heartbeats keep the session past it
+    v, err = run(programs["driver_tour"], "idle", "4", broker=quota_broker.address("alice"))
+    assert v["after_idle_ok"] == "1", err
+    assert "ended" not in err, err
+
+
+def test_a_broker_gone_mid_session_is_an_error_not_a_hang(programs, kernel_cache):
+    from conftest import BrokerProcess
+    b = BrokerProcess({"alice": {"memory": QUOTA}}, kernel_cache)     # not the factory's: it is stopped here
+    try:
+        env = dict(os.environ, LD_LIBRARY_PATH=_libdir(), KUBECASH_BROKER=b.address("alice"))
+        p = subprocess.Popen([programs["driver_tour"], "idle", "6"], env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            seen = []
+            for line in p.stdout:                 # the session and context are open...
+                seen.append(line)
+                if line.startswith("set_current="):
+                    break
+            assert seen and seen[-1] == "set_current=0\n", seen
+            b.stop()                              # ...when the broker (and its executors) go
+            out, err = p.communicate(timeout=RUN_TIMEOUT)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    finally:
+        b.stop()
+    assert p.returncode == 0, err
+    assert "after_idle_ok=0" in out, out
+    assert "ended" in err or "lost the executor" in err, err
+
+
+def test_no_signal_handlers_and_no_signals_for_our_thread(programs, quota_broker):
+    v, err = run(programs["driver_tour"], "signals", broker=quota_broker.address("alice"))
+    assert v["handlers_unchanged"] == "1"
+    assert int(v["library_threads"]) >= 1              # the heartbeat thread is running...
+    assert v["library_threads_block_signals"] == "1"   # ...with every signal blocked
+
+
+def test_local_answers_need_no_broker(programs):
+    v, _ = run(programs["driver_tour"], "version", broker="ipc:///nonexistent/broker.sock")
+    assert v["driver_version_rc"] == "0" and int(v["driver_version"]) >= 13000
+    assert v["count_before_init"] == "3"                         # CUDA_ERROR_NOT_INITIALIZED
+
+
+class _Listener:
+    """A Unix socket that accepts and says nothing, counting connections."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.accepted: list[socket.socket] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+                self.accepted.append(c)
+            except OSError:
+                continue
+
+    def close(self):
+        self._stop = True
+        self.thread.join(5)
+        self.sock.setblocking(False)
+        while True:                  # connections still in the backlog count too
+            try:
+                self.accepted.append(self.sock.accept()[0])
+            except OSError:
+                break
+        for c in self.accepted:
+            c.close()
+        self.sock.close()
+
+
+def test_nothing_talks_to_the_broker_before_the_first_call(programs, tmp_path):
+    lst = _Listener(str(tmp_path / "broker.sock"))
+    try:
+        v, err = run(programs["driver_tour"], "nothing", broker=f"ipc://{tmp_path}/broker.sock")
+        assert v["loaded"] == "1" and err == ""
+    finally:
+        lst.close()
+    assert lst.accepted == []
+
+
+def test_a_peer_that_never_answers_is_an_error_not_a_hang(programs, tmp_path):
+    lst = _Listener(str(tmp_path / "broker.sock"))
+    try:
+        v, err = run(programs["driver_tour"], "init", broker=f"ipc://{tmp_path}/broker.sock", timeout=120)
+        assert v["init"] == "3"                                   # CUDA_ERROR_NOT_INITIALIZED
+        assert f"ipc://{tmp_path}/broker.sock" in err and "greeting" in err, err
+        assert len(lst.accepted) == 1
+    finally:
+        lst.close()
+
+
+@pytest.mark.parametrize("address, why", [(None, "KUBECASH_BROKER is not set"),
+                                          ("ipc:///nonexistent/broker.sock", "No such file or directory"),
+                                          ("tcp://127.0.0.1:1", "only ipc://")])
+def test_bad_broker_address_is_a_clear_error(programs, address, why):
+    v, err = run(programs["driver_tour"], "init", broker=address, timeout=120)
+    assert v["init"] == "3"
+    assert why in err and (address is None or address in err), err
+
+
+# -- NVML -------------------------------------------------------------------------------------
+def test_nvml_tour(programs, quota_broker):
+    v, err = run(programs["nvml_tour"], broker=quota_broker.address("alice"))
+    assert v["count_before_init"] == "1"                         # NVML_ERROR_UNINITIALIZED
+    assert v["init"] == v["count_rc"] == v["handle"] == v["name_rc"] == v["mem_rc"] == "0"
+    assert v["count"] == "1" and v["handle_bad"] == "2"
+    assert v["name"].startswith("KubeCASH CPU")
+    assert int(v["total"]) == QUOTA and int(v["used"]) + int(v["free"]) == QUOTA
+    assert v["uuid_1"] == v["uuid_2"] == "3"                     # NVML_ERROR_NOT_SUPPORTED
+    assert err.count("kubecash: nvmlDeviceGetUUID is not supported") == 1, err
+    assert v["err_string"] == "Not Supported" and v["shutdown"] == "0"
+
+
+def test_nvml_without_a_broker_is_driver_not_loaded(programs):
+    v, err = run(programs["nvml_tour"], broker="ipc:///nonexistent/broker.sock")
+    assert v["init"] == "9"                                      # NVML_ERROR_DRIVER_NOT_LOADED
+    assert v["count_rc"] == "1"                                  # still uninitialised
+    assert "ipc:///nonexistent/broker.sock" in err, err
+
+
+_CUDA_PYTHON = r"""
+import numpy as np
+from cuda.bindings import driver as d
+ok = d.CUresult.CUDA_SUCCESS
+assert d.cuInit(0) == (ok,)
+assert d.cuDeviceGetCount() == (ok, 1)
+err, dev = d.cuDeviceGet(0)
+assert d.cuDeviceTotalMem(dev) == (ok, QUOTA)
+err, ctx = d.cuDevicePrimaryCtxRetain(dev)
+assert err == ok and d.cuCtxSetCurrent(ctx) == (ok,)
+err, p = d.cuMemAlloc(1 << 20)
+assert err == ok
+a = np.arange(1000, dtype=np.float32)
+b = np.zeros_like(a)
+assert d.cuMemcpyHtoD(p, a.ctypes.data, a.nbytes) == (ok,)
+assert d.cuMemcpyDtoH(b.ctypes.data, p, a.nbytes) == (ok,)
+assert (a == b).all()
+assert d.cuMemAlloc(QUOTA)[0] == d.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+assert d.cuStreamCreate(0)[0] == d.CUresult.CUDA_ERROR_NOT_SUPPORTED
+assert d.cuMemFree(p) == (ok,)
+print("done")
+"""
+
+
+def test_cuda_python_bindings_run_on_the_native_driver(quota_broker):
+    """cuda-python's compiled bindings dlopen libcuda.so.1 and resolve every call through
+    cuGetProcAddress: with the Python shim off, they reach the broker through this library."""
+    pytest.importorskip("cuda.bindings.driver")
+    env = dict(os.environ, KUBECASH_BROKER=quota_broker.address("alice"), LD_LIBRARY_PATH=_libdir(),
+               KUBECASH_SHIM="0")
+    r = subprocess.run([sys.executable, "-c", f"QUOTA = {QUOTA}\n" + _CUDA_PYTHON], env=env,
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-3000:]
+    assert r.stderr.count("kubecash: cuStreamCreate is not supported") == 1, r.stderr
