@@ -4,12 +4,14 @@ from __future__ import annotations
 import ctypes
 import re
 import struct
+import subprocess
 import time
 
 import numpy as np
 import pytest
 
 from kubecash.broker import cpukernels as ck
+from kubecash.broker.cpukernels.elfcheck import check_load_time_code
 from kubecash.broker.cpukernels.launch import _pack_args
 from kubecash.client.errors import CudaError, E
 
@@ -522,3 +524,30 @@ def test_without_landlock_or_a_view_cuda_c_is_refused_not_compiled_unconfined(ca
     with pytest.raises(ck.KernelCompileError, match="no Landlock") as e:
         ck.compile_module(VECADD + "// unconfined\n", cache_dir=cache_dir)
     assert e.value.code == E.CUDA_ERROR_NOT_SUPPORTED
+
+
+def test_a_cached_module_with_load_time_code_is_rebuilt_not_loaded(cache_dir, launcher, tmp_path):
+    """What dlopen maps is checked every time, not only after a build: a cache entry changed
+    since (or made by an older build: arm64's outline-atomics constructor) with code of its
+    own to run at load is refused by the loader and rebuilt by compile_module."""
+    src = 'extern "C" __global__ void k(int* p) { p[0] = 7; }\n'
+    with ck.compile_module(src, cache_dir=cache_dir):
+        pass
+    entry = max(cache_dir.glob("*.so"), key=lambda p: p.stat().st_mtime)
+    c = tmp_path / "ctor.c"
+    marker = tmp_path / "ran"
+    c.write_text('#include <stdio.h>\n__attribute__((constructor)) static void f(void) {'
+                 f' fopen("{marker}", "w"); }}\n')
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(entry), str(c)], check=True)
+    with pytest.raises(ck.UnsupportedConstructError, match="loaded or unloaded"):
+        ck.CompiledModule._load_image(entry.read_bytes(), tmp_path)
+    with pytest.raises(ck.KernelCompileError, match="not a 64-bit"):
+        ck.CompiledModule._load_image(b"\x7fELF" + bytes(10), tmp_path)
+    runs = ck.stats.compiler_runs
+    check_load_time_code(ck.build_module(src, cache_dir=cache_dir))   # what the executor reads
+    with ck.compile_module(src, cache_dir=cache_dir) as m:
+        out = np.zeros(1, np.int32)
+        launcher.launch(m, m.kernel("k"), (1, 1, 1), (1, 1, 1), 0, [ptr(out)])
+        assert out[0] == 7
+    assert ck.stats.compiler_runs == runs + 1
+    assert not marker.exists()

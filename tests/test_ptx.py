@@ -576,6 +576,16 @@ def _K(decls: str, body: str) -> bytes:
     (_K(".local .align 3 .b8 l[4];", ""), "a power of two from 1 to 4096"),
     (b".version 8.0\n.target sm_80\n.address_size 64\n.global .u32 g = 0d3FF0000000000000;",
      "a 64-bit float initializer for .u32 g"),
+    # a second review: a handler reaching past the operands given, and registers of the
+    # wrong width (ptxas refuses them; they must not get a meaning of the translator's own)
+    (_K(".reg .b32 %r<3>; .reg .pred %p<2>;", "set.eq.u32.s32 %r1, %r2;"), "set.eq.u32.s32: too few operands"),
+    (_K(".reg .b32 %r<3>; .reg .b64 %rd<2>;", "add.s32 %r1, %rd1, %r2;"), "%rd1 is a .b64 register, used as .s32"),
+    (_K(".reg .b32 %r<3>; .reg .pred %p<2>;", "mov.b32 %r1, %p1;"), "%p1 is a .pred register, used as .b32"),
+    (_K(".reg .b32 %r<3>;", "mul.wide.u32 %r1, %r2, %r2;"), "%r1 is a .b32 register, used as .u64"),
+    (_K(".reg .b32 %r<3>; .reg .b64 %rd<2>;", "st.global.b64 [%rd1], %r1;"), "%r1 is a .b32 register, used as .b64"),
+    (_K(".reg .b32 %r<3>; .reg .b64 %rd<2>;", "cvta.shared.u32 %r1, %rd1;"), "%rd1 is a .b64 register, used as .u32"),
+    (_K(".reg .b32 %r<3>; .reg .pred %p<2>;", "setp.eq.u32 %r1, %r2, %r2;"), "%r1 is a .b32 register, used as .pred"),
+    (_K(".reg .b32 %r<3>;", "mov.u32 %r1, " + "x" * 5000 + ";"), r"\.\.\. \(\d+ characters\)"),
 ])
 def test_malformed_ptx_is_invalid_ptx_naming_the_line(session, text, message):
     dev = session.device("cpu0")
@@ -634,6 +644,10 @@ def test_nvcc_ptx_runs_too(session, tmp_path):
     (".reg .b32 %r<100000000>;", "more than 262144 registers"),
     (".shared .align 4 .b8 big[1048576];", "static .shared memory"),
     (".local .align 4 .b8 big[100000000000];", "of 100000000000 bytes"),
+    # under the bound per function, but a module of many such functions is not
+    ("} .func f1() { .reg .b32 %r<262000>; ret; } .func f2() { .reg .b32 %r<262000>; ret; }"
+     " .func f3() { .reg .b32 %r<262000>; ret; } .func f4() { .reg .b32 %r<262000>; ret; }"
+     " .func f5() { .reg .b32 %r<262000>; ret;", "more than 1048576 registers in one module"),
 ])
 def test_hostile_ptx_is_bounded_before_it_costs_anything(session, broker, decl, message):
     """Declarations that would make the translator (or the compiler) take unbounded memory

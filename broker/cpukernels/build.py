@@ -11,7 +11,6 @@ import platform
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import tempfile
 import threading
@@ -24,6 +23,7 @@ from kubecash.client.errors import E
 from .. import ptx  # imported here: the compile helper has no view of the package once confined
 from . import nvrtc
 from .directives import check_directives
+from .elfcheck import check_load_time_code
 from .errors import KernelCompileError, UnsupportedConstructError
 from .loader import CompiledModule
 from .options import parse_options
@@ -199,39 +199,6 @@ def _translator_identity() -> str:
 _TRANSLATOR = _translator_identity()   # read at import, before the compile helper's view
 
 
-_DT_INIT_ARRAYSZ, _DT_FINI_ARRAYSZ, _DT_PREINIT_ARRAYSZ = 27, 28, 33
-
-
-def check_load_time_code(path: str) -> None:
-    """Refuse a module with initializers or finalizers of its own: dlopen/dlclose would run
-    them on the executor's unconfined threads. A module built here has exactly one entry
-    in each of .init_array and .fini_array (crtbegin's frame_dummy and
-    __do_global_dtors_aux); a namespace-scope object with a dynamic initializer or a
-    destructor adds one. (CUDA has no dynamic initialization of device variables.)"""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise KernelCompileError("internal error: the module is not a 64-bit little-endian ELF object")
-    phoff, = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    sizes = {}
-    for i in range(phnum):
-        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
-        if p_type != 2:   # PT_DYNAMIC
-            continue
-        for off in range(p_offset, p_offset + p_filesz, 16):
-            tag, val = struct.unpack_from("<qQ", data, off)
-            if tag == 0:
-                break
-            sizes[tag] = val
-    if (sizes.get(_DT_INIT_ARRAYSZ, 0) > 8 or sizes.get(_DT_FINI_ARRAYSZ, 0) > 8
-            or sizes.get(_DT_PREINIT_ARRAYSZ, 0)):
-        raise UnsupportedConstructError(
-            "code that runs when the module is loaded or unloaded",
-            "a namespace-scope variable with a dynamic initializer or a destructor; "
-            "initialize globals, __device__ and __constant__ variables with constants")
-
-
 _header_cache: dict[Path, tuple[int, str]] = {}
 
 
@@ -290,8 +257,12 @@ def build_module(source: str, options: Sequence[str] = (), *, cache_dir: os.Path
     cache.mkdir(parents=True, exist_ok=True)
     so_path = cache / _so_name(key_parts)
     if so_path.exists():
-        stats.bump("cache_hits")
-        return so_path
+        try:
+            check_load_time_code(so_path)
+            stats.bump("cache_hits")
+            return so_path
+        except (OSError, KernelCompileError):
+            so_path.unlink(missing_ok=True)   # changed since it was built here: build it again
     work = tempfile.mkdtemp(prefix=".build-", dir=cache)
     try:
         ptx_text = source

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from .. import sandbox as _sandbox
+from .elfcheck import check_load_time_image
 from .errors import KernelCompileError
 
 _ABI_VERSION = 1  # must equal __KC_ABI in kubecash_runtime.h
@@ -85,6 +86,7 @@ class CompiledModule:
     @classmethod
     def _load_image(cls, image: bytes, workdir: Path | str) -> CompiledModule:
         """Load a built module's bytes (from the cache, or from the compile helper)."""
+        check_load_time_image(image)   # the bytes dlopen will map, whatever their origin
         self = object.__new__(cls)
         self.footprint = image_footprint(image)
         # dlopen returns the already-loaded object for a path (or inode) it has seen, and

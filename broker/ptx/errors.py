@@ -6,7 +6,11 @@ from __future__ import annotations
 class PtxError(Exception):
     """Malformed PTX (CUDA_ERROR_INVALID_PTX)."""
 
+    MAX_TEXT = 500      # messages quote the tenant's PTX: bounded, whatever it holds
+
     def __init__(self, message: str, line: int):
+        if len(message) > self.MAX_TEXT:
+            message = f"{message[:self.MAX_TEXT]}... ({len(message)} characters)"
         super().__init__(f"PTX line {line}: {message}")
         self.line = line
 

@@ -36,6 +36,8 @@ SHARED_WINDOW_DYNAMIC = 48 * 1024            # as the launcher's MAX_SHARED_BYTE
 MAX_STATIC_SHARED = 48 * 1024                # a block's static .shared, as on the device
 MAX_VARIABLE_BYTES = 1 << 32                 # one module variable
 MAX_REGISTERS = 1 << 18                      # declared per function (NVRTC's run to thousands)
+MAX_MODULE_REGISTERS = 1 << 20               # all functions together: each is a C++ local,
+                                             # and a few bytes of `.reg .b32 %r<N>;` are N of them
 SPECIAL = {"%tid": "threadIdx", "%ntid": "blockDim", "%ctaid": "blockIdx", "%nctaid": "gridDim"}
 
 
@@ -71,6 +73,7 @@ class Translator:
         self.fibers = False            # barriers or warp operations: blocks run as fibers
         self.funcs: dict[str, Function] = {}
         self.tmp = 0
+        self.module_registers = 0
 
     # -- the module ------------------------------------------------------------------------
     def translate(self) -> str:
@@ -299,9 +302,15 @@ class Translator:
             if d.vector != 1 or d.array:
                 raise PtxUnsupportedError("vector or array registers", d.line)
             ctype = TYPES[d.type][0]
-            self.registers += d.count if d.count is not None else 1
-            if d.count is not None and d.count < 0 or self.registers > MAX_REGISTERS:
+            n = d.count if d.count is not None else 1
+            if n < 0:
+                raise PtxError(f"a negative register count for {d.name}", d.line)
+            self.registers += n
+            self.module_registers += n
+            if self.registers > MAX_REGISTERS:
                 raise PtxUnsupportedError(f"more than {MAX_REGISTERS} registers in one function", d.line)
+            if self.module_registers > MAX_MODULE_REGISTERS:
+                raise PtxUnsupportedError(f"more than {MAX_MODULE_REGISTERS} registers in one module", d.line)
             names = [f"{d.name}{i}" for i in range(d.count)] if d.count is not None else [d.name]
             for n in names:
                 if n in scope.names:
@@ -350,7 +359,10 @@ class Translator:
                                   ins.line)
         self.scope = scope
         self.ins = ins
-        code = handler(self, ins)
+        try:
+            code = handler(self, ins)
+        except IndexError:      # a handler reached for an operand the line does not have
+            raise PtxError(f"{ins.op}{''.join(ins.mods)}: too few operands ({len(ins.args)})", ins.line) from None
         if ins.guard is not None:
             p = self._pred(ins.guard)
             code = f"if ({'!' if ins.guard_neg else ''}{p}) {{ {code} }}"
@@ -387,6 +399,7 @@ class Translator:
             if d is None:
                 raise PtxError(f"{o.text} is not declared", self.ins.line)
             if d[0] == ".reg":
+                self._check_width(o.text, d[1], t, dest=False)
                 if d[1] == ".pred":
                     e = d[2]
                     return f"(!{e})" if o.negate_pred else e
@@ -419,7 +432,25 @@ class Translator:
         if o.kind == "sink":
             return f"(void)({expr});"
         name, rt = self.reg(o)
+        self._check_width(o.text, rt, t, dest=True)
         return f"{name} = ::kc::put<{TYPES[rt][0]}>(({TYPES[t][0]})({expr}));"
+
+    # ld, st and cvt may name a register wider than their (integer) type; nothing else may
+    # (PTX ISA, "Operand Size Exceeding Instruction-Type Size"). ptxas refuses the rest, so
+    # the translator does too rather than give such a line a meaning of its own.
+    _WIDER_OK = {"ld": True, "ldu": True, "cvt": True, "st": False}   # op -> widens its destination
+
+    def _check_width(self, name: str, rt: str, t: str, dest: bool) -> None:
+        if (rt == ".pred") != (t == ".pred"):
+            raise PtxError(f"{name} is a {rt} register, used as {t}", self.ins.line)
+        have, want = TYPES[rt][1], TYPES[t][1]
+        if have == want:
+            return
+        widens = self._WIDER_OK.get(self.ins.op)
+        if have > want and widens is not None and TYPES[t][2] in "bus" and TYPES[rt][2] in "bus" \
+                and (dest == widens or self.ins.op == "cvt"):
+            return
+        raise PtxError(f"{name} is a {rt} register, used as {t} ({have} bytes, not {want})", self.ins.line)
 
     def special(self, name: str) -> str:
         base, _, comp = name.partition(".")
