@@ -116,6 +116,9 @@ class Gate:
         self._left = MESSAGES_PER_PASS
         self.refused_connections = 0
         self.refused_messages = 0
+        # Called after each send: a send consumes libzmq's readiness signal for what has
+        # arrived meanwhile, so the broker must look at the socket again (readiness.py).
+        self.on_send = None
         self._last_log = 0.0
 
     # -- the request budget -----------------------------------------------------------------
@@ -360,6 +363,8 @@ class Gate:
             self.sock.send_multipart([ident, data], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass    # peer gone or not reading (heartbeats will tell); one frame is all or nothing
+        if self.on_send is not None:
+            self.on_send(self)
 
     def _close(self, ident: bytes) -> None:
         self.conns.pop(ident, None)

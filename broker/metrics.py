@@ -1,13 +1,16 @@
 """Prometheus metrics (prometheus-client): per tenant and device, plus broker health.
 
 The broker loop is single-threaded and owns its state; the HTTP server runs in a thread of
-its own. So the loop publishes a snapshot (the same dict `brokerctl status --json` prints)
-about once a second, and scrapes read the latest snapshot: metrics and status always agree,
-and a scrape never touches live state.
+its own. So a scrape asks the loop for a snapshot (the same dict `brokerctl status --json`
+prints) through a wake-up pipe the loop polls, waits for it, and reads it: metrics and status
+always agree, and a scrape never touches live state. Snapshots are made only when scraped:
+made every second, one cost a broker with 1000 idle tenants 3 % of a core.
 """
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from typing import Any
 
@@ -15,18 +18,56 @@ log = logging.getLogger("kubecash.broker.metrics")
 
 
 class BrokerCollector:
+    WAIT_S = 2.0       # a scrape waits this long for the loop, then reads the last snapshot
+
     def __init__(self) -> None:
         self.snapshot: dict[str, Any] | None = None
         self.snapshot_time = 0.0
+        self._seq = 0
+        self._fresh = threading.Condition()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake_fd(self) -> int:
+        """Readable when a scrape wants a snapshot (the broker's poller watches it)."""
+        return self._wake_r
+
+    def wanted(self) -> bool:
+        """The loop's side: True if a scrape is waiting (and clears the request)."""
+        try:
+            return bool(os.read(self._wake_r, 4096))
+        except BlockingIOError:
+            return False
 
     def publish(self, snapshot: dict[str, Any]) -> None:
-        self.snapshot, self.snapshot_time = snapshot, time.monotonic()   # one reference swap
+        with self._fresh:
+            self.snapshot, self.snapshot_time = snapshot, time.monotonic()
+            self._seq += 1
+            self._fresh.notify_all()
+
+    def _latest(self) -> tuple[dict[str, Any] | None, float]:
+        """Ask the loop for a snapshot and wait for it (the scrape thread's side)."""
+        with self._fresh:
+            seq = self._seq
+            try:
+                os.write(self._wake_w, b"s")
+            except (BlockingIOError, OSError):
+                pass         # a request is already pending, or the broker is closing
+            self._fresh.wait_for(lambda: self._seq != seq, timeout=self.WAIT_S)
+            return self.snapshot, self.snapshot_time
+
+    def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
 
     def collect(self):
         # prometheus-client is imported only where metrics are served: a broker with
         # metrics off (or a node without the package) never loads it.
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-        st, at = self.snapshot, self.snapshot_time
+        st, at = self._latest()
         up = GaugeMetricFamily("kubecash_broker_up", "1 while the broker serves")
         up.add_metric([], 1.0 if st is not None else 0.0)
         yield up

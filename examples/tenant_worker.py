@@ -3,8 +3,10 @@
     KUBECASH_BROKER=ipc:///run/kubecash/tenants/alice/broker.sock python examples/tenant_worker.py
 
 Modes: `saturate` keeps its queue full of kernels for --seconds; `sporadic` launches one
-kernel at random intervals and records each one's completion time (latency). Prints one
-JSON line: kernels run, whether the results were right, and latencies in ms."""
+kernel at random intervals and records each one's completion time (latency); `duty` launches
+one every --period-ms (a tenant busy a fixed fraction of the time; a period it overruns is
+not made up). Prints one JSON line: kernels run, whether the results were right, and
+latencies in ms."""
 from __future__ import annotations
 
 import argparse
@@ -30,11 +32,12 @@ extern "C" __global__ void burn(float* out, int iters) {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--mode", choices=["saturate", "sporadic"], default="saturate")
+    ap.add_argument("--mode", choices=["saturate", "sporadic", "duty"], default="saturate")
     ap.add_argument("--iters", type=int, default=2000, help="work per thread per kernel")
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--depth", type=int, default=8, help="kernels in flight when saturating")
     ap.add_argument("--gap-ms", type=float, default=20.0, help="mean gap when sporadic")
+    ap.add_argument("--period-ms", type=float, default=10.0, help="one kernel per period when duty")
     ap.add_argument("--device", default="cpu0")
     ap.add_argument("--memory", type=int, default=1 << 20, help="bytes to allocate and hold")
     a = ap.parse_args()
@@ -51,6 +54,7 @@ def main() -> None:
         # Saturating: two batches in flight, so the queue never runs dry while we wait.
         marks = [dev.create_event(), dev.create_event()]
         batch = 0
+        next_at = time.monotonic()
         while time.monotonic() < end:
             if a.mode == "saturate":
                 for _ in range(a.depth):
@@ -61,7 +65,11 @@ def main() -> None:
                     marks[(batch - 1) % 2].synchronize()
                 batch += 1
             else:
-                time.sleep(random.expovariate(1000.0 / a.gap_ms))
+                if a.mode == "duty":
+                    next_at = max(next_at + a.period_ms / 1000, time.monotonic())
+                    time.sleep(max(0.0, next_at - time.monotonic()))
+                else:
+                    time.sleep(random.expovariate(1000.0 / a.gap_ms))
                 t0 = time.perf_counter()
                 dev.launch(k, (a.blocks,), (128,), [out, a.iters])
                 dev.synchronize()

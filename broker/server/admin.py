@@ -178,11 +178,8 @@ class AdminService:
             sched.forget(t.config.name)
         for ex in list(t.executors.values()):
             self._stop_executor(ex)
-        if t in self._paused:
-            self._paused.discard(t)
-        else:
-            self.poller.unregister(t.gate.sock)
-        del self._sock_tenant[t.gate.sock]
+        self.tenant_sockets.remove(t)
+        self._connected.discard(t)
         t.gate.close()
         del self.tenants[t.config.name]
         if t.executors:

@@ -28,10 +28,11 @@ from .admin import AdminService
 from .cache import CACHE_TRIM_INTERVAL_S, trim_cache
 from .executors import EXECUTOR_STOP_TIMEOUT_S, ExecutorControl, ExecutorProc
 from .leases import LeaseScheduling
+from .readiness import TenantSockets
 from .tenants import ClientSession, TenantService, TenantState, clear_tenant_dir
 
 log = logging.getLogger("kubecash.broker")
-PUBLISH_INTERVAL_S = 1.0      # metrics snapshot and systemd STATUS= refresh
+STATUS_INTERVAL_S = 1.0       # systemd STATUS= refresh
 
 
 class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
@@ -51,8 +52,9 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
         self._next_trim = 0.0                  # first pass trims the compiled-kernel cache
         self._retired: list[TenantState] = []  # removed by a reload, executors still exiting
         self.poller = zmq.Poller()
-        self._sock_tenant: dict[zmq.Socket, TenantState] = {}
-        self._paused: set[TenantState] = set()     # over their request rate: not polled
+        self.tenant_sockets = TenantSockets()      # which tenants to read, O(active)
+        self._connected: set[TenantState] = set()  # tenants with connections: swept at housekeeping
+        self.executors_running: set[ExecutorProc] = set()   # started and not yet gone
         self._ctl_fds: dict[int, ExecutorProc] = {}        # control socketpair fds
         self._lease_fds: dict[int, ExecutorProc] = {}      # lease socketpair fds
         self._err_fds: dict[int, ExecutorProc] = {}        # executors' stderr pipes
@@ -114,6 +116,7 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
         finally:
             os.umask(old_umask)
         self.poller.register(self.admin, zmq.POLLIN)
+        self.poller.register(self.tenant_sockets.fileno(), zmq.POLLIN)
         now = time.monotonic_ns()
         for sched in self.schedulers.values():
             sched.created_ns = now
@@ -135,9 +138,9 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
             served = metrics.serve(self.settings.metrics_address, self.collector)
             if served:
                 self._metrics_server, self.metrics_address = served
-        self._publish()
+                self.poller.register(self.collector.wake_fd(), zmq.POLLIN)
         self.notifier.ready(self._status_line())
-        next_publish = time.monotonic() + PUBLISH_INTERVAL_S
+        next_status = time.monotonic() + STATUS_INTERVAL_S
         try:
             while not self.stopping:
                 if self.reload_requested:
@@ -150,9 +153,8 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
                         log.error("%s", e.message)
                     self.notifier.ready(self._status_line())
                 self.serve_once(timeout_s=min(0.1, self.settings.heartbeat_interval_s))
-                if time.monotonic() >= next_publish:
-                    next_publish = time.monotonic() + PUBLISH_INTERVAL_S
-                    self._publish()
+                if time.monotonic() >= next_status:
+                    next_status = time.monotonic() + STATUS_INTERVAL_S
                     self.notifier.status(self._status_line())
                 self.notifier.tick()
         finally:
@@ -160,8 +162,9 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
             self.close()
 
     def _publish(self) -> None:
-        """Hand the metrics endpoint a fresh snapshot (it never reads live state)."""
-        self.collector.publish(self._admin_status({}))
+        """Hand a waiting scrape a fresh snapshot (it never reads live state)."""
+        if self.collector.wanted():
+            self.collector.publish(self._admin_status({}))
 
     def _status_line(self) -> str:
         sessions = sum(len(t.sessions) for t in self.tenants.values())
@@ -176,24 +179,18 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
             wait = sched.ns_until_next_eligible(now) if sched.holder is None else None
             if wait is not None:
                 timeout_s = min(timeout_s, wait / NS)
-        backlog = []                             # requests received but not yet handled
-        for t in self.tenants.values():          # tenants over their request rate wait
-            t.gate.refill(now / NS)
-            if t.gate.paused:
-                timeout_s = min(timeout_s, t.gate.seconds_to_resume())
-                continue
-            if t in self._paused:
-                self._paused.discard(t)
-                self.poller.register(t.gate.sock, zmq.POLLIN)
-            if t.gate.has_pending:
-                backlog.append(t)
-                timeout_s = 0
+        wait = self.tenant_sockets.timeout_s(time.monotonic())
+        if wait is not None:
+            timeout_s = min(timeout_s, wait)
         ready = self.poller.poll(max(0, math.ceil(timeout_s * 1000)))
-        for t in backlog:
-            if not t.gate.sock.closed and not any(sock is t.gate.sock for sock, _ in ready):
+        for t in self.tenant_sockets.collect(time.monotonic()):
+            if not t.gate.sock.closed:
                 self._on_gate(t)
         for sock, mask in ready:
             if isinstance(sock, int):
+                if sock == self.collector.wake_fd():
+                    self._publish()
+                    continue
                 ex = self._lease_fds.get(sock)
                 if ex is not None:
                     self._on_lease(ex)
@@ -205,10 +202,6 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
                 ex = self._err_fds.get(sock)
                 if ex is not None:
                     self._on_stderr(ex)
-                continue
-            t = self._sock_tenant.get(sock)
-            if t is not None:
-                self._on_gate(t)
                 continue
             for _ in range(256):   # drain a bounded batch from each ready socket
                 # An earlier message of this batch may have closed it (a reload removing
@@ -263,9 +256,12 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        self.collector.close()
         self.notifier.close()
         for t in self.tenants.values():
+            self.tenant_sockets.remove(t)
             t.gate.close()
+        self.tenant_sockets.close()
         self.admin.close()
         self.ctx.term()
         for name in self.tenants:           # sockets go; the (mounted) directories stay

@@ -43,7 +43,7 @@ EXECUTOR_STOP_TIMEOUT_S = 5.0
 STDERR_BUDGET = 256 << 10    # bytes of an executor's stderr logged per minute
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)      # kept in a set: identity is what matters
 class ExecutorProc:
     tenant: TenantState
     device: NodeDevice
@@ -121,6 +121,7 @@ class ExecutorControl:
         self._err_fds[proc.stderr.fileno()] = ex
         self.poller.register(proc.stderr.fileno(), zmq.POLLIN)
         t.executors[d.name] = ex
+        self.executors_running.add(ex)
         log.info("tenant %s: executor for %s started (pid %d)", t.config.name, d.name, proc.pid)
         return ex
 
@@ -138,15 +139,14 @@ class ExecutorControl:
 
     def _reap_executors(self, now: float) -> None:
         """Executors that exited, never became ready, or overstay a shutdown."""
-        for t in [*self.tenants.values(), *self._retired]:
-            for ex in list(t.executors.values()):
-                rc = ex.proc.poll()
-                if rc is not None:
-                    self._executor_gone(ex, exit_reason(rc))
-                elif not ex.ready and now - ex.started > EXECUTOR_START_TIMEOUT_S:
-                    ex.proc.kill()
-                elif ex.stopping is not None and now - ex.stopping > EXECUTOR_STOP_TIMEOUT_S:
-                    ex.proc.kill()
+        for ex in list(self.executors_running):
+            rc = ex.proc.poll()
+            if rc is not None:
+                self._executor_gone(ex, exit_reason(rc))
+            elif not ex.ready and now - ex.started > EXECUTOR_START_TIMEOUT_S:
+                ex.proc.kill()
+            elif ex.stopping is not None and now - ex.stopping > EXECUTOR_STOP_TIMEOUT_S:
+                ex.proc.kill()
         self._retired = [t for t in self._retired if t.executors]
 
     def _executor_gone(self, ex: ExecutorProc, end: ExitReason | str) -> None:
@@ -161,6 +161,7 @@ class ExecutorControl:
         self._on_control(ex)
         self._on_stderr(ex, last=True)
         del t.executors[ex.device.name]
+        self.executors_running.discard(ex)
         for fds, sock in ((self._lease_fds, ex.lease_sock), (self._ctl_fds, ex.ctl_sock)):
             if sock is not None:
                 self._unwatch(fds, sock)

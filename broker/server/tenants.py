@@ -163,8 +163,7 @@ class TenantService:
             return why
         ts = TenantState(t, gate, d)
         self.tenants[t.name] = ts
-        self._sock_tenant[gate.sock] = ts
-        self.poller.register(gate.sock, zmq.POLLIN)
+        self.tenant_sockets.add(ts)
         return None
 
     # -- tenant sockets -------------------------------------------------------------------
@@ -186,9 +185,16 @@ class TenantService:
                 t.gate.send(ident, P.error(rid, E.CUDA_ERROR_NOT_PERMITTED, t.gate.over_limit_reason()))
             else:
                 self._connection_closed(t, ident)
-        if t.gate.paused and t not in self._paused and not t.gate.sock.closed:
-            self._paused.add(t)
-            self.poller.unregister(t.gate.sock)
+        if t.gate.sock.closed:
+            return
+        if t.gate.conns:
+            self._connected.add(t)
+        else:
+            self._connected.discard(t)
+        if not t.gate.paused:
+            self.tenant_sockets.check(t)    # a bounded batch may have left some unread
+        elif not self.tenant_sockets.paused(t):
+            self.tenant_sockets.pause(t, time.monotonic())
             # Clients wait for heartbeat answers; tell them the silence is throttling, so
             # they do not take the broker for dead. At most once a second: a flood pauses the
             # socket every few milliseconds, and notices must not crowd out the replies.
@@ -333,10 +339,12 @@ class TenantService:
 
     def _expire_sessions(self, now: float) -> None:
         timeout = self.settings.heartbeat_timeout_s
-        for t in self.tenants.values():           # connections whose peer left unannounced
+        for t in list(self._connected):           # connections whose peer left unannounced
             if not t.gate.paused:                   # a throttled tenant is not being read
                 for ident in t.gate.sweep(now, timeout, {s.ident for s in t.sessions.values()}):
                     self._connection_closed(t, ident)
+                if not t.gate.conns:
+                    self._connected.discard(t)
         # Silence counts only while the broker was reading: a tenant over its request rate
         # is left unread, and its sessions must not expire for that.
         for s in [s for s in self.sessions.values()
