@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                         devs = ", ".join(f"{d}: weight {q['weight']}, limit {q['limit'] or '-'}, "
                                          f"{q['class']}, memory {_mib(q['memory_limit'])}"
                                          for d, q in t["devices"].items())
-                        print(f"{name} ({t['sessions']} sessions) {devs}")
+                        src = ", dynamic" if t.get("source") == "dynamic" else ""
+                        print(f"{name} ({t['sessions']} sessions{src}) {devs}")
             elif a.cmd == "set":
                 r = c.call("set_quota", **_set_fields(a))
                 print(json.dumps(r) if a.json else "\n".join([f"updated {r['tenant']}", *r["warnings"]]))

@@ -71,7 +71,8 @@ def test_add_list_change_remove_through_brokerctl(broker_factory):
     assert "removed carol" in ctl(b, "tenant", "remove", "carol").stdout
     with b.admin() as admin:
         assert set(served(admin)) == {"alice"}
-    assert not os.path.exists(os.path.join(b.runtime_dir, "tenants", "carol"))
+    carol_dir = os.path.join(b.runtime_dir, "tenants", "carol")
+    assert not os.path.exists(carol_dir) and os.path.realpath(carol_dir) not in confine.tenant_fs_mounts(b.runtime_dir)
     assert json.load(open(state_file(b)))["tenants"] == {}
     p = ctl(b, "tenant", "remove", "carol", ok=False)
     assert "no dynamic tenant 'carol'" in p.stderr
@@ -90,6 +91,11 @@ def test_the_admin_socket_adds_changes_and_removes_and_a_removed_tenants_session
             assert json.load(open(state_file(b)))["tenants"]["dave"] == {
                 "memory": 64 * MiB, "limit": 0.25, "weight": 700}
             assert served(admin)["dave"]["devices"]["cpu0"]["weight"] == 700
+            assert "dave (1 sessions, dynamic)" in ctl(b, "tenants").stdout
+            # What no tenant table can say is refused, and nothing changes.
+            with pytest.raises(kc.InvalidValueError, match="cannot be kept in the state file.*'limit'"):
+                admin.call("set_quota", tenant="dave", device="cpu0", limit=0)
+            assert served(admin)["dave"]["devices"]["cpu0"]["limit"] == 0.25
             r = admin.call("tenant_remove", tenant="dave")
             assert r == {"tenant": "dave", "sessions_ended": 1}
             with pytest.raises(kc.KubecashError, match="removed by the operator|ended"):
