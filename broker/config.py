@@ -146,6 +146,8 @@ class BrokerSettings(Limits):
     mount_namespace: str = _doc("/proc/1/ns/mnt", "the mount namespace containers are made in: a root broker "
                                 "mounts each new tenant directory's own file system there (\"\": none; README, "
                                 "\"Sandbox\")", path=True, empty=True)
+    state_dir: str = _doc("/var/lib/kubecash", "the broker's state: dynamic tenants (tenants.json; "
+                          "brokerctl tenant), kept across restarts (absolute)", path=True)
     unlisted_owners: bool = _doc(False, "accept owner uids and gids this node has no user or group for "
                                  "(containers' ids often are not in /etc/passwd)")
     # CPU backend: kernels run on threads confined by a seccomp filter (no files, sockets or
@@ -289,37 +291,68 @@ def parse(data: dict[str, Any], path: str = "<config>", device_count: int = 64) 
     tenants_tbl = data.get("tenants", {})
     if not isinstance(tenants_tbl, dict):
         raise _fail(path, "tenants", "must be a table of tenants")
-    tenants: dict[str, Tenant] = {}
-    for name, t in tenants_tbl.items():
-        where = f"tenant '{name}'"
-        if not TENANT_NAME_RE.match(name) or name in (".", ".."):
-            # . and .. would name the tenants directory itself, or the runtime directory
-            raise _fail(path, where, "name must be 1-64 characters of A-Z a-z 0-9 _ . -, not . or ..")
-        if not isinstance(t, dict):
-            raise _fail(path, where, "must be a table")
-        t = dict(t)
-        devices = t.pop("devices", None)
-        if devices is not None and (not isinstance(devices, list) or
-                                    not all(isinstance(d, str) for d in devices)):
-            raise _fail(path, f"{where}, field 'devices'", "must be a list of device names")
-        owner = None
-        if "owner" in t:
-            try:
-                owner = parse_owner(t.pop("owner"), unlisted=broker.unlisted_owners)
-            except ValueError as e:
-                raise _fail(path, f"{where}, field 'owner'", str(e)) from None
-        per_dev_tbl = t.pop("device", {})
-        if not isinstance(per_dev_tbl, dict):
-            raise _fail(path, f"{where}, field 'device'", "must be a table of devices")
-        quota = _quota(path, where, t, Quota(), device_count)
-        per_device = {}
-        for dev, dt in per_dev_tbl.items():
-            if not isinstance(dt, dict):
-                raise _fail(path, f"{where}, device '{dev}'", "must be a table")
-            per_device[dev] = _quota(path, f"{where}, device '{dev}'", dt, quota, device_count)
-        tenants[name] = Tenant(name, quota, tuple(devices) if devices is not None else None,
-                               per_device, owner)
+    tenants = {name: parse_tenant(path, name, t, broker, device_count) for name, t in tenants_tbl.items()}
     return Config(path, broker, tenants)
+
+
+def parse_tenant(path: str, name: Any, t: Any, broker: BrokerSettings, device_count: int = 64) -> Tenant:
+    """Validate one tenant's table (`[tenants.<name>]` of a quota file, or a dynamic tenant's,
+    which must pass exactly the same rules); errors name `path`, the tenant and the field."""
+    where = f"tenant '{name}'"
+    if not isinstance(name, str) or not TENANT_NAME_RE.match(name) or name in (".", ".."):
+        # . and .. would name the tenants directory itself, or the runtime directory
+        raise _fail(path, where, "name must be 1-64 characters of A-Z a-z 0-9 _ . -, not . or ..")
+    if not isinstance(t, dict):
+        raise _fail(path, where, "must be a table")
+    t = dict(t)
+    devices = t.pop("devices", None)
+    if devices is not None and (not isinstance(devices, list) or
+                                not all(isinstance(d, str) for d in devices)):
+        raise _fail(path, f"{where}, field 'devices'", "must be a list of device names")
+    owner = None
+    if "owner" in t:
+        try:
+            owner = parse_owner(t.pop("owner"), unlisted=broker.unlisted_owners)
+        except ValueError as e:
+            raise _fail(path, f"{where}, field 'owner'", str(e)) from None
+    per_dev_tbl = t.pop("device", {})
+    if not isinstance(per_dev_tbl, dict):
+        raise _fail(path, f"{where}, field 'device'", "must be a table of devices")
+    quota = _quota(path, where, t, Quota(), device_count)
+    per_device = {}
+    for dev, dt in per_dev_tbl.items():
+        if not isinstance(dev, str):      # TOML keys always are; a dynamic tenant's may not be
+            raise _fail(path, f"{where}, field 'device'", f"device names are strings, got {dev!r}")
+        if not isinstance(dt, dict):
+            raise _fail(path, f"{where}, device '{dev}'", "must be a table")
+        per_device[dev] = _quota(path, f"{where}, device '{dev}'", dt, quota, device_count)
+    return Tenant(name, quota, tuple(devices) if devices is not None else None, per_device, owner)
+
+
+def _quota_table(q: Quota, base: Quota) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(Quota):
+        v, b = getattr(q, f.name), getattr(base, f.name)
+        if v == b:
+            continue
+        if v is None:       # the file has no way to say "none here" where the base has one
+            raise ValueError(f"field '{f.metadata.get('key', f.name)}' cannot be unset for one device "
+                             "alone in a tenant's table")
+        out[f.metadata.get("key", f.name)] = v
+    return out
+
+
+def tenant_table(t: Tenant) -> dict[str, Any]:
+    """A tenant as the table its quota-file entry would be (what parse_tenant reads back to an
+    equal Tenant): sizes in bytes, the owner as "uid:gid". ValueError for what no table says."""
+    table = _quota_table(t.quota, Quota())
+    if t.devices is not None:
+        table["devices"] = list(t.devices)
+    if t.owner is not None:
+        table["owner"] = f"{t.owner[0]}:{t.owner[1]}"
+    if t.per_device:
+        table["device"] = {d: _quota_table(q, t.quota) for d, q in t.per_device.items()}
+    return table
 
 
 def shared_owners(config: Config) -> dict[int, list[str]]:

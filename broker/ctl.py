@@ -80,7 +80,7 @@ def format_status(st: dict) -> str:
             lines.append(f"{tname:<13} {dname:<7} {t['sessions']:>4}  {d['weight']:>6}  {lim:<6}  "
                          f"{d['class']:<7}  {_pct(d['share'].get('10s')):>9}  "
                          f"{_mib(d['memory_used']):>8}/{_mib(d['memory_limit']):<10}  {d['kernels']:>9}")
-    return "\n".join(lines)
+    return "\n".join(lines + _state_lines(st.get("state", {})))
 
 
 def _set_fields(a: argparse.Namespace) -> dict[str, Any]:
@@ -98,6 +98,54 @@ def _set_fields(a: argparse.Namespace) -> dict[str, Any]:
     if len(fields) == 1 + ("device" in fields):
         raise ValueError("set: nothing to change (give --weight, --limit, --memory or --class)")
     return fields
+
+
+def _value(text: str) -> Any:
+    """A table value as the quota file would hold it: an integer, a number, or a string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def tenant_table(a: argparse.Namespace) -> dict[str, Any]:
+    """`tenant add`'s flags as the tenant's table (the broker checks it as the quota file's)."""
+    table: dict[str, Any] = {}
+    for key, value in (("memory", a.memory), ("weight", a.weight), ("limit", a.limit), ("class", a.klass),
+                       ("max_kernel_seconds", a.max_kernel_seconds), ("owner", a.owner)):
+        if value is not None:
+            table[key] = value
+    if a.devices is not None:
+        table["devices"] = [d for d in a.devices.split(",") if d]
+    for item in a.device_quota or []:
+        dev, colon, rest = item.partition(":")
+        key, eq, value = rest.partition("=")
+        if not (dev and colon and key and eq):
+            raise ValueError(f"--device-quota {item!r}: expected DEVICE:FIELD=VALUE, e.g. gpu0:memory=2GiB")
+        table.setdefault("device", {}).setdefault(dev, {})[key] = _value(value)
+    return table
+
+
+def format_tenant_list(r: dict) -> str:
+    lines = ["TENANT        SOURCE   SERVED  DEFINITION"]
+    for name, t in r["tenants"].items():
+        table = dict(t["table"])
+        per_dev = table.pop("device", {})
+        desc = ", ".join([f"{k}={_mib(v) if k == 'memory' else v}" for k, v in table.items()] +
+                         [f"{d}: {k}={_mib(v) if k == 'memory' else v}" for d, q in per_dev.items()
+                          for k, v in q.items()]) or "(defaults)"
+        lines.append(f"{name:<13} {t['source']:<8} {'yes' if t['served'] else 'no':<6}  {desc}")
+    return "\n".join(lines + _state_lines(r["state"]))
+
+
+def _state_lines(st: dict) -> list[str]:
+    problem = st.get("problem")
+    if not problem:
+        return []
+    where = f"set aside as {problem['set_aside']}" if problem.get("set_aside") else "left in place, unread"
+    return ["", f"STATE FILE UNUSABLE at start ({where}); its dynamic tenants are not served: {problem['error']}"]
 
 
 def _top(c: AdminClient, count: int | None) -> None:
@@ -145,6 +193,24 @@ def main(argv: list[str] | None = None) -> int:
     dr.add_argument("device")
     dr.add_argument("--undo", action="store_true", help="resume granting leases")
     sub.add_parser("reload", help="re-read the quota file (an invalid one changes nothing)")
+    tn = sub.add_parser("tenant", help="dynamic tenants: add (or change), remove, list")
+    tsub = tn.add_subparsers(dest="tenant_cmd", required=True)
+    ta = tsub.add_parser("add", parents=[common], help="make a dynamic tenant (kept across restarts); "
+                         "the fields are the quota file's")
+    ta.add_argument("tenant")
+    ta.add_argument("--memory", help='per device, e.g. "512MiB"')
+    ta.add_argument("--weight", type=int)
+    ta.add_argument("--limit", type=float, help="fraction of device time")
+    ta.add_argument("--class", dest="klass", help="batch or latency")
+    ta.add_argument("--max-kernel-seconds", type=float)
+    ta.add_argument("--devices", help="comma-separated devices it may use (default: all)")
+    ta.add_argument("--owner", help="uid[:gid] its containers run as")
+    ta.add_argument("--device-quota", action="append", metavar="DEVICE:FIELD=VALUE",
+                    help="a per-device override, e.g. gpu0:memory=2GiB (repeatable)")
+    ta.add_argument("--replace", action="store_true", help="change it if it exists with another definition")
+    tr = tsub.add_parser("remove", parents=[common], help="remove a dynamic tenant: its sessions end")
+    tr.add_argument("tenant")
+    tsub.add_parser("list", parents=[common], help="every tenant, where it is defined, and how")
     tp = sub.add_parser("top", help="live view, refreshed every second")
     tp.add_argument("--count", type=int, help=argparse.SUPPRESS)
     cd = sub.add_parser("cdi", help="write a CDI spec: one device per tenant")
@@ -166,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                         devs = ", ".join(f"{d}: weight {q['weight']}, limit {q['limit'] or '-'}, "
                                          f"{q['class']}, memory {_mib(q['memory_limit'])}"
                                          for d, q in t["devices"].items())
-                        print(f"{name} ({t['sessions']} sessions) {devs}")
+                        src = ", dynamic" if t.get("source") == "dynamic" else ""
+                        print(f"{name} ({t['sessions']} sessions{src}) {devs}")
             elif a.cmd == "set":
                 r = c.call("set_quota", **_set_fields(a))
                 print(json.dumps(r) if a.json else "\n".join([f"updated {r['tenant']}", *r["warnings"]]))
@@ -184,6 +251,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"reloaded: {len(r['tenants'])} tenants (added {', '.join(r['added']) or 'none'}; "
                       f"removed {', '.join(r['removed']) or 'none'})"
                       + "".join(f"\n{w}" for w in r["warnings"]))
+            elif a.cmd == "tenant" and a.tenant_cmd == "add":
+                r = c.call("tenant_add", tenant=a.tenant, table=tenant_table(a), replace=a.replace)
+                what = "added" if r["created"] else "changed" if r["changed"] else "unchanged"
+                print(json.dumps(r) if a.json else "\n".join([f"{what} {r['tenant']}", *r["warnings"]]))
+            elif a.cmd == "tenant" and a.tenant_cmd == "remove":
+                r = c.call("tenant_remove", tenant=a.tenant)
+                print(json.dumps(r) if a.json else
+                      f"removed {r['tenant']}: {r['sessions_ended']} sessions ended")
+            elif a.cmd == "tenant":
+                r = c.call("tenant_list")
+                print(json.dumps(r, indent=2) if a.json else format_tenant_list(r))
             elif a.cmd == "top":
                 _top(c, a.count)
             elif a.cmd == "cdi":

@@ -63,8 +63,10 @@ class LocalBroker:
         if config_path is None:
             config_path = os.path.join(self.runtime_dir, "quota.toml")
             with open(config_path, "w") as f:
-                # Any free port for metrics, so brokers side by side do not collide.
-                settings = {"runtime_dir": self.runtime_dir, "metrics_address": "127.0.0.1:0", **broker}
+                # Any free port for metrics, so brokers side by side do not collide; the state
+                # file in the private directory (a broker restarted on it finds it there).
+                settings = {"runtime_dir": self.runtime_dir, "metrics_address": "127.0.0.1:0",
+                            "state_dir": os.path.join(self.runtime_dir, "state"), **broker}
                 f.write(toml_dumps(settings, tenants or {}))
         self.config_path = config_path
         from . import config as cfg

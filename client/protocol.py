@@ -241,7 +241,9 @@ _M: list[Message] = [
     # -- admin: brokerctl -> the broker's admin socket --------------------------------------
     Message("status", ADMIN, {},
             reply={"devices": MAP, "tenants": MAP, "uptime_s": NUMBER, "quantum_ms": NUMBER,
-                   "runtime_dir": TEXT, "metrics_address": TEXT, "config": TEXT}),
+                   "runtime_dir": TEXT, "metrics_address": TEXT, "config": TEXT,
+                   "state": F(dict, doc="the state file: its path, the dynamic tenants, and the problem "
+                                        "it had at start (nil: none)")}),
     Message("reload", ADMIN, {},
             reply={"tenants": F(list, items=str), "added": F(list, items=str),
                    "removed": F(list, items=str),
@@ -258,6 +260,20 @@ _M: list[Message] = [
              "memory": F(int, required=False, lo=0, hi=1 << 62),
              "class": F(str, required=False, maxlen=16)},
             reply={"tenant": TEXT, "warnings": F(list, items=str, doc="what did not take effect, and why")}),
+    Message("tenant_add", ADMIN,
+            {"tenant": NAME,
+             "table": F(dict, maxlen=64, doc="its definition: the fields of [tenants.<name>] in a quota "
+                                             "file (checked by the same rules)"),
+             "replace": F(bool, required=False, doc="change it if it exists with another definition")},
+            reply={"tenant": TEXT, "created": BOOL, "changed": BOOL,
+                   "served": BOOL, "warnings": F(list, items=str)},
+            doc="make (or change) a dynamic tenant, kept in the state file; the same table again "
+                "changes nothing"),
+    Message("tenant_remove", ADMIN, {"tenant": NAME}, reply={"tenant": TEXT, "sessions_ended": COUNT},
+            doc="remove a dynamic tenant: its sessions end, its executors stop, its directory goes"),
+    Message("tenant_list", ADMIN, {},
+            reply={"tenants": F(dict, doc="name -> source (file or dynamic), served, table"),
+                   "state": MAP}),
 
     # -- control: broker -> executor ---------------------------------------------------------
     Message("session_add", CONTROL, {"session": SESSION}),

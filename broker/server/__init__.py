@@ -6,11 +6,12 @@ per (tenant, device) when a session first opens that device, ends it with the te
 session, and purges sessions whose heartbeats stop. It never runs tenant code and never
 holds tenant data: per-kernel traffic goes straight from clients to their executor.
 
-Rooms (the Broker class is composed of one mixin from each of the first four):
+Rooms (the Broker class is composed of one mixin from each of the first five):
   tenants.py    tenant sockets, client sessions and their requests
   executors.py  executor processes and their control socketpair
   leases.py     lease socketpair, device grants, limit buckets, max_kernel_seconds
   admin.py      the operator's socket: status, evict, drain, reload, set_quota
+  dynamic.py    dynamic tenants: tenant_add, tenant_remove, tenant_list; the state file
   cache.py      the compiled-kernel cache's size cap
   core.py       Broker: state, start, serve loop, housekeeping, publish, close
 """

@@ -1,5 +1,6 @@
 """The operator's socket (what brokerctl talks to) and its requests: status, evict, drain,
 reload, set_quota; and what a reload or a quota change does to the tenants running now.
+(Dynamic tenants' requests, and their state file, are in dynamic.py.)
 """
 from __future__ import annotations
 
@@ -85,10 +86,12 @@ class AdminService:
                              "connections": t.gate.connections,
                              "refused_connections": t.gate.refused_connections,
                              "refused_messages": t.gate.refused_messages,
-                             "throttled": t.gate.paused, "directory": _directory_use(t.dir)}
+                             "throttled": t.gate.paused, "directory": _directory_use(t.dir),
+                             "source": "dynamic" if name in self.dynamic else "file"}
         return {"devices": devices, "tenants": tenants, "uptime_s": (now - self.started_ns) / NS,
                 "quantum_ms": self.settings.quantum_ms, "runtime_dir": self.runtime_dir,
-                "metrics_address": self.metrics_address, "config": self.config.path}
+                "metrics_address": self.metrics_address, "config": self.config.path,
+                "state": self._state_status()}
 
     def _admin_evict(self, msg: dict) -> dict:
         """End every session of a tenant now; its executors exit and free everything."""
@@ -126,9 +129,16 @@ class AdminService:
         except cfg.ConfigError as e:
             raise error_from_code(E.CUDA_ERROR_INVALID_VALUE,
                            f"reload refused, the running configuration stays: {e}") from None
+        taken = sorted(set(new.tenants) & set(self.dynamic))
+        if taken:
+            raise error_from_code(E.CUDA_ERROR_INVALID_VALUE,
+                                  f"reload refused, the running configuration stays: {self.config.path}: "
+                                  + ", ".join(f"tenant '{n}'" for n in taken) + " is a dynamic tenant "
+                                  "(brokerctl tenant remove it first, or name the file's tenant otherwise)")
+        new = dataclasses.replace(new, tenants={**new.tenants, **self.dynamic})
         self._warn_shared_owners(new)
         restart_only = ("runtime_dir", "cache_dir", "max_message_bytes", "metrics_address",
-                        "admin_socket", "mount_namespace")
+                        "admin_socket", "mount_namespace", "state_dir")
         pending = [k for k in restart_only if getattr(new.broker, k) != getattr(self.settings, k)
                    and not (k == "runtime_dir" and os.path.abspath(new.broker.runtime_dir) == self.runtime_dir)]
         self.settings = dataclasses.replace(
@@ -150,30 +160,39 @@ class AdminService:
                 warnings.append(f"tenant '{name}' is not served: {why}")
         for name, t in self.tenants.items():
             if name not in added and t.config != new.tenants[name]:
-                if t.config.owner != new.tenants[name].owner:       # executors: next start
-                    self._allocated_uids.pop(name, None)
-                    try:
-                        _own_tenant_dir(self.runtime_dir, name, self._executor_ids(new.tenants[name]))
-                    except OSError as e:
-                        warnings.append(f"tenant '{name}': its directory keeps its owner ({e})")
-                        log.warning("%s", warnings[-1])
-                t.config = new.tenants[name]
-                why = self._apply_quota(t)
-                if why is not None:
-                    warnings.append(f"tenant '{name}': {why}")
+                warnings += self._change_tenant(t, new.tenants[name])
         log.info("configuration reloaded from %s: %d tenants (added %s, removed %s)%s",
                  self.config.path, len(self.tenants), added or "none", removed or "none",
                  f"; {', '.join(pending)} take effect at restart" if pending else "")
         return {"tenants": sorted(self.tenants), "added": [n for n in added if n in self.tenants],
                 "removed": removed, "restart_needed_for": pending, "warnings": warnings}
 
-    def _retire_tenant(self, t: TenantState) -> None:
-        """A tenant removed from the configuration: its sessions end cleanly, its socket goes."""
+    def _change_tenant(self, t: TenantState, new: cfg.Tenant) -> list[str]:
+        """A served tenant's definition changed (a reload, a dynamic tenant replaced): applied
+        live; what did not follow, and why."""
+        warnings = []
+        name = t.config.name
+        if t.config.owner != new.owner:       # executors: next start
+            self._allocated_uids.pop(name, None)
+            try:
+                _own_tenant_dir(self.runtime_dir, name, self._executor_ids(new))
+            except OSError as e:
+                warnings.append(f"tenant '{name}': its directory keeps its owner ({e})")
+                log.warning("%s", warnings[-1])
+        t.config = new
+        why = self._apply_quota(t)
+        if why is not None:
+            warnings.append(f"tenant '{name}': {why}")
+        return warnings
+
+    def _retire_tenant(self, t: TenantState, why: str = "removed from the broker's configuration") -> int:
+        """A tenant removed (from the configuration, or by the operator): its sessions end
+        cleanly, its executors stop, its socket goes. How many sessions ended."""
+        ended = len(t.sessions)
         for s in list(t.sessions.values()):
             t.gate.send(s.ident, P.event("session_ended", code=int(E.CUDA_ERROR_DEINITIALIZED),
-                                                error=f"tenant '{t.config.name}' was removed "
-                                                      "from the broker's configuration"))
-            self._end_session(s, "tenant removed from the configuration")
+                                                error=f"tenant '{t.config.name}' was {why}"))
+            self._end_session(s, f"tenant {why}")
         for sched in self.schedulers.values():
             sched.forget(t.config.name)
         for ex in list(t.executors.values()):
@@ -188,6 +207,7 @@ class AdminService:
             os.unlink(P.broker_socket_path(self.runtime_dir, t.config.name))
         except OSError:
             pass
+        return ended
 
     def _admin_set_quota(self, msg: dict) -> dict:
         t = self.tenants.get(msg["tenant"])
@@ -211,12 +231,15 @@ class AdminService:
             q = dataclasses.replace(q, limit=None)
         if device:
             per = dict(t.config.per_device, **{device: q})
-            t.config = dataclasses.replace(t.config, per_device=per)
+            changed = dataclasses.replace(t.config, per_device=per)
         else:
             per = {d: dataclasses.replace(pq, **{f: getattr(q, f) for f in ("weight", "limit", "klass", "memory")
                                                  if getattr(q, f) != getattr(t.config.quota, f)})
                    for d, pq in t.config.per_device.items()}
-            t.config = dataclasses.replace(t.config, quota=q, per_device=per)
+            changed = dataclasses.replace(t.config, quota=q, per_device=per)
+        if t.config.name in self.dynamic:      # kept in the state file first: a restart keeps it
+            self._commit_dynamic({**self.dynamic, t.config.name: changed})
+        t.config = changed
         why = self._apply_quota(t)
         return {"tenant": t.config.name, "warnings": [why] if why else []}
 

@@ -1,5 +1,5 @@
 """The Broker itself: the control plane of one node, composed of the rooms next to it
-(tenants, executors, leases, admin). Here: its state, start (runtime directory and sockets),
+(tenants, executors, leases, admin, dynamic). Here: its state, start (runtime directory and sockets),
 the serve loop, the per-pass housekeeping, publishing (metrics, systemd status) and close.
 
 The loop follows the Majordomo pattern (poll with the heartbeat interval, purge dead peers
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import subprocess
 import time
 
@@ -20,12 +19,13 @@ import zmq
 from kubecash.client.errors import CudaError, map_exceptions
 
 from .. import config as cfg
-from .. import confine, metrics
+from .. import confine, metrics, state
 from ..devices import NodeDevice, discover
 from ..notify import Notifier
 from ..scheduler import NS, DeviceScheduler, LimitBucket
 from .admin import AdminService
 from .cache import CACHE_TRIM_INTERVAL_S, trim_cache
+from .dynamic import DynamicTenants
 from .executors import EXECUTOR_STOP_TIMEOUT_S, ExecutorControl, ExecutorProc
 from .leases import LeaseScheduling
 from .readiness import TenantSockets
@@ -35,7 +35,7 @@ log = logging.getLogger("kubecash.broker")
 STATUS_INTERVAL_S = 1.0       # systemd STATUS= refresh
 
 
-class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
+class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService, DynamicTenants):
     def __init__(self, config: cfg.Config, devices: list[NodeDevice] | None = None):
         self.config = config
         self.settings = config.broker
@@ -44,6 +44,10 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
         self.private_dir = os.path.join(self.runtime_dir, "private")
         self.jail_dir = os.path.join(self.private_dir, "jail")
         self._allocated_uids: dict[str, int] = {}   # tenant -> its executors' uid (no owner)
+        # self.config holds the file's tenants and these (dynamic.py), whose names never collide
+        self.dynamic: dict[str, cfg.Tenant] = {}
+        self.state_path = state.path_in(self.settings.state_dir)
+        self.state_problem: dict | None = None       # an unusable state file, set aside at start
         self.ctx = zmq.Context()
         self.tenants: dict[str, TenantState] = {}
         self.sessions: dict[bytes, ClientSession] = {}
@@ -88,12 +92,10 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService):
         # A previous broker's leftovers (sockets, shared-memory files) must not block us.
         # Tenant directories themselves stay: running containers have them bind-mounted,
         # and a new directory would not be what they see.
+        self._load_dynamic()         # before: its tenants' directories stay too
         for name in os.listdir(tenants_root):
-            d = os.path.join(tenants_root, name)
             if name not in self.config.tenants:
-                if confine.can_confine() and self.settings.mount_namespace:
-                    confine.unmount_tenant_fs_under(d, namespace=self.settings.mount_namespace)
-                shutil.rmtree(d, ignore_errors=True)
+                self._remove_tenant_dir(name)
                 continue
             clear_tenant_dir(self.runtime_dir, name)
         os.makedirs(self.settings.resolved_cache_dir, mode=0o700, exist_ok=True)
