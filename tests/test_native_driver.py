@@ -78,7 +78,7 @@ def exec_tour(tmp_path_factory) -> tuple[str, dict[str, str]]:
     exe = str(out / "exec_tour")
     r = subprocess.run(["cc", "-Wall", "-Wno-deprecated-declarations", "-o", exe,
                         os.path.join(HERE, "c", "exec_tour.c"), "-I", _cuda_include(), "-L", _libdir(),
-                        "-Wl,--no-as-needed", "-l:libcuda.so.1", "-lm"],
+                        "-Wl,--no-as-needed", "-l:libcuda.so.1", "-lm", "-lpthread"],
                        capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert r.returncode == 0, r.stderr
     return exe, images
@@ -379,6 +379,26 @@ def test_exec_tour(exec_tour, quota_broker, kind):
     # refused launch attributes are named
     assert "CU_LAUNCH_ATTRIBUTE_COOPERATIVE (2) with this value is not supported" in err, err
     assert "CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_EVENT (7) is not supported" in err, err
+
+
+@pytest.mark.parametrize("mode", ["threads", "fork"])
+def test_exec_threads_and_fork(exec_tour, quota_broker, mode):
+    """threads: four threads, each launching on a stream of its own, share the session.
+    fork: the child's session is its own, so its parent's module, function and stream
+    handles are INVALID_HANDLE there; the parent's still work afterwards."""
+    exe, images = exec_tour
+    v, err = run(exe, mode, images["ptx"], broker=quota_broker.address("alice"))
+    bad = {k: x for k, x in v.items() if k.startswith("check_") and not x.startswith("1")}
+    assert not bad and v["failed"] == "0", (bad, err[-3000:])
+
+
+def test_exec_device_fault_is_sticky(exec_tour, quota_broker):
+    """A kernel that traps: the next synchronization says CUDA_ERROR_ILLEGAL_INSTRUCTION, and
+    so does every later call on that context, as on a GPU."""
+    exe, images = exec_tour
+    v, err = run(exe, "fault", images["ptx"], broker=quota_broker.address("alice"))
+    bad = {k: x for k, x in v.items() if k.startswith("check_") and not x.startswith("1")}
+    assert not bad and v["failed"] == "0", (bad, err[-3000:])
 
 
 def test_exec_launch_rate(exec_tour, quota_broker):

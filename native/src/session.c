@@ -170,7 +170,7 @@ static CUresult executor_lost(int device, char *err, size_t errlen) {
     const uint8_t *msg; size_t n;
     char why[512];
     snprintf(why, sizeof why, "%s", err);
-    for (int k = 0; k < 10 && !g.dev_failed[device]; k++)
+    for (int k = 0; k < 30 && !g.dev_failed[device]; k++)      /* up to 3 s: a loaded machine */
         if (zmtp_recv(&g.broker, &msg, &n, SLICE_MS, err, errlen) > 0) {
             struct mp_val m;
             if (mp_read(msg, msg + n, &m) == 0 && m.type == MP_MAP) on_event(&m);
@@ -195,7 +195,7 @@ static CUresult request(struct kc_conn *c, int device, const char *op, int sessi
     if (b.oom) { mp_free(&b); snprintf(err, errlen, "out of memory"); return CUDA_ERROR_OUT_OF_MEMORY; }
     int sent = zmtp_send(c, b.p, b.n, err, errlen);
     mp_free(&b);
-    if (sent) return CUDA_ERROR_UNKNOWN;
+    if (sent) return device >= 0 && c != &g.broker ? executor_lost(device, err, errlen) : CUDA_ERROR_UNKNOWN;
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
@@ -512,6 +512,7 @@ CUresult kc_device_attach(int i) {
 CUresult kc_exec_request(int i, const char *op, const struct kc_buf *body, uint32_t nfields, struct mp_val *reply) {
     CUresult rc = kc_device_attach(i);
     if (rc) return rc;
+    if (g.dev_failed[i]) return g.dev_failed[i];       /* a lost context stays lost (sticky) */
     char err[1024];
     rc = request(&g.dev[i].exec, i, op, 1, body, nfields, reply, -1, err, sizeof err);
     if (rc) log_failure(op, g.dev[i].name, rc, err);

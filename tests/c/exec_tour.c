@@ -6,9 +6,15 @@
  * line is failed=<count>. tests/test_native_driver.py builds and runs it.
  *
  *   exec_tour ptx|fatbin <image file>     the tour
+ *   exec_tour threads <image file>        threads launching on streams of their own at once
+ *   exec_tour fork <image file>           a forked child: its parent's handles are not its own
+ *   exec_tour fault <image file>          a kernel that traps: the error is sticky
  *   exec_tour bench <image file> <count>  launches/s: posted launches, then launch + sync */
 #include <cuda.h>
 #include <math.h>
+#include <pthread.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,6 +87,99 @@ static int bench(CUmodule mod, long count) {
     return 0;
 }
 
+/* n floats: c = a + b (+ the module's bias, 0 here) on stream s, checked; 1 if right. */
+static int vec_add_once(CUfunction f, CUstream s, int n, float seed) {
+    size_t bytes = n * sizeof(float);
+    float *a = malloc(bytes), *b = malloc(bytes), *c = malloc(bytes);
+    for (int i = 0; i < n; i++) a[i] = seed + i, b[i] = 2.0f * i, c[i] = -1;
+    CUdeviceptr da, db, dc;
+    int ok = !cuMemAlloc(&da, bytes) && !cuMemAlloc(&db, bytes) && !cuMemAlloc(&dc, bytes);
+    void *args[] = {&da, &db, &dc, &n};
+    ok = ok && !cuMemcpyHtoDAsync(da, a, bytes, s) && !cuMemcpyHtoDAsync(db, b, bytes, s) &&
+         !cuLaunchKernel(f, (n + 127) / 128, 1, 1, 128, 1, 1, 0, s, args, NULL) &&
+         !cuMemcpyDtoHAsync(c, dc, bytes, s) && !cuStreamSynchronize(s);
+    for (int i = 0; i < n && ok; i++) ok = c[i] == seed + 3.0f * i;
+    ok = !cuMemFree(da) && !cuMemFree(db) && !cuMemFree(dc) && ok;
+    free(a); free(b); free(c);
+    return ok;
+}
+
+static CUmodule shared_mod;
+static CUcontext shared_ctx;
+static void *worker(void *arg) {
+    long t = (long)arg;
+    CUfunction f;
+    CUstream s;
+    if (cuCtxSetCurrent(shared_ctx) || cuModuleGetFunction(&f, shared_mod, "vec_add") || cuStreamCreate(&s, 0))
+        return (void *)1;
+    int ok = 1;
+    for (int k = 0; k < 15 && ok; k++) ok = vec_add_once(f, s, 1000 + 37 * (int)t + k, (float)(t * 100 + k));
+    ok = !cuStreamDestroy(s) && ok;
+    return (void *)(long)!ok;
+}
+
+static void threads(CUcontext ctx, const char *image) {
+    if (cuModuleLoadData(&shared_mod, image)) { failed++; return; }
+    shared_ctx = ctx;
+    pthread_t th[4];
+    long bad_threads = 0;
+    for (long t = 0; t < 4; t++) pthread_create(&th[t], NULL, worker, (void *)t);
+    for (int t = 0; t < 4; t++) {
+        void *r;
+        pthread_join(th[t], &r);
+        bad_threads += (long)r;
+    }
+    CHECK("threads", bad_threads == 0, "%ld threads failed", bad_threads);
+}
+
+/* A module from the image and one of its kernels, checked under `what`. */
+static CUfunction kernel_of(const char *what, const void *image, const char *name, CUmodule *mod) {
+    CUfunction f = NULL;
+    CUresult r = cuModuleLoadData(mod, image);
+    if (!r) r = cuModuleGetFunction(&f, *mod, name);
+    CHECK(what, r == CUDA_SUCCESS, "loading %s: %d", name, (int)r);
+    return f;
+}
+
+static void forked(CUcontext ctx, const char *image) {
+    CUmodule mod;
+    CUstream s;
+    CUfunction f = kernel_of("parent_load", image, "vec_add", &mod);
+    OK("parent_stream", cuStreamCreate(&s, 0));
+    CHECK("parent_before", vec_add_once(f, s, 5000, 1.0f), "%s", "wrong result");
+    pid_t pid = fork();
+    if (pid == 0) {                          /* a session of its own: the old handles are stale */
+        CUmodule m2;
+        CUfunction f2;
+        int n = 1;
+        void *args[] = {&n, &n, &n, &n};
+        int ok = cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, NULL, args, NULL) == CUDA_ERROR_INVALID_HANDLE &&
+                 cuStreamSynchronize(s) == CUDA_ERROR_INVALID_HANDLE &&
+                 cuModuleGetFunction(&f2, mod, "vec_add") == CUDA_ERROR_INVALID_HANDLE &&
+                 !cuModuleLoadData(&m2, image) && !cuModuleGetFunction(&f2, m2, "vec_add") &&
+                 vec_add_once(f2, NULL, 3000, 7.0f);
+        _exit(ok ? 0 : 3);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK("child", WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d", status);
+    CHECK("parent_after", vec_add_once(f, s, 5000, 2.0f), "%s", "wrong result");
+}
+
+static void fault(CUcontext ctx, const char *image) {
+    CUmodule mod;
+    CUdeviceptr out;
+    CUfunction f = kernel_of("load", image, "boom", &mod);
+    OK("alloc", cuMemAlloc(&out, 64 * sizeof(int)));
+    void *args[] = {&out};
+    OK("launch", cuLaunchKernel(f, 1, 1, 1, 32, 1, 1, 0, NULL, args, NULL));
+    RC("sync", cuCtxSynchronize(), CUDA_ERROR_ILLEGAL_INSTRUCTION);
+    RC("sticky_sync", cuCtxSynchronize(), CUDA_ERROR_ILLEGAL_INSTRUCTION);
+    RC("sticky_alloc", cuMemAlloc(&out, 64), CUDA_ERROR_ILLEGAL_INSTRUCTION);
+    RC("sticky_launch_sync", cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, NULL, args, NULL) ?: cuCtxSynchronize(),
+       CUDA_ERROR_ILLEGAL_INSTRUCTION);
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     if (argc < 3) { fprintf(stderr, "usage: exec_tour ptx|fatbin|bench <image> [count]\n"); return 2; }
@@ -98,6 +197,13 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "bench")) {
         if (cuModuleLoadData(&mod, image)) return 1;
         return bench(mod, argc > 3 ? atol(argv[3]) : 20000);
+    }
+    void (*other)(CUcontext, const char *) = !strcmp(mode, "threads") ? threads
+                                          : !strcmp(mode, "fork") ? forked : !strcmp(mode, "fault") ? fault : NULL;
+    if (other) {
+        other(ctx, image);
+        printf("failed=%d\n", failed);
+        return 0;
     }
     int is_fatbin = !strcmp(mode, "fatbin");
 

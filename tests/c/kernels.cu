@@ -18,3 +18,9 @@ extern "C" __global__ void affine(char tag, double *out, Affine f, const float *
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < f.count) out[i] = (double)in[i] * f.scale + f.shift + (double)tag;
 }
+
+// A device fault: the trap instruction (CUDA_ERROR_ILLEGAL_INSTRUCTION), sticky for the context.
+extern "C" __global__ void boom(int *out) {
+    if (threadIdx.x == 3) asm volatile("trap;");
+    out[threadIdx.x] = 1;
+}
