@@ -71,6 +71,7 @@ DRIVER: dict[str, str] = {
     # streams (0, CU_STREAM_LEGACY and CU_STREAM_PER_THREAD: the executor's default stream)
     "cuStreamCreate": BROKER,
     "cuStreamCreateWithPriority": BROKER,  # priorities: the range is (0, 0)
+    "cuCtxGetStreamPriorityRange": LOCAL,  # (0, 0), as shim/drv_stream.py answers
     "cuStreamDestroy_v2": BROKER,
     "cuStreamDestroy": BROKER,             # the same prototype
     "cuStreamSynchronize": BROKER,

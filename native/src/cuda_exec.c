@@ -45,8 +45,8 @@ struct obj {
     int dev;
     unsigned epoch;
     uint32_t gen;
-    uint64_t h;                  /* the executor's handle (library: its module's object index) */
-    uint32_t module;             /* function: its module's index; library: its module's */
+    uint64_t h;                  /* the executor's handle (library: its module's CUmodule) */
+    uint32_t module;             /* function: its module's index */
     uint32_t nparams;
     uint32_t *sizes;             /* function: each parameter's bytes (get_function's param_sizes) */
     unsigned flags;
@@ -456,7 +456,7 @@ static CUresult load_library(CUhandle *lib, const void *code, size_t avail) {
         rc = CUDA_ERROR_OUT_OF_MEMORY;
     }
     if (!rc) {
-        objs[lidx]->module = midx;
+        objs[lidx]->h = (uint64_t)(uintptr_t)handle_of(midx);   /* checked on use: it may be unloaded */
         *lib = handle_of(lidx);
     }
     kc_unlock();
@@ -477,27 +477,23 @@ KC_EXPORT CUresult cuLibraryLoadFromFile(CUhandle *library, const char *fileName
     return from_file(fileName, load_library, library);
 }
 
+/* The library's module (lock held), or NULL (also once the program unloaded that module). */
+static struct obj *library_module(CUhandle library, uint32_t *midx) {
+    struct obj *l = lookup(library, K_LIBRARY, NULL);
+    return l ? lookup((CUhandle)(uintptr_t)l->h, K_MODULE, midx) : NULL;
+}
+
 KC_EXPORT CUresult cuLibraryUnload(CUhandle library) {
     CUresult rc = kc_lock(0);
     if (rc) return rc;
-    uint32_t lidx;
-    struct obj *l = lookup(library, K_LIBRARY, &lidx);
-    if (!l) rc = CUDA_ERROR_INVALID_HANDLE;
+    uint32_t lidx, midx;
+    if (!lookup(library, K_LIBRARY, &lidx)) rc = CUDA_ERROR_INVALID_HANDLE;
     else {
-        uint32_t midx = l->module;
-        if (objs[midx] && objs[midx]->kind == K_MODULE) rc = unload_module(midx);
+        if (library_module(library, &midx)) rc = unload_module(midx);
         drop_obj(lidx);
     }
     kc_unlock();
     return rc;
-}
-
-/* The library's module (lock held), or NULL. */
-static struct obj *library_module(CUhandle library, uint32_t *midx) {
-    struct obj *l = lookup(library, K_LIBRARY, NULL);
-    if (!l || !objs[l->module] || objs[l->module]->kind != K_MODULE) return NULL;
-    *midx = l->module;
-    return objs[l->module];
 }
 
 KC_EXPORT CUresult cuLibraryGetModule(CUhandle *pMod, CUhandle library) {
@@ -831,6 +827,15 @@ KC_EXPORT CUresult cuStreamCreate(CUhandle *phStream, unsigned int Flags) { retu
 /* Priorities are not supported: the range is (0, 0), and CUDA clamps a priority into it. */
 KC_EXPORT CUresult cuStreamCreateWithPriority(CUhandle *phStream, unsigned int flags, int priority) {
     return stream_create(phStream, flags);
+}
+
+KC_EXPORT CUresult cuCtxGetStreamPriorityRange(int *leastPriority, int *greatestPriority) {
+    CUresult rc = lock_current(&(int){0});
+    if (rc) return rc;
+    kc_unlock();
+    if (leastPriority) *leastPriority = 0;
+    if (greatestPriority) *greatestPriority = 0;
+    return CUDA_SUCCESS;
 }
 
 static CUresult stream_destroy(CUhandle s) { return destroy(&STREAMS, s); }

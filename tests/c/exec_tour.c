@@ -284,6 +284,9 @@ int main(int argc, char **argv) {
     int prio = 99;
     OK("stream_flags", cuStreamGetFlags(s, &flags));
     CHECK("stream_flags_value", flags == CU_STREAM_NON_BLOCKING, "got %u", flags);
+    int least = 9, greatest = 9;
+    OK("priority_range", cuCtxGetStreamPriorityRange(&least, &greatest));
+    CHECK("priority_range_value", least == 0 && greatest == 0, "(%d, %d)", least, greatest);
     OK("stream_priority", cuStreamGetPriority(s2, &prio));
     CHECK("stream_priority_value", prio == 0, "got %d", prio);
     CUevent start, stop, untimed;
