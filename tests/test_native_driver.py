@@ -64,13 +64,14 @@ def _nvcc() -> str | None:
 
 @pytest.fixture(scope="module")
 def exec_tour(tmp_path_factory) -> tuple[str, dict[str, str]]:
-    """exec_tour built against cuda.h, and tests/c/kernels.cu as nvcc makes it: PTX and a fatbin."""
+    """exec_tour built against cuda.h, and tests/c/kernels.cu as nvcc makes it: PTX, a fatbin
+    and a CUBIN."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("no nvcc here (the CUDA toolkit is not installed): no PTX or fatbin to load")
     out = tmp_path_factory.mktemp("native-exec")
     src = os.path.join(HERE, "c", "kernels.cu")
-    images = {"ptx": str(out / "kernels.ptx"), "fatbin": str(out / "kernels.fatbin")}
+    images = {k: str(out / f"kernels.{k}") for k in ("ptx", "fatbin", "cubin")}
     for kind, path in images.items():
         r = subprocess.run([nvcc, f"-{kind}", "-arch=sm_80", "-o", path, src], capture_output=True, text=True,
                            timeout=RUN_TIMEOUT)
@@ -372,7 +373,7 @@ def test_exec_tour(exec_tour, quota_broker, kind):
     globals, memsets, DtoD and unified copies, libraries, and the error paths: the program
     checks each result against a host reference."""
     exe, images = exec_tour
-    v, err = run(exe, kind, images[kind], broker=quota_broker.address("alice"))
+    v, err = run(exe, kind, images[kind], images["cubin"], broker=quota_broker.address("alice"))
     bad = {k: x for k, x in v.items() if k.startswith("check_") and not x.startswith("1")}
     assert not bad and v["failed"] == "0", (bad, err[-3000:])
     assert sum(1 for k in v if k.startswith("check_")) > 100

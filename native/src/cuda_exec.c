@@ -240,8 +240,9 @@ static size_t elf_size(const uint8_t *p) {
 static CUresult image_of(const void *image, size_t avail, const char **kind, const uint8_t **data, size_t *n) {
     if (!image) return CUDA_ERROR_INVALID_VALUE;
     const uint8_t *p = image;
-    uint32_t magic;
-    memcpy(&magic, p, 4);
+    uint32_t magic = 0;
+    /* no magic has a NUL byte: a shorter string is PTX text, and nothing past its end is read */
+    if (strnlen((const char *)p, 4) == 4) memcpy(&magic, p, 4);
     if (magic == FATBIN_WRAPPER_MAGIC) {
         if (avail != SIZE_MAX) return CUDA_ERROR_INVALID_IMAGE;   /* a file holds no pointers */
         memcpy(&p, p + 8, sizeof p);
@@ -257,7 +258,7 @@ static CUresult image_of(const void *image, size_t avail, const char **kind, con
         *kind = "fatbin"; *data = p; *n = hsize + (size_t)fsize;
         return *n <= avail ? CUDA_SUCCESS : CUDA_ERROR_INVALID_IMAGE;
     }
-    if (!memcmp(p, "\x7f" "ELF", 4)) {
+    if (magic == 0x464C457Fu) {                  /* "\x7fELF" */
         size_t sz = elf_size(p);
         if (!sz || sz > avail) return CUDA_ERROR_INVALID_IMAGE;
         *kind = "cubin"; *data = p; *n = sz;

@@ -5,7 +5,7 @@
  * host references; each check prints check_<name>=1 or =0 (with what it got), and the last
  * line is failed=<count>. tests/test_native_driver.py builds and runs it.
  *
- *   exec_tour ptx|fatbin <image file>     the tour
+ *   exec_tour ptx|fatbin <image file> [<cubin file>]   the tour
  *   exec_tour threads <image file>        threads launching on streams of their own at once
  *   exec_tour fork <image file>           a forked child: its parent's handles are not its own
  *   exec_tour fault <image file>          a kernel that traps: the error is sticky
@@ -228,6 +228,14 @@ int main(int argc, char **argv) {
     CUmodule junk;
     CUresult jr = cuModuleLoadData(&junk, "this is not PTX");
     CHECK("load_garbage_fails", jr != CUDA_SUCCESS, "rc %d", (int)jr);
+    RC("load_empty", cuModuleLoadData(&junk, ""), CUDA_ERROR_INVALID_IMAGE);
+    RC("load_null", cuModuleLoadData(&junk, NULL), CUDA_ERROR_INVALID_VALUE);
+    if (argc > 3) {                /* a bare CUBIN (SASS only), sized from its ELF headers */
+        size_t cubin_len;
+        char *cubin = read_file(argv[3], &cubin_len);
+        RC("load_cubin", cuModuleLoadData(&junk, cubin), CUDA_ERROR_NO_BINARY_FOR_GPU);
+        free(cubin);
+    }
 
     CUfunction vec_add = NULL, affine = NULL, nope = NULL;
     OK("get_function", cuModuleGetFunction(&vec_add, mod, "vec_add"));
