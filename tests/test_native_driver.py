@@ -451,6 +451,26 @@ assert d.cuMemcpyDtoH(b.ctypes.data, p, a.nbytes) == (ok,)
 assert (a == b).all()
 assert d.cuMemAlloc(QUOTA)[0] == d.CUresult.CUDA_ERROR_OUT_OF_MEMORY
 assert d.cuGraphCreate(0)[0] == d.CUresult.CUDA_ERROR_NOT_SUPPORTED
+# a kernel from NVRTC (compiled here, in the program), launched on a stream with its arguments
+from cuda.bindings import nvrtc
+src = b'extern "C" __global__ void scale(float *x, float k, int n) { int i = threadIdx.x; if (i < n) x[i] *= k; }'
+err, prog = nvrtc.nvrtcCreateProgram(src, b"scale.cu", 0, [], [])
+assert nvrtc.nvrtcCompileProgram(prog, 1, [b"-arch=compute_80"])[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS
+err, size = nvrtc.nvrtcGetPTXSize(prog)
+ptx = b" " * size
+assert nvrtc.nvrtcGetPTX(prog, ptx)[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS
+err, mod = d.cuModuleLoadData(ptx)
+assert err == ok, err
+err, fn = d.cuModuleGetFunction(mod, b"scale")
+assert err == ok, err
+err, st = d.cuStreamCreate(0)
+assert err == ok, err
+args = ((p, 2.0, 1000), (None, __import__("ctypes").c_float, __import__("ctypes").c_int))
+assert d.cuLaunchKernel(fn, 1, 1, 1, 1000, 1, 1, 0, st, args, 0) == (ok,)
+assert d.cuStreamSynchronize(st) == (ok,)
+assert d.cuMemcpyDtoH(b.ctypes.data, p, a.nbytes) == (ok,)
+assert (b == 2 * a).all(), b[:8]
+assert d.cuStreamDestroy(st) == (ok,) and d.cuModuleUnload(mod) == (ok,)
 assert d.cuMemFree(p) == (ok,)
 print("done")
 """
@@ -458,7 +478,8 @@ print("done")
 
 def test_cuda_python_bindings_run_on_the_native_driver(quota_broker):
     """cuda-python's compiled bindings dlopen libcuda.so.1 and resolve every call through
-    cuGetProcAddress: with the Python shim off, they reach the broker through this library."""
+    cuGetProcAddress: with the Python shim off, they reach the broker through this library,
+    and a kernel NVRTC compiled in the program runs on a stream."""
     pytest.importorskip("cuda.bindings.driver")
     env = dict(os.environ, KUBECASH_BROKER=quota_broker.address("alice"), LD_LIBRARY_PATH=_libdir(),
                KUBECASH_SHIM="0")
