@@ -1,7 +1,8 @@
 """What libcuda.so.1 does with each driver API entry point: one entry per exported symbol.
 
-"broker": forwarded to the broker or the tenant's executor (native/src/cuda_api.c);
-"local": answered inside the library, no message sent (native/src/cuda_api.c).
+"broker": forwarded to the broker or the tenant's executor (native/src/cuda_api.c, and
+native/src/cuda_exec.c for modules, launches, streams, events, async copies and memset);
+"local": answered inside the library, no message sent (the same files).
 Every other symbol the CUDA headers declare is generated as a stub that returns
 CUDA_ERROR_NOT_SUPPORTED and logs its name once (native/gen.py writes the stubs).
 The role shim/table.py plays for the Python shim: native/gen.py refuses a name here that the
@@ -39,6 +40,91 @@ DRIVER: dict[str, str] = {
     "cuMemGetInfo_v2": BROKER,
     "cuMemcpyHtoD_v2": BROKER,
     "cuMemcpyDtoH_v2": BROKER,
+    "cuMemcpyHtoD_v2_ptds": BROKER,
+    "cuMemcpyDtoH_v2_ptds": BROKER,
+    # -- native/src/cuda_exec.c --------------------------------------------------------------
+    # modules: images are PTX (to its NUL), fatbins (size from the header; cudart's wrapper
+    # {0x466243b1, version, data} too) or 64-bit ELF (size from its headers)
+    "cuModuleLoadData": BROKER,           # module_load
+    "cuModuleLoadDataEx": BROKER,         # JIT options ignored; log buffers left empty strings
+    "cuModuleLoadFatBinary": BROKER,
+    "cuModuleLoad": BROKER,               # reads the file here
+    "cuModuleUnload": BROKER,             # module_unload
+    "cuModuleGetFunction": BROKER,        # get_function (its param_sizes pack kernelParams)
+    "cuModuleGetGlobal_v2": BROKER,       # get_global
+    # libraries: one module each, on the current context's device; a CUkernel is its CUfunction
+    "cuLibraryLoadData": BROKER,
+    "cuLibraryLoadFromFile": BROKER,
+    "cuLibraryUnload": BROKER,
+    "cuLibraryGetKernel": BROKER,         # get_function
+    "cuLibraryGetModule": LOCAL,
+    "cuLibraryGetGlobal": BROKER,         # get_global
+    "cuKernelGetFunction": LOCAL,
+    "cuFuncGetAttribute": LOCAL,          # device limits; static sizes and registers read 0
+    "cuFuncSetAttribute": LOCAL,          # max dynamic shared size, carveout; others NOT_SUPPORTED
+    "cuFuncSetCacheConfig": LOCAL,        # a hint
+    # launches: posted ("async"), errors at the next synchronization
+    "cuLaunchKernel": BROKER,
+    "cuLaunchKernel_ptsz": BROKER,
+    "cuLaunchKernelEx": BROKER,           # attributes that change nothing accepted, others refused by name
+    "cuLaunchKernelEx_ptsz": BROKER,
+    # streams (0, CU_STREAM_LEGACY and CU_STREAM_PER_THREAD: the executor's default stream)
+    "cuStreamCreate": BROKER,
+    "cuStreamCreateWithPriority": BROKER,  # priorities: the range is (0, 0)
+    "cuCtxGetStreamPriorityRange": LOCAL,  # (0, 0), as shim/drv_stream.py answers
+    "cuStreamDestroy_v2": BROKER,
+    "cuStreamDestroy": BROKER,             # the same prototype
+    "cuStreamSynchronize": BROKER,
+    "cuStreamSynchronize_ptsz": BROKER,
+    "cuStreamQuery": BROKER,
+    "cuStreamQuery_ptsz": BROKER,
+    "cuStreamWaitEvent": BROKER,
+    "cuStreamWaitEvent_ptsz": BROKER,
+    "cuStreamGetPriority": LOCAL,
+    "cuStreamGetPriority_ptsz": LOCAL,
+    "cuStreamGetFlags": LOCAL,
+    "cuStreamGetFlags_ptsz": LOCAL,
+    # events
+    "cuEventCreate": BROKER,
+    "cuEventDestroy_v2": BROKER,
+    "cuEventDestroy": BROKER,
+    "cuEventRecord": BROKER,
+    "cuEventRecord_ptsz": BROKER,
+    "cuEventRecordWithFlags": BROKER,
+    "cuEventRecordWithFlags_ptsz": BROKER,
+    "cuEventSynchronize": BROKER,
+    "cuEventQuery": BROKER,
+    "cuEventElapsedTime": BROKER,
+    "cuEventElapsedTime_v2": BROKER,
+    # copies and memset (cuMemcpy's direction: this session's allocations are device memory)
+    "cuMemcpyHtoDAsync_v2": BROKER,
+    "cuMemcpyHtoDAsync_v2_ptsz": BROKER,
+    "cuMemcpyDtoHAsync_v2": BROKER,
+    "cuMemcpyDtoHAsync_v2_ptsz": BROKER,
+    "cuMemcpyDtoD_v2": BROKER,
+    "cuMemcpyDtoD_v2_ptds": BROKER,
+    "cuMemcpyDtoDAsync_v2": BROKER,
+    "cuMemcpyDtoDAsync_v2_ptsz": BROKER,
+    "cuMemcpy": BROKER,
+    "cuMemcpy_ptds": BROKER,
+    "cuMemcpyAsync": BROKER,
+    "cuMemcpyAsync_ptsz": BROKER,
+    "cuMemsetD8_v2": BROKER,
+    "cuMemsetD8_v2_ptds": BROKER,
+    "cuMemsetD16_v2": BROKER,
+    "cuMemsetD16_v2_ptds": BROKER,
+    "cuMemsetD32_v2": BROKER,
+    "cuMemsetD32_v2_ptds": BROKER,
+    "cuMemsetD8Async": BROKER,
+    "cuMemsetD8Async_ptsz": BROKER,
+    "cuMemsetD16Async": BROKER,
+    "cuMemsetD16Async_ptsz": BROKER,
+    "cuMemsetD32Async": BROKER,
+    "cuMemsetD32Async_ptsz": BROKER,
+    # pinned host memory: page-aligned host memory of this process (not charged, not mapped)
+    "cuMemAllocHost_v2": LOCAL,
+    "cuMemHostAlloc": LOCAL,
+    "cuMemFreeHost": LOCAL,
 }
 
 NVML: dict[str, str] = {
@@ -75,6 +161,10 @@ NVML_UNSUPPORTED: tuple[str, ...] = (
 # fields from kubecash.client.protocol's export and fails if one is gone).
 MESSAGES_USED: dict[str, tuple[str, ...]] = {
     "tenant": ("hello", "heartbeat", "open_device", "status", "close"),
-    "executor": ("attach", "mem_alloc", "mem_free", "mem_info", "memcpy_htod", "memcpy_dtoh", "ctx_sync"),
+    "executor": ("attach", "mem_alloc", "mem_free", "mem_info", "memcpy_htod", "memcpy_dtoh", "ctx_sync",
+                 "memcpy_dtod", "memset", "module_load", "module_unload", "get_function", "get_global",
+                 "launch", "stream_create", "stream_destroy", "stream_sync", "stream_query",
+                 "stream_wait_event", "event_create", "event_destroy", "event_record", "event_sync",
+                 "event_query", "event_elapsed"),
     "event": ("stdout", "executor_died", "session_ended", "throttled"),
 }

@@ -34,6 +34,11 @@ static void set_current(struct kc_ctx *c) {
     pthread_setspecific(current_key, c);
 }
 
+int kc_current_device(void) {
+    struct kc_ctx *c = get_current();
+    return c && kc_device(c->device) ? c->device : -1;
+}
+
 static int is_ctx(const struct kc_ctx *c) { return c >= primary && c < primary + KC_MAX_DEVICES; }
 
 /* The lock on an open session plus a valid device; unlocked again on failure. */
@@ -309,7 +314,7 @@ KC_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
     uint64_t p;
     rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_ALLOC, &b, 1, &r);      /* over quota: the executor's OOM */
     if (!rc) rc = uint_of(&r, KCP_EXECUTOR_MEM_ALLOC_R_PTR, &p) ? CUDA_ERROR_UNKNOWN : CUDA_SUCCESS;
-    if (!rc) *dptr = p;
+    if (!rc) { *dptr = p; kc_alloc_note(dev, p, bytesize); }
     mp_free(&b);
     kc_unlock();
     return rc;
@@ -324,6 +329,7 @@ KC_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
     mp_str(&b, KCP_EXECUTOR_MEM_FREE_PTR); mp_uint(&b, dptr);
     struct mp_val r;
     rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_FREE, &b, 1, &r);
+    if (!rc) kc_alloc_forget(dptr);
     mp_free(&b);
     kc_unlock();
     return rc;
@@ -346,13 +352,11 @@ KC_EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
 
 /* Copies, as client/device.py's write/read: inline pieces of KCP_INLINE_MAX, or through the
  * staging segment when the executor gave one (one chunk at a time, staging-sized). One
- * function for both directions: to_device says which. */
-static CUresult copy(int to_device, CUdeviceptr dptr, void *host, size_t n) {
+ * function for both directions: to_device says which. On a stream with `async`, inline
+ * host-to-device pieces are queued without waiting (their bytes travel in the message). */
+CUresult kc_copy(int dev, int to_device, uint64_t stream, int async, uint64_t dptr, void *host, size_t n) {
     if (n && !host) return CUDA_ERROR_INVALID_VALUE;
-    int dev;
-    CUresult rc = lock_current(&dev);
-    if (rc) return rc;
-    rc = kc_device_attach(dev);
+    CUresult rc = kc_device_attach(dev);
     struct kc_device *d = kc_device(dev);
     int staged = n > KCP_INLINE_MAX && d->staging;
     size_t piece = staged ? d->staging_size : KCP_INLINE_MAX;
@@ -364,6 +368,8 @@ static CUresult copy(int to_device, CUdeviceptr dptr, void *host, size_t n) {
         mp_uint(&b, dptr + off);
         mp_str(&b, to_device ? KCP_EXECUTOR_MEMCPY_HTOD_SIZE : KCP_EXECUTOR_MEMCPY_DTOH_SIZE);
         mp_uint(&b, m);
+        mp_str(&b, to_device ? KCP_EXECUTOR_MEMCPY_HTOD_STREAM : KCP_EXECUTOR_MEMCPY_DTOH_STREAM);
+        mp_uint(&b, stream);
         if (staged) {
             if (to_device) memcpy(d->staging, h, m);
             mp_str(&b, to_device ? KCP_EXECUTOR_MEMCPY_HTOD_OFFSET : KCP_EXECUTOR_MEMCPY_DTOH_OFFSET);
@@ -373,10 +379,11 @@ static CUresult copy(int to_device, CUdeviceptr dptr, void *host, size_t n) {
             mp_bin(&b, h, m);
         }
         struct mp_val r, data;
-        uint32_t nfields = 2 + (staged || to_device);
-        rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY
-                   : kc_exec_request(dev, to_device ? KCP_EXECUTOR_MEMCPY_HTOD : KCP_EXECUTOR_MEMCPY_DTOH,
-                                     &b, nfields, &r);
+        uint32_t nfields = 3 + (staged || to_device);
+        const char *op = to_device ? KCP_EXECUTOR_MEMCPY_HTOD : KCP_EXECUTOR_MEMCPY_DTOH;
+        if (b.oom) rc = CUDA_ERROR_OUT_OF_MEMORY;
+        else if (async && to_device && !staged) rc = kc_exec_post(dev, op, &b, nfields);  /* staged: must wait */
+        else rc = kc_exec_request(dev, op, &b, nfields, &r);
         mp_free(&b);
         if (rc || to_device) continue;
         if (staged) memcpy(h, d->staging, m);
@@ -384,6 +391,14 @@ static CUresult copy(int to_device, CUdeviceptr dptr, void *host, size_t n) {
             memcpy(h, data.data, m);
         else rc = CUDA_ERROR_UNKNOWN;          /* a reply without the bytes asked for */
     }
+    return rc;
+}
+
+static CUresult copy(int to_device, CUdeviceptr dptr, void *host, size_t n) {
+    int dev;
+    CUresult rc = lock_current(&dev);
+    if (rc) return rc;
+    rc = kc_copy(dev, to_device, 0, 0, dptr, host, n);
     kc_unlock();
     return rc;
 }

@@ -64,6 +64,90 @@
 #define KCP_EXECUTOR_MEMCPY_DTOH_R_DATA "data"  /* bytes */
 #define KCP_EXECUTOR_CTX_SYNC "ctx_sync"
 #define KCP_EXECUTOR_CTX_SYNC_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_MEMCPY_DTOD "memcpy_dtod"
+#define KCP_EXECUTOR_MEMCPY_DTOD_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_MEMCPY_DTOD_DST "dst"  /* int */
+#define KCP_EXECUTOR_MEMCPY_DTOD_SRC "src"  /* int */
+#define KCP_EXECUTOR_MEMCPY_DTOD_SIZE "size"  /* int */
+#define KCP_EXECUTOR_MEMCPY_DTOD_STREAM "stream"  /* int, optional */
+#define KCP_EXECUTOR_MEMSET "memset"
+#define KCP_EXECUTOR_MEMSET_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_MEMSET_DST "dst"  /* int */
+#define KCP_EXECUTOR_MEMSET_VALUE "value"  /* int */
+#define KCP_EXECUTOR_MEMSET_WIDTH "width"  /* int */
+#define KCP_EXECUTOR_MEMSET_COUNT "count"  /* int */
+#define KCP_EXECUTOR_MEMSET_STREAM "stream"  /* int, optional */
+#define KCP_EXECUTOR_MODULE_LOAD "module_load"
+#define KCP_EXECUTOR_MODULE_LOAD_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_MODULE_LOAD_KIND "kind"  /* str */
+#define KCP_EXECUTOR_MODULE_LOAD_SOURCE "source"  /* str, optional */
+#define KCP_EXECUTOR_MODULE_LOAD_IMAGE "image"  /* bytes, optional */
+#define KCP_EXECUTOR_MODULE_LOAD_OPTIONS "options"  /* list, optional */
+#define KCP_EXECUTOR_MODULE_LOAD_R_MODULE "module"  /* int */
+#define KCP_EXECUTOR_MODULE_UNLOAD "module_unload"
+#define KCP_EXECUTOR_MODULE_UNLOAD_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_MODULE_UNLOAD_MODULE "module"  /* int */
+#define KCP_EXECUTOR_GET_FUNCTION "get_function"
+#define KCP_EXECUTOR_GET_FUNCTION_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_GET_FUNCTION_MODULE "module"  /* int */
+#define KCP_EXECUTOR_GET_FUNCTION_NAME "name"  /* str */
+#define KCP_EXECUTOR_GET_FUNCTION_R_FUNCTION "function"  /* int */
+#define KCP_EXECUTOR_GET_FUNCTION_R_PARAM_SIZES "param_sizes"  /* list */
+#define KCP_EXECUTOR_GET_GLOBAL "get_global"
+#define KCP_EXECUTOR_GET_GLOBAL_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_GET_GLOBAL_MODULE "module"  /* int */
+#define KCP_EXECUTOR_GET_GLOBAL_NAME "name"  /* str */
+#define KCP_EXECUTOR_GET_GLOBAL_R_PTR "ptr"  /* int */
+#define KCP_EXECUTOR_GET_GLOBAL_R_SIZE "size"  /* int */
+#define KCP_EXECUTOR_LAUNCH "launch"
+#define KCP_EXECUTOR_LAUNCH_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_LAUNCH_FUNCTION "function"  /* int */
+#define KCP_EXECUTOR_LAUNCH_GRID "grid"  /* list */
+#define KCP_EXECUTOR_LAUNCH_BLOCK "block"  /* list */
+#define KCP_EXECUTOR_LAUNCH_SHARED "shared"  /* int */
+#define KCP_EXECUTOR_LAUNCH_STREAM "stream"  /* int, optional */
+#define KCP_EXECUTOR_LAUNCH_ARGS "args"  /* list */
+#define KCP_EXECUTOR_STREAM_CREATE "stream_create"
+#define KCP_EXECUTOR_STREAM_CREATE_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_STREAM_CREATE_FLAGS "flags"  /* int, optional */
+#define KCP_EXECUTOR_STREAM_CREATE_R_STREAM "stream"  /* int */
+#define KCP_EXECUTOR_STREAM_DESTROY "stream_destroy"
+#define KCP_EXECUTOR_STREAM_DESTROY_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_STREAM_DESTROY_STREAM "stream"  /* int */
+#define KCP_EXECUTOR_STREAM_SYNC "stream_sync"
+#define KCP_EXECUTOR_STREAM_SYNC_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_STREAM_SYNC_STREAM "stream"  /* int, optional */
+#define KCP_EXECUTOR_STREAM_QUERY "stream_query"
+#define KCP_EXECUTOR_STREAM_QUERY_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_STREAM_QUERY_STREAM "stream"  /* int, optional */
+#define KCP_EXECUTOR_STREAM_QUERY_R_READY "ready"  /* bool */
+#define KCP_EXECUTOR_STREAM_WAIT_EVENT "stream_wait_event"
+#define KCP_EXECUTOR_STREAM_WAIT_EVENT_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_STREAM_WAIT_EVENT_STREAM "stream"  /* int, optional */
+#define KCP_EXECUTOR_STREAM_WAIT_EVENT_EVENT "event"  /* int */
+#define KCP_EXECUTOR_EVENT_CREATE "event_create"
+#define KCP_EXECUTOR_EVENT_CREATE_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_EVENT_CREATE_FLAGS "flags"  /* int, optional */
+#define KCP_EXECUTOR_EVENT_CREATE_R_EVENT "event"  /* int */
+#define KCP_EXECUTOR_EVENT_DESTROY "event_destroy"
+#define KCP_EXECUTOR_EVENT_DESTROY_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_EVENT_DESTROY_EVENT "event"  /* int */
+#define KCP_EXECUTOR_EVENT_RECORD "event_record"
+#define KCP_EXECUTOR_EVENT_RECORD_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_EVENT_RECORD_EVENT "event"  /* int */
+#define KCP_EXECUTOR_EVENT_RECORD_STREAM "stream"  /* int, optional */
+#define KCP_EXECUTOR_EVENT_SYNC "event_sync"
+#define KCP_EXECUTOR_EVENT_SYNC_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_EVENT_SYNC_EVENT "event"  /* int */
+#define KCP_EXECUTOR_EVENT_QUERY "event_query"
+#define KCP_EXECUTOR_EVENT_QUERY_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_EVENT_QUERY_EVENT "event"  /* int */
+#define KCP_EXECUTOR_EVENT_QUERY_R_READY "ready"  /* bool */
+#define KCP_EXECUTOR_EVENT_ELAPSED "event_elapsed"
+#define KCP_EXECUTOR_EVENT_ELAPSED_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_EVENT_ELAPSED_START "start"  /* int */
+#define KCP_EXECUTOR_EVENT_ELAPSED_END "end"  /* int */
+#define KCP_EXECUTOR_EVENT_ELAPSED_R_MS "ms"  /* int/float */
 #define KCP_EVENT_STDOUT "stdout"
 #define KCP_EVENT_STDOUT_DATA "data"  /* bytes */
 #define KCP_EVENT_EXECUTOR_DIED "executor_died"

@@ -13,8 +13,9 @@ typedef int CUresult;
 enum {
     CUDA_SUCCESS = 0, CUDA_ERROR_INVALID_VALUE = 1, CUDA_ERROR_OUT_OF_MEMORY = 2,
     CUDA_ERROR_NOT_INITIALIZED = 3, CUDA_ERROR_NO_DEVICE = 100, CUDA_ERROR_INVALID_DEVICE = 101,
-    CUDA_ERROR_INVALID_CONTEXT = 201, CUDA_ERROR_NOT_FOUND = 500, CUDA_ERROR_NOT_SUPPORTED = 801,
-    CUDA_ERROR_UNKNOWN = 999,
+    CUDA_ERROR_INVALID_CONTEXT = 201, CUDA_ERROR_INVALID_IMAGE = 200, CUDA_ERROR_FILE_NOT_FOUND = 301,
+    CUDA_ERROR_INVALID_HANDLE = 400, CUDA_ERROR_NOT_FOUND = 500, CUDA_ERROR_NOT_READY = 600,
+    CUDA_ERROR_NOT_SUPPORTED = 801, CUDA_ERROR_UNKNOWN = 999,
 };
 
 /* ---- logging (session.c) ---- */
@@ -96,6 +97,7 @@ struct kc_device {
     int attached;
     struct kc_conn exec;
     uint8_t *staging; size_t staging_size;
+    uint32_t window, posted;             /* async requests allowed before a ctx_sync; sent since */
 };
 /* Lock the session (opening it if this process has none yet; `open` 0: only if open).
  * On success the caller holds the session lock and must kc_unlock(). */
@@ -109,8 +111,21 @@ CUresult kc_device_attach(int i);                         /* lock held */
  * into *reply (valid until the next request). */
 CUresult kc_exec_request(int i, const char *op, const struct kc_buf *body, uint32_t nfields,
                          struct mp_val *reply);
+/* One asynchronous executor request (lock held): sent with "async", no reply; its error is
+ * kept by the executor for the next synchronization. Every `window` of them a ctx_sync
+ * waits for the queue to drain (a full push buffer), returning what earlier work raised. */
+CUresult kc_exec_post(int i, const char *op, const struct kc_buf *body, uint32_t nfields);
+/* Changes whenever this process opens a session: handles made in another one are stale. */
+unsigned kc_session_epoch(void);
 CUresult kc_broker_request(const char *op, const struct kc_buf *body, uint32_t nfields,
                            struct mp_val *reply, int timeout_ms);
 const char *kc_address(void);
+/* cuda_api.c, for cuda_exec.c (lock held): the calling thread's current context's device
+ * (-1: none), and a copy between host and device i on `stream` (async: queue small ones). */
+int kc_current_device(void);
+CUresult kc_copy(int i, int to_device, uint64_t stream, int async, uint64_t dptr, void *host, size_t n);
+/* cuda_exec.c: the device allocations of this session, for cuMemcpy's direction (lock held). */
+void kc_alloc_note(int i, uint64_t ptr, size_t n);
+void kc_alloc_forget(uint64_t ptr);
 void kc_sha256(const void *data, size_t n, uint8_t out[32]);   /* sha256.c */
 #endif

@@ -47,6 +47,7 @@ static struct {
     struct kc_device dev[KC_MAX_DEVICES];
     CUresult dev_failed[KC_MAX_DEVICES];       /* an executor_died event's code */
     uint64_t next_id;
+    unsigned epoch;                            /* sessions this process has opened */
     int broken;                                /* written by the heartbeat thread too */
     CUresult broken_code;
     char broken_why[512];
@@ -101,13 +102,19 @@ static void drop_session(void) {
     g.broken = 0;
 }
 
-static void put_envelope(struct kc_buf *b, uint64_t id, const char *op, uint32_t nfields, int session) {
-    mp_map(b, 3 + (session ? 1 : 0) + nfields);
+static void put_envelope_as(struct kc_buf *b, uint64_t id, const char *op, uint32_t nfields, int session,
+                            int async) {
+    mp_map(b, 3 + (session ? 1 : 0) + (async ? 1 : 0) + nfields);
     mp_str(b, KCP_ENV_V); mp_uint(b, KCP_VERSION);
     mp_str(b, KCP_ENV_ID); mp_uint(b, id);
     mp_str(b, KCP_ENV_OP); mp_str(b, op);
+    if (async) { mp_str(b, KCP_ENV_ASYNC); mp_bool(b, 1); }
     /* every request after hello carries the token under the same name (heartbeat's stands for all) */
     if (session) { mp_str(b, KCP_TENANT_HEARTBEAT_SESSION); mp_bin(b, g.token, g.token_len); }
+}
+
+static void put_envelope(struct kc_buf *b, uint64_t id, const char *op, uint32_t nfields, int session) {
+    put_envelope_as(b, id, op, nfields, session, 0);
 }
 
 static int str_field(const struct mp_val *m, const char *key, char *out, size_t outlen) {
@@ -163,7 +170,7 @@ static CUresult executor_lost(int device, char *err, size_t errlen) {
     const uint8_t *msg; size_t n;
     char why[512];
     snprintf(why, sizeof why, "%s", err);
-    for (int k = 0; k < 10 && !g.dev_failed[device]; k++)
+    for (int k = 0; k < 30 && !g.dev_failed[device]; k++)      /* up to 3 s: a loaded machine */
         if (zmtp_recv(&g.broker, &msg, &n, SLICE_MS, err, errlen) > 0) {
             struct mp_val m;
             if (mp_read(msg, msg + n, &m) == 0 && m.type == MP_MAP) on_event(&m);
@@ -188,7 +195,7 @@ static CUresult request(struct kc_conn *c, int device, const char *op, int sessi
     if (b.oom) { mp_free(&b); snprintf(err, errlen, "out of memory"); return CUDA_ERROR_OUT_OF_MEMORY; }
     int sent = zmtp_send(c, b.p, b.n, err, errlen);
     mp_free(&b);
-    if (sent) return CUDA_ERROR_UNKNOWN;
+    if (sent) return device >= 0 && c != &g.broker ? executor_lost(device, err, errlen) : CUDA_ERROR_UNKNOWN;
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
@@ -400,6 +407,7 @@ static CUresult open_session(char *err, size_t errlen) {
     }
     g.open = 1;
     g.broken = 0;
+    g.epoch++;
     start_heartbeat();
     return CUDA_SUCCESS;
 bad:
@@ -475,9 +483,13 @@ CUresult kc_device_attach(int i) {
         zmtp_close(&d->exec);
         return rc;
     }
-    int64_t lim, ssize;
+    int64_t lim, ssize, queued;
     char staging[256] = "";
     if (int_field(&r, KCP_EXECUTOR_ATTACH_R_MEMORY_LIMIT, &lim) == 0 && lim >= 0) d->memory_limit = (uint64_t)lim;
+    /* as client/device.py: block (a ctx_sync) at half the executor's queue bound */
+    if (int_field(&r, KCP_EXECUTOR_ATTACH_R_MAX_QUEUED_OPS, &queued)) queued = 2;
+    d->window = queued / 2 < 1 ? 1 : queued / 2 > 1 << 20 ? 1 << 20 : (uint32_t)(queued / 2);
+    d->posted = 0;
     str_field(&r, KCP_EXECUTOR_ATTACH_R_STAGING, staging, sizeof staging);
     if (staging[0] && !strchr(staging, '/') && int_field(&r, KCP_EXECUTOR_ATTACH_R_STAGING_SIZE, &ssize) == 0 &&
         ssize > 0) {
@@ -500,6 +512,7 @@ CUresult kc_device_attach(int i) {
 CUresult kc_exec_request(int i, const char *op, const struct kc_buf *body, uint32_t nfields, struct mp_val *reply) {
     CUresult rc = kc_device_attach(i);
     if (rc) return rc;
+    if (g.dev_failed[i]) return g.dev_failed[i];       /* a lost context stays lost (sticky) */
     char err[1024];
     rc = request(&g.dev[i].exec, i, op, 1, body, nfields, reply, -1, err, sizeof err);
     if (rc) log_failure(op, g.dev[i].name, rc, err);
@@ -511,5 +524,28 @@ CUresult kc_broker_request(const char *op, const struct kc_buf *body, uint32_t n
     char err[1024];
     CUresult rc = request(&g.broker, -1, op, 1, body, nfields, reply, timeout_ms, err, sizeof err);
     if (rc) log_failure(op, "the broker", rc, err);
+    return rc;
+}
+
+unsigned kc_session_epoch(void) { return g.epoch; }
+
+CUresult kc_exec_post(int i, const char *op, const struct kc_buf *body, uint32_t nfields) {
+    CUresult rc = kc_device_attach(i);
+    if (rc) return rc;
+    if (g.dev_failed[i]) return g.dev_failed[i];
+    struct kc_device *d = &g.dev[i];
+    char err[1024];
+    struct kc_buf b = {0};
+    put_envelope_as(&b, ++g.next_id, op, nfields, 1, 1);
+    if (body && body->n) mp_raw(&b, body->p, body->n);
+    if (b.oom) { mp_free(&b); return CUDA_ERROR_OUT_OF_MEMORY; }
+    int bad = zmtp_send(&d->exec, b.p, b.n, err, sizeof err);
+    mp_free(&b);
+    if (bad) return executor_lost(i, err, sizeof err);
+    if (++d->posted < d->window) return CUDA_SUCCESS;
+    d->posted = 0;
+    struct mp_val r;
+    rc = request(&d->exec, i, KCP_EXECUTOR_CTX_SYNC, 1, NULL, 0, &r, -1, err, sizeof err);
+    if (rc) log_failure(op, d->name, rc, err);
     return rc;
 }
