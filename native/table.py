@@ -19,6 +19,8 @@ DRIVER: dict[str, str] = {
     "cuGetErrorString": LOCAL,
     "cuGetProcAddress": LOCAL,
     "cuGetProcAddress_v2": LOCAL,
+    "cuGetExportTable": LOCAL,            # the runtime's private tables (native/src/export_tables.c)
+    "cuModuleGetLoadingMode": LOCAL,      # cudart asks at start-up (native/src/runtime_init.c)
     "cuDeviceGetCount": LOCAL,            # from the hello reply's device list
     "cuDeviceGet": LOCAL,
     "cuDeviceGetName": LOCAL,
@@ -34,6 +36,15 @@ DRIVER: dict[str, str] = {
     "cuCtxSetCurrent": LOCAL,
     "cuCtxGetDevice": LOCAL,
     "cuCtxSynchronize": BROKER,           # ctx_sync
+    "cuCtxSynchronize_v2": BROKER,        # ctx_sync (13.0: the context named, or the current one)
+    "cuCtxGetDevice_v2": LOCAL,
+    "cuCtxPushCurrent_v2": LOCAL,         # the calling thread's context stack
+    "cuCtxPopCurrent_v2": LOCAL,
+    "cuCtxGetApiVersion": LOCAL,
+    "cuCtxGetId": LOCAL,
+    "cuCtxGetFlags": LOCAL,
+    "cuDevicePrimaryCtxGetState": LOCAL,
+    "cuDevicePrimaryCtxSetFlags_v2": LOCAL,
     "cuMemAlloc_v2": BROKER,
     "cuMemFree_v2": BROKER,
     "cuMemGetInfo_v2": BROKER,

@@ -18,20 +18,36 @@ typedef struct { char bytes[16]; } CUuuid;
 enum { PROC_SUCCESS = 0, PROC_SYMBOL_NOT_FOUND = 1, PROC_VERSION_NOT_SUFFICIENT = 2 };
 
 /* One primary context per device; the handle a program sees is its address. */
-struct kc_ctx { int device; int refs; };
+struct kc_ctx { int device; int refs; unsigned flags; };
 static struct kc_ctx primary[KC_MAX_DEVICES];
-/* The calling thread's current context: a pthread key rather than __thread, whose dynamic
+/* The calling thread's context stack (cuCtxPushCurrent/PopCurrent; the current context is
+ * its top, which cuCtxSetCurrent replaces): a pthread key rather than __thread, whose dynamic
  * TLS model would make the library need ld-linux (__tls_get_addr) besides libc. */
+#define CTX_STACK 32
+struct ctx_stack { int n; struct kc_ctx *c[CTX_STACK]; };
 static pthread_key_t current_key;
 static pthread_once_t current_once = PTHREAD_ONCE_INIT;
-static void make_key(void) { pthread_key_create(&current_key, NULL); }
-static struct kc_ctx *get_current(void) {
+static void make_key(void) { pthread_key_create(&current_key, free); }
+static struct ctx_stack *stack(int create) {
     pthread_once(&current_once, make_key);
-    return pthread_getspecific(current_key);
+    struct ctx_stack *s = pthread_getspecific(current_key);
+    if (!s && create && (s = calloc(1, sizeof *s)) && pthread_setspecific(current_key, s)) {
+        free(s);
+        s = NULL;
+    }
+    return s;
 }
-static void set_current(struct kc_ctx *c) {
-    pthread_once(&current_once, make_key);
-    pthread_setspecific(current_key, c);
+static struct kc_ctx *get_current(void) {
+    struct ctx_stack *s = stack(0);
+    return s && s->n ? s->c[s->n - 1] : NULL;
+}
+static int set_current(struct kc_ctx *c) {
+    struct ctx_stack *s = stack(c != NULL);
+    if (!s) return c ? -1 : 0;
+    if (!c) s->n = s->n ? s->n - 1 : 0;      /* as the driver: setting NULL pops the top */
+    else if (s->n) s->c[s->n - 1] = c;
+    else s->c[s->n++] = c;
+    return 0;
 }
 
 static int is_ctx(const struct kc_ctx *c) { return c >= primary && c < primary + KC_MAX_DEVICES; }
@@ -110,6 +126,10 @@ static CUresult get_proc(const char *symbol, void **pfn, int version, unsigned l
     }
     const struct kc_proc *hit = per_thread && pt ? pt : plain;
     *pfn = hit ? hit->fn : NULL;
+    /* What a runtime asks for (cudart resolves nearly everything here): the trace to read
+     * when a program stops at a call we do not answer. */
+    if (kc_debug()) kc_log("kubecash: cuGetProcAddress %s v%d flags %llu: %s", symbol, version, flags,
+                           hit ? "found" : known ? "version too new" : "unknown");
     if (status) *status = hit ? PROC_SUCCESS : known ? PROC_VERSION_NOT_SUFFICIENT : PROC_SYMBOL_NOT_FOUND;
     return hit ? CUDA_SUCCESS : CUDA_ERROR_NOT_FOUND;
 }
@@ -265,7 +285,7 @@ KC_EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) {
     CUresult rc = kc_lock(0);
     if (rc) return rc;
     if (ctx && (!is_ctx(ctx) || !kc_device(ctx->device))) rc = CUDA_ERROR_INVALID_CONTEXT;
-    else set_current(ctx);
+    else if (set_current(ctx)) rc = CUDA_ERROR_OUT_OF_MEMORY;
     kc_unlock();
     return rc;
 }
@@ -278,6 +298,115 @@ KC_EXPORT CUresult cuCtxGetDevice(CUdevice *device) {
     *device = dev;
     kc_unlock();
     return CUDA_SUCCESS;
+}
+
+/* The lock plus ctx's device (ctx NULL: the current context's). */
+static CUresult lock_ctx(CUcontext ctx, int *dev) {
+    if (!ctx) return lock_current(dev);
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    if (!is_ctx(ctx) || !kc_device(ctx->device)) { kc_unlock(); return CUDA_ERROR_INVALID_CONTEXT; }
+    *dev = ctx->device;
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuCtxGetDevice_v2(CUdevice *device, CUcontext ctx) {
+    if (!device) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_ctx(ctx, &dev);
+    if (rc) return rc;
+    *device = dev;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuCtxPushCurrent_v2(CUcontext ctx) {
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct ctx_stack *s = NULL;
+    if (!ctx || !is_ctx(ctx) || !kc_device(ctx->device)) rc = CUDA_ERROR_INVALID_CONTEXT;
+    else if (!(s = stack(1))) rc = CUDA_ERROR_OUT_OF_MEMORY;
+    else if (s->n == CTX_STACK) rc = CUDA_ERROR_OUT_OF_MEMORY;    /* deeper than anyone nests */
+    else s->c[s->n++] = ctx;
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuCtxPopCurrent_v2(CUcontext *pctx) {
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct ctx_stack *s = stack(0);
+    if (!s || !s->n) rc = CUDA_ERROR_INVALID_CONTEXT;
+    else {
+        struct kc_ctx *c = s->c[--s->n];
+        if (pctx) *pctx = c;
+    }
+    kc_unlock();
+    return rc;
+}
+
+/* The API version a context was created with: 3020 is what every context since CUDA 3.2
+ * reports (cudart refuses older ones). */
+KC_EXPORT CUresult cuCtxGetApiVersion(CUcontext ctx, unsigned int *version) {
+    if (!version) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_ctx(ctx, &dev);
+    if (rc) return rc;
+    *version = 3020;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+/* A context's id: unique in the process, here its device's index plus one. */
+KC_EXPORT CUresult cuCtxGetId(CUcontext ctx, unsigned long long *id) {
+    if (!id) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_ctx(ctx, &dev);
+    if (rc) return rc;
+    *id = (unsigned long long)dev + 1;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+/* Flags (CU_CTX_SCHED_*, MAP_HOST...) are kept and reported, not acted on: the executor
+ * schedules, and host memory is always mappable. */
+KC_EXPORT CUresult cuCtxGetFlags(unsigned int *flags) {
+    if (!flags) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_current(&dev);
+    if (rc) return rc;
+    *flags = primary[dev].flags;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuDevicePrimaryCtxGetState(CUdevice dev, unsigned int *flags, int *active) {
+    if (!flags || !active) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    *flags = primary[dev].flags;
+    *active = primary[dev].refs > 0;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuDevicePrimaryCtxSetFlags_v2(CUdevice dev, unsigned int flags) {
+    if (flags & ~0x1fu) return CUDA_ERROR_INVALID_VALUE;   /* SCHED_MASK | MAP_HOST | LMEM_RESIZE_TO_MAX */
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    primary[dev].flags = flags;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuCtxSynchronize_v2(CUcontext ctx) {
+    int dev;
+    CUresult rc = lock_ctx(ctx, &dev);
+    if (rc) return rc;
+    struct mp_val r;
+    rc = kc_exec_request(dev, KCP_EXECUTOR_CTX_SYNC, NULL, 0, &r);
+    kc_unlock();
+    return rc;
 }
 
 KC_EXPORT CUresult cuCtxSynchronize(void) {

@@ -19,6 +19,7 @@ enum {
 
 /* ---- logging (session.c) ---- */
 void kc_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int kc_debug(void);        /* KUBECASH_DEBUG is set (non-empty): trace what programs ask */
 /* Log "kubecash: <name> is not supported" the first time *once is seen clear. */
 void kc_unsupported_once(const char *name, int *once);
 
