@@ -376,17 +376,6 @@ static CUresult integrity_check(uint32_t version, uint64_t unix_seconds, uint64_
     return CUDA_SUCCESS;
 }
 
-/* Test hook (KUBECASH_DEBUG only): MD2 of a string, to check the hash against RFC 1319's
- * vectors without a cudart. Not exported: tests reach it through cuGetExportTable's
- * self-test UUID below. */
-static CUresult md2_selftest(const char *s, uint8_t out[16]) {
-    if (!s || !out) return CUDA_ERROR_INVALID_VALUE;
-    struct md2 m = {0};
-    md2_update(&m, s, strlen(s), 0);
-    md2_final(&m, out);
-    return CUDA_SUCCESS;
-}
-
 /* ---- 0ca50b8c-1004-929a-89a7-d0df10e77286: CTX_CREATE_BYPASS ----------------------------------
  * cuCtxCreate_v2 for libraries that must not go through an interposed cuCtxCreate (ZLUDA):
  * slot 1 (pctx, flags, dev). */
@@ -412,6 +401,15 @@ static const struct table tables[] = {
      integrity_table},
     {"ctx_create_bypass", {0x0c, 0xa5, 0x0b, 0x8c, 0x10, 0x04, 0x92, 0x9a, 0x89, 0xa7, 0xd0, 0xdf, 0x10, 0xe7, 0x72, 0x86},
      ctx_create_bypass_table},
+};
+
+/* Asked for and refused on purpose, quietly (traced under KUBECASH_DEBUG):
+ * f8cff951-2146-8b4e-b9e2-fb469e7c0dd9: cudart 12.9 and 13.0 (static and shared) ask for it
+ * first, before cuInit, and initialise fully when refused (experiment); other
+ * reimplementations report that answering it changes cudart's start-up path, and name no
+ * slot's meaning. */
+static const unsigned char refused[][16] = {
+    {0xf8, 0xcf, 0xf9, 0x51, 0x21, 0x46, 0x8b, 0x4e, 0xb9, 0xe2, 0xfb, 0x46, 0x9e, 0x7c, 0x0d, 0xd9},
 };
 
 /* Unknown UUIDs already reported (each logged once). */
@@ -442,12 +440,14 @@ KC_EXPORT CUresult cuGetExportTable(const void **ppExportTable, const CUuuid *pE
         *ppExportTable = tables[i].table;
         return CUDA_SUCCESS;
     }
-    /* "kubecash-md2-tst": the hash's self-test, for tests/test_native_runtime.py */
-    static const unsigned char selftest[16] = "kubecash-md2-tst";
-    if (!memcmp(id, selftest, 16)) {
-        static const void *t[1] = {SLOT(md2_selftest)};
-        *ppExportTable = t;
-        return CUDA_SUCCESS;
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        if (memcmp(refused[i], id, 16)) continue;
+        if (kc_debug()) {
+            char t[37];
+            uuid_text(id, t);
+            kc_log("kubecash: cuGetExportTable %s refused", t);
+        }
+        return CUDA_ERROR_NOT_SUPPORTED;
     }
     report_unknown(id);
     return CUDA_ERROR_NOT_SUPPORTED;

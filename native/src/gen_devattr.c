@@ -71,6 +71,7 @@ const struct kc_attr kc_attrs[] = {
     {66, KC_ATTR_CPU, "", -1, 32768},  /* MAXIMUM_SURFACECUBEMAP_WIDTH */
     {67, KC_ATTR_CPU, "", -1, 32768},  /* MAXIMUM_SURFACECUBEMAP_LAYERED_WIDTH */
     {68, KC_ATTR_CPU, "", -1, 2046},  /* MAXIMUM_SURFACECUBEMAP_LAYERED_LAYERS */
+    {69, KC_ATTR_CPU, "", -1, 268435456},  /* MAXIMUM_TEXTURE1D_LINEAR_WIDTH */
     {70, KC_ATTR_CPU, "", -1, 131072},  /* MAXIMUM_TEXTURE2D_LINEAR_WIDTH */
     {71, KC_ATTR_CPU, "", -1, 65000},  /* MAXIMUM_TEXTURE2D_LINEAR_HEIGHT */
     {72, KC_ATTR_CPU, "", -1, 2097120},  /* MAXIMUM_TEXTURE2D_LINEAR_PITCH */
@@ -126,4 +127,4 @@ const struct kc_attr kc_attrs[] = {
     {143, KC_ATTR_CONST, "", -1, 0},  /* HOST_NUMA_MULTINODE_IPC_SUPPORTED */
 };
 
-const int kc_nattrs = 120;
+const int kc_nattrs = 121;

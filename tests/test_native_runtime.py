@@ -1,0 +1,243 @@
+"""NVIDIA's CUDA runtime (cudart) on KubeCASH's libcuda.so.1: tests/c/runtime_tour.cu, an
+unmodified runtime-API program, built with nvcc 13 (static cudart, the default, and
+`-cudart shared`) and against pip's cudart 12 (static and shared), run against a real broker.
+cudart reaches the driver through cuGetProcAddress and cuGetExportTable's private tables
+(native/src/export_tables.c); these are the tests that show those tables are good enough."""
+from __future__ import annotations
+
+import ctypes
+import glob
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_native_driver import QUOTA, RUN_TIMEOUT, _libdir
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SOURCE = os.path.join(HERE, "c", "runtime_tour.cu")
+NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+# cudart 12 from PyPI (nvidia-cuda-runtime-cu12), installed beside the virtual environment's
+# site-packages by `make .venv/.installed` so nothing else finds its headers.
+CUDART12 = os.path.join(ROOT, ".venv", "cudart12", "nvidia", "cuda_runtime")
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+
+
+def _crt_include() -> str | None:
+    """crt/host_defines.h, which cudart's headers include and only a toolkit ships."""
+    for d in ([os.path.join(os.path.dirname(os.path.dirname(NVCC)), "include")] if NVCC else []) + \
+            ["/usr/local/cuda/include"]:
+        if os.path.isfile(os.path.join(d, "crt", "host_defines.h")):
+            return d
+    return None
+
+
+def _build(variant: str, out: str) -> list[str]:
+    """The command that builds runtime_tour as `variant`, or pytest.skip with why not."""
+    if variant.startswith("13"):
+        if NVCC is None:
+            pytest.skip("nvcc not found (install the CUDA toolkit: /usr/local/cuda/bin/nvcc)")
+        return [NVCC, "-o", out, SOURCE, *(["-cudart", "shared"] if variant == "13-shared" else [])]
+    lib = os.path.join(CUDART12, "lib")
+    if not os.path.isfile(os.path.join(lib, "libcudart.so.12")):
+        pytest.skip(f"cudart 12 not installed in {CUDART12} (make .venv/.installed installs "
+                    "nvidia-cuda-runtime-cu12 there, on x86-64 and aarch64)")
+    crt = _crt_include()
+    if crt is None or shutil.which("g++") is None:
+        pytest.skip("no g++ or no crt/host_defines.h (a CUDA toolkit's) to build a cudart 12 program")
+    # cudart 12's own headers first; the toolkit's only for crt/, which the wheel lacks
+    cmd = ["g++", "-x", "c++", "-I", os.path.join(CUDART12, "include"), "-idirafter", crt, "-o", out, SOURCE,
+           "-x", "none"]
+    if variant == "12-static":
+        return cmd + [os.path.join(lib, "libcudart_static.a"), "-lpthread", "-ldl", "-lrt"]
+    return cmd + ["-L", lib, "-l:libcudart.so.12", f"-Wl,-rpath,{lib}", "-lpthread"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runtime-programs")
+    cache: dict[str, str] = {}
+
+    def get(variant: str) -> str:
+        if variant not in cache:
+            exe = str(out / f"runtime_tour-{variant}")
+            cmd = _build(variant, exe)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+            assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
+            cache[variant] = exe
+        return cache[variant]
+    return get
+
+
+def _env(broker: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECASH_BROKER", "KUBECASH_DEBUG")}
+    env.update(LD_LIBRARY_PATH=_libdir(), KUBECASH_BROKER=broker, **extra)
+    return env
+
+
+@pytest.fixture
+def quota_broker(broker_factory):
+    return broker_factory({"alice": {"memory": QUOTA}})
+
+
+VARIANTS = ["13-static", "13-shared", "12-static", "12-shared"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_runtime_tour(built, quota_broker, variant):
+    """Device count and properties, cudaSetDevice, cudaMalloc/cudaMemcpy both ways/cudaFree
+    (inline and staged), cudaMemGetInfo (the quota), a cudaMalloc over the quota refused with
+    cudaErrorMemoryAllocation, a second thread, cudaDeviceSynchronize, error strings: the
+    program checks each and prints what failed."""
+    exe = built(variant)
+    r = subprocess.run([exe, str(QUOTA)], env=_env(quota_broker.address("alice")), stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0 and "failures=0" in r.stdout, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    v = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    assert v["runtime_version"].startswith(variant[:2])               # the cudart we meant to test
+    assert int(v["mem_total"]) == int(v["total_global_mem"]) == QUOTA
+    assert v["name"].startswith("KubeCASH CPU")
+    # nothing cudart called fell through to a NOT_SUPPORTED stub or an untraced table slot
+    assert "not supported" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("variant", ["13-static", "12-shared"])
+def test_runtime_trace_names_the_tables(built, quota_broker, variant):
+    """KUBECASH_DEBUG shows what cudart asked for: its symbols and its tables, in order."""
+    exe = built(variant)
+    r = subprocess.run([exe, str(QUOTA)], env=_env(quota_broker.address("alice"), KUBECASH_DEBUG="1"),
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert "kubecash: cuGetProcAddress cuInit v2000 flags 0: found" in r.stderr
+    tables = [line.split()[-1] for line in r.stderr.splitlines()
+              if line.startswith("kubecash: cuGetExportTable ") and len(line.split()) == 3]
+    assert tables == ["cudart_interface", "tools_runtime_hooks", "tools_tls", "context_local_storage",
+                      "context_checks", "integrity_check"], r.stderr
+    assert "cuGetExportTable f8cff951-2146-8b4e-b9e2-fb469e7c0dd9 refused" in r.stderr
+
+
+# -- the integrity check, against an independent HMAC-MD2 -------------------------------------
+def _md2_table() -> bytes:
+    """RFC 1319's S table, read from the C source: the RFC's vectors below check it too."""
+    with open(os.path.join(ROOT, "native", "src", "export_tables.c")) as f:
+        text = f.read()
+    body = text[text.index("md2_s[256] = {"):]
+    return bytes(int(n) for n in re.findall(r"\d+", body[len("md2_s[256] = {"):body.index("};")]))
+
+
+_MD2_S = _md2_table()
+
+
+def md2(data: bytes) -> bytes:
+    """RFC 1319, written from the RFC (the reference for the C implementation's check)."""
+    pad = 16 - len(data) % 16
+    data = data + bytes([pad]) * pad
+    c, last = bytearray(16), 0
+    for i in range(0, len(data), 16):
+        for j in range(16):
+            c[j] ^= _MD2_S[data[i + j] ^ last]
+            last = c[j]
+    data += bytes(c)
+    x = bytearray(48)
+    for i in range(0, len(data), 16):
+        for j in range(16):
+            x[16 + j] = data[i + j]
+            x[32 + j] = x[16 + j] ^ x[j]
+        t = 0
+        for j in range(18):
+            for k in range(48):
+                x[k] ^= _MD2_S[t]
+                t = x[k]
+            t = (t + j) % 256
+    return bytes(x[:16])
+
+
+def test_md2_reference_matches_rfc1319():
+    assert len(_MD2_S) == 256 and sorted(_MD2_S) == list(range(256))
+    for text, digest in [(b"", "8350e5a3e24c153df2275c9f80692773"), (b"a", "32ec01ec4a6dac72c0ab96fb34c0b5d1"),
+                         (b"abc", "da853b0d3f88d99b30283a69e6ded6bb"),
+                         (b"message digest", "ab4f496bfb2a530b219ff33031fe06b0"),
+                         (b"12345678901234567890123456789012345678901234567890123456789012345678901234567890",
+                          "d5976f79d83d3a0dc9806c3c66f3efd8")]:
+        assert md2(text).hex() == digest, text
+
+
+_PROBE = textwrap.dedent(r"""
+    import ctypes, json, os
+    cu = ctypes.CDLL("libcuda.so.1")
+    libc = ctypes.CDLL(None)
+    libc.pthread_self.restype = ctypes.c_ulong
+    V = ctypes.c_void_p
+    def table(uuid_hex):
+        t = V()
+        rc = cu.cuGetExportTable(ctypes.byref(t), ctypes.create_string_buffer(bytes.fromhex(uuid_hex), 16))
+        return rc, t.value
+    out = {"null": cu.cuGetExportTable(None, None)}
+    assert cu.cuInit(0) == 0
+    rc, cudart = table("6bd5fb6c5bf4e74a8987d93912fd9df9")
+    rc2, integ = table("d4082055bde6704b8d34ba123c66e1f2")
+    out["rc"] = [rc, rc2]
+    slots = (V * 3).from_address(integ)
+    out["integrity_size"] = slots[0]
+    check = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64))(slots[1])
+    res = (ctypes.c_uint64 * 2)()
+    out["fixed"] = [[check(v, 1, res), res[0], res[1]] for v in (13000, 13001)]
+    drv, n = ctypes.c_int(), ctypes.c_int()
+    cu.cuDriverGetVersion(ctypes.byref(drv)); cu.cuDeviceGetCount(ctypes.byref(n))
+    devs = []
+    for d in range(n.value):
+        u = ctypes.create_string_buffer(16); cu.cuDeviceGetUuid(u, d)
+        devs.append(u.raw.hex())
+    out.update(driver=drv.value, pid=os.getpid(), tid=libc.pthread_self() & 0xffffffff, cudart=cudart,
+               integrity=integ, fn=slots[1], devices=devs, checks=[])
+    for version, now in ((13002, 1796000000), (12092, 17)):
+        out["checks"].append([version, now, check(version, now, res), res[0], res[1]])
+    out["unknown"] = [table("00112233445566778899aabbccddeeff")[0] for _ in range(2)]
+    print(json.dumps(out))
+""")
+
+
+def test_integrity_check_is_hmac_md2(quota_broker):
+    """The integrity table's answer, recomputed here independently: HMAC-MD2 (RFC 2104) under
+    the fixed key, over (driver version, caller's version, pid, thread, the cudart and
+    integrity tables' addresses, the function's, the caller's clock) and each device's
+    (UUID, PCI domain, bus, device). cudart compares it with its own and stops with error 103
+    on a mismatch (tests above pass only if it matches)."""
+    r = subprocess.run([sys.executable, "-c", _PROBE], env=_env(quota_broker.address("alice")),
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["null"] == 1 and out["rc"] == [0, 0]                    # CUDA_ERROR_INVALID_VALUE
+    assert out["integrity_size"] == 3 * ctypes.sizeof(ctypes.c_void_p)
+    assert out["fixed"] == [[0, 0x3341181C03CB675C, 0x8ED383AA1F4CD1E8], [0, 0x1841181C03CB675C, 0x8ED383AA1F4CD1E8]]
+    key = bytes.fromhex("146addae53a9a752aa0841360bf55a9f")
+    for version, now, rc, lo, hi in out["checks"]:
+        msg = struct_pack(out, version, now)
+        inner = md2(bytes(b ^ 0x36 for b in key) + msg)
+        digest = md2(bytes(b ^ 0x5C for b in key) + inner)
+        assert rc == 0 and (lo, hi) == (int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little"))
+    assert out["unknown"] == [801, 801]                                # CUDA_ERROR_NOT_SUPPORTED...
+    assert r.stderr.count("cuGetExportTable 00112233-4455-6677-8899-aabbccddeeff is not supported") == 1, r.stderr
+
+
+def struct_pack(out: dict, version: int, now: int) -> bytes:
+    msg = struct.pack("<4I3QQ", out["driver"], version, out["pid"], out["tid"], out["cudart"], out["integrity"],
+                      out["fn"], now)
+    for u in out["devices"]:                                           # CPU devices: PCI 0:0:0
+        msg += bytes.fromhex(u) + struct.pack("<3i", 0, 0, 0)
+    return msg
+
+
+def test_cudart12_wheel_is_where_the_tests_look():
+    """The install puts cudart 12 where CUDART12 says (a stale venv skips the 12 variants)."""
+    found = glob.glob(os.path.join(ROOT, ".venv", "cudart12", "nvidia", "cuda_runtime", "lib", "libcudart.so.12"))
+    if not found:
+        pytest.skip("cudart 12 not installed (make .venv/.installed on x86-64 or aarch64)")
+    assert found == [os.path.join(CUDART12, "lib", "libcudart.so.12")]
