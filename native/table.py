@@ -45,6 +45,8 @@ DRIVER: dict[str, str] = {
     "cuCtxGetFlags": LOCAL,
     "cuDevicePrimaryCtxGetState": LOCAL,
     "cuDevicePrimaryCtxSetFlags_v2": LOCAL,
+    "cuDevicePrimaryCtxReset_v2": BROKER,  # ctx_sync, then mem_free of the device's allocations
+    "cuDevicePrimaryCtxReset": BROKER,    # the 7.0 name: the same
     "cuMemAlloc_v2": BROKER,
     "cuMemFree_v2": BROKER,
     "cuMemGetInfo_v2": BROKER,

@@ -427,6 +427,38 @@ static int uint_of(const struct mp_val *m, const char *key, uint64_t *out) {
     return 0;
 }
 
+/* Live allocations, per device, so that a primary context's reset frees them as the driver
+ * does (cudaDeviceReset). Changed with the session lock held. */
+struct alloc { int dev; CUdeviceptr p; };
+static struct alloc *allocs;
+static size_t nallocs, capallocs;
+
+static void track(int dev, CUdeviceptr p) {
+    if (nallocs == capallocs) {
+        size_t cap = capallocs ? 2 * capallocs : 64;
+        struct alloc *a = realloc(allocs, cap * sizeof *a);
+        if (!a) return;           /* untracked: still freed by cuMemFree, only not by a reset */
+        allocs = a;
+        capallocs = cap;
+    }
+    allocs[nallocs++] = (struct alloc){dev, p};
+}
+
+static void untrack(CUdeviceptr p) {
+    for (size_t i = 0; i < nallocs; i++)
+        if (allocs[i].p == p) { allocs[i] = allocs[--nallocs]; return; }
+}
+
+static CUresult mem_free(int dev, CUdeviceptr dptr) {            /* lock held */
+    struct kc_buf b = {0};
+    mp_str(&b, KCP_EXECUTOR_MEM_FREE_PTR); mp_uint(&b, dptr);
+    struct mp_val r;
+    CUresult rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_FREE, &b, 1, &r);
+    mp_free(&b);
+    if (!rc) untrack(dptr);
+    return rc;
+}
+
 KC_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
     if (!dptr || bytesize == 0) return CUDA_ERROR_INVALID_VALUE;
     int dev;
@@ -438,7 +470,7 @@ KC_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
     uint64_t p;
     rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_ALLOC, &b, 1, &r);      /* over quota: the executor's OOM */
     if (!rc) rc = uint_of(&r, KCP_EXECUTOR_MEM_ALLOC_R_PTR, &p) ? CUDA_ERROR_UNKNOWN : CUDA_SUCCESS;
-    if (!rc) *dptr = p;
+    if (!rc) { *dptr = p; track(dev, p); }
     mp_free(&b);
     kc_unlock();
     return rc;
@@ -449,14 +481,31 @@ KC_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
-    struct kc_buf b = {0};
-    mp_str(&b, KCP_EXECUTOR_MEM_FREE_PTR); mp_uint(&b, dptr);
-    struct mp_val r;
-    rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_FREE, &b, 1, &r);
-    mp_free(&b);
+    rc = mem_free(dev, dptr);
     kc_unlock();
     return rc;
 }
+
+/* cudaDeviceReset: what was queued finishes, the runtime's per-context state is destroyed
+ * (its destructor, registered through the context-local-storage table, runs without the
+ * session lock: it calls back into the driver), then every allocation made on the device
+ * is freed. The handle stays valid (the next use starts afresh) and keeps its retains. */
+KC_EXPORT CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev) {
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    kc_unlock();
+    kc_context_reset(&primary[dev]);
+    if ((rc = lock_device(dev))) return rc;
+    struct mp_val r;
+    if (kc_device(dev)->attached) rc = kc_exec_request(dev, KCP_EXECUTOR_CTX_SYNC, NULL, 0, &r);
+    for (size_t i = nallocs; !rc && i-- > 0;)
+        if (allocs[i].dev == dev) rc = mem_free(dev, allocs[i].p);
+    primary[dev].flags = 0;
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuDevicePrimaryCtxReset(CUdevice dev) { return cuDevicePrimaryCtxReset_v2(dev); }
 
 KC_EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
     if (!free_bytes || !total) return CUDA_ERROR_INVALID_VALUE;

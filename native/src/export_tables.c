@@ -183,9 +183,10 @@ static const void *tools_tls[4] = {
  * cudart keeps its per-context state (its ContextState) in the driver's context, under a
  * key: 0 put(ctx, key, value, dtor), 1 delete(ctx, key), 2 get(&value, ctx, key); a NULL ctx
  * means the current one (ZLUDA; trace: get before put, then put, then gets). No size slot.
- * A miss must be an error (cudart then creates its state and puts it). The destructor is
- * for a context's destruction or primary-context reset, which this library does not do yet:
- * entries live as long as the process. */
+ * A miss must be an error (cudart then creates its state and puts it). The destructor runs
+ * when the context is reset (cuDevicePrimaryCtxReset: kc_context_reset), with (ctx, key,
+ * value) (ZLUDA: "clsContextDestroyCallback"; experiment: cudaDeviceReset, then cudart puts
+ * fresh state at its next call and carries on). */
 struct cls_entry { CUcontext ctx; void *key, *value; void (*dtor)(CUcontext, void *, void *); };
 static pthread_mutex_t cls_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct cls_entry *cls;
@@ -242,6 +243,19 @@ static CUresult cls_get(void **value, CUcontext ctx, void *key) {
     pthread_mutex_unlock(&cls_lock);
     TRACE("context_local_storage: get %p %p: %s", (void *)ctx, key, e ? "found" : "absent");
     return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+void kc_context_reset(void *ctx) {
+    for (;;) {                     /* one at a time: a destructor may put or delete entries */
+        struct cls_entry e = {0};
+        pthread_mutex_lock(&cls_lock);
+        for (size_t i = 0; i < ncls && !e.ctx; i++)
+            if (cls[i].ctx == ctx) { e = cls[i]; cls[i] = cls[--ncls]; }
+        pthread_mutex_unlock(&cls_lock);
+        if (!e.ctx) return;
+        TRACE("context_local_storage: reset %p %p", ctx, e.key);
+        if (e.dtor) e.dtor(e.ctx, e.key, e.value);
+    }
 }
 
 TRAP(context_local_storage, 3)

@@ -113,5 +113,8 @@ CUresult kc_exec_request(int i, const char *op, const struct kc_buf *body, uint3
 CUresult kc_broker_request(const char *op, const struct kc_buf *body, uint32_t nfields,
                            struct mp_val *reply, int timeout_ms);
 const char *kc_address(void);
+/* A context is being reset or destroyed: run and drop what the runtime stored in it
+ * through the context-local-storage export table (export_tables.c). No lock held. */
+void kc_context_reset(void *ctx);
 void kc_sha256(const void *data, size_t n, uint8_t out[32]);   /* sha256.c */
 #endif

@@ -125,6 +125,16 @@ int main(int argc, char **argv) {
     s = cudaGetErrorName(cudaErrorInvalidDevice);
     CHECK("cudaGetErrorName", s && strcmp(s, "cudaErrorInvalidDevice") == 0, "%s", s ? s : "(null)");
 
+    // cudaDeviceReset frees what the program left allocated; cudart starts afresh after it
+    void *left = NULL;
+    size_t before = 0, after = 0;
+    CHECK_OK("cudaMemGetInfo before", cudaMemGetInfo(&before, &total));
+    CHECK_OK("cudaMalloc left allocated", cudaMalloc(&left, 1u << 20));
+    CHECK_OK("cudaDeviceReset", cudaDeviceReset());
+    CHECK_OK("cudaMemGetInfo after reset", cudaMemGetInfo(&after, &total));
+    CHECK("reset freed the allocation", after == before, "free %zu before, %zu after", before, after);
+    round_trip("after reset", 4096);
+
     printf("failures=%d\n", failures);
     return failures != 0;
 }
