@@ -21,6 +21,13 @@ DRIVER: dict[str, str] = {
     "cuGetProcAddress_v2": LOCAL,
     "cuGetExportTable": LOCAL,            # the runtime's private tables (native/src/export_tables.c)
     "cuModuleGetLoadingMode": LOCAL,      # cudart asks at start-up (native/src/runtime_init.c)
+    "cuCtxGetLimit": LOCAL,               # kept per device, reported back (runtime_init.c)
+    "cuCtxSetLimit": LOCAL,
+    "cuCtxGetCacheConfig": LOCAL,
+    "cuCtxSetCacheConfig": LOCAL,
+    "cuCtxGetSharedMemConfig": LOCAL,
+    "cuCtxSetSharedMemConfig": LOCAL,
+    "cuCtxGetStreamPriorityRange": LOCAL,  # [0, 0]: no stream priorities
     "cuDeviceGetCount": LOCAL,            # from the hello reply's device list
     "cuDeviceGet": LOCAL,
     "cuDeviceGetName": LOCAL,

@@ -39,25 +39,39 @@ def _crt_include() -> str | None:
     return None
 
 
+def _pip_cudart13() -> str | None:
+    """The virtual environment's nvidia-cuda-runtime 13.x (a newer minor than nvcc's, here)."""
+    try:
+        import nvidia.cu13
+    except ImportError:
+        return None
+    for p in nvidia.cu13.__path__:
+        if os.path.isfile(os.path.join(p, "lib", "libcudart.so.13")):
+            return p
+    return None
+
+
 def _build(variant: str, out: str) -> list[str]:
     """The command that builds runtime_tour as `variant`, or pytest.skip with why not."""
-    if variant.startswith("13"):
+    if variant.startswith("nvcc"):
         if NVCC is None:
             pytest.skip("nvcc not found (install the CUDA toolkit: /usr/local/cuda/bin/nvcc)")
-        return [NVCC, "-o", out, SOURCE, *(["-cudart", "shared"] if variant == "13-shared" else [])]
-    lib = os.path.join(CUDART12, "lib")
-    if not os.path.isfile(os.path.join(lib, "libcudart.so.12")):
-        pytest.skip(f"cudart 12 not installed in {CUDART12} (make .venv/.installed installs "
-                    "nvidia-cuda-runtime-cu12 there, on x86-64 and aarch64)")
+        return [NVCC, "-o", out, SOURCE, *(["-cudart", "shared"] if variant == "nvcc-shared" else [])]
+    major = variant.split("-")[1]
+    root = CUDART12 if major == "12" else _pip_cudart13()
+    lib = os.path.join(root or "", "lib")
+    if not os.path.isfile(os.path.join(lib, f"libcudart.so.{major}")):
+        how = (f"make .venv/.installed installs nvidia-cuda-runtime-cu12 into {CUDART12}" if major == "12"
+               else "the broker extra's nvidia-cuda-runtime")
+        pytest.skip(f"cudart {major} from PyPI not installed ({how}, on x86-64 and aarch64)")
     crt = _crt_include()
     if crt is None or shutil.which("g++") is None:
-        pytest.skip("no g++ or no crt/host_defines.h (a CUDA toolkit's) to build a cudart 12 program")
-    # cudart 12's own headers first; the toolkit's only for crt/, which the wheel lacks
-    cmd = ["g++", "-x", "c++", "-I", os.path.join(CUDART12, "include"), "-idirafter", crt, "-o", out, SOURCE,
-           "-x", "none"]
-    if variant == "12-static":
+        pytest.skip("no g++ or no crt/host_defines.h (a CUDA toolkit's) to build against a pip cudart")
+    # that cudart's own headers first; the toolkit's only for crt/, which the wheels lack
+    cmd = ["g++", "-x", "c++", "-I", os.path.join(root, "include"), "-idirafter", crt, "-o", out, SOURCE, "-x", "none"]
+    if variant.endswith("static"):
         return cmd + [os.path.join(lib, "libcudart_static.a"), "-lpthread", "-ldl", "-lrt"]
-    return cmd + ["-L", lib, "-l:libcudart.so.12", f"-Wl,-rpath,{lib}", "-lpthread"]
+    return cmd + ["-L", lib, f"-l:libcudart.so.{major}", f"-Wl,-rpath,{lib}", "-lpthread"]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +101,9 @@ def quota_broker(broker_factory):
     return broker_factory({"alice": {"memory": QUOTA}})
 
 
-VARIANTS = ["13-static", "13-shared", "12-static", "12-shared"]
+# nvcc-*: the toolkit's nvcc and its cudart (static is nvcc's default); pip-N-*: a program
+# built with the host compiler against PyPI's cudart N (the way Python packages ship it).
+VARIANTS = ["nvcc-static", "nvcc-shared", "pip-13-static", "pip-13-shared", "pip-12-static", "pip-12-shared"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -101,26 +117,37 @@ def test_runtime_tour(built, quota_broker, variant):
                        capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert r.returncode == 0 and "failures=0" in r.stdout, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
     v = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
-    assert v["runtime_version"].startswith(variant[:2])               # the cudart we meant to test
+    if variant.startswith("pip"):                                      # the cudart we meant to test
+        assert v["runtime_version"].startswith(variant.split("-")[1])
     assert int(v["mem_total"]) == int(v["total_global_mem"]) == QUOTA
     assert v["name"].startswith("KubeCASH CPU")
     # nothing cudart called fell through to a NOT_SUPPORTED stub or an untraced table slot
     assert "not supported" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("variant", ["13-static", "12-shared"])
-def test_runtime_trace_names_the_tables(built, quota_broker, variant):
+# What each cudart asked for, in order (KUBECASH_DEBUG=1): 12.9 and 13.0 the same six tables;
+# 13.5 also TOOLS_CONTEXT, after TOOLS_TLS.
+_TABLES = ["cudart_interface", "tools_runtime_hooks", "tools_tls", "context_local_storage", "context_checks",
+           "integrity_check"]
+
+
+@pytest.mark.parametrize("variant, tables", [
+    ("nvcc-static", _TABLES), ("pip-12-shared", _TABLES),
+    ("pip-13-static", _TABLES[:3] + ["tools_context"] + _TABLES[3:])])
+def test_runtime_trace_names_the_tables(built, quota_broker, variant, tables):
     """KUBECASH_DEBUG shows what cudart asked for: its symbols and its tables, in order."""
     exe = built(variant)
     r = subprocess.run([exe, str(QUOTA)], env=_env(quota_broker.address("alice"), KUBECASH_DEBUG="1"),
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "kubecash: cuGetProcAddress cuInit v2000 flags 0: found" in r.stderr
-    tables = [line.split()[-1] for line in r.stderr.splitlines()
-              if line.startswith("kubecash: cuGetExportTable ") and len(line.split()) == 3]
-    assert tables == ["cudart_interface", "tools_runtime_hooks", "tools_tls", "context_local_storage",
-                      "context_checks", "integrity_check"], r.stderr
+    asked = [line.split()[-1] for line in r.stderr.splitlines()
+             if line.startswith("kubecash: cuGetExportTable ") and len(line.split()) == 3]
+    if variant == "nvcc-static" and "tools_context" in asked:          # a newer toolkit's nvcc
+        tables = _TABLES[:3] + ["tools_context"] + _TABLES[3:]
+    assert asked == tables, r.stderr
     assert "cuGetExportTable f8cff951-2146-8b4e-b9e2-fb469e7c0dd9 refused" in r.stderr
+    assert "is not supported" not in r.stderr                          # no stub, no trap called
 
 
 # -- the integrity check, against an independent HMAC-MD2 -------------------------------------

@@ -169,6 +169,38 @@ static const void *tools_runtime_hooks[7] = {
     SLOT(tools_get_buffer2),
 };
 
+/* ---- 21318c60-9714-3248-8ca6-41ff7324c8f2: TOOLS_CONTEXT ----------------------------------
+ * Asked for by cudart 13.5 (pip's nvidia-cuda-runtime 13.5, static and shared) after
+ * TOOLS_TLS; refused, cudaGetDeviceCount fails with cudaErrorNotSupported (experiment).
+ * NVIDIA's tools library names the UUID CU_ETID_ToolsContext (symbols others have listed);
+ * another reimplementation reports driver 595 serving it as a size and 94 non-NULL slots.
+ * Served that shape, cudart 13.5 initialises and calls none of the slots during start-up,
+ * memory and reset (trace): all 94 are traps until a trace shows one called. */
+#define TRAP10(t, d) TRAP(t, d##0) TRAP(t, d##1) TRAP(t, d##2) TRAP(t, d##3) TRAP(t, d##4) \
+                     TRAP(t, d##5) TRAP(t, d##6) TRAP(t, d##7) TRAP(t, d##8) TRAP(t, d##9)
+#define SLOT10(t, d) SLOT(trap_##t##_##d##0), SLOT(trap_##t##_##d##1), SLOT(trap_##t##_##d##2),      \
+                     SLOT(trap_##t##_##d##3), SLOT(trap_##t##_##d##4), SLOT(trap_##t##_##d##5),      \
+                     SLOT(trap_##t##_##d##6), SLOT(trap_##t##_##d##7), SLOT(trap_##t##_##d##8),      \
+                     SLOT(trap_##t##_##d##9)
+TRAP(tools_context, 1) TRAP(tools_context, 2) TRAP(tools_context, 3) TRAP(tools_context, 4)
+TRAP(tools_context, 5) TRAP(tools_context, 6) TRAP(tools_context, 7) TRAP(tools_context, 8)
+TRAP(tools_context, 9)
+TRAP10(tools_context, 1) TRAP10(tools_context, 2) TRAP10(tools_context, 3) TRAP10(tools_context, 4)
+TRAP10(tools_context, 5) TRAP10(tools_context, 6) TRAP10(tools_context, 7) TRAP10(tools_context, 8)
+TRAP(tools_context, 90) TRAP(tools_context, 91) TRAP(tools_context, 92) TRAP(tools_context, 93)
+TRAP(tools_context, 94)
+static const void *tools_context[95] = {
+    SIZE_SLOT(tools_context),
+    SLOT(trap_tools_context_1), SLOT(trap_tools_context_2), SLOT(trap_tools_context_3),
+    SLOT(trap_tools_context_4), SLOT(trap_tools_context_5), SLOT(trap_tools_context_6),
+    SLOT(trap_tools_context_7), SLOT(trap_tools_context_8), SLOT(trap_tools_context_9),
+    SLOT10(tools_context, 1), SLOT10(tools_context, 2), SLOT10(tools_context, 3), SLOT10(tools_context, 4),
+    SLOT10(tools_context, 5), SLOT10(tools_context, 6), SLOT10(tools_context, 7), SLOT10(tools_context, 8),
+    SLOT(trap_tools_context_90), SLOT(trap_tools_context_91), SLOT(trap_tools_context_92),
+    SLOT(trap_tools_context_93), SLOT(trap_tools_context_94),
+};
+_Static_assert(sizeof tools_context == 95 * sizeof(void *), "a size and 94 slots");
+
 /* ---- 42d85a81-23f6-cb47-8298-f6e78a3aecdc: TOOLS_TLS --------------------------------------
  * Tools' thread-local state. cudart only needs the table to exist (ZLUDA: size only; others
  * report the process aborts without it): a size and traps. */
@@ -405,6 +437,8 @@ static const struct table tables[] = {
      cudart_interface},
     {"tools_runtime_hooks", {0xa0, 0x94, 0x79, 0x8c, 0x2e, 0x74, 0x2e, 0x74, 0x93, 0xf2, 0x08, 0x00, 0x20, 0x0c, 0x0a, 0x66},
      tools_runtime_hooks},
+    {"tools_context", {0x21, 0x31, 0x8c, 0x60, 0x97, 0x14, 0x32, 0x48, 0x8c, 0xa6, 0x41, 0xff, 0x73, 0x24, 0xc8, 0xf2},
+     tools_context},
     {"tools_tls", {0x42, 0xd8, 0x5a, 0x81, 0x23, 0xf6, 0xcb, 0x47, 0x82, 0x98, 0xf6, 0xe7, 0x8a, 0x3a, 0xec, 0xdc},
      tools_tls},
     {"context_local_storage", {0xc6, 0x93, 0x33, 0x6e, 0x11, 0x21, 0xdf, 0x11, 0xa8, 0xc3, 0x68, 0xf3, 0x55, 0xd8, 0x95, 0x93},

@@ -119,6 +119,21 @@ int main(int argc, char **argv) {
     pthread_join(t, NULL);
 
     CHECK_OK("cudaDeviceSynchronize", cudaDeviceSynchronize());
+
+    // limits and preferences: kept and reported back (cuBLAS reads them at cublasCreate)
+    size_t lim = 0;
+    CHECK_OK("cudaDeviceGetLimit", cudaDeviceGetLimit(&lim, cudaLimitStackSize));
+    CHECK("stack size limit", lim == 1024, "%zu", lim);
+    CHECK_OK("cudaDeviceSetLimit", cudaDeviceSetLimit(cudaLimitMallocHeapSize, 16u << 20));
+    CHECK_OK("cudaDeviceGetLimit heap", cudaDeviceGetLimit(&lim, cudaLimitMallocHeapSize));
+    CHECK("heap size limit", lim == 16u << 20, "%zu", lim);
+    int least = -1, greatest = -1;
+    CHECK_OK("cudaDeviceGetStreamPriorityRange", cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    CHECK("no stream priorities", least == 0 && greatest == 0, "[%d, %d]", least, greatest);
+    cudaFuncCache cache = cudaFuncCachePreferNone;
+    CHECK_OK("cudaDeviceSetCacheConfig", cudaDeviceSetCacheConfig(cudaFuncCachePreferShared));
+    CHECK_OK("cudaDeviceGetCacheConfig", cudaDeviceGetCacheConfig(&cache));
+    CHECK("cache config", cache == cudaFuncCachePreferShared, "%d", (int)cache);
     const char *s = cudaGetErrorString(cudaErrorMemoryAllocation);
     printf("error_string=%s\n", s);
     CHECK("cudaGetErrorString", s && strcmp(s, "out of memory") == 0, "%s", s ? s : "(null)");
