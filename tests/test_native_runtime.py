@@ -125,6 +125,17 @@ def test_runtime_tour(built, quota_broker, variant):
     assert "not supported" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("variant", ["nvcc-static", "pip-13-shared"])
+def test_counting_devices_starts_no_executor(built, quota_broker, variant):
+    """cudaGetDeviceCount opens the session and asks for the primary context's handle
+    (CUDART_INTERFACE slot 2), but retains nothing: no executor starts until a context is used."""
+    r = subprocess.run([built(variant), "count"], env=_env(quota_broker.address("alice")), stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0 and "device_count=1" in r.stdout, r.stdout + r.stderr[-3000:]
+    log = quota_broker.log()
+    assert "opened (pid" in log and "executor for" not in log, log[-3000:]
+
+
 # What each cudart asked for, in order (KUBECASH_DEBUG=1): 12.9 and 13.0 the same six tables;
 # 13.5 also TOOLS_CONTEXT, after TOOLS_TLS.
 _TABLES = ["cudart_interface", "tools_runtime_hooks", "tools_tls", "context_local_storage", "context_checks",

@@ -260,6 +260,18 @@ KC_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
     return rc;
 }
 
+/* The primary context's handle without retaining it (and so without attaching the executor):
+ * what cudart asks of CUDART_INTERFACE slot 2 while it merely counts devices. */
+CUresult kc_primary_context(int dev, void **pctx) {
+    if (!pctx) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    primary[dev].device = dev;
+    *pctx = &primary[dev];
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
 static CUresult primary_release(CUdevice dev) {
     CUresult rc = lock_device(dev);
     if (rc) return rc;

@@ -14,7 +14,7 @@
  * that gets an error can report it. Unknown UUIDs: CUDA_ERROR_NOT_SUPPORTED, logged once each.
  *
  * Only the exported driver API is called from here (cuDeviceGetCount, cuCtxGetCurrent...),
- * so this file depends on no other file's internals. */
+ * and kc.h's kc_primary_context; kc_context_reset is cuDevicePrimaryCtxReset's way in. */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -35,8 +35,6 @@ CUresult cuDeviceGetUuid(CUuuid *uuid, CUdevice dev);
 CUresult cuDeviceGetAttribute(int *pi, int attrib, CUdevice dev);
 CUresult cuDriverGetVersion(int *version);
 CUresult cuCtxGetCurrent(CUcontext *pctx);
-CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev);
-CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev);
 CUresult cuModuleLoadData(CUmodule *module, const void *image);
 CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev);
 
@@ -67,7 +65,8 @@ static void uuid_text(const unsigned char *b, char out[37]) {
  * every call with cudaErrorNotSupported (experiment). Slots (ZLUDA's dark_api, confirmed by
  * trace where noted):
  *   1  load a module from a __fatBinC_Wrapper_t (magic 0x466243b1; its `data` is the fatbin)
- *   2  the primary context of a device (pctx, dev) (trace: called at first context use)
+ *   2  the primary context of a device (pctx, dev), not retained: cudart asks while it counts
+ *      devices and retains it (cuDevicePrimaryCtxRetain) only when it first uses it (trace)
  *   6  as 1, with three more arguments (host-variable registration; must be unused: NULL/0)
  *   7  (uintptr) -> CUresult: unknown, answered success
  *   8  load a module from a fatbin header (magic 0xba55ed50), arguments as 6 after it
@@ -97,12 +96,7 @@ static CUresult rt_module_from_wrapper(CUmodule *module, const struct fatbinc_wr
 }
 
 static CUresult rt_primary_context(CUcontext *pctx, CUdevice dev) {
-    TRACE("cudart_interface: primary context of device %d", dev);
-    if (!pctx) return CUDA_ERROR_INVALID_VALUE;
-    /* The primary context's handle, without keeping a reference: retaining attaches the
-     * executor (cudart uses the context next), releasing gives the count back. */
-    CUresult rc = cuDevicePrimaryCtxRetain(pctx, dev);
-    if (!rc) cuDevicePrimaryCtxRelease_v2(dev);
+    CUresult rc = kc_primary_context(dev, (void **)pctx);
     TRACE("cudart_interface: primary context of device %d: %d", dev, rc);
     return rc;
 }

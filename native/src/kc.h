@@ -116,5 +116,6 @@ const char *kc_address(void);
 /* A context is being reset or destroyed: run and drop what the runtime stored in it
  * through the context-local-storage export table (export_tables.c). No lock held. */
 void kc_context_reset(void *ctx);
+CUresult kc_primary_context(int dev, void **pctx);      /* cuda_api.c: the handle, not retained */
 void kc_sha256(const void *data, size_t n, uint8_t out[32]);   /* sha256.c */
 #endif

@@ -2,7 +2,7 @@
 // kernel, so it builds with nvcc (static or shared cudart) and, being plain C++, with any
 // host compiler against a pip cudart (tests/test_native_runtime.py). Checks its own results:
 // prints "FAIL what: detail" for each failed check, then "failures=N", and exits non-zero on
-// any. Usage: runtime_tour QUOTA_BYTES
+// any. Usage: runtime_tour QUOTA_BYTES, or runtime_tour count (cudaGetDeviceCount alone)
 #include <cuda_runtime.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -59,8 +59,14 @@ static void *other_thread(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc != 2) {
-        fprintf(stderr, "usage: runtime_tour QUOTA_BYTES\n");
+        fprintf(stderr, "usage: runtime_tour QUOTA_BYTES | count\n");
         return 2;
+    }
+    if (strcmp(argv[1], "count") == 0) {        // what torch.cuda.device_count() does
+        int n = -1;
+        cudaError_t e = cudaGetDeviceCount(&n);
+        printf("count_rc=%d\ndevice_count=%d\n", (int)e, n);
+        return e != cudaSuccess;
     }
     size_t quota = strtoull(argv[1], NULL, 0);
     int rt = 0, drv = 0, n = -1;
