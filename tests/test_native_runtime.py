@@ -279,3 +279,68 @@ def test_cudart12_wheel_is_where_the_tests_look():
     if not found:
         pytest.skip("cudart 12 not installed (make .venv/.installed on x86-64 or aarch64)")
     assert found == [os.path.join(CUDART12, "lib", "libcudart.so.12")]
+
+
+_CONTEXTS = textwrap.dedent(r"""
+    import ctypes, json
+    cu = ctypes.CDLL("libcuda.so.1")
+    V, U, I = ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
+    out = {}
+    assert cu.cuInit(0) == 0
+    ctx, cur, popped = V(), V(), V()
+    out["retain"] = cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0)
+    flags, active = U(), I()
+    rc = cu.cuDevicePrimaryCtxGetState(0, ctypes.byref(flags), ctypes.byref(active))
+    out["state"] = [rc, flags.value, active.value]
+    out["set_flags"] = cu.cuDevicePrimaryCtxSetFlags_v2(0, 4)              # CU_CTX_SCHED_BLOCKING_SYNC
+    out["bad_flags"] = cu.cuDevicePrimaryCtxSetFlags_v2(0, 1 << 20)
+    cu.cuDevicePrimaryCtxGetState(0, ctypes.byref(flags), ctypes.byref(active))
+    out["flags_after"] = flags.value
+    out["pop_empty"] = cu.cuCtxPopCurrent_v2(ctypes.byref(popped))
+    out["push"] = cu.cuCtxPushCurrent_v2(ctx)
+    cu.cuCtxGetCurrent(ctypes.byref(cur))
+    out["current_is_pushed"] = cur.value == ctx.value
+    out["push_bad"] = cu.cuCtxPushCurrent_v2(V(12345))
+    ver, cid, dev, ctx_flags = U(), ctypes.c_ulonglong(), I(-1), U()
+    out["api_version"] = [cu.cuCtxGetApiVersion(ctx, ctypes.byref(ver)), ver.value]
+    out["api_version_bad"] = cu.cuCtxGetApiVersion(V(12345), ctypes.byref(ver))
+    out["id"] = [cu.cuCtxGetId(None, ctypes.byref(cid)), cid.value]
+    out["get_device_v2"] = [cu.cuCtxGetDevice_v2(ctypes.byref(dev), None), dev.value]
+    out["ctx_flags"] = [cu.cuCtxGetFlags(ctypes.byref(ctx_flags)), ctx_flags.value]
+    out["sync_v2"] = cu.cuCtxSynchronize_v2(ctx)
+    lim = ctypes.c_size_t()
+    out["limit_default"] = [cu.cuCtxGetLimit(ctypes.byref(lim), 2), lim.value]      # MALLOC_HEAP_SIZE
+    out["limit_readonly"] = cu.cuCtxSetLimit(7, 1)                                   # SHMEM_SIZE
+    out["limit_bad"] = [cu.cuCtxGetLimit(ctypes.byref(lim), 99), cu.cuCtxGetLimit(None, 0)]
+    out["pop"] = cu.cuCtxPopCurrent_v2(ctypes.byref(popped))
+    out["popped_is_pushed"] = popped.value == ctx.value
+    cu.cuCtxGetCurrent(ctypes.byref(cur))
+    out["current_after_pop"] = cur.value
+    out["no_ctx"] = cu.cuCtxGetApiVersion(None, ctypes.byref(ver))
+    mode = I()
+    out["loading_mode"] = [cu.cuModuleGetLoadingMode(ctypes.byref(mode)), mode.value]
+    out["reset"] = cu.cuDevicePrimaryCtxReset_v2(0)
+    out["reset_bad"] = cu.cuDevicePrimaryCtxReset_v2(7)
+    print(json.dumps(out))
+""")
+
+
+def test_context_stack_and_state(quota_broker):
+    """The per-thread context stack (push, pop, set), the context queries cudart's start-up
+    makes, limits, the module loading mode, reset; bad handles refused, not crashed on."""
+    r = subprocess.run([sys.executable, "-c", _CONTEXTS], env=_env(quota_broker.address("alice")),
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    v = json.loads(r.stdout)
+    assert v["retain"] == 0 and v["state"] == [0, 0, 1]
+    assert v["set_flags"] == 0 and v["bad_flags"] == 1 and v["flags_after"] == 4
+    assert v["pop_empty"] == 201 and v["push"] == 0 and v["current_is_pushed"] and v["push_bad"] == 201
+    assert v["api_version"] == [0, 3020] and v["api_version_bad"] == 201
+    assert v["id"] == [0, 1] and v["get_device_v2"] == [0, 0] and v["ctx_flags"] == [0, 4]
+    assert v["sync_v2"] == 0
+    assert v["limit_default"] == [0, 8 << 20] and v["limit_readonly"] == 1 and v["limit_bad"] == [1, 1]
+    assert v["pop"] == 0 and v["popped_is_pushed"] and v["current_after_pop"] is None
+    assert v["no_ctx"] == 201                                          # CUDA_ERROR_INVALID_CONTEXT
+    assert v["loading_mode"] == [0, 2]                                 # CU_MODULE_LAZY_LOADING
+    assert v["reset"] == 0 and v["reset_bad"] == 101
+    assert "not supported" not in r.stderr, r.stderr

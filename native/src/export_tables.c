@@ -272,7 +272,13 @@ static CUresult cls_get(void **value, CUcontext ctx, void *key) {
 }
 
 void kc_context_reset(void *ctx) {
-    for (;;) {                     /* one at a time: a destructor may put or delete entries */
+    /* One at a time, without the lock (a destructor calls back into the driver), and only
+     * as many as were there: entries a destructor puts belong to the context's next life. */
+    pthread_mutex_lock(&cls_lock);
+    size_t n = 0;
+    for (size_t i = 0; i < ncls; i++) n += cls[i].ctx == ctx;
+    pthread_mutex_unlock(&cls_lock);
+    while (n--) {
         struct cls_entry e = {0};
         pthread_mutex_lock(&cls_lock);
         for (size_t i = 0; i < ncls && !e.ctx; i++)
