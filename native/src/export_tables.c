@@ -1,14 +1,24 @@
 /* cuGetExportTable: the private tables NVIDIA's runtime (cudart, static and shared) and its
  * libraries ask a driver for, by UUID, before and beside the documented API.
  *
+ * Who asks for what (KUBECASH_DEBUG=1 traces it), every one answered here:
+ *   cudart 12.9 and 13.0, static and shared: f8cff951 (refused), CUDART_INTERFACE,
+ *     TOOLS_RUNTIME_CALLBACK_HOOKS, TOOLS_TLS, CONTEXT_LOCAL_STORAGE, CONTEXT_CHECKS,
+ *     INTEGRITY_CHECK, in that order, during the first runtime call; refusing any but the
+ *     first fails every runtime call (cudaErrorNotSupported; a wrong integrity answer:
+ *     cudaErrorSoftwareValidityNotEstablished).
+ *   cudart 13.5 (pip's nvidia-cuda-runtime): the same and TOOLS_CONTEXT, after TOOLS_TLS.
+ *   cuBLAS and cuBLASLt 12.9 and 13.10: nothing of their own; the cudart linked into them
+ *     asks as above (a process holds one such set per cudart in it).
+ *
  * A table is an array of pointers. Most start with their own size in bytes (slot 0), then
  * function pointers; the context-local-storage table has no size slot. What each table is
  * for and which slots matter was established two ways, noted per table below:
  *   - public reverse engineering, read, not copied: ZLUDA (vosen/ZLUDA: dark_api/src/lib.rs,
  *     zluda/src/impl/driver.rs, zluda/src/impl/export_table.rs) and other driver
  *     reimplementations that document the same UUIDs;
- *   - experiment: KUBECASH_DEBUG=1 traces every table asked for and every slot called
- *     (tests/c/runtime_tour.cu against nvcc 13.0's static and shared cudart).
+ *   - experiment: the traces above, tables refused one at a time, answers altered
+ *     (tests/c/runtime_tour.cu built six ways, tests/test_native_runtime.py).
  * Slots nobody has seen called hold a trap that logs "<table> slot N" once and returns
  * CUDA_ERROR_NOT_SUPPORTED, never NULL: a caller that jumps through a NULL slot crashes, one
  * that gets an error can report it. Unknown UUIDs: CUDA_ERROR_NOT_SUPPORTED, logged once each.
@@ -61,18 +71,20 @@ static void uuid_text(const unsigned char *b, char out[37]) {
 #define SIZE_SLOT(table) ((const void *)(uintptr_t)sizeof(table))
 
 /* ---- 6bd5fb6c-5bf4-e74a-8987-d93912fd9df9: CUDART_INTERFACE ----------------------------
- * What cudart needs of a context and of the images nvcc embeds. Refused, cudart 13 fails
- * every call with cudaErrorNotSupported (experiment). Slots (ZLUDA's dark_api, confirmed by
- * trace where noted):
+ * What cudart needs of a context and of the images nvcc embeds. Slots (ZLUDA's dark_api,
+ * confirmed by trace where noted):
  *   1  load a module from a __fatBinC_Wrapper_t (magic 0x466243b1; its `data` is the fatbin)
  *   2  the primary context of a device (pctx, dev), not retained: cudart asks while it counts
  *      devices and retains it (cuDevicePrimaryCtxRetain) only when it first uses it (trace)
  *   6  as 1, with three more arguments (host-variable registration; must be unused: NULL/0)
  *   7  (uintptr) -> CUresult: unknown, answered success
  *   8  load a module from a fatbin header (magic 0xba55ed50), arguments as 6 after it
- *   12 load_compilers: success (no JIT to prepare: the executor compiles)
+ *   12 load_compilers: success (no JIT to prepare: the executor compiles) (trace: shared
+ *      cudart 13.5 calls it at start-up)
  * Module loads go through cuModuleLoadData, which accepts a fatbin: whatever implements that
- * (the executor's module loader) serves __cudaRegisterFatBinary's lazy loads too. */
+ * (the executor's module loader) serves these too. cudart 12.9/13.x do not call them: they
+ * load the fatbins __cudaRegisterFatBinary registered with cuLibraryLoadData, at a kernel's
+ * first launch (lazy loading, the default), or all at start-up under CUDA_MODULE_LOADING=EAGER. */
 #define FATBINC_MAGIC 0x466243b1u
 #define FATBIN_MAGIC 0xba55ed50u
 struct fatbinc_wrapper { uint32_t magic, version; const void *data; const void *filename_or_fatbins; };
@@ -196,8 +208,8 @@ static const void *tools_context[95] = {
 _Static_assert(sizeof tools_context == 95 * sizeof(void *), "a size and 94 slots");
 
 /* ---- 42d85a81-23f6-cb47-8298-f6e78a3aecdc: TOOLS_TLS --------------------------------------
- * Tools' thread-local state. cudart only needs the table to exist (ZLUDA: size only; others
- * report the process aborts without it): a size and traps. */
+ * Tools' thread-local state. cudart only needs the table to exist (ZLUDA: size only;
+ * experiment: refused, every runtime call fails; no slot called): a size and traps. */
 TRAP(tools_tls, 1)
 TRAP(tools_tls, 2)
 TRAP(tools_tls, 3)
@@ -297,7 +309,8 @@ static const void *context_local_storage[4] = {
 
 /* ---- 263e8860-7cd2-6143-92f6-bbd5006dfa7e: CONTEXT_CHECKS ----------------------------------
  * Checks cudart makes of a context before using it (ZLUDA: "bits that are never observably
- * set"): 2 (ctx, &flags, &ptr) -> flags 0; 3 () -> 0. */
+ * set"): 2 (ctx, &flags, &ptr) -> flags 0 (trace: before each runtime call that uses the
+ * context); 3 () -> 0 (trace: once, when the table is fetched). */
 static CUresult ctx_check(CUcontext ctx, uint32_t *flags, const void **ptr) {
     TRACE("context_checks: slot 2 %p", (void *)ctx);
     if (flags) *flags = 0;
@@ -320,8 +333,10 @@ static const void *context_checks[4] = {
  * cudart computes the same and compares; a wrong answer is cudaErrorSoftwareValidityNot
  * Established (103) on every call. The construction, key and field order are ZLUDA's
  * findings (dark_api's integrity_check, whose passes are HMAC-MD2's steps); written here from
- * the standards. Versions ending in 0 or 1 expect fixed answers (ZLUDA). Slot 2: a switch
- * (bool) -> success. */
+ * the standards. Versions ending in 0 or 1 expect fixed answers (ZLUDA; trace: cudart N
+ * asks for N, N+1 and N+2, once each, at start-up). Slot 2: a switch (bool) -> success (a
+ * reimplementation reports CUDA 12.9 requires it non-NULL; not seen called). The answer is
+ * checked in tests against an independent HMAC-MD2. */
 static const uint8_t md2_s[256] = {
     41, 46, 67, 201, 162, 216, 124, 1, 61, 54, 84, 161, 236, 240, 6, 19, 98, 167, 5, 243, 192, 199, 115, 140,
     152, 147, 43, 217, 188, 76, 130, 202, 30, 155, 87, 60, 253, 212, 224, 22, 103, 66, 111, 24, 138, 23, 229, 18,
@@ -424,7 +439,8 @@ static CUresult integrity_check(uint32_t version, uint64_t unix_seconds, uint64_
 
 /* ---- 0ca50b8c-1004-929a-89a7-d0df10e77286: CTX_CREATE_BYPASS ----------------------------------
  * cuCtxCreate_v2 for libraries that must not go through an interposed cuCtxCreate (ZLUDA):
- * slot 1 (pctx, flags, dev). */
+ * slot 1 (pctx, flags, dev). No cudart or cuBLAS here asks for it; served because it is a
+ * plain forward (created contexts are not implemented yet: cuCtxCreate_v2's answer). */
 static CUresult ctx_create_bypass(CUcontext *pctx, unsigned flags, CUdevice dev) {
     return cuCtxCreate_v2(pctx, flags, dev);
 }
@@ -452,8 +468,8 @@ static const struct table tables[] = {
 };
 
 /* Asked for and refused on purpose, quietly (traced under KUBECASH_DEBUG):
- * f8cff951-2146-8b4e-b9e2-fb469e7c0dd9: cudart 12.9 and 13.0 (static and shared) ask for it
- * first, before cuInit, and initialise fully when refused (experiment); other
+ * f8cff951-2146-8b4e-b9e2-fb469e7c0dd9: cudart 12.9, 13.0 and 13.5 (static and shared) ask
+ * for it first, and initialise fully when refused (experiment); other
  * reimplementations report that answering it changes cudart's start-up path, and name no
  * slot's meaning. */
 static const unsigned char refused[][16] = {
