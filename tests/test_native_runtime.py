@@ -344,3 +344,39 @@ def test_context_stack_and_state(quota_broker):
     assert v["loading_mode"] == [0, 2]                                 # CU_MODULE_LAZY_LOADING
     assert v["reset"] == 0 and v["reset_bad"] == 101
     assert "not supported" not in r.stderr, r.stderr
+
+
+_CUDA_PYTHON_RUNTIME = textwrap.dedent(r"""
+    import numpy as np
+    from cuda.bindings import runtime as rt
+    ok = rt.cudaError_t.cudaSuccess
+    assert rt.cudaGetDeviceCount() == (ok, 1)
+    err, p = rt.cudaGetDeviceProperties(0)
+    assert err == ok and p.totalGlobalMem == QUOTA, (err, p.totalGlobalMem)
+    err, d = rt.cudaMalloc(1 << 20)
+    assert err == ok
+    a = np.arange(1000, dtype=np.float32)
+    b = np.zeros_like(a)
+    H2D, D2H = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    assert rt.cudaMemcpy(d, a.ctypes.data, a.nbytes, H2D) == (ok,)
+    assert rt.cudaMemcpy(b.ctypes.data, d, a.nbytes, D2H) == (ok,)
+    assert (a == b).all()
+    err, free, total = rt.cudaMemGetInfo()
+    assert err == ok and total == QUOTA
+    assert rt.cudaMalloc(QUOTA)[0] == rt.cudaError_t.cudaErrorMemoryAllocation
+    assert rt.cudaFree(d) == (ok,)
+    assert rt.cudaDeviceSynchronize() == (ok,)
+    print("done", rt.cudaRuntimeGetVersion()[1])
+""")
+
+
+def test_cuda_python_runtime_bindings_run_on_the_native_driver(quota_broker):
+    """cuda-python's runtime module links cudart statically (13.4 in cuda-bindings 13.x): with
+    the Python shim off, it initialises on the export tables and reaches the broker."""
+    pytest.importorskip("cuda.bindings.runtime")
+    pytest.importorskip("numpy")
+    env = _env(quota_broker.address("alice"), KUBECASH_SHIM="0")
+    r = subprocess.run([sys.executable, "-c", f"QUOTA = {QUOTA}\n" + _CUDA_PYTHON_RUNTIME], env=env,
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0 and r.stdout.startswith("done 13"), r.stdout + r.stderr[-3000:]
+    assert "not supported" not in r.stderr, r.stderr

@@ -7,7 +7,8 @@
  *     INTEGRITY_CHECK, in that order, during the first runtime call; refusing any but the
  *     first fails every runtime call (cudaErrorNotSupported; a wrong integrity answer:
  *     cudaErrorSoftwareValidityNotEstablished).
- *   cudart 13.5 (pip's nvidia-cuda-runtime): the same and TOOLS_CONTEXT, after TOOLS_TLS.
+ *   cudart 13.4 (linked into cuda-python's runtime bindings) and 13.5 (pip's
+ *     nvidia-cuda-runtime): the same and TOOLS_CONTEXT, after TOOLS_TLS.
  *   cuBLAS and cuBLASLt 12.9 and 13.10: nothing of their own; the cudart linked into them
  *     asks as above (a process holds one such set per cudart in it).
  *
@@ -176,8 +177,9 @@ static const void *tools_runtime_hooks[7] = {
 };
 
 /* ---- 21318c60-9714-3248-8ca6-41ff7324c8f2: TOOLS_CONTEXT ----------------------------------
- * Asked for by cudart 13.5 (pip's nvidia-cuda-runtime 13.5, static and shared) after
- * TOOLS_TLS; refused, cudaGetDeviceCount fails with cudaErrorNotSupported (experiment).
+ * Asked for by cudart 13.4 (cuda-bindings) and 13.5 (pip's nvidia-cuda-runtime, static and
+ * shared) after TOOLS_TLS; refused, cudaGetDeviceCount fails with cudaErrorNotSupported
+ * (experiment).
  * NVIDIA's tools library names the UUID CU_ETID_ToolsContext (symbols others have listed);
  * another reimplementation reports driver 595 serving it as a size and 94 non-NULL slots.
  * Served that shape, cudart 13.5 initialises and calls none of the slots during start-up,
