@@ -59,6 +59,8 @@ DRIVER: dict[str, str] = {
     "cuMemGetInfo_v2": BROKER,
     "cuMemcpyHtoD_v2": BROKER,
     "cuMemcpyDtoH_v2": BROKER,
+    "cuMemcpyHtoD_v2_ptds": BROKER,       # as the above (cudart built for per-thread streams)
+    "cuMemcpyDtoH_v2_ptds": BROKER,
 }
 
 NVML: dict[str, str] = {

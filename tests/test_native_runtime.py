@@ -56,7 +56,8 @@ def _build(variant: str, out: str) -> list[str]:
     if variant.startswith("nvcc"):
         if NVCC is None:
             pytest.skip("nvcc not found (install the CUDA toolkit: /usr/local/cuda/bin/nvcc)")
-        return [NVCC, "-o", out, SOURCE, *(["-cudart", "shared"] if variant == "nvcc-shared" else [])]
+        extra = {"nvcc-shared": ["-cudart", "shared"], "nvcc-per-thread": ["--default-stream", "per-thread"]}
+        return [NVCC, "-o", out, SOURCE, *extra.get(variant, [])]
     major = variant.split("-")[1]
     root = CUDART12 if major == "12" else _pip_cudart13()
     lib = os.path.join(root or "", "lib")
@@ -101,9 +102,11 @@ def quota_broker(broker_factory):
     return broker_factory({"alice": {"memory": QUOTA}})
 
 
-# nvcc-*: the toolkit's nvcc and its cudart (static is nvcc's default); pip-N-*: a program
-# built with the host compiler against PyPI's cudart N (the way Python packages ship it).
-VARIANTS = ["nvcc-static", "nvcc-shared", "pip-13-static", "pip-13-shared", "pip-12-static", "pip-12-shared"]
+# nvcc-*: the toolkit's nvcc and its cudart (static is nvcc's default; per-thread: the
+# per-thread default stream, which cudart asks for as the _ptds entry points); pip-N-*: a
+# program built with the host compiler against PyPI's cudart N (as Python packages ship it).
+VARIANTS = ["nvcc-static", "nvcc-shared", "nvcc-per-thread", "pip-13-static", "pip-13-shared", "pip-12-static",
+            "pip-12-shared"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -583,3 +583,11 @@ KC_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
 }
 
 KC_EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) { return copy(0, src, dst, n); }
+
+/* The per-thread-default-stream flavours (nvcc --default-stream per-thread): a synchronous
+ * copy that waits for everything before it waits for the thread's own stream too. */
+KC_EXPORT CUresult cuMemcpyHtoD_v2_ptds(CUdeviceptr dst, const void *src, size_t n) {
+    return copy(1, dst, (void *)src, n);
+}
+
+KC_EXPORT CUresult cuMemcpyDtoH_v2_ptds(void *dst, CUdeviceptr src, size_t n) { return copy(0, src, dst, n); }
