@@ -241,6 +241,9 @@ _PROBE = textwrap.dedent(r"""
     for version, now in ((13002, 1796000000), (12092, 17)):
         out["checks"].append([version, now, check(version, now, res), res[0], res[1]])
     out["unknown"] = [table("00112233445566778899aabbccddeeff")[0] for _ in range(2)]
+    rc, tls = table("42d85a8123f6cb478298f6e78a3aecdc")                  # TOOLS_TLS: a size, traps
+    trap = ctypes.CFUNCTYPE(ctypes.c_int)((V * 4).from_address(tls)[1])
+    out["trap"] = [rc, trap(), trap()]
     print(json.dumps(out))
 """)
 
@@ -266,6 +269,8 @@ def test_integrity_check_is_hmac_md2(quota_broker):
         assert rc == 0 and (lo, hi) == (int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little"))
     assert out["unknown"] == [801, 801]                                # CUDA_ERROR_NOT_SUPPORTED...
     assert r.stderr.count("cuGetExportTable 00112233-4455-6677-8899-aabbccddeeff is not supported") == 1, r.stderr
+    assert out["trap"] == [0, 801, 801]                                # a slot never seen called: refused...
+    assert r.stderr.count("export table tools_tls slot 1 is not supported") == 1, r.stderr   # ...said once
 
 
 def struct_pack(out: dict, version: int, now: int) -> bytes:
