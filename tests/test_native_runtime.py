@@ -311,7 +311,8 @@ _CONTEXTS = textwrap.dedent(r"""
     out["push_bad"] = cu.cuCtxPushCurrent_v2(V(12345))
     ver, cid, dev, ctx_flags = U(), ctypes.c_ulonglong(), I(-1), U()
     out["api_version"] = [cu.cuCtxGetApiVersion(ctx, ctypes.byref(ver)), ver.value]
-    out["api_version_bad"] = cu.cuCtxGetApiVersion(V(12345), ctypes.byref(ver))
+    out["api_version_bad"] = [cu.cuCtxGetApiVersion(V(12345), ctypes.byref(ver)),
+                              cu.cuCtxGetApiVersion(V(ctx.value + 1), ctypes.byref(ver))]   # inside a handle
     out["id"] = [cu.cuCtxGetId(None, ctypes.byref(cid)), cid.value]
     out["get_device_v2"] = [cu.cuCtxGetDevice_v2(ctypes.byref(dev), None), dev.value]
     out["ctx_flags"] = [cu.cuCtxGetFlags(ctypes.byref(ctx_flags)), ctx_flags.value]
@@ -343,7 +344,7 @@ def test_context_stack_and_state(quota_broker):
     assert v["retain"] == 0 and v["state"] == [0, 0, 1]
     assert v["set_flags"] == 0 and v["bad_flags"] == 1 and v["flags_after"] == 4
     assert v["pop_empty"] == 201 and v["push"] == 0 and v["current_is_pushed"] and v["push_bad"] == 201
-    assert v["api_version"] == [0, 3020] and v["api_version_bad"] == 201
+    assert v["api_version"] == [0, 3020] and v["api_version_bad"] == [201, 201]
     assert v["id"] == [0, 1] and v["get_device_v2"] == [0, 0] and v["ctx_flags"] == [0, 4]
     assert v["sync_v2"] == 0
     assert v["limit_default"] == [0, 8 << 20] and v["limit_readonly"] == 1 and v["limit_bad"] == [1, 1]

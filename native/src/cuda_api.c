@@ -50,7 +50,11 @@ static int set_current(struct kc_ctx *c) {
     return 0;
 }
 
-static int is_ctx(const struct kc_ctx *c) { return c >= primary && c < primary + KC_MAX_DEVICES; }
+/* One of the handles handed out, exactly: a pointer into the middle of one is no context. */
+static int is_ctx(const struct kc_ctx *c) {
+    uintptr_t off = (uintptr_t)c - (uintptr_t)primary;
+    return (uintptr_t)c >= (uintptr_t)primary && off < sizeof primary && off % sizeof primary[0] == 0;
+}
 
 /* The lock on an open session plus a valid device; unlocked again on failure. */
 static CUresult lock_device(CUdevice dev) {
