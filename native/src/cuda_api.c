@@ -407,7 +407,7 @@ KC_EXPORT CUresult cuDevicePrimaryCtxGetState(CUdevice dev, unsigned int *flags,
 }
 
 KC_EXPORT CUresult cuDevicePrimaryCtxSetFlags_v2(CUdevice dev, unsigned int flags) {
-    if (flags & ~0x1fu) return CUDA_ERROR_INVALID_VALUE;   /* SCHED_MASK | MAP_HOST | LMEM_RESIZE_TO_MAX */
+    if (flags & ~0xffu) return CUDA_ERROR_INVALID_VALUE;   /* CU_CTX_FLAGS_MASK */
     CUresult rc = lock_device(dev);
     if (rc) return rc;
     primary[dev].flags = flags;

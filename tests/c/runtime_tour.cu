@@ -95,6 +95,12 @@ int main(int argc, char **argv) {
     CHECK_OK("cudaDeviceGetAttribute", cudaDeviceGetAttribute(&warp, cudaDevAttrWarpSize, 0));
     CHECK("attribute warp size", warp == 32, "%d", warp);
 
+    // before the context exists: the flags it will be made with, reported back
+    CHECK_OK("cudaSetDeviceFlags", cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync));
+    unsigned dflags = 0;
+    CHECK_OK("cudaGetDeviceFlags", cudaGetDeviceFlags(&dflags));
+    CHECK("device flags", (dflags & cudaDeviceScheduleMask) == cudaDeviceScheduleBlockingSync, "%#x", dflags);
+
     cudaError_t e = cudaSetDevice(n + 7);
     CHECK("cudaSetDevice(no such device)", e == cudaErrorInvalidDevice, "%d %s", (int)e, cudaGetErrorName(e));
     CHECK_OK("cudaSetDevice", cudaSetDevice(0));
