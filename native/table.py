@@ -28,6 +28,8 @@ DRIVER: dict[str, str] = {
     "cuCtxGetSharedMemConfig": LOCAL,
     "cuCtxSetSharedMemConfig": LOCAL,
     "cuCtxGetStreamPriorityRange": LOCAL,  # [0, 0]: no stream priorities
+    "cuProfilerStart": LOCAL,             # no-ops (cudaProfiler.h's; native/src/runtime_init.c)
+    "cuProfilerStop": LOCAL,
     "cuDeviceGetCount": LOCAL,            # from the hello reply's device list
     "cuDeviceGet": LOCAL,
     "cuDeviceGetName": LOCAL,

@@ -508,6 +508,7 @@ KC_STUB(cuParamSetv)
 KC_STUB(cuPointerGetAttribute)
 KC_STUB(cuPointerGetAttributes)
 KC_STUB(cuPointerSetAttribute)
+KC_STUB(cuProfilerInitialize)
 KC_STUB(cuSignalExternalSemaphoresAsync)
 KC_STUB(cuSignalExternalSemaphoresAsync_ptsz)
 KC_STUB(cuStreamAddCallback)
@@ -1196,6 +1197,9 @@ extern CUresult cuParamSetv(void);
 extern CUresult cuPointerGetAttribute(void);
 extern CUresult cuPointerGetAttributes(void);
 extern CUresult cuPointerSetAttribute(void);
+extern CUresult cuProfilerInitialize(void);
+extern CUresult cuProfilerStart(void);
+extern CUresult cuProfilerStop(void);
 extern CUresult cuSignalExternalSemaphoresAsync(void);
 extern CUresult cuSignalExternalSemaphoresAsync_ptsz(void);
 extern CUresult cuStreamAddCallback(void);
@@ -1884,6 +1888,9 @@ const struct kc_proc kc_procs[] = {
     {"cuPointerGetAttribute", 4000, 0, (void *)cuPointerGetAttribute},
     {"cuPointerGetAttributes", 7000, 0, (void *)cuPointerGetAttributes},
     {"cuPointerSetAttribute", 6000, 0, (void *)cuPointerSetAttribute},
+    {"cuProfilerInitialize", 4000, 0, (void *)cuProfilerInitialize},
+    {"cuProfilerStart", 4000, 0, (void *)cuProfilerStart},
+    {"cuProfilerStop", 4000, 0, (void *)cuProfilerStop},
     {"cuSignalExternalSemaphoresAsync", 10000, 0, (void *)cuSignalExternalSemaphoresAsync},
     {"cuSignalExternalSemaphoresAsync", 10000, 1, (void *)cuSignalExternalSemaphoresAsync_ptsz},
     {"cuStreamAddCallback", 5000, 0, (void *)cuStreamAddCallback},
@@ -2021,7 +2028,7 @@ const struct kc_proc kc_procs[] = {
     {"cuWaitExternalSemaphoresAsync", 10000, 1, (void *)cuWaitExternalSemaphoresAsync_ptsz},
 };
 
-const int kc_nprocs = 685;
+const int kc_nprocs = 688;
 
 /* CUresult codes: names from cuda.h, short texts from kubecash.client.errors. */
 const struct kc_errname kc_errnames[] = {
