@@ -20,6 +20,7 @@ enum {
 
 /* ---- logging (session.c) ---- */
 void kc_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int kc_debug(void);        /* KUBECASH_DEBUG is set (non-empty): trace what programs ask */
 /* Log "kubecash: <name> is not supported" the first time *once is seen clear. */
 void kc_unsupported_once(const char *name, int *once);
 
@@ -127,5 +128,9 @@ CUresult kc_copy(int i, int to_device, uint64_t stream, int async, uint64_t dptr
 /* cuda_exec.c: the device allocations of this session, for cuMemcpy's direction (lock held). */
 void kc_alloc_note(int i, uint64_t ptr, size_t n);
 void kc_alloc_forget(uint64_t ptr);
+/* A context is being reset or destroyed: run and drop what the runtime stored in it
+ * through the context-local-storage export table (export_tables.c). No lock held. */
+void kc_context_reset(void *ctx);
+CUresult kc_primary_context(int dev, void **pctx);      /* cuda_api.c: the handle, not retained */
 void kc_sha256(const void *data, size_t n, uint8_t out[32]);   /* sha256.c */
 #endif
