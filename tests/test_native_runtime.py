@@ -51,13 +51,23 @@ def _pip_cudart13() -> str | None:
     return None
 
 
+def cudart_dirs() -> list[str]:
+    """The directories nvcc links cudart from (its dry run's LIBRARIES line): a program built
+    with -cudart shared finds libcudart.so there through its rpath."""
+    r = subprocess.run([NVCC, "--dryrun", "-o", os.devnull, SOURCE],
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    line = next((x for x in r.stderr.splitlines() if "LIBRARIES=" in x), "")
+    return [d for d in re.findall(r'-L"?([^" ]+)', line) if not d.rstrip("/").endswith("stubs")]
+
+
 def _build(variant: str, out: str) -> list[str]:
     """The command that builds runtime_tour as `variant`, or pytest.skip with why not."""
     if variant.startswith("nvcc"):
         if NVCC is None:
             pytest.skip("nvcc not found (install the CUDA toolkit: /usr/local/cuda/bin/nvcc)")
         extra = {"nvcc-shared": ["-cudart", "shared"], "nvcc-per-thread": ["--default-stream", "per-thread"]}
-        return [NVCC, "-o", out, SOURCE, *extra.get(variant, [])]
+        rpath = [f"-Xlinker=-rpath,{d}" for d in cudart_dirs()] if variant == "nvcc-shared" else []
+        return [NVCC, "-o", out, SOURCE, *extra.get(variant, []), *rpath]
     major = variant.split("-")[1]
     root = CUDART12 if major == "12" else _pip_cudart13()
     lib = os.path.join(root or "", "lib")
