@@ -62,7 +62,8 @@ def opaque(requests: list[str] | None = None, source: str = "FromClaim", **param
 def assert_model(cls_name: str, obj: dict) -> None:
     """`obj` is a valid object of that kubernetes client model, every field known to it (the
     models forbid extra fields), and nothing of it is lost on the way back."""
-    from kubernetes import client
+    client = pytest.importorskip("kubernetes.client", reason="the kubernetes client (the kubernetes extra) "
+                                                            "holds the models")
     model = getattr(client, cls_name).model_validate(obj)
     assert json.loads(model.to_json()) == obj
 
@@ -347,3 +348,13 @@ def test_resource_slice_and_device_class_are_valid_api_objects(broker):
     # a device no slice can name is left out, not published wrong
     odd = slices.resource_slice(NODE, {"GPU_0": {**devices["cpu0"], "name": "GPU_0"}})
     assert odd["spec"]["devices"] == []
+
+
+def test_the_readme_claim_is_a_valid_claim():
+    yaml = pytest.importorskip("yaml")
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = text.split("```yaml\napiVersion: resource.k8s.io/v1\nkind: ResourceClaim\n", 1)[1].split("```", 1)[0]
+    c = yaml.safe_load("apiVersion: resource.k8s.io/v1\nkind: ResourceClaim\n" + block)
+    assert_model("ResourceV1ResourceClaim", c)
+    assert c["spec"]["devices"]["requests"][0]["exactly"]["capacity"]["requests"] == {"share": "250m", "memory": "6Gi"}
