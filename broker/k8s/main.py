@@ -92,5 +92,56 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def device_plugin_main(argv: list[str] | None = None) -> int:
+    """`kubecash-device-plugin`: kubecash.io/share for clusters without DRA (deviceplugin.py)."""
+    import grpc
+
+    from . import deviceplugin
+    from .proto import podresources_v1_pb2_grpc as pr_grpc
+    ap = argparse.ArgumentParser(prog="kubecash-device-plugin",
+                                 description=f"the {deviceplugin.RESOURCE} device plugin")
+    ap.add_argument("--runtime-dir", default=DEFAULT_RUNTIME_DIR, help="the broker's runtime directory")
+    ap.add_argument("--admin-socket", help="the broker's admin socket (default <runtime-dir>/admin.sock)")
+    ap.add_argument("--plugin-dir", default=deviceplugin.DEFAULT_DIR, help="the kubelet's device-plugins directory")
+    ap.add_argument("--pod-resources-socket", default="/var/lib/kubelet/pod-resources/kubelet.sock")
+    ap.add_argument("--container-runtime-dir", default="/run/kubecash",
+                    help="where a container sees the broker's runtime directory")
+    ap.add_argument("--release-interval", type=float, default=30.0,
+                    help="seconds between looks for released allocations")
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        service = deviceplugin.DevicePluginService(lambda: AdminClient(a.runtime_dir, socket=a.admin_socket),
+                                                   container_runtime_dir=a.container_runtime_dir)
+    except KubecashError as e:
+        print(f"kubecash-device-plugin: {e}", file=sys.stderr)
+        return 1
+    plugin = deviceplugin.DevicePlugin(service, a.plugin_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        plugin.register()
+    except grpc.RpcError as e:      # the API's rule: a refused plugin exits
+        print(f"kubecash-device-plugin: the kubelet refused the registration: {e}", file=sys.stderr)
+        plugin.stop()
+        return 1
+    pods = pr_grpc.PodResourcesListerStub(grpc.insecure_channel(f"unix://{a.pod_resources_socket}"))
+    try:
+        while not stop.wait(a.release_interval):
+            if not os.path.exists(plugin.socket):
+                # a restarting kubelet removes every plugin socket: start again to register again
+                log.warning("the kubelet removed %s: exiting to register anew", plugin.socket)
+                return 1
+            try:
+                service.release_unused(pods)
+            except (grpc.RpcError, KubecashError) as e:
+                log.warning("cannot look for released allocations now: %s", e)
+    finally:
+        plugin.stop()
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
