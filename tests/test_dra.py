@@ -358,3 +358,93 @@ def test_the_readme_claim_is_a_valid_claim():
     c = yaml.safe_load("apiVersion: resource.k8s.io/v1\nkind: ResourceClaim\n" + block)
     assert_model("ResourceV1ResourceClaim", c)
     assert c["spec"]["devices"]["requests"][0]["exactly"]["capacity"]["requests"] == {"share": "250m", "memory": "6Gi"}
+
+
+class FakeApiServer:
+    """Just enough of the API server's HTTP for ResourceSlices and ResourceClaims: what the
+    official client sends is recorded as it arrives."""
+
+    def __init__(self, claims_by_path: dict[str, dict]):
+        import http.server
+        import threading
+        self.requests: list[tuple[str, str, dict | None]] = []
+        self.slices: dict[str, dict] = {}
+        api = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _reply(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                return json.loads(self.rfile.read(n)) if n else None
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                api.requests.append(("GET", self.path, None))
+                if path == "/apis/resource.k8s.io/v1/resourceslices":
+                    self._reply(200, {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSliceList",
+                                      "metadata": {}, "items": list(api.slices.values())})
+                elif path in claims_by_path:
+                    self._reply(200, claims_by_path[path])
+                else:
+                    self._reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                                      "reason": "NotFound"})
+
+            def do_POST(self):
+                body = self._body()
+                api.requests.append(("POST", self.path, body))
+                stored = {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
+                api.slices[body["metadata"]["name"]] = stored
+                self._reply(201, stored)
+
+            def do_PUT(self):
+                body = self._body()
+                api.requests.append(("PUT", self.path, body))
+                api.slices[body["metadata"]["name"]] = body
+                self._reply(200, body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def client(self):
+        from kubernetes import client
+        return client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{self.server.server_port}"))
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_api_server_gets_the_objects_built_and_gives_claims(broker):
+    pytest.importorskip("kubernetes", reason="the kubernetes client (the kubernetes extra) publishes")
+    from kubecash.broker.k8s import sources
+    with broker.admin() as a:
+        devices = a.call("status")["devices"]
+    c = claim("api-claim", result())
+    api = FakeApiServer({"/apis/resource.k8s.io/v1/namespaces/default/resourceclaims/api-claim": c})
+    try:
+        s = slices.resource_slice(NODE, devices)
+        pub = slices.ApiPublisher(NODE, api.client())
+        pub.publish([s])
+        (get, post) = api.requests
+        assert get[0] == "GET" and "fieldSelector=spec.nodeName%3Dnode-a%2Cspec.driver%3Dkubecash.io" in get[1]
+        assert post[:2] == ("POST", "/apis/resource.k8s.io/v1/resourceslices") and post[2] == s
+        pub.publish([s])          # again: replaced, at the version the server has
+        put = api.requests[-1]
+        assert put[:2] == ("PUT", f"/apis/resource.k8s.io/v1/resourceslices/{NODE}-{DRIVER}")
+        assert put[2] == {**s, "metadata": {**s["metadata"], "resourceVersion": "1"}}
+        ref = claims.ClaimRef("default", "api-claim", c["metadata"]["uid"])
+        assert sources.ApiClaims(api.client()).get(ref) == c
+        with pytest.raises(claims.ClaimError, match="answered 404"):
+            sources.ApiClaims(api.client()).get(claims.ClaimRef("default", "gone", "x"))
+    finally:
+        api.close()

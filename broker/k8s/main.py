@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="where a container sees the broker's runtime directory")
     ap.add_argument("--registry-dir", default=servers.DEFAULT_REGISTRY_DIR, help="the kubelet's plugins_registry")
     ap.add_argument("--plugins-dir", default=servers.DEFAULT_PLUGINS_DIR, help="the kubelet's plugins directory")
+    ap.add_argument("--kubelet-plugins-dir", help="the plugins directory as the kubelet sees it, where it is "
+                    "mounted elsewhere in this container (default: --plugins-dir)")
     ap.add_argument("--claims-dir", help="read claims from <dir>/<namespace>/<name>.json, not the API server")
     ap.add_argument("--kubeconfig", help="credentials for the API server (default: in-cluster)")
     ap.add_argument("--no-publish", action="store_true", help="do not publish the node's ResourceSlice")
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    plugin = servers.Plugin(driver, registry_dir=a.registry_dir, plugins_dir=a.plugins_dir)
+    plugin = servers.Plugin(driver, registry_dir=a.registry_dir, plugins_dir=a.plugins_dir,
+                            kubelet_plugins_dir=a.kubelet_plugins_dir)
     log.info("serving %s on %s (registration %s)", DRIVER, plugin.endpoint, plugin.registration_socket)
     try:
         stop.wait()

@@ -98,10 +98,11 @@ class Plugin:
     """Both services, serving until stop() (idempotent)."""
 
     def __init__(self, driver: Driver, *, registry_dir: str = DEFAULT_REGISTRY_DIR,
-                 plugins_dir: str = DEFAULT_PLUGINS_DIR):
+                 plugins_dir: str = DEFAULT_PLUGINS_DIR, kubelet_plugins_dir: str | None = None):
         self.endpoint = os.path.join(plugins_dir, DRIVER, "dra.sock")
         self.registration_socket = os.path.join(registry_dir, f"{DRIVER}-reg.sock")
-        self.registration = RegistrationService(self.endpoint)
+        # the endpoint as the kubelet dials it: the plugins directory may be mounted elsewhere here
+        self.registration = RegistrationService(os.path.join(kubelet_plugins_dir or plugins_dir, DRIVER, "dra.sock"))
         # the DRA socket first: the kubelet connects to it as soon as it has registered
         self._servers = [_listen(dra_grpc.add_DRAPluginServicer_to_server, DraService(driver), self.endpoint),
                          _listen(reg_grpc.add_RegistrationServicer_to_server, self.registration,
