@@ -204,7 +204,7 @@ def test_registration_names_the_v1_dra_service(plugin):
 
 
 def test_prepare_run_unprepare_and_restart(broker, plugin):
-    c = claim("pod-a-gpu", result(share="250m", memory="64Mi"),
+    c = claim("pod-a-gpu", result(share="250m", memory="64Mi", request="gpu/quarter"),   # firstAvailable's
               config=[opaque(source="FromClass", weight=50), opaque(["gpu"], weight=300, **{"class": "latency"})])
     assert_model("ResourceV1ResourceClaim", c)
     ref = plugin.put(c)
@@ -310,6 +310,10 @@ def test_claim_tables():
         "cpu1": {"weight": 10, "class": "latency", "limit": 0.1, "memory": 1 << 30},
         "cpu2": {"weight": 10}}}     # no consumed capacity: the whole device
     assert [r.request for r in results] == ["a/big", "b", "c", "d"]
+    qualified = claim("q", {**result(), "consumedCapacity": {"kubecash.io/share": "1m", "kubecash.io/memory": "1Mi"}},
+                      uid=ref.uid)
+    assert claims.tenant_table(qualified, ref, NODE, {"cpu0": 8 << 30})[0]["device"]["cpu0"] == {
+        "limit": 0.001, "memory": MiB}
     over = claim("o", result(share="750m"), result(share="500m", request="x"), uid=ref.uid)
     with pytest.raises(claims.ClaimError, match="add up to 1.25"):
         claims.tenant_table(over, ref, NODE, {"cpu0": 8 << 30})

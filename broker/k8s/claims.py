@@ -86,7 +86,9 @@ def _parameters(entry: dict, where: str) -> dict[str, Any]:
 
 
 def _consumed(result: dict, key: str, where: str) -> Fraction | None:
-    text = _get(result, "consumedCapacity", key)
+    consumed = result.get("consumedCapacity") or {}
+    # the slice names it "share"; its qualified name is "kubecash.io/share"
+    text = consumed.get(key, consumed.get(f"{DRIVER}/{key}")) if isinstance(consumed, dict) else None
     if text is None:
         return None
     try:

@@ -48,7 +48,8 @@ class DraService(dra_grpc.DRAPluginServicer):
                 entry.error = o.error
                 continue
             for r in o.results:
-                d = entry.devices.add(request_names=[r.request], pool_name=r.pool, device_name=r.device,
+                # a subrequest's result ("req/sub") is for the request containers name ("req")
+                d = entry.devices.add(request_names=[r.request.split("/")[0]], pool_name=r.pool, device_name=r.device,
                                       cdi_device_ids=o.cdi_ids)
                 if r.share_id is not None:
                     d.share_id = r.share_id
