@@ -19,6 +19,7 @@ import pytest
 grpc = pytest.importorskip("grpc", reason="grpcio is not installed: the kubernetes extra (pip install "
                                           "'kubecash[kubernetes]') is needed for the DRA driver's tests")
 from conftest import ROOT, wait_for  # noqa: E402
+from test_cdi import schema_validator  # noqa: E402
 
 from kubecash.broker.k8s import DRIVER, claims, quantity, slices  # noqa: E402
 from kubecash.broker.k8s.proto import dra_v1_pb2 as dra  # noqa: E402
@@ -158,6 +159,7 @@ def cdi_env(p: Dra, cdi_id: str) -> dict[str, str]:
     with open(os.path.join(p.cdi_dir, f"kubecash.io-{name}.json")) as f:
         spec = json.load(f)
     assert spec["kind"] == kind and spec["cdiVersion"] == "0.6.0"
+    schema_validator().validate(spec)
     (dev,) = [d for d in spec["devices"] if d["name"] == name]
     return dict(e.split("=", 1) for e in dev["containerEdits"]["env"])
 
