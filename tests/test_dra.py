@@ -454,3 +454,17 @@ def test_the_api_server_gets_the_objects_built_and_gives_claims(broker):
             sources.ApiClaims(api.client()).get(claims.ClaimRef("default", "gone", "x"))
     finally:
         api.close()
+
+
+def test_a_corrupt_record_is_set_aside_and_unprepare_still_finds_the_tenant(broker, plugin):
+    ref = plugin.put(claim("pod-c", result(share="500m", memory="8Mi")))
+    assert plugin.prepare(ref).claims[ref.uid].error == ""
+    plugin.stop()
+    record = os.path.join(plugin.state_dir, "dra-claims.json")
+    with open(record, "w") as f:
+        f.write("{not json")
+    plugin.start()
+    assert "serving with none" in plugin.logs() and "has no record of its claim" in plugin.logs()
+    assert [n for n in os.listdir(plugin.state_dir) if n.startswith("dra-claims.json.bad-")]
+    assert plugin.unprepare(ref).claims[ref.uid].error == ""      # the tenant is named from the uid
+    assert dynamic(broker) == {} and os.listdir(plugin.cdi_dir) == []
