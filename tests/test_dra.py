@@ -468,3 +468,16 @@ def test_a_corrupt_record_is_set_aside_and_unprepare_still_finds_the_tenant(brok
     assert [n for n in os.listdir(plugin.state_dir) if n.startswith("dra-claims.json.bad-")]
     assert plugin.unprepare(ref).claims[ref.uid].error == ""      # the tenant is named from the uid
     assert dynamic(broker) == {} and os.listdir(plugin.cdi_dir) == []
+
+
+def test_no_broker_is_each_claims_error(tmp_path):
+    from kubecash.broker.ctl import AdminClient
+    from kubecash.broker.k8s.driver import Driver
+    from kubecash.broker.k8s.records import Records
+    from kubecash.broker.k8s.sources import FileClaims
+    d = Driver(FileClaims(str(tmp_path)), Records(str(tmp_path / "state")), pool=NODE, cdi_dir=str(tmp_path / "cdi"),
+               admin=lambda: AdminClient(socket=str(tmp_path / "none.sock"), timeout=0.3))
+    refs = [claims.ClaimRef("default", n, str(uuid.uuid4())) for n in ("a", "b")]
+    assert all("no broker answering" in o.error for o in d.prepare(refs).values())
+    assert all("no broker answering" in e for e in d.unprepare(refs).values())
+    assert d.records.claims == {}
