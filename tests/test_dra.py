@@ -263,7 +263,8 @@ def test_restart_brings_back_a_tenant_the_broker_lost(broker, plugin):
 
 
 def test_bad_claims_get_their_own_error_and_the_plugin_serves_on(broker, plugin):
-    good = plugin.put(claim("good", result(share="500m", memory="16Mi")))
+    good = plugin.put(claim("good", result(share="500m", memory="16Mi"),
+                            config=[opaque(source="FromClass", owner="0:0")]))
     bad = {
         "not allocated": (plugin.put(claim("unallocated", allocated=False)), "is not allocated"),
         "unknown device": (plugin.put(claim("nodev", result(device="gpu7"))), "no device 'gpu7' on this node"),
@@ -274,6 +275,8 @@ def test_bad_claims_get_their_own_error_and_the_plugin_serves_on(broker, plugin)
                      "no device of kubecash.io is allocated"),
         "bad parameter": (plugin.put(claim("param", result(), config=[opaque(colour="red")])),
                           "unknown parameter(s) colour"),
+        "claim's owner": (plugin.put(claim("owner", result(), config=[opaque(owner="0:0")])),
+                          "owner can be set only by the DeviceClass"),
         "bad weight": (plugin.put(claim("weight", result(), config=[opaque(weight=0)])),
                        "must be an integer from 1 to 10000"),
         "replaced": (plugin.put(claim("replaced", result(), uid=str(uuid.uuid4()))), "the claim was replaced"),
@@ -289,6 +292,7 @@ def test_bad_claims_get_their_own_error_and_the_plugin_serves_on(broker, plugin)
         assert expected in resp[ref.uid].error, (what, resp[ref.uid].error)
         assert not resp[ref.uid].devices
     assert set(dynamic(broker)) == {"k8s-" + good.uid}      # no half-made tenant of a bad claim
+    assert dynamic(broker)["k8s-" + good.uid]["table"]["owner"] == "0:0"
     assert plugin.proc.poll() is None
     un = plugin.unprepare(good, bad["bad uid"][0]).claims
     assert un[good.uid].error == "" and "is not a Kubernetes uid" in un["../x"].error
@@ -316,6 +320,10 @@ def test_claim_tables():
                       uid=ref.uid)
     assert claims.tenant_table(qualified, ref, NODE, {"cpu0": 8 << 30})[0]["device"]["cpu0"] == {
         "limit": 0.001, "memory": MiB}
+    owned = claim("w", result(), config=[opaque(source="FromClass", owner="1000:1000")], uid=ref.uid)
+    assert claims.tenant_table(owned, ref, NODE, {"cpu0": 8 << 30})[0]["owner"] == "1000:1000"
+    with pytest.raises(claims.ClaimError, match="owner can be set only by the DeviceClass"):
+        claims.tenant_table(claim("w", result(), config=[opaque(owner="0")], uid=ref.uid), ref, NODE, {"cpu0": 1 << 30})
     over = claim("o", result(share="750m"), result(share="500m", request="x"), uid=ref.uid)
     with pytest.raises(claims.ClaimError, match="add up to 1.25"):
         claims.tenant_table(over, ref, NODE, {"cpu0": 8 << 30})

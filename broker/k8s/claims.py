@@ -5,7 +5,10 @@ The claim is the API's JSON (`resource.k8s.io/v1` ResourceClaim, camelCase, as t
 returns it). Each allocation result of this driver names a device of this node's pool and the
 capacity it consumed: `share` (a fraction of the device's time, the tenant's hard `limit`)
 and `memory` (bytes, its memory quota). Opaque configuration for the driver (from the class,
-then the claim: later entries win) sets `weight` and `class`. A result with no consumed
+then the claim: later entries win) sets `weight` and `class`; `owner` (the uid:gid the pods
+run as, which the tenant's directory is given to and its executors run as) only from the
+DeviceClass's configuration (source FromClass), which the cluster's administrator writes: a
+claim naming a uid could share another tenant's executors' uid. A result with no consumed
 capacity is a whole device (a cluster without consumable capacity allocates exclusively):
 no limit, all its memory. Everything wrong with a claim is a ClaimError saying what.
 """
@@ -23,7 +26,7 @@ TENANT_PREFIX = "k8s-"
 _UID = re.compile(r"^[A-Za-z0-9-]{1,60}$")
 CONFIG_API_VERSION = "kubecash.io/v1alpha1"
 CONFIG_KIND = "TenantConfig"
-_CONFIG_KEYS = {"apiVersion", "kind", "weight", "class"}
+_CONFIG_KEYS = {"apiVersion", "kind", "weight", "class", "owner"}
 
 
 class ClaimError(ValueError):
@@ -78,11 +81,13 @@ def _parameters(entry: dict, where: str) -> dict[str, Any]:
         raise ClaimError(f"{where}: the parameters must be an object")
     unknown = sorted(set(p) - _CONFIG_KEYS)
     if unknown:
-        raise ClaimError(f"{where}: unknown parameter(s) {', '.join(unknown)} (allowed: weight, class)")
+        raise ClaimError(f"{where}: unknown parameter(s) {', '.join(unknown)} (allowed: weight, class, owner)")
+    if "owner" in p and entry.get("source") != "FromClass":
+        raise ClaimError(f"{where}: owner can be set only by the DeviceClass's configuration (source FromClass)")
     if p.get("apiVersion", CONFIG_API_VERSION) != CONFIG_API_VERSION or p.get("kind", CONFIG_KIND) != CONFIG_KIND:
         raise ClaimError(f"{where}: parameters are apiVersion {CONFIG_API_VERSION}, kind {CONFIG_KIND}; "
                          f"got {p.get('apiVersion')!r}, {p.get('kind')!r}")
-    return {k: v for k, v in p.items() if k in ("weight", "class")}
+    return {k: v for k, v in p.items() if k in ("weight", "class", "owner")}
 
 
 def _consumed(result: dict, key: str, where: str) -> Fraction | None:
@@ -150,6 +155,9 @@ def tenant_table(claim: Any, ref: ClaimRef, pool: str, devices: dict[str, int]) 
         sid = r.get("shareID")
         out.append(Result(request, pool, dev, sid if isinstance(sid, str) and sid else None))
     per_device = {}
+    owners = {p.pop("owner") for p in params.values() if "owner" in p}
+    if len(owners) > 1:
+        raise ClaimError(f"claim {ref}: its devices' classes name different owners ({', '.join(map(str, owners))})")
     for dev in share:
         q: dict[str, Any] = dict(params.get(dev, {}))
         if share[dev] is not None and share[dev] < 1:
@@ -157,4 +165,7 @@ def tenant_table(claim: Any, ref: ClaimRef, pool: str, devices: dict[str, int]) 
         if memory[dev] is not None:
             q["memory"] = memory[dev]
         per_device[dev] = q
-    return {"devices": sorted(share), "device": per_device}, out
+    table: dict[str, Any] = {"devices": sorted(share), "device": per_device}
+    if owners:
+        table["owner"] = owners.pop()
+    return table, out
