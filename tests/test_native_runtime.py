@@ -18,11 +18,11 @@ import textwrap
 
 import pytest
 from test_native_driver import QUOTA, RUN_TIMEOUT, _libdir
+from toolkit import NO_NVCC, NVCC
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SOURCE = os.path.join(HERE, "c", "runtime_tour.cu")
-NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 # cudart 12 from PyPI (nvidia-cuda-runtime-cu12), installed beside the virtual environment's
 # site-packages by `make .venv/.installed` so nothing else finds its headers.
 CUDART12 = os.path.join(ROOT, ".venv", "cudart12", "nvidia", "cuda_runtime")
@@ -64,7 +64,7 @@ def _build(variant: str, out: str) -> list[str]:
     """The command that builds runtime_tour as `variant`, or pytest.skip with why not."""
     if variant.startswith("nvcc"):
         if NVCC is None:
-            pytest.skip("nvcc not found (install the CUDA toolkit: /usr/local/cuda/bin/nvcc)")
+            pytest.skip(NO_NVCC)
         extra = {"nvcc-shared": ["-cudart", "shared"], "nvcc-per-thread": ["--default-stream", "per-thread"]}
         rpath = [f"-Xlinker=-rpath,{d}" for d in cudart_dirs()] if variant == "nvcc-shared" else []
         return [NVCC, "-o", out, SOURCE, *extra.get(variant, []), *rpath]

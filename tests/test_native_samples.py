@@ -9,13 +9,14 @@ import subprocess
 
 import pytest
 from test_native_driver import RUN_TIMEOUT, _libdir
-from test_native_runtime import NVCC, cudart_dirs
+from test_native_runtime import cudart_dirs
+from toolkit import NO_NVCC, NVCC
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLES = os.path.join(HERE, "c", "samples")
 NAMES = sorted(f[:-3] for f in os.listdir(SAMPLES) if f.endswith(".cu"))
 
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (install the CUDA toolkit)")
+pytestmark = pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
 
 
 @pytest.fixture(scope="module")
