@@ -148,15 +148,12 @@ def _state_lines(st: dict) -> list[str]:
     return ["", f"STATE FILE UNUSABLE at start ({where}); its dynamic tenants are not served: {problem['error']}"]
 
 
-def _native_libdir() -> str:
-    """The host directory of the native libraries a CDI spec mounts (they must be built)."""
-    from kubecash import native
-    d = native.libdir()
-    missing = [n for n in native.LIBS if not os.path.isfile(os.path.join(d, n))]
-    if missing:
-        raise ValueError(f"{', '.join(missing)} not built in {d} (reinstall the package: its build "
-                         "compiles them), or write the spec --no-libraries")
-    return d
+def _native_libdir(st: dict) -> str:
+    """The host directory a CDI spec mounts the native libraries from: the broker's copy."""
+    if not st.get("libdir"):
+        raise ValueError("the broker has no copy of the native libraries (libcuda.so.1, libnvidia-ml.so.1: "
+                         "not built; reinstall the package), or write the spec --no-libraries")
+    return st["libdir"]
 
 
 def _top(c: AdminClient, count: int | None) -> None:
@@ -279,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 _top(c, a.count)
             elif a.cmd == "cdi":
                 st = c.call("status")
-                libdir = None if a.no_libraries else _native_libdir()
+                libdir = None if a.no_libraries else _native_libdir(st)
                 doc = json.dumps(cdi.spec(st["runtime_dir"], st["tenants"], libdir=libdir,
                                           container_runtime_dir=a.container_runtime_dir), indent=2)
                 if a.output:

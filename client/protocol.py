@@ -242,6 +242,7 @@ _M: list[Message] = [
     Message("status", ADMIN, {},
             reply={"devices": MAP, "tenants": MAP, "uptime_s": NUMBER, "quantum_ms": NUMBER,
                    "runtime_dir": TEXT, "metrics_address": TEXT, "config": TEXT,
+                   "libdir": F((str, NONE), doc="the native libraries' copy CDI specs mount (nil: not built)"),
                    "state": F(dict, doc="the state file: its path, the dynamic tenants, and the problem "
                                         "it had at start (nil: none)")}),
     Message("reload", ADMIN, {},

@@ -19,6 +19,35 @@ def libdir() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib")
 
 
+def publish(dest: str) -> str | None:
+    """Copy the built libraries into `dest` (root's, 0755; files 0644), replacing each
+    atomically where it differs, and return `dest`; None if they are not built. A node's
+    broker does this at start into its runtime directory: a host path that CDI specs can
+    mount, wherever the package itself is installed (a broker's image, say)."""
+    src = libdir()
+    if not all(os.path.isfile(os.path.join(src, n)) for n in LIBS):
+        return None
+    os.makedirs(dest, mode=0o755, exist_ok=True)
+    os.chmod(dest, 0o755)
+    for n in LIBS:
+        with open(os.path.join(src, n), "rb") as f:
+            data = f.read()
+        target = os.path.join(dest, n)
+        try:
+            with open(target, "rb") as f:
+                if f.read() == data:
+                    continue
+        except OSError:
+            pass
+        tmp = f"{target}.tmp.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)     # a program loading the old copy keeps its mapping
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args:

@@ -157,9 +157,14 @@ def test_cdi_spec_validates_against_the_official_schema(broker, tmp_path):
     # the native driver libraries, read-only, found by the loader; no device node anywhere
     from kubecash import native
     (libs,) = spec["containerEdits"]["mounts"]
-    assert libs["hostPath"] == native.libdir() and "ro" in libs["options"] and "noexec" not in libs["options"]
+    # the broker's copy, in its runtime directory (a host path whatever the package's install)
+    assert libs["hostPath"] == os.path.join(broker.runtime_dir, "lib")
+    assert "ro" in libs["options"] and "noexec" not in libs["options"]
     assert spec["containerEdits"]["env"][0].startswith(f"LD_LIBRARY_PATH={libs['containerPath']}:")
-    assert all(os.path.isfile(os.path.join(libs["hostPath"], n)) for n in native.LIBS)
+    for n in native.LIBS:
+        with open(os.path.join(libs["hostPath"], n), "rb") as a, open(os.path.join(native.libdir(), n), "rb") as b:
+            assert a.read() == b.read()
+        assert os.stat(os.path.join(libs["hostPath"], n)).st_mode & 0o777 == 0o644
     assert "deviceNodes" not in json.dumps(spec)
     ctl(broker, "cdi", "--no-libraries", "-o", str(out))
     assert "containerEdits" not in json.loads(out.read_text())

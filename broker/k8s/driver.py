@@ -46,8 +46,9 @@ class Driver:
     def cdi_path(self, tenant: str) -> str:
         return os.path.join(self.cdi_dir, f"kubecash.io-{tenant}.json")
 
-    def _write_cdi(self, runtime_dir: str, tenant: str) -> str:
-        doc = cdi.spec(runtime_dir, [tenant], container_runtime_dir=self.container_runtime_dir)
+    def _write_cdi(self, status: dict, tenant: str) -> str:
+        doc = cdi.spec(status["runtime_dir"], [tenant], container_runtime_dir=self.container_runtime_dir,
+                       libdir=status.get("libdir"))
         state.write_atomic(self.cdi_path(tenant), (json.dumps(doc, indent=2) + "\n").encode())
         return f"{cdi.KIND}={tenant}"
 
@@ -98,7 +99,7 @@ class Driver:
             raise
         if not r["served"]:
             raise ClaimError(f"tenant {tenant} was made but is not served: {'; '.join(r['warnings'])}")
-        cdi_id = self._write_cdi(status["runtime_dir"], tenant)
+        cdi_id = self._write_cdi(status, tenant)
         return Outcome([Result(**x) for x in rec["results"]], [cdi_id])
 
     # -- unprepare ----------------------------------------------------------------------------
@@ -140,7 +141,7 @@ class Driver:
                         admin.call("tenant_add", tenant=tenant, table=rec["table"], replace=True)
                         done.append(f"claim {uid}: tenant {tenant} made again")
                     if not os.path.exists(self.cdi_path(tenant)):
-                        self._write_cdi(status["runtime_dir"], tenant)
+                        self._write_cdi(status, tenant)
                         done.append(f"claim {uid}: CDI spec for {tenant} written again")
                 except (KubecashError, ValueError, OSError) as e:
                     done.append(f"claim {uid}: tenant {tenant} cannot be restored: {e}")

@@ -91,7 +91,7 @@ class AdminService:
         return {"devices": devices, "tenants": tenants, "uptime_s": (now - self.started_ns) / NS,
                 "quantum_ms": self.settings.quantum_ms, "runtime_dir": self.runtime_dir,
                 "metrics_address": self.metrics_address, "config": self.config.path,
-                "state": self._state_status()}
+                "state": self._state_status(), "libdir": self.libdir}
 
     def _admin_evict(self, msg: dict) -> dict:
         """End every session of a tenant now; its executors exit and free everything."""

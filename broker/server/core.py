@@ -16,6 +16,7 @@ import time
 
 import zmq
 
+from kubecash import native
 from kubecash.client.errors import CudaError, map_exceptions
 
 from .. import config as cfg
@@ -65,6 +66,7 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService, Dyna
         self._lease_fds: dict[int, ExecutorProc] = {}      # lease socketpair fds
         self._err_fds: dict[int, ExecutorProc] = {}        # executors' stderr pipes
         self._closed = False
+        self.libdir: str | None = None             # the native libraries' published copy
         self.notifier = Notifier()
         self.collector = metrics.BrokerCollector()
         self._metrics_server = None
@@ -104,6 +106,15 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService, Dyna
         os.makedirs(os.path.join(self.settings.resolved_cache_dir, "tenants"), mode=0o700, exist_ok=True)
         # Executors mount their own view here, each in its own mount namespace.
         os.makedirs(self.jail_dir, mode=0o700, exist_ok=True)
+        try:        # where CDI specs mount the native driver libraries from
+            self.libdir = native.publish(os.path.join(self.runtime_dir, "lib"))
+        except OSError as e:
+            self.libdir = None
+            log.error("the native libraries are not published in %s/lib: %s; CDI specs leave them out",
+                      self.runtime_dir, e)
+        if self.libdir is None:
+            log.warning("the native libraries (libcuda.so.1, libnvidia-ml.so.1) are not built; CDI specs "
+                        "leave them out")
         if not confine.can_confine():
             log.warning("the broker is not root: executors run as its uid, with the host's view "
                         "of files (README, \"Sandbox\")")
