@@ -286,6 +286,7 @@ KC_EXPORT CUresult cuCtxGetDevice(CUdevice *device) {
 }
 
 KC_EXPORT CUresult cuCtxSynchronize(void) {
+    kc_hostfn_wait(-1, 0);           /* host functions are work of the context too */
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
@@ -322,6 +323,7 @@ KC_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
 
 KC_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
     if (dptr == 0) return CUDA_SUCCESS;            /* as the driver: freeing NULL is a no-op */
+    kc_hostfn_wait(-1, 0);           /* cuMemFree synchronizes: queued host functions first */
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
@@ -395,6 +397,7 @@ CUresult kc_copy(int dev, int to_device, uint64_t stream, int async, uint64_t dp
 }
 
 static CUresult copy(int to_device, CUdeviceptr dptr, void *host, size_t n) {
+    kc_hostfn_wait(-1, 0);           /* the legacy default stream: after queued host functions */
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
