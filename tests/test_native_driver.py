@@ -434,6 +434,8 @@ def test_more_tour(more_tour, quota_broker):
     bad = {k: x for k, x in v.items() if k.startswith("check_") and not x.startswith("1")}
     assert not bad and v["failed"] == "0", (bad, err[-3000:])
     assert sum(1 for k in v if k.startswith("check_")) > 100
+    # whether the executor offered the range the program had taken (then it was moved)
+    print("moved_off_host_memory:", "overlaps this program's memory" in err)
 
 
 # -- NVML -------------------------------------------------------------------------------------

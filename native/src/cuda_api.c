@@ -309,14 +309,9 @@ KC_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
-    struct kc_buf b = {0};
-    mp_str(&b, KCP_EXECUTOR_MEM_ALLOC_SIZE); mp_uint(&b, bytesize);
-    struct mp_val r;
     uint64_t p;
-    rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_ALLOC, &b, 1, &r);      /* over quota: the executor's OOM */
-    if (!rc) rc = uint_of(&r, KCP_EXECUTOR_MEM_ALLOC_R_PTR, &p) ? CUDA_ERROR_UNKNOWN : CUDA_SUCCESS;
-    if (!rc) { *dptr = p; kc_alloc_note(dev, p, bytesize); }
-    mp_free(&b);
+    rc = kc_exec_alloc(dev, bytesize, &p);      /* over quota: the executor's OOM */
+    if (!rc) *dptr = p;
     kc_unlock();
     return rc;
 }

@@ -193,6 +193,7 @@ static void range_add(int dev, uint64_t p, size_t n, uint32_t module) {
 void kc_alloc_note(int dev, uint64_t p, size_t n) { range_add(dev, p, n, 0); }
 
 void kc_alloc_forget(uint64_t p) {
+    kc_unguard(p);
     ranges_fresh();
     for (size_t i = 0; i < nranges; i++)
         if (ranges[i].base == p) {

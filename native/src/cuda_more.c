@@ -9,7 +9,9 @@
  * the submitting call (lock_stream in cuda_exec.c) until the function has run, so nothing
  * queued after a host function can run before it. Consecutive host functions on a stream
  * queue without waiting. */
+#include <errno.h>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -350,6 +352,101 @@ MEMSET2D_ASYNC(cuMemsetD2D16Async_ptsz, unsigned short, 2)
 MEMSET2D_ASYNC(cuMemsetD2D32Async, unsigned int, 4)
 MEMSET2D_ASYNC(cuMemsetD2D32Async_ptsz, unsigned int, 4)
 
+/* ---- unified addressing: device addresses are never host addresses of this program.
+ * cuMemcpy tells device from host memory by this session's allocations; on a CPU device an
+ * allocation is a real address of the executor's process and could coincide with memory of
+ * this one. So each allocation's range is reserved here too (PROT_NONE, no memory behind it,
+ * MAP_FIXED_NOREPLACE: never over a mapping of the program). Where the program already has
+ * memory there, the allocation is kept aside while another is asked for, then freed: the
+ * executor cannot hand the same range back meanwhile. Module globals live inside the
+ * executor's module images and are not reserved (they are looked up like allocations). ---- */
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+#define GUARD_TRIES 8
+struct guard { uint64_t base, size; };
+static struct guard *guards;
+static size_t nguards, capguards;
+
+static size_t page_size(void) {
+    long pg = sysconf(_SC_PAGESIZE);
+    return pg > 0 ? (size_t)pg : 4096;
+}
+
+/* Reserve [p, p + n) (rounded out to pages): 0 done, 1 the program has memory there, -1 this
+ * process cannot reserve at all (then addresses are not guarded; logged once). */
+static int guard(uint64_t p, size_t n) {
+    size_t pg = page_size();
+    uint64_t lo = p / pg * pg, hi = (p + n + pg - 1) / pg * pg;
+    if (nguards == capguards) {
+        size_t cap = capguards ? capguards * 2 : 64;
+        struct guard *q = realloc(guards, cap * sizeof *q);
+        if (!q) return -1;
+        guards = q;
+        capguards = cap;
+    }
+    void *m = mmap((void *)(uintptr_t)lo, hi - lo, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+    if (m == MAP_FAILED) return errno == EEXIST ? 1 : -1;
+    if ((uintptr_t)m != lo) {                /* a kernel without MAP_FIXED_NOREPLACE: a hint it moved */
+        munmap(m, hi - lo);
+        return 1;
+    }
+    guards[nguards++] = (struct guard){p, hi - lo};
+    return 0;
+}
+
+void kc_unguard(uint64_t p) {
+    size_t pg = page_size();
+    for (size_t i = 0; i < nguards; i++)
+        if (guards[i].base == p) {
+            munmap((void *)(uintptr_t)(p / pg * pg), guards[i].size);
+            guards[i] = guards[--nguards];
+            return;
+        }
+}
+
+static CUresult mem_alloc(int dev, size_t size, uint64_t *p) {
+    struct kc_buf b = {0};
+    struct mp_val r;
+    mp_str(&b, KCP_EXECUTOR_MEM_ALLOC_SIZE); mp_uint(&b, size);
+    CUresult rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(dev, KCP_EXECUTOR_MEM_ALLOC, &b, 1, &r);
+    mp_free(&b);
+    if (!rc && kc_uint_of(&r, KCP_EXECUTOR_MEM_ALLOC_R_PTR, p)) rc = CUDA_ERROR_UNKNOWN;
+    return rc;
+}
+
+CUresult kc_exec_alloc(int dev, size_t size, uint64_t *out) {
+    uint64_t aside[GUARD_TRIES + 1], p = 0;
+    int naside = 0, g = 1;
+    CUresult rc = CUDA_SUCCESS;
+    while (g == 1 && !rc) {
+        rc = mem_alloc(dev, size, &p);
+        if (rc) break;
+        g = guard(p, size);
+        if (g != 1) break;
+        kc_log("kubecash: device allocation %#llx (%zu bytes) overlaps this program's memory: another is asked for",
+               (unsigned long long)p, size);
+        aside[naside++] = p;          /* freed below, once another range is had */
+        if (naside == GUARD_TRIES + 1) {
+            kc_log("kubecash: %d device allocations in a row overlap this program's memory", naside);
+            rc = CUDA_ERROR_OUT_OF_MEMORY;
+        }
+    }
+    if (g < 0) {
+        static int once;
+        if (!once) { once = 1; kc_log("kubecash: cannot reserve device ranges here: cuMemcpy guesses by allocation"); }
+    }
+    struct mp_val r;
+    for (int i = 0; i < naside; i++)
+        kc_request1(dev, KCP_EXECUTOR_MEM_FREE, KCP_EXECUTOR_MEM_FREE_PTR, aside[i], &r);
+    if (!rc) {
+        kc_alloc_note(dev, p, size);
+        *out = p;
+    }
+    return rc;
+}
+
 /* ---- stream-ordered allocation and memory pools. A pool is bookkeeping here: its
  * allocations are the executor's ordinary ones (mem_alloc, charged to the quota, so an
  * allocation over it fails at the call with OUT_OF_MEMORY as cuMemAllocAsync does when a
@@ -515,16 +612,8 @@ static CUresult alloc_from(CUdeviceptr *dptr, size_t size, int pool_idx, CUhandl
         struct pool_alloc *q = realloc(pallocs, cap * sizeof *q);
         if (q) { pallocs = q; cappallocs = cap; } else rc = CUDA_ERROR_OUT_OF_MEMORY;
     }
+    if (!rc) rc = kc_exec_alloc(dev, size, &p);      /* the quota */
     if (!rc) {
-        struct kc_buf b = {0};
-        struct mp_val r;
-        mp_str(&b, KCP_EXECUTOR_MEM_ALLOC_SIZE); mp_uint(&b, size);
-        rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(dev, KCP_EXECUTOR_MEM_ALLOC, &b, 1, &r);  /* the quota */
-        mp_free(&b);
-        if (!rc && kc_uint_of(&r, KCP_EXECUTOR_MEM_ALLOC_R_PTR, &p)) rc = CUDA_ERROR_UNKNOWN;
-    }
-    if (!rc) {
-        kc_alloc_note(dev, p, size);
         pallocs[npallocs++] = (struct pool_alloc){p, size, i};
         pools[i].used += size;
         if (pools[i].used > pools[i].high) pools[i].high = pools[i].used;

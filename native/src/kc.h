@@ -138,6 +138,11 @@ CUresult kc_request1(int dev, const char *op, const char *key, uint64_t v, struc
  * lock or not); wait, without the session lock, until none is (dev -1: any device; stream 0:
  * any stream of the device, as the legacy default stream orders against them). */
 int kc_hostfn_pending(int dev, uint64_t stream);
+/* cuda_more.c, lock held: a device allocation (mem_alloc) whose range is reserved in this
+ * process, so no host address of the program can be a device address (noted for cuMemcpy);
+ * kc_unguard: the reservation of an allocation being freed goes. */
+CUresult kc_exec_alloc(int dev, size_t size, uint64_t *ptr);
+void kc_unguard(uint64_t ptr);
 void kc_hostfn_wait(int dev, uint64_t stream);
 void kc_sha256(const void *data, size_t n, uint8_t out[32]);   /* sha256.c */
 #endif

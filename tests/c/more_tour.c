@@ -1,9 +1,13 @@
 /* A driver-API program for the entry points of native/src/cuda_more.c: host functions and
  * stream callbacks (stream order both ways), 2D and 3D copies of every host/device shape,
- * 2D memsets, stream-ordered allocation and pools, and their error paths. Each check prints
+ * 2D memsets, stream-ordered allocation and pools, device ranges reserved in this process
+ * (unified addressing), and their error paths. Each check prints
  * check_<name>=1 or =0 (with what it got); the last line is failed=<count>.
  * tests/test_native_driver.py builds and runs it:  more_tour <ptx file> */
 #include <cuda.h>
+#include <errno.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -309,6 +313,44 @@ static void pools(CUdevice dev, CUfunction vec_add) {
     cuStreamDestroy(s);
 }
 
+/* ---- unified addressing: device ranges are reserved here, so no host memory of ours is
+ * ever taken for device memory; an allocation the executor places over our memory moves ---- */
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000
+#endif
+static void unified(void) {
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE), n = 1 << 20;
+    CUdeviceptr a, b;
+    OK("u_alloc", cuMemAlloc(&a, n));
+    errno = 0;
+    void *m = mmap((void *)(uintptr_t)a, pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    CHECK("u_reserved_here", m == MAP_FAILED && errno == EEXIST, "mmap at %#llx gave %p, errno %d", a, m, errno);
+    if (m != MAP_FAILED) munmap(m, pg);
+    OK("u_free", cuMemFree(a));
+    /* the range is ours again: host memory there, then the same size asked for (the
+     * executor's next mapping of that size is likely the range it just unmapped) */
+    unsigned char *h = mmap((void *)(uintptr_t)a, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    CHECK("u_released", h == (void *)(uintptr_t)a, "mmap at %#llx gave %p, errno %d", a, (void *)h, errno);
+    OK("u_alloc_again", cuMemAlloc(&b, n));
+    CHECK("u_disjoint", b + n <= a || b >= a + n, "device %#llx overlaps host %#llx", b, a);
+    OK("u_memset", cuMemsetD8(b, 0x33, pg));
+    if (h != MAP_FAILED) {
+        memset(h, 0, pg);
+        OK("u_memcpy_to_host", cuMemcpy((CUdeviceptr)(uintptr_t)h, b, pg));
+        int wrong = 0;
+        for (size_t i = 0; i < pg; i++) wrong += h[i] != 0x33;
+        CHECK("u_host_is_host", wrong == 0, "%d bytes wrong", wrong);
+        munmap(h, n);
+    }
+    OK("u_free2", cuMemFree(b));
+    CUdeviceptr p;                                /* the stream-ordered path is reserved too */
+    OK("u_alloc_async", cuMemAllocAsync(&p, n, NULL));
+    m = mmap((void *)(uintptr_t)p, pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    CHECK("u_async_reserved", m == MAP_FAILED, "mmap at %#llx gave %p", p, m);
+    OK("u_free_async", cuMemFreeAsync(p, NULL));
+    OK("u_sync", cuCtxSynchronize());
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     if (argc < 2) { fprintf(stderr, "usage: more_tour <ptx file>\n"); return 2; }
@@ -326,6 +368,7 @@ int main(int argc, char **argv) {
     host_functions(vec_add);
     copies();
     pools(dev, vec_add);
+    unified();
     printf("failed=%d\n", failed);
     return 0;
 }
