@@ -48,17 +48,17 @@ static pthread_t hf_thread;
 static pthread_once_t hf_once = PTHREAD_ONCE_INIT;
 
 /* A forked child has no worker and none of its parent's queue (those belong to the
- * parent's session); the parent's entries are leaked, not freed: another thread may have
- * been using them mid-fork. */
-static void hf_prepare(void) { pthread_mutex_lock(&hf_mu); }
-static void hf_parent(void) { pthread_mutex_unlock(&hf_mu); }
+ * parent's session): the child starts afresh. No prepare handler: the lock may have been
+ * held by another thread mid-fork, so it is made anew rather than unlocked, and the
+ * parent's entries are dropped (leaked), not walked. Taking it before fork would invert the
+ * order with the session lock (held while kc_hostfn_pending takes this one). */
 static void hf_child(void) {
     pthread_mutex_init(&hf_mu, NULL);
     pthread_cond_init(&hf_cv, NULL);
     hf_head = hf_tail = NULL;
     hf_started = 0;
 }
-static void hf_install(void) { pthread_atfork(hf_prepare, hf_parent, hf_child); }
+static void hf_install(void) { pthread_atfork(NULL, NULL, hf_child); }
 
 static int matches(const struct hostfn *e, int dev, uint64_t stream) {
     return dev < 0 || (e->dev == dev && (stream == 0 || e->stream == stream || e->stream == 0));
@@ -266,8 +266,10 @@ static CUresult copy3d(const struct copy3d *c, int async, CUhandle stream) {
     if (!w || !h || !dp) return CUDA_SUCCESS;
     /* as CUDA: a pitch shorter than the row (offset included), a slice height shorter than
      * the rows asked for */
-    if (c->src.x + w > c->src.pitch || c->dst.x + w > c->dst.pitch) return CUDA_ERROR_INVALID_VALUE;
-    if (dp > 1 && (c->src.y + h > c->src.height || c->dst.y + h > c->dst.height)) return CUDA_ERROR_INVALID_VALUE;
+    if (w > c->src.pitch || c->src.x > c->src.pitch - w || w > c->dst.pitch || c->dst.x > c->dst.pitch - w)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (dp > 1 && (h > c->src.height || c->src.y > c->src.height - h || h > c->dst.height || c->dst.y > c->dst.height - h))
+        return CUDA_ERROR_INVALID_VALUE;
     size_t sslice = c->src.pitch * c->src.height, dslice = c->dst.pitch * c->dst.height;   /* 0 when Depth 1 may say 0 */
     s0 += c->src.x + c->src.y * c->src.pitch + c->src.z * sslice;
     d0 += c->dst.x + c->dst.y * c->dst.pitch + c->dst.z * dslice;

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -351,6 +352,23 @@ static void unified(void) {
     OK("u_sync", cuCtxSynchronize());
 }
 
+/* a forked child's host functions run on a worker of its own, in its own session */
+static void forked_host_functions(void) {
+    norder = 0;
+    OK("fk_parent_hf", cuLaunchHostFunc(NULL, note, (void *)7));   /* the parent's worker runs */
+    pid_t pid = fork();
+    if (pid == 0) {
+        norder = 0;
+        int ok = !cuLaunchHostFunc(NULL, note, (void *)9) && !cuStreamSynchronize(NULL) && norder == 1 && order[0] == 9;
+        _exit(ok ? 0 : 3);
+    }
+    int st = -1;
+    waitpid(pid, &st, 0);
+    CHECK("fk_child_host_function", WIFEXITED(st) && WEXITSTATUS(st) == 0, "child status %#x", st);
+    OK("fk_parent_sync", cuStreamSynchronize(NULL));
+    CHECK("fk_parent_ran", norder == 1 && order[0] == 7, "norder=%d order[0]=%d", norder, order[0]);
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     if (argc < 2) { fprintf(stderr, "usage: more_tour <ptx file>\n"); return 2; }
@@ -369,6 +387,7 @@ int main(int argc, char **argv) {
     copies();
     pools(dev, vec_add);
     unified();
+    forked_host_functions();
     printf("failed=%d\n", failed);
     return 0;
 }
