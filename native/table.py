@@ -1,7 +1,9 @@
 """What libcuda.so.1 does with each driver API entry point: one entry per exported symbol.
 
 "broker": forwarded to the broker or the tenant's executor (native/src/cuda_api.c, and
-native/src/cuda_exec.c for modules, launches, streams, events, async copies and memset);
+native/src/cuda_exec.c for modules, launches, streams, events, async copies and memset,
+native/src/cuda_more.c for host functions, 2D/3D copies and memsets, stream-ordered
+allocation and pools);
 "local": answered inside the library, no message sent (the same files).
 Every other symbol the CUDA headers declare is generated as a stub that returns
 CUDA_ERROR_NOT_SUPPORTED and logs its name once (native/gen.py writes the stubs).
