@@ -4,6 +4,11 @@
 gives a container alice's share and nothing else: the env var pointing at her broker socket
 and a bind mount of her socket directory (which also holds the shared-memory segments her
 executors create). The tenant's identity is that directory: no other tenant's is mounted.
+Every device of the spec also brings KubeCASH's own libcuda.so.1 and libnvidia-ml.so.1 (the
+`kubecash-libdir` directory, read-only at LIBDIR_IN_CONTAINER) with LD_LIBRARY_PATH pointing
+the loader there, so any CUDA program in the container is brokered; no device node is given.
+CDI replaces a variable the image sets: LD_LIBRARY_PATH also names the directories NVIDIA's
+CUDA images put there (their libraries are found as before).
 
 A spec says the lowest `cdiVersion` its content needs, by the rules of the CDI reference
 library (tags.cncf.io/container-device-interface, specs-go/version.go,
@@ -19,6 +24,8 @@ from typing import Any
 from kubecash.client import protocol as P
 
 KIND = "kubecash.io/tenant"
+LIBDIR_IN_CONTAINER = "/usr/local/lib/kubecash"
+IMAGE_LIBRARY_PATH = "/usr/local/nvidia/lib:/usr/local/nvidia/lib64"   # NVIDIA's CUDA images' own value
 _CDI_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")   # CDI's rule for device names
 
 
@@ -69,7 +76,9 @@ def minimum_version(spec: dict) -> str:
 
 
 def spec(runtime_dir: str, tenants: Iterable[str], *,
-         container_runtime_dir: str = "/run/kubecash") -> dict:
+         container_runtime_dir: str = "/run/kubecash", libdir: str | None = None) -> dict:
+    """The spec for `tenants`; `libdir`: the host directory of the native libraries
+    (kubecash.native.libdir()), mounted into every container, or None to leave them out."""
     devices = []
     for name in tenants:
         if not _CDI_NAME.match(name):
@@ -85,6 +94,13 @@ def spec(runtime_dir: str, tenants: Iterable[str], *,
                             "options": ["rbind", "rw", "nosuid", "nodev", "noexec"]}],
             },
         })
-    doc = {"cdiVersion": "", "kind": KIND, "devices": devices}
+    doc: dict[str, Any] = {"cdiVersion": "", "kind": KIND, "devices": devices}
+    if libdir is not None:
+        doc["containerEdits"] = {
+            "env": [f"LD_LIBRARY_PATH={LIBDIR_IN_CONTAINER}:{IMAGE_LIBRARY_PATH}"],
+            # exec stays allowed: the loader maps the libraries' code from this mount
+            "mounts": [{"hostPath": libdir, "containerPath": LIBDIR_IN_CONTAINER,
+                        "options": ["rbind", "ro", "nosuid", "nodev"]}],
+        }
     doc["cdiVersion"] = minimum_version(doc)
     return doc

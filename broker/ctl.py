@@ -148,6 +148,17 @@ def _state_lines(st: dict) -> list[str]:
     return ["", f"STATE FILE UNUSABLE at start ({where}); its dynamic tenants are not served: {problem['error']}"]
 
 
+def _native_libdir() -> str:
+    """The host directory of the native libraries a CDI spec mounts (they must be built)."""
+    from kubecash import native
+    d = native.libdir()
+    missing = [n for n in native.LIBS if not os.path.isfile(os.path.join(d, n))]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not built in {d} (reinstall the package: its build "
+                         "compiles them), or write the spec --no-libraries")
+    return d
+
+
 def _top(c: AdminClient, count: int | None) -> None:
     """A live view, refreshed every second until interrupted (or `count` frames)."""
     n = 0
@@ -217,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     cd.add_argument("--output", "-o", help="file to write (default: standard output)")
     cd.add_argument("--container-runtime-dir", default="/run/kubecash",
                     help="where containers see the runtime dir (default /run/kubecash)")
+    cd.add_argument("--no-libraries", action="store_true",
+                    help="leave out KubeCASH's libcuda.so.1/libnvidia-ml.so.1 (cuda-python's shim only)")
     a = ap.parse_args(argv)
     try:
         with AdminClient(a.runtime_dir, socket=a.socket) as c:
@@ -266,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 _top(c, a.count)
             elif a.cmd == "cdi":
                 st = c.call("status")
-                doc = json.dumps(cdi.spec(st["runtime_dir"], st["tenants"],
+                libdir = None if a.no_libraries else _native_libdir()
+                doc = json.dumps(cdi.spec(st["runtime_dir"], st["tenants"], libdir=libdir,
                                           container_runtime_dir=a.container_runtime_dir), indent=2)
                 if a.output:
                     tmp = a.output + ".tmp"

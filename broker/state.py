@@ -67,10 +67,15 @@ def save(path: str, tenants: dict[str, cfg.Tenant]) -> None:
     table can say) leaves the old file as it was."""
     doc: dict[str, Any] = {"format": FORMAT, "version": VERSION,
                            "tenants": {n: cfg.tenant_table(t) for n, t in sorted(tenants.items())}}
-    data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
-    d = os.path.dirname(path)
+    write_atomic(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace `path` with `data` (0600): a reader sees the old file or the new one, never
+    half; a crash keeps one of them. OSError leaves the old file as it was."""
+    d = os.path.dirname(path) or "."
     os.makedirs(d, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=d)    # 0600, O_EXCL
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=d)    # 0600, O_EXCL
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

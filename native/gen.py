@@ -7,8 +7,9 @@ table (native/table.py), the protocol declaration and shim/devattr.py's attribut
 The outputs are checked in: building the libraries needs neither the headers nor the toolkit.
 Exported names come from cuda.h preprocessed three ways (plain, per-thread default stream,
 and __CUDA_API_VERSION_INTERNAL, which declares the legacy unversioned names): their union is
-what NVIDIA's libcuda.so.1 exports. cuGetProcAddress's (name, version, stream flavour) ->
-symbol map comes from cudaTypedefs.h's PFN_cuXxx_vNNNN[_ptds|_ptsz] typedefs.
+what NVIDIA's libcuda.so.1 exports, with the profiler's three (cudaProfilerTypedefs.h).
+cuGetProcAddress's (name, version, stream flavour) -> symbol map comes from cudaTypedefs.h's
+PFN_cuXxx_vNNNN[_ptds|_ptsz] typedefs.
 """
 from __future__ import annotations
 
@@ -85,6 +86,17 @@ def exported_names(inc: str) -> set[str]:
 
 def pfn_entries(inc: str) -> set[tuple[str, int, str]]:
     with open(os.path.join(inc, "cudaTypedefs.h")) as f:
+        return {(b, int(v), s or "") for b, v, s in _PFN.findall(f.read())}
+
+
+def profiler_entries(inc: str) -> set[tuple[str, int, str]]:
+    """cuProfilerStart/Stop/Initialize: declared by cudaProfiler.h, not cuda.h, yet exported by
+    NVIDIA's libcuda.so.1 and resolved by cudart (cudaProfilerStart); cudaProfilerTypedefs.h,
+    which the toolkit and the pip package both ship, names them with their versions."""
+    path = os.path.join(inc, "cudaProfilerTypedefs.h")
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as f:
         return {(b, int(v), s or "") for b, v, s in _PFN.findall(f.read())}
 
 
@@ -200,6 +212,9 @@ def gen_surface(incs: list[str]) -> str:
     for inc in incs:
         names |= exported_names(inc)
         pfns |= pfn_entries(inc)
+        prof = profiler_entries(inc)
+        pfns |= prof
+        names |= {b for b, _, _ in prof}
         renamed.update(renames(inc))
     unknown = sorted(set(table.DRIVER) - names)
     if unknown:

@@ -22,6 +22,17 @@ DRIVER: dict[str, str] = {
     "cuGetErrorString": LOCAL,
     "cuGetProcAddress": LOCAL,
     "cuGetProcAddress_v2": LOCAL,
+    "cuGetExportTable": LOCAL,            # the runtime's private tables (native/src/export_tables.c)
+    "cuModuleGetLoadingMode": LOCAL,      # cudart asks at start-up (native/src/runtime_init.c)
+    "cuCtxGetLimit": LOCAL,               # kept per device, reported back (runtime_init.c)
+    "cuCtxSetLimit": LOCAL,
+    "cuCtxGetCacheConfig": LOCAL,
+    "cuCtxSetCacheConfig": LOCAL,
+    "cuCtxGetSharedMemConfig": LOCAL,
+    "cuCtxSetSharedMemConfig": LOCAL,
+    "cuCtxGetStreamPriorityRange": LOCAL,  # [0, 0]: no stream priorities
+    "cuProfilerStart": LOCAL,             # no-ops (cudaProfiler.h's; native/src/runtime_init.c)
+    "cuProfilerStop": LOCAL,
     "cuDeviceGetCount": LOCAL,            # from the hello reply's device list
     "cuDeviceGet": LOCAL,
     "cuDeviceGetName": LOCAL,
@@ -37,12 +48,23 @@ DRIVER: dict[str, str] = {
     "cuCtxSetCurrent": LOCAL,
     "cuCtxGetDevice": LOCAL,
     "cuCtxSynchronize": BROKER,           # ctx_sync
+    "cuCtxSynchronize_v2": BROKER,        # ctx_sync (13.0: the context named, or the current one)
+    "cuCtxGetDevice_v2": LOCAL,
+    "cuCtxPushCurrent_v2": LOCAL,         # the calling thread's context stack
+    "cuCtxPopCurrent_v2": LOCAL,
+    "cuCtxGetApiVersion": LOCAL,
+    "cuCtxGetId": LOCAL,
+    "cuCtxGetFlags": LOCAL,
+    "cuDevicePrimaryCtxGetState": LOCAL,
+    "cuDevicePrimaryCtxSetFlags_v2": LOCAL,
+    "cuDevicePrimaryCtxReset_v2": BROKER,  # ctx_sync, then mem_free of the device's allocations
+    "cuDevicePrimaryCtxReset": BROKER,    # the 7.0 name: the same
     "cuMemAlloc_v2": BROKER,
     "cuMemFree_v2": BROKER,
     "cuMemGetInfo_v2": BROKER,
     "cuMemcpyHtoD_v2": BROKER,
     "cuMemcpyDtoH_v2": BROKER,
-    "cuMemcpyHtoD_v2_ptds": BROKER,
+    "cuMemcpyHtoD_v2_ptds": BROKER,       # as the above (cudart built for per-thread streams)
     "cuMemcpyDtoH_v2_ptds": BROKER,
     # -- native/src/cuda_exec.c --------------------------------------------------------------
     # modules: images are PTX (to its NUL), fatbins (size from the header; cudart's wrapper
@@ -73,7 +95,6 @@ DRIVER: dict[str, str] = {
     # streams (0, CU_STREAM_LEGACY and CU_STREAM_PER_THREAD: the executor's default stream)
     "cuStreamCreate": BROKER,
     "cuStreamCreateWithPriority": BROKER,  # priorities: the range is (0, 0)
-    "cuCtxGetStreamPriorityRange": LOCAL,  # (0, 0), as shim/drv_stream.py answers
     "cuStreamDestroy_v2": BROKER,
     "cuStreamDestroy": BROKER,             # the same prototype
     "cuStreamSynchronize": BROKER,

@@ -3,23 +3,20 @@ a shared object's .nv_fatbin), refusals naming what the image held, and a fuzz t
 NoPtxError / FatbinFormatError come out of malformed ones."""
 from __future__ import annotations
 
-import os
 import random
 import re
-import shutil
 import struct
 import subprocess
 import time
 
 import numpy as np
 import pytest
+from toolkit import NO_NVCC, NVCC, needs_nvcc
 
 import kubecash.client as kc
 from kubecash.broker import ptx
 from kubecash.broker.ptx import fatbin as F
 
-NVCC = shutil.which("nvcc") or next((p for p in ["/usr/local/cuda/bin/nvcc"] if os.access(p, os.X_OK)), None)
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 HAVE_ZSTD = F.zstandard is not None     # the broker extra installs it
 needs_zstd = pytest.mark.skipif(not HAVE_ZSTD, reason="no zstd decoder installed (zstandard)")
 
@@ -50,7 +47,7 @@ IMAGES = {  # name: nvcc arguments (the output kind and options)
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     if NVCC is None:
-        pytest.skip("nvcc not installed")
+        pytest.skip(NO_NVCC)
     d = tmp_path_factory.mktemp("fatbin")
     (d / "k.cu").write_text(SRC)
     (d / "k2.cu").write_text(SRC.replace("add", "add2").replace("scale", "scale2"))

@@ -12,6 +12,7 @@ import threading
 import zipfile
 
 import pytest
+from toolkit import NO_NVCC, NVCC
 
 import kubecash.native as kn
 from kubecash.client import protocol as P
@@ -55,25 +56,17 @@ def programs(tmp_path_factory) -> dict[str, str]:
     return built
 
 
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    return "/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None
-
-
 @pytest.fixture(scope="module")
 def exec_tour(tmp_path_factory) -> tuple[str, dict[str, str]]:
     """exec_tour built against cuda.h, and tests/c/kernels.cu as nvcc makes it: PTX, a fatbin
     and a CUBIN."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("no nvcc here (the CUDA toolkit is not installed): no PTX or fatbin to load")
+    if NVCC is None:
+        pytest.skip(NO_NVCC + ": no PTX or fatbin to load")
     out = tmp_path_factory.mktemp("native-exec")
     src = os.path.join(HERE, "c", "kernels.cu")
     images = {k: str(out / f"kernels.{k}") for k in ("ptx", "fatbin", "cubin")}
     for kind, path in images.items():
-        r = subprocess.run([nvcc, f"-{kind}", "-arch=sm_80", "-o", path, src], capture_output=True, text=True,
+        r = subprocess.run([NVCC, f"-{kind}", "-arch=sm_80", "-o", path, src], capture_output=True, text=True,
                            timeout=RUN_TIMEOUT)
         assert r.returncode == 0, r.stderr
     exe = str(out / "exec_tour")

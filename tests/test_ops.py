@@ -154,6 +154,15 @@ def test_cdi_spec_validates_against_the_official_schema(broker, tmp_path):
     (mount,) = alice["mounts"]
     assert mount["hostPath"] == os.path.join(broker.runtime_dir, "tenants", "alice")
     assert mount["containerPath"] == "/run/kubecash/tenants/alice"
+    # the native driver libraries, read-only, found by the loader; no device node anywhere
+    from kubecash import native
+    (libs,) = spec["containerEdits"]["mounts"]
+    assert libs["hostPath"] == native.libdir() and "ro" in libs["options"] and "noexec" not in libs["options"]
+    assert spec["containerEdits"]["env"][0].startswith(f"LD_LIBRARY_PATH={libs['containerPath']}:")
+    assert all(os.path.isfile(os.path.join(libs["hostPath"], n)) for n in native.LIBS)
+    assert "deviceNodes" not in json.dumps(spec)
+    ctl(broker, "cdi", "--no-libraries", "-o", str(out))
+    assert "containerEdits" not in json.loads(out.read_text())
     # The invalid spec would be caught: the schema really is being applied.
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft7Validator(schema, registry=registry).validate({"kind": 3, "devices": []})

@@ -3,7 +3,6 @@ hand-written PTX for single instructions, loaded as PTX images through the clien
 each checked against numpy. What the translator does not run is refused by name and line."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from fractions import Fraction
@@ -11,6 +10,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from conftest import run_client
+from toolkit import NVCC, needs_nvcc
 
 import kubecash.client as kc
 from kubecash.broker.cpukernels.nvrtc import include_dirs as cuda_include_dirs
@@ -621,7 +621,7 @@ def test_ptx_names_cannot_reach_the_generated_code(session):
     assert m.get_global("delete")[1] == 4
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
+@needs_nvcc
 def test_nvcc_ptx_runs_too(session, tmp_path):
     src = tmp_path / "k.cu"
     src.write_text(r"""
@@ -629,7 +629,7 @@ def test_nvcc_ptx_runs_too(session, tmp_path):
             int i = blockIdx.x * blockDim.x + threadIdx.x;
             if (i < n) x[i] = x[i] * x[i];
         }""")
-    subprocess.run(["nvcc", "-ptx", "-arch=compute_80", "-o", str(tmp_path / "k.ptx"), str(src)], check=True,
+    subprocess.run([NVCC, "-ptx", "-arch=compute_80", "-o", str(tmp_path / "k.ptx"), str(src)], check=True,
                    capture_output=True)
     dev = session.device("cpu0")
     m = dev.load_module(image=(tmp_path / "k.ptx").read_bytes(), kind="ptx")

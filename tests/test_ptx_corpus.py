@@ -6,13 +6,12 @@ sm_80 and sm_90, and nvcc -ptx / -fatbin where a toolkit is installed), each che
 numpy. Modules are cached by content hash in one directory for the file."""
 from __future__ import annotations
 
-import os
-import shutil
 import struct
 import subprocess
 
 import numpy as np
 import pytest
+from toolkit import NO_NVCC, NVCC
 
 import kubecash.client as kc
 from kubecash.broker import cpukernels as ck
@@ -21,7 +20,6 @@ from kubecash.broker.ptx import fatbin
 
 pytest.importorskip("cuda.pathfinder", reason="NVRTC (pip nvidia-cuda-nvrtc) compiles the corpus")
 
-NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 ARCHS = ("sm_80", "sm_90")
 
 PIPELINE = r"""
@@ -292,7 +290,7 @@ def build(kernel_cache, tmp_path_factory):
 
 def _nvcc_ptx(src: str, arch: str, via: str, work) -> str:
     if NVCC is None:
-        pytest.skip("no nvcc")
+        pytest.skip(NO_NVCC)
     cu = work / f"k{abs(hash(src))}_{arch}.cu"
     cu.write_text(src)
     out = cu.with_suffix("." + via)

@@ -33,6 +33,7 @@ from .tenants import ClientSession, TenantService, TenantState, clear_tenant_dir
 
 log = logging.getLogger("kubecash.broker")
 STATUS_INTERVAL_S = 1.0       # systemd STATUS= refresh
+SWEEP_INTERVAL_S = 0.01       # session expiry and executor reaping
 
 
 class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService, DynamicTenants):
@@ -54,6 +55,7 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService, Dyna
         self.stopping = False
         self.reload_requested = False          # set by SIGHUP; acted on in the loop
         self._next_trim = 0.0                  # first pass trims the compiled-kernel cache
+        self._next_sweep = 0.0
         self._retired: list[TenantState] = []  # removed by a reload, executors still exiting
         self.poller = zmq.Poller()
         self.tenant_sockets = TenantSockets()      # which tenants to read, O(active)
@@ -222,8 +224,12 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService, Dyna
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        self._expire_sessions(now)
-        self._reap_executors(now)
+        # Timeouts of sessions and executors are seconds: checked every few milliseconds,
+        # not on each of the thousands of passes a second that lease hand-overs make.
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL_S
+            self._expire_sessions(now)
+            self._reap_executors(now)
         if time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + CACHE_TRIM_INTERVAL_S
             trim_cache(self.settings.resolved_cache_dir, self.settings.cache_max_bytes)

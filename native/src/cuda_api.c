@@ -18,20 +18,36 @@ typedef struct { char bytes[16]; } CUuuid;
 enum { PROC_SUCCESS = 0, PROC_SYMBOL_NOT_FOUND = 1, PROC_VERSION_NOT_SUFFICIENT = 2 };
 
 /* One primary context per device; the handle a program sees is its address. */
-struct kc_ctx { int device; int refs; };
+struct kc_ctx { int device; int refs; unsigned flags; };
 static struct kc_ctx primary[KC_MAX_DEVICES];
-/* The calling thread's current context: a pthread key rather than __thread, whose dynamic
+/* The calling thread's context stack (cuCtxPushCurrent/PopCurrent; the current context is
+ * its top, which cuCtxSetCurrent replaces): a pthread key rather than __thread, whose dynamic
  * TLS model would make the library need ld-linux (__tls_get_addr) besides libc. */
+#define CTX_STACK 32
+struct ctx_stack { int n; struct kc_ctx *c[CTX_STACK]; };
 static pthread_key_t current_key;
 static pthread_once_t current_once = PTHREAD_ONCE_INIT;
-static void make_key(void) { pthread_key_create(&current_key, NULL); }
-static struct kc_ctx *get_current(void) {
+static void make_key(void) { pthread_key_create(&current_key, free); }
+static struct ctx_stack *stack(int create) {
     pthread_once(&current_once, make_key);
-    return pthread_getspecific(current_key);
+    struct ctx_stack *s = pthread_getspecific(current_key);
+    if (!s && create && (s = calloc(1, sizeof *s)) && pthread_setspecific(current_key, s)) {
+        free(s);
+        s = NULL;
+    }
+    return s;
 }
-static void set_current(struct kc_ctx *c) {
-    pthread_once(&current_once, make_key);
-    pthread_setspecific(current_key, c);
+static struct kc_ctx *get_current(void) {
+    struct ctx_stack *s = stack(0);
+    return s && s->n ? s->c[s->n - 1] : NULL;
+}
+static int set_current(struct kc_ctx *c) {
+    struct ctx_stack *s = stack(c != NULL);
+    if (!s) return c ? -1 : 0;
+    if (!c) s->n = s->n ? s->n - 1 : 0;      /* as the driver: setting NULL pops the top */
+    else if (s->n) s->c[s->n - 1] = c;
+    else s->c[s->n++] = c;
+    return 0;
 }
 
 int kc_current_device(void) {
@@ -39,7 +55,11 @@ int kc_current_device(void) {
     return c && kc_device(c->device) ? c->device : -1;
 }
 
-static int is_ctx(const struct kc_ctx *c) { return c >= primary && c < primary + KC_MAX_DEVICES; }
+/* One of the handles handed out, exactly: a pointer into the middle of one is no context. */
+static int is_ctx(const struct kc_ctx *c) {
+    uintptr_t off = (uintptr_t)c - (uintptr_t)primary;
+    return (uintptr_t)c >= (uintptr_t)primary && off < sizeof primary && off % sizeof primary[0] == 0;
+}
 
 /* The lock on an open session plus a valid device; unlocked again on failure. */
 static CUresult lock_device(CUdevice dev) {
@@ -115,6 +135,10 @@ static CUresult get_proc(const char *symbol, void **pfn, int version, unsigned l
     }
     const struct kc_proc *hit = per_thread && pt ? pt : plain;
     *pfn = hit ? hit->fn : NULL;
+    /* What a runtime asks for (cudart resolves nearly everything here): the trace to read
+     * when a program stops at a call we do not answer. */
+    if (kc_debug()) kc_log("kubecash: cuGetProcAddress %s v%d flags %llu: %s", symbol, version, flags,
+                           hit ? "found" : known ? "version too new" : "unknown");
     if (status) *status = hit ? PROC_SUCCESS : known ? PROC_VERSION_NOT_SUFFICIENT : PROC_SYMBOL_NOT_FOUND;
     return hit ? CUDA_SUCCESS : CUDA_ERROR_NOT_FOUND;
 }
@@ -245,6 +269,18 @@ KC_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
     return rc;
 }
 
+/* The primary context's handle without retaining it (and so without attaching the executor):
+ * what cudart asks of CUDART_INTERFACE slot 2 while it merely counts devices. */
+CUresult kc_primary_context(int dev, void **pctx) {
+    if (!pctx) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    primary[dev].device = dev;
+    *pctx = &primary[dev];
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
 static CUresult primary_release(CUdevice dev) {
     CUresult rc = lock_device(dev);
     if (rc) return rc;
@@ -270,7 +306,7 @@ KC_EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) {
     CUresult rc = kc_lock(0);
     if (rc) return rc;
     if (ctx && (!is_ctx(ctx) || !kc_device(ctx->device))) rc = CUDA_ERROR_INVALID_CONTEXT;
-    else set_current(ctx);
+    else if (set_current(ctx)) rc = CUDA_ERROR_OUT_OF_MEMORY;
     kc_unlock();
     return rc;
 }
@@ -283,6 +319,116 @@ KC_EXPORT CUresult cuCtxGetDevice(CUdevice *device) {
     *device = dev;
     kc_unlock();
     return CUDA_SUCCESS;
+}
+
+/* The lock plus ctx's device (ctx NULL: the current context's). */
+static CUresult lock_ctx(CUcontext ctx, int *dev) {
+    if (!ctx) return lock_current(dev);
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    if (!is_ctx(ctx) || !kc_device(ctx->device)) { kc_unlock(); return CUDA_ERROR_INVALID_CONTEXT; }
+    *dev = ctx->device;
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuCtxGetDevice_v2(CUdevice *device, CUcontext ctx) {
+    if (!device) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_ctx(ctx, &dev);
+    if (rc) return rc;
+    *device = dev;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuCtxPushCurrent_v2(CUcontext ctx) {
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct ctx_stack *s = NULL;
+    if (!ctx || !is_ctx(ctx) || !kc_device(ctx->device)) rc = CUDA_ERROR_INVALID_CONTEXT;
+    else if (!(s = stack(1))) rc = CUDA_ERROR_OUT_OF_MEMORY;
+    else if (s->n == CTX_STACK) rc = CUDA_ERROR_OUT_OF_MEMORY;    /* deeper than anyone nests */
+    else s->c[s->n++] = ctx;
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuCtxPopCurrent_v2(CUcontext *pctx) {
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct ctx_stack *s = stack(0);
+    if (!s || !s->n) rc = CUDA_ERROR_INVALID_CONTEXT;
+    else {
+        struct kc_ctx *c = s->c[--s->n];
+        if (pctx) *pctx = c;
+    }
+    kc_unlock();
+    return rc;
+}
+
+/* The API version a context was created with: 3020 is what every context since CUDA 3.2
+ * reports (cudart refuses older ones). */
+KC_EXPORT CUresult cuCtxGetApiVersion(CUcontext ctx, unsigned int *version) {
+    if (!version) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_ctx(ctx, &dev);
+    if (rc) return rc;
+    *version = 3020;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+/* A context's id: unique in the process, here its device's index plus one. */
+KC_EXPORT CUresult cuCtxGetId(CUcontext ctx, unsigned long long *id) {
+    if (!id) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_ctx(ctx, &dev);
+    if (rc) return rc;
+    *id = (unsigned long long)dev + 1;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+/* Flags (CU_CTX_SCHED_*, MAP_HOST...) are kept and reported, not acted on: the executor
+ * schedules, and host memory is always mappable. */
+KC_EXPORT CUresult cuCtxGetFlags(unsigned int *flags) {
+    if (!flags) return CUDA_ERROR_INVALID_VALUE;
+    int dev;
+    CUresult rc = lock_current(&dev);
+    if (rc) return rc;
+    *flags = primary[dev].flags;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuDevicePrimaryCtxGetState(CUdevice dev, unsigned int *flags, int *active) {
+    if (!flags || !active) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    *flags = primary[dev].flags;
+    *active = primary[dev].refs > 0;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuDevicePrimaryCtxSetFlags_v2(CUdevice dev, unsigned int flags) {
+    if (flags & ~0xffu) return CUDA_ERROR_INVALID_VALUE;   /* CU_CTX_FLAGS_MASK */
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    primary[dev].flags = flags;
+    kc_unlock();
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuCtxSynchronize_v2(CUcontext ctx) {
+    kc_hostfn_wait(-1, 0);           /* host functions are work of the context too */
+    int dev;
+    CUresult rc = lock_ctx(ctx, &dev);
+    if (rc) return rc;
+    struct mp_val r;
+    rc = kc_exec_request(dev, KCP_EXECUTOR_CTX_SYNC, NULL, 0, &r);
+    kc_unlock();
+    return rc;
 }
 
 KC_EXPORT CUresult cuCtxSynchronize(void) {
@@ -304,14 +450,46 @@ static int uint_of(const struct mp_val *m, const char *key, uint64_t *out) {
     return 0;
 }
 
+/* Live allocations, per device, so that a primary context's reset frees them as the driver
+ * does (cudaDeviceReset). Changed with the session lock held. */
+struct alloc { int dev; CUdeviceptr p; };
+static struct alloc *allocs;
+static size_t nallocs, capallocs;
+
+static void track(int dev, CUdeviceptr p) {
+    if (nallocs == capallocs) {
+        size_t cap = capallocs ? 2 * capallocs : 64;
+        struct alloc *a = realloc(allocs, cap * sizeof *a);
+        if (!a) return;           /* untracked: still freed by cuMemFree, only not by a reset */
+        allocs = a;
+        capallocs = cap;
+    }
+    allocs[nallocs++] = (struct alloc){dev, p};
+}
+
+static void untrack(CUdeviceptr p) {
+    for (size_t i = 0; i < nallocs; i++)
+        if (allocs[i].p == p) { allocs[i] = allocs[--nallocs]; return; }
+}
+
+static CUresult mem_free(int dev, CUdeviceptr dptr) {            /* lock held */
+    struct kc_buf b = {0};
+    mp_str(&b, KCP_EXECUTOR_MEM_FREE_PTR); mp_uint(&b, dptr);
+    struct mp_val r;
+    CUresult rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_FREE, &b, 1, &r);
+    mp_free(&b);
+    if (!rc) { untrack(dptr); kc_alloc_forget(dptr); }   /* reset's list; cuMemcpy's ranges */
+    return rc;
+}
+
 KC_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
     if (!dptr || bytesize == 0) return CUDA_ERROR_INVALID_VALUE;
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
     uint64_t p;
-    rc = kc_exec_alloc(dev, bytesize, &p);      /* over quota: the executor's OOM */
-    if (!rc) *dptr = p;
+    rc = kc_exec_alloc(dev, bytesize, &p);      /* over quota: the executor's OOM; noted for cuMemcpy */
+    if (!rc) { *dptr = p; track(dev, p); }
     kc_unlock();
     return rc;
 }
@@ -322,15 +500,31 @@ KC_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
-    struct kc_buf b = {0};
-    mp_str(&b, KCP_EXECUTOR_MEM_FREE_PTR); mp_uint(&b, dptr);
-    struct mp_val r;
-    rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_FREE, &b, 1, &r);
-    if (!rc) kc_alloc_forget(dptr);
-    mp_free(&b);
+    rc = mem_free(dev, dptr);
     kc_unlock();
     return rc;
 }
+
+/* cudaDeviceReset: what was queued finishes, the runtime's per-context state is destroyed
+ * (its destructor, registered through the context-local-storage table, runs without the
+ * session lock: it calls back into the driver), then every allocation made on the device
+ * is freed. The handle stays valid (the next use starts afresh) and keeps its retains. */
+KC_EXPORT CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev) {
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    kc_unlock();
+    kc_context_reset(&primary[dev]);
+    if ((rc = lock_device(dev))) return rc;
+    struct mp_val r;
+    if (kc_device(dev)->attached) rc = kc_exec_request(dev, KCP_EXECUTOR_CTX_SYNC, NULL, 0, &r);
+    for (size_t i = nallocs; !rc && i-- > 0;)
+        if (allocs[i].dev == dev) rc = mem_free(dev, allocs[i].p);
+    primary[dev].flags = 0;
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuDevicePrimaryCtxReset(CUdevice dev) { return cuDevicePrimaryCtxReset_v2(dev); }
 
 KC_EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
     if (!free_bytes || !total) return CUDA_ERROR_INVALID_VALUE;
@@ -406,3 +600,11 @@ KC_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
 }
 
 KC_EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) { return copy(0, src, dst, n); }
+
+/* The per-thread-default-stream flavours (nvcc --default-stream per-thread): a synchronous
+ * copy that waits for everything before it waits for the thread's own stream too. */
+KC_EXPORT CUresult cuMemcpyHtoD_v2_ptds(CUdeviceptr dst, const void *src, size_t n) {
+    return copy(1, dst, (void *)src, n);
+}
+
+KC_EXPORT CUresult cuMemcpyDtoH_v2_ptds(void *dst, CUdeviceptr src, size_t n) { return copy(0, src, dst, n); }

@@ -843,15 +843,6 @@ KC_EXPORT CUresult cuStreamCreateWithPriority(CUhandle *phStream, unsigned int f
     return stream_create(phStream, flags);
 }
 
-KC_EXPORT CUresult cuCtxGetStreamPriorityRange(int *leastPriority, int *greatestPriority) {
-    CUresult rc = lock_current(&(int){0});
-    if (rc) return rc;
-    kc_unlock();
-    if (leastPriority) *leastPriority = 0;
-    if (greatestPriority) *greatestPriority = 0;
-    return CUDA_SUCCESS;
-}
-
 static CUresult stream_destroy(CUhandle s) { return destroy(&STREAMS, s); }
 
 KC_EXPORT CUresult cuStreamDestroy_v2(CUhandle hStream) { return stream_destroy(hStream); }
@@ -1042,10 +1033,6 @@ KC_EXPORT CUresult cuEventElapsedTime_v2(float *pMilliseconds, CUhandle hStart, 
 }
 
 /* ---- copies and memset on streams ---- */
-KC_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n);
-KC_EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n);
-KC_EXPORT CUresult cuMemcpyHtoD_v2_ptds(CUdeviceptr dst, const void *src, size_t n) { return cuMemcpyHtoD_v2(dst, src, n); }
-KC_EXPORT CUresult cuMemcpyDtoH_v2_ptds(void *dst, CUdeviceptr src, size_t n) { return cuMemcpyDtoH_v2(dst, src, n); }
 
 /* memcpy_dtod on device dev (lock held); async: posted. */
 static CUresult dtod(int dev, uint64_t sh, int async, CUdeviceptr dst, CUdeviceptr src, size_t n) {

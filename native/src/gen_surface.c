@@ -44,26 +44,13 @@ KC_STUB(cuCtxDetach)
 KC_STUB(cuCtxDisablePeerAccess)
 KC_STUB(cuCtxEnablePeerAccess)
 KC_STUB(cuCtxFromGreenCtx)
-KC_STUB(cuCtxGetApiVersion)
-KC_STUB(cuCtxGetCacheConfig)
 KC_STUB(cuCtxGetDevResource)
-KC_STUB(cuCtxGetDevice_v2)
 KC_STUB(cuCtxGetExecAffinity)
-KC_STUB(cuCtxGetFlags)
-KC_STUB(cuCtxGetId)
-KC_STUB(cuCtxGetLimit)
-KC_STUB(cuCtxGetSharedMemConfig)
 KC_STUB(cuCtxPopCurrent)
-KC_STUB(cuCtxPopCurrent_v2)
 KC_STUB(cuCtxPushCurrent)
-KC_STUB(cuCtxPushCurrent_v2)
 KC_STUB(cuCtxRecordEvent)
 KC_STUB(cuCtxResetPersistingL2Cache)
-KC_STUB(cuCtxSetCacheConfig)
 KC_STUB(cuCtxSetFlags)
-KC_STUB(cuCtxSetLimit)
-KC_STUB(cuCtxSetSharedMemConfig)
-KC_STUB(cuCtxSynchronize_v2)
 KC_STUB(cuCtxWaitEvent)
 KC_STUB(cuDestroyExternalMemory)
 KC_STUB(cuDestroyExternalSemaphore)
@@ -87,11 +74,7 @@ KC_STUB(cuDeviceGetPCIBusId)
 KC_STUB(cuDeviceGetProperties)
 KC_STUB(cuDeviceGetTexture1DLinearMaxWidth)
 KC_STUB(cuDeviceGraphMemTrim)
-KC_STUB(cuDevicePrimaryCtxGetState)
-KC_STUB(cuDevicePrimaryCtxReset)
-KC_STUB(cuDevicePrimaryCtxReset_v2)
 KC_STUB(cuDevicePrimaryCtxSetFlags)
-KC_STUB(cuDevicePrimaryCtxSetFlags_v2)
 KC_STUB(cuDeviceRegisterAsyncNotification)
 KC_STUB(cuDeviceSetGraphMemAttribute)
 KC_STUB(cuDeviceTotalMem)
@@ -110,7 +93,6 @@ KC_STUB(cuFuncLoad)
 KC_STUB(cuFuncSetBlockShape)
 KC_STUB(cuFuncSetSharedMemConfig)
 KC_STUB(cuFuncSetSharedSize)
-KC_STUB(cuGetExportTable)
 KC_STUB(cuGraphAddBatchMemOpNode)
 KC_STUB(cuGraphAddChildGraphNode)
 KC_STUB(cuGraphAddDependencies)
@@ -404,7 +386,6 @@ KC_STUB(cuMipmappedArrayGetSparseProperties)
 KC_STUB(cuModuleEnumerateFunctions)
 KC_STUB(cuModuleGetFunctionCount)
 KC_STUB(cuModuleGetGlobal)
-KC_STUB(cuModuleGetLoadingMode)
 KC_STUB(cuModuleGetSurfRef)
 KC_STUB(cuModuleGetTexRef)
 KC_STUB(cuMulticastAddDevice)
@@ -430,6 +411,7 @@ KC_STUB(cuParamSetv)
 KC_STUB(cuPointerGetAttribute)
 KC_STUB(cuPointerGetAttributes)
 KC_STUB(cuPointerSetAttribute)
+KC_STUB(cuProfilerInitialize)
 KC_STUB(cuSignalExternalSemaphoresAsync)
 KC_STUB(cuSignalExternalSemaphoresAsync_ptsz)
 KC_STUB(cuStreamAttachMemAsync)
@@ -1102,6 +1084,9 @@ extern CUresult cuParamSetv(void);
 extern CUresult cuPointerGetAttribute(void);
 extern CUresult cuPointerGetAttributes(void);
 extern CUresult cuPointerSetAttribute(void);
+extern CUresult cuProfilerInitialize(void);
+extern CUresult cuProfilerStart(void);
+extern CUresult cuProfilerStop(void);
 extern CUresult cuSignalExternalSemaphoresAsync(void);
 extern CUresult cuSignalExternalSemaphoresAsync_ptsz(void);
 extern CUresult cuStreamAddCallback(void);
@@ -1790,6 +1775,9 @@ const struct kc_proc kc_procs[] = {
     {"cuPointerGetAttribute", 4000, 0, (void *)cuPointerGetAttribute},
     {"cuPointerGetAttributes", 7000, 0, (void *)cuPointerGetAttributes},
     {"cuPointerSetAttribute", 6000, 0, (void *)cuPointerSetAttribute},
+    {"cuProfilerInitialize", 4000, 0, (void *)cuProfilerInitialize},
+    {"cuProfilerStart", 4000, 0, (void *)cuProfilerStart},
+    {"cuProfilerStop", 4000, 0, (void *)cuProfilerStop},
     {"cuSignalExternalSemaphoresAsync", 10000, 0, (void *)cuSignalExternalSemaphoresAsync},
     {"cuSignalExternalSemaphoresAsync", 10000, 1, (void *)cuSignalExternalSemaphoresAsync_ptsz},
     {"cuStreamAddCallback", 5000, 0, (void *)cuStreamAddCallback},
@@ -1927,7 +1915,7 @@ const struct kc_proc kc_procs[] = {
     {"cuWaitExternalSemaphoresAsync", 10000, 1, (void *)cuWaitExternalSemaphoresAsync_ptsz},
 };
 
-const int kc_nprocs = 685;
+const int kc_nprocs = 688;
 
 /* CUresult codes: names from cuda.h, short texts from kubecash.client.errors. */
 const struct kc_errname kc_errnames[] = {

@@ -20,6 +20,7 @@ enum {
 
 /* ---- logging (session.c) ---- */
 void kc_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int kc_debug(void);        /* KUBECASH_DEBUG is set (non-empty): trace what programs ask */
 /* Log "kubecash: <name> is not supported" the first time *once is seen clear. */
 void kc_unsupported_once(const char *name, int *once);
 
@@ -138,11 +139,15 @@ CUresult kc_request1(int dev, const char *op, const char *key, uint64_t v, struc
  * lock or not); wait, without the session lock, until none is (dev -1: any device; stream 0:
  * any stream of the device, as the legacy default stream orders against them). */
 int kc_hostfn_pending(int dev, uint64_t stream);
+void kc_hostfn_wait(int dev, uint64_t stream);
 /* cuda_more.c, lock held: a device allocation (mem_alloc) whose range is reserved in this
  * process, so no host address of the program can be a device address (noted for cuMemcpy);
  * kc_unguard: the reservation of an allocation being freed goes. */
 CUresult kc_exec_alloc(int dev, size_t size, uint64_t *ptr);
 void kc_unguard(uint64_t ptr);
-void kc_hostfn_wait(int dev, uint64_t stream);
+/* A context is being reset or destroyed: run and drop what the runtime stored in it
+ * through the context-local-storage export table (export_tables.c). No lock held. */
+void kc_context_reset(void *ctx);
+CUresult kc_primary_context(int dev, void **pctx);      /* cuda_api.c: the handle, not retained */
 void kc_sha256(const void *data, size_t n, uint8_t out[32]);   /* sha256.c */
 #endif

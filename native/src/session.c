@@ -66,6 +66,11 @@ void kc_log(const char *fmt, ...) {
     (void)w;
 }
 
+int kc_debug(void) {
+    const char *v = getenv("KUBECASH_DEBUG");
+    return v && *v;
+}
+
 void kc_unsupported_once(const char *name, int *once) {
     if (!__atomic_exchange_n(once, 1, __ATOMIC_RELAXED)) kc_log("kubecash: %s is not supported", name);
 }
@@ -451,7 +456,7 @@ struct kc_device *kc_device(int i) { return i >= 0 && i < g.ndev ? &g.dev[i] : N
 const char *kc_address(void) { return g.address; }
 
 static void log_failure(const char *op, const char *dev, CUresult rc, const char *err) {
-    if (getenv("KUBECASH_DEBUG")) kc_log("kubecash: %s on %s: error %d: %s", op, dev, rc, err);
+    if (kc_debug()) kc_log("kubecash: %s on %s: error %d: %s", op, dev, rc, err);
 }
 
 CUresult kc_device_attach(int i) {

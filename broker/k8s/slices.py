@@ -1,0 +1,103 @@
+"""What the driver publishes: a ResourceSlice of this node's devices and the DeviceClass
+`kubecash.io` (`resource.k8s.io/v1`), as the API's JSON.
+
+Each broker device is one device of the node's pool (the pool is named after the node), with
+`allowMultipleAllocations` and two consumable capacities: `share`, the device's time (1 = the
+whole device; any multiple of 1/10000 from 1/10000 up: the broker's smallest limit), and
+`memory` (bytes, in steps of 1 MiB). A request that names no capacity gets the whole device,
+as an exclusive allocation would. Objects are plain dicts: they are what the API server sees
+(tests check them against the kubernetes client's models, extra fields forbidden).
+Publishing needs a live cluster; ApiPublisher does it through the official client, and the
+plugin takes any object with the same `publish` (tests record what would be sent).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from fractions import Fraction
+from typing import Any, Protocol
+
+from . import DRIVER, quantity
+
+log = logging.getLogger("kubecash.dra")
+
+API_VERSION = "resource.k8s.io/v1"
+SHARE_STEP = Fraction(1, 10000)
+MEMORY_STEP = 1 << 20
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")   # a device's name in a slice
+_ATTRIBUTE_STRING_MAX = 64
+
+
+def _capacity(total: Fraction | int, step: Fraction | int) -> dict[str, Any]:
+    top = quantity.render(total)
+    return {"value": top, "requestPolicy": {"default": top, "validRange": {
+        "min": quantity.render(step), "max": top, "step": quantity.render(step)}}}
+
+
+def device(d: dict[str, Any]) -> dict[str, Any]:
+    """One broker device (an entry of the broker's status `devices`) as a slice's device."""
+    name = d["name"]
+    if not _DNS_LABEL.match(name):
+        raise ValueError(f"device {name!r} cannot be named in a ResourceSlice (a DNS label: a-z, 0-9, -)")
+    memory = int(d["total_memory"]) // MEMORY_STEP * MEMORY_STEP   # the policy's max is a multiple of its step
+    if memory < 2 * MEMORY_STEP:
+        raise ValueError(f"device {name}: {d['total_memory']} bytes of memory is too little to share")
+    attributes: dict[str, Any] = {"kind": {"string": str(d["kind"])}, "index": {"int": int(d["index"])}}
+    for key in ("model", "uuid"):
+        if isinstance(d.get(key), str) and d[key]:
+            attributes[key] = {"string": d[key][:_ATTRIBUTE_STRING_MAX]}
+    return {"name": name, "allowMultipleAllocations": True, "attributes": attributes,
+            "capacity": {"share": _capacity(Fraction(1), SHARE_STEP), "memory": _capacity(memory, MEMORY_STEP)}}
+
+
+def resource_slice(node: str, devices: dict[str, dict[str, Any]], generation: int = 1) -> dict[str, Any]:
+    """The node's one slice (its pool holds every device of this node). Devices that cannot be
+    published are left out and logged."""
+    out = []
+    for _, d in sorted(devices.items()):
+        try:
+            out.append(device(d))
+        except (KeyError, TypeError, ValueError) as e:
+            log.error("device %s is not published: %s", d.get("name"), e)
+    return {"apiVersion": API_VERSION, "kind": "ResourceSlice",
+            "metadata": {"name": f"{node}-{DRIVER}", "labels": {"app.kubernetes.io/managed-by": DRIVER}},
+            "spec": {"driver": DRIVER, "nodeName": node,
+                     "pool": {"name": node, "generation": generation, "resourceSliceCount": 1},
+                     "devices": out}}
+
+
+def device_class() -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": "DeviceClass", "metadata": {"name": DRIVER},
+            "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{DRIVER}"'}}]}}
+
+
+class Publisher(Protocol):
+    def publish(self, slices: list[dict[str, Any]]) -> None: ...
+
+
+class ApiPublisher:
+    """Creates or replaces the node's slices, deletes its others (a live cluster only)."""
+
+    def __init__(self, node: str, api_client: Any = None):
+        from kubernetes import client
+        self.node, self.api = node, client.ResourceV1Api(api_client)
+
+    def publish(self, slices: list[dict[str, Any]]) -> None:
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+        existing = {s.metadata.name: s for s in self.api.list_resource_slice(
+            field_selector=f"spec.nodeName={self.node},spec.driver={DRIVER}").items}
+        for body in slices:
+            name = body["metadata"]["name"]
+            if name in existing:
+                body = {**body, "metadata": {**body["metadata"],
+                                             "resourceVersion": existing.pop(name).metadata.resource_version}}
+                self.api.replace_resource_slice(name, client.V1ResourceSlice.from_dict(body))
+            else:
+                self.api.create_resource_slice(client.V1ResourceSlice.from_dict(body))
+        for name in existing:
+            try:
+                self.api.delete_resource_slice(name)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
