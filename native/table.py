@@ -1,7 +1,9 @@
 """What libcuda.so.1 does with each driver API entry point: one entry per exported symbol.
 
 "broker": forwarded to the broker or the tenant's executor (native/src/cuda_api.c, and
-native/src/cuda_exec.c for modules, launches, streams, events, async copies and memset);
+native/src/cuda_exec.c for modules, launches, streams, events, async copies and memset,
+native/src/cuda_more.c for host functions, 2D/3D copies and memsets, stream-ordered
+allocation and pools);
 "local": answered inside the library, no message sent (the same files).
 Every other symbol the CUDA headers declare is generated as a stub that returns
 CUDA_ERROR_NOT_SUPPORTED and logs its name once (native/gen.py writes the stubs).
@@ -146,6 +148,52 @@ DRIVER: dict[str, str] = {
     "cuMemAllocHost_v2": LOCAL,
     "cuMemHostAlloc": LOCAL,
     "cuMemFreeHost": LOCAL,
+    # -- native/src/cuda_more.c ------------------------------------------------------------
+    # host functions: run by this library's worker thread once a marker event recorded after
+    # the stream's earlier work completes; later work on the stream is sent after them
+    "cuLaunchHostFunc": BROKER,
+    "cuLaunchHostFunc_ptsz": BROKER,
+    "cuStreamAddCallback": BROKER,
+    "cuStreamAddCallback_ptsz": BROKER,
+    # 2D/3D copies and 2D memsets: row loops over the 1D ones (CUDA arrays: NOT_SUPPORTED)
+    "cuMemcpy2D_v2": BROKER,
+    "cuMemcpy2D_v2_ptds": BROKER,
+    "cuMemcpy2DUnaligned_v2": BROKER,
+    "cuMemcpy2DUnaligned_v2_ptds": BROKER,
+    "cuMemcpy2DAsync_v2": BROKER,
+    "cuMemcpy2DAsync_v2_ptsz": BROKER,
+    "cuMemcpy3D_v2": BROKER,
+    "cuMemcpy3D_v2_ptds": BROKER,
+    "cuMemcpy3DAsync_v2": BROKER,
+    "cuMemcpy3DAsync_v2_ptsz": BROKER,
+    "cuMemsetD2D8_v2": BROKER,
+    "cuMemsetD2D8_v2_ptds": BROKER,
+    "cuMemsetD2D16_v2": BROKER,
+    "cuMemsetD2D16_v2_ptds": BROKER,
+    "cuMemsetD2D32_v2": BROKER,
+    "cuMemsetD2D32_v2_ptds": BROKER,
+    "cuMemsetD2D8Async": BROKER,
+    "cuMemsetD2D8Async_ptsz": BROKER,
+    "cuMemsetD2D16Async": BROKER,
+    "cuMemsetD2D16Async_ptsz": BROKER,
+    "cuMemsetD2D32Async": BROKER,
+    "cuMemsetD2D32Async_ptsz": BROKER,
+    # stream-ordered allocation: mem_alloc at the call (the quota's OOM there), mem_free
+    # posted (run after the work queued before it); pools are bookkeeping in this library
+    "cuMemAllocAsync": BROKER,
+    "cuMemAllocAsync_ptsz": BROKER,
+    "cuMemAllocFromPoolAsync": BROKER,
+    "cuMemAllocFromPoolAsync_ptsz": BROKER,
+    "cuMemFreeAsync": BROKER,
+    "cuMemFreeAsync_ptsz": BROKER,
+    "cuMemPoolCreate": LOCAL,             # shareable handle types refused (cross-process)
+    "cuMemPoolDestroy": LOCAL,
+    "cuDeviceGetDefaultMemPool": LOCAL,
+    "cuDeviceGetMemPool": LOCAL,
+    "cuDeviceSetMemPool": LOCAL,
+    "cuMemPoolSetAttribute": LOCAL,
+    "cuMemPoolGetAttribute": LOCAL,       # reserved = used: nothing is cached
+    "cuMemPoolTrimTo": LOCAL,
 }
 
 NVML: dict[str, str] = {

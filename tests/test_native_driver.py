@@ -405,6 +405,32 @@ def test_exec_launch_rate(exec_tour, quota_broker):
     assert float(v["completed_per_s"]) > 100
 
 
+@pytest.fixture(scope="module")
+def more_tour(exec_tour, tmp_path_factory) -> tuple[str, str]:
+    """tests/c/more_tour.c built against cuda.h, and the PTX of tests/c/kernels.cu."""
+    exe = str(tmp_path_factory.mktemp("native-more") / "more_tour")
+    r = subprocess.run(["cc", "-Wall", "-Wno-deprecated-declarations", "-o", exe,
+                        os.path.join(HERE, "c", "more_tour.c"), "-I", _cuda_include(), "-L", _libdir(),
+                        "-Wl,--no-as-needed", "-l:libcuda.so.1"],
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    return exe, exec_tour[1]["ptx"]
+
+
+def test_more_tour(more_tour, quota_broker):
+    """Host functions and stream callbacks in stream order (after earlier work, before later
+    work), 2D/3D copies of every host/device shape and 2D memsets against host references,
+    stream-ordered allocation and pools (attributes, maxSize, the quota's OOM at the byte),
+    and their error paths: bad pitches, arrays, unknown pools, shareable handles."""
+    exe, ptx = more_tour
+    v, err = run(exe, ptx, broker=quota_broker.address("alice"))
+    bad = {k: x for k, x in v.items() if k.startswith("check_") and not x.startswith("1")}
+    assert not bad and v["failed"] == "0", (bad, err[-3000:])
+    assert sum(1 for k in v if k.startswith("check_")) > 100
+    # whether the executor offered the range the program had taken (then it was moved)
+    print("moved_off_host_memory:", "overlaps this program's memory" in err)
+
+
 # -- NVML -------------------------------------------------------------------------------------
 def test_nvml_tour(programs, quota_broker):
     v, err = run(programs["nvml_tour"], broker=quota_broker.address("alice"))

@@ -421,6 +421,7 @@ KC_EXPORT CUresult cuDevicePrimaryCtxSetFlags_v2(CUdevice dev, unsigned int flag
 }
 
 KC_EXPORT CUresult cuCtxSynchronize_v2(CUcontext ctx) {
+    kc_hostfn_wait(-1, 0);           /* host functions are work of the context too */
     int dev;
     CUresult rc = lock_ctx(ctx, &dev);
     if (rc) return rc;
@@ -431,6 +432,7 @@ KC_EXPORT CUresult cuCtxSynchronize_v2(CUcontext ctx) {
 }
 
 KC_EXPORT CUresult cuCtxSynchronize(void) {
+    kc_hostfn_wait(-1, 0);           /* host functions are work of the context too */
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
@@ -485,20 +487,16 @@ KC_EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
-    struct kc_buf b = {0};
-    mp_str(&b, KCP_EXECUTOR_MEM_ALLOC_SIZE); mp_uint(&b, bytesize);
-    struct mp_val r;
     uint64_t p;
-    rc = kc_exec_request(dev, KCP_EXECUTOR_MEM_ALLOC, &b, 1, &r);      /* over quota: the executor's OOM */
-    if (!rc) rc = uint_of(&r, KCP_EXECUTOR_MEM_ALLOC_R_PTR, &p) ? CUDA_ERROR_UNKNOWN : CUDA_SUCCESS;
-    if (!rc) { *dptr = p; track(dev, p); kc_alloc_note(dev, p, bytesize); }
-    mp_free(&b);
+    rc = kc_exec_alloc(dev, bytesize, &p);      /* over quota: the executor's OOM; noted for cuMemcpy */
+    if (!rc) { *dptr = p; track(dev, p); }
     kc_unlock();
     return rc;
 }
 
 KC_EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
     if (dptr == 0) return CUDA_SUCCESS;            /* as the driver: freeing NULL is a no-op */
+    kc_hostfn_wait(-1, 0);           /* cuMemFree synchronizes: queued host functions first */
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
@@ -588,6 +586,7 @@ CUresult kc_copy(int dev, int to_device, uint64_t stream, int async, uint64_t dp
 }
 
 static CUresult copy(int to_device, CUdeviceptr dptr, void *host, size_t n) {
+    kc_hostfn_wait(-1, 0);           /* the legacy default stream: after queued host functions */
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;

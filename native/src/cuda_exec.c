@@ -130,15 +130,25 @@ static CUresult resolve_stream(CUhandle s, int *dev, uint64_t *h) {
     return CUDA_SUCCESS;
 }
 
+CUresult kc_resolve_stream(void *s, int *dev, uint64_t *h) { return resolve_stream(s, dev, h); }
+
+/* Work on a stream waits (unlocked) for the host functions queued on it to have run: the
+ * executor cannot hold a stream for the program, so later work is sent only after them. */
 static CUresult lock_stream(CUhandle s, int *dev, uint64_t *h) {
-    CUresult rc = kc_lock(0);
-    if (rc) return rc;
-    rc = resolve_stream(s, dev, h);
-    if (rc) kc_unlock();
-    return rc;
+    for (;;) {
+        CUresult rc = kc_lock(0);
+        if (rc) return rc;
+        rc = resolve_stream(s, dev, h);
+        if (rc || !kc_hostfn_pending(*dev, *h)) {
+            if (rc) kc_unlock();
+            return rc;
+        }
+        kc_unlock();
+        kc_hostfn_wait(*dev, *h);
+    }
 }
 
-static int uint_of(const struct mp_val *m, const char *key, uint64_t *out) {
+int kc_uint_of(const struct mp_val *m, const char *key, uint64_t *out) {
     struct mp_val v;
     if (mp_find(m, key, &v) != 1 || v.type != MP_UINT) return -1;
     *out = v.v.u;
@@ -146,7 +156,7 @@ static int uint_of(const struct mp_val *m, const char *key, uint64_t *out) {
 }
 
 /* One request with one handle field (the common shape): reply in *r. */
-static CUresult request1(int dev, const char *op, const char *key, uint64_t v, struct mp_val *r) {
+CUresult kc_request1(int dev, const char *op, const char *key, uint64_t v, struct mp_val *r) {
     struct kc_buf b = {0};
     mp_str(&b, key); mp_uint(&b, v);
     CUresult rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(dev, op, &b, 1, r);
@@ -183,6 +193,7 @@ static void range_add(int dev, uint64_t p, size_t n, uint32_t module) {
 void kc_alloc_note(int dev, uint64_t p, size_t n) { range_add(dev, p, n, 0); }
 
 void kc_alloc_forget(uint64_t p) {
+    kc_unguard(p);
     ranges_fresh();
     for (size_t i = 0; i < nranges; i++)
         if (ranges[i].base == p) {
@@ -211,6 +222,8 @@ static int device_of(uint64_t p) {
     const struct range *r = &ranges[lo - 1];
     return p - r->base < r->size ? r->dev : -1;
 }
+
+int kc_device_of(uint64_t p) { return device_of(p); }
 
 /* ---- module images: how long one is, from its own header ---- */
 static size_t elf_size(const uint8_t *p) {
@@ -284,9 +297,9 @@ static CUresult load_module(int dev, const void *image, size_t avail, uint32_t *
     uint64_t h;
     rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(dev, KCP_EXECUTOR_MODULE_LOAD, &b, 2, &r);
     mp_free(&b);
-    if (!rc && uint_of(&r, KCP_EXECUTOR_MODULE_LOAD_R_MODULE, &h)) rc = CUDA_ERROR_UNKNOWN;
+    if (!rc && kc_uint_of(&r, KCP_EXECUTOR_MODULE_LOAD_R_MODULE, &h)) rc = CUDA_ERROR_UNKNOWN;
     if (!rc && new_obj(K_MODULE, dev, h, idx)) {
-        request1(dev, KCP_EXECUTOR_MODULE_UNLOAD, KCP_EXECUTOR_MODULE_UNLOAD_MODULE, h, &r);
+        kc_request1(dev, KCP_EXECUTOR_MODULE_UNLOAD, KCP_EXECUTOR_MODULE_UNLOAD_MODULE, h, &r);
         rc = CUDA_ERROR_OUT_OF_MEMORY;
     }
     return rc;
@@ -366,7 +379,7 @@ KC_EXPORT CUresult cuModuleLoad(CUhandle *module, const char *fname) { return fr
 static CUresult unload_module(uint32_t idx) {
     struct obj *m = objs[idx];
     struct mp_val r;
-    CUresult rc = request1(m->dev, KCP_EXECUTOR_MODULE_UNLOAD, KCP_EXECUTOR_MODULE_UNLOAD_MODULE, m->h, &r);
+    CUresult rc = kc_request1(m->dev, KCP_EXECUTOR_MODULE_UNLOAD, KCP_EXECUTOR_MODULE_UNLOAD_MODULE, m->h, &r);
     if (rc == CUDA_ERROR_INVALID_HANDLE || rc == CUDA_SUCCESS) {   /* gone there either way */
         for (uint32_t i = 0; i < nobjs; i++)
             if (objs[i] && objs[i]->kind == K_FUNCTION && objs[i]->module == idx) drop_obj(i);
@@ -398,7 +411,7 @@ static CUresult get_function(uint32_t midx, const char *name, uint32_t *fidx) {
     CUresult rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(m->dev, KCP_EXECUTOR_GET_FUNCTION, &b, 2, &r);
     mp_free(&b);
     if (rc) return rc;
-    if (uint_of(&r, KCP_EXECUTOR_GET_FUNCTION_R_FUNCTION, &h) ||
+    if (kc_uint_of(&r, KCP_EXECUTOR_GET_FUNCTION_R_FUNCTION, &h) ||
         mp_find(&r, KCP_EXECUTOR_GET_FUNCTION_R_PARAM_SIZES, &sizes) != 1 || sizes.type != MP_ARRAY ||
         sizes.len > MAX_PARAMS)
         return CUDA_ERROR_UNKNOWN;
@@ -432,7 +445,7 @@ static CUresult get_global(uint32_t midx, const char *name, CUdeviceptr *dptr, s
     uint64_t p, n;
     CUresult rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(m->dev, KCP_EXECUTOR_GET_GLOBAL, &b, 2, &r);
     mp_free(&b);
-    if (!rc && (uint_of(&r, KCP_EXECUTOR_GET_GLOBAL_R_PTR, &p) || uint_of(&r, KCP_EXECUTOR_GET_GLOBAL_R_SIZE, &n)))
+    if (!rc && (kc_uint_of(&r, KCP_EXECUTOR_GET_GLOBAL_R_PTR, &p) || kc_uint_of(&r, KCP_EXECUTOR_GET_GLOBAL_R_SIZE, &n)))
         rc = CUDA_ERROR_UNKNOWN;
     if (rc) return rc;
     if (n) range_add(m->dev, p, (size_t)n, midx + 1);     /* device memory, for cuMemcpy */
@@ -790,9 +803,9 @@ static CUresult create(const struct made *k, unsigned flags, CUhandle *out) {
     uint32_t idx;
     rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(dev, k->create, &b, 1, &r);
     mp_free(&b);
-    if (!rc && uint_of(&r, k->reply, &h)) rc = CUDA_ERROR_UNKNOWN;
+    if (!rc && kc_uint_of(&r, k->reply, &h)) rc = CUDA_ERROR_UNKNOWN;
     if (!rc && new_obj(k->kind, dev, h, &idx)) {
-        request1(dev, k->destroy, k->field, h, &r);
+        kc_request1(dev, k->destroy, k->field, h, &r);
         rc = CUDA_ERROR_OUT_OF_MEMORY;
     }
     if (!rc) {
@@ -811,7 +824,7 @@ static CUresult destroy(const struct made *k, CUhandle hv) {
     struct mp_val r;
     if (!o) rc = CUDA_ERROR_INVALID_HANDLE;
     else {
-        rc = request1(o->dev, k->destroy, k->field, o->h, &r);
+        rc = kc_request1(o->dev, k->destroy, k->field, o->h, &r);
         if (!rc || rc == CUDA_ERROR_INVALID_HANDLE) drop_obj(idx);    /* gone there either way */
     }
     kc_unlock();
@@ -841,7 +854,7 @@ KC_EXPORT CUresult cuStreamSynchronize(CUhandle hStream) {
     CUresult rc = lock_stream(hStream, &dev, &h);
     if (rc) return rc;
     struct mp_val r;
-    rc = request1(dev, KCP_EXECUTOR_STREAM_SYNC, KCP_EXECUTOR_STREAM_SYNC_STREAM, h, &r);
+    rc = kc_request1(dev, KCP_EXECUTOR_STREAM_SYNC, KCP_EXECUTOR_STREAM_SYNC_STREAM, h, &r);
     kc_unlock();
     return rc;
 }
@@ -851,7 +864,7 @@ KC_EXPORT CUresult cuStreamSynchronize_ptsz(CUhandle hStream) { return cuStreamS
 /* A request whose reply says "ready" (stream_query, event_query): NOT_READY when not. */
 static CUresult ready_of(int dev, const char *op, const char *key, uint64_t h, const char *rkey) {
     struct mp_val r, v;
-    CUresult rc = request1(dev, op, key, h, &r);
+    CUresult rc = kc_request1(dev, op, key, h, &r);
     if (rc) return rc;
     if (mp_find(&r, rkey, &v) != 1 || v.type != MP_BOOL) return CUDA_ERROR_UNKNOWN;
     return v.v.b ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
@@ -979,7 +992,7 @@ KC_EXPORT CUresult cuEventSynchronize(CUhandle hEvent) {
     CUresult rc = lock_event(hEvent, &e);
     if (rc) return rc;
     struct mp_val r;
-    rc = request1(e->dev, KCP_EXECUTOR_EVENT_SYNC, KCP_EXECUTOR_EVENT_SYNC_EVENT, e->h, &r);
+    rc = kc_request1(e->dev, KCP_EXECUTOR_EVENT_SYNC, KCP_EXECUTOR_EVENT_SYNC_EVENT, e->h, &r);
     kc_unlock();
     return rc;
 }

@@ -128,6 +128,23 @@ CUresult kc_copy(int i, int to_device, uint64_t stream, int async, uint64_t dptr
 /* cuda_exec.c: the device allocations of this session, for cuMemcpy's direction (lock held). */
 void kc_alloc_note(int i, uint64_t ptr, size_t n);
 void kc_alloc_forget(uint64_t ptr);
+/* cuda_exec.c, lock held: a CUstream's device and executor handle; the device whose
+ * allocation holds p (-1: host memory). */
+CUresult kc_resolve_stream(void *stream, int *dev, uint64_t *h);
+int kc_device_of(uint64_t p);
+/* A reply's unsigned field (0, else -1); a request with one unsigned field (lock held). */
+int kc_uint_of(const struct mp_val *m, const char *key, uint64_t *out);
+CUresult kc_request1(int dev, const char *op, const char *key, uint64_t v, struct mp_val *r);
+/* cuda_more.c: host functions queued on (dev, stream) not yet run (caller holds the session
+ * lock or not); wait, without the session lock, until none is (dev -1: any device; stream 0:
+ * any stream of the device, as the legacy default stream orders against them). */
+int kc_hostfn_pending(int dev, uint64_t stream);
+void kc_hostfn_wait(int dev, uint64_t stream);
+/* cuda_more.c, lock held: a device allocation (mem_alloc) whose range is reserved in this
+ * process, so no host address of the program can be a device address (noted for cuMemcpy);
+ * kc_unguard: the reservation of an allocation being freed goes. */
+CUresult kc_exec_alloc(int dev, size_t size, uint64_t *ptr);
+void kc_unguard(uint64_t ptr);
 /* A context is being reset or destroyed: run and drop what the runtime stored in it
  * through the context-local-storage export table (export_tables.c). No lock held. */
 void kc_context_reset(void *ctx);
