@@ -107,6 +107,8 @@ DRIVER: dict[str, str] = {
     "cuStreamGetPriority_ptsz": LOCAL,
     "cuStreamGetFlags": LOCAL,
     "cuStreamGetFlags_ptsz": LOCAL,
+    "cuStreamIsCapturing": LOCAL,          # never capturing: capture is not offered (yet)
+    "cuStreamIsCapturing_ptsz": LOCAL,
     # events
     "cuEventCreate": BROKER,
     "cuEventDestroy_v2": BROKER,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 from test_native_driver import RUN_TIMEOUT, _libdir
@@ -13,10 +14,11 @@ from test_native_runtime import cudart_dirs
 from toolkit import NO_NVCC, NVCC
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 SAMPLES = os.path.join(HERE, "c", "samples")
 NAMES = sorted(f[:-3] for f in os.listdir(SAMPLES) if f.endswith(".cu"))
 
-pytestmark = pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,7 @@ def built(tmp_path_factory):
     return get
 
 
+@needs_nvcc
 @pytest.mark.parametrize("cudart", ["static", "shared"])
 @pytest.mark.parametrize("name", NAMES)
 def test_sample_runs_brokered(built, broker, name, cudart):
@@ -51,3 +54,16 @@ def test_sample_runs_brokered(built, broker, name, cudart):
     # the work ran on the broker's device, under alice's session (not a local fallback)
     st = broker.admin().call("status")
     assert st["tenants"]["alice"]["devices"]["cpu0"]["kernels"] > 0
+
+
+def test_cuda_core_program_runs_brokered(broker):
+    """examples/cuda_core_saxpy.py: cuda.core (NVRTC, a memory pool, a stream, a launch) on the
+    native driver, no Python-level shim; memory totals are the tenant's quota."""
+    pytest.importorskip("cuda.core")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBECASH_", "CUDA_"))}
+    env.update(LD_LIBRARY_PATH=_libdir(), KUBECASH_BROKER=broker.address("alice"), KUBECASH_SHIM="0")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "cuda_core_saxpy.py")], env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0 and "OK saxpy" in r.stdout, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert "memory 256 MiB total" in r.stdout, r.stdout        # the broker fixture's alice: 256 MiB
+    assert broker.admin().call("status")["tenants"]["alice"]["devices"]["cpu0"]["kernels"] > 0

@@ -912,6 +912,21 @@ KC_EXPORT CUresult cuStreamGetFlags(CUhandle hStream, unsigned int *flags) {
 
 KC_EXPORT CUresult cuStreamGetFlags_ptsz(CUhandle hStream, unsigned int *flags) { return cuStreamGetFlags(hStream, flags); }
 
+/* Stream capture (graphs) is not offered: cuStreamBeginCapture is NOT_SUPPORTED, so no stream
+ * is ever capturing; what cuda.core and the runtime ask before each stream-ordered allocation. */
+KC_EXPORT CUresult cuStreamIsCapturing(CUhandle hStream, int *status) {
+    if (!status) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    int dev;
+    uint64_t h;
+    rc = resolve_stream(hStream, &dev, &h);
+    kc_unlock();
+    if (!rc) *status = 0;                  /* CU_STREAM_CAPTURE_STATUS_NONE */
+    return rc;
+}
+KC_EXPORT CUresult cuStreamIsCapturing_ptsz(CUhandle hStream, int *status) { return cuStreamIsCapturing(hStream, status); }
+
 /* ---- events ---- */
 KC_EXPORT CUresult cuEventCreate(CUhandle *phEvent, unsigned int Flags) {
     if (!phEvent || Flags > 0x7) return CUDA_ERROR_INVALID_VALUE;   /* BLOCKING_SYNC, DISABLE_TIMING, INTERPROCESS */
