@@ -40,6 +40,9 @@ class Device:
         self._live_bases: list[int] = []   # sorted keys of _live
         self._queue_window = 0       # async requests allowed in flight (from the executor)
         self._posted = 0             # async requests sent since the last context sync
+        # Whether async work may still be queued: every synchronous request is answered once
+        # it has run, so without async work since the last full sync nothing is pending.
+        self._unsynced = False
 
     @property
     def total_memory(self) -> int:
@@ -66,6 +69,7 @@ class Device:
             # buffer, the client blocks (a context sync) well before that.
             self._queue_window = max(1, a["max_queued_ops"] // 2)
             self._posted = 0
+            self._unsynced = False
             if a["staging"]:
                 path = os.path.join(s.tenant_dir, "shm", a["staging"])
                 fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -156,7 +160,9 @@ class Device:
             elif op == "mem_free":            # no direct copies to it from here on
                 self._forget(fields.get("ptr"))
             r = s._wait(ch, s._send(ch, op, {"session": s.token, **fields}), watch=self.name)
-            if op == "mem_alloc":             # (by Buffer or the shim): direct copies may use it
+            if op == "ctx_sync" or (op == "stream_sync" and not fields.get("stream")):
+                self._unsynced = False    # everything queued before it has run
+            elif op == "mem_alloc":             # (by Buffer or the shim): direct copies may use it
                 self._live[r["ptr"]] = int(fields["size"])
                 bisect.insort(self._live_bases, r["ptr"])
             return r
@@ -169,12 +175,14 @@ class Device:
         with s._lock:
             ch = self._usable_channel()
             s._send(ch, op, {"session": s.token, **fields}, asynchronous=True)
+            self._unsynced = True
             self._posted += 1
             if self._posted >= self._queue_window:
                 # Back-pressure: wait for the queue to drain. An error of earlier async
                 # work surfaces here, as CUDA may report it from any later call.
                 self._posted = 0
                 s._wait(ch, s._send(ch, "ctx_sync", {"session": s.token}), watch=self.name)
+                self._unsynced = False
 
     # -- memory ---------------------------------------------------------------------------
     def allocate(self, size: int) -> Buffer:
@@ -270,8 +278,9 @@ class Device:
 
     def _direct(self, ptr: int, n: int, stream: Stream | None, copy) -> bool:
         """A synchronous copy straight to or from the mapped arena: once the stream is idle (a
-        stream_sync, which also reports earlier async errors), `copy(view)` is one memcpy run
-        by this process. False where it does not apply (no arena, a range this Device did not
+        stream_sync, which also reports earlier async errors; none needed when no async work
+        was sent since the last full sync), `copy(view)` is one memcpy run by this process, on
+        its own CPU. False where it does not apply (no arena, a range this Device did not
         allocate, a small copy on a stream: queued inline, in stream order)."""
         if stream is not None and n <= P.INLINE_MAX:
             return False
@@ -282,7 +291,8 @@ class Device:
             if view is None:
                 return False
             try:
-                self.request("stream_sync", stream=_stream_handle(stream))
+                if self._unsynced:
+                    self.request("stream_sync", stream=_stream_handle(stream))
                 copy(view)
             finally:
                 view.release()
