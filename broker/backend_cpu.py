@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import mmap
 import os
 import time
@@ -23,8 +24,10 @@ from typing import Any
 from kubecash.client.errors import CUresult, error_from_code
 
 from . import cpukernels
+from .arena import Arena
 from .ptx import fatbin
 
+log = logging.getLogger("kubecash.executor")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -66,19 +69,36 @@ class CpuBackend:
         if sandbox and on_sandbox_violation is not None:
             from . import sandbox as _sandbox
             _sandbox.set_violation_handler(on_sandbox_violation)
+        self.arena: Arena | None = None   # set by the executor once it has made one
         self._closed = False
 
     # -- memory -------------------------------------------------------------------------
     def alloc(self, size: int) -> int:
+        if self.arena is not None:
+            try:
+                ptr = self.arena.alloc(size)
+            except OSError as e:
+                raise error_from_code(CUresult.CUDA_ERROR_OUT_OF_MEMORY,
+                                      f"cannot back {size} bytes in the tenant's shm directory: "
+                                      f"{e.strerror}") from None
+            if ptr is not None:
+                return ptr
+            # Within the quota (checked before) but no room left in the address space:
+            # a private mapping still works, its copies go through the executor.
+            log.warning("arena full for %d bytes: a private mapping instead", size)
         return _mmap(size)
 
     def free(self, ptr: int, size: int) -> None:
-        _libc.munmap(ptr, max(size, 1))
+        if self.arena is not None and self.arena.owns(ptr):
+            self.arena.free(ptr)
+        else:
+            _libc.munmap(ptr, max(size, 1))
 
     def map_file(self, fd: int, size: int) -> int:
         return _mmap(size, fd)
 
-    unmap = free
+    def unmap(self, ptr: int, size: int) -> None:
+        _libc.munmap(ptr, max(size, 1))
 
     def htod(self, dst: int, host_addr: int, n: int) -> None:
         ctypes.memmove(dst, host_addr, n)
@@ -179,6 +199,8 @@ class CpuBackend:
         if not self._closed:
             self._closed = True
             self.launcher.close()
+            if self.arena is not None:
+                self.arena.close()
 
 
 COMPILE_TIMEOUT_S = 60.0

@@ -2,6 +2,7 @@
 modules, streams, events) and the connection to this tenant's executor for it."""
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 from collections.abc import Iterable, Sequence
@@ -30,8 +31,18 @@ class Device:
         self._ch: _Channel | None = None
         self._staging: mmap.mmap | None = None
         self._staging_size = 0
+        # A CPU device's memory mapped here (the executor's arena): synchronous copies are one
+        # memcpy on this process's CPU, after a sync request says the stream is idle.
+        self._arena: memoryview | None = None
+        self._arena_map: mmap.mmap | None = None
+        self._arena_base = 0
+        self._live: dict[int, int] = {}    # allocations this Device made: ptr -> size
+        self._live_bases: list[int] = []   # sorted keys of _live
         self._queue_window = 0       # async requests allowed in flight (from the executor)
         self._posted = 0             # async requests sent since the last context sync
+        # Whether async work may still be queued: every synchronous request is answered once
+        # it has run, so without async work since the last full sync nothing is pending.
+        self._unsynced = False
 
     @property
     def total_memory(self) -> int:
@@ -58,6 +69,7 @@ class Device:
             # buffer, the client blocks (a context sync) well before that.
             self._queue_window = max(1, a["max_queued_ops"] // 2)
             self._posted = 0
+            self._unsynced = False
             if a["staging"]:
                 path = os.path.join(s.tenant_dir, "shm", a["staging"])
                 fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -67,9 +79,50 @@ class Device:
                     os.close(fd)
                     os.unlink(path)   # both sides have it mapped; nothing to leak on disk
                 self._staging_size = a["staging_size"]
+            if a["arena"] and "/" not in a["arena"]:
+                self._map_arena(os.path.join(s.tenant_dir, "shm", a["arena"]), a["arena_size"],
+                                a["arena_base"])
         return self._ch
 
+    def _map_arena(self, path: str, size: int, base: int) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+            try:
+                m = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0),
+                              mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError, OverflowError):
+            return                        # copies go through the executor, as on a GPU
+        self._arena_map, self._arena, self._arena_base = m, memoryview(m), base
+
+    def _arena_view(self, ptr: int, n: int) -> memoryview | None:
+        """The mapped bytes of [ptr, ptr+n) when they lie in one live allocation this Device made
+        in the arena (else None: the executor checks and copies, as for any other range)."""
+        if self._arena is None:
+            return None
+        i = bisect.bisect_right(self._live_bases, ptr) - 1
+        if i < 0:
+            return None
+        base = self._live_bases[i]
+        if ptr + n > base + self._live[base]:
+            return None
+        off = ptr - self._arena_base
+        if off < 0 or off + n > len(self._arena):
+            return None                   # a private mapping (arena full): not shared
+        return self._arena[off: off + n]
+
+    def _forget(self, ptr: object) -> None:
+        if isinstance(ptr, int) and self._live.pop(ptr, None) is not None:
+            self._live_bases.remove(ptr)
+
     def _disconnect(self) -> None:
+        self._live.clear()
+        self._live_bases.clear()
+        if self._arena is not None:
+            self._arena.release()
+            self._arena_map.close()
+            self._arena = self._arena_map = None
         if self._staging is not None:
             self._staging.close()
             self._staging = None
@@ -104,7 +157,15 @@ class Device:
             ch = self._usable_channel()
             if op == "ctx_sync":
                 self._posted = 0
-            return s._wait(ch, s._send(ch, op, {"session": s.token, **fields}), watch=self.name)
+            elif op == "mem_free":            # no direct copies to it from here on
+                self._forget(fields.get("ptr"))
+            r = s._wait(ch, s._send(ch, op, {"session": s.token, **fields}), watch=self.name)
+            if op == "ctx_sync" or (op == "stream_sync" and not fields.get("stream")):
+                self._unsynced = False    # everything queued before it has run
+            elif op == "mem_alloc":             # (by Buffer or the shim): direct copies may use it
+                self._live[r["ptr"]] = int(fields["size"])
+                bisect.insort(self._live_bases, r["ptr"])
+            return r
 
     def submit(self, op: str, **fields: Any) -> None:
         """Send an asynchronous request and return at once, with no reply: its error surfaces at
@@ -114,12 +175,14 @@ class Device:
         with s._lock:
             ch = self._usable_channel()
             s._send(ch, op, {"session": s.token, **fields}, asynchronous=True)
+            self._unsynced = True
             self._posted += 1
             if self._posted >= self._queue_window:
                 # Back-pressure: wait for the queue to drain. An error of earlier async
                 # work surfaces here, as CUDA may report it from any later call.
                 self._posted = 0
                 s._wait(ch, s._send(ch, "ctx_sync", {"session": s.token}), watch=self.name)
+                self._unsynced = False
 
     # -- memory ---------------------------------------------------------------------------
     def allocate(self, size: int) -> Buffer:
@@ -154,6 +217,9 @@ class Device:
         segment, still returns when done. Buffer.copy_from takes any buffer."""
         n = src.nbytes
         sh = _stream_handle(stream)
+        src = src if src.format == "B" and src.ndim == 1 else src.cast("B")
+        if self._direct(dst_ptr, n, stream, lambda view: view.__setitem__(slice(None), src)):
+            return
         if n <= P.INLINE_MAX or not self._has_staging():
             for off in range(0, max(n, 1), P.INLINE_MAX):  # inline, in pieces if need be
                 m = min(P.INLINE_MAX, n - off)
@@ -184,6 +250,8 @@ class Device:
         (the default stream if None). Buffer.copy_to takes any writable buffer."""
         n = dst.nbytes
         sh = _stream_handle(stream)
+        if self._direct(src_ptr, n, stream, lambda view: dst.__setitem__(slice(None), view)):
+            return
         if n <= P.INLINE_MAX or not self._has_staging():
             for off in range(0, max(n, 1), P.INLINE_MAX):
                 m = min(P.INLINE_MAX, n - off)
@@ -207,6 +275,28 @@ class Device:
                     rid = ask(i + 1)              # the executor fills the other half meanwhile
                 slot = (i % 2) * half
                 dst[off: off + m] = self._staging[slot: slot + m]
+
+    def _direct(self, ptr: int, n: int, stream: Stream | None, copy) -> bool:
+        """A synchronous copy straight to or from the mapped arena: once the stream is idle (a
+        stream_sync, which also reports earlier async errors; none needed when no async work
+        was sent since the last full sync), `copy(view)` is one memcpy run by this process, on
+        its own CPU. False where it does not apply (no arena, a range this Device did not
+        allocate, a small copy on a stream: queued inline, in stream order)."""
+        if stream is not None and n <= P.INLINE_MAX:
+            return False
+        s = self.session
+        with s._lock:                     # nothing else of this session is queued meanwhile
+            self._usable_channel()
+            view = self._arena_view(ptr, n)
+            if view is None:
+                return False
+            try:
+                if self._unsynced:
+                    self.request("stream_sync", stream=_stream_handle(stream))
+                copy(view)
+            finally:
+                view.release()
+        return True
 
     def request_or_submit(self, op: str, on_stream: Stream | None, **fields: Any) -> None:
         """request() without a stream (like cuMemcpy), submit() on one (like cuMemcpyAsync).

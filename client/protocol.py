@@ -177,7 +177,11 @@ _M: list[Message] = [
     # -- executor: client -> the tenant's executor for one device -----------------------------
     Message("attach", EXECUTOR, {"session": SESSION},
             reply={"staging": TEXT, "staging_size": COUNT, "memory_limit": COUNT, "device": MAP,
-                   "max_queued_ops": COUNT, "max_message_bytes": COUNT},
+                   "max_queued_ops": COUNT, "max_message_bytes": COUNT,
+                   "arena": F(str, maxlen=255, doc="a CPU device's memory itself, a file in the tenant's "
+                                                   "shm/ to map ('' if none): copies are one memcpy"),
+                   "arena_size": COUNT,
+                   "arena_base": F(int, lo=0, hi=U64, doc="the executor's address of the arena's byte 0")},
             doc="join the executor; staging: a shared-memory segment in the tenant's shm/ ('' if attached)"),
     Message("mem_alloc", EXECUTOR, {"session": SESSION, "size": SIZE}, reply={"ptr": PTR}),
     Message("mem_free", EXECUTOR, {"session": SESSION, "ptr": PTR}, reply={}, asynchronous=True,

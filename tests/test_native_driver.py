@@ -506,3 +506,41 @@ def test_cuda_python_bindings_run_on_the_native_driver(quota_broker):
                        capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-3000:]
     assert r.stderr.count("kubecash: cuGraphCreate is not supported") == 1, r.stderr
+
+
+_ARENA_COPIES = r"""
+import ctypes, os, sys, numpy as np
+cu = ctypes.CDLL(os.path.join(sys.argv[1], "libcuda.so.1"))
+def ok(rc): assert rc == 0, rc
+ok(cu.cuInit(0))
+dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+ok(cu.cuDeviceGet(ctypes.byref(dev), 0))
+ok(cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
+ok(cu.cuCtxSetCurrent(ctx))
+n = 16 << 20
+p, q = ctypes.c_uint64(), ctypes.c_uint64()
+ok(cu.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(n + 3)))
+ok(cu.cuMemAlloc_v2(ctypes.byref(q), ctypes.c_size_t(4096)))
+rng = np.random.default_rng(0)
+for size, off in ((1, 0), (3, 1), (65537, 4097), (n, 3)):
+    a = rng.integers(0, 256, size, dtype=np.uint8)
+    b = np.zeros_like(a)
+    ok(cu.cuMemcpyHtoD_v2(ctypes.c_uint64(p.value + off), a.ctypes.data_as(ctypes.c_void_p), ctypes.c_size_t(size)))
+    ok(cu.cuMemcpyDtoH_v2(b.ctypes.data_as(ctypes.c_void_p), ctypes.c_uint64(p.value + off), ctypes.c_size_t(size)))
+    assert (a == b).all(), (size, off)
+# past the end of an allocation: the executor refuses it (CUDA_ERROR_INVALID_VALUE)
+big = np.zeros(8192, np.uint8)
+src = big.ctypes.data_as(ctypes.c_void_p)
+assert cu.cuMemcpyHtoD_v2(ctypes.c_uint64(q.value + 100), src, ctypes.c_size_t(8192)) == 1
+assert any(line.rstrip().endswith(".arena") for line in open("/proc/self/maps")), "the arena is mapped"
+print("done")
+"""
+
+
+def test_native_copies_go_straight_to_the_arena(quota_broker):
+    """On a CPU device the library maps the executor's memory arena: copies of every size and
+    offset round-trip through one memcpy; a range past an allocation is the executor's to refuse."""
+    env = dict(os.environ, KUBECASH_BROKER=quota_broker.address("alice"))
+    r = subprocess.run([sys.executable, "-c", _ARENA_COPIES, _libdir()], env=env,
+                       capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0 and r.stdout.strip() == "done", r.stderr[-3000:]

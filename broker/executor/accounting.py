@@ -96,7 +96,7 @@ class Accounting:
         with self._lock:
             self.memory_used -= size
 
-    def _shm_file(self, kind: str, size: int) -> tuple[str, int]:
+    def _shm_file(self, kind: str, size: int, *, backed: bool = True) -> tuple[str, int]:
         # <device>-<pid>-: the broker removes what this executor leaves, and nothing else.
         name = f"{self.dev_name}-{os.getpid()}-{secrets.token_hex(8)}.{kind}"
         path = os.path.join(self.shm_dir, name)
@@ -109,7 +109,8 @@ class Accounting:
                 os.fchown(fd, *self.owner)
             # Backed now, all of it: a full file system is this request's OUT_OF_MEMORY,
             # never a SIGBUS later in whoever touches a page that had no room.
-            os.posix_fallocate(fd, 0, max(size, 1))
+            if backed:                     # (an arena is backed per allocation instead)
+                os.posix_fallocate(fd, 0, max(size, 1))
         except OSError as e:
             os.close(fd)
             os.unlink(path)

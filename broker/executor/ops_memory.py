@@ -7,10 +7,12 @@ import os
 
 from kubecash.client.errors import CudaError, E
 
+from ..arena import Arena, arena_size
 from .state import (
     HostAlloc,
     SessionState,
     _err,
+    log,
 )
 
 STAGING_MIN = 1 << 20      # a smaller segment is not worth its round trips: copies go inline
@@ -28,6 +30,29 @@ class MemoryOps:
             free = max(0, self.memory_limit - self.memory_used)
         size = min(self.staging_bytes, free // STAGING_SHARE) & ~(mmap.PAGESIZE * 16 - 1)
         return size if size >= STAGING_MIN else 0
+
+    def _arena(self) -> Arena | None:
+        """The CPU device's memory arena, made at the first attach (the tenant's uid is known
+        by then); None on a GPU, or where it cannot be made (copies are then staged)."""
+        if self.backend.kind != "cpu" or self._arena_tried:
+            return getattr(self.backend, "arena", None)
+        self._arena_tried = True
+        size = arena_size(self.memory_limit)
+        path = None
+        try:
+            path, fd = self._shm_file("arena", size, backed=False)
+            try:
+                os.ftruncate(fd, size)          # sparse: nothing is backed until allocated
+                self.backend.arena = Arena(path, fd, size)
+            except OSError:
+                os.close(fd)
+                raise
+        except (OSError, CudaError) as e:
+            if path is not None:
+                os.unlink(path)
+            log.warning("no memory arena for %s (copies go through staging): %s", self.dev_name,
+                        getattr(e, "message", None) or e)
+        return self.backend.arena
 
     # -- operations: each op_<name> handles the request of that name ----------------------
     def op_attach(self, s: SessionState, msg: dict, ident: bytes):
@@ -51,7 +76,10 @@ class MemoryOps:
                     os.unlink(path)
                 raise
             s.staging_path, s.staging_charged = path, charged
-        return {"staging": os.path.basename(path), "staging_size": size,
+        arena = self._arena()
+        return {"arena": os.path.basename(arena.path) if arena else "",
+                "arena_size": arena.size if arena else 0, "arena_base": arena.base if arena else 0,
+                "staging": os.path.basename(path), "staging_size": size,
                 "memory_limit": self.memory_limit, "device": self.device,
                 "max_queued_ops": self.limits.max_queued_ops_per_session,
                 "max_message_bytes": self.max_message_bytes}

@@ -63,6 +63,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         self.limits = limits if limits is not None else Limits()
         self.sessions: dict[bytes, SessionState] = {}
         self.owner: tuple[int, int] | None = None   # uid, gid of the tenant's containers
+        self._arena_tried = False               # the CPU device's arena: made at the first attach
         self._handle = 0x1000
         self._lock = threading.Lock()           # memory accounting and the run queue
         self._cv = threading.Condition(self._lock)

@@ -549,6 +549,18 @@ CUresult kc_copy(int dev, int to_device, uint64_t stream, int async, uint64_t dp
     if (n && !host) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = kc_device_attach(dev);
     struct kc_device *d = kc_device(dev);
+    /* A CPU device's own memory, mapped: once the stream is idle, one memcpy on this CPU
+     * (client/device.py's _direct). A small async copy stays queued, in stream order. */
+    uint8_t *direct = rc || !n || (async && n <= KCP_INLINE_MAX) ? NULL : kc_arena_at(dev, dptr, n);
+    if (direct) {
+        struct kc_buf b = {0};
+        struct mp_val r;
+        mp_str(&b, KCP_EXECUTOR_STREAM_SYNC_STREAM); mp_uint(&b, stream);
+        rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(dev, KCP_EXECUTOR_STREAM_SYNC, &b, 1, &r);
+        mp_free(&b);
+        if (!rc) memcpy(to_device ? (void *)direct : host, to_device ? host : (void *)direct, n);
+        return rc;
+    }
     int staged = n > KCP_INLINE_MAX && d->staging;
     size_t piece = staged ? d->staging_size : KCP_INLINE_MAX;
     for (size_t off = 0; !rc && off < n; off += piece) {

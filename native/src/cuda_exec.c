@@ -203,6 +203,23 @@ void kc_alloc_forget(uint64_t p) {
         }
 }
 
+uint8_t *kc_arena_at(int dev, uint64_t p, size_t n) {
+    const struct kc_device *d = kc_device(dev);
+    ranges_fresh();
+    if (!d->arena || p < d->arena_base || p - d->arena_base > d->arena_size ||
+        n > d->arena_size - (p - d->arena_base))
+        return NULL;
+    size_t lo = 0, hi = nranges;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (ranges[mid].base <= p) lo = mid + 1; else hi = mid;
+    }
+    if (lo == 0) return NULL;
+    const struct range *r = &ranges[lo - 1];    /* an allocation (not a module global) of dev */
+    if (r->module || r->dev != dev || p - r->base > r->size || n > r->size - (p - r->base)) return NULL;
+    return d->arena + (p - d->arena_base);
+}
+
 static void ranges_forget_module(uint32_t module_idx) {
     size_t k = 0;
     for (size_t i = 0; i < nranges; i++)

@@ -37,6 +37,9 @@
 #define KCP_EXECUTOR_ATTACH_R_DEVICE "device"  /* dict */
 #define KCP_EXECUTOR_ATTACH_R_MAX_QUEUED_OPS "max_queued_ops"  /* int */
 #define KCP_EXECUTOR_ATTACH_R_MAX_MESSAGE_BYTES "max_message_bytes"  /* int */
+#define KCP_EXECUTOR_ATTACH_R_ARENA "arena"  /* str */
+#define KCP_EXECUTOR_ATTACH_R_ARENA_SIZE "arena_size"  /* int */
+#define KCP_EXECUTOR_ATTACH_R_ARENA_BASE "arena_base"  /* int */
 #define KCP_EXECUTOR_MEM_ALLOC "mem_alloc"
 #define KCP_EXECUTOR_MEM_ALLOC_SESSION "session"  /* bytes */
 #define KCP_EXECUTOR_MEM_ALLOC_SIZE "size"  /* int */

@@ -98,6 +98,8 @@ struct kc_device {
     int attached;
     struct kc_conn exec;
     uint8_t *staging; size_t staging_size;
+    /* a CPU device's memory itself, mapped (attach's "arena"): copies are one memcpy here */
+    uint8_t *arena; size_t arena_size; uint64_t arena_base;
     uint32_t window, posted;             /* async requests allowed before a ctx_sync; sent since */
 };
 /* Lock the session (opening it if this process has none yet; `open` 0: only if open).
@@ -145,6 +147,9 @@ void kc_hostfn_wait(int dev, uint64_t stream);
  * kc_unguard: the reservation of an allocation being freed goes. */
 CUresult kc_exec_alloc(int dev, size_t size, uint64_t *ptr);
 void kc_unguard(uint64_t ptr);
+/* Where [ptr, ptr+n) lies in device i's mapped arena, when it is inside one allocation this
+ * session made there; NULL otherwise (the executor then checks and copies). */
+uint8_t *kc_arena_at(int i, uint64_t ptr, size_t n);
 /* A context is being reset or destroyed: run and drop what the runtime stored in it
  * through the context-local-storage export table (export_tables.c). No lock held. */
 void kc_context_reset(void *ctx);

@@ -96,6 +96,8 @@ static void drop_session(void) {
         if (d->attached) zmtp_close(&d->exec);
         if (d->staging) munmap(d->staging, d->staging_size);
         d->staging = NULL;
+        if (d->arena) munmap(d->arena, d->arena_size);
+        d->arena = NULL;
         d->attached = 0;
         g.dev_failed[i] = 0;
     }
@@ -509,6 +511,24 @@ CUresult kc_device_attach(int i) {
             if (p != MAP_FAILED) { d->staging = p; d->staging_size = (size_t)ssize; }
         }
         if (!d->staging) kc_log("kubecash: cannot map the staging segment %s: %s (copies go inline)", path, strerror(errno));
+    }
+    char arena[256] = "";
+    int64_t asize, abase;
+    str_field(&r, KCP_EXECUTOR_ATTACH_R_ARENA, arena, sizeof arena);
+    if (d->arena) munmap(d->arena, d->arena_size);    /* an earlier executor's */
+    d->arena = NULL;
+    if (arena[0] && !strchr(arena, '/') && int_field(&r, KCP_EXECUTOR_ATTACH_R_ARENA_SIZE, &asize) == 0 &&
+        asize > 0 && int_field(&r, KCP_EXECUTOR_ATTACH_R_ARENA_BASE, &abase) == 0 && abase > 0) {
+        /* client/device.py's _map_arena: the name stays, other sessions of the tenant map it too */
+        char path[8192];
+        snprintf(path, sizeof path, "%s/shm/%s", g.dir, arena);
+        int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+        if (fd >= 0) {
+            void *p = mmap(NULL, (size_t)asize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+            close(fd);
+            if (p != MAP_FAILED) { d->arena = p; d->arena_size = (size_t)asize; d->arena_base = (uint64_t)abase; }
+        }
+        if (!d->arena) kc_log("kubecash: cannot map the memory arena %s: %s (copies go through the executor)", path, strerror(errno));
     }
     d->attached = 1;
     return CUDA_SUCCESS;

@@ -1,0 +1,163 @@
+"""The CPU backend's device memory: one arena per (tenant, device), a sparse shared file in the
+tenant's shm/ directory that the executor and the tenant's clients both map, so a client's
+synchronous copy is one memcpy into or out of device memory itself (#17).
+
+Allocations are sub-allocated from it (Allocator: first fit, coalescing); freed pages are
+punched out of the file so the tenant's tmpfs gets them back. The quota is charged by the
+executor as before; the arena's size is only address space."""
+from __future__ import annotations
+
+import bisect
+import ctypes
+import ctypes.util
+import logging
+import mmap
+import os
+import threading
+
+ALIGN = 256                 # what cuMemAlloc guarantees
+PAGE = mmap.PAGESIZE
+ARENA_MIN = 64 << 30        # address space only: a sparse file, nothing backed until touched
+ARENA_FACTOR = 4            # x the quota: first fit within a quota this far below never fails in practice
+ARENA_MAX = 1 << 46         # 64 TiB: well inside a 47-bit user address space
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+log = logging.getLogger("kubecash.executor")
+
+
+def arena_size(memory_limit: int) -> int:
+    """Virtual size for a quota: room enough that fragmentation never refuses what the quota
+    allows (first fit's worst case needs a multiple of the live bytes), 2 MiB-aligned."""
+    size = min(ARENA_MAX, max(ARENA_MIN, ARENA_FACTOR * memory_limit))
+    return -(-size // (2 << 20)) * (2 << 20)
+
+
+def alignment(size: int) -> int:
+    """256 bytes (CUDA's), but a page for page-sized and larger allocations and the next power
+    of two for smaller ones: no allocation then touches more pages than it is charged for."""
+    if size >= PAGE:
+        return PAGE
+    return max(ALIGN, 1 << (max(size, 1) - 1).bit_length())
+
+
+class Allocator:
+    """First-fit sub-allocation of [0, size): free ranges kept sorted by start, coalesced on
+    free. O(free ranges) per allocation; enough for the handles a session may hold."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._starts: list[int] = [0]          # free ranges, sorted
+        self._free: dict[int, int] = {0: size}  # start -> length
+        self.used: dict[int, int] = {}          # allocated offset -> length (rounded)
+
+    def alloc(self, size: int) -> int | None:
+        """The offset of `size` bytes (aligned as alignment() says), or None if nothing fits."""
+        align = alignment(size)
+        n = -(-max(size, 1) // ALIGN) * ALIGN
+        for i, start in enumerate(self._starts):
+            length = self._free[start]
+            off = -(-start // align) * align
+            if off + n > start + length:
+                continue
+            del self._starts[i], self._free[start]
+            if off > start:                     # the alignment gap stays free
+                self._insert(start, off - start)
+            if off + n < start + length:
+                self._insert(off + n, start + length - off - n)
+            self.used[off] = n
+            return off
+        return None
+
+    def free(self, off: int) -> tuple[int, int] | None:
+        """Free the allocation at `off`; the coalesced free range now holding it, or None if
+        `off` is not an allocation."""
+        n = self.used.pop(off, None)
+        if n is None:
+            return None
+        start, end = off, off + n
+        i = bisect.bisect_left(self._starts, start)
+        if i > 0:                               # merge with the free range before
+            prev = self._starts[i - 1]
+            if prev + self._free[prev] == start:
+                start = prev
+                del self._starts[i - 1], self._free[prev]
+                i -= 1
+        if i < len(self._starts) and self._starts[i] == end:   # and the one after
+            end += self._free.pop(end)
+            del self._starts[i]
+        self._insert(start, end - start)
+        return start, end
+
+    def _insert(self, start: int, length: int) -> None:
+        bisect.insort(self._starts, start)
+        self._free[start] = length
+
+    def free_ranges(self) -> list[tuple[int, int]]:
+        return [(s, self._free[s]) for s in self._starts]
+
+
+class Arena:
+    """The mapped arena file: base address in this process, its path and fd-less mapping."""
+
+    def __init__(self, path: str, fd: int, size: int):
+        """`fd`: the arena file, open read-write and sized `size` (sparse); kept open to punch."""
+        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                          mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0), fd, 0)
+        if addr in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"mmap of a {size}-byte arena: "
+                                              f"{os.strerror(ctypes.get_errno())}")
+        self.path, self.fd, self.size, self.base = path, fd, size, addr
+        self.allocator = Allocator(size)
+        self._lock = threading.Lock()     # allocations on the main thread, frees on the runner
+
+    def alloc(self, size: int) -> int | None:
+        """The address of `size` bytes, backed now (OSError when the file system has no room:
+        never a SIGBUS later in whoever touches a page), or None when no range fits."""
+        with self._lock:
+            off = self.allocator.alloc(size)
+            if off is None:
+                return None
+            lo, hi = off // PAGE * PAGE, -(-(off + max(size, 1)) // PAGE) * PAGE
+            if _libc.fallocate(self.fd, FALLOC_FL_KEEP_SIZE, lo, hi - lo) != 0:
+                err = ctypes.get_errno()
+                self._free_locked(off)
+                raise OSError(err, os.strerror(err))
+            return self.base + off
+
+    def owns(self, ptr: int) -> bool:
+        with self._lock:
+            return (ptr - self.base) in self.allocator.used
+
+    def free(self, ptr: int) -> None:
+        """Free an allocation (owns(ptr) must hold); its whole pages go back to the file system."""
+        with self._lock:
+            self._free_locked(ptr - self.base)
+
+    def _free_locked(self, off: int) -> None:
+        rng = self.allocator.free(off)
+        if rng is None:
+            return
+        lo, hi = -(-rng[0] // PAGE) * PAGE, rng[1] // PAGE * PAGE
+        if hi > lo and _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                       lo, hi - lo) != 0:
+            # Not fatal: the pages stay counted in tmpfs until reused (they are still ours).
+            log.warning("arena: punching %d bytes failed: %s", hi - lo,
+                        os.strerror(ctypes.get_errno()))
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        _libc.munmap(self.base, self.size)
+        os.close(self.fd)
+        self.fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,180 @@
+"""A CPU device's memory is an arena the client maps (#17): the allocator, and copies done by
+the client itself against a real broker, real executors, real kernels."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from conftest import BrokerProcess
+from kernels import SAXPY
+
+import kubecash.client as kc
+from kubecash.broker import arena as A
+
+MiB = 1 << 20
+
+
+# -- the allocator ----------------------------------------------------------------------------
+def test_allocations_are_aligned_and_never_overlap():
+    al = A.Allocator(1 << 30)
+    rng = np.random.default_rng(0)
+    live: dict[int, int] = {}
+    for _ in range(3000):
+        if live and rng.random() < 0.45:
+            off = list(live)[rng.integers(len(live))]
+            assert al.free(off) is not None
+            del live[off]
+            continue
+        size = int(rng.choice([1, 7, 255, 256, 300, 4095, 4096, 5000, 1 << 20]))
+        off = al.alloc(size)
+        assert off is not None and off % A.ALIGN == 0 and off % A.alignment(size) == 0
+        live[off] = size
+    spans = sorted((o, o + -(-s // A.ALIGN) * A.ALIGN) for o, s in live.items())
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    # A small allocation never straddles a page: it touches no more pages than it is charged.
+    assert all(o // A.PAGE == (o + s - 1) // A.PAGE for o, s in live.items() if s < A.PAGE)
+    for off in list(live):
+        al.free(off)
+    assert al.free_ranges() == [(0, 1 << 30)], "everything freed coalesces back into one range"
+
+
+def test_free_coalesces_and_full_is_none():
+    al = A.Allocator(4 * A.PAGE)
+    offs = [al.alloc(A.PAGE) for _ in range(4)]
+    assert offs == [0, A.PAGE, 2 * A.PAGE, 3 * A.PAGE] and al.alloc(1) is None
+    assert al.free(A.PAGE) == (A.PAGE, 2 * A.PAGE)
+    assert al.free(2 * A.PAGE) == (A.PAGE, 3 * A.PAGE)       # merged with the one before
+    assert al.free(12345) is None                            # not an allocation: nothing changes
+    assert al.alloc(2 * A.PAGE) == A.PAGE                    # the merged hole fits it
+    assert al.free(0) == (0, A.PAGE) and al.free(A.PAGE) == (0, 3 * A.PAGE)
+
+
+def test_arena_size_is_address_space_only():
+    assert A.arena_size(1) == A.ARENA_MIN
+    assert A.arena_size(100 << 30) == 400 << 30
+    assert A.arena_size(1 << 50) == A.ARENA_MAX
+
+
+# -- against a broker ---------------------------------------------------------------------------
+def _arena_files(b, tenant="alice") -> list[str]:
+    return glob.glob(os.path.join(b.runtime_dir, "tenants", tenant, "shm", "*.arena"))
+
+
+def _fs_used(path: str) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_copies_of_every_size_and_offset_round_trip(broker):
+    with broker.connect("alice") as s:
+        d = s.device("cpu0")
+        rng = np.random.default_rng(3)
+        with d.allocate(16 * MiB + 3) as buf:
+            assert d._arena is not None, "a CPU device's memory is mapped here"
+            for n, off in ((1, 0), (1, 16 * MiB + 2), (3, 1), (4095, 4097), (65537, 12345),
+                           (16 * MiB, 3), (16 * MiB + 3, 0)):
+                data = rng.integers(0, 256, n, dtype=np.uint8)
+                buf.copy_from(data, offset=off)
+                back = buf.copy_to(np.empty(n, np.uint8), offset=off)
+                assert np.array_equal(back, data), (n, off)
+            with pytest.raises(ValueError):                   # the client's own bounds
+                buf.copy_from(b"xx", offset=16 * MiB + 2)
+        with d.allocate(4096) as a, d.allocate(4096) as b2:
+            # A range across two allocations goes to the executor, which refuses it.
+            with pytest.raises(kc.CudaError, match="runs past the end|not in any allocation"):
+                d.write(a.ptr + 4000, memoryview(bytes(200)))
+            with pytest.raises(kc.CudaError, match="runs past the end|not in any allocation"):
+                d.read(memoryview(bytearray(200)), b2.ptr + 4000)
+        freed = d.allocate(4096)
+        ptr = freed.ptr
+        freed.close()
+        with pytest.raises(kc.CudaError):                    # freed: the executor says no
+            d.write(ptr, memoryview(bytes(64 * 1024)))
+
+
+def test_a_copy_after_queued_kernels_sees_their_results(broker):
+    with broker.connect("alice") as s:
+        d = s.device("cpu0")
+        n = 1 << 22
+        x = np.ones(n, np.float32)
+        k = d.load_module(SAXPY).get_kernel("saxpy")
+        st = d.create_stream()
+        with d.allocate(4 * n) as dx, d.allocate(4 * n) as dy:
+            dx.copy_from(x)
+            dy.copy_from(np.zeros(n, np.float32))
+            for _ in range(5):                                # queued, not waited for
+                d.launch(k, ((n + 255) // 256,), (256,), [np.float32(2), dx, dy, np.uint64(n)])
+            np.testing.assert_array_equal(dy.copy_to(np.empty(n, np.float32)), np.full(n, 10, np.float32))
+            for _ in range(3):
+                d.launch(k, ((n + 255) // 256,), (256,), [np.float32(1), dx, dy, np.uint64(n)], stream=st)
+            out = dy.copy_to(np.empty(n, np.float32), stream=st)
+            np.testing.assert_array_equal(out, np.full(n, 13, np.float32))
+
+
+def test_quota_is_bytes_allocated_and_freed_pages_go_back(broker_factory):
+    b = broker_factory({"alice": {"memory": "64MiB"}})
+    shm = os.path.join(b.runtime_dir, "tenants", "alice")
+    with b.connect("alice") as s:
+        d = s.device("cpu0")
+        free, _ = d.mem_info()
+        assert free % 4096 == 0
+        with pytest.raises(kc.OutOfMemoryError):
+            d.allocate(free + 1)                      # one byte more: a page more than is left
+        before = _fs_used(shm)
+        big = d.allocate(free)                        # every byte of it
+        with pytest.raises(kc.OutOfMemoryError):
+            d.allocate(1)
+        big.copy_from(np.full(free, 7, np.uint8))
+        assert _fs_used(shm) >= before + free - MiB, "allocated memory is backed in the tenant's fs"
+        big.close()
+        d.synchronize()
+        assert _fs_used(shm) <= before + MiB, "freed pages are returned to the file system"
+        assert d.mem_info()[0] == free
+        d.allocate(free).close()
+
+
+def test_the_arena_is_the_tenants_alone_and_goes_with_its_executor(kernel_cache):
+    broker = BrokerProcess({"alice": {"memory": "256MiB"}, "bob": {"memory": "256MiB"}}, kernel_cache)
+    try:
+        _arena_lifetime(broker)
+    finally:
+        broker.stop()
+    assert not _arena_files(broker) and not _arena_files(broker, "bob"), "a clean exit unlinks it"
+
+
+def _arena_lifetime(broker) -> None:
+    with broker.connect("alice") as s, broker.connect("bob") as t:
+        s.device("cpu0").allocate(16).close()
+        t.device("cpu0").allocate(16).close()
+        (arena,), (bob_arena,) = _arena_files(broker), _arena_files(broker, "bob")
+        st = os.stat(arena)
+        assert st.st_mode & 0o777 == 0o600
+        assert os.geteuid() != 0 or st.st_uid != os.stat(bob_arena).st_uid, "tenants' uids differ"
+        if os.geteuid() == 0:
+            pid = os.fork()
+            if pid == 0:                              # bob's uid, as his container has it
+                try:
+                    os.setgid(os.stat(bob_arena).st_gid)
+                    os.setuid(os.stat(bob_arena).st_uid)
+                    os.close(os.open(arena, os.O_RDWR))
+                    os._exit(1)
+                except PermissionError:
+                    os._exit(0)
+                except BaseException:
+                    os._exit(2)
+            assert os.waitpid(pid, 0)[1] == 0, "bob's uid could open alice's arena"
+        executor_pid = int(os.path.basename(arena).split("-")[1])
+    os.kill(executor_pid, signal.SIGKILL)             # a crash: the broker removes the file
+    deadline = time.monotonic() + 10
+    while _arena_files(broker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _arena_files(broker)
+    with broker.connect("alice") as s:                # a new executor, a new arena
+        with s.device("cpu0").allocate(16) as buf:
+            buf.copy_from(b"x" * 16)
+            assert bytes(buf.copy_to()) == b"x" * 16
+    assert broker.alive()
