@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -13,12 +14,29 @@ import zmq
 
 import kubecash.client as kc
 from kubecash.broker import sandbox as sb
+from kubecash.broker.cpukernels import nvrtc
 from kubecash.broker.local import LocalBroker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Why seccomp cannot confine kernels here (qemu-user, for one), or None. Where it cannot, test
 # brokers run with the sandbox off and the sandbox's own tests skip with this reason.
 NO_SECCOMP = sb.seccomp_unavailable()
+SANDBOX = NO_SECCOMP is None       # for the tests' own ck.Launcher
+
+
+def _compile_in_the_test_process_without_landlock() -> None:
+    """The tests compile their own CUDA C in this process (ck.compile_module), where NVRTC's
+    child is confined by Landlock or refused. qemu-user has no Landlock: there the tests'
+    compiles run as a compile view's would (in_view); brokers' executors still compile in
+    their views, and the refusal itself is tested (with in_view patched off) everywhere."""
+    if nvrtc.landlock_abi() == 0 and NO_SECCOMP is not None:
+        nvrtc.in_view = True
+
+
+_compile_in_the_test_process_without_landlock()
+needs_landlock = pytest.mark.skipif(
+    nvrtc.landlock_abi() == 0,
+    reason="NVRTC's Landlock confinement is not testable here: no Landlock (qemu-user does not implement it)")
 needs_seccomp = pytest.mark.skipif(NO_SECCOMP is not None, reason=f"sandbox not testable here: {NO_SECCOMP}")
 
 
@@ -156,7 +174,6 @@ _NO_NVRTC = "CUDA C source needs NVRTC"
 
 
 def _nvrtc_missing() -> str | None:
-    from kubecash.broker.cpukernels import nvrtc
     from kubecash.broker.cpukernels.errors import KernelCompileError
     try:
         nvrtc._load()
@@ -171,7 +188,7 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.failed and call.when in ("setup", "call") and call.excinfo is not None \
             and _NO_NVRTC in str(call.excinfo.getrepr(style="short")):
-        why = _nvrtc_missing()
-        if why:
+        if _nvrtc_missing():
             rep.outcome = "skipped"
-            rep.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: needs NVRTC: {why}")
+            rep.longrepr = (str(item.path), item.location[1] or 0, "Skipped: CUDA C source needs NVRTC, "
+                            f"which is not on this {platform.machine()} machine (NOT_SUPPORTED); PTX tests run")

@@ -13,6 +13,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import SANDBOX
 
 import kubecash.client as kc
 from kubecash.broker import cpukernels as ck
@@ -266,7 +267,7 @@ extern "C" __global__ void hist_shared(const unsigned char* in, unsigned* h, int
 
 @pytest.fixture(scope="module")
 def corpus_launcher():
-    with ck.Launcher(2) as lz:
+    with ck.Launcher(2, sandbox=SANDBOX) as lz:
         yield lz
 
 
