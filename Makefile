@@ -30,8 +30,7 @@ test-distro:
 # The CPU backend on arm64 and riscv64, under qemu-user in Debian 13 rootfs (binfmt_misc):
 # kernels and scheduling. qemu-user has no seccomp: sandbox tests skip there (x86-64 runs
 # them); riscv64 has no NVRTC: tests of CUDA C source skip there, PTX tests run.
-ARCH_TESTS := tests/test_cpukernels.py tests/test_ptx.py tests/test_scheduling.py tests/test_scheduler_logic.py \
-	tests/test_end_to_end.py
+ARCH_TESTS := tests/test_cpukernels.py tests/test_scheduling.py tests/test_scheduler_logic.py tests/test_end_to_end.py
 ARCHES := arm64 riscv64
 test-arch:
 	@rc=0; for a in $(ARCHES); do tools/rootfs.sh $$a trixie test $(ARCH_TESTS) || rc=1; done; exit $$rc
