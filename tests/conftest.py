@@ -147,7 +147,7 @@ def raw_socket():
     def make(address: str) -> zmq.Socket:
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RCVTIMEO, 10000)
+        s.setsockopt(zmq.RCVTIMEO, 10000 * SLOW)
         s.connect(address)
         socks.append(s)
         return s
