@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-fairness clean
+.PHONY: demo test test-distro test-arch bench-fairness clean
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
@@ -19,6 +19,25 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# Kernels compiled by another distribution's g++ against its glibc, run for real (sandbox
+# included): a Debian 13 rootfs (g++ 14, glibc 2.41, Python 3.13), amd64, natively. The
+# CPU-backend tests: the compiler and its headers, PTX (NVRTC's and hand-written), fatbins,
+# the sandbox and the executor's confinement, scheduling, end to end through a real broker.
+# tools/rootfs.sh makes the rootfs (root, mmdebstrap; cached in ~/.cache/kubecash-rootfs).
+DISTRO_TESTS := tests/test_cpukernels.py tests/test_ptx.py tests/test_ptx_corpus.py tests/test_ptx_half.py \
+	tests/test_fatbin.py tests/test_sandbox.py tests/test_confinement.py tests/test_scheduling.py \
+	tests/test_scheduler_logic.py tests/test_end_to_end.py
+test-distro:
+	tools/rootfs.sh amd64 trixie test $(DISTRO_TESTS)
+
+# The CPU backend on arm64 and riscv64, under qemu-user in Debian 13 rootfs (binfmt_misc):
+# kernels and scheduling. qemu-user has no seccomp: sandbox tests skip there (x86-64 runs
+# them); riscv64 has no NVRTC: tests of CUDA C source skip there, PTX tests run.
+ARCH_TESTS := tests/test_cpukernels.py tests/test_scheduling.py tests/test_scheduler_logic.py tests/test_end_to_end.py
+ARCHES := arm64 riscv64
+test-arch:
+	@rc=0; for a in $(ARCHES); do tools/rootfs.sh $$a trixie test $(ARCH_TESTS) || rc=1; done; exit $$rc
 
 bench-fairness: $(STAMP)
 	$(VENV)/bin/python bench/fairness.py

@@ -46,8 +46,8 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 
-__all__ = ["SandboxError", "WorkerPool", "arch_supported", "syscall_name", "set_violation_handler",
-           "end_process_by_sigsys", "confined_dlclose", "policy", "array_type"]
+__all__ = ["SandboxError", "WorkerPool", "arch_supported", "seccomp_unavailable", "syscall_name",
+           "set_violation_handler", "end_process_by_sigsys", "confined_dlclose", "policy", "array_type"]
 
 
 class SandboxError(RuntimeError):
@@ -197,6 +197,29 @@ def _arch() -> tuple[int, list[str]] | None:
 
 def arch_supported() -> bool:
     return _arch() is not None
+
+
+SECCOMP_GET_ACTION_AVAIL = 2
+
+
+@functools.lru_cache(maxsize=1)
+def seccomp_unavailable() -> str | None:
+    """Why seccomp filters cannot be installed here, or None when they can. Asks the kernel
+    (SECCOMP_GET_ACTION_AVAIL: installs nothing) whether it can trap: qemu-user does not
+    implement seccomp (a filter would see the emulator's own system calls), and a kernel
+    may be built without it."""
+    arch = _arch()
+    if arch is None:
+        return f"no system call table for {platform.machine()}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    action = ctypes.c_uint32(SECCOMP_RET_TRAP)
+    if libc.syscall(ctypes.c_long(arch[1].index("seccomp")), ctypes.c_long(SECCOMP_GET_ACTION_AVAIL),
+                    ctypes.c_long(0), ctypes.byref(action)) != 0:
+        e = ctypes.get_errno()
+        return (f"seccomp filters cannot be installed here (seccomp: {os.strerror(e)}): qemu-user "
+                "does not implement seccomp, and a kernel may be built without it")
+    return None
 
 
 def syscall_name(nr: int, audit_arch: int | None = None) -> str:
@@ -625,9 +648,10 @@ class WorkerPool:
         self._p = self._lib.kc_pool_create(len(states), arr, int(nice), prog, len(prog),
                                            ctypes.byref(err))
         if not self._p:
+            why = seccomp_unavailable() if sandbox else None
             raise SandboxError(f"cannot start confined kernel threads: {os.strerror(err.value)}"
-                               + (" (seccomp unavailable? set sandbox = false in [broker] to run "
-                                  "kernels unconfined)" if sandbox else ""))
+                               + (f" ({why or 'seccomp unavailable?'}; set sandbox = false in [broker] "
+                                  "to run kernels unconfined)" if sandbox else ""))
         self.n = len(states)
 
     def run(self, fn_addr: int, idx: int, argv: int, launch: int, nw: int) -> list[int]:
@@ -830,4 +854,7 @@ def confine_process(pid: int | None = None) -> None:
                       ctypes.byref(fp))
     if rc != 0:
         why = os.strerror(ctypes.get_errno()) if rc < 0 else f"thread {rc} could not take the filter"
-        raise SandboxError(f"cannot confine the executor process (seccomp TSYNC): {why}")
+        hint = seccomp_unavailable() if rc < 0 else None
+        raise SandboxError(f"cannot confine the executor process (seccomp TSYNC): {why}"
+                           + (f" ({hint}; set sandbox = false in [broker] to run tenant code "
+                              "unconfined)" if hint else ""))

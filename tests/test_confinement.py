@@ -24,7 +24,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from conftest import BrokerProcess, wait_for
+from conftest import BrokerProcess, needs_seccomp, wait_for
 from kernels import run_vadd
 from native import plant
 
@@ -34,6 +34,7 @@ from kubecash.broker import sandbox as sb
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="confinement needs a root broker (as in production)"),
     pytest.mark.skipif(not sb.arch_supported(), reason="no sandbox table for this CPU"),
+    needs_seccomp,      # the executor's whole-process filter is part of what is checked
 ]
 NOBODY = 65534
 

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import SANDBOX, needs_landlock
 
 from kubecash.broker import cpukernels as ck
 from kubecash.broker.cpukernels.elfcheck import check_load_time_code
@@ -23,7 +24,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def launcher():
-    with ck.Launcher(2) as lz:
+    with ck.Launcher(2, sandbox=SANDBOX) as lz:
         yield lz
 
 
@@ -430,7 +431,7 @@ def test_bad_launch_arguments_raise_before_running(compile, launcher):
 def test_close_is_idempotent_and_closed_module_refuses_launches(compile):
     m = compile(r"""extern "C" __global__ void nop() {}""")
     assert m.kernel("nop").param_sizes == ()
-    with ck.Launcher(1) as lz:
+    with ck.Launcher(1, sandbox=SANDBOX) as lz:
         lz.launch(m, m.kernel("nop"), (3, 1, 1), (5, 1, 1), 0, [])
         m.close()
         m.close()
@@ -455,7 +456,7 @@ def test_a_grid_runs_in_slices_of_blocks(cache_dir):
     mod = ck.compile_module(src, cache_dir=cache_dir)
     k = mod.kernel("mark")
     out = np.zeros(10 * 32, np.int32)
-    with ck.Launcher(2) as L:
+    with ck.Launcher(2, sandbox=SANDBOX) as L:
         L.launch(mod, k, (10, 1, 1), (32, 1, 1), 0, [ptr(out)], first_block=0, last_block=3)
         assert np.array_equal(out[:96], np.repeat(np.arange(1, 4), 32)) and not out[96:].any()
         L.launch(mod, k, (10, 1, 1), (32, 1, 1), 0, [ptr(out)], first_block=3, last_block=10)
@@ -472,7 +473,7 @@ def test_loading_and_launching_leave_nothing_for_the_cyclic_gc(cache_dir):
     src = 'extern "C" __global__ void inc(int* o) { o[threadIdx.x] += 1; }'
     out = np.zeros(32, np.int32)
     ck.compile_module(src, cache_dir=cache_dir).close()     # compiled and cached
-    with ck.Launcher(2) as L:
+    with ck.Launcher(2, sandbox=SANDBOX) as L:
         gc.collect()
         gc.disable()
         try:
@@ -508,6 +509,7 @@ def test_the_gpu_backend_compiles_the_same_source_under_the_same_checks():
     ("int x = 0'a/*';\n#include \"/etc/passwd\"\n/* */\n" + VECADD, ["-std=c++11"]),  # no digit separators
     ('#if X\n#error exists\n#endif\n' + VECADD, ['-DX=__has_include("/etc/passwd")']),
 ])
+@needs_landlock
 def test_nvrtc_reads_no_host_file_however_it_is_asked(cache_dir, src, options):
     """Found by an attacker review: each made NVRTC read a host file (and print its first
     line in the log) or probe one. The directive check refuses what it can see; NVRTC's

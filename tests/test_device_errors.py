@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import run_client
+from conftest import SANDBOX, run_client
 
 import kubecash.client as kc
 from kubecash.broker import cpukernels as ck
@@ -157,7 +157,7 @@ def test_printf_before_a_failed_assert_reaches_the_program(broker):
 
 @pytest.fixture(scope="module")
 def launcher():
-    with ck.Launcher(2) as lz:
+    with ck.Launcher(2, sandbox=SANDBOX) as lz:
         yield lz
 
 

@@ -16,11 +16,16 @@ import kubecash.client as kc
 from kubecash.broker.cpukernels.nvrtc import include_dirs as cuda_include_dirs
 from kubecash.client.errors import E
 
-nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC (pip nvidia-cuda-nvrtc) compiles the corpus")
+try:
+    from cuda.bindings import nvrtc
+except ImportError:     # cuda-python has no riscv64 build: the hand-written PTX tests still run
+    nvrtc = None
 
 
 def nvrtc_ptx(src: str, *options: str) -> bytes:
     """CUDA C to PTX with NVRTC (no GPU needed), as a program hands it to cuModuleLoadData."""
+    if nvrtc is None:
+        pytest.skip("needs NVRTC through cuda-python (pip cuda-python: x86-64 and aarch64 builds only)")
     err, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"corpus.cu", 0, [], [])
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
     try:

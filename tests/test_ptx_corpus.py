@@ -11,6 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import SANDBOX
 from toolkit import NO_NVCC, NVCC
 
 import kubecash.client as kc
@@ -264,7 +265,7 @@ extern "C" __global__ void hist_shared(const unsigned char* in, unsigned* h, int
 
 @pytest.fixture(scope="module")
 def corpus_launcher():
-    with ck.Launcher(2) as lz:
+    with ck.Launcher(2, sandbox=SANDBOX) as lz:
         yield lz
 
 

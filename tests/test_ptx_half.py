@@ -9,6 +9,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from conftest import SANDBOX
 
 from kubecash.broker import cpukernels as ck
 
@@ -147,7 +148,7 @@ N = 512
 def run(tmp_path_factory):
     ptx = HEAD + "".join(KERNEL.format(name=n, body=b) for n, b in CASES.items())
     m = ck.compile_module(ptx, (), cache_dir=tmp_path_factory.mktemp("half"), language="ptx")
-    lz = ck.Launcher(1)
+    lz = ck.Launcher(1, sandbox=SANDBOX)
 
     def _run(name: str, a, b=None, c=None) -> list[int]:
         arrs = [np.asarray(v if v is not None else np.zeros(N, np.uint64), dtype=np.uint64).copy()

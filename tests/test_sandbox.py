@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import needs_seccomp
 from kernels import VECADD
 from native import plant
 
@@ -108,6 +109,7 @@ def _tenant_cache(broker, tenant: str) -> str:
     return os.path.join(broker.cache_dir, "tenants", tenant)
 
 
+@needs_seccomp
 @pytest.mark.parametrize("kind", list(ESCAPES))
 def test_a_kernel_that_tries_to_get_out_is_refused(broker, tmp_path, kind):
     target = str(tmp_path / f"made-by-{kind}")
@@ -160,6 +162,7 @@ extern "C" __global__ void ok(int* out, int n) {
 '''
 
 
+@needs_seccomp
 def test_what_kernels_need_is_allowed(session):
     """malloc/free (brk, mmap), fibers (__syncthreads: makecontext, _setjmp, mmap'd stacks),
     printf: all inside the sandbox."""
@@ -193,6 +196,7 @@ def test_code_that_would_run_at_load_time_is_refused(session, tmp_path):
     assert d.allocate(16).size == 16                 # nothing else happened
 
 
+@needs_seccomp
 def test_code_that_would_run_at_unload_time_runs_confined(broker, session, tmp_path):
     """A function-local static's destructor runs when the module is unloaded: on a
     confined thread too."""

@@ -120,19 +120,28 @@ def identity() -> str:
     return f"nvrtc {major.value}.{minor.value} {_lib_path}:{st.st_size}:{st.st_mtime_ns} {_include_dirs}"
 
 
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 where there is none (an old kernel, Landlock off,
+    qemu-user, which does not implement it). Asks only (LANDLOCK_CREATE_RULESET_VERSION)."""
+    import platform
+    nrs = _SYS_LANDLOCK.get(platform.machine())
+    if nrs is None:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return max(0, libc.syscall(ctypes.c_long(nrs[0]), None, ctypes.c_size_t(0), ctypes.c_uint32(1)))
+
+
 def _landlock(readable: list[str]) -> bool:
     """Restrict this process (the NVRTC child) to reading `readable`; False where the kernel
     has no Landlock. Irreversible: call only in the child."""
     import platform
-    nrs = _SYS_LANDLOCK.get(platform.machine())
-    if nrs is None:
-        return False
-    create, add_rule, restrict = nrs
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    abi = libc.syscall(ctypes.c_long(create), None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    abi = landlock_abi()
     if abi < 1:
         return False
+    create, add_rule, restrict = _SYS_LANDLOCK[platform.machine()]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
     handled = _LL_V1_ALL | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0) \
         | (_LL_IOCTL_DEV if abi >= 5 else 0)
     attr = struct.pack("<Q", handled)
