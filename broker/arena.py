@@ -19,7 +19,15 @@ ALIGN = 256                 # what cuMemAlloc guarantees
 PAGE = mmap.PAGESIZE
 ARENA_MIN = 64 << 30        # address space only: a sparse file, nothing backed until touched
 ARENA_FACTOR = 4            # x the quota: first fit within a quota this far below never fails in practice
-ARENA_MAX = 1 << 46         # 64 TiB: well inside a 47-bit user address space
+ARENA_MAX = 1 << 44         # 16 TiB: one slot of the region below
+# Where arenas go: 16 TiB slots from 16 TiB up, far below where any process's mmap area and
+# libraries live (the top of a 47-bit address space) and above its heap. A program maps the
+# arena at the same address (native/src/session.c), so a device pointer is the very memory
+# there and can never be one of its host addresses; a kernel-chosen address would be in the
+# program's own mmap area, where its libraries and buffers already are.
+SLOT = 1 << 44
+SLOTS = 6
+MAP_FIXED_NOREPLACE = 0x100000
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -30,6 +38,23 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 log = logging.getLogger("kubecash.executor")
+
+
+def _place(fd: int, size: int) -> int | None:
+    """Map the arena in the first free slot (its start varies with the process, so a tenant's
+    arenas on two devices do not contend for one slot in a program that maps both), else
+    wherever the kernel puts it."""
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0)
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    first = os.getpid() % SLOTS
+    for k in range(SLOTS):
+        want = SLOT * (1 + (first + k) % SLOTS)
+        addr = _libc.mmap(want, size, prot, flags | MAP_FIXED_NOREPLACE, fd, 0)
+        if addr not in (None, _MAP_FAILED):
+            if addr == want:
+                return addr
+            _libc.munmap(addr, size)             # an old kernel took it as a hint
+    return _libc.mmap(None, size, prot, flags, fd, 0)
 
 
 def arena_size(memory_limit: int) -> int:
@@ -108,8 +133,7 @@ class Arena:
 
     def __init__(self, path: str, fd: int, size: int):
         """`fd`: the arena file, open read-write and sized `size` (sparse); kept open to punch."""
-        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
-                          mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0), fd, 0)
+        addr = _place(fd, size)
         if addr in (None, _MAP_FAILED):
             raise OSError(ctypes.get_errno(), f"mmap of a {size}-byte arena: "
                                               f"{os.strerror(ctypes.get_errno())}")

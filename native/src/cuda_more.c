@@ -366,10 +366,13 @@ MEMSET2D_ASYNC(cuMemsetD2D32Async_ptsz, unsigned int, 4)
 #define MAP_FIXED_NOREPLACE 0x100000
 #endif
 #define GUARD_TRIES 8
-struct guard { uint64_t base, size; };
+/* A reservation: [lo, hi) pages for the allocation at base. Allocations of the executor's
+ * arena can share their first and last pages with their neighbours (small ones are packed),
+ * so a page already reserved for another allocation counts as reserved, and a page goes only
+ * when no allocation covers it any more. */
+struct guard { uint64_t base, lo, hi; };
 static struct guard *guards;
 static size_t nguards, capguards;
-
 static size_t page_size(void) {
     long pg = sysconf(_SC_PAGESIZE);
     return pg > 0 ? (size_t)pg : 4096;
@@ -377,6 +380,20 @@ static size_t page_size(void) {
 
 /* Reserve [p, p + n) (rounded out to pages): 0 done, 1 the program has memory there, -1 this
  * process cannot reserve at all (then addresses are not guarded; logged once). */
+static int page_guarded(uint64_t page, size_t skip) {     /* by an entry other than `skip` */
+    for (size_t i = 0; i < nguards; i++)
+        if (i != skip && guards[i].lo <= page && page < guards[i].hi) return 1;
+    return 0;
+}
+
+/* In device `dev`'s arena mapped at the executor's own address: already this process's
+ * mapping of that very memory, nothing to reserve. */
+static int in_identity_arena(int dev, uint64_t p, size_t n) {
+    const struct kc_device *d = kc_device(dev);
+    return d && d->arena && (uint64_t)(uintptr_t)d->arena == d->arena_base && p >= d->arena_base &&
+           n <= d->arena_size && p - d->arena_base <= d->arena_size - n;
+}
+
 static int guard(uint64_t p, size_t n) {
     size_t pg = page_size();
     uint64_t lo = p / pg * pg, hi = (p + n + pg - 1) / pg * pg;
@@ -387,14 +404,19 @@ static int guard(uint64_t p, size_t n) {
         guards = q;
         capguards = cap;
     }
-    void *m = mmap((void *)(uintptr_t)lo, hi - lo, PROT_NONE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
-    if (m == MAP_FAILED) return errno == EEXIST ? 1 : -1;
-    if ((uintptr_t)m != lo) {                /* a kernel without MAP_FIXED_NOREPLACE: a hint it moved */
-        munmap(m, hi - lo);
-        return 1;
+    uint64_t mlo = lo, mhi = hi;                 /* what still needs a reservation */
+    if (mlo < mhi && page_guarded(mlo, (size_t)-1)) mlo += pg;
+    if (mlo < mhi && page_guarded(mhi - pg, (size_t)-1)) mhi -= pg;
+    if (mlo < mhi) {
+        void *m = mmap((void *)(uintptr_t)mlo, mhi - mlo, PROT_NONE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+        if (m == MAP_FAILED) return errno == EEXIST ? 1 : -1;
+        if ((uintptr_t)m != mlo) {               /* a kernel without MAP_FIXED_NOREPLACE: a hint it moved */
+            munmap(m, mhi - mlo);
+            return 1;
+        }
     }
-    guards[nguards++] = (struct guard){p, hi - lo};
+    guards[nguards++] = (struct guard){p, lo, hi};
     return 0;
 }
 
@@ -402,7 +424,10 @@ void kc_unguard(uint64_t p) {
     size_t pg = page_size();
     for (size_t i = 0; i < nguards; i++)
         if (guards[i].base == p) {
-            munmap((void *)(uintptr_t)(p / pg * pg), guards[i].size);
+            uint64_t lo = guards[i].lo, hi = guards[i].hi;
+            if (lo < hi && page_guarded(lo, i)) lo += pg;          /* still a neighbour's */
+            if (lo < hi && page_guarded(hi - pg, i)) hi -= pg;
+            if (lo < hi) munmap((void *)(uintptr_t)lo, hi - lo);
             guards[i] = guards[--nguards];
             return;
         }
@@ -425,7 +450,7 @@ CUresult kc_exec_alloc(int dev, size_t size, uint64_t *out) {
     while (g == 1 && !rc) {
         rc = mem_alloc(dev, size, &p);
         if (rc) break;
-        g = guard(p, size);
+        g = in_identity_arena(dev, p, size) ? 0 : guard(p, size);
         if (g != 1) break;
         kc_log("kubecash: device allocation %#llx (%zu bytes) overlaps this program's memory: another is asked for",
                (unsigned long long)p, size);
@@ -661,7 +686,11 @@ KC_EXPORT CUresult cuMemFreeAsync(CUdeviceptr dptr, CUhandle hStream) {
     if (!rc) {
         struct kc_buf b = {0};
         mp_str(&b, KCP_EXECUTOR_MEM_FREE_PTR); mp_uint(&b, dptr);
-        rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_post(dev, KCP_EXECUTOR_MEM_FREE, &b, 1);
+        /* Waited for, not posted: the executor frees after the work queued before it, and the
+         * memory must be back once the stream is synchronized (its queue is not the stream's).
+         * The call blocks until then: correct before fast. */
+        struct mp_val r;
+        rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(dev, KCP_EXECUTOR_MEM_FREE, &b, 1, &r);
         mp_free(&b);
     }
     if (!rc) {

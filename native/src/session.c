@@ -524,7 +524,17 @@ CUresult kc_device_attach(int i) {
         snprintf(path, sizeof path, "%s/shm/%s", g.dir, arena);
         int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
         if (fd >= 0) {
-            void *p = mmap(NULL, (size_t)asize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+            /* At the executor's own address where it is free here: a device pointer is then
+             * the same memory in this process (no host address can be one), and cuda_more.c's
+             * guards are not needed inside it. Elsewhere if that range is taken. */
+            void *p = mmap((void *)(uintptr_t)abase, (size_t)asize, PROT_READ | PROT_WRITE,
+                           MAP_SHARED | MAP_NORESERVE | MAP_FIXED_NOREPLACE, fd, 0);
+            if (p != MAP_FAILED && (uint64_t)(uintptr_t)p != (uint64_t)abase) {   /* a hint only: moved */
+                munmap(p, (size_t)asize);
+                p = MAP_FAILED;
+            }
+            if (p == MAP_FAILED)
+                p = mmap(NULL, (size_t)asize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
             close(fd);
             if (p != MAP_FAILED) { d->arena = p; d->arena_size = (size_t)asize; d->arena_base = (uint64_t)abase; }
         }

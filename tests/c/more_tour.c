@@ -301,6 +301,7 @@ static void pools(CUdevice dev, CUfunction vec_add) {
 
     /* the quota: the byte it allows is allowed, one past it is OUT_OF_MEMORY, at the call */
     size_t fr, tot;
+    OK("p_ctx_sync", cuCtxSynchronize());     /* the frees above have run: what is free is free */
     OK("p_mem_info", cuMemGetInfo(&fr, &tot));
     CUdeviceptr big;
     OK("p_quota_all", cuMemAllocAsync(&big, fr, s));
@@ -328,9 +329,17 @@ static void unified(void) {
     CHECK("u_reserved_here", m == MAP_FAILED && errno == EEXIST, "mmap at %#llx gave %p, errno %d", a, m, errno);
     if (m != MAP_FAILED) munmap(m, pg);
     OK("u_free", cuMemFree(a));
-    /* the range is ours again: host memory there, then the same size asked for (the
-     * executor's next mapping of that size is likely the range it just unmapped) */
+    /* Where the device's arena is mapped here at the executor's own address, the freed range
+     * stays the arena's (device memory, never a host address of ours); elsewhere it is ours
+     * again: host memory there, then the same size asked for (the executor's next mapping of
+     * that size is likely the range it just unmapped). */
     unsigned char *h = mmap((void *)(uintptr_t)a, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (h == MAP_FAILED && errno == EEXIST) {
+        OK("u_alloc_again", cuMemAlloc(&b, n));
+        OK("u_free_again", cuMemFree(b));
+        printf("arena_identity=1\n");
+        return;
+    }
     CHECK("u_released", h == (void *)(uintptr_t)a, "mmap at %#llx gave %p, errno %d", a, (void *)h, errno);
     OK("u_alloc_again", cuMemAlloc(&b, n));
     CHECK("u_disjoint", b + n <= a || b >= a + n, "device %#llx overlaps host %#llx", b, a);
