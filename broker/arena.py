@@ -47,8 +47,13 @@ def _place(fd: int, size: int) -> int | None:
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0)
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     first = os.getpid() % SLOTS
+    # A random 2 MiB-aligned start inside the slot, as ASLR would: two executors' arenas
+    # (each in its own process) then do not share addresses, and a pointer of one tenant's
+    # is no valid pointer of another's.
+    room = max(0, (SLOT - size) // (2 << 20))
+    jitter = int.from_bytes(os.urandom(8), "little") % (room + 1) * (2 << 20)
     for k in range(SLOTS):
-        want = SLOT * (1 + (first + k) % SLOTS)
+        want = SLOT * (1 + (first + k) % SLOTS) + jitter
         addr = _libc.mmap(want, size, prot, flags | MAP_FIXED_NOREPLACE, fd, 0)
         if addr not in (None, _MAP_FAILED):
             if addr == want:

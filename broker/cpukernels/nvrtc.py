@@ -228,6 +228,15 @@ def to_cubin(source: str, args: list[str], *, deadline: float, memory_limit_byte
     return _run(source, args, deadline=deadline, memory_limit_bytes=memory_limit_bytes, cwd=cwd, cubin=True)
 
 
+def _address_space() -> int:
+    """This process's mapped address space in bytes (what RLIMIT_AS counts)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _run(source: str, args: list[str], *, deadline: float, memory_limit_bytes: int, cwd: str,
          cubin: bool):
     _load()
@@ -239,7 +248,9 @@ def _run(source: str, args: list[str], *, deadline: float, memory_limit_bytes: i
         try:
             os.close(r)
             os.chdir(cwd)   # a quoted #include looks next to the source first: an empty place
-            lim = memory_limit_bytes
+            # The bound is on what NVRTC adds: a forked child starts with its parent's address
+            # space (a client's mapped 64 GiB device arena, say), which counts against RLIMIT_AS.
+            lim = _address_space() + memory_limit_bytes
             soft, hard = resource.getrlimit(resource.RLIMIT_AS)
             if hard != resource.RLIM_INFINITY:
                 lim = min(lim, hard)
