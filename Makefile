@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-distro test-arch bench-fairness clean
+.PHONY: demo test test-distro test-arch test-systemd bench-fairness clean
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
@@ -38,6 +38,13 @@ ARCH_TESTS := tests/test_cpukernels.py tests/test_scheduling.py tests/test_sched
 ARCHES := arm64 riscv64
 test-arch:
 	@rc=0; for a in $(ARCHES); do tools/rootfs.sh $$a trixie test $(ARCH_TESTS) || rc=1; done; exit $$rc
+
+# The systemd unit under a real systemd, booted in podman from the Debian 13 rootfs (with
+# systemd and this tree installed): READY, reload, the watchdog, restart after kill -9, tenant
+# directories across a stop (tests/test_systemd.py; root and podman).
+test-systemd: $(STAMP)
+	tools/rootfs.sh amd64 trixie install
+	KUBECASH_SYSTEMD_ROOTFS=$$(tools/rootfs.sh amd64 trixie path) $(VENV)/bin/python -m pytest -q -rs tests/test_systemd.py
 
 bench-fairness: $(STAMP)
 	$(VENV)/bin/python bench/fairness.py

@@ -39,6 +39,8 @@ PKGS=ca-certificates,python3,python3-venv,python3-dev,python3-pip,g++,make,binut
 PKGS=$PKGS,python3-zmq,python3-msgpack,python3-numpy,python3-psutil,python3-pytest,python3-hypothesis
 PKGS=$PKGS,python3-prometheus-client,python3-zstandard,python3-jsonschema,python3-setuptools,python3-wheel
 PKGS=$PKGS,mount    # the confinement tests mount tenant file systems (not Essential: not in variant apt)
+# make test-systemd boots the native rootfs's systemd in podman (tests/test_systemd.py)
+[ "$ARCH" = "$HOST_ARCH" ] && PKGS=$PKGS,systemd,systemd-sysv
 
 # Why this cannot work here, or nothing (exit status 0 when it can).
 why_not() {
