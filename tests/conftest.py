@@ -161,14 +161,15 @@ def raw_socket():
     ctx.term()
 
 
-def wait_for(pred, timeout: float, what: str):
-    """Poll `pred` until it returns something true (returned), or fail after `timeout` s."""
+def wait_for(pred, timeout: float, what: str, interval: float = 0.02):
+    """Poll `pred` every `interval` s until it returns something true (returned), or fail
+    after `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
         if v:
             return v
-        time.sleep(0.02)
+        time.sleep(interval)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
