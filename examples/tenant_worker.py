@@ -5,13 +5,15 @@
 Modes: `saturate` keeps its queue full of kernels for --seconds; `sporadic` launches one
 kernel at random intervals and records each one's completion time (latency); `duty` launches
 one every --period-ms (a tenant busy a fixed fraction of the time; a period it overruns is
-not made up). Prints one JSON line: kernels run, whether the results were right, and
-latencies in ms."""
+not made up). With --wait, it waits for a line on stdin after {"ready": true}, so tenants
+started one after another run side by side for their --seconds. Prints one JSON line:
+kernels run, whether the results were right, and latencies in ms."""
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import sys
 import time
 
 import numpy as np
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--period-ms", type=float, default=10.0, help="one kernel per period when duty")
     ap.add_argument("--device", default="cpu0")
     ap.add_argument("--memory", type=int, default=1 << 20, help="bytes to allocate and hold")
+    ap.add_argument("--wait", action="store_true", help="once ready, start on a line from stdin")
     a = ap.parse_args()
     n = a.blocks * 128
     with kc.connect() as s:
@@ -50,6 +53,8 @@ def main() -> None:
         k = dev.load_module(SOURCE).get_kernel("burn")
         launched, latencies = 0, []
         print(json.dumps({"ready": True}), flush=True)
+        if a.wait:
+            sys.stdin.readline()
         end = time.monotonic() + a.seconds
         # Saturating: two batches in flight, so the queue never runs dry while we wait.
         marks = [dev.create_event(), dev.create_event()]

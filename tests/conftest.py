@@ -112,7 +112,7 @@ def kernel_cache(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def broker_factory(kernel_cache):
+def broker_factory(kernel_cache, request):
     started: list[BrokerProcess] = []
 
     def start(tenants: dict[str, dict] | None = None, **broker: Any) -> BrokerProcess:
@@ -121,9 +121,13 @@ def broker_factory(kernel_cache):
         started.append(b)
         return b
     yield start
+    failed = getattr(request.node, "_kc_failed", False)
     for b in started:
         alive = b.alive()
+        text = b.log() if failed or not alive else ""
         b.stop()
+        if text:            # its log goes with its directory: shown with the failure
+            print(f"--- log of the broker on {b.runtime_dir} ---\n{text}")
         assert alive, "the broker died during the test"
 
 
@@ -157,14 +161,15 @@ def raw_socket():
     ctx.term()
 
 
-def wait_for(pred, timeout: float, what: str):
-    """Poll `pred` until it returns something true (returned), or fail after `timeout` s."""
+def wait_for(pred, timeout: float, what: str, interval: float = 0.02):
+    """Poll `pred` every `interval` s until it returns something true (returned), or fail
+    after `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
         if v:
             return v
-        time.sleep(0.02)
+        time.sleep(interval)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
@@ -193,6 +198,8 @@ def _nvrtc_missing() -> str | None:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
+    if rep.failed and rep.when in ("setup", "call"):
+        item._kc_failed = True          # broker_factory shows its brokers' logs
     # the refusal is in the exception, or in the stderr of a client process the test ran
     if rep.failed and call.when in ("setup", "call") and call.excinfo is not None \
             and (_NO_NVRTC in str(call.excinfo.getrepr(style="short")) or _NO_NVRTC in rep.capstderr):

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import json
 import mmap
+import shutil
 import time
 
 import numpy as np
 import pytest
-from conftest import run_client
+from conftest import SLOW, run_client
 from kernels import GRID2D, SAXPY, SCALARS, VECADD
 
 import kubecash.client as kc
 from kubecash.client import protocol as P
+from kubecash.client.errors import E
 
 
 def test_vector_add(session, dev_name):
@@ -244,17 +246,62 @@ def test_reopening_right_after_the_last_session_closed(broker):
             assert time.monotonic() - t0 < 20
 
 
-def test_a_repeated_open_is_answered_and_keeps_the_session(broker, raw_socket):
-    sock = raw_socket(broker.address("alice"))
+def _open_twice(sock, heartbeat: bool) -> tuple[bytes, dict[int, dict]]:
+    """hello, then two open_device requests (ids 2 and 3) at once on a raw socket: the
+    session and their replies, heartbeating meanwhile (as a client's thread does) if
+    `heartbeat`."""
     sock.send(P.pack({"v": 1, "id": 1, "op": "hello"}))
-    token = P.unpack(sock.recv())["session"]
+    hello = P.unpack(sock.recv())
+    token = hello["session"]
     for rid in (2, 3):
         sock.send(P.pack({"v": 1, "id": rid, "op": "open_device", "session": token, "device": "cpu0"}))
-    replies = {P.unpack(sock.recv())["id"]: True for _ in range(2)}
-    assert replies == {2: True, 3: True}
+    replies: dict[int, dict] = {}
+    deadline = time.monotonic() + 60 * SLOW
+    next_beat, beat_id = time.monotonic(), 100
+    while not {2, 3} <= replies.keys():
+        assert time.monotonic() < deadline, f"no answer to every open in {60 * SLOW} s: {replies}"
+        if heartbeat and time.monotonic() >= next_beat:
+            beat_id += 1
+            sock.send(P.pack({"v": 1, "id": beat_id, "op": "heartbeat", "session": token}))
+            next_beat = time.monotonic() + hello["heartbeat_interval"]
+        if sock.poll(50):
+            r = P.unpack(sock.recv())
+            if r.get("id") in (2, 3) and "event" not in r:
+                replies[r["id"]] = r
+    return token, replies
+
+
+def test_a_repeated_open_is_answered_and_keeps_the_session(broker, raw_socket):
+    sock = raw_socket(broker.address("alice"))
+    # heartbeats: under qemu-user the executor's start can take longer than the session's
+    # heartbeat timeout (arm64: 12 s unloaded), and a silent session ends
+    token, replies = _open_twice(sock, heartbeat=True)
+    assert all(r["ok"] for r in replies.values()), replies
     ex = raw_socket(f"ipc://{P.executor_socket_path(broker.runtime_dir, 'alice', 'cpu0')}")
     ex.send(P.pack({"v": 1, "id": 4, "op": "mem_alloc", "session": token, "size": 64}))
     assert P.unpack(ex.recv())["ok"] is True
+
+
+def test_opens_waiting_for_an_executor_are_answered_when_their_session_ends(
+        broker_factory, raw_socket, tmp_path, monkeypatch):
+    """A session ends while its executor starts (its client stops heartbeating while the
+    executor's build of its native runtime is held, by a KUBECASH_CXX that waits): no
+    executor will answer its opens, so the broker does, the repeated one too, with why."""
+    hold, cxx = tmp_path / "hold", tmp_path / "cxx"
+    cxx.write_text(f'#!/bin/sh\nwhile [ -e {hold} ]; do sleep 0.05; done\nexec {shutil.which("g++")} "$@"\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("KUBECASH_CXX", str(cxx))
+    b = broker_factory()     # the runtime built with another compiler is not in its cache
+    hold.touch()
+    try:
+        _, replies = _open_twice(raw_socket(b.address("alice")), heartbeat=False)
+    finally:
+        hold.unlink()
+    for r in replies.values():
+        assert r["ok"] is False and r["code"] == int(E.CUDA_ERROR_INVALID_CONTEXT), r
+        assert r["error"].startswith("session ended (no heartbeat for"), r
+    with b.connect("alice") as s:                # and the next session gets an executor
+        s.device("cpu0").allocate(64).close()
 
 
 def test_a_sync_after_the_queue_drained_still_reports_the_async_error(session):

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SLOW, wait_for
 from kernels import COUNT
 
 import kubecash.client as kc
@@ -18,15 +18,27 @@ import kubecash.client as kc
 WORKER = os.path.join(ROOT, "examples", "tenant_worker.py")
 
 
-def start_worker(broker, tenant: str, seconds: float, iters: int = 4000, **extra) -> subprocess.Popen:
+def start_worker(broker, tenant: str, seconds: float, iters: int = 4000, wait: bool = False,
+                 **extra) -> subprocess.Popen:
+    """A tenant_worker.py client, ready (connected, its kernel compiled). With `wait`, it
+    starts its --seconds of kernels on go(p), not at once."""
     argv = [sys.executable, WORKER, "--seconds", str(seconds), "--iters", str(iters),
-            "--blocks", "8"]
+            "--blocks", "8"] + (["--wait"] if wait else [])
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     p = subprocess.Popen(argv, env=dict(os.environ, KUBECASH_BROKER=broker.address(tenant)),
-                         stdout=subprocess.PIPE, text=True)
+                         stdin=subprocess.PIPE if wait else None, stdout=subprocess.PIPE, text=True)
     assert json.loads(p.stdout.readline())["ready"]
     return p
+
+
+def go(p: subprocess.Popen) -> None:
+    p.stdin.write("go\n")
+    p.stdin.flush()
+
+
+def kernels(admin, tenant: str) -> int:
+    return admin.call("status")["tenants"][tenant]["devices"]["cpu0"]["kernels"]
 
 
 def finish(p: subprocess.Popen) -> dict:
@@ -62,15 +74,22 @@ def test_a_limit_caps_a_tenant_even_on_an_idle_device(broker_factory):
 
 def test_weights_divide_a_contended_device(broker_factory):
     b = broker_factory({"light": {"weight": 100}, "heavy": {"weight": 300}})
-    ps = [start_worker(b, t, 8) for t in ("light", "heavy")]
+    # Both start together once both are ready: under qemu-user a client's start (an executor,
+    # a compile) takes longer than the other's 8 s run. Measured once each has run kernels.
+    ps = [start_worker(b, t, 8 if SLOW == 1 else 20, wait=True) for t in ("light", "heavy")]
     with b.admin() as admin:
-        time.sleep(1)
+        for p in ps:
+            go(p)
+        wait_for(lambda: all(kernels(admin, t) > 0 for t in ("light", "heavy")), 30 * SLOW,
+                 "both tenants to run a kernel", interval=0.1)
+        time.sleep(0.5)
         u, _ = window(admin, ["light", "heavy"], 2.5)
         # live change: equal weights now
         admin.call("set_quota", tenant="heavy", weight=100)
         time.sleep(0.3)
         u2, _ = window(admin, ["light", "heavy"], 1.5)
         st = admin.call("status")
+    assert all(p.poll() is None for p in ps), "a worker ended before the measurement did"
     for p in ps:
         finish(p)
     share = u["light"] / (u["light"] + u["heavy"])

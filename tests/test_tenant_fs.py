@@ -16,6 +16,8 @@ from kernels import run_vadd
 
 import kubecash.client as kc
 from kubecash.broker import confine
+from kubecash.client import protocol as P
+from kubecash.client.errors import E
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a broker that is not root mounts nothing")
 MiB = 1 << 20
@@ -119,6 +121,39 @@ def test_an_executor_that_cannot_start_in_a_full_directory_says_why(broker_facto
         os.close(fd)
     with b.connect("alice") as s:
         run_vadd(s.device("cpu0"))
+    assert b.alive()
+
+
+def test_every_open_of_an_executor_that_cannot_start_is_answered(broker_factory, raw_socket):
+    """An open asked again before the executor was ready waits with the first: when the
+    executor cannot start (a full directory here), both hear why, not only the first."""
+    b = broker_factory({"alice": {"memory": "64MiB"}})
+    d = os.path.join(b.runtime_dir, "tenants", "alice")
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    made = 0
+    try:
+        with pytest.raises(OSError):
+            while made < 100_000:
+                os.close(os.open(f"f{made}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+                made += 1
+        sock = raw_socket(b.address("alice"))
+        sock.send(P.pack({"v": 1, "id": 1, "op": "hello"}))
+        token = P.unpack(sock.recv())["session"]
+        for rid in (2, 3):
+            sock.send(P.pack({"v": 1, "id": rid, "op": "open_device", "session": token, "device": "cpu0"}))
+        replies = {}
+        while len(replies) < 2:
+            r = P.unpack(sock.recv())          # raw_socket's receive bound: zmq.Again if none
+            if "event" not in r:               # executor_died comes too
+                replies[r["id"]] = r
+        assert sorted(replies) == [2, 3]
+        for r in replies.values():
+            assert r["ok"] is False and r["code"] == int(E.CUDA_ERROR_OUT_OF_MEMORY), r
+            assert "could not start" in r["error"], r
+        for i in range(made):
+            os.unlink(f"f{i}", dir_fd=fd)
+    finally:
+        os.close(fd)
     assert b.alive()
 
 

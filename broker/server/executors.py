@@ -192,8 +192,9 @@ class ExecutorControl:
                 s.failed[ex.device.name] = (code, message)
                 t.gate.send(s.ident, P.event("executor_died", device=ex.device.name,
                                                     code=int(code), error=message))
-            for p in ex.pending.values():
-                t.gate.send(p.ident, P.error(p.req_id, code, message))
+            for p in ex.pending.values():       # each open asked, repeated ones too
+                for ident, rid in [(p.ident, p.req_id), *p.also]:
+                    t.gate.send(ident, P.error(rid, code, message))
         if not current:
             return
         # Remove what the executor left in the tenant's directory: by descriptor (the tenant

@@ -327,10 +327,13 @@ class TenantService:
         if len(t.ended) > ENDED_KEPT:
             t.ended.popitem(last=False)
         log.info("tenant %s: session %s ended (%s)", t.config.name, s.token.hex()[:8], why)
-        for waiting in t.waiting_opens.values():
-            waiting.pop(s.token, None)
+        # Its opens still waiting for an executor are answered now: none will be later (a
+        # client that stopped heartbeating while its executor started would wait forever).
+        opens = [*t.waiting_opens.values(), *(ex.pending for ex in t.executors.values())]
+        for p in [o.pop(s.token) for o in opens if s.token in o]:
+            for ident, rid in [(p.ident, p.req_id), *p.also]:
+                t.gate.send(ident, P.error(rid, E.CUDA_ERROR_INVALID_CONTEXT, f"session ended ({why})"))
         for ex in list(t.executors.values()):
-            ex.pending.pop(s.token, None)
             if s.token in ex.sessions:
                 ex.sessions.discard(s.token)
                 self._control_send(ex, "session_end", session=s.token)
