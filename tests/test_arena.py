@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import socket
 import time
 
 import numpy as np
@@ -178,3 +179,45 @@ def _arena_lifetime(broker) -> None:
             buf.copy_from(b"x" * 16)
             assert bytes(buf.copy_to()) == b"x" * 16
     assert broker.alive()
+
+
+# -- what a tenant can do to its own arena and directory (#17, an attacker's review) ----------
+def test_an_executor_never_makes_its_files_through_a_symlink_where_shm_was(tmp_path, kernel_cache):
+    """A GPU executor runs as root with the host's view (only CPU executors are confined), and
+    the tenant owns its directory: it may swap shm/ for a symlink at any time after the
+    executor started. The staging segment, mapped host memory and the arena are then never
+    made (by root, backed: a full disk of the node's, files no broker clears) in the directory
+    it points to. A real Executor, in this process: unconfined, as a GPU executor is."""
+    from kubecash.broker.executor.service import Executor
+    from kubecash.broker.executor.state import SessionState
+    from kubecash.client.errors import CudaError
+    runtime = tmp_path / "run"
+    tdir = runtime / "tenants" / "alice"
+    (tdir / "shm").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    ctl, ctl_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lease, lease_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = {"name": "cpu0", "kind": "cpu", "index": 0, "total_memory": 1 << 30, "cores": 1}
+    ex = Executor("alice", device, str(runtime), ctl_theirs.detach(), lease_theirs.detach(),
+                  256 * MiB, 1, kernel_cache, sandbox=False)
+    s = SessionState(b"t" * 16)
+    try:
+        os.rename(tdir / "shm", tdir / "shm-old")       # the tenant's doing, after the start
+        os.symlink(victim, tdir / "shm")
+        for op, msg in (("attach", {}), ("host_alloc", {"size": 4096})):
+            try:
+                getattr(ex, "op_" + op)(s, msg, b"client")
+            except CudaError:
+                pass                                     # an error for the tenant is fine
+        ex._arena()
+        assert os.listdir(victim) == [], "files made through the tenant's symlink"
+    finally:
+        ex._release(s)
+        ex.backend.close()
+        ex.sock.close()
+        ex.ctl.close()
+        ex.ctx.term()
+        ctl.close()
+        lease.close()
+
