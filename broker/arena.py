@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import threading
+from collections.abc import Callable
 
 ALIGN = 256                 # what cuMemAlloc guarantees
 PAGE = mmap.PAGESIZE
@@ -136,13 +137,15 @@ class Allocator:
 class Arena:
     """The mapped arena file: base address in this process, its path and fd-less mapping."""
 
-    def __init__(self, path: str, fd: int, size: int):
-        """`fd`: the arena file, open read-write and sized `size` (sparse); kept open to punch."""
+    def __init__(self, path: str, fd: int, size: int, unlink: Callable[[str], None] = os.unlink):
+        """`fd`: the arena file, open read-write and sized `size` (sparse); kept open to punch.
+        `unlink` removes `path` at close (the executor's: never through a tenant's symlink)."""
         addr = _place(fd, size)
         if addr in (None, _MAP_FAILED):
             raise OSError(ctypes.get_errno(), f"mmap of a {size}-byte arena: "
                                               f"{os.strerror(ctypes.get_errno())}")
         self.path, self.fd, self.size, self.base = path, fd, size, addr
+        self._unlink = unlink
         self.allocator = Allocator(size)
         self._lock = threading.Lock()     # allocations on the main thread, frees on the runner
 
@@ -187,6 +190,6 @@ class Arena:
         os.close(self.fd)
         self.fd = -1
         try:
-            os.unlink(self.path)
+            self._unlink(self.path)
         except FileNotFoundError:
             pass

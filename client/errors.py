@@ -284,6 +284,13 @@ def exit_reason(rc: int) -> ExitReason:
                               "killed by SIGSYS: the sandbox refused a system call made by a kernel "
                               "(kernels may not open files, create sockets, start programs or make "
                               "other host system calls)", sig)
+        if sig == signal.SIGBUS:
+            # On a CPU device: a page of a file the tenant shares with its executor (its
+            # memory arena, a staging segment) is gone; the tenant can do that to its own files.
+            return ExitReason(E.CUDA_ERROR_ILLEGAL_ADDRESS,
+                              "killed by SIGBUS: memory it touched had no page behind it (a shared-"
+                              "memory file in the tenant's directory, such as its CPU device's memory "
+                              "arena, was truncated or had holes punched in a full file system)", sig)
         try:
             name = signal.Signals(sig).name
         except ValueError:

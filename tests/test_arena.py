@@ -5,11 +5,12 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import socket
 import time
 
 import numpy as np
 import pytest
-from conftest import BrokerProcess
+from conftest import BrokerProcess, run_client
 from kernels import SAXPY
 
 import kubecash.client as kc
@@ -178,3 +179,140 @@ def _arena_lifetime(broker) -> None:
             buf.copy_from(b"x" * 16)
             assert bytes(buf.copy_to()) == b"x" * 16
     assert broker.alive()
+
+
+# -- what a tenant can do to its own arena and directory (#17, an attacker's review) ----------
+def test_an_executor_never_makes_its_files_through_a_symlink_where_shm_was(tmp_path, kernel_cache):
+    """A GPU executor runs as root with the host's view (only CPU executors are confined), and
+    the tenant owns its directory: it may swap shm/ for a symlink at any time after the
+    executor started. The staging segment, mapped host memory and the arena are then never
+    made (by root, backed: a full disk of the node's, files no broker clears) in the directory
+    it points to. A real Executor, in this process: unconfined, as a GPU executor is."""
+    from kubecash.broker.executor.service import Executor
+    from kubecash.broker.executor.state import SessionState
+    from kubecash.client.errors import CudaError
+    runtime = tmp_path / "run"
+    tdir = runtime / "tenants" / "alice"
+    (tdir / "shm").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    ctl, ctl_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lease, lease_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = {"name": "cpu0", "kind": "cpu", "index": 0, "total_memory": 1 << 30, "cores": 1}
+    ex = Executor("alice", device, str(runtime), ctl_theirs.detach(), lease_theirs.detach(),
+                  256 * MiB, 1, kernel_cache, sandbox=False)
+    s = SessionState(b"t" * 16)
+    try:
+        os.rename(tdir / "shm", tdir / "shm-old")       # the tenant's doing, after the start
+        os.symlink(victim, tdir / "shm")
+        for op, msg in (("attach", {}), ("host_alloc", {"size": 4096})):
+            try:
+                getattr(ex, "op_" + op)(s, msg, b"client")
+            except CudaError:
+                pass                                     # an error for the tenant is fine
+        ex._arena()
+        assert os.listdir(victim) == [], "files made through the tenant's symlink"
+    finally:
+        ex._release(s)
+        ex.backend.close()
+        ex.sock.close()
+        ex.ctl.close()
+        ex.ctx.term()
+        ctl.close()
+        lease.close()
+
+
+def _as_owner(path: str, fn) -> int:
+    """Run fn(path) in a child as the file's owner (the tenant's uid: its containers'), as root
+    can; else as ourselves (a broker that is not root runs executors as its own uid). Its exit
+    status: 0 done, 1 refused, 2 anything else."""
+    st = os.stat(path)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(st.st_gid)
+                os.setuid(st.st_uid)
+            fn(path)
+            os._exit(0)
+        except PermissionError:
+            os._exit(1)
+        except BaseException:
+            os._exit(2)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_tenant_that_truncates_its_arena_ends_its_own_executor_only(broker):
+    """The arena is the tenant's file (its uid owns it, so that its containers map it), so the
+    tenant can shrink it or punch holes in it: a file shared by name cannot be sealed. Its
+    executor touching a page past the new end gets SIGBUS and ends; its sessions hear
+    ILLEGAL_ADDRESS saying so. Another tenant's work on the same device, the broker, and the
+    tenant's next session are not disturbed."""
+    n = 1 << 16
+    with broker.connect("alice") as a, broker.connect("bob") as b:
+        da, db = a.device("cpu0"), b.device("cpu0")
+        buf = da.allocate(MiB)
+        buf.copy_from(bytes(MiB))
+        k = db.load_module(SAXPY).get_kernel("saxpy")
+        bx, by = db.allocate(4 * n), db.allocate(4 * n)
+        bx.copy_from(np.ones(n, np.float32))
+        by.copy_from(np.zeros(n, np.float32))
+        (arena,) = _arena_files(broker)
+        assert _as_owner(arena, lambda p: os.truncate(p, 0)) == 0, "the tenant's uid may truncate it"
+        # (alice's own mapping here now faults too: only the executor touches it from now on)
+        with pytest.raises(kc.LaunchFailedError) as e:
+            buf.fill(1)                                  # a memset, run by the executor
+            da.synchronize()
+        assert e.value.name == "CUDA_ERROR_ILLEGAL_ADDRESS" and "SIGBUS" in str(e.value), e.value
+        assert "truncated" in str(e.value), "the tenant hears what it did"
+        db.launch(k, (n // 256,), (256,), [np.float32(3), bx, by, np.uint64(n)])
+        np.testing.assert_array_equal(by.copy_to(np.empty(n, np.float32)), np.full(n, 3, np.float32))
+    with broker.connect("alice") as fresh:               # a new executor, a new arena
+        with fresh.device("cpu0").allocate(16) as x:
+            x.copy_from(b"y" * 16)
+            assert bytes(x.copy_to()) == b"y" * 16
+    assert broker.alive()
+
+
+STRAY_WRITER = """
+    import kubecash.client as kc
+    s = kc.connect()
+    d = s.device("cpu0")
+    d.allocate(4096).copy_from(b"x" * 4096)         # the arena is mapped here now
+    print("mapped", flush=True)
+    chunk = b"\\1" * (1 << 20)
+    for i in range(1 << 10):                         # 1 GiB past anything allocated
+        d._arena[(1 << 30) + (i << 20): (1 << 30) + ((i + 1) << 20)] = chunk
+    print("wrote all of it", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a tenant's directory has a file system of its own "
+                    "only under a root broker")
+def test_writes_to_unallocated_arena_pages_are_bounded_by_the_tenants_own_file_system(broker_factory):
+    """A client may write anywhere in its mapping of the arena, allocated or not: the pages it
+    touches are its tenant's file system's (its quota plus a little), not the node's. Past that
+    the writer itself faults; memory already allocated stays backed and intact, and other
+    tenants do not notice."""
+    from kubecash.broker import confine
+    b = broker_factory({"alice": {"memory": "64MiB"}, "bob": {"memory": "64MiB"}})
+    tdir = os.path.join(b.runtime_dir, "tenants", "alice")
+    with b.connect("alice") as hold:
+        d = hold.device("cpu0")
+        if not confine.is_tenant_fs(tdir):
+            pytest.skip("no tenant file system here (the mount failed): the runtime's would fill")
+        kept = d.allocate(8 * MiB)
+        kept.copy_from(np.full(8 * MiB, 5, np.uint8))
+        p = run_client(STRAY_WRITER, b.address("alice"))
+        out, err = p.communicate(timeout=120)
+        assert out.startswith("mapped") and "wrote all" not in out, (out, err)
+        assert p.returncode == -signal.SIGBUS, (p.returncode, err)
+        assert _fs_used(tdir) <= confine.tenant_fs_size(tdir)
+        with b.connect("bob") as other:
+            with other.device("cpu0").allocate(32 * MiB) as x:
+                x.fill(7)
+                assert bytes(x.copy_to(np.empty(16, np.uint8))) == b"\7" * 16
+        data = d.request("memcpy_dtoh", src=kept.ptr + 8 * MiB - 64, size=64)["data"]
+        assert data == b"\5" * 64, "an allocation's pages stay backed"
+    assert b.alive()

@@ -10,6 +10,7 @@ import secrets
 
 from kubecash.client.errors import E
 
+from .. import confine
 from .state import (
     HostAlloc,
     SessionState,
@@ -53,10 +54,7 @@ class Accounting:
             self._uncharge(s.staging_charged)
             s.staging_charged = 0
         if s.staging_path:       # a client that died before unlinking it leaves the name
-            try:
-                os.unlink(s.staging_path)
-            except FileNotFoundError:
-                pass
+            self._shm_unlink(s.staging_path)
             s.staging_path = None
         for m in s.modules.values():
             self.backend.unload_module(m)
@@ -66,10 +64,7 @@ class Accounting:
 
     def _drop_host(self, ptr: int, h: HostAlloc) -> None:
         self.backend.unmap(ptr, h.size)
-        try:
-            os.unlink(h.path)
-        except FileNotFoundError:
-            pass
+        self._shm_unlink(h.path)
         if self.backend.kind == "cpu":       # on a CPU device host memory is device memory
             self._uncharge(self._granular(h.size))
 
@@ -96,12 +91,41 @@ class Accounting:
         with self._lock:
             self.memory_used -= size
 
+    def _shm_dir_fd(self) -> int:
+        """The tenant's shm/ directory, opened anew and never through a symlink. The tenant owns
+        its directory and may put a symlink where shm/ was at any time after this executor
+        started; a GPU executor is root in the host's view, so a path through shm/ made its
+        (backed) files, or removed them, wherever the tenant pointed (#17). The tenant's
+        directory itself is in one the tenant cannot change (root's, or the view's)."""
+        tdir = os.open(self.tenant_dir, confine.DIR_NOFOLLOW)
+        try:
+            return confine.open_dir_nofollow(tdir, "shm")
+        finally:
+            os.close(tdir)
+
+    def _shm_unlink(self, path: str) -> None:
+        """Remove a file _shm_file made (by its name, in the shm/ directory as it is now)."""
+        try:
+            d = self._shm_dir_fd()
+        except OSError:
+            return              # gone or replaced by the tenant: nothing of ours to remove there
+        try:
+            os.unlink(os.path.basename(path), dir_fd=d)
+        except OSError:
+            pass                # gone already; what is left the broker clears by its prefix
+        finally:
+            os.close(d)
+
     def _shm_file(self, kind: str, size: int, *, backed: bool = True) -> tuple[str, int]:
         # <device>-<pid>-: the broker removes what this executor leaves, and nothing else.
         name = f"{self.dev_name}-{os.getpid()}-{secrets.token_hex(8)}.{kind}"
         path = os.path.join(self.shm_dir, name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            d = self._shm_dir_fd()
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=d)
+            finally:
+                os.close(d)
         except OSError as e:
             raise tenant_dir_error(e, f"cannot create the {kind} memory file in the tenant's shm directory") from None
         try:
@@ -113,7 +137,7 @@ class Accounting:
                 os.posix_fallocate(fd, 0, max(size, 1))
         except OSError as e:
             os.close(fd)
-            os.unlink(path)
+            self._shm_unlink(path)
             raise tenant_dir_error(e, f"cannot back {size} bytes of {kind} memory in the tenant's "
                                        "shm directory") from None
         return path, fd

@@ -43,13 +43,13 @@ class MemoryOps:
             path, fd = self._shm_file("arena", size, backed=False)
             try:
                 os.ftruncate(fd, size)          # sparse: nothing is backed until allocated
-                self.backend.arena = Arena(path, fd, size)
+                self.backend.arena = Arena(path, fd, size, unlink=self._shm_unlink)
             except OSError:
                 os.close(fd)
                 raise
         except (OSError, CudaError) as e:
             if path is not None:
-                os.unlink(path)
+                self._shm_unlink(path)
             log.warning("no memory arena for %s (copies go through staging): %s", self.dev_name,
                         getattr(e, "message", None) or e)
         return self.backend.arena
@@ -73,7 +73,7 @@ class MemoryOps:
             except BaseException:
                 self._uncharge(charged)
                 if path:
-                    os.unlink(path)
+                    self._shm_unlink(path)
                 raise
             s.staging_path, s.staging_charged = path, charged
         arena = self._arena()
@@ -138,10 +138,7 @@ class MemoryOps:
             if counts:
                 self._uncharge(self._granular(size))
             if path is not None:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+                self._shm_unlink(path)
             if isinstance(e, CudaError):
                 raise
             raise _err(E.CUDA_ERROR_OUT_OF_MEMORY, f"mapped host allocation failed: {e}") from None
@@ -153,10 +150,7 @@ class MemoryOps:
         h = s.host.get(msg["ptr"])
         if h is None:
             raise _err(E.CUDA_ERROR_INVALID_VALUE, f"{msg['ptr']:#x} is not a mapped host allocation")
-        try:                               # both sides have it mapped: the name can go
-            os.unlink(h.path)
-        except FileNotFoundError:
-            pass
+        self._shm_unlink(h.path)          # both sides have it mapped: the name can go
         return {}
 
     def op_host_free(self, s: SessionState, msg: dict, ident: bytes):

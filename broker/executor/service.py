@@ -20,7 +20,7 @@ from kubecash.client import protocol as P
 from kubecash.client.errors import CudaError, E, ProtocolError, map_exceptions
 from kubecash.client.limits import Limits
 
-from .. import malloc
+from .. import confine, malloc
 from .accounting import Accounting, bound_memory, tenant_dir_error
 from .ops_copy import CopyOps
 from .ops_memory import MemoryOps
@@ -138,9 +138,13 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
     def _bind(self) -> None:
         path = P.executor_socket_path(os.path.dirname(os.path.dirname(self.tenant_dir)),
                                       self.tenant, self.dev_name)
-        if os.path.islink(self.shm_dir) or (os.path.lexists(self.shm_dir) and not os.path.isdir(self.shm_dir)):
-            os.unlink(self.shm_dir)     # the tenant's doing; we write only in a directory of our own
-        os.makedirs(self.shm_dir, mode=0o700, exist_ok=True)
+        # Anything else where shm/ was (the tenant's doing) is replaced: we write only in a
+        # directory of our own, found by descriptor, never through a symlink (_shm_dir_fd).
+        tdir = os.open(self.tenant_dir, confine.DIR_NOFOLLOW)
+        try:
+            os.close(confine.open_dir_nofollow(tdir, "shm", create_mode=0o700))
+        finally:
+            os.close(tdir)
         if os.path.lexists(path):
             os.unlink(path)
         # Made 0666 as it is created (a umask, not a chmod by path after it: the tenant could
