@@ -4,6 +4,7 @@ tenant's containers, or code in its executor, write there fills its own space, n
 runtime file system other tenants' memory comes from."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -96,12 +97,9 @@ def test_a_tenant_directory_is_a_file_system_sized_to_its_quota(broker_factory):
     assert b.alive()
 
 
-def test_an_executor_that_cannot_start_in_a_full_directory_says_why(broker_factory):
-    """With every inode of her directory taken, alice's executor cannot make its socket:
-    her session hears an OUT_OF_MEMORY naming that, not "exited with status 1"; with room
-    again, her next session works, and bob never noticed."""
-    b = broker_factory({"alice": {"memory": "64MiB"}, "bob": {"memory": "64MiB"}})
-    d = os.path.join(b.runtime_dir, "tenants", "alice")
+@contextlib.contextmanager
+def _inodes_taken(d: str):
+    """Every inode of the tenant file system at `d` taken by empty files, until the block ends."""
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     made = 0
     try:
@@ -109,16 +107,26 @@ def test_an_executor_that_cannot_start_in_a_full_directory_says_why(broker_facto
             while made < 100_000:
                 os.close(os.open(f"f{made}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
                 made += 1
+        yield
+    finally:
+        for i in range(made):
+            os.unlink(f"f{i}", dir_fd=fd)
+        os.close(fd)
+
+
+def test_an_executor_that_cannot_start_in_a_full_directory_says_why(broker_factory):
+    """With every inode of her directory taken, alice's executor cannot make its socket:
+    her session hears an OUT_OF_MEMORY naming that, not "exited with status 1"; with room
+    again, her next session works, and bob never noticed."""
+    b = broker_factory({"alice": {"memory": "64MiB"}, "bob": {"memory": "64MiB"}})
+    d = os.path.join(b.runtime_dir, "tenants", "alice")
+    with _inodes_taken(d):
         with b.connect("alice") as s:
             with pytest.raises(kc.OutOfMemoryError, match="could not start: cannot make the executor's "
                                "socket in the tenant's directory: No space left on device"):
                 s.device("cpu0").allocate(16)
         with b.connect("bob") as s:
             run_vadd(s.device("cpu0"))
-        for i in range(made):
-            os.unlink(f"f{i}", dir_fd=fd)
-    finally:
-        os.close(fd)
     with b.connect("alice") as s:
         run_vadd(s.device("cpu0"))
     assert b.alive()
@@ -129,13 +137,7 @@ def test_every_open_of_an_executor_that_cannot_start_is_answered(broker_factory,
     executor cannot start (a full directory here), both hear why, not only the first."""
     b = broker_factory({"alice": {"memory": "64MiB"}})
     d = os.path.join(b.runtime_dir, "tenants", "alice")
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    made = 0
-    try:
-        with pytest.raises(OSError):
-            while made < 100_000:
-                os.close(os.open(f"f{made}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
-                made += 1
+    with _inodes_taken(d):
         sock = raw_socket(b.address("alice"))
         sock.send(P.pack({"v": 1, "id": 1, "op": "hello"}))
         token = P.unpack(sock.recv())["session"]
@@ -150,10 +152,6 @@ def test_every_open_of_an_executor_that_cannot_start_is_answered(broker_factory,
         for r in replies.values():
             assert r["ok"] is False and r["code"] == int(E.CUDA_ERROR_OUT_OF_MEMORY), r
             assert "could not start" in r["error"], r
-        for i in range(made):
-            os.unlink(f"f{i}", dir_fd=fd)
-    finally:
-        os.close(fd)
     assert b.alive()
 
 

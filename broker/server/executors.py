@@ -193,8 +193,7 @@ class ExecutorControl:
                 t.gate.send(s.ident, P.event("executor_died", device=ex.device.name,
                                                     code=int(code), error=message))
             for p in ex.pending.values():       # each open asked, repeated ones too
-                for ident, rid in [(p.ident, p.req_id), *p.also]:
-                    t.gate.send(ident, P.error(rid, code, message))
+                p.answer(t.gate, lambda rid: P.error(rid, code, message))
         if not current:
             return
         # Remove what the executor left in the tenant's directory: by descriptor (the tenant
@@ -336,10 +335,8 @@ class ExecutorControl:
             return
         ex.sessions.add(msg["session"])
         p.session.devices.add(ex.device.name)
-        answer = P.reply(p.req_id, **self._open_reply(ex))
-        ex.tenant.gate.send(p.ident, answer)
-        for ident2, rid in p.also:
-            ex.tenant.gate.send(ident2, P.reply(rid, **self._open_reply(ex)))
+        opened = self._open_reply(ex)
+        p.answer(ex.tenant.gate, lambda rid: P.reply(rid, **opened))
 
     def _executor_ready(self, ex: ExecutorProc, msg: dict) -> None:
         t = ex.tenant

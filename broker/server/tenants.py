@@ -46,6 +46,11 @@ class PendingOpen:
     req_id: int
     also: list = dataclasses.field(default_factory=list)   # (ident, req_id) of repeated opens
 
+    def answer(self, gate, reply) -> None:
+        """`reply(req_id)` to the open and to each repeat of it (each waits for the same)."""
+        for ident, rid in [(self.ident, self.req_id), *self.also]:
+            gate.send(ident, reply(rid))
+
 
 @dataclasses.dataclass
 class ClientSession:
@@ -331,8 +336,7 @@ class TenantService:
         # client that stopped heartbeating while its executor started would wait forever).
         opens = [*t.waiting_opens.values(), *(ex.pending for ex in t.executors.values())]
         for p in [o.pop(s.token) for o in opens if s.token in o]:
-            for ident, rid in [(p.ident, p.req_id), *p.also]:
-                t.gate.send(ident, P.error(rid, E.CUDA_ERROR_INVALID_CONTEXT, f"session ended ({why})"))
+            p.answer(t.gate, lambda rid: P.error(rid, E.CUDA_ERROR_INVALID_CONTEXT, f"session ended ({why})"))
         for ex in list(t.executors.values()):
             if s.token in ex.sessions:
                 ex.sessions.discard(s.token)
