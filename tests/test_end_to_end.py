@@ -282,15 +282,55 @@ def test_a_repeated_open_is_answered_and_keeps_the_session(broker, raw_socket):
     assert P.unpack(ex.recv())["ok"] is True
 
 
+def _held_compiler(tmp_path, monkeypatch):
+    """KUBECASH_CXX: g++ once the returned file is gone (an executor's start held while it
+    exists: its native runtime, built with another compiler, is not in the cache)."""
+    hold, cxx = tmp_path / "hold", tmp_path / "cxx"
+    cxx.write_text(f'#!/bin/sh\nwhile [ -e {hold} ]; do sleep 0.05; done\nexec {shutil.which("g++")} "$@"\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("KUBECASH_CXX", str(cxx))
+    return hold
+
+
+def test_repeats_of_an_open_waiting_for_an_executor_are_bounded(broker_factory, raw_socket, tmp_path,
+                                                                monkeypatch):
+    """A tenant repeating an open while its executor starts is refused past a bound (each repeat
+    is kept to be answered); those within it are answered once the executor is ready."""
+    from kubecash.broker.server.tenants import MAX_REPEATED_OPENS
+    hold = _held_compiler(tmp_path, monkeypatch)
+    b = broker_factory()
+    hold.touch()
+    sock = raw_socket(b.address("alice"))
+    try:
+        sock.send(P.pack({"v": 1, "id": 1, "op": "hello"}))
+        token = P.unpack(sock.recv())["session"]
+        n = MAX_REPEATED_OPENS + 5
+        for rid in range(2, 2 + n):
+            sock.send(P.pack({"v": 1, "id": rid, "op": "open_device", "session": token, "device": "cpu0"}))
+        refused = [P.unpack(sock.recv()) for _ in range(n - 1 - MAX_REPEATED_OPENS)]
+        for r in refused:
+            assert r["ok"] is False and r["code"] == int(E.CUDA_ERROR_INVALID_VALUE), r
+            assert "repeated opens already wait for its executor" in r["error"], r
+    finally:
+        hold.unlink()
+    answered = {}
+    deadline = time.monotonic() + 60 * SLOW
+    while len(answered) < MAX_REPEATED_OPENS + 1:
+        assert time.monotonic() < deadline, answered
+        if sock.poll(100):
+            r = P.unpack(sock.recv())
+            if "event" not in r:
+                answered[r["id"]] = r
+    assert sorted(answered) == list(range(2, 3 + MAX_REPEATED_OPENS))
+    assert all(r["ok"] for r in answered.values()), answered
+
+
 def test_opens_waiting_for_an_executor_are_answered_when_their_session_ends(
         broker_factory, raw_socket, tmp_path, monkeypatch):
     """A session ends while its executor starts (its client stops heartbeating while the
     executor's build of its native runtime is held, by a KUBECASH_CXX that waits): no
     executor will answer its opens, so the broker does, the repeated one too, with why."""
-    hold, cxx = tmp_path / "hold", tmp_path / "cxx"
-    cxx.write_text(f'#!/bin/sh\nwhile [ -e {hold} ]; do sleep 0.05; done\nexec {shutil.which("g++")} "$@"\n')
-    cxx.chmod(0o755)
-    monkeypatch.setenv("KUBECASH_CXX", str(cxx))
+    hold = _held_compiler(tmp_path, monkeypatch)
     b = broker_factory()     # the runtime built with another compiler is not in its cache
     hold.touch()
     try:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kubecash.broker")
 THROTTLE_NOTICE_S = 1.0       # "throttled" events to a tenant's clients, at most this often
 ENDED_KEPT = 64                # reasons kept per tenant for sessions that ended
+MAX_REPEATED_OPENS = 16       # repeats of one open waiting for an executor to start
 GATE_BATCH = 64               # raw chunks read from one tenant's socket per pass
 # A tenant's directory file system holds its memory quota (staging and host memory count in
 # it) plus this much for what else it puts there: sockets, its containers' own files.
@@ -45,6 +46,15 @@ class PendingOpen:
     ident: bytes
     req_id: int
     also: list = dataclasses.field(default_factory=list)   # (ident, req_id) of repeated opens
+
+    def wait_again(self, ident: bytes, req_id: int, device: str) -> None:
+        """A repeat of the open, answered with it; bounded (a tenant repeating it while its
+        executor starts would grow this without end)."""
+        if len(self.also) >= MAX_REPEATED_OPENS:
+            raise error_from_code(E.CUDA_ERROR_INVALID_VALUE,
+                                  f"device '{device[:64]}': {MAX_REPEATED_OPENS} repeated opens "
+                                  "already wait for its executor to start")
+        self.also.append((ident, req_id))
 
     def answer(self, gate, reply) -> None:
         """`reply(req_id)` to the open and to each repeat of it (each waits for the same)."""
@@ -300,7 +310,7 @@ class TenantService:
             # It is exiting and will not take the session; the next executor will.
             waiting = t.waiting_opens.setdefault(name, {})
             if s.token in waiting:
-                waiting[s.token].also.append((ident, msg["id"]))
+                waiting[s.token].wait_again(ident, msg["id"], name)
             else:
                 waiting[s.token] = PendingOpen(s, ident, msg["id"])
             return None
@@ -309,7 +319,7 @@ class TenantService:
         if s.token in ex.sessions:
             return self._open_reply(ex)
         if s.token in ex.pending:           # asked again before the first was answered
-            ex.pending[s.token].also.append((ident, msg["id"]))
+            ex.pending[s.token].wait_again(ident, msg["id"], name)
             return None
         ex.pending[s.token] = PendingOpen(s, ident, msg["id"])
         if ex.ready:
