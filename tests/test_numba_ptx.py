@@ -61,6 +61,14 @@ def numba_args(*args) -> list:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def nvvm_loaded():
+    """numba's first compile loads NVVM and libdevice with the GIL held (1.5 s and more on a
+    cold CI machine): done here, before any test's session opens, so the client's heartbeat
+    thread is not held past the tests' short heartbeat timeout."""
+    compile_ptx(axpy, "void(float32[::1], float32, float32[::1], float32[::1])")
+
+
 @pytest.fixture
 def dev(session, dev_name):
     return session.device(dev_name)
