@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-distro test-arch test-systemd bench-fairness clean
+.PHONY: demo test test-distro test-arch test-systemd test-cdi bench-fairness clean
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
@@ -45,6 +45,12 @@ test-arch:
 test-systemd: $(STAMP)
 	tools/rootfs.sh amd64 trixie install
 	KUBECASH_SYSTEMD_ROOTFS=$$(tools/rootfs.sh amd64 trixie path) $(VENV)/bin/python -m pytest -q -rs tests/test_systemd.py
+
+# A container given only --device kubecash.io/tenant=<name> (podman, the same rootfs): it runs
+# an nvcc-built program within its tenant and reaches nothing else (tests/test_container.py).
+test-cdi: $(STAMP)
+	tools/rootfs.sh amd64 trixie check >/dev/null
+	KUBECASH_CONTAINER_ROOTFS=$$(tools/rootfs.sh amd64 trixie path) $(VENV)/bin/python -m pytest -q -rs tests/test_container.py
 
 bench-fairness: $(STAMP)
 	$(VENV)/bin/python bench/fairness.py

@@ -13,7 +13,8 @@ CUDA images put there (their libraries are found as before).
 A spec says the lowest `cdiVersion` its content needs, by the rules of the CDI reference
 library (tags.cncf.io/container-device-interface, specs-go/version.go,
 MinimumRequiredVersion): runtimes built on an older library refuse versions they do not
-know (podman 4.3 and 5.4 refuse 1.0.0), and accept a spec at the version its content needs.
+know (podman 4.3 refuses 1.0.0 and 0.6.0, 5.4 refuses 1.0.0), and accept a spec at the
+version its content needs. So the devices carry no annotations (0.6.0): nothing reads them.
 """
 from __future__ import annotations
 
@@ -87,7 +88,6 @@ def spec(runtime_dir: str, tenants: Iterable[str], *,
         inside = P.tenant_dir(container_runtime_dir, name)
         devices.append({
             "name": name,
-            "annotations": {"kubecash.io/tenant": name},
             "containerEdits": {
                 "env": [f"KUBECASH_BROKER=ipc://{P.broker_socket_path(container_runtime_dir, name)}"],
                 "mounts": [{"hostPath": P.tenant_dir(runtime_dir, name), "containerPath": inside,

@@ -59,12 +59,12 @@ def schema_validator():
     return jsonschema.Draft7Validator(schema, registry=registry)
 
 
-def test_kubecash_specs_are_0_6_0_and_valid_against_the_schema():
+def test_kubecash_specs_are_at_the_lowest_version_and_valid_against_the_schema():
     validator = schema_validator()
-    spec = cdi.spec("/run/kubecash", ["alice", "0claim", "b.c"])
-    # Its device annotations need 0.6.0, which also covers a name that starts with a digit.
-    assert spec["cdiVersion"] == "0.6.0"
+    # No annotations (0.6.0, which podman 4.3 refuses): tenants' names decide.
+    spec = cdi.spec("/run/kubecash", ["alice", "b.c"])
+    assert spec["cdiVersion"] == "0.3.0"
     validator.validate(spec)
-    for d in spec["devices"]:
-        del d["annotations"]
-    assert cdi.minimum_version(spec) == "0.5.0"       # without them: the leading digit
+    spec = cdi.spec("/run/kubecash", ["alice", "0claim"])
+    assert spec["cdiVersion"] == "0.5.0"              # a name that starts with a digit
+    validator.validate(spec)

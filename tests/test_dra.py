@@ -158,7 +158,7 @@ def cdi_env(p: Dra, cdi_id: str) -> dict[str, str]:
     kind, _, name = cdi_id.partition("=")
     with open(os.path.join(p.cdi_dir, f"kubecash.io-{name}.json")) as f:
         spec = json.load(f)
-    assert spec["kind"] == kind and spec["cdiVersion"] == "0.6.0"
+    assert spec["kind"] == kind and spec["cdiVersion"] == "0.3.0"     # podman 4.3 refuses 0.6.0
     schema_validator().validate(spec)
     (dev,) = [d for d in spec["devices"] if d["name"] == name]
     return dict(e.split("=", 1) for e in dev["containerEdits"]["env"])

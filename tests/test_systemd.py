@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import time
 import uuid
 
 import pytest
 from conftest import ROOT
+from podman import Podman, why_not
 
 ROOTFS = os.environ.get("KUBECASH_SYSTEMD_ROOTFS")
 UNIT = "kubecash-broker"
-# podman on these machines: no default ulimits it cannot set, and runc (crun is not there).
-CONTAINERS_CONF = '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\n'
 
 # A client in the container, tenant alice: a kernel on cpu0, through the broker's socket.
 CLIENT = r"""
@@ -44,25 +41,11 @@ with kc.connect("ipc:///run/kubecash/tenants/alice/broker.sock") as s:
 """
 
 
-def _why_not() -> str | None:
-    if not ROOTFS:
-        return "run by `make test-systemd` (a Debian rootfs with systemd, booted in podman)"
-    if os.geteuid() != 0:
-        return "podman needs root here"
-    if shutil.which("podman") is None:
-        return "podman is not installed (apt-get install podman)"
-    if not os.path.exists(os.path.join(ROOTFS, "lib/systemd/systemd")):
-        return f"{ROOTFS} has no systemd (tools/rootfs.sh installs it in a native rootfs)"
-    return None
-
-
 class Node:
     """A container booted with systemd; `sh` runs a command in it."""
 
     def __init__(self, tmp) -> None:
-        conf = tmp / "containers.conf"
-        conf.write_text(CONTAINERS_CONF)
-        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+        self._podman = Podman(tmp)
         self.name = f"kubecash-systemd-{uuid.uuid4().hex[:8]}"
         p = self._podman("run", "-d", "--name", self.name, "--systemd=always",
                          "--cap-add", "SYS_ADMIN", "--shm-size", "1g",
@@ -78,13 +61,6 @@ class Node:
                 " && cp /unit/kubecash-broker.service /etc/systemd/system/"
                 " && ln -sf /opt/venv/bin/kubecash-broker /opt/venv/bin/brokerctl /usr/local/bin/"
                 " && systemctl daemon-reload")
-
-    def _podman(self, *args: str, check: bool = True, timeout: float = 180):
-        p = subprocess.run(["podman", *args], capture_output=True, text=True, env=self.env,
-                           timeout=timeout)
-        if check:
-            assert p.returncode == 0, f"podman {args[0]}: {p.stderr}"
-        return p
 
     def sh(self, cmd: str, check: bool = True, timeout: float = 180):
         return self.exec("/bin/sh", "-c", cmd, check=check, timeout=timeout)
@@ -132,7 +108,7 @@ class Node:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    why = _why_not()
+    why = why_not(ROOTFS, "test-systemd", needs="lib/systemd/systemd")
     if why:
         pytest.skip(why)
     n = Node(tmp_path_factory.mktemp("systemd"))
