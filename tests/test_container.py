@@ -10,14 +10,18 @@ directory and no /dev node a container without the device lacks.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import pytest
+from conftest import ROOT, wait_for
 from podman import Podman, why_not
 from test_native_driver import RUN_TIMEOUT, programs  # noqa: F401  (a fixture)
 from test_native_samples import built  # noqa: F401  (a fixture)
@@ -28,6 +32,8 @@ ROOTFS = os.environ.get("KUBECASH_CONTAINER_ROOTFS")
 # cdi_spec_dirs); /var/run is the one for specs that do not outlive the machine's boot
 CDI_DIR = "/var/run/cdi"
 QUOTA_MIB = 64
+POD_SECONDS = 16              # the example pod runs until stopped: this long, under contention
+IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROGRAMS_IN = "/opt/kubecash-test"
 
 # What the container reports: key=value lines, as the programs print theirs.
@@ -128,3 +134,91 @@ def test_a_container_given_its_cdi_device_runs_kernels_in_its_tenant_and_reaches
     assert st[name]["devices"]["cpu0"]["limit"] == 0.25, st[name]
     for other in ("alice", "bob"):
         assert st[other]["devices"]["cpu0"]["kernels"] == 0, st[other]
+
+
+# -- a pod's claim, prepared as the kubelet has the DRA driver prepare it --------------------
+def _example(kind: str) -> dict:
+    import yaml
+    for path in sorted(glob.glob(os.path.join(ROOT, "deploy", "kubernetes", "example", "*.yaml"))):
+        with open(path) as f:
+            for d in yaml.safe_load_all(f):
+                if d and d["kind"] == kind:
+                    return d
+    raise AssertionError(f"no {kind} in deploy/kubernetes/example")
+
+
+def test_the_example_pods_claim_runs_its_container_at_a_quarter_and_6_gib(podman, broker, programs, tmp_path):  # noqa: E501,F811
+    """deploy/kubernetes/example: the claim (0.25 of a device, 6 GiB) allocated as the
+    scheduler would, prepared over the kubelet's gRPC by a real kubecash-dra, and the pod's
+    own command run in podman from the CDI device the driver returned, with the pod's
+    securityContext (its uid:gid, no capability, no privilege escalation) and the image's PATH."""
+    pytest.importorskip("grpc", reason="the kubernetes extra (grpcio) runs the DRA driver")
+    from test_dra import Dra, allocated, result
+    from test_scheduling import start_worker, window
+
+    claim, klass, pod = _example("ResourceClaim"), _example("DeviceClass"), _example("Pod")
+    req = claim["spec"]["devices"]["requests"][0]
+    assert req["exactly"]["deviceClassName"] == klass["metadata"]["name"]
+    capacity = req["exactly"]["capacity"]["requests"]
+    assert capacity == {"share": "250m", "memory": "6Gi"}
+    claim["metadata"]["uid"] = str(uuid.uuid4())
+    claim = allocated(claim, klass, result(share=capacity["share"], memory=capacity["memory"], request=req["name"]))
+
+    base = tempfile.mkdtemp(prefix="kc-dra-", dir="/tmp")
+    dra = Dra(broker, base, cdi_dir=CDI_DIR, container_runtime_dir="/run/kubecash")
+    dra.start()
+    ref = dra.put(claim)
+    tenant = "k8s-" + ref.uid
+    hog = None
+    try:
+        resp = dra.prepare(ref).claims[ref.uid]
+        assert resp.error == "", resp.error
+        (cdi_id,) = resp.devices[0].cdi_device_ids
+        with open(os.path.join(CDI_DIR, f"kubecash.io-{tenant}.json")) as f:
+            assert json.load(f)["cdiVersion"] == "0.3.0"     # what podman 4.3 reads
+
+        progdir = tmp_path / "programs"
+        progdir.mkdir()
+        shutil.copy(programs["driver_tour"], progdir / "driver_tour")
+        (main,) = pod["spec"]["containers"]
+        sc = main["securityContext"]
+        user = f"{sc['runAsUser']}:{sc['runAsGroup']}"
+        assert sc["runAsNonRoot"] and sc["capabilities"] == {"drop": ["ALL"]} and not sc["allowPrivilegeEscalation"]
+        assert [c["name"] for c in main["resources"]["claims"]] == [pod["spec"]["resourceClaims"][0]["name"]]
+        # the pod's command, for a while (it runs until stopped), then driver_tour's view
+        pod_cmd = " ".join(shlex.quote(a) for a in main["command"])
+        script = f"timeout -s INT {POD_SECONDS} {pod_cmd}; echo pod_rc=$?; {PROGRAMS_IN}/driver_tour tour"
+        hog = start_worker(broker, "alice", POD_SECONDS + 30)           # saturates cpu0 meanwhile
+        ctr = subprocess.Popen(
+            ["podman", "run", "--rm", "--network", "none", "--device", cdi_id, "--user", user,
+             "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+             "-e", f"PATH=/opt/venv/bin:{IMAGE_PATH}", "-v", f"{progdir}:{PROGRAMS_IN}:ro",
+             "--rootfs", f"{ROOTFS}:O", "/bin/sh", "-c", script],
+            env=podman.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with broker.admin() as a:
+            # its fill loop's memsets run under the device's lease: device time, not kernels
+            wait_for(lambda: a.call("status")["tenants"][tenant]["devices"]["cpu0"]["used_ns"] > 0
+                     or ctr.poll() is not None, RUN_TIMEOUT, "the pod's first work on the device")
+            assert ctr.poll() is None, ctr.communicate()
+            used, wall = window(a, [tenant, "alice"], POD_SECONDS / 2)
+            q = a.call("status")["tenants"][tenant]["devices"]["cpu0"]
+        out, err = ctr.communicate(timeout=RUN_TIMEOUT)
+        v = _values(out)
+        said = f"{out}\n{err[-3000:]}"
+        assert ctr.returncode == 0 and v["pod_rc"] in ("124", "130"), said    # stopped by timeout
+        assert "KubeCASH CPU" in out and ": 6 GiB," in out, said              # the pod's own line
+        assert int(v["mem_info_total"]) == 6 << 30 and v["over_quota"] == "2", said
+        assert (q["limit"], q["memory_limit"], q["weight"], q["class"]) == (0.25, 6 << 30, 200, "latency")
+        # its share is held to its claim against a tenant that would take the whole device
+        share = {t: u / wall for t, u in used.items()}
+        print(f"pod share {share[tenant]:.4f}, alice {share['alice']:.4f} over {wall:.1f} s")
+        assert 0 < share[tenant] <= 0.25 + 0.05, share
+        assert share["alice"] > share[tenant], share
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        assert dra.unprepare(ref).claims[ref.uid].error == ""
+        dra.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    assert not os.path.exists(os.path.join(CDI_DIR, f"kubecash.io-{tenant}.json"))

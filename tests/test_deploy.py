@@ -265,7 +265,13 @@ def test_the_example_claim_is_the_readmes_and_the_pod_uses_it():
     assert len(readme) == 1
     assert {**claim, "metadata": {"name": claim["metadata"]["name"]}} == readme[0]
     request = claim["spec"]["devices"]["requests"][0]
-    assert request["exactly"]["deviceClassName"] == slices.device_class()["metadata"]["name"]
+    # its class: the driver's devices, tenants owned by the uid:gid the pod runs as
+    klass = one(objs, "DeviceClass")
+    assert request["exactly"]["deviceClassName"] == klass["metadata"]["name"]
+    sc = pod["spec"]["containers"][0]["securityContext"]
+    owner = f"{sc['runAsUser']}:{sc['runAsGroup']}"
+    assert sc["runAsNonRoot"] and sc["capabilities"] == {"drop": ["ALL"]} and not sc["allowPrivilegeEscalation"]
+    assert klass == slices.device_class(owner)
     assert request["exactly"]["capacity"]["requests"] == {"share": "250m", "memory": "6Gi"}
     (ref,) = pod["spec"]["resourceClaims"]
     assert ref["resourceClaimName"] == claim["metadata"]["name"]

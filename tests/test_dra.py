@@ -54,6 +54,15 @@ def result(device: str = "cpu0", share: str | None = "250m", memory: str | None 
     return r
 
 
+def allocated(c: dict, klass: dict, *results: dict) -> dict:
+    """`c` (a claim as written) with `results` allocated as the scheduler allocates them: the
+    class's configuration (source FromClass), then the claim's (FromClaim)."""
+    config = ([{**e, "source": "FromClass", "requests": [r["name"] for r in c["spec"]["devices"]["requests"]]}
+               for e in klass["spec"].get("config", [])]
+              + [{**e, "source": "FromClaim"} for e in c["spec"]["devices"].get("config", [])])
+    return {**c, "status": {"allocation": {"devices": {"results": list(results), "config": config}}}}
+
+
 def opaque(requests: list[str] | None = None, source: str = "FromClaim", **params) -> dict:
     return {"source": source, "requests": requests or [],
             "opaque": {"driver": DRIVER, "parameters": {"apiVersion": claims.CONFIG_API_VERSION,
@@ -74,10 +83,12 @@ class Dra:
     """A kubecash-dra process with the kubelet's directories in a private one; `stub()` and
     `registration()` are the kubelet's gRPC clients."""
 
-    def __init__(self, broker, base: str):
+    def __init__(self, broker, base: str, cdi_dir: str | None = None, container_runtime_dir: str | None = None):
         self.broker, self.base = broker, base
         self.claims_dir = os.path.join(base, "claims")
-        self.cdi_dir = os.path.join(base, "cdi")
+        self.cdi_dir = cdi_dir or os.path.join(base, "cdi")
+        # by default the host is the container: a client uses the broker's runtime directory as is
+        self.container_runtime_dir = container_runtime_dir or broker.runtime_dir
         self.registry = os.path.join(base, "plugins_registry")
         self.plugins = os.path.join(base, "plugins")
         self.state_dir = os.path.join(base, "state")
@@ -86,10 +97,9 @@ class Dra:
 
     def start(self) -> None:
         self.log = open(os.path.join(self.base, "dra.log"), "a")
-        # the host is the container here: a client uses the broker's runtime directory as is
         self.proc = subprocess.Popen(
             [DRA, "--node-name", NODE, "--runtime-dir", self.broker.runtime_dir, "--state-dir", self.state_dir,
-             "--cdi-dir", self.cdi_dir, "--container-runtime-dir", self.broker.runtime_dir,
+             "--cdi-dir", self.cdi_dir, "--container-runtime-dir", self.container_runtime_dir,
              "--registry-dir", self.registry, "--plugins-dir", self.plugins, "--claims-dir", self.claims_dir,
              "--no-publish"], stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: self._answers(), 30, "kubecash-dra to serve registration")

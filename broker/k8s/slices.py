@@ -17,7 +17,7 @@ import re
 from fractions import Fraction
 from typing import Any, Protocol
 
-from . import DRIVER, quantity
+from . import DRIVER, claims, quantity
 
 log = logging.getLogger("kubecash.dra")
 
@@ -66,9 +66,17 @@ def resource_slice(node: str, devices: dict[str, dict[str, Any]], generation: in
                      "devices": out}}
 
 
-def device_class() -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": "DeviceClass", "metadata": {"name": DRIVER},
-            "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{DRIVER}"'}}]}}
+def device_class(owner: str | None = None) -> dict[str, Any]:
+    """The DeviceClass `kubecash.io`, or with `owner` ("uid:gid") `uid-<uid>.kubecash.io`:
+    its claims' tenants are that owner's, for pods running as it (a non-root pod with no
+    capability can reach only a tenant directory its uid owns)."""
+    spec: dict[str, Any] = {"selectors": [{"cel": {"expression": f'device.driver == "{DRIVER}"'}}]}
+    if owner is None:
+        return {"apiVersion": API_VERSION, "kind": "DeviceClass", "metadata": {"name": DRIVER}, "spec": spec}
+    spec["config"] = [{"opaque": {"driver": DRIVER, "parameters": {
+        "apiVersion": claims.CONFIG_API_VERSION, "kind": claims.CONFIG_KIND, "owner": owner}}}]
+    return {"apiVersion": API_VERSION, "kind": "DeviceClass",
+            "metadata": {"name": f"uid-{owner.partition(':')[0]}.{DRIVER}"}, "spec": spec}
 
 
 class Publisher(Protocol):
