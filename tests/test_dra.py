@@ -83,8 +83,10 @@ class Dra:
     """A kubecash-dra process with the kubelet's directories in a private one; `stub()` and
     `registration()` are the kubelet's gRPC clients."""
 
-    def __init__(self, broker, base: str, cdi_dir: str | None = None, container_runtime_dir: str | None = None):
+    def __init__(self, broker, base: str, cdi_dir: str | None = None, container_runtime_dir: str | None = None,
+                 publish: list[str] | None = None):
         self.broker, self.base = broker, base
+        self.publish = publish or ["--no-publish"]      # or the flags that publish, to where
         self.claims_dir = os.path.join(base, "claims")
         self.cdi_dir = cdi_dir or os.path.join(base, "cdi")
         # by default the host is the container: a client uses the broker's runtime directory as is
@@ -101,7 +103,7 @@ class Dra:
             [DRA, "--node-name", NODE, "--runtime-dir", self.broker.runtime_dir, "--state-dir", self.state_dir,
              "--cdi-dir", self.cdi_dir, "--container-runtime-dir", self.container_runtime_dir,
              "--registry-dir", self.registry, "--plugins-dir", self.plugins, "--claims-dir", self.claims_dir,
-             "--no-publish"], stdout=self.log, stderr=subprocess.STDOUT)
+             *self.publish], stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: self._answers(), 30, "kubecash-dra to serve registration")
 
     def _answers(self) -> bool:
@@ -393,6 +395,8 @@ class FakeApiServer:
         import threading
         self.requests: list[tuple[str, str, dict | None]] = []
         self.slices: dict[str, dict] = {}
+        self.failing = 0          # answer this many requests 503, as a server not up yet
+        self.version = 0
         api = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -411,10 +415,20 @@ class FakeApiServer:
                 n = int(self.headers.get("Content-Length") or 0)
                 return json.loads(self.rfile.read(n)) if n else None
 
+            def _unavailable(self) -> bool:
+                if api.failing <= 0:
+                    return False
+                api.failing -= 1
+                self._reply(503, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503,
+                                  "reason": "ServiceUnavailable"})
+                return True
+
             def do_GET(self):
                 path = self.path.split("?")[0]
                 api.requests.append(("GET", self.path, None))
-                if path == "/apis/resource.k8s.io/v1/resourceslices":
+                if self._unavailable():
+                    pass
+                elif path == "/apis/resource.k8s.io/v1/resourceslices":
                     self._reply(200, {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSliceList",
                                       "metadata": {}, "items": list(api.slices.values())})
                 elif path in claims_by_path:
@@ -426,18 +440,41 @@ class FakeApiServer:
             def do_POST(self):
                 body = self._body()
                 api.requests.append(("POST", self.path, body))
-                stored = {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
-                api.slices[body["metadata"]["name"]] = stored
-                self._reply(201, stored)
+                self._reply(201, api.store(body))
 
             def do_PUT(self):
                 body = self._body()
                 api.requests.append(("PUT", self.path, body))
-                api.slices[body["metadata"]["name"]] = body
-                self._reply(200, body)
+                self._reply(200, api.store(body))
+
+            def do_DELETE(self):
+                name = self.path.split("?")[0].rsplit("/", 1)[1]
+                api.requests.append(("DELETE", self.path, None))
+                gone = api.slices.pop(name, None)
+                self._reply(200 if gone else 404, gone or {"kind": "Status", "apiVersion": "v1",
+                                                           "status": "Failure", "code": 404})
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def store(self, body: dict) -> dict:
+        """Kept as a server keeps it: at a new resourceVersion."""
+        self.version += 1
+        stored = {**body, "metadata": {**body["metadata"], "resourceVersion": str(self.version)}}
+        self.slices[body["metadata"]["name"]] = stored
+        return stored
+
+    def writes(self) -> list[tuple[str, str, dict | None]]:
+        return [r for r in self.requests if r[0] != "GET"]
+
+    def kubeconfig(self, path: str) -> str:
+        with open(path, "w") as f:
+            json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "fake",
+                       "clusters": [{"name": "fake", "cluster": {
+                           "server": f"http://127.0.0.1:{self.server.server_port}"}}],
+                       "users": [{"name": "fake", "user": {}}],
+                       "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}, f)
+        return path
 
     def client(self):
         from kubernetes import client
@@ -460,17 +497,49 @@ def test_the_api_server_gets_the_objects_built_and_gives_claims(broker):
         pub = slices.ApiPublisher(NODE, api.client())
         pub.publish([s])
         (get, post) = api.requests
+        assert api.slices[f"{NODE}-{DRIVER}"]["metadata"]["resourceVersion"] == "1"
         assert get[0] == "GET" and "fieldSelector=spec.nodeName%3Dnode-a%2Cspec.driver%3Dkubecash.io" in get[1]
         assert post[:2] == ("POST", "/apis/resource.k8s.io/v1/resourceslices") and post[2] == s
-        pub.publish([s])          # again: replaced, at the version the server has
+        assert pub.publish([s]) == 0 and api.requests[-1][0] == "GET"    # the server has it as written
+        api.store(api.slices[f"{NODE}-{DRIVER}"])                          # someone else changed it
+        assert pub.publish([s]) == 1          # replaced, at the version the server has
         put = api.requests[-1]
         assert put[:2] == ("PUT", f"/apis/resource.k8s.io/v1/resourceslices/{NODE}-{DRIVER}")
-        assert put[2] == {**s, "metadata": {**s["metadata"], "resourceVersion": "1"}}
+        assert put[2] == {**s, "metadata": {**s["metadata"], "resourceVersion": "2"}}
         ref = claims.ClaimRef("default", "api-claim", c["metadata"]["uid"])
         assert sources.ApiClaims(api.client()).get(ref) == c
         with pytest.raises(claims.ClaimError, match="answered 404"):
             sources.ApiClaims(api.client()).get(claims.ClaimRef("default", "gone", "x"))
     finally:
+        api.close()
+
+
+def test_the_slice_is_kept_published_through_a_server_down_at_start_and_a_deletion(broker):
+    """kubecash-dra publishing for real (--kubeconfig, the official client): an API server that
+    refuses its first requests gets the slice once it answers; a slice deleted by someone is
+    written again; one the server has as written is not written again."""
+    pytest.importorskip("kubernetes", reason="the kubernetes client (the kubernetes extra) publishes")
+    api = FakeApiServer({})
+    api.failing = 3
+    base = tempfile.mkdtemp(prefix="kc-dra-", dir="/tmp")
+    p = Dra(broker, base, publish=["--kubeconfig", api.kubeconfig(os.path.join(base, "kubeconfig")),
+                                   "--publish-interval", "0.3"])
+    name = f"{NODE}-{DRIVER}"
+    try:
+        p.start()
+        wait_for(lambda: name in api.slices, 30, "the slice, once the server answers")
+        with broker.admin() as a:
+            assert api.slices[name]["spec"] == slices.resource_slice(NODE, a.call("status")["devices"])["spec"]
+        assert "was not published (again in" in p.logs()
+        n = len(api.writes())
+        api.slices.pop(name)                   # kubectl delete resourceslice, say
+        wait_for(lambda: name in api.slices, 30, "the deleted slice written again")
+        assert [w[0] for w in api.writes()[n:]] == ["POST"]
+        gets = sum(r[0] == "GET" for r in api.requests)
+        wait_for(lambda: sum(r[0] == "GET" for r in api.requests) >= gets + 3, 30, "three more checks")
+        assert [w[0] for w in api.writes()[n:]] == ["POST"]        # nothing changed: nothing written
+    finally:
+        p.stop()
         api.close()
 
 

@@ -1,7 +1,8 @@
 """`kubecash-dra`: the DRA driver's kubelet plugin, beside the broker on a node.
 
 Reconciles the claims it had prepared, serves registration and the DRA API on the kubelet's
-sockets, publishes the node's ResourceSlice (unless --no-publish), and runs until SIGTERM or
+sockets, keeps the node's ResourceSlice published (unless --no-publish: checked every
+--publish-interval seconds, written again where it is missing or out of date), and runs until SIGTERM or
 SIGINT. Claims come from the API server (in-cluster credentials, or --kubeconfig), or from a
 directory of claim files (--claims-dir: a node with no API server, and the tests).
 """
@@ -51,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--claims-dir", help="read claims from <dir>/<namespace>/<name>.json, not the API server")
     ap.add_argument("--kubeconfig", help="credentials for the API server (default: in-cluster)")
     ap.add_argument("--no-publish", action="store_true", help="do not publish the node's ResourceSlice")
+    ap.add_argument("--publish-interval", type=float, default=30.0,
+                    help="seconds between checks that the node's ResourceSlice is published as it should be")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not a.node_name:
         ap.error("--node-name (or $NODE_NAME) is needed: it names this node's pool")
+    if not a.publish_interval > 0:
+        ap.error(f"--publish-interval {a.publish_interval:g}: it must be above 0 seconds")
 
     def admin() -> AdminClient:
         return AdminClient(a.runtime_dir, socket=a.admin_socket)
@@ -75,16 +80,18 @@ def main(argv: list[str] | None = None) -> int:
         driver.reconcile()
     except KubecashError as e:      # serve anyway: claims get errors until the broker answers
         log.error("cannot reconcile prepared claims now: %s", e)
-    if not a.no_publish:
-        try:
-            with admin() as c:
-                devices = c.call("status")["devices"]
-            slices.ApiPublisher(a.node_name, api).publish([slices.resource_slice(a.node_name, devices)])
-        except Exception as e:  # publishing again is the operator's restart
-            log.error("the ResourceSlice was not published: %s", e)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    publishing = None
+    if not a.no_publish:
+        def build() -> list[dict]:
+            with admin() as c:
+                return [slices.resource_slice(a.node_name, c.call("status")["devices"])]
+        publishing = threading.Thread(target=slices.keep_published, name="kubecash-dra-publish", daemon=True,
+                                      args=(slices.ApiPublisher(a.node_name, api), build, stop,
+                                            a.publish_interval))
+        publishing.start()
     plugin = servers.Plugin(driver, registry_dir=a.registry_dir, plugins_dir=a.plugins_dir,
                             kubelet_plugins_dir=a.kubelet_plugins_dir)
     log.info("serving %s on %s (registration %s)", DRIVER, plugin.endpoint, plugin.registration_socket)
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait()
     finally:
         plugin.stop()
+        if publishing is not None:
+            publishing.join(10)
     return 0
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any, Protocol
 
@@ -80,32 +82,64 @@ def device_class(owner: str | None = None) -> dict[str, Any]:
 
 
 class Publisher(Protocol):
-    def publish(self, slices: list[dict[str, Any]]) -> None: ...
+    def publish(self, slices: list[dict[str, Any]]) -> int: ...
 
 
 class ApiPublisher:
-    """Creates or replaces the node's slices, deletes its others (a live cluster only)."""
+    """Creates or replaces the node's slices, deletes its others (a live cluster only).
+    What it wrote is remembered with the server's resourceVersion: a slice the server still
+    has at that version, with the same content, is left alone (the server may add defaults,
+    so its copy is not compared); one deleted or changed by another is written again."""
 
     def __init__(self, node: str, api_client: Any = None):
         from kubernetes import client
         self.node, self.api = node, client.ResourceV1Api(api_client)
+        self._written: dict[str, tuple[dict[str, Any], str]] = {}    # name -> (body, resourceVersion)
 
-    def publish(self, slices: list[dict[str, Any]]) -> None:
+    def publish(self, slices: list[dict[str, Any]]) -> int:
+        """Makes the server's slices of this node `slices`; returns how many writes it took."""
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
         existing = {s.metadata.name: s for s in self.api.list_resource_slice(
             field_selector=f"spec.nodeName={self.node},spec.driver={DRIVER}").items}
+        writes = 0
         for body in slices:
             name = body["metadata"]["name"]
-            if name in existing:
-                body = {**body, "metadata": {**body["metadata"],
-                                             "resourceVersion": existing.pop(name).metadata.resource_version}}
-                self.api.replace_resource_slice(name, client.V1ResourceSlice.from_dict(body))
+            have = existing.pop(name, None)
+            version = have.metadata.resource_version if have is not None else None
+            if have is not None and self._written.get(name) == (body, version):
+                continue
+            if have is not None:
+                out = self.api.replace_resource_slice(name, client.V1ResourceSlice.from_dict(
+                    {**body, "metadata": {**body["metadata"], "resourceVersion": version}}))
             else:
-                self.api.create_resource_slice(client.V1ResourceSlice.from_dict(body))
+                out = self.api.create_resource_slice(client.V1ResourceSlice.from_dict(body))
+            self._written[name] = (body, out.metadata.resource_version)
+            writes += 1
         for name in existing:
+            self._written.pop(name, None)
             try:
                 self.api.delete_resource_slice(name)
+                writes += 1
             except ApiException as e:
                 if e.status != 404:
                     raise
+        return writes
+
+
+def keep_published(publisher: Publisher, build: Callable[[], list[dict[str, Any]]], stop: threading.Event,
+                   interval: float) -> None:
+    """Publishes what `build()` returns (the slices of the broker's devices now) every
+    `interval` seconds until `stop`: a slice deleted, an API server that was down at start, a
+    broker whose devices changed, all heal by the next pass. A failed pass is logged and
+    tried again sooner (1 s, doubling up to `interval`)."""
+    retry = 1.0
+    while not stop.is_set():
+        try:
+            if publisher.publish(build()):
+                log.info("published the node's ResourceSlice")
+            retry, wait = 1.0, interval
+        except Exception as e:  # the API client and the admin socket raise many kinds
+            log.error("the ResourceSlice was not published (again in %g s): %s", min(retry, interval), e)
+            wait, retry = min(retry, interval), retry * 2
+        stop.wait(wait)
