@@ -64,12 +64,15 @@ def test_a_tenant_directory_is_a_file_system_sized_to_its_quota(broker_factory):
         a, bd = alice.device("cpu0"), bob.device("cpu0")
         run_vadd(a, 100_000)                         # staging, in her file system
         written = _fill(alice_dir, 512 * MiB)
-        assert written <= 64 * MiB + EXTRA
+        assert EXTRA // 2 < written <= 64 * MiB + EXTRA
         with b.admin() as adm:                       # brokerctl status shows it
             use = adm.call("status")["tenants"]["alice"]["directory"]
         assert use["own_file_system"] and use["bytes_max"] == 64 * MiB + EXTRA
         assert written <= use["bytes_used"] <= use["bytes_max"] and use["files_max"] == confine.TENANT_FS_INODES
-        assert _free(b.runtime_dir) > runtime_free - 16 * MiB, "the runtime file system filled up"
+        # what she wrote is in her file system, not the runtime's (whose free space other
+        # processes move too: only a drop near what she wrote would be hers)
+        assert os.stat(os.path.join(alice_dir, "junk")).st_dev == os.stat(alice_dir).st_dev
+        assert _free(b.runtime_dir) > runtime_free - written // 2, "the runtime file system filled up"
         with pytest.raises(kc.OutOfMemoryError, match="file system holding the tenant's directory is full"):
             a.allocate_host(MiB)
         with bd.allocate_host(8 * MiB) as h:         # bob's room is his own
