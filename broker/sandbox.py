@@ -566,6 +566,33 @@ def _compiler() -> str:
     return cxx
 
 
+_BUILD_PREFIX = "kubecash-sandbox-"
+
+
+def _sweep_build_dirs() -> None:
+    """Remove build directories left by processes that are gone (an executor killed while it
+    built the runtime): each is named after its builder's pid. Only this uid's can go
+    (/tmp is sticky); one whose pid lives (or is reused) is left."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(_BUILD_PREFIX):].partition("-")[0]
+        if not name.startswith(_BUILD_PREFIX) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def _load_native(cache_dir: str | os.PathLike | None) -> ctypes.CDLL:
     """Build (once, cached by source and compiler) and load the native runtime."""
     global _native
@@ -577,7 +604,8 @@ def _load_native(cache_dir: str | os.PathLike | None) -> ctypes.CDLL:
         st = os.stat(real)
         key = hashlib.sha256(f"{_NATIVE_SOURCE}\0{real}:{st.st_size}:{st.st_mtime_ns}:"
                              f"{platform.machine()}".encode()).hexdigest()[:32]
-        work = tempfile.mkdtemp(prefix="kubecash-sandbox-")
+        _sweep_build_dirs()
+        work = tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{os.getpid()}-")
         try:
             cached = os.path.join(str(cache_dir), f"sandbox-{key}.so") if cache_dir else None
             path = os.path.join(work, "sandbox.so")

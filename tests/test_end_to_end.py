@@ -1,14 +1,18 @@
 """A real broker, real executors, real kernels: results must equal numpy's."""
 from __future__ import annotations
 
+import glob
 import json
 import mmap
+import os
 import shutil
+import signal
+import tempfile
 import time
 
 import numpy as np
 import pytest
-from conftest import SLOW, run_client
+from conftest import SLOW, run_client, wait_for
 from kernels import GRID2D, SAXPY, SCALARS, VECADD
 
 import kubecash.client as kc
@@ -342,6 +346,37 @@ def test_opens_waiting_for_an_executor_are_answered_when_their_session_ends(
         assert r["error"].startswith("session ended (no heartbeat for"), r
     with b.connect("alice") as s:                # and the next session gets an executor
         s.device("cpu0").allocate(64).close()
+
+
+def _build_dirs(pid: int) -> list[str]:
+    return glob.glob(os.path.join(tempfile.gettempdir(), f"kubecash-sandbox-{pid}-*"))
+
+
+def test_a_runtime_build_left_by_a_killed_executor_is_removed_by_the_next(broker_factory, tmp_path, monkeypatch):
+    """An executor killed while it builds its native runtime leaves its build directory; the
+    tenant's next executor, at its own build, removes it (its builder is gone)."""
+    hold = _held_compiler(tmp_path, monkeypatch)
+    b = broker_factory()
+    hold.touch()
+    client = run_client("import kubecash.client as kc\nwith kc.connect() as s:\n    s.device('cpu0').allocate(64)\n",
+                        b.address("alice"))
+    try:
+        with b.admin() as a:
+            def starting():
+                return a.call("status")["tenants"]["alice"]["devices"]["cpu0"]["executor_pid"]
+            wait_for(starting, 60 * SLOW, "alice's executor")
+            pid = starting()
+        wait_for(lambda: _build_dirs(pid), 60 * SLOW, "the executor's build directory")
+        os.kill(pid, signal.SIGKILL)
+        client.communicate(timeout=60 * SLOW)
+        assert _build_dirs(pid), "killed while building: its directory is left"
+    finally:
+        hold.unlink()
+        if client.poll() is None:
+            client.kill()
+    with b.connect("alice") as s:                # a new executor, built with the same compiler
+        s.device("cpu0").allocate(64).close()
+    assert _build_dirs(pid) == []
 
 
 def test_a_sync_after_the_queue_drained_still_reports_the_async_error(session):
