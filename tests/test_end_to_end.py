@@ -348,6 +348,20 @@ def test_opens_waiting_for_an_executor_are_answered_when_their_session_ends(
         s.device("cpu0").allocate(64).close()
 
 
+def test_an_executor_not_ready_in_time_is_killed_and_its_open_says_why(broker_factory, tmp_path, monkeypatch):
+    hold = _held_compiler(tmp_path, monkeypatch)
+    b = broker_factory(executor_start_timeout_s=2)
+    hold.touch()
+    try:
+        with b.connect("alice") as s, pytest.raises(kc.CudaError) as e:
+            s.device("cpu0").allocate(64)
+        assert "not ready 2 s after it started (the broker's executor_start_timeout_s)" in str(e.value)
+    finally:
+        hold.unlink()
+    with b.connect("alice") as s:                # the next open starts another, which gets ready
+        s.device("cpu0").allocate(64).close()
+
+
 def _build_dirs(pid: int) -> list[str]:
     return glob.glob(os.path.join(tempfile.gettempdir(), f"kubecash-sandbox-{pid}-*"))
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from .cache import CACHE_TRIM_INTERVAL_S, STALE_BUILD_S
 from .core import STATUS_INTERVAL_S, Broker
-from .executors import CONTROL_OUTBOX_MAX, EXECUTOR_START_TIMEOUT_S, EXECUTOR_STOP_TIMEOUT_S, ExecutorProc
+from .executors import CONTROL_OUTBOX_MAX, EXECUTOR_STOP_TIMEOUT_S, ExecutorProc
 from .tenants import GATE_BATCH, THROTTLE_NOTICE_S, ClientSession, PendingOpen, TenantState
 
 __all__ = ["Broker", "ClientSession", "ExecutorProc", "PendingOpen", "TenantState",
-           "CACHE_TRIM_INTERVAL_S", "CONTROL_OUTBOX_MAX", "EXECUTOR_START_TIMEOUT_S",
+           "CACHE_TRIM_INTERVAL_S", "CONTROL_OUTBOX_MAX",
            "EXECUTOR_STOP_TIMEOUT_S", "GATE_BATCH", "STATUS_INTERVAL_S", "STALE_BUILD_S", "THROTTLE_NOTICE_S"]

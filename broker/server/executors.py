@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from .tenants import PendingOpen, TenantState
 
 log = logging.getLogger("kubecash.broker")
-EXECUTOR_START_TIMEOUT_S = 30.0
 CONTROL_OUTBOX_MAX = 4096    # messages waiting for an executor that is busy, not stuck
 EXECUTOR_STOP_TIMEOUT_S = 5.0
 STDERR_BUDGET = 256 << 10    # bytes of an executor's stderr logged per minute
@@ -61,7 +60,8 @@ class ExecutorProc:
     kernels: int = 0
     memory_used: int = 0
     kernel_carry_ns: int = 0               # run time of a preempted kernel in earlier leases
-    kill_reason: str | None = None         # why the broker killed it (max_kernel_seconds)
+    kill_reason: str | None = None         # why the broker killed it (max_kernel_seconds) ...
+    kill_code: E | None = E.CUDA_ERROR_LAUNCH_TIMEOUT   # ... and what its sessions are told (None: as it ended)
     stderr_partial: bytes = b""            # its output after the last newline
     stderr_window: float = 0.0             # when the current minute of its output began
     stderr_bytes: int = 0                  # output logged in that minute
@@ -143,7 +143,10 @@ class ExecutorControl:
             rc = ex.proc.poll()
             if rc is not None:
                 self._executor_gone(ex, exit_reason(rc))
-            elif not ex.ready and now - ex.started > EXECUTOR_START_TIMEOUT_S:
+            elif not ex.ready and now - ex.started > self.settings.executor_start_timeout_s and not ex.kill_reason:
+                ex.kill_reason = (f"not ready {self.settings.executor_start_timeout_s:g} s after it started "
+                                  "(the broker's executor_start_timeout_s)")
+                ex.kill_code = None
                 ex.proc.kill()
             elif ex.stopping is not None and now - ex.stopping > EXECUTOR_STOP_TIMEOUT_S:
                 ex.proc.kill()
@@ -178,7 +181,7 @@ class ExecutorControl:
         (log.info if clean else log.error)("tenant %s: executor for %s ended: %s",
                                            t.config.name, ex.device.name, why)
         if not clean:
-            code = E.CUDA_ERROR_LAUNCH_TIMEOUT if ex.kill_reason else reason.code
+            code = ex.kill_code if ex.kill_reason and ex.kill_code is not None else reason.code
             if ex.fatal is not None:          # it told us the device error that ended it
                 code, why = ex.fatal[0], (f"killed by SIGSYS: {ex.fatal[1]}" if reason.signal == SANDBOX_SIGNAL
                                           else f"context-fatal device error: {ex.fatal[1]}" if ex.ready
