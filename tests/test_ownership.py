@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import GPU_COUNT
 from kernels import VECADD
 
 NOBODY = 65534
@@ -23,7 +24,7 @@ CLIENT = textwrap.dedent(f"""
     except kc.KubecashError as e:
         print("refused:", e); sys.exit(3)
     with s:
-        d = s.device("cpu0")
+        d = s.device(sys.argv[2])
         n = 100_000                                     # > the inline limit: staged via shm
         a = d.allocate(4 * n)
         a.copy_from(bytes(range(256)) * (4 * n // 256) + bytes(4 * n % 256))
@@ -38,9 +39,9 @@ CLIENT = textwrap.dedent(f"""
 """)
 
 
-def run_as(uid: int, broker, tenant: str) -> subprocess.CompletedProcess:
+def run_as(uid: int, broker, tenant: str, device: str = "cpu0") -> subprocess.CompletedProcess:
     env = dict(broker.env(tenant), HOME="/tmp")
-    return subprocess.run([sys.executable, "-c", CLIENT, str(uid)], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-c", CLIENT, str(uid), device], env=env, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -58,6 +59,17 @@ def test_tenant_directory_is_owned_by_its_containers_uid(broker_factory):
     # A tenant with no owner: its executors' own allocated uid ([broker] executor_uid_min..max).
     ops = os.stat(os.path.join(b.runtime_dir, "tenants", "ops"))
     assert 61184 <= ops.st_uid <= 65519 and stat.S_IMODE(ops.st_mode) == 0o700
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_COUNT == 0, reason="no NVIDIA GPU here (NVML finds none)")
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client as another uid")
+def test_a_gpu_tenants_containers_map_the_files_its_root_executor_makes(broker_factory):
+    """A GPU executor stays root (unconfined, the driver's view): the staging segment and host
+    memory it makes in shm/ are given to the tenant's uid, or its containers could not map them."""
+    b = broker_factory({"web": {"owner": f"{NOBODY}:{NOBODY}"}})
+    p = run_as(NOBODY, b, "web", "gpu0")
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
 
 
 def test_owner_is_validated(tmp_path):

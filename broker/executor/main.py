@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", required=True)
     ap.add_argument("--owner", default="", help="uid:gid this executor runs as (the broker is root)")
+    ap.add_argument("--file-owner", default="", help="uid:gid given the files it makes in the tenant's shm/ "
+                    "(a root executor left unconfined: a GPU's)")
     ap.add_argument("--jail", default="", help="an empty directory to mount this executor's view on "
                     "(the broker is root)")
     ap.add_argument("--max-message-bytes", type=int, default=P.MAX_MESSAGE_BYTES)
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     bound_memory(device["kind"], a.memory_limit, lock=uid is not None)
     if uid is not None:
         ex.owner = (uid, gid)
+    elif a.file_owner:
+        ex.owner = tuple(int(x) for x in a.file_owner.split(":"))   # type: ignore[assignment]
     ex._capture_output()
     signal.signal(signal.SIGTERM, lambda *_: setattr(ex, "_stopping", True))
     try:

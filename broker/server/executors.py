@@ -84,6 +84,11 @@ class ExecutorControl:
                # executor runs no host code of the tenant's, and keeps the driver's view.
                "--owner", "{:d}:{:d}".format(*self._executor_ids(t.config)) if confined else "",
                "--jail", self.jail_dir if confined else "",
+               # A root executor left unconfined (a GPU's) gives the files it makes in the
+               # tenant's shm/ to the tenant's uid, which owns the directory: else its
+               # containers could not map them.
+               "--file-owner", "{:d}:{:d}".format(*self._executor_ids(t.config))
+               if confine.can_confine() and not confined else "",
                "--max-message-bytes", str(self.settings.max_message_bytes),
                "--limits", json.dumps(self.settings.limits.as_dict())]
         if not self.settings.sandbox:
