@@ -8,6 +8,7 @@ all it needs: no CUDA headers, no toolkit.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,6 +33,16 @@ CFLAGS = ("-std=gnu11", "-O2", "-g", "-fPIC", "-fvisibility=hidden", "-Wall", "-
 LDFLAGS = ("-shared", "-Wl,-z,defs", "-Wl,-z,nodelete", "-Wl,--as-needed", "-pthread")
 
 
+def package_version() -> str:
+    """The package's version (pyproject.toml's, beside native/): what NVML's version calls
+    report, as the shim's do."""
+    with open(os.path.join(os.path.dirname(HERE), "pyproject.toml")) as f:
+        m = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.M)
+    if not m:
+        raise RuntimeError("pyproject.toml has no version")
+    return m.group(1)
+
+
 def compiler() -> list[str]:
     return shlex.split(os.environ.get("CC", "cc"))
 
@@ -44,7 +55,8 @@ def build(outdir: str = LIBDIR) -> list[str]:
         final = os.path.join(outdir, name)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=outdir)
         os.close(fd)
-        cmd = [*compiler(), *CFLAGS, "-I", SRC, *(os.path.join(SRC, s) for s in sources),
+        cmd = [*compiler(), *CFLAGS, f'-DKC_PACKAGE_VERSION="{package_version()}"', "-I", SRC,
+               *(os.path.join(SRC, s) for s in sources),
                *LDFLAGS, f"-Wl,-soname,{name}", "-o", tmp, "-lm"]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -209,6 +209,21 @@ NVML: dict[str, str] = {
     "nvmlDeviceGetHandleByIndex": LOCAL,
     "nvmlDeviceGetName": LOCAL,
     "nvmlDeviceGetMemoryInfo": BROKER,    # status: the tenant's use on the device
+    "nvmlDeviceGetMemoryInfo_v2": BROKER,
+    "nvmlInitWithFlags": BROKER,
+    "nvmlDeviceGetIndex": LOCAL,
+    "nvmlDeviceGetUUID": LOCAL,           # "GPU-" and cuDeviceGetUuid's bytes
+    "nvmlDeviceGetHandleByUUID": LOCAL,
+    "nvmlDeviceGetCudaComputeCapability": LOCAL,
+    "nvmlDeviceGetMultiGpuBoard": LOCAL,
+    "nvmlDeviceGetUtilizationRates": BROKER,   # the tenant's share of the device's last second
+    "nvmlDeviceGetComputeRunningProcesses_v3": BROKER,   # its sessions' pids with the device open
+    "nvmlDeviceGetComputeRunningProcesses_v2": BROKER,
+    "nvmlDeviceGetComputeRunningProcesses": BROKER,      # the v1 records {pid, usedGpuMemory}
+    "nvmlSystemGetDriverVersion": LOCAL,  # "kubecash-<version>", as the shim says
+    "nvmlSystemGetNVMLVersion": LOCAL,
+    "nvmlSystemGetCudaDriverVersion": LOCAL,   # cuDriverGetVersion's
+    "nvmlSystemGetCudaDriverVersion_v2": LOCAL,
 }
 
 # The NVML names exported as NOT_SUPPORTED stubs (no nvml.h ships with the pip packages or

@@ -118,6 +118,44 @@ def nvmlDeviceGetMemoryInfo(handle, version=None):
     return m
 
 
+def _use(i: int) -> dict:
+    """The tenant's use of device i, from the broker (its session's status); {} before its
+    executor runs there."""
+    d = STATE.devices[i]
+    try:
+        return STATE.session.status()["devices"].get(d.name, {})
+    except CudaError as e:
+        raise _err(real.NVML_ERROR_UNKNOWN) from e
+
+
+def nvmlDeviceGetUtilizationRates(handle):
+    """gpu: the tenant's share of the device's time over the last second (the broker's
+    scheduler measured it); memory bus activity is not measured: 0 (libnvidia-ml.so.1 says
+    the same)."""
+    share = float(_use(_index(handle)).get("share_1s", 0.0))
+    u = real.c_nvmlUtilization_t()
+    u.gpu, u.memory = max(0, min(100, int(share * 100 + 0.5))), 0
+    return u
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle):
+    """The tenant's own processes with the device open (as their sessions named them); their
+    memory is the executor's, not counted per process (None, as pynvml says for N/A)."""
+    out = []
+    for pid in _use(_index(handle)).get("pids", []):
+        p = real.c_nvmlProcessInfo_t()
+        p.pid, p.usedGpuMemory = pid, real.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
+        p.gpuInstanceId = p.computeInstanceId = 0xFFFFFFFF
+        obj = real.nvmlStructToFriendlyObject(p)
+        obj.usedGpuMemory = None
+        out.append(obj)
+    return out
+
+
+nvmlDeviceGetComputeRunningProcesses_v3 = nvmlDeviceGetComputeRunningProcesses
+nvmlDeviceGetComputeRunningProcesses_v2 = nvmlDeviceGetComputeRunningProcesses
+
+
 def nvmlDeviceGetCudaComputeCapability(handle):
     cc = STATE.devices[_index(handle)].properties.get("compute_capability") or [0, 0]
     return (int(cc[0]), int(cc[1]))

@@ -164,6 +164,8 @@ TABLE: dict[str, dict[str, str]] = {
             nvmlDeviceGetHandleByIndex nvmlDeviceGetHandleByUUID nvmlDeviceGetIndex
             nvmlDeviceGetUUID nvmlDeviceGetName nvmlDeviceGetMemoryInfo
             nvmlDeviceGetCudaComputeCapability nvmlDeviceGetMultiGpuBoard
+            nvmlDeviceGetUtilizationRates nvmlDeviceGetComputeRunningProcesses
+            nvmlDeviceGetComputeRunningProcesses_v2 nvmlDeviceGetComputeRunningProcesses_v3
         """),
         **_rows(LOCAL, """
             nvmlSystemGetDriverVersion nvmlSystemGetCudaDriverVersion
@@ -172,7 +174,6 @@ TABLE: dict[str, dict[str, str]] = {
         # Pure helpers of the pynvml module that never call NVML.
         **_rows(LOCAL + ":passthrough", "nvmlStructToFriendlyObject nvmlFriendlyObjectToStruct"),
         **_rows(UNSUPPORTED, """
-            nvmlDeviceGetUtilizationRates nvmlDeviceGetComputeRunningProcesses
             nvmlDeviceGetBAR1MemoryInfo nvmlDeviceGetTemperature nvmlDeviceGetPowerUsage
             nvmlDeviceGetClockInfo nvmlDeviceGetPciInfo nvmlDeviceGetPersistenceMode
         """),

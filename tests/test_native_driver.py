@@ -3,6 +3,7 @@ NVIDIA's cuda.h, linked to the libraries kubecash-libdir names, run against a re
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -12,11 +13,12 @@ import threading
 import zipfile
 
 import pytest
+from conftest import run_client, wait_for
 from toolkit import NO_NVCC, NVCC
 
 import kubecash.native as kn
 from kubecash.client import protocol as P
-from kubecash.native import gen, table
+from kubecash.native import build, gen, table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUOTA = 64 << 20
@@ -435,16 +437,87 @@ def test_more_tour(more_tour, quota_broker):
 
 
 # -- NVML -------------------------------------------------------------------------------------
+BUSY_CLIENT = f"""
+import sys, kubecash.client as kc
+sys.path.insert(0, {HERE!r})
+from kernels import VECADD
+with kc.connect() as s:
+    d = s.device("cpu0")
+    k = d.load_module(VECADD).get_kernel("vadd")
+    n = 1 << 18
+    a = d.allocate(4 * n)
+    print("ready", flush=True)
+    while True:
+        d.launch(k, (n // 256,), (256,), [a, a, a, n])
+        d.synchronize()
+"""
+
+
 def test_nvml_tour(programs, quota_broker):
-    v, err = run(programs["nvml_tour"], broker=quota_broker.address("alice"))
+    """What pynvml-style tools ask, answered as the tenant's: its quota as memory, its share of
+    the device as utilisation, its own processes; a busy client of the tenant runs beside."""
+    busy = run_client(BUSY_CLIENT, quota_broker.address("alice"))
+    try:
+        assert busy.stdout.readline().strip() == "ready", busy.stderr.read() if busy.poll() is not None else ""
+        with quota_broker.admin() as a:
+            wait_for(lambda: a.call("status")["tenants"]["alice"]["devices"]["cpu0"]["share"]["1s"] > 0.3,
+                     60, "the busy client's share")
+        v, err = run(programs["nvml_tour"], broker=quota_broker.address("alice"))
+    finally:
+        busy.kill()
+        busy.wait()
     assert v["count_before_init"] == "1"                         # NVML_ERROR_UNINITIALIZED
-    assert v["init"] == v["count_rc"] == v["handle"] == v["name_rc"] == v["mem_rc"] == "0"
+    assert v["init"] == v["init_flags"] == v["count_rc"] == v["handle"] == v["name_rc"] == v["mem_rc"] == "0"
     assert v["count"] == "1" and v["handle_bad"] == "2"
     assert v["name"].startswith("KubeCASH CPU")
     assert int(v["total"]) == QUOTA and int(v["used"]) + int(v["free"]) == QUOTA
-    assert v["uuid_1"] == v["uuid_2"] == "3"                     # NVML_ERROR_NOT_SUPPORTED
-    assert err.count("kubecash: nvmlDeviceGetUUID is not supported") == 1, err
+    assert int(v["used"]) >= 4 << 18                              # the busy client's buffer
+    assert (v["mem2_rc"], int(v["mem2_total"]), v["mem2_sum"]) == ("0", QUOTA, "1")
+    assert v["mem2_bad_version"] == "25"                         # NVML_ERROR_ARGUMENT_VERSION_MISMATCH
+    # the UUID cuDeviceGetUuid gives (the shim's too), as NVML writes one
+    u = hashlib.sha256(f"kubecash:cpu0:{v['name']}".encode()).digest()[:16].hex()
+    assert v["uuid_rc"] == "0" and v["uuid"] == f"GPU-{u[:8]}-{u[8:12]}-{u[12:16]}-{u[16:20]}-{u[20:]}"
+    assert v["uuid_small"] == "7"                                # NVML_ERROR_INSUFFICIENT_SIZE
+    assert (v["by_uuid_rc"], v["by_uuid_same"], v["by_uuid_bad"]) == ("0", "1", "6")   # NOT_FOUND
+    assert (v["index_rc"], v["index"], v["cc_rc"], v["cc"]) == ("0", "0", "0", "8.0")
+    # the tenant's share of the device's last second, and its own processes
+    assert v["util_rc"] == "0" and 30 <= int(v["util_gpu"]) <= 100 and v["util_memory"] == "0", v
+    assert (v["procs_count_rc"], v["procs_count"]) == ("7", "1")      # asked with no room: how many
+    assert v["procs_rc"] == v["procs_v1_rc"] == "0"
+    assert v["procs"] == v["procs_v1"] == str(busy.pid) and v["procs_mem_na"] == "1"
+    assert (v["driver_rc"], v["driver"]) == ("0", f"kubecash-{build.package_version()}")
+    assert (v["cuda_version_rc"], v["cuda_version"]) == ("0", str(gen.checked_in_driver_version()))
+    assert v["temp_1"] == v["temp_2"] == "3"                     # NVML_ERROR_NOT_SUPPORTED
+    assert err.count("kubecash: nvmlDeviceGetTemperature is not supported") == 1, err
     assert v["err_string"] == "Not Supported" and v["shutdown"] == "0"
+
+
+def test_pynvml_on_the_native_library_reports_the_tenant(quota_broker):
+    """pynvml itself (no Python-level shim) loading KubeCASH's libnvidia-ml.so.1."""
+    pytest.importorskip("pynvml")
+    code = """
+import json, os, pynvml
+pynvml.nvmlInit()
+h = pynvml.nvmlDeviceGetHandleByIndex(0)
+m = pynvml.nvmlDeviceGetMemoryInfo(h)
+print(json.dumps({"count": pynvml.nvmlDeviceGetCount(), "name": pynvml.nvmlDeviceGetName(h),
+                  "total": m.total, "uuid": pynvml.nvmlDeviceGetUUID(h),
+                  "same": pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(pynvml.nvmlDeviceGetUUID(h))),
+                  "cc": list(pynvml.nvmlDeviceGetCudaComputeCapability(h)),
+                  "util": pynvml.nvmlDeviceGetUtilizationRates(h).gpu,
+                  "pids": [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)],
+                  "cuda": pynvml.nvmlSystemGetCudaDriverVersion(), "driver": pynvml.nvmlSystemGetDriverVersion(),
+                  "lib": [l.split()[-1] for l in open("/proc/self/maps") if "libnvidia-ml" in l][0]}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "KUBECASH_BROKER"}
+    env.update(LD_LIBRARY_PATH=_libdir(), KUBECASH_BROKER=quota_broker.address("alice"), KUBECASH_SHIM="0")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)
+    assert v["lib"].startswith(_libdir()), v                 # ours, not a driver's
+    assert (v["count"], v["total"], v["same"], v["cc"]) == (1, QUOTA, 0, [8, 0]) and v["name"].startswith("KubeCASH")
+    assert v["uuid"].startswith("GPU-") and 0 <= v["util"] <= 100 and v["pids"] == []   # no device open
+    assert v["cuda"] == gen.checked_in_driver_version() and v["driver"] == f"kubecash-{build.package_version()}"
 
 
 def test_nvml_without_a_broker_is_driver_not_loaded(programs):

@@ -289,11 +289,19 @@ class TenantService:
         return {}
 
     def _op_status(self, s: ClientSession, ident: bytes, msg: dict) -> dict:
+        """The tenant's own use, per device it has an executor on (what NVML reports inside
+        its containers): share_1s, its share of the device's time over the last second; pids,
+        its sessions' processes with the device open (as their hello gave them)."""
         t = s.tenant
-        return {"tenant": t.config.name, "sessions": len(t.sessions),
-                "devices": {name: {"memory_used": ex.memory_used, "device_ns": ex.device_ns,
-                                   "kernels": ex.kernels, "pid": ex.proc.pid}
-                            for name, ex in t.executors.items()}}
+        now = time.monotonic_ns()
+        out = {}
+        for name, ex in t.executors.items():
+            e = self.schedulers[name].entities.get(t.config.name)
+            pids = sorted({ss.pid for tok in ex.sessions if (ss := self.sessions.get(tok)) is not None and ss.pid})
+            out[name] = {"memory_used": ex.memory_used, "device_ns": ex.device_ns, "kernels": ex.kernels,
+                         "pid": ex.proc.pid, "pids": pids,
+                         "share_1s": self.schedulers[name].shares(e, now)["1s"] if e else 0.0}
+        return {"tenant": t.config.name, "sessions": len(t.sessions), "devices": out}
 
     def _op_open_device(self, s: ClientSession, ident: bytes, msg: dict) -> dict | None:
         name = msg["device"]

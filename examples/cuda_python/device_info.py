@@ -1,6 +1,7 @@
 """What a program learns about its device: driver, runtime and pynvml views of memory.
 Prints one line of JSON."""
 import json
+import os
 
 import pynvml
 from common import checkCudaErrors
@@ -26,11 +27,14 @@ def main():
     mem = pynvml.nvmlDeviceGetMemoryInfo(h)
     out["nvml"] = {"count": pynvml.nvmlDeviceGetCount(), "name": pynvml.nvmlDeviceGetName(h),
                    "total": mem.total, "used": mem.used, "free": mem.free}
+    out["nvml_util"] = pynvml.nvmlDeviceGetUtilizationRates(h).gpu
+    out["nvml_pids"] = [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)]
+    out["pid"] = os.getpid()
     try:
-        pynvml.nvmlDeviceGetUtilizationRates(h)
-        out["nvml_util"] = "answered"
+        pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)
+        out["nvml_temperature"] = "answered"
     except pynvml.NVMLError_NotSupported:
-        out["nvml_util"] = "not supported"
+        out["nvml_temperature"] = "not supported"
     pynvml.nvmlShutdown()
     checkCudaErrors(cuda.cuMemFree(ptr))
     out["driver_version"] = checkCudaErrors(cuda.cuDriverGetVersion())
