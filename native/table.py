@@ -87,6 +87,15 @@ DRIVER: dict[str, str] = {
     "cuFuncGetAttribute": LOCAL,          # device limits; static sizes and registers read 0
     "cuFuncSetAttribute": LOCAL,          # max dynamic shared size, carveout; others NOT_SUPPORTED
     "cuFuncSetCacheConfig": LOCAL,        # a hint
+    "cuKernelGetAttribute": LOCAL,        # a CUkernel's: its function's, on any device
+    "cuKernelSetAttribute": LOCAL,
+    # occupancy from the device's limits (a kernel uses no registers or static shared memory
+    # here); clusters NOT_SUPPORTED
+    "cuOccupancyMaxActiveBlocksPerMultiprocessor": LOCAL,
+    "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags": LOCAL,
+    "cuOccupancyMaxPotentialBlockSize": LOCAL,
+    "cuOccupancyMaxPotentialBlockSizeWithFlags": LOCAL,
+    "cuOccupancyAvailableDynamicSMemPerBlock": LOCAL,
     # launches: posted ("async"), errors at the next synchronization
     "cuLaunchKernel": BROKER,
     "cuLaunchKernel_ptsz": BROKER,

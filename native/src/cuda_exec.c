@@ -654,10 +654,129 @@ KC_EXPORT CUresult cuFuncSetAttribute(CUhandle hfunc, int attrib, int value) {
     return rc;
 }
 
+/* A CUkernel is its CUfunction here (cuLibraryGetKernel): its attributes are the function's,
+ * the same on every device. */
+KC_EXPORT CUresult cuKernelGetAttribute(int *pi, int attrib, CUhandle kernel, int dev) {
+    int n = 0;
+    CUresult rc = cuDeviceGetCount(&n);
+    if (rc) return rc;
+    if (dev < 0 || dev >= n) return CUDA_ERROR_INVALID_DEVICE;
+    return cuFuncGetAttribute(pi, attrib, kernel);
+}
+
+KC_EXPORT CUresult cuKernelSetAttribute(int attrib, int val, CUhandle kernel, int dev) {
+    int n = 0;
+    CUresult rc = cuDeviceGetCount(&n);
+    if (rc) return rc;
+    if (dev < 0 || dev >= n) return CUDA_ERROR_INVALID_DEVICE;
+    return cuFuncSetAttribute(kernel, attrib, val);
+}
+
 KC_EXPORT CUresult cuFuncSetCacheConfig(CUhandle hfunc, int config) {
     int dev, dyn, carveout;
     if (config < 0 || config > 3) return CUDA_ERROR_INVALID_VALUE;   /* CU_FUNC_CACHE_PREFER_* */
     return func_state(hfunc, &dev, &dyn, &carveout);                 /* a hint: nothing to do on a CPU */
+}
+
+/* ---- occupancy: from the device's limits (shim/devattr.py's table for a CPU device), as
+ * CUDA's occupancy calculator does with a kernel that uses no registers and no static shared
+ * memory (what cuFuncGetAttribute reports here): threads, blocks and shared memory per
+ * multiprocessor bound it. A GPU's answer needs the kernel's registers, which the executor
+ * does not report: refused there (the device has no such limits in its table). ---- */
+enum { DA_WARP = 10, DA_SM_COUNT = 16, DA_THREADS_PER_SM = 39, DA_SHARED_PER_SM = 81, DA_BLOCKS_PER_SM = 106 };
+struct occ { int warp, threads_block, threads_sm, blocks_sm, sm_count, smem_sm, smem_block; };
+
+static CUresult occ_limits(CUhandle hfunc, struct occ *o) {
+    int dev, dyn, carveout;
+    CUresult rc = func_state(hfunc, &dev, &dyn, &carveout);
+    if (rc) return rc;
+    if ((rc = cuDeviceGetAttribute(&o->warp, DA_WARP, dev)) ||
+        (rc = cuDeviceGetAttribute(&o->threads_block, DA_MAX_THREADS, dev)) ||
+        (rc = cuDeviceGetAttribute(&o->threads_sm, DA_THREADS_PER_SM, dev)) ||
+        (rc = cuDeviceGetAttribute(&o->blocks_sm, DA_BLOCKS_PER_SM, dev)) ||
+        (rc = cuDeviceGetAttribute(&o->sm_count, DA_SM_COUNT, dev)) ||
+        (rc = cuDeviceGetAttribute(&o->smem_sm, DA_SHARED_PER_SM, dev)) ||
+        (rc = cuDeviceGetAttribute(&o->smem_block, DA_SHARED_PER_BLOCK, dev))) {
+        static int once;
+        if (rc == CUDA_ERROR_NOT_SUPPORTED) kc_unsupported_once("cuOccupancy* on a GPU device", &once);
+        return rc;
+    }
+    if (dyn) o->smem_block = dyn;              /* what the program set as the kernel's limit */
+    if (o->warp <= 0 || o->threads_block <= 0) return CUDA_ERROR_INVALID_VALUE;
+    return CUDA_SUCCESS;
+}
+
+/* Blocks of `block` threads using `dyn` bytes of dynamic shared memory one multiprocessor holds. */
+static int occ_blocks(const struct occ *o, int block, size_t dyn) {
+    if (block <= 0 || block > o->threads_block || dyn > (size_t)o->smem_block) return 0;
+    int threads = (block + o->warp - 1) / o->warp * o->warp;       /* whole warps */
+    int n = o->threads_sm / threads;
+    if (n > o->blocks_sm) n = o->blocks_sm;
+    if (dyn && (size_t)o->smem_sm / dyn < (size_t)n) n = (int)((size_t)o->smem_sm / dyn);
+    return n;
+}
+
+KC_EXPORT CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int *numBlocks, CUhandle func, int blockSize,
+                                                                       size_t dynamicSMemSize, unsigned int flags) {
+    struct occ o;
+    if (!numBlocks || flags > 1) return CUDA_ERROR_INVALID_VALUE;   /* CU_OCCUPANCY_DISABLE_CACHING_OVERRIDE */
+    CUresult rc = occ_limits(func, &o);
+    if (rc) return rc;
+    *numBlocks = occ_blocks(&o, blockSize, dynamicSMemSize);
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int *numBlocks, CUhandle func, int blockSize,
+                                                              size_t dynamicSMemSize) {
+    return cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(numBlocks, func, blockSize, dynamicSMemSize, 0);
+}
+
+typedef size_t (*kc_b2d_size)(int blockSize);
+
+/* The block size with the most threads resident per multiprocessor (the largest such, as
+ * cuda_occupancy.h searches: from the limit down, a warp at a time), and the grid that fills
+ * the device with it. */
+KC_EXPORT CUresult cuOccupancyMaxPotentialBlockSizeWithFlags(int *minGridSize, int *blockSize, CUhandle func,
+                                                            kc_b2d_size b2d, size_t dynamicSMemSize,
+                                                            int blockSizeLimit, unsigned int flags) {
+    struct occ o;
+    if (!minGridSize || !blockSize || flags > 1 || blockSizeLimit < 0) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = occ_limits(func, &o);
+    if (rc) return rc;
+    int limit = blockSizeLimit == 0 || blockSizeLimit > o.threads_block ? o.threads_block : blockSizeLimit;
+    int best = 0, best_block = 0, best_blocks = 0;
+    for (int aligned = (limit + o.warp - 1) / o.warp * o.warp; aligned > 0; aligned -= o.warp) {
+        int b = aligned < limit ? aligned : limit;
+        int n = occ_blocks(&o, b, b2d ? b2d(b) : dynamicSMemSize);
+        if (n * b > best) { best = n * b; best_block = b; best_blocks = n; }
+        if (best == o.threads_sm) break;                          /* cannot do better */
+    }
+    *minGridSize = best_blocks * o.sm_count;
+    *blockSize = best_block;
+    return CUDA_SUCCESS;
+}
+
+KC_EXPORT CUresult cuOccupancyMaxPotentialBlockSize(int *minGridSize, int *blockSize, CUhandle func, kc_b2d_size b2d,
+                                                   size_t dynamicSMemSize, int blockSizeLimit) {
+    return cuOccupancyMaxPotentialBlockSizeWithFlags(minGridSize, blockSize, func, b2d, dynamicSMemSize,
+                                                     blockSizeLimit, 0);
+}
+
+/* The dynamic shared memory each of numBlocks blocks of blockSize threads may use with all of
+ * them resident on one multiprocessor (0 when that many cannot be). */
+KC_EXPORT CUresult cuOccupancyAvailableDynamicSMemPerBlock(size_t *dynamicSmemSize, CUhandle func, int numBlocks,
+                                                          int blockSize) {
+    struct occ o;
+    if (!dynamicSmemSize || numBlocks <= 0 || blockSize <= 0) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = occ_limits(func, &o);
+    if (rc) return rc;
+    size_t per = 0;
+    if (occ_blocks(&o, blockSize, 0) >= numBlocks) {
+        per = (size_t)o.smem_sm / (size_t)numBlocks;
+        if (per > (size_t)o.smem_block) per = (size_t)o.smem_block;
+    }
+    *dynamicSmemSize = per;
+    return CUDA_SUCCESS;
 }
 
 /* ---- launches ---- */

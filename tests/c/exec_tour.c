@@ -30,6 +30,8 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
+static size_t smem_per_block(int block) { return (size_t)block * 64; }   /* for cuOccupancyMaxPotentialBlockSize */
+
 static int same_floats(const float *x, const float *want, int n, int *bad) {
     for (int i = 0; i < n; i++)
         if (fabsf(x[i] - want[i]) > 1e-5f) { *bad = i; return 0; }
@@ -234,6 +236,36 @@ int main(int argc, char **argv) {
     OK("cache_config", cuFuncSetCacheConfig(vec_add, CU_FUNC_CACHE_PREFER_L1));
     RC("attr_bad_handle", cuFuncGetAttribute(&v, CU_FUNC_ATTRIBUTE_NUM_REGS, (CUfunction)(size_t)0x40),
        CUDA_ERROR_INVALID_HANDLE);
+
+    /* -- occupancy (a CPU device: 2048 threads, 32 blocks, 48 KiB shared per multiprocessor) -- */
+    int sms = 0, blocks = -1, grid = -1, block = -1;
+    size_t avail = 1;
+    OK("sm_count", cuDeviceGetAttribute(&sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 0));
+    OK("occ_256", cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, affine, 256, 0));
+    CHECK("occ_256_value", blocks == 8, "got %d", blocks);
+    OK("occ_1", cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, affine, 1, 0));
+    CHECK("occ_1_value", blocks == 32, "got %d", blocks);           /* a warp each, 32 blocks at most */
+    OK("occ_smem", cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&blocks, affine, 256, 16 << 10, 1));
+    CHECK("occ_smem_value", blocks == 3, "got %d", blocks);
+    OK("occ_too_much_smem", cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, affine, 256, 64 << 10));
+    CHECK("occ_too_much_smem_value", blocks == 0, "got %d", blocks);
+    OK("occ_opted_in", cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, vec_add, 256, 8192));
+    CHECK("occ_opted_in_value", blocks == 0, "got %d", blocks);     /* past the 4096 it was set to */
+    RC("occ_bad_flags", cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(&blocks, affine, 256, 0, 7),
+       CUDA_ERROR_INVALID_VALUE);
+    RC("occ_bad_handle", cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, (CUfunction)(size_t)0x40, 256, 0),
+       CUDA_ERROR_INVALID_HANDLE);
+    OK("potential", cuOccupancyMaxPotentialBlockSize(&grid, &block, affine, NULL, 0, 0));
+    CHECK("potential_value", block == 1024 && grid == 2 * sms, "got block %d grid %d", block, grid);
+    OK("potential_limited", cuOccupancyMaxPotentialBlockSize(&grid, &block, affine, NULL, 0, 100));
+    /* 100 threads take 4 warps (16 blocks: 1600 threads); 64 fill the multiprocessor */
+    CHECK("potential_limited_value", block == 64 && grid == 32 * sms, "got block %d grid %d", block, grid);
+    OK("potential_b2d", cuOccupancyMaxPotentialBlockSizeWithFlags(&grid, &block, affine, smem_per_block, 0, 0, 0));
+    CHECK("potential_b2d_value", block == 768 && grid == sms, "got block %d grid %d", block, grid);
+    OK("avail_smem", cuOccupancyAvailableDynamicSMemPerBlock(&avail, affine, 4, 256));
+    CHECK("avail_smem_value", avail == 12288, "got %zu", avail);
+    OK("avail_smem_none", cuOccupancyAvailableDynamicSMemPerBlock(&avail, affine, 9, 256));
+    CHECK("avail_smem_none_value", avail == 0, "got %zu", avail);   /* 9 blocks of 256 never fit */
 
     /* -- globals -- */
     CUdeviceptr bias = 0, hits = 0;

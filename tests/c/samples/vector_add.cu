@@ -18,6 +18,17 @@ int main() {
     CHECK(cudaGetLastError());
     CHECK(cudaMemcpy(c, dc, n * sizeof(float), cudaMemcpyDeviceToHost));
     for (int i = 0; i < n; i++) EXPECT(c[i] == a[i] + b[i], "c[%d] = %g, want %g", i, c[i], a[i] + b[i]);
+    // again with the launch configuration the occupancy API picks (as simpleOccupancy does)
+    int min_grid = 0, block = 0, active = 0;
+    CHECK(cudaOccupancyMaxPotentialBlockSize(&min_grid, &block, vadd, 0, 0));
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&active, vadd, block, 0));
+    EXPECT(block > 0 && block % 32 == 0 && min_grid > 0 && active > 0, "block %d grid %d active %d",
+           block, min_grid, active);
+    CHECK(cudaMemset(dc, 0, n * sizeof(float)));
+    vadd<<<(n + block - 1) / block, block>>>(da, db, dc, n);
+    CHECK(cudaGetLastError());
+    CHECK(cudaMemcpy(c, dc, n * sizeof(float), cudaMemcpyDeviceToHost));
+    for (int i = 0; i < n; i++) EXPECT(c[i] == a[i] + b[i], "c[%d] = %g, want %g", i, c[i], a[i] + b[i]);
     CHECK(cudaFree(da)); CHECK(cudaFree(db)); CHECK(cudaFree(dc));
     std::printf("OK vector_add\n");
     return 0;
