@@ -116,7 +116,7 @@ DRIVER: dict[str, str] = {
     "cuStreamGetPriority_ptsz": LOCAL,
     "cuStreamGetFlags": LOCAL,
     "cuStreamGetFlags_ptsz": LOCAL,
-    "cuStreamIsCapturing": LOCAL,          # never capturing: capture is not offered (yet)
+    "cuStreamIsCapturing": LOCAL,          # NONE, ACTIVE or INVALIDATED (native/src/cuda_graph.c)
     "cuStreamIsCapturing_ptsz": LOCAL,
     # events
     "cuEventCreate": BROKER,
@@ -206,6 +206,26 @@ DRIVER: dict[str, str] = {
     "cuMemPoolGetAttribute": LOCAL,       # reserved = used: nothing is cached
     "cuMemPoolTrimTo": LOCAL,
 }
+
+# -- native/src/cuda_graph.c: graphs -----------------------------------------------------------
+# A capture records launches, async copies and memsets, host functions, event records and
+# waits made on the stream as a chain of nodes; explicit graphs take kernel, memset, host,
+# event and empty nodes with their dependencies. A launch replays the nodes, in an order the
+# dependencies allow, on its stream. Memory nodes, child graphs, captures across streams,
+# graph update (cuGraphExecUpdate) and the other node kinds: NOT_SUPPORTED.
+DRIVER.update({name: LOCAL for name in (
+    "cuStreamBeginCapture", "cuStreamBeginCapture_ptsz", "cuStreamBeginCapture_v2", "cuStreamBeginCapture_v2_ptsz",
+    "cuStreamEndCapture", "cuStreamEndCapture_ptsz", "cuStreamGetCaptureInfo", "cuStreamGetCaptureInfo_ptsz",
+    "cuStreamGetCaptureInfo_v2", "cuStreamGetCaptureInfo_v2_ptsz", "cuStreamGetCaptureInfo_v3",
+    "cuStreamGetCaptureInfo_v3_ptsz", "cuThreadExchangeStreamCaptureMode",
+    "cuGraphCreate", "cuGraphDestroy", "cuGraphGetNodes", "cuGraphAddEmptyNode", "cuGraphAddKernelNode",
+    "cuGraphAddKernelNode_v2", "cuGraphAddMemsetNode", "cuGraphAddHostNode", "cuGraphAddEventRecordNode",
+    "cuGraphAddEventWaitNode", "cuGraphKernelNodeGetParams", "cuGraphKernelNodeGetParams_v2",
+    "cuGraphKernelNodeSetParams", "cuGraphKernelNodeSetParams_v2", "cuGraphInstantiateWithFlags",
+    "cuGraphInstantiateWithParams", "cuGraphInstantiateWithParams_ptsz", "cuGraphExecDestroy",
+    "cuGraphExecKernelNodeSetParams", "cuGraphExecKernelNodeSetParams_v2")})
+DRIVER.update({name: BROKER for name in (    # the graph's work, sent as its calls would be
+    "cuGraphLaunch", "cuGraphLaunch_ptsz", "cuGraphUpload", "cuGraphUpload_ptsz")})
 
 NVML: dict[str, str] = {
     "nvmlInit_v2": BROKER,

@@ -421,6 +421,7 @@ KC_EXPORT CUresult cuDevicePrimaryCtxSetFlags_v2(CUdevice dev, unsigned int flag
 }
 
 KC_EXPORT CUresult cuCtxSynchronize_v2(CUcontext ctx) {
+    if (kc_captures_active()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;   /* as in a capture's global mode */
     kc_hostfn_wait(-1, 0);           /* host functions are work of the context too */
     int dev;
     CUresult rc = lock_ctx(ctx, &dev);
@@ -432,6 +433,7 @@ KC_EXPORT CUresult cuCtxSynchronize_v2(CUcontext ctx) {
 }
 
 KC_EXPORT CUresult cuCtxSynchronize(void) {
+    if (kc_captures_active()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;   /* as in a capture's global mode */
     kc_hostfn_wait(-1, 0);           /* host functions are work of the context too */
     int dev;
     CUresult rc = lock_current(&dev);

@@ -37,6 +37,7 @@ typedef void *CUhandle;          /* every opaque handle type: CUmodule, CUfuncti
 /* CU_DEVICE_ATTRIBUTE_ numbers used for function attributes */
 enum { DA_MAX_THREADS = 1, DA_SHARED_PER_BLOCK = 8, DA_CC_MAJOR = 75, DA_CC_MINOR = 76, DA_SHARED_OPTIN = 97 };
 KC_EXPORT CUresult cuDeviceGetAttribute(int *pi, int attrib, int dev);
+KC_EXPORT CUresult cuDeviceGetCount(int *count);
 
 /* ---- the handle table ---- */
 enum kind { K_MODULE = 1, K_FUNCTION, K_STREAM, K_EVENT, K_LIBRARY };
@@ -51,6 +52,7 @@ struct obj {
     uint32_t *sizes;             /* function: each parameter's bytes (get_function's param_sizes) */
     unsigned flags;
     int max_dyn_shared, carveout;    /* function attributes set by the program */
+    void *capture;               /* stream: the graph its capture records into (cuda_graph.c) */
 };
 static struct obj **objs;
 static uint32_t nobjs, capobjs;
@@ -131,6 +133,30 @@ static CUresult resolve_stream(CUhandle s, int *dev, uint64_t *h) {
 }
 
 CUresult kc_resolve_stream(void *s, int *dev, uint64_t *h) { return resolve_stream(s, dev, h); }
+
+/* The capture a stream records into (lock held): NULL for the default streams (they cannot
+ * capture) and streams not capturing. */
+void *kc_capture_of(void *s) {
+    if (s == NULL || s == STREAM_LEGACY || s == STREAM_PER_THREAD) return NULL;
+    struct obj *o = lookup(s, K_STREAM, NULL);
+    return o ? o->capture : NULL;
+}
+
+CUresult kc_capture_swap(void *s, void *capture, void **old) {
+    if (s == NULL || s == STREAM_LEGACY) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    if (s == STREAM_PER_THREAD) {
+        static int once;
+        kc_unsupported_once("stream capture on the per-thread default stream", &once);
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct obj *o = lookup(s, K_STREAM, NULL);
+    if (!o) rc = CUDA_ERROR_INVALID_HANDLE;
+    else { *old = o->capture; o->capture = capture; }
+    kc_unlock();
+    return rc;
+}
 
 /* Work on a stream waits (unlocked) for the host functions queued on it to have run: the
  * executor cannot hold a stream for the program, so later work is sent only after them. */
@@ -832,6 +858,45 @@ static CUresult pack_args(struct kc_buf *b, const struct obj *f, void **params, 
     return CUDA_SUCCESS;
 }
 
+/* A launch's parameters as one buffer laid out as an `extra` buffer is (param_align): what a
+ * graph keeps of them, since kernelParams point at the program's memory of the moment. */
+static CUresult flat_args(const struct obj *f, void **params, void **extra, uint8_t **out, size_t *out_size) {
+    struct kc_buf b = {0};
+    CUresult rc = pack_args(&b, f, params, extra);      /* validates, as a launch would */
+    mp_free(&b);
+    if (rc) return rc;
+    size_t size = 0;
+    for (uint32_t i = 0; i < f->nparams; i++) {
+        size_t a = param_align(f->sizes[i]);
+        size = (size + a - 1) / a * a + f->sizes[i];
+    }
+    uint8_t *buf = malloc(size ? size : 1);
+    if (!buf) return CUDA_ERROR_OUT_OF_MEMORY;
+    const uint8_t *src = NULL;
+    if (extra)
+        for (int i = 0; i < 64 && extra[i] != LAUNCH_PARAM_END; i += 2)
+            if (extra[i] == LAUNCH_PARAM_BUFFER_POINTER) src = extra[i + 1];
+    size_t off = 0;
+    for (uint32_t i = 0; i < f->nparams; i++) {
+        size_t a = param_align(f->sizes[i]);
+        off = (off + a - 1) / a * a;
+        memcpy(buf + off, src ? src + off : params[i], f->sizes[i]);
+        off += f->sizes[i];
+    }
+    *out = buf;
+    *out_size = size;
+    return CUDA_SUCCESS;
+}
+
+CUresult kc_flat_args(void *hf, void **params, void **extra, uint8_t **out, size_t *size) {
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct obj *f = lookup(hf, K_FUNCTION, NULL);
+    rc = f ? flat_args(f, params, extra, out, size) : CUDA_ERROR_INVALID_HANDLE;
+    kc_unlock();
+    return rc;
+}
+
 static CUresult launch(CUhandle hf, const unsigned grid[3], const unsigned block[3], unsigned shared,
                        CUhandle stream, void **params, void **extra) {
     /* CUDA's own bounds (LAUNCH in client/limits.py), answered now rather than at the next sync */
@@ -847,6 +912,17 @@ static CUresult launch(CUhandle hf, const unsigned grid[3], const unsigned block
     if (!f || f->dev != dev) {
         kc_unlock();
         return CUDA_ERROR_INVALID_HANDLE;
+    }
+    void *cap = kc_capture_of(stream);
+    if (cap) {                             /* recorded into the capture's graph, not run */
+        uint8_t *args = NULL;
+        size_t size = 0;
+        rc = flat_args(f, params, extra, &args, &size);
+        kc_unlock();
+        struct kc_gnode n = {.kind = KC_G_KERNEL, .f = hf, .shared = shared, .args = args, .size = size};
+        memcpy(n.grid, grid, sizeof n.grid);
+        memcpy(n.block, block, sizeof n.block);
+        return rc ? kc_capture_fail(cap, rc) : kc_capture_add(cap, &n);
     }
     struct kc_buf b = {0};
     mp_str(&b, KCP_EXECUTOR_LAUNCH_FUNCTION); mp_uint(&b, f->h);
@@ -984,11 +1060,20 @@ static CUresult stream_destroy(CUhandle s) { return destroy(&STREAMS, s); }
 KC_EXPORT CUresult cuStreamDestroy_v2(CUhandle hStream) { return stream_destroy(hStream); }
 KC_EXPORT CUresult cuStreamDestroy(CUhandle hStream) { return stream_destroy(hStream); }
 
+/* Waiting on a capturing stream is refused, and ends its capture (as CUDA's does). */
+static CUresult refuse_if_capturing(CUhandle stream) {
+    void *cap = kc_capture_of(stream);
+    if (!cap) return CUDA_SUCCESS;
+    kc_unlock();
+    return kc_capture_fail(cap, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+}
+
 KC_EXPORT CUresult cuStreamSynchronize(CUhandle hStream) {
     int dev;
     uint64_t h;
     CUresult rc = lock_stream(hStream, &dev, &h);
     if (rc) return rc;
+    if ((rc = refuse_if_capturing(hStream))) return rc;
     struct mp_val r;
     rc = kc_request1(dev, KCP_EXECUTOR_STREAM_SYNC, KCP_EXECUTOR_STREAM_SYNC_STREAM, h, &r);
     kc_unlock();
@@ -1011,6 +1096,7 @@ KC_EXPORT CUresult cuStreamQuery(CUhandle hStream) {
     uint64_t h;
     CUresult rc = lock_stream(hStream, &dev, &h);
     if (rc) return rc;
+    if ((rc = refuse_if_capturing(hStream))) return rc;
     rc = ready_of(dev, KCP_EXECUTOR_STREAM_QUERY, KCP_EXECUTOR_STREAM_QUERY_STREAM, h, KCP_EXECUTOR_STREAM_QUERY_R_READY);
     kc_unlock();
     return rc;
@@ -1048,8 +1134,8 @@ KC_EXPORT CUresult cuStreamGetFlags(CUhandle hStream, unsigned int *flags) {
 
 KC_EXPORT CUresult cuStreamGetFlags_ptsz(CUhandle hStream, unsigned int *flags) { return cuStreamGetFlags(hStream, flags); }
 
-/* Stream capture (graphs) is not offered: cuStreamBeginCapture is NOT_SUPPORTED, so no stream
- * is ever capturing; what cuda.core and the runtime ask before each stream-ordered allocation. */
+/* What cuda.core and the runtime ask before each stream-ordered allocation (cuda_graph.c
+ * says NONE, ACTIVE or INVALIDATED). */
 KC_EXPORT CUresult cuStreamIsCapturing(CUhandle hStream, int *status) {
     if (!status) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = kc_lock(0);
@@ -1057,8 +1143,9 @@ KC_EXPORT CUresult cuStreamIsCapturing(CUhandle hStream, int *status) {
     int dev;
     uint64_t h;
     rc = resolve_stream(hStream, &dev, &h);
+    void *cap = rc ? NULL : kc_capture_of(hStream);
     kc_unlock();
-    if (!rc) *status = 0;                  /* CU_STREAM_CAPTURE_STATUS_NONE */
+    if (!rc) *status = kc_capture_status(cap);
     return rc;
 }
 KC_EXPORT CUresult cuStreamIsCapturing_ptsz(CUhandle hStream, int *status) { return cuStreamIsCapturing(hStream, status); }
@@ -1090,6 +1177,12 @@ KC_EXPORT CUresult cuEventRecord(CUhandle hEvent, CUhandle hStream) {
     uint64_t sh;
     CUresult rc = lock_event_stream(hEvent, hStream, &e, &sh);
     if (rc) return rc;
+    void *cap = kc_capture_of(hStream);
+    if (cap) {
+        kc_unlock();
+        struct kc_gnode n = {.kind = KC_G_EVENT_RECORD, .event = hEvent};
+        return kc_capture_add(cap, &n);
+    }
     struct kc_buf b = {0};
     mp_str(&b, KCP_EXECUTOR_EVENT_RECORD_EVENT); mp_uint(&b, e->h);
     mp_str(&b, KCP_EXECUTOR_EVENT_RECORD_STREAM); mp_uint(&b, sh);
@@ -1116,6 +1209,17 @@ KC_EXPORT CUresult cuStreamWaitEvent(CUhandle hStream, CUhandle hEvent, unsigned
     uint64_t sh;
     CUresult rc = lock_event_stream(hEvent, hStream, &e, &sh);
     if (rc) return rc;
+    void *cap = kc_capture_of(hStream);
+    if (cap || kc_capture_recorded(hEvent)) {
+        kc_unlock();
+        if (!cap) {                /* another stream joining a capture: a fork in its graph */
+            kc_log("kubecash: cuStreamWaitEvent: a stream waiting on an event recorded by a capturing stream "
+                   "(capture across streams) is not supported");
+            return CUDA_ERROR_NOT_SUPPORTED;
+        }
+        struct kc_gnode n = {.kind = KC_G_EVENT_WAIT, .event = hEvent};
+        return kc_capture_add(cap, &n);
+    }
     struct kc_buf b = {0};
     mp_str(&b, KCP_EXECUTOR_STREAM_WAIT_EVENT_STREAM); mp_uint(&b, sh);
     mp_str(&b, KCP_EXECUTOR_STREAM_WAIT_EVENT_EVENT); mp_uint(&b, e->h);
@@ -1204,12 +1308,23 @@ static CUresult dtod(int dev, uint64_t sh, int async, CUdeviceptr dst, CUdevicep
 /* Copies with their direction given, on a stream (NULL: the default stream). Host to device
  * queues inline pieces when async (the bytes travel in the message, so the program may reuse
  * its buffer at once); device to host waits for the bytes. */
-enum { HTOD, DTOH, DTOD };
+enum { HTOD = KC_COPY_HTOD, DTOH = KC_COPY_DTOH, DTOD = KC_COPY_DTOD, ANY = KC_COPY_ANY };
+
+/* A copy on a capturing stream (lock held, released): recorded if async, refused if not. */
+static CUresult capture_copy(CUhandle stream, int what, int async, uint64_t dst, uint64_t src, size_t n) {
+    void *cap = kc_capture_of(stream);
+    kc_unlock();
+    if (!async) return kc_capture_fail(cap, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    struct kc_gnode g = {.kind = KC_G_COPY, .what = what, .dst = dst, .src = src, .n = n};
+    return kc_capture_add(cap, &g);
+}
+
 static CUresult copy_on(CUhandle stream, int what, int async, uint64_t dst, uint64_t src, size_t n) {
     int dev;
     uint64_t sh;
     CUresult rc = lock_stream(stream, &dev, &sh);
     if (rc) return rc;
+    if (kc_capture_of(stream)) return capture_copy(stream, what, async, dst, src, n);
     rc = what == DTOD ? dtod(dev, sh, async, dst, src, n)
        : what == HTOD ? kc_copy(dev, 1, sh, async, dst, (void *)(uintptr_t)src, n)
                       : kc_copy(dev, 0, sh, 0, src, (void *)(uintptr_t)dst, n);
@@ -1242,6 +1357,7 @@ static CUresult memcpy_any(CUhandle stream, int async, CUdeviceptr dst, CUdevice
     uint64_t sh;
     CUresult rc = lock_stream(stream, &dev, &sh);
     if (rc) return rc;
+    if (kc_capture_of(stream)) return capture_copy(stream, ANY, async, dst, src, n);
     int ddev = device_of(dst), sdev = device_of(src);
     if (n == 0) rc = CUDA_SUCCESS;
     else if (ddev >= 0 && sdev >= 0)
@@ -1276,6 +1392,14 @@ static CUresult memset_on(CUhandle stream, int async, CUdeviceptr dst, unsigned 
     uint64_t sh;
     CUresult rc = lock_stream(stream, &dev, &sh);
     if (rc) return rc;
+    void *cap = kc_capture_of(stream);
+    if (cap) {
+        kc_unlock();
+        if (!async) return kc_capture_fail(cap, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+        struct kc_gnode g = {.kind = KC_G_MEMSET, .dst = dst, .value = value, .elem = width, .width = count,
+                             .height = 1};
+        return kc_capture_add(cap, &g);
+    }
     if (count) {
         struct kc_buf b = {0};
         mp_str(&b, KCP_EXECUTOR_MEMSET_DST); mp_uint(&b, dst);

@@ -158,6 +158,13 @@ static CUresult host_func(CUhandle stream, host_fn fn, stream_cb cb, void *data)
     uint64_t sh, ev;
     struct hostfn *e = NULL;
     rc = kc_resolve_stream(stream, &dev, &sh);    /* no wait: host functions queue in order */
+    void *cap = rc ? NULL : kc_capture_of(stream);
+    if (cap) {                 /* a host node of the capture's graph (a stream callback: refused, as CUDA's) */
+        kc_unlock();
+        if (cb) return kc_capture_fail(cap, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+        struct kc_gnode n = {.kind = KC_G_HOST, .fn = fn, .data = data};
+        return kc_capture_add(cap, &n);
+    }
     if (!rc) {
         struct kc_buf b = {0};
         struct mp_val r;
@@ -629,6 +636,12 @@ static CUresult alloc_from(CUdeviceptr *dptr, size_t size, int pool_idx, CUhandl
     int dev;
     uint64_t sh, p;
     rc = kc_resolve_stream(stream, &dev, &sh);
+    if (!rc && kc_capture_of(stream)) {          /* a memory node: not offered */
+        void *cap = kc_capture_of(stream);
+        kc_unlock();
+        kc_log("kubecash: cuMemAllocAsync during stream capture (a memory node) is not supported");
+        return kc_capture_fail(cap, CUDA_ERROR_NOT_SUPPORTED);
+    }
     int i = rc ? -1 : pool_idx == -2 ? device_pool(dev) : pool_idx;
     if (!rc && i < 0) rc = CUDA_ERROR_OUT_OF_MEMORY;
     if (!rc && pools[i].dev != dev) rc = CUDA_ERROR_INVALID_VALUE;      /* a pool of another device */
@@ -676,6 +689,12 @@ KC_EXPORT CUresult cuMemFreeAsync(CUdeviceptr dptr, CUhandle hStream) {
     if (rc) return rc;
     pools_fresh();
     rc = kc_resolve_stream(hStream, &dev, &sh);
+    if (!rc && kc_capture_of(hStream)) {
+        void *cap = kc_capture_of(hStream);
+        kc_unlock();
+        kc_log("kubecash: cuMemFreeAsync during stream capture (a memory node) is not supported");
+        return kc_capture_fail(cap, CUDA_ERROR_NOT_SUPPORTED);
+    }
     if (!rc && kc_device_of(dptr) != dev) rc = CUDA_ERROR_INVALID_VALUE;   /* not this device's memory */
     /* after host functions queued on the stream: lock_stream's rule, kept here by hand */
     while (!rc && kc_hostfn_pending(dev, sh)) {

@@ -14,8 +14,10 @@ enum {
     CUDA_SUCCESS = 0, CUDA_ERROR_INVALID_VALUE = 1, CUDA_ERROR_OUT_OF_MEMORY = 2,
     CUDA_ERROR_NOT_INITIALIZED = 3, CUDA_ERROR_NO_DEVICE = 100, CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_CONTEXT = 201, CUDA_ERROR_INVALID_IMAGE = 200, CUDA_ERROR_FILE_NOT_FOUND = 301,
-    CUDA_ERROR_INVALID_HANDLE = 400, CUDA_ERROR_NOT_FOUND = 500, CUDA_ERROR_NOT_READY = 600,
-    CUDA_ERROR_NOT_SUPPORTED = 801, CUDA_ERROR_UNKNOWN = 999,
+    CUDA_ERROR_INVALID_HANDLE = 400, CUDA_ERROR_ILLEGAL_STATE = 401, CUDA_ERROR_NOT_FOUND = 500, CUDA_ERROR_NOT_READY = 600,
+    CUDA_ERROR_NOT_SUPPORTED = 801, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901, CUDA_ERROR_STREAM_CAPTURE_UNMATCHED = 903,
+    CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD = 908, CUDA_ERROR_UNKNOWN = 999,
 };
 
 /* ---- logging (session.c) ---- */
@@ -155,4 +157,33 @@ uint8_t *kc_arena_at(int i, uint64_t ptr, size_t n);
 void kc_context_reset(void *ctx);
 CUresult kc_primary_context(int dev, void **pctx);      /* cuda_api.c: the handle, not retained */
 void kc_sha256(const void *data, size_t n, uint8_t out[32]);   /* sha256.c */
+
+/* ---- graphs (cuda_graph.c): a stream capture records the calls made on the stream as nodes
+ * of a graph; an instantiated graph replays them, in an order its dependencies allow, on the
+ * stream it is launched on. ---- */
+enum kc_gkind { KC_G_EMPTY, KC_G_KERNEL, KC_G_MEMSET, KC_G_COPY, KC_G_HOST, KC_G_EVENT_RECORD, KC_G_EVENT_WAIT };
+enum { KC_COPY_HTOD, KC_COPY_DTOH, KC_COPY_DTOD, KC_COPY_ANY };
+struct kc_gnode {
+    enum kc_gkind kind;
+    void *f; unsigned grid[3], block[3], shared; uint8_t *args; size_t size;   /* kernel (args: owned) */
+    uint64_t dst, src; size_t n; int what;                                     /* copy */
+    size_t pitch, width, height; unsigned value, elem;                         /* memset (and dst) */
+    void (*fn)(void *); void *data;                                            /* host function */
+    void *event;                                                               /* event record/wait */
+};
+/* cuda_exec.c (lock held): the capture stream s records into, or NULL; (lock not held) make
+ * `capture` stream s's, returning the one it had. */
+void *kc_capture_of(void *s);
+CUresult kc_capture_swap(void *s, void *capture, void **old);
+/* cuda_exec.c (lock not held): f's launch parameters laid out as an `extra` buffer (malloc'd). */
+CUresult kc_flat_args(void *f, void **params, void **extra, uint8_t **out, size_t *size);
+/* cuda_graph.c, lock not held: append a node (its args are taken over, freed on failure); end
+ * the capture with rc (its EndCapture then says INVALIDATED) and return rc; its status
+ * (CU_STREAM_CAPTURE_STATUS_*: NONE for NULL); whether an active capture recorded `event`;
+ * how many captures are active. */
+CUresult kc_capture_add(void *capture, const struct kc_gnode *n);
+CUresult kc_capture_fail(void *capture, CUresult rc);
+int kc_capture_status(void *capture);
+int kc_capture_recorded(void *event);
+int kc_captures_active(void);
 #endif

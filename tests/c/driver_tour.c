@@ -205,9 +205,9 @@ int main(int argc, char **argv) {
     CUdeviceptr big = 0;
     SAY("over_quota", "%d", cuMemAlloc(&big, total + (1u << 20)));
     SAY("sync", "%d", cuCtxSynchronize());
-    CUgraph g;                                   /* any entry point the table leaves out */
-    SAY("unsupported_1", "%d", cuGraphCreate(&g, 0));
-    SAY("unsupported_2", "%d", cuGraphCreate(&g, 0));
+    CUipcMemHandle ipc;                          /* any entry point the table leaves out */
+    SAY("unsupported_1", "%d", cuIpcGetMemHandle(&ipc, big));
+    SAY("unsupported_2", "%d", cuIpcGetMemHandle(&ipc, big));
     const char *str = NULL;
     SAY("err_name_rc", "%d", cuGetErrorName(CUDA_ERROR_OUT_OF_MEMORY, &str));
     SAY("err_name", "%s", str ? str : "(null)");

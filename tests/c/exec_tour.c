@@ -333,6 +333,61 @@ int main(int argc, char **argv) {
     OK("read_hits", cuMemcpyDtoH(&h, hits, sizeof h));
     CHECK("hits_value", h == (unsigned)n, "got %u", h);
 
+    /* -- graphs through the driver API: a capture with an event record node, its error paths -- */
+    {
+        CUgraph g = NULL, none = NULL;
+        CUgraphExec ge = NULL;
+        CUstreamCaptureStatus cs = 9;
+        cuuint64_t cid = 0;
+        const CUgraphNode *deps = NULL;
+        size_t ndeps = 9;
+        RC("capture_legacy", cuStreamBeginCapture(CU_STREAM_LEGACY, CU_STREAM_CAPTURE_MODE_GLOBAL),
+           CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+        RC("end_not_capturing", cuStreamEndCapture(s, &g), CUDA_ERROR_ILLEGAL_STATE);
+        OK("memset_c_graph", cuMemsetD32(dc, 0, n));
+        OK("capture_begin", cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_GLOBAL));
+        RC("capture_twice", cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_GLOBAL), CUDA_ERROR_ILLEGAL_STATE);
+        OK("capture_record_start", cuEventRecord(start, s));
+        OK("capture_launch", cuLaunchKernel(vec_add, (n + 255) / 256, 1, 1, 256, 1, 1, 0, s, args, NULL));
+        OK("capture_record_stop", cuEventRecord(stop, s));
+        OK("capture_info", cuStreamGetCaptureInfo(s, &cs, &cid, &g, &deps, NULL, &ndeps));
+        CHECK("capture_info_value", cs == CU_STREAM_CAPTURE_STATUS_ACTIVE && cid > 0 && g && ndeps == 1 && deps,
+              "status %d id %llu graph %p deps %zu", (int)cs, (unsigned long long)cid, (void *)g, ndeps);
+        RC("capture_ctx_sync", cuCtxSynchronize(), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+        RC("capture_join", cuStreamWaitEvent(s2, stop, 0), CUDA_ERROR_NOT_SUPPORTED);   /* across streams */
+        unsigned got = 1;
+        OK("nothing_ran", cuMemcpyDtoH(&got, dc, sizeof got));       /* another stream: allowed */
+        CHECK("nothing_ran_value", got == 0, "c[0] = %u during the capture", got);
+        OK("capture_end", cuStreamEndCapture(s, &g));
+        size_t gn = 0;
+        OK("graph_nodes", cuGraphGetNodes(g, NULL, &gn));
+        CHECK("graph_nodes_value", gn == 3, "%zu nodes", gn);
+        OK("graph_instantiate", cuGraphInstantiateWithFlags(&ge, g, 0));
+        OK("graph_upload", cuGraphUpload(ge, s));
+        OK("graph_launch", cuGraphLaunch(ge, s));
+        OK("graph_launch_again", cuGraphLaunch(ge, s));
+        OK("graph_sync", cuStreamSynchronize(s));
+        OK("graph_dtoh", cuMemcpyDtoH(hc, dc, bytes));
+        CHECK("graph_result", same_floats(hc, want, n, &bad), "c[%d] = %f", bad, bad >= 0 ? hc[bad] : 0);
+        ms = -1;
+        OK("graph_elapsed", cuEventElapsedTime(&ms, start, stop));   /* the graph's event nodes ran */
+        CHECK("graph_elapsed_value", ms >= 0 && ms < 60000, "got %f", ms);
+        RC("graph_bad_handle", cuGraphLaunch((CUgraphExec)(size_t)0x1234560, s), CUDA_ERROR_INVALID_VALUE);
+        RC("graph_bad_graph", cuGraphInstantiateWithFlags(&ge, (CUgraph)(size_t)0x40, 0), CUDA_ERROR_INVALID_VALUE);
+        RC("graph_bad_dep", cuGraphAddEmptyNode((CUgraphNode *)&none, g, (CUgraphNode *)&s, 1), CUDA_ERROR_INVALID_VALUE);
+        /* a memory node: refused by name, and the capture with it */
+        CUdeviceptr pa = 0;
+        OK("capture_begin_2", cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_RELAXED));
+        RC("capture_alloc", cuMemAllocAsync(&pa, 64, s), CUDA_ERROR_NOT_SUPPORTED);
+        int capst = 9;
+        OK("capture_invalidated", cuStreamIsCapturing(s, (CUstreamCaptureStatus *)&capst));
+        CHECK("capture_invalidated_value", capst == CU_STREAM_CAPTURE_STATUS_INVALIDATED, "status %d", capst);
+        RC("capture_end_invalid", cuStreamEndCapture(s, &none), CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+        OK("graph_exec_destroy", cuGraphExecDestroy(ge));
+        RC("graph_exec_destroy_again", cuGraphExecDestroy(ge), CUDA_ERROR_INVALID_VALUE);
+        OK("graph_destroy", cuGraphDestroy(g));
+    }
+
     /* the same launch on the legacy and per-thread default streams, and through cuLaunchKernelEx */
     OK("memset_c", cuMemsetD32(dc, 0, n));
     OK("launch_legacy", cuLaunchKernel(vec_add, (n + 255) / 256, 1, 1, 256, 1, 1, 0, CU_STREAM_LEGACY, args, NULL));
