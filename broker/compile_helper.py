@@ -88,9 +88,16 @@ class CompileHelper:
         if self._sock is None:
             raise error_from_code(E.CUDA_ERROR_INVALID_VALUE, "the compile helper is closed")
         self._rid += 1
+        request = P.request("build", self._rid, source=source, options=list(options),
+                            timeout_s=float(timeout_s), language=language)
+        if len(request) > P.COMPILE.max_bytes:
+            # Refused here: the helper would drop the channel (it cannot skip an oversize
+            # frame), and a confined executor cannot fork another helper.
+            raise error_from_code(E.CUDA_ERROR_INVALID_VALUE,
+                                  f"module build refused: its {language} is {len(source)} bytes, more than the "
+                                  f"{P.COMPILE.max_bytes - (64 << 10)} a CPU device compiles in one module")
         try:
-            _send_frame(self._sock, P.request("build", self._rid, source=source, options=list(options),
-                                              timeout_s=float(timeout_s), language=language))
+            _send_frame(self._sock, request)
             frame = _recv_frame(self._sock, COMPILED_IMAGE_MAX + (64 << 10),
                                 time.monotonic() + timeout_s + REPLY_MARGIN_S)
         except (OSError, TimeoutError, ProtocolError) as e:

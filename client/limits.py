@@ -23,7 +23,8 @@ class Limits:
     max_handles_per_session: int = _limit(
         65536, "allocations + streams + events + modules + functions, per session", 1, 1 << 24)
     max_modules_per_session: int = _limit(256, "modules loaded or loading, per session and device", 1, 1 << 16)
-    max_module_bytes: int = _limit(8 << 20, "module source or image size", 1, 32 << 20)
+    max_module_bytes: int = _limit(32 << 20, "module source or image size (fatbins of libraries such as CuPy's "
+                                   "CUB are 9 MiB and more)", 1, 32 << 20)
     max_queued_ops_per_session: int = _limit(4096, "work an executor queues for one session", 1, 1 << 24)
     max_connections_per_tenant: int = _limit(
         600, "connections to a tenant's broker socket (a session holds 2)", 1, 1 << 20)
@@ -60,6 +61,6 @@ DEFAULT_STAGING_BYTES = 32 << 20    # per-session shared-memory staging segment
 BROKER_MESSAGE_MAX = 16 << 10       # broker requests (hello, open, heartbeat...) are far smaller
 ADMIN_MESSAGE_MAX = 1 << 20         # brokerctl's requests
 CONTROL_MESSAGE_MAX = 4096          # broker <-> executor socketpair packets (a few hundred bytes)
-MODULE_SOURCE_MAX = 8 << 20         # what the protocol carries at all; max_module_bytes is lower
+MODULE_SOURCE_MAX = 8 << 20         # what the protocol carries of a source at all, whatever max_module_bytes says
 MODULE_IMAGE_MAX = 32 << 20
 COMPILED_IMAGE_MAX = 64 << 20        # a built CPU module the compile helper hands its executor

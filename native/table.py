@@ -155,6 +155,8 @@ DRIVER: dict[str, str] = {
     "cuMemsetD16Async_ptsz": BROKER,
     "cuMemsetD32Async": BROKER,
     "cuMemsetD32Async_ptsz": BROKER,
+    "cuPointerGetAttribute": LOCAL,       # from this library's records of allocations and pinned blocks
+    "cuPointerGetAttributes": LOCAL,      # unknown addresses: CUDA's defaults (memory type 0)
     # pinned host memory: page-aligned host memory of this process (not charged, not mapped)
     "cuMemAllocHost_v2": LOCAL,
     "cuMemHostAlloc": LOCAL,

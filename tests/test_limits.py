@@ -108,6 +108,18 @@ def test_module_count_and_size(broker_factory):
             dev.load_module(image=b"\0" * 5000, kind="cubin")
 
 
+def test_a_module_too_large_to_compile_is_refused_and_the_next_one_loads(session):
+    """PTX past what a CPU device compiles at once (8 MiB; a 9 MiB fatbin such as CuPy's CUB
+    holds more) is refused by name before it reaches the compile helper, which stays up: the
+    helper cannot skip an oversize frame, and a confined executor cannot fork another."""
+    dev = session.device("cpu0")
+    ptx = (".version 8.0\n.target sm_80\n.address_size 64\n// " + "x" * (9 << 20) + "\n"
+           ".visible .entry k(.param .u64 p) { ret; }\n").encode()
+    with pytest.raises(kc.InvalidValueError, match=r"its ptx is \d+ bytes, more than the \d+ a CPU device compiles"):
+        dev.load_module(image=ptx, kind="ptx")
+    assert dev.load_module(VECADD).get_kernel("vadd")       # the helper still builds
+
+
 def test_launch_dimensions_are_bounded(session):
     dev = session.device("cpu0")
     k = dev.load_module(VECADD).get_kernel("vadd")

@@ -1437,7 +1437,8 @@ MEMSET_ASYNC(cuMemsetD32Async_ptsz, unsigned int, 4)
  * host memory (inline or staged); it is not charged to the quota and has no device address
  * (cuMemHostGetDevicePointer stays unsupported). The blocks are remembered so that
  * cuMemFreeHost refuses a pointer that is not one. ---- */
-static void **hosts;
+struct hblock { void *p; size_t n; };
+static struct hblock *hosts;
 static size_t nhosts, caphosts;
 
 static CUresult host_alloc(void **pp, size_t n) {
@@ -1449,11 +1450,11 @@ static CUresult host_alloc(void **pp, size_t n) {
     long page = sysconf(_SC_PAGESIZE);
     if (nhosts == caphosts) {
         size_t cap = caphosts ? caphosts * 2 : 16;
-        void **q = realloc(hosts, cap * sizeof *q);
+        struct hblock *q = realloc(hosts, cap * sizeof *q);
         if (q) { hosts = q; caphosts = cap; }
     }
     if (nhosts == caphosts || posix_memalign(&p, page > 0 ? (size_t)page : 4096, n)) rc = CUDA_ERROR_OUT_OF_MEMORY;
-    else { hosts[nhosts++] = p; *pp = p; }
+    else { hosts[nhosts++] = (struct hblock){p, n}; *pp = p; }
     kc_unlock();
     return rc;
 }
@@ -1470,12 +1471,94 @@ KC_EXPORT CUresult cuMemFreeHost(void *p) {
     if (rc) return rc;
     rc = CUDA_ERROR_INVALID_VALUE;
     for (size_t i = 0; i < nhosts; i++)
-        if (hosts[i] == p) {
+        if (hosts[i].p == p) {
             free(p);
             hosts[i] = hosts[--nhosts];
             rc = CUDA_SUCCESS;
             break;
         }
+    kc_unlock();
+    return rc;
+}
+
+/* ---- pointer attributes: what an address is, from this library's own records (device
+ * allocations and module globals of this session, pinned host blocks). ---- */
+enum {
+    PA_CONTEXT = 1, PA_MEMORY_TYPE = 2, PA_DEVICE_POINTER = 3, PA_HOST_POINTER = 4, PA_SYNC_MEMOPS = 6,
+    PA_BUFFER_ID = 7, PA_IS_MANAGED = 8, PA_DEVICE_ORDINAL = 9, PA_IS_LEGACY_CUDA_IPC_CAPABLE = 10,
+    PA_RANGE_START_ADDR = 11, PA_RANGE_SIZE = 12, PA_MAPPED = 13, PA_IS_GPU_DIRECT_RDMA_CAPABLE = 15,
+};
+enum { MT_NONE = 0, MT_HOST = 1, MT_DEVICE = 2 };
+struct pinfo { int type, dev; uint64_t base, size; };
+
+static struct pinfo pointer_info(uint64_t p) {                 /* lock held */
+    struct pinfo i = {MT_NONE, -2, 0, 0};
+    ranges_fresh();
+    size_t lo = 0, hi = nranges;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (ranges[mid].base <= p) lo = mid + 1; else hi = mid;
+    }
+    if (lo && p - ranges[lo - 1].base < ranges[lo - 1].size)
+        return (struct pinfo){MT_DEVICE, ranges[lo - 1].dev, ranges[lo - 1].base, ranges[lo - 1].size};
+    for (size_t k = 0; k < nhosts; k++)
+        if (p - (uint64_t)(uintptr_t)hosts[k].p < hosts[k].n)
+            return (struct pinfo){MT_HOST, kc_current_device(), (uint64_t)(uintptr_t)hosts[k].p, hosts[k].n};
+    return i;
+}
+
+/* One attribute into *out. Unknown memory (MT_NONE) reads as CUDA's defaults for it. */
+static CUresult pointer_attr(const struct pinfo *i, int attr, uint64_t p, void *out) {
+    int device = i->type == MT_DEVICE, known = i->type != MT_NONE;
+    switch (attr) {
+    case PA_CONTEXT: {
+        void *ctx = NULL;
+        if (known && i->dev >= 0) kc_primary_context(i->dev, &ctx);
+        *(void **)out = ctx;
+        return CUDA_SUCCESS;
+    }
+    case PA_MEMORY_TYPE: *(unsigned *)out = (unsigned)i->type; return CUDA_SUCCESS;
+    case PA_DEVICE_POINTER:                        /* pinned blocks have no device address here */
+        if (known && !device) return CUDA_ERROR_NOT_SUPPORTED;
+        *(uint64_t *)out = device ? p : 0;
+        return CUDA_SUCCESS;
+    case PA_HOST_POINTER:
+        if (device) return CUDA_ERROR_INVALID_VALUE;            /* device memory: no host address */
+        *(void **)out = known ? (void *)(uintptr_t)p : NULL;
+        return CUDA_SUCCESS;
+    case PA_SYNC_MEMOPS: *(int *)out = known; return CUDA_SUCCESS;   /* the executor orders copies itself */
+    case PA_BUFFER_ID: *(unsigned long long *)out = known ? i->base : 0; return CUDA_SUCCESS;
+    case PA_IS_MANAGED: case PA_IS_LEGACY_CUDA_IPC_CAPABLE: case PA_IS_GPU_DIRECT_RDMA_CAPABLE:
+        *(int *)out = 0;
+        return CUDA_SUCCESS;
+    case PA_DEVICE_ORDINAL: *(int *)out = known ? i->dev : -2; return CUDA_SUCCESS;
+    case PA_RANGE_START_ADDR: *(uint64_t *)out = i->base; return CUDA_SUCCESS;
+    case PA_RANGE_SIZE: *(size_t *)out = (size_t)i->size; return CUDA_SUCCESS;
+    case PA_MAPPED: *(int *)out = device; return CUDA_SUCCESS;
+    }
+    kc_log("kubecash: cuPointerGetAttribute: attribute %d is not supported", attr);
+    return CUDA_ERROR_NOT_SUPPORTED;
+}
+
+KC_EXPORT CUresult cuPointerGetAttribute(void *data, int attribute, CUdeviceptr ptr) {
+    if (!data) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct pinfo i = pointer_info(ptr);
+    rc = i.type == MT_NONE ? CUDA_ERROR_INVALID_VALUE : pointer_attr(&i, attribute, ptr, data);
+    kc_unlock();
+    return rc;
+}
+
+/* Unlike the singular call, an address no allocation holds is no error: its attributes read
+ * as CUDA's defaults (memory type 0, what cudart calls unregistered memory). */
+KC_EXPORT CUresult cuPointerGetAttributes(unsigned int n, int *attributes, void **data, CUdeviceptr ptr) {
+    if (n && (!attributes || !data)) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct pinfo i = pointer_info(ptr);
+    for (unsigned k = 0; !rc && k < n; k++)
+        rc = data[k] ? pointer_attr(&i, attributes[k], ptr, data[k]) : CUDA_ERROR_INVALID_VALUE;
     kc_unlock();
     return rc;
 }

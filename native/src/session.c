@@ -457,8 +457,14 @@ int kc_device_count(void) { return g.ndev; }
 struct kc_device *kc_device(int i) { return i >= 0 && i < g.ndev ? &g.dev[i] : NULL; }
 const char *kc_address(void) { return g.address; }
 
+/* A refused request's reason, on stderr (as the shim logs it): the error code alone leaves a
+ * program that ignores it (CuPy's CUB calls do) silently wrong. Bounded: a program failing
+ * in a loop is told 100 times, then once that the rest are not shown. */
 static void log_failure(const char *op, const char *dev, CUresult rc, const char *err) {
-    if (kc_debug()) kc_log("kubecash: %s on %s: error %d: %s", op, dev, rc, err);
+    static int logged;
+    int n = __atomic_add_fetch(&logged, 1, __ATOMIC_RELAXED);
+    if (n <= 100) kc_log("kubecash: %s on %s: error %d: %s", op, dev, rc, err);
+    else if (n == 101) kc_log("kubecash: further failures are not logged (KUBECASH_DEBUG=1 traces every call)");
 }
 
 CUresult kc_device_attach(int i) {

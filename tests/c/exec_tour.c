@@ -333,6 +333,30 @@ int main(int argc, char **argv) {
     OK("read_hits", cuMemcpyDtoH(&h, hits, sizeof h));
     CHECK("hits_value", h == (unsigned)n, "got %u", h);
 
+    /* -- pointer attributes: a device allocation, a pinned block, memory of no one's -- */
+    {
+        unsigned mt = 99;
+        int ord = 99;
+        CUdeviceptr start = 0;
+        size_t rsize = 0;
+        OK("ptr_type_device", cuPointerGetAttribute(&mt, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, da + 100));
+        CHECK("ptr_type_device_value", mt == CU_MEMORYTYPE_DEVICE, "got %u", mt);
+        OK("ptr_ordinal", cuPointerGetAttribute(&ord, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, da + 100));
+        OK("ptr_range", cuPointerGetAttribute(&start, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, da + 100));
+        OK("ptr_range_size", cuPointerGetAttribute(&rsize, CU_POINTER_ATTRIBUTE_RANGE_SIZE, da + 100));
+        CHECK("ptr_range_value", ord == 0 && start == da && rsize >= bytes, "ordinal %d start %#llx size %zu", ord,
+              (unsigned long long)start, rsize);
+        OK("ptr_type_pinned", cuPointerGetAttribute(&mt, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (CUdeviceptr)(uintptr_t)(ha + 3)));
+        CHECK("ptr_type_pinned_value", mt == CU_MEMORYTYPE_HOST, "got %u", mt);
+        RC("ptr_unknown", cuPointerGetAttribute(&mt, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, (CUdeviceptr)(uintptr_t)hc),
+           CUDA_ERROR_INVALID_VALUE);
+        CUpointer_attribute which[2] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL};
+        void *vals[2] = {&mt, &ord};
+        mt = 99;
+        OK("ptr_attrs_unknown", cuPointerGetAttributes(2, which, vals, (CUdeviceptr)(uintptr_t)hc));
+        CHECK("ptr_attrs_unknown_value", mt == 0 && ord == -2, "type %u ordinal %d", mt, ord);   /* unregistered */
+    }
+
     /* -- graphs through the driver API: a capture with an event record node, its error paths -- */
     {
         CUgraph g = NULL, none = NULL;
