@@ -75,6 +75,13 @@ def podman(tmp_path):
 
 
 @pytest.fixture
+def broker(broker_factory):
+    """The tests' broker, with heartbeats given longer: a container's Python starts slowly
+    beside a tenant saturating the device on a loaded 2-core machine."""
+    return broker_factory(heartbeat_timeout_s=15.0)
+
+
+@pytest.fixture
 def tenant(broker):
     """A dynamic tenant, as the DRA driver makes one for a claim, and the node's CDI spec
     (every tenant) written by brokerctl where podman reads it."""
