@@ -229,6 +229,11 @@ DRIVER.update({name: LOCAL for name in (
 DRIVER.update({name: BROKER for name in (    # the graph's work, sent as its calls would be
     "cuGraphLaunch", "cuGraphLaunch_ptsz", "cuGraphUpload", "cuGraphUpload_ptsz")})
 
+# -- native/src/cuda_link.c: the JIT linker, PTX only (the executor translates PTX at load) --
+DRIVER.update({name: LOCAL for name in (
+    "cuLinkCreate", "cuLinkCreate_v2", "cuLinkAddData", "cuLinkAddData_v2", "cuLinkAddFile",
+    "cuLinkAddFile_v2", "cuLinkComplete", "cuLinkDestroy")})
+
 NVML: dict[str, str] = {
     "nvmlInit_v2": BROKER,
     "nvmlInit": BROKER,

@@ -12,6 +12,7 @@ with the shape, dtype and strides numba is told about."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import types
 
@@ -307,3 +308,57 @@ def test_what_the_translator_does_not_run_is_refused_by_name(session):
         session.device("cpu0").load_module(image=ptx, kind="ptx")
     assert e.value.code == E.CUDA_ERROR_NOT_SUPPORTED, e.value
     assert "PTX line" in str(e.value) and "external function" in str(e.value), str(e.value)
+
+
+# -- numba-cuda itself, on KubeCASH's libcuda.so.1 --------------------------------------------
+# The kernels above, compiled and launched by numba's own dispatcher this time.
+NATIVE_PROGRAM = f"""
+import json, sys, numpy as np
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from numba import cuda
+import test_numba_ptx as t
+axpy, add2d, block_sum, maths = (cuda.jit(f) for f in (t.axpy, t.add2d, t.block_sum, t.maths))
+rng = np.random.default_rng(5)
+x, y = rng.random(10_000).astype(np.float32), rng.random(10_000).astype(np.float32)
+out = cuda.device_array_like(x)
+axpy[(x.size + 127) // 128, 128](out, np.float32(2.5), cuda.to_device(x), cuda.to_device(y))
+r = {{"axpy": bool(np.allclose(out.copy_to_host(), 2.5 * x + y, rtol=1e-6))}}
+acc = cuda.to_device(np.zeros(1, np.float32))
+block_sum[(x.size + 127) // 128, 128](cuda.to_device(x), acc)
+r["sum"] = [float(acc.copy_to_host()[0]), float(x.sum(dtype=np.float64))]
+a, b = rng.random((70, 90)), rng.random((70, 90))
+o = cuda.device_array_like(a)
+add2d[(5, 6), (16, 16)](o, cuda.to_device(a), cuda.to_device(b))
+r["add2d"] = bool(np.array_equal(o.copy_to_host(), a * 2.0 + b))
+m = cuda.device_array((x.size, 6), np.float64)
+v = x.astype(np.float64)
+maths[(x.size + 127) // 128, 128](m, cuda.to_device(v))
+want = np.stack([np.exp(v), np.sin(v), np.sqrt(v), np.log1p(v), np.cos(v) * np.tanh(v),
+                 np.arctan2(v, 2.0) + v ** 1.5], axis=1)
+r["maths"] = bool(np.allclose(m.copy_to_host(), want, rtol=1e-14))
+name = cuda.get_current_device().name
+r["device"] = name.decode() if isinstance(name, bytes) else name
+print(json.dumps(r))
+"""
+
+
+def test_numba_cuda_jit_kernels_run_on_the_native_driver(broker):
+    """numba-cuda's own @cuda.jit dispatch (compile, link through cuLink*, load, launch, copies)
+    with no Python-level shim: cuda-python's bindings call KubeCASH's libcuda.so.1."""
+    import json
+    import subprocess
+    import sys
+
+    from test_native_driver import RUN_TIMEOUT, _libdir
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBECASH_", "NUMBA_"))}
+    env.update(LD_LIBRARY_PATH=_libdir(), KUBECASH_BROKER=broker.address("alice"), KUBECASH_SHIM="0",
+               NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS="0")
+    p = subprocess.run([sys.executable, "-c", NATIVE_PROGRAM], env=env, capture_output=True, text=True,
+                       timeout=RUN_TIMEOUT * 2, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-4000:]
+    v = json.loads(p.stdout.strip().splitlines()[-1])
+    assert v["axpy"] and v["add2d"] and v["maths"], v
+    assert v["sum"][0] == pytest.approx(v["sum"][1], rel=1e-4), v
+    assert v["device"].startswith("KubeCASH CPU"), v
+    assert "not supported" not in p.stderr, p.stderr[-3000:]
+    assert broker.admin().call("status")["tenants"]["alice"]["devices"]["cpu0"]["kernels"] >= 3

@@ -198,6 +198,32 @@ int main(int argc, char **argv) {
         CHECK("jit_logs_empty", log[0] == 0 && elog[0] == 0, "info '%s' error '%s'", log, elog);
         OK("load_ptx_data", cuModuleLoadData(&mod2, image));
     }
+    if (!is_fatbin) {          /* the JIT linker: one PTX is its own image; anything else refused */
+        CUlinkState ls;
+        void *out = NULL;
+        size_t out_size = 0;
+        CUmodule linked;
+        char llog[64] = "garbage";
+        CUjit_option lopts[] = {CU_JIT_INFO_LOG_BUFFER, CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES};
+        void *lvals[] = {llog, (void *)(size_t)sizeof llog};
+        OK("link_create", cuLinkCreate(2, lopts, lvals, &ls));
+        CHECK("link_log_empty", llog[0] == 0, "'%s'", llog);
+        RC("link_complete_empty", cuLinkComplete(ls, &out, &out_size), CUDA_ERROR_INVALID_VALUE);
+        RC("link_cubin", cuLinkAddData(ls, CU_JIT_INPUT_CUBIN, (void *)image, 64, "x.cubin", 0, NULL, NULL),
+           CUDA_ERROR_NOT_SUPPORTED);
+        OK("link_add_ptx", cuLinkAddData(ls, CU_JIT_INPUT_PTX, (void *)image, strlen(image) + 1, "k.ptx", 0, NULL, NULL));
+        RC("link_second_input", cuLinkAddFile(ls, CU_JIT_INPUT_PTX, path, 0, NULL, NULL), CUDA_ERROR_NOT_SUPPORTED);
+        OK("link_complete", cuLinkComplete(ls, &out, &out_size));
+        CHECK("link_image", out && out_size == strlen(image) + 1 && !memcmp(out, image, out_size), "size %zu", out_size);
+        OK("link_load", cuModuleLoadData(&linked, out));
+        CUfunction lf;
+        OK("link_function", cuModuleGetFunction(&lf, linked, "vec_add"));
+        OK("link_unload", cuModuleUnload(linked));
+        OK("link_destroy", cuLinkDestroy(ls));
+        RC("link_destroy_again", cuLinkDestroy(ls), CUDA_ERROR_INVALID_HANDLE);
+        RC("link_file_missing", cuLinkAddFile((CUlinkState)(size_t)8, CU_JIT_INPUT_PTX, "/nonexistent.ptx", 0, NULL,
+                                              NULL), CUDA_ERROR_FILE_NOT_FOUND);
+    }
     CUmodule from_file = NULL;
     OK("load_file", cuModuleLoad(&from_file, path));
     RC("load_missing_file", cuModuleLoad(&from_file, "/nonexistent/kernels.ptx"), CUDA_ERROR_FILE_NOT_FOUND);
