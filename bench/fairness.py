@@ -1,12 +1,15 @@
 """Fairness benchmark: real tenants (client processes running real kernels through real
 executors) against the shares their quotas configure. Run by hand:
 
-    .venv/bin/python bench/fairness.py [--device cpu0] [--quick] [--only 1,6]
+    .venv/bin/python bench/fairness.py [--device cpu0] [--quick] [--only 1,6] [--native]
 
 Each scenario prints configured, achieved, target and PASS/FAIL; the last line is
 `N passed, M failed`. Shares are of device time as the executors measured it, read from the
 broker's accounting (brokerctl status) at the start and end of each window. Scenario 4 runs
 600 s (the documented window for a 0.0001 limit); --quick shortens it to 60 s and skips 0.0001.
+With --native every tenant is bench/native/tenant_worker.cu built by nvcc (the same kernel,
+modes and output as examples/tenant_worker.py) running on KubeCASH's libcuda.so.1: the
+quotas hold for unmodified CUDA programs as they do for the client library.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from kubecash.broker.local import LocalBroker  # noqa: E402
 from kubecash.broker.scheduler import expected_shares  # noqa: E402
 
 WORKER = os.path.join(ROOT, "examples", "tenant_worker.py")
+NATIVE_WORKER = os.path.join(HERE, "native", "tenant_worker.cu")
 RESULTS: list[bool] = []
 
 
@@ -49,12 +53,17 @@ class Scenario:
 
     def start(self, tenant: str, seconds: float, kernel_ms: float, mode: str = "saturate",
               **extra: Any) -> None:
-        argv = [sys.executable, WORKER, "--seconds", str(seconds), "--device", self.args.device,
-                "--mode", mode, "--iters", str(max(30, int(kernel_ms * self.args.iters_per_ms))),
-                "--blocks", str(self.args.blocks)]
+        argv = ([self.args.native] if self.args.native else [sys.executable, WORKER]) + [
+            "--seconds", str(seconds), "--device", self.args.device,
+            "--mode", mode, "--iters", str(max(30, int(kernel_ms * self.args.iters_per_ms))),
+            "--blocks", str(self.args.blocks)]
         for k, v in extra.items():
             argv += [f"--{k.replace('_', '-')}", str(v)]
-        p = subprocess.Popen(argv, env=self.broker.env(tenant), stdout=subprocess.PIPE, text=True)
+        env = self.broker.env(tenant)
+        if self.args.native:               # nothing but the loader's path and the broker's socket
+            from kubecash import native
+            env.update(LD_LIBRARY_PATH=native.libdir(), KUBECASH_SHIM="0")
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
         self.workers[tenant] = p
         line = p.stdout.readline()
         if not line:
@@ -233,6 +242,18 @@ def s7_live(args):
             f"(target 80% +-2 pp)")
 
 
+def build_native_worker() -> str | None:
+    """bench/native/tenant_worker.cu built by nvcc (static cudart, nvcc's default), or None."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from toolkit import NVCC
+    if NVCC is None:
+        return None
+    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"kubecash-tenant-worker-{os.getpid()}")
+    subprocess.run([NVCC, "-O2", "-arch=sm_80", "-o", out, NATIVE_WORKER], check=True, timeout=600)
+    print(f"tenants: {NATIVE_WORKER} built by {NVCC}, on KubeCASH's libcuda.so.1")
+    return out
+
+
 SCENARIOS = {1: s1_weights, 2: s2_limit, 3: s3_eight, 4: s4_tiny, 5: s5_latency, 6: s6_handover,
              7: s7_live}
 
@@ -247,7 +268,13 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--iters-per-ms", type=float, default=400.0)
+    ap.add_argument("--native", action="store_true", help="tenants are nvcc-built CUDA programs on libcuda.so.1")
     args = ap.parse_args()
+    if args.native:
+        args.native = build_native_worker()
+        if args.native is None:
+            print("0 passed, 1 failed (--native: no nvcc here)")
+            return 1
     chosen = [int(x) for x in args.only.split(",")] if args.only else list(SCENARIOS)
     calibrate(args)
     for n in chosen:
