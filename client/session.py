@@ -35,6 +35,7 @@ from .transport import _Channel, _context
 
 ENV_BROKER = "KUBECASH_BROKER"
 HELLO_TIMEOUT_S = 10.0
+DEAD_EXECUTOR_GRACE_S = 0.5   # see Session._drain_dead
 
 
 def connect(address: str | None = None, *, timeout: float = HELLO_TIMEOUT_S) -> Session:
@@ -119,6 +120,7 @@ class Session(_Resource):
               watch: str | None = None) -> dict:
         """Wait for the reply to `rid` on `ch`, watching the broker for executor failures."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        drained = False
         poller = ch.poller
         if poller is None:          # made once per channel: a sync call is one poll and one recv
             poller = ch.poller = zmq.Poller()
@@ -132,6 +134,10 @@ class Session(_Resource):
                 P.raise_for_reply(msg)
                 return msg if op is None else P.check_reply(ch.protocol, op, msg)
             if watch is not None and watch in self._failed:   # that device's executor died
+                if not drained:      # what it sent before it died (printf, this reply) first
+                    drained = True
+                    self._drain_dead(ch, rid)
+                    continue
                 raise self._failed[watch]
             if self._broken is not None:
                 raise self._broken
@@ -147,6 +153,18 @@ class Session(_Resource):
                 # Everything queued, without the exception a last non-blocking recv raises.
                 while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     self._dispatch(ch if sock is ch.sock else self._broker, sock.recv(zmq.NOBLOCK))
+
+    def _drain_dead(self, ch: _Channel, rid: int, grace: float = DEAD_EXECUTOR_GRACE_S) -> None:
+        """The broker said the executor behind `ch` died: its last frames (the kernel's
+        printf, maybe the reply to `rid`) can still be on their way, behind the broker's
+        event. Read them for a short while, until `rid` is answered or the socket is quiet."""
+        deadline = time.monotonic() + grace
+        while rid not in ch.stash:
+            left = deadline - time.monotonic()
+            if left <= 0 or not ch.sock.poll(max(1, int(left * 1000))):
+                return
+            while ch.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._dispatch(ch, ch.sock.recv(zmq.NOBLOCK))
 
     def _dispatch(self, ch: _Channel, frame: bytes) -> None:
         try:

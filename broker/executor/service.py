@@ -38,6 +38,8 @@ from .state import (
     log,
 )
 
+SHUTDOWN_LINGER_MS = 500      # how long an exiting executor's last replies may take to go
+
 
 class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps, SyncOps):
     """One tenant's context on one device (see the package docstring for its threads)."""
@@ -214,6 +216,9 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
             self._release(s)
         self.compiler.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
+        # What is queued for clients (a fatal error's reply, the printf before it) still goes:
+        # LINGER 0 would drop it at close. Bounded, so a client not reading never holds us.
+        self.sock.setsockopt(zmq.LINGER, SHUTDOWN_LINGER_MS)
         self.sock.close()
         self.ctl.close()
         self.ctx.term()
