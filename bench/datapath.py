@@ -6,12 +6,13 @@ measured side by side in one run. By hand:
 Through the broker, two ways side by side: a real client process's kubecash.client calls to
 its executor, and the same work from a C program through KubeCASH's libcuda.so.1 (the native
 path, bench/native/datapath.c: cuMemcpyHtoD/DtoH, cuLaunchKernel, cuMemGetInfo,
-cuCtxSynchronize). Directly: on a
-GPU, cuMemcpyHtoD/DtoH from pageable host memory and cuLaunchKernel in this process; on the
-CPU device, a host memcpy and an in-process launch of the same compiled kernel. Targets (GPU):
-H2D and D2H through the broker >= 0.8x direct; the per-launch overhead is reported. On every
-device: the median synchronous call (mem_info) and ctx_sync on an empty queue against the
-median round trip of a raw pyzmq DEALER/ROUTER echo over ipc, target <= 1.2x (#17).
+cuCtxSynchronize). Directly: on a GPU, cuMemcpyHtoD/DtoH from pageable host memory and
+cuLaunchKernel in this process; on the CPU device, np.copyto and an in-process launch of the
+same compiled kernel. Targets (#17): H2D and D2H through the broker >= 0.8x direct; async
+launches of an empty kernel a second >= a raw pyzmq one-way stream's messages a second; on
+the CPU device, kernels of about 100 us and 1 ms (calibrated in process, run back to back)
+at >= 0.95x and >= 0.98x their in-process rate; the median synchronous call (mem_info) and
+ctx_sync on an empty queue <= 1.2x the median round trip of a raw pyzmq DEALER/ROUTER echo.
 """
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ sys.path.insert(0, os.path.dirname(HERE))
 from kubecash.broker.local import LocalBroker  # noqa: E402
 
 KERNEL = 'extern "C" __global__ void nop(float* p, int n) { if (threadIdx.x == 0 && n < 0) p[0] = 1; }'
+# A kernel that takes as long as `iters` says (calibrated in process to about 100 us and 1 ms).
+SPIN = r"""
+extern "C" __global__ void spin(float* p, int iters) {
+    float x = threadIdx.x;
+    for (int i = 0; i < iters; i++) x = x * 0.9999f + 0.0001f;
+    if (x == 12345.0f) p[0] = x;
+}
+"""
+SPIN_GRID, SPIN_BLOCK = (4, 1, 1), (64, 1, 1)
 
 CLIENT = r"""
 import json, sys, time, numpy as np, kubecash.client as kc
@@ -64,7 +74,28 @@ with kc.connect() as s:
         return sorted(ts)[n // 2] * 1e6
     query_us = p50(d.mem_info)          # a synchronous request the executor answers at once
     sync_us = p50(d.synchronize)        # ctx_sync on an empty queue
-print(json.dumps({"h2d": h2d, "d2h": d2h, "launch_us": launch_us, "query_us": query_us, "sync_us": sync_us}))
+    spin = d.load_module(sys.argv[6]).get_kernel("spin")
+    timed = {}
+    for name, iters, count in json.loads(sys.argv[7]):
+        d.launch(spin, SPIN_GRID, SPIN_BLOCK, [small, iters]); d.synchronize()
+        t = time.perf_counter()
+        for _ in range(count): d.launch(spin, SPIN_GRID, SPIN_BLOCK, [small, iters])
+        d.synchronize()
+        timed[name] = (time.perf_counter() - t) / count * 1e6
+print(json.dumps({"h2d": h2d, "d2h": d2h, "launch_us": launch_us, "query_us": query_us, "sync_us": sync_us,
+                  **timed}))
+""".replace("SPIN_GRID", repr(SPIN_GRID)).replace("SPIN_BLOCK", repr(SPIN_BLOCK))
+
+ONEWAY = r"""
+import sys, time, zmq
+ctx = zmq.Context()
+s = ctx.socket(zmq.DEALER)
+s.connect(sys.argv[1])
+n = int(sys.argv[2])
+msg = b"x" * 100
+s.send(b"start"); s.recv()
+for _ in range(n): s.send(msg)
+s.recv()
 """
 
 
@@ -113,6 +144,59 @@ def raw_echo_us() -> float:
         if os.path.exists(path):
             os.unlink(path)
     return float(out.strip().splitlines()[-1])
+
+
+def raw_oneway_per_s(n: int = 200_000) -> float:
+    """Messages a second a raw pyzmq DEALER in another process gets to a ROUTER here, one
+    way, over ipc (of the size of a launch request): what async launches are held to (#17)."""
+    import zmq
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    path = tempfile.mktemp(prefix="kc-oneway-")
+    router.bind(f"ipc://{path}")
+    p = subprocess.Popen([sys.executable, "-c", ONEWAY, f"ipc://{path}", str(n)])
+    try:
+        ident, _ = router.recv_multipart()
+        router.send_multipart([ident, b"go"])
+        t = time.perf_counter()
+        for _ in range(n):
+            router.recv_multipart()
+        rate = n / (time.perf_counter() - t)
+        router.send_multipart([ident, b"done"])
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+        router.close(0)
+        ctx.term()
+        if os.path.exists(path):
+            os.unlink(path)
+    return rate
+
+
+def direct_spin(threads: int) -> list[tuple[str, int, int, float]]:
+    """(name, iters, count, us per kernel in process) for kernels of about 100 us and 1 ms."""
+    import numpy as np
+
+    from kubecash.broker import cpukernels
+    out = []
+    with tempfile.TemporaryDirectory() as cache:
+        mod = cpukernels.compile_module(SPIN, cache_dir=cache)
+        k = mod.kernel("spin")
+        small = np.zeros(1, np.float32)
+        p = small.ctypes.data.to_bytes(8, "little")
+        with cpukernels.Launcher(threads, nice=10) as L:
+            def per_kernel(iters: int, count: int) -> float:
+                args = [p, iters.to_bytes(4, "little")]
+                L.launch(mod, k, SPIN_GRID, SPIN_BLOCK, 0, args)
+                t = time.perf_counter()
+                for _ in range(count):
+                    L.launch(mod, k, SPIN_GRID, SPIN_BLOCK, 0, args)
+                return (time.perf_counter() - t) / count * 1e6
+            base = per_kernel(2000, 50)
+            for name, us, count in (("k100us", 100, 2000), ("k1ms", 1000, 300)):
+                iters = max(1, int(2000 * us / base))
+                out.append((name, iters, count, per_kernel(iters, count)))
+    return out
 
 
 def direct_gpu(index: int, nbytes: int, launches: int, reps: int) -> dict:
@@ -242,10 +326,11 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="kc-datapath-")
     built = native_program(tmp)
     paths: dict[str, dict] = {}
+    spins = [] if gpu else direct_spin(os.cpu_count() or 1)
     with LocalBroker({"bench": {}}, log_level="WARNING") as b:
         p = subprocess.run([sys.executable, "-c", CLIENT, a.device, str(nbytes), str(a.launches),
-                            str(a.reps), KERNEL], env=b.env("bench"), capture_output=True,
-                           text=True, timeout=600)
+                            str(a.reps), KERNEL, SPIN, json.dumps([x[:3] for x in spins])],
+                           env=b.env("bench"), capture_output=True, text=True, timeout=600)
         if p.returncode != 0:
             print(p.stderr, file=sys.stderr)
             print("0 passed, 1 failed")
@@ -271,6 +356,9 @@ def main() -> int:
     def row(label: str, base: float, key: str, scale: float, target: float | None, higher: bool, note: str):
         cells = ""
         for got in paths.values():
+            if key not in got:
+                cells += f" {'-':>12} {'':7} "
+                continue
             ratio = got[key] / base
             ok = target is None or (ratio >= target if higher else ratio <= target)
             if target is not None:
@@ -280,10 +368,23 @@ def main() -> int:
         print(f"{label:24} {base / scale:12.2f}{cells}  {verdict}{note}")
 
     for key, label in (("h2d", "host to device GB/s"), ("d2h", "device to host GB/s")):
-        row(label, direct[key], key, 1e9, 0.8 if gpu else None, True, "")
+        row(label, direct[key], key, 1e9, 0.8, True, " (direct: cuMemcpy in process)" if gpu
+            else " (direct: np.copyto)")
     row("per-launch us", direct["launch_us"], "launch_us", 1, None, False,
         " (overhead: " + ", ".join(f"{n} {g['launch_us'] - direct['launch_us']:.1f} us"
                                    for n, g in paths.items()) + " per launch)")
+    oneway = raw_oneway_per_s()
+    for got in paths.values():
+        got["launch_per_s"] = 1e6 / got["launch_us"]
+    row("async launches/s", oneway, "launch_per_s", 1, 1.0, True,
+        f" (direct: a raw pyzmq one-way stream; an in-process launch: {1e6 / direct['launch_us']:.0f}/s)")
+    for name, iters, _count, us in spins:      # brokered kernel throughput / in process
+        for got in paths.values():
+            if name in got:
+                got[name + "_rate"] = us / got[name]
+        label = f"{us:.0f} us kernels, rate"
+        row(label, 1.0, name + "_rate", 1, 0.95 if name == "k100us" else 0.98, True,
+            f" (brokered / in process, {iters} iterations, {SPIN_GRID[0]}x{SPIN_BLOCK[0]} threads)")
     echo = raw_echo_us()
     for key, label in (("query_us", "sync call p50 us"), ("sync_us", "ctx_sync empty p50 us")):
         row(label, echo, key, 1, 1.2, False, " (direct: a raw pyzmq echo)")

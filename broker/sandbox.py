@@ -350,9 +350,9 @@ typedef int (*kc_run_fn)(int, void*, void*, void*);
 typedef int (*kc_call_fn)(void*);
 
 struct kc_pool;
-struct kc_worker { kc_pool* pool; pthread_t th; int index; void* state; int rc; };
+struct kc_worker { kc_pool* pool; pthread_t th; int index; void* state; int rc; pthread_cond_t work; };
 struct kc_pool {
-    pthread_mutex_t mu; pthread_cond_t work, done;
+    pthread_mutex_t mu; pthread_cond_t done;
     unsigned long gen; int active, pending, stop, started, setup_err;
     kc_run_fn run; int idx; void* argv; void* launch;
     int n, nice; struct sock_fprog prog; kc_worker* w;
@@ -386,7 +386,7 @@ static void* worker_main(void* arg) {
     pthread_cond_broadcast(&P->done);
     unsigned long seen = P->gen;
     for (;;) {
-        while (!P->stop && P->gen == seen) pthread_cond_wait(&P->work, &P->mu);
+        while (!P->stop && P->gen == seen) pthread_cond_wait(&w->work, &P->mu);
         if (P->stop) break;
         seen = P->gen;
         if (err || w->index >= P->active) continue;
@@ -409,7 +409,6 @@ kc_pool* kc_pool_create(int n, void** states, int nice, const void* filter, int 
     kc_pool* P = (kc_pool*)calloc(1, sizeof(kc_pool));
     if (!P) { *err = ENOMEM; return 0; }
     pthread_mutex_init(&P->mu, 0);
-    pthread_cond_init(&P->work, 0);
     pthread_cond_init(&P->done, 0);
     P->n = 0; P->nice = nice;
     P->w = (kc_worker*)calloc(n, sizeof(kc_worker));
@@ -431,6 +430,7 @@ kc_pool* kc_pool_create(int n, void** states, int nice, const void* filter, int 
     for (int i = 0; i < n; i++) {
         kc_worker* w = &P->w[i];
         w->pool = P; w->index = i; w->state = states[i];
+        pthread_cond_init(&w->work, 0);
         int e = pthread_create(&w->th, 0, worker_main, w);
         if (e) { *err = e; kc_pool_close(P); return 0; }
         P->n = i + 1;
@@ -448,7 +448,9 @@ void kc_pool_run(kc_pool* P, kc_run_fn run, int idx, void* argv, void* launch, i
     pthread_mutex_lock(&P->mu);
     P->run = run; P->idx = idx; P->argv = argv; P->launch = launch;
     P->active = nw; P->pending = nw; P->gen++;
-    pthread_cond_broadcast(&P->work);
+    /* Only the workers this launch uses wake (a one-block grid wakes one, not all): each
+     * waits on its own condition. One left out sees the new gen when it next is woken. */
+    for (int i = 0; i < nw; i++) pthread_cond_signal(&P->w[i].work);
     while (P->pending > 0) pthread_cond_wait(&P->done, &P->mu);
     for (int i = 0; i < nw; i++) rcs[i] = P->w[i].rc;
     pthread_mutex_unlock(&P->mu);
@@ -457,7 +459,7 @@ void kc_pool_run(kc_pool* P, kc_run_fn run, int idx, void* argv, void* launch, i
 void kc_pool_close(kc_pool* P) {
     pthread_mutex_lock(&P->mu);
     P->stop = 1;
-    pthread_cond_broadcast(&P->work);
+    for (int i = 0; i < P->n; i++) pthread_cond_signal(&P->w[i].work);
     pthread_mutex_unlock(&P->mu);
     for (int i = 0; i < P->n; i++) pthread_join(P->w[i].th, 0);
     free(P->w);

@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import zmq
+
 from . import protocol as P
 from .errors import CUresult, error_from_code
 from .memory import Buffer, HostBuffer
@@ -68,6 +70,7 @@ class Device:
             # The executor queues at most max_queued_ops per session: like a full CUDA push
             # buffer, the client blocks (a context sync) well before that.
             self._queue_window = max(1, a["max_queued_ops"] // 2)
+            self._ch.batch_session = s.token       # attached: async work goes in batches
             self._posted = 0
             self._unsynced = False
             if a["staging"]:
@@ -127,6 +130,10 @@ class Device:
             self._staging.close()
             self._staging = None
         if self._ch is not None:
+            try:
+                self._ch.flush()              # posted work still runs (mem_free among it)
+            except zmq.ZMQError:
+                pass
             self._ch.close()
             self._ch = None
 

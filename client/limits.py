@@ -57,6 +57,11 @@ LAUNCH = LaunchLimits()
 
 # Wire-level sizes.
 INLINE_MAX = 64 << 10               # copies up to this size travel inside the message
+# The push buffer: asynchronous requests travel to the executor as one "batch" message of up
+# to this many (flushed at the next synchronizing call, at these bounds, or after BATCH_DELAY_S).
+BATCH_MAX_OPS = 256
+BATCH_MAX_BYTES = 256 << 10
+BATCH_DELAY_S = 0.0005
 DEFAULT_STAGING_BYTES = 32 << 20    # per-session shared-memory staging segment
 BROKER_MESSAGE_MAX = 16 << 10       # broker requests (hello, open, heartbeat...) are far smaller
 ADMIN_MESSAGE_MAX = 1 << 20         # brokerctl's requests

@@ -24,7 +24,9 @@ Envelopes (built only by `envelope` and the builders below it):
 
 A request whose message is declared `asynchronous` may carry "async": True when the caller
 does not wait: no reply is sent, and an error it raises is kept and returned by the
-session's next synchronizing request (CUDA semantics).
+session's next synchronizing request (CUDA semantics). Clients gather such requests in a push
+buffer and send them as one "batch" request whose "ops" are the whole requests, each checked
+and handled as if it had come alone (limits.BATCH_MAX_OPS, BATCH_MAX_BYTES, BATCH_DELAY_S).
 
 Every field is declared with its type, bounds, choices and length; `check` validates an
 incoming message against its declaration (plus the message's own cross-field rule), so
@@ -45,6 +47,9 @@ import msgpack
 from .errors import CudaError, CUresult, ProtocolError, error_from_code
 from .limits import (
     ADMIN_MESSAGE_MAX,
+    BATCH_DELAY_S,
+    BATCH_MAX_BYTES,
+    BATCH_MAX_OPS,
     BROKER_MESSAGE_MAX,
     COMPILED_IMAGE_MAX,
     CONTROL_MESSAGE_MAX,
@@ -63,7 +68,8 @@ I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
 NONE = type(None)
 
 __all__ = [
-    "VERSION", "MAX_MESSAGE_BYTES", "INLINE_MAX", "DEFAULT_STAGING_BYTES", "BROKER_MESSAGE_MAX",
+    "VERSION", "MAX_MESSAGE_BYTES", "INLINE_MAX", "BATCH_MAX_OPS", "BATCH_MAX_BYTES", "BATCH_DELAY_S",
+    "DEFAULT_STAGING_BYTES", "BROKER_MESSAGE_MAX",
     "ADMIN_MESSAGE_MAX", "CONTROL_MESSAGE_MAX", "F", "Channel", "Message", "CHANNELS", "MESSAGES",
     "TENANT", "EXECUTOR", "ADMIN", "CONTROL", "REPORT", "LEASE", "LEASE_REPORT", "EVENT", "COMPILE",
     "message", "handler_name", "envelope", "request", "notice", "reply", "error", "error_reply",
@@ -242,6 +248,13 @@ _M: list[Message] = [
     Message("event_elapsed", EXECUTOR, {"session": SESSION, "start": HANDLE, "end": HANDLE},
             reply={"ms": NUMBER}),
     Message("ctx_sync", EXECUTOR, {"session": SESSION}, reply={}),
+    Message("batch", EXECUTOR,
+            {"session": SESSION,
+             "ops": F(list, minlen=1, maxlen=BATCH_MAX_OPS, items=dict,
+                      doc="whole asynchronous requests of this session, each as if sent alone")},
+            reply={}, asynchronous=True,
+            doc="the push buffer: sent only with async; each op is checked and queued in order, "
+                "its error kept for the next synchronization"),
 
     # -- admin: brokerctl -> the broker's admin socket --------------------------------------
     Message("status", ADMIN, {},
@@ -589,6 +602,8 @@ def export() -> dict[str, Any]:
                       "rule": m.rule.__name__.lstrip("_") if m.rule else None}
                      for m in _M],
         "limits": {"inline_max": INLINE_MAX, "default_staging_bytes": DEFAULT_STAGING_BYTES,
+                   "batch_max_ops": BATCH_MAX_OPS, "batch_max_bytes": BATCH_MAX_BYTES,
+                   "batch_delay_us": int(BATCH_DELAY_S * 1e6),
                    "launch": dataclasses.asdict(LAUNCH)},
         "codes": {c.name: int(c) for c in CUresult},
     }

@@ -61,6 +61,9 @@ class Session(_Resource):
         self._failed: dict[str, CudaError] = {}     # device -> sticky error
         self._throttled_until = 0.0                 # monotonic time a "throttled" event named
         self._devices: dict[str, Device] = {}
+        self._flusher: threading.Thread | None = None     # see _batch_opened
+        self._flush_wanted = threading.Event()
+        self._hb_stop = threading.Event()
         try:
             hello = self._call(self._broker, "hello", timeout=timeout, pid=os.getpid(),
                                client="kubecash.client")
@@ -71,7 +74,6 @@ class Session(_Resource):
         self.token: bytes = hello["session"]
         self.tenant: str = hello["tenant"]
         self._device_info = {d["name"]: d for d in hello["devices"]}
-        self._hb_stop = threading.Event()
         self._hb = threading.Thread(target=self._heartbeat,
                                     args=(hello["heartbeat_interval"], hello["heartbeat_timeout"]),
                                     name="kubecash-heartbeat", daemon=True)
@@ -113,8 +115,40 @@ class Session(_Resource):
     def _send(self, ch: _Channel, op: str, fields: dict, *, asynchronous: bool = False) -> int:
         # Ids are per session, across its channels: one counter for the broker and every device.
         rid = next(self._ids)
-        ch.send(rid, op, fields, asynchronous=asynchronous)
+        if not asynchronous:
+            self._flush_devices()         # a synchronizing call: what was posted goes first
+        if ch.send(rid, op, fields, asynchronous=asynchronous):
+            self._batch_opened()
         return rid
+
+    def _flush_devices(self) -> None:
+        for d in self._devices.values():
+            if d._ch is not None:
+                d._ch.flush()
+
+    def _batch_opened(self) -> None:
+        """A push buffer has work that no call may flush soon: the flusher sends it after
+        BATCH_DELAY_S, so a program that posts work and then does something else still has
+        it run, as a GPU runs what was queued."""
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_later, name="kubecash-flush",
+                                             daemon=True)
+            self._flusher.start()
+        self._flush_wanted.set()
+
+    def _flush_later(self) -> None:
+        while not self._hb_stop.is_set():
+            if not self._flush_wanted.wait(0.5):
+                continue
+            time.sleep(P.BATCH_DELAY_S)
+            self._flush_wanted.clear()       # a batch opened after this is flushed next round
+            with self._lock:
+                if self._closed:
+                    return
+                try:
+                    self._flush_devices()
+                except zmq.ZMQError:
+                    return                   # the session is closing under us
 
     def _wait(self, ch: _Channel, rid: int, *, timeout: float | None = None,
               watch: str | None = None) -> dict:
@@ -266,3 +300,5 @@ class Session(_Resource):
                     pass
             self._broker.close()
         self._hb.join(timeout=5)
+        if self._flusher is not None:
+            self._flusher.join(timeout=5)

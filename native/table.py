@@ -287,6 +287,6 @@ MESSAGES_USED: dict[str, tuple[str, ...]] = {
                  "memcpy_dtod", "memset", "module_load", "module_unload", "get_function", "get_global",
                  "launch", "stream_create", "stream_destroy", "stream_sync", "stream_query",
                  "stream_wait_event", "event_create", "event_destroy", "event_record", "event_sync",
-                 "event_query", "event_elapsed"),
+                 "event_query", "event_elapsed", "batch"),
     "event": ("stdout", "executor_died", "session_ended", "throttled"),
 }

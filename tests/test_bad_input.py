@@ -85,6 +85,59 @@ def test_executor_answers_hostile_frames_and_keeps_serving(broker, raw_socket):
     assert broker.alive()
 
 
+def test_executor_checks_each_op_of_a_batch(broker, raw_socket):
+    """The push buffer's batch: every op in it is checked as if it came alone; a bad one's
+    error is kept for the next synchronization and the ops after it still run; only
+    asynchronous ops of the batch's own session, and no batches, may be in one."""
+    with broker.connect("alice") as s, broker.connect("bob") as other:
+        dev = s.device("cpu0")
+        buf = dev.allocate(32)
+        buf.copy_from(b"." * 32)
+        ob = other.device("cpu0").allocate(16)
+        ob.copy_from(b"b" * 16)
+        sock = raw_socket(f"ipc://{P.executor_socket_path(broker.runtime_dir, 'alice', 'cpu0')}")
+
+        def op(op, token=s.token, asynchronous=True, **f):
+            m = {"v": 1, "id": 7, "op": op, "session": token, **f}
+            if asynchronous:
+                m["async"] = True
+            return m
+
+        def sync() -> dict:
+            sock.send(P.pack({"v": 1, "id": 8, "op": "ctx_sync", "session": s.token}))
+            return _reply(sock)
+
+        def batch(*ops, asynchronous=True):
+            sock.send(P.pack(op("batch", asynchronous=asynchronous, ops=list(ops))))
+
+        memset = dict(width=1, count=16, stream=0)
+        batch(op("memset", dst=buf.ptr, value=ord("A"), **memset),
+              op("mem_free", ptr=12345),                               # not an allocation
+              op("memset", dst=buf.ptr + 16, value=ord("B"), **memset))
+        r = sync()
+        assert r["ok"] is False and "0x3039" in r["error"], r
+        assert bytes(buf.copy_to()) == b"A" * 16 + b"B" * 16
+        for bad, why in [
+            (op("ctx_sync", asynchronous=False), "batch op 0 (ctx_sync)"),
+            (op("batch", ops=[op("memset", dst=buf.ptr, value=1, **memset)]), "no batches"),
+            (op("memset", token=other.token, dst=ob.ptr, value=ord("X"), **memset), "own session"),
+            ({"v": 1, "op": "memset"}, "batch op 0"),
+            (op("launch", function=99, grid=[1, 1, 1], block=[1, 1, 1], shared=0, stream=0, args=[]),
+             "not one of this session's"),
+        ]:
+            batch(bad)
+            r = sync()
+            assert r["ok"] is False and why in r["error"], (bad, r)
+        batch(op("memset", dst=buf.ptr, value=ord("C"), **memset), asynchronous=False)
+        assert _reply(sock)["ok"] is True                      # a batch sent as a request
+        sock.send(P.pack(op("batch", ops=[])))                  # an empty one: refused at once
+        assert sync()["ok"] is False
+        assert sync()["ok"] is True
+        assert bytes(buf.copy_to())[:16] == b"C" * 16
+        assert bytes(ob.copy_to()) == b"b" * 16                  # the other session: untouched
+    assert broker.alive()
+
+
 def test_launch_errors(session):
     dev = session.device("cpu0")
     k = dev.load_module(VECADD).get_kernel("vadd")

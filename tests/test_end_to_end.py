@@ -240,6 +240,34 @@ def test_kernel_printf_reaches_the_program_that_ran_it(broker):
     assert other.communicate(timeout=120)[0].strip() == "quiet"   # nothing crossed tenants
 
 
+def test_posted_work_leaves_the_push_buffer_on_its_own(broker):
+    """Async work waits in the client's push buffer, which is flushed after a short delay
+    even if the program makes no further call: a launch nothing synchronizes still runs
+    (seen here through mapped host memory, which the client reads without a request)."""
+    code = r"""
+        import time, numpy as np, kubecash.client as kc
+        with kc.connect() as s:
+            d = s.device("cpu0")
+            k = d.load_module(VECADD).get_kernel("vadd")
+            n = 256
+            a = d.allocate(n * 4); a.copy_from(np.ones(n, np.float32))
+            out = d.allocate_host(n * 4)
+            c = np.frombuffer(out.view, np.float32)
+            c[:] = 0
+            d.synchronize()
+            d.launch(k, (1,), (n,), [a, a, out.ptr, n])
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 30 and c[-1] != 2:
+                time.sleep(0.001)
+            print("ran", bool((c == 2).all()), flush=True)
+            d.synchronize()
+    """.replace("VECADD", repr(VECADD))
+    p = run_client(code, broker.address("alice"))
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert out.split() == ["ran", "True"], (out, err)
+
+
 def test_reopening_right_after_the_last_session_closed(broker):
     for _ in range(5):
         with broker.connect("alice") as s:

@@ -397,6 +397,17 @@ def test_exec_device_fault_is_sticky(exec_tour, quota_broker):
     assert not bad and v["failed"] == "0", (bad, err[-3000:])
 
 
+def test_exec_posted_work_runs_without_a_sync(exec_tour, quota_broker):
+    """Posted launches wait in the library's push buffer; it leaves on its own after a short
+    delay, so a launch the program never synchronizes still runs (the program reads its
+    result through the device pointer, its own mapping of the arena)."""
+    exe, images = exec_tour
+    v, err = run(exe, "posted", images["ptx"], broker=quota_broker.address("alice"))
+    bad = {k: x for k, x in v.items() if k.startswith("check_") and not x.startswith("1")}
+    assert not bad and v["failed"] == "0", (bad, err[-3000:])
+    assert "check_ran_without_sync" in v
+
+
 def test_exec_launch_rate(exec_tour, quota_broker):
     """Launches are posted without waiting for a reply: many a second even on a loaded
     machine (the figure is printed; the bound is loose)."""

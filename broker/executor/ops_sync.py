@@ -46,6 +46,7 @@ class SyncOps:
                 obj.waiters.append((s, ident, rid))
                 return
             payload = self._sync_payload_locked(s, rid)
+        self._run_calls()                # see _sync_session
         self._send(ident, payload)
 
     def op_stream_sync(self, s: SessionState, msg: dict, ident: bytes):
@@ -68,6 +69,9 @@ class SyncOps:
         if payload is None:
             self._queue_op(s, msg, ident, lambda: None)
         else:
+            # What the work that just ran sent through the main thread (its printf, its
+            # replies) is still queued here: it goes first, as it would behind a queued sync.
+            self._run_calls()
             self._send(ident, payload)
 
     def op_stream_query(self, s: SessionState, msg: dict, ident: bytes):

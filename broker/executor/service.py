@@ -125,6 +125,18 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         self._calls.put(fn)
         os.write(self._wake_w, b"x")
 
+    def _run_calls(self) -> None:
+        """Run what other threads handed the main thread (their sends), in order."""
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                call()
+            except Exception:
+                log.exception("internal error in deferred work")
+
     def _send(self, ident: bytes, payload: bytes) -> None:
         try:
             self.sock.send_multipart([ident, payload], zmq.NOBLOCK)
@@ -173,15 +185,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
                         os.read(self._wake_r, 65536)
                     except BlockingIOError:
                         pass
-                while True:
-                    try:
-                        call = self._calls.get_nowait()
-                    except queue.Empty:
-                        break
-                    try:
-                        call()
-                    except Exception:
-                        log.exception("internal error in deferred work")
+                self._run_calls()
                 if self.ctl.fileno() in events:
                     self._read_control()
                 if self.sock in events:
@@ -310,6 +314,26 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
                 s.deferred = s.deferred or e
             else:
                 self._send(ident, P.error_reply(P.request_id_of(msg), e))
+
+    def op_batch(self, s: SessionState, msg: dict, ident: bytes):
+        """The push buffer: each op as if it had come alone (checked, then its handler), in
+        order. Nobody waits for them: an op's error is kept for the next synchronization, and
+        the ops after it still run, as asynchronous CUDA work does."""
+        for i, item in enumerate(msg["ops"]):
+            try:
+                with map_exceptions(logger=log):
+                    op = P.check(item, P.EXECUTOR)
+                    if op == "batch" or item.get("async") is not True or item["session"] != s.token:
+                        raise _err(E.CUDA_ERROR_INVALID_VALUE,
+                                   f"batch op {i} ({op}): a batch holds only asynchronous ops of "
+                                   "its own session, no batches")
+                    getattr(self, P.handler_name(P.message(P.EXECUTOR, op)))(s, item, ident)
+            except ProtocolError as e:
+                s.deferred = s.deferred or _err(E.CUDA_ERROR_INVALID_VALUE, f"batch op {i}: {e}")
+            except CudaError as e:
+                s.deferred = s.deferred or e
+        if not msg.get("async"):
+            return {}                     # sent as a request: answered once queued
 
     # helpers that look things up in the session's own tables
     def _stream(self, s: SessionState, msg: dict) -> StreamState:

@@ -3,6 +3,9 @@
 #define KC_GEN_PROTOCOL_H
 #define KCP_VERSION 1
 #define KCP_INLINE_MAX 65536
+#define KCP_BATCH_MAX_OPS 256
+#define KCP_BATCH_MAX_BYTES 262144
+#define KCP_BATCH_DELAY_US 500
 #define KCP_ENV_V "v"
 #define KCP_ENV_ID "id"
 #define KCP_ENV_OP "op"
@@ -151,6 +154,9 @@
 #define KCP_EXECUTOR_EVENT_ELAPSED_START "start"  /* int */
 #define KCP_EXECUTOR_EVENT_ELAPSED_END "end"  /* int */
 #define KCP_EXECUTOR_EVENT_ELAPSED_R_MS "ms"  /* int/float */
+#define KCP_EXECUTOR_BATCH "batch"
+#define KCP_EXECUTOR_BATCH_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_BATCH_OPS "ops"  /* list */
 #define KCP_EVENT_STDOUT "stdout"
 #define KCP_EVENT_STDOUT_DATA "data"  /* bytes */
 #define KCP_EVENT_EXECUTOR_DIED "executor_died"

@@ -103,6 +103,8 @@ struct kc_device {
     /* a CPU device's memory itself, mapped (attach's "arena"): copies are one memcpy here */
     uint8_t *arena; size_t arena_size; uint64_t arena_base;
     uint32_t window, posted;             /* async requests allowed before a ctx_sync; sent since */
+    /* the push buffer: posted requests, encoded, waiting to leave as one "batch" (session.c) */
+    struct kc_buf pb; uint32_t pb_n;
 };
 /* Lock the session (opening it if this process has none yet; `open` 0: only if open).
  * On success the caller holds the session lock and must kc_unlock(). */

@@ -94,6 +94,8 @@ static void drop_session(void) {
     for (int i = 0; i < g.ndev; i++) {
         struct kc_device *d = &g.dev[i];
         if (d->attached) zmtp_close(&d->exec);
+        mp_free(&d->pb);                 /* a forked child's copy of the parent's posts: not its own */
+        d->pb_n = 0;
         if (d->staging) munmap(d->staging, d->staging_size);
         d->staging = NULL;
         if (d->arena) munmap(d->arena, d->arena_size);
@@ -190,6 +192,81 @@ static CUresult executor_lost(int device, char *err, size_t errlen) {
     return g.dev_failed[device];
 }
 
+/* ---- the push buffer (client/transport.py's): posted requests leave as one "batch"
+ * message at the next synchronizing request, at KCP_BATCH_MAX_OPS or _BYTES, or after
+ * KCP_BATCH_DELAY_US (the flusher thread), so a launch costs a memcpy, not a system call. */
+static pthread_mutex_t flush_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t flush_cv = PTHREAD_COND_INITIALIZER;
+static int flush_wanted;                  /* under flush_mu */
+static pid_t flusher_pid;                 /* the process whose flusher runs (lock held) */
+
+/* Send device i's push buffer (lock held): 0, or what zmtp_send returned. */
+static int flush_device(int i, char *err, size_t errlen) {
+    struct kc_device *d = &g.dev[i];
+    if (!d->pb_n) return 0;
+    int bad;
+    if (d->pb_n == 1) {
+        bad = zmtp_send(&d->exec, d->pb.p, d->pb.n, err, errlen);
+    } else {
+        struct kc_buf b = {0};
+        mp_map(&b, 6);
+        mp_str(&b, KCP_ENV_V); mp_uint(&b, KCP_VERSION);
+        mp_str(&b, KCP_ENV_ID); mp_uint(&b, 0);          /* nobody waits for it */
+        mp_str(&b, KCP_ENV_OP); mp_str(&b, KCP_EXECUTOR_BATCH);
+        mp_str(&b, KCP_ENV_ASYNC); mp_bool(&b, 1);
+        mp_str(&b, KCP_EXECUTOR_BATCH_SESSION); mp_bin(&b, g.token, g.token_len);
+        mp_str(&b, KCP_EXECUTOR_BATCH_OPS); mp_array(&b, d->pb_n);
+        mp_raw(&b, d->pb.p, d->pb.n);
+        bad = b.oom ? (snprintf(err, errlen, "out of memory"), -1) : zmtp_send(&d->exec, b.p, b.n, err, errlen);
+        mp_free(&b);
+    }
+    d->pb.n = 0;
+    d->pb.oom = 0;
+    d->pb_n = 0;
+    return bad;
+}
+
+/* Every device's push buffer, before a request that waits (lock held). A device whose
+ * connection broke is marked lost, as a failed post would be. */
+static void flush_all(void) {
+    char err[512];
+    for (int i = 0; i < g.ndev; i++)
+        if (g.dev[i].pb_n && flush_device(i, err, sizeof err)) executor_lost(i, err, sizeof err);
+}
+
+static void *flusher_main(void *arg) {
+    (void)arg;
+    for (;;) {
+        pthread_mutex_lock(&flush_mu);
+        while (!flush_wanted) pthread_cond_wait(&flush_cv, &flush_mu);
+        flush_wanted = 0;
+        pthread_mutex_unlock(&flush_mu);
+        struct timespec ts = {0, KCP_BATCH_DELAY_US * 1000L};
+        while (nanosleep(&ts, &ts) && errno == EINTR) {}
+        pthread_mutex_lock(&g_lock);
+        if (g.open && g.pid == getpid()) flush_all();
+        pthread_mutex_unlock(&g_lock);
+    }
+    return NULL;
+}
+
+static void start_thread(void *(*fn)(void *), const char *what);
+
+/* A batch was opened: have the flusher send it after the delay (lock held). */
+static void batch_opened(void) {
+    if (flusher_pid != g.pid) {              /* this process's first (a child has no flusher) */
+        flusher_pid = g.pid;
+        pthread_mutex_init(&flush_mu, NULL);  /* a fork may have copied it held */
+        pthread_cond_init(&flush_cv, NULL);
+        flush_wanted = 0;
+        start_thread(flusher_main, "flusher");
+    }
+    pthread_mutex_lock(&flush_mu);
+    flush_wanted = 1;
+    pthread_cond_signal(&flush_cv);
+    pthread_mutex_unlock(&flush_mu);
+}
+
 /* Send request `op` on `c` and wait for its reply, watching the broker socket for events.
  * timeout_ms < 0: as long as the session and the device's executor live. */
 static CUresult request(struct kc_conn *c, int device, const char *op, int session,
@@ -200,6 +277,12 @@ static CUresult request(struct kc_conn *c, int device, const char *op, int sessi
     put_envelope(&b, id, op, nfields, session);
     if (body && body->n) mp_raw(&b, body->p, body->n);     /* the fields, encoded by the caller */
     if (b.oom) { mp_free(&b); snprintf(err, errlen, "out of memory"); return CUDA_ERROR_OUT_OF_MEMORY; }
+    flush_all();                        /* what was posted runs before this */
+    if (device >= 0 && g.dev_failed[device]) {
+        mp_free(&b);
+        snprintf(err, errlen, "the executor for %s ended", g.dev[device].name);
+        return g.dev_failed[device];
+    }
     int sent = zmtp_send(c, b.p, b.n, err, errlen);
     mp_free(&b);
     if (sent) return device >= 0 && c != &g.broker ? executor_lost(device, err, errlen) : CUDA_ERROR_UNKNOWN;
@@ -295,7 +378,7 @@ out:
     return NULL;
 }
 
-static void start_heartbeat(void) {
+static void start_thread(void *(*fn)(void *), const char *what) {
     pthread_attr_t a;
     pthread_t t;
     sigset_t all, old;
@@ -303,11 +386,13 @@ static void start_heartbeat(void) {
     pthread_sigmask(SIG_BLOCK, &all, &old);      /* the thread inherits the mask: no signals for it */
     pthread_attr_init(&a);
     pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-    if (pthread_create(&t, &a, heartbeat_main, NULL))
-        kc_log("kubecash: cannot start the heartbeat thread; the broker will end this session");
+    if (pthread_create(&t, &a, fn, NULL))
+        kc_log("kubecash: cannot start the %s thread", what);
     pthread_attr_destroy(&a);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
+
+static void start_heartbeat(void) { start_thread(heartbeat_main, "heartbeat (the broker will end this session)"); }
 
 /* 16 bytes naming the device: its "uuid" property (GPU-xxxxxxxx-...) or, as shim/devattr.py
  * derives it, sha256("kubecash:<name>:<model>")[:16]. */
@@ -576,13 +661,19 @@ CUresult kc_exec_post(int i, const char *op, const struct kc_buf *body, uint32_t
     if (g.dev_failed[i]) return g.dev_failed[i];
     struct kc_device *d = &g.dev[i];
     char err[1024];
-    struct kc_buf b = {0};
-    put_envelope_as(&b, ++g.next_id, op, nfields, 1, 1);
-    if (body && body->n) mp_raw(&b, body->p, body->n);
-    if (b.oom) { mp_free(&b); return CUDA_ERROR_OUT_OF_MEMORY; }
-    int bad = zmtp_send(&d->exec, b.p, b.n, err, sizeof err);
-    mp_free(&b);
-    if (bad) return executor_lost(i, err, sizeof err);
+    size_t room = KCP_BATCH_MAX_BYTES - 1024;    /* the batch's own envelope fits beside */
+    size_t need = 64 + g.token_len + (body ? body->n : 0);
+    if (d->pb_n && d->pb.n + need > room && flush_device(i, err, sizeof err))
+        return executor_lost(i, err, sizeof err);
+    size_t before = d->pb.n;
+    put_envelope_as(&d->pb, ++g.next_id, op, nfields, 1, 1);
+    if (body && body->n) mp_raw(&d->pb, body->p, body->n);
+    if (d->pb.oom) { d->pb.n = before; d->pb.oom = 0; return CUDA_ERROR_OUT_OF_MEMORY; }
+    if (++d->pb_n >= KCP_BATCH_MAX_OPS || d->pb.n > room) {
+        if (flush_device(i, err, sizeof err)) return executor_lost(i, err, sizeof err);
+    } else if (d->pb_n == 1) {
+        batch_opened();
+    }
     if (++d->posted < d->window) return CUDA_SUCCESS;
     d->posted = 0;
     struct mp_val r;

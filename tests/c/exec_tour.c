@@ -9,10 +9,12 @@
  *   exec_tour threads <image file>        threads launching on streams of their own at once
  *   exec_tour fork <image file>           a forked child: its parent's handles are not its own
  *   exec_tour fault <image file>          a kernel that traps: the error is sticky
- *   exec_tour bench <image file> <count>  launches/s: posted launches, then launch + sync */
+ *   exec_tour bench <image file> <count>  launches/s: posted launches, then launch + sync
+ *   exec_tour posted <image file>         a posted launch runs with no later driver call */
 #include <cuda.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <stdio.h>
@@ -156,6 +158,28 @@ static void fault(CUcontext ctx, const char *image) {
        CUDA_ERROR_ILLEGAL_INSTRUCTION);
 }
 
+/* The push buffer leaves after a short delay on its own (session.c's flusher): a launch that
+ * nothing synchronizes still runs, as on a GPU. Its result is read straight from the device
+ * pointer, which on a CPU device is this process's mapping of the arena: no driver call. */
+static void posted(CUcontext ctx, const char *image) {
+    CUmodule mod;
+    CUdeviceptr a, c;
+    CUfunction f = kernel_of("load", image, "vec_add", &mod);
+    int n = 1024;
+    float ones[1024];
+    for (int i = 0; i < n; i++) ones[i] = 1.0f;
+    OK("alloc", cuMemAlloc(&a, n * sizeof(float)) ?: cuMemAlloc(&c, n * sizeof(float)));
+    OK("fill", cuMemcpyHtoD(a, ones, sizeof ones) ?: cuMemsetD32(c, 0, n) ?: cuCtxSynchronize());
+    void *args[] = {&a, &a, &c, &n};
+    OK("launch", cuLaunchKernel(f, n / 256, 1, 1, 256, 1, 1, 0, NULL, args, NULL));
+    volatile float *out = (volatile float *)(uintptr_t)c;
+    double t0 = now();
+    while (now() - t0 < 30 && out[n - 1] != 2.0f) usleep(1000);
+    CHECK("ran_without_sync", out[0] == 2.0f && out[n - 1] == 2.0f, "c[0]=%g c[%d]=%g after %.1f s",
+          out[0], n - 1, out[n - 1], now() - t0);
+    OK("sync_after", cuCtxSynchronize());
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     if (argc < 3) { fprintf(stderr, "usage: exec_tour ptx|fatbin|bench <image> [count]\n"); return 2; }
@@ -175,7 +199,8 @@ int main(int argc, char **argv) {
         return bench(mod, argc > 3 ? atol(argv[3]) : 20000);
     }
     void (*other)(CUcontext, const char *) = !strcmp(mode, "threads") ? threads
-                                          : !strcmp(mode, "fork") ? forked : !strcmp(mode, "fault") ? fault : NULL;
+                                          : !strcmp(mode, "fork") ? forked : !strcmp(mode, "fault") ? fault
+                                          : !strcmp(mode, "posted") ? posted : NULL;
     if (other) {
         other(ctx, image);
         printf("failed=%d\n", failed);
