@@ -133,6 +133,7 @@ class DeviceScheduler:
         self.created_ns: int | None = None
         self.busy_ns = 0              # sum of charged device time
         self.min_vtime = 0.0          # forward-only: wakers are placed relative to it
+        self.contended_told: int | None = None   # the lease whose holder was told "contended"
 
     # -- membership ------------------------------------------------------------------------
     def add(self, tenant: str, weight: int, klass: str, bucket: LimitBucket) -> Entity:
@@ -200,6 +201,25 @@ class DeviceScheduler:
             e.runnable = True
             e.want_since = now
         return True
+
+    def renew(self, tenant: str, lease: int, used_ns: int, kernels: int, now: int) -> bool | None:
+        """The holder spent a quantum of an uncontended lease and goes on: charged as a
+        release and a grant would charge it, without the hand-over. True if it may go on,
+        False if it must release now (someone else may run, it is over its limit, the device
+        drains), None if the lease is stale."""
+        e = self.entities.get(tenant)
+        if e is None or e is not self.holder or lease != self.lease:
+            return None
+        held = now - self.lease_start
+        self.charge(e, min(max(used_ns, held // 2), held), kernels, now)
+        self.lease_start = now
+        self._advance_min_vtime()
+        return not (self.draining or e.bucket.rate is not None or self.contended(now))
+
+    def contended(self, now: int) -> bool:
+        """Whether anyone but the holder may run now."""
+        return any(x.runnable and x is not self.holder and x.bucket.eligible(now)
+                   for x in self.entities.values())
 
     def charge(self, e: Entity, used_ns: int, kernels: int, now: int) -> None:
         used_ns = max(0, int(used_ns))

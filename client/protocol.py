@@ -318,8 +318,15 @@ _M: list[Message] = [
     # -- lease: broker -> executor -----------------------------------------------------------
     Message("grant", LEASE, {"lease": F(int, lo=1, hi=U64), "quantum_ns": F(int, lo=1, hi=I64_MAX),
                              "preemptible": F(bool, required=False,
-                                              doc="a latency tenant shares the device")}),
+                                              doc="a latency tenant shares the device"),
+                             "renewable": F(bool, required=False,
+                                            doc="while uncontended, renew at the quantum's end "
+                                                "instead of releasing (no limit binds the tenant)"),
+                             "contended": F(bool, required=False,
+                                            doc="another tenant already waits: release as usual")}),
     Message("preempt", LEASE, {"lease": F(int, lo=1, hi=U64)}),
+    Message("contended", LEASE, {"lease": F(int, lo=1, hi=U64)},
+            doc="another tenant wants the device: release at the quantum's end, do not renew"),
 
     # -- lease_report: executor -> broker ----------------------------------------------------
     Message("want", LEASE_REPORT, {}),
@@ -328,6 +335,10 @@ _M: list[Message] = [
              # a preempted kernel is still running: its time so far carries to the next lease,
              # so max_kernel_seconds bounds a kernel run in slices too
              "suspended": F(bool, required=False)}),
+    Message("renew", LEASE_REPORT, {"lease": F(int, lo=1, hi=U64), "used_ns": NS, "kernels": COUNT},
+            doc="a renewable, uncontended lease's quantum is spent and more work is queued: the "
+                "device time is charged and the lease goes on (no hand-over); the broker "
+                "preempts it if someone wants the device meanwhile"),
 
     # -- events: broker or executor -> client ------------------------------------------------
     Message("stdout", EVENT, {"data": F(bytes)}, doc="what the session's kernels printed"),

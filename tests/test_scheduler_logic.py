@@ -159,3 +159,32 @@ def test_a_burst_of_wakers_does_not_lock_out_who_ran_alone():
     assert waits and waits[0] <= 16 * (WAKE_CREDIT_NS + Q) + 2 * Q, [w / 1e6 for w in waits]
     assert max(waits[1:]) <= 17 * Q + Q
     assert used["a"] / sum(used.values()) == pytest.approx(1 / 17, abs=0.02)
+
+
+def test_an_uncontended_lease_renews_and_a_contended_one_does_not():
+    """renew: the holder's quantum is charged as a release would charge it, and it goes on
+    while no one else may run; someone runnable, a limit or a drain ends that."""
+    s = make({"a": (100, None, "batch"), "b": (100, None, "batch"), "capped": (100, 0.5, "batch")})
+    s.want("a", 0)
+    g = s.next_grant(0)
+    assert s.renew("a", g.lease, Q, 10, Q) is True
+    assert s.holder.tenant == "a" and s.lease == g.lease and s.lease_start == Q
+    assert s.entities["a"].used_ns == Q and s.entities["a"].grants == 1
+    assert s.renew("a", g.lease + 1, Q, 1, 2 * Q) is None         # stale: nothing charged
+    assert s.renew("b", g.lease, Q, 1, 2 * Q) is None
+    assert s.entities["a"].used_ns == Q
+    s.want("b", 2 * Q)                                              # b may run: a must release
+    assert s.contended(2 * Q)
+    assert s.renew("a", g.lease, Q, 10, 3 * Q) is False
+    assert s.entities["a"].used_ns == 2 * Q
+    s.release("a", g.lease, 0, 0, True, 3 * Q)
+    assert s.next_grant(3 * Q).entity.tenant == "b"
+    s.release("b", s.lease, Q, 1, False, 4 * Q)
+    s.want("capped", 4 * Q)
+    g = s.next_grant(4 * Q)
+    assert g.entity.tenant == "capped"
+    assert s.renew("capped", g.lease, g.quantum_ns, 1, 4 * Q + g.quantum_ns) is False   # a limit
+    s.release("capped", g.lease, 0, 0, True, 5 * Q)
+    g = s.next_grant(6 * Q)
+    s.draining = True
+    assert s.renew(g.entity.tenant, g.lease, Q, 1, 7 * Q) is False

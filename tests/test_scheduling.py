@@ -101,6 +101,33 @@ def test_weights_divide_a_contended_device(broker_factory):
     assert dev["kernels"] > 0 and dev["grants"] > 0 and set(dev["share"]) == {"1s", "10s", "60s"}
 
 
+def test_a_lone_tenant_keeps_its_lease_and_hands_it_over_when_another_wants_it(broker_factory):
+    """While no one else wants the device, the holder renews its lease at each quantum's end
+    (charged, no hand-over: a few grants for seconds of kernels); once another tenant wants
+    it, the holder releases at its quantum's end and the two share it."""
+    b = broker_factory({"alone": {}, "late": {}})
+    p = start_worker(b, "alone", 6 if SLOW == 1 else 20)
+    with b.admin() as admin:
+        wait_for(lambda: kernels(admin, "alone") > 0, 30 * SLOW, "the first tenant to run", interval=0.1)
+        dev0 = admin.call("status")["tenants"]["alone"]["devices"]["cpu0"]
+        time.sleep(1.5)
+        dev1 = admin.call("status")["tenants"]["alone"]["devices"]["cpu0"]
+        q = admin.call("status")["quantum_ms"]
+        quanta = (dev1["used_ns"] - dev0["used_ns"]) / (q * 1e6)
+        assert quanta > 20, quanta                       # it ran many quanta's worth...
+        assert dev1["grants"] - dev0["grants"] < quanta / 4, (dev0, dev1)   # ...on a few grants
+        late = start_worker(b, "late", 4 if SLOW == 1 else 15, wait=True)
+        go(late)
+        wait_for(lambda: kernels(admin, "late") > 0, 30 * SLOW, "the second tenant to run", interval=0.1)
+        time.sleep(0.3)
+        u, _ = window(admin, ["alone", "late"], 1.5)
+    assert p.poll() is None and late.poll() is None, "a worker ended before the measurement did"
+    finish(p)
+    finish(late)
+    share = u["late"] / (u["late"] + u["alone"])
+    assert 0.3 < share < 0.7, share
+
+
 def test_an_idle_tenant_never_blocks_others(broker_factory):
     b = broker_factory({"idle": {"weight": 10000}, "busy": {"weight": 1}})
     with b.connect("idle") as s:

@@ -92,7 +92,10 @@ class Runner:
                 if self._lease_used >= self._lease_quantum or self._preempted:
                     with self._cv:
                         more = bool(self._ready)
-                    self._give_back(ls, more=more)
+                    if more and self._lease_renewable and not (self._contended or self._preempted):
+                        self._renew(ls)
+                    else:
+                        self._give_back(ls, more=more)
 
     def _poll_lease(self, ls: socket.socket, timeout_ms: int) -> None:
         """Take grants and preemptions from the broker (runner thread only)."""
@@ -112,9 +115,15 @@ class Runner:
     def _on_lease_grant(self, msg: dict) -> None:
         self._lease, self._lease_quantum = msg["lease"], msg["quantum_ns"]
         self._lease_preemptible = msg.get("preemptible", False)
+        self._lease_renewable = msg.get("renewable", False)
+        self._contended = msg.get("contended", False)
         self._lease_used = self._lease_kernels = 0
         self._lease_t0 = None
         self._preempted = self._wanted = False
+
+    def _on_lease_contended(self, msg: dict) -> None:
+        if msg["lease"] == self._lease:
+            self._contended = True
 
     def _on_lease_preempt(self, msg: dict) -> None:
         if msg["lease"] == self._lease:
@@ -150,6 +159,14 @@ class Runner:
         """Between slices of a preemptible kernel: has the broker asked for the device?"""
         self._poll_lease(self.lease_sock, 0)
         return self._preempted
+
+    def _renew(self, ls: socket.socket) -> None:
+        """The quantum is spent, more work is queued and no one else wants the device: report
+        the time and go on with the same lease (the broker preempts it if that changes)."""
+        ls.send(P.notice("renew", lease=self._lease, used_ns=self._lease_used,
+                         kernels=self._lease_kernels))
+        self._lease_used = self._lease_kernels = 0
+        self._lease_t0 = None
 
     def _give_back(self, ls: socket.socket, more: bool) -> None:
         fields = {"suspended": True} if self._suspended else {}

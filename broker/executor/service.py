@@ -83,6 +83,8 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         self._lease_used = 0
         self._lease_t0: int | None = None
         self._lease_preemptible = False
+        self._lease_renewable = False
+        self._contended = False
         self._lease_kernels = 0
         self._wanted = False
         self._preempted = False

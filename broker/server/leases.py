@@ -45,10 +45,19 @@ class LeaseScheduling:
 
     def _on_lease_report_want(self, ex: ExecutorProc, msg: dict, now: int) -> None:
         sched = self.schedulers[ex.device.name]
-        if sched.want(ex.tenant.config.name, now) and sched.holder is not None:
+        preempt = sched.want(ex.tenant.config.name, now)
+        if sched.holder is not None and sched.holder.tenant != ex.tenant.config.name:
             hx = self.tenants[sched.holder.tenant].executors.get(ex.device.name)
-            if hx is not None:
+            if hx is not None and preempt:
                 self._lease_send(hx, "preempt", lease=sched.lease)
+            elif hx is not None and sched.contended_told != sched.lease:
+                sched.contended_told = sched.lease     # once per lease: it stops renewing
+                self._lease_send(hx, "contended", lease=sched.lease)
+
+    def _on_lease_report_renew(self, ex: ExecutorProc, msg: dict, now: int) -> None:
+        sched = self.schedulers[ex.device.name]
+        if sched.renew(ex.tenant.config.name, msg["lease"], msg["used_ns"], msg["kernels"], now) is False:
+            self._lease_send(ex, "preempt", lease=msg["lease"])
 
     def _on_lease_report_release(self, ex: ExecutorProc, msg: dict, now: int) -> None:
         sched = self.schedulers[ex.device.name]
@@ -77,8 +86,11 @@ class LeaseScheduling:
             return
         preemptible = g.entity.klass == "batch" and any(
             e.klass == "latency" for e in sched.entities.values())
+        # Renewable: with no limit to hold it to, the holder goes on past its quantum while
+        # no one else wants the device (a hand-over idles the device: two process wake-ups).
         self._lease_send(ex, "grant", lease=g.lease, quantum_ns=g.quantum_ns,
-                         preemptible=preemptible)
+                         preemptible=preemptible, renewable=g.entity.bucket.rate is None,
+                         contended=sched.contended(time.monotonic_ns()))
 
     def _bucket_for(self, t: TenantState, device: str) -> LimitBucket:
         """The limit credit `device` draws on, its rate brought up to date."""
