@@ -135,6 +135,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--iters-per-ms", type=float, default=400.0)
     args = ap.parse_args()
+    args.native = None          # fairness.Scenario's tenants: Python workers (see fairness --native)
     chosen = [int(x) for x in args.only.split(",")] if args.only else list(SCENARIOS)
     if any(n != 1 for n in chosen):
         calibrate(args)
