@@ -106,7 +106,11 @@ def test_a_lone_tenant_keeps_its_lease_and_hands_it_over_when_another_wants_it(b
     (charged, no hand-over: a few grants for seconds of kernels); once another tenant wants
     it, the holder releases at its quantum's end and the two share it."""
     b = broker_factory({"alone": {}, "late": {}})
-    p = start_worker(b, "alone", 6 if SLOW == 1 else 20)
+    # Both ready before either runs: under qemu-user a client's start (an executor, a
+    # compile) takes longer than a short run of the other's.
+    p = start_worker(b, "alone", 8 if SLOW == 1 else 40, wait=True)
+    late = start_worker(b, "late", 4 if SLOW == 1 else 15, wait=True)
+    go(p)
     with b.admin() as admin:
         wait_for(lambda: kernels(admin, "alone") > 0, 30 * SLOW, "the first tenant to run", interval=0.1)
         dev0 = admin.call("status")["tenants"]["alone"]["devices"]["cpu0"]
@@ -116,7 +120,6 @@ def test_a_lone_tenant_keeps_its_lease_and_hands_it_over_when_another_wants_it(b
         quanta = (dev1["used_ns"] - dev0["used_ns"]) / (q * 1e6)
         assert quanta > 20, quanta                       # it ran many quanta's worth...
         assert dev1["grants"] - dev0["grants"] < quanta / 4, (dev0, dev1)   # ...on a few grants
-        late = start_worker(b, "late", 4 if SLOW == 1 else 15, wait=True)
         go(late)
         wait_for(lambda: kernels(admin, "late") > 0, 30 * SLOW, "the second tenant to run", interval=0.1)
         time.sleep(0.3)
