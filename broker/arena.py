@@ -28,7 +28,8 @@ ARENA_MAX = 1 << 44         # 16 TiB: one slot of the region below
 # program's own mmap area, where its libraries and buffers already are.
 SLOT = 1 << 44
 SLOTS = 6
-MAP_FIXED_NOREPLACE = 0x100000
+MAP_FIXED, MAP_FIXED_NOREPLACE = 0x10, 0x100000     # Linux, every architecture it runs on
+PROT_NONE = 0                                      # which the mmap module does not name
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -37,6 +38,7 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 log = logging.getLogger("kubecash.executor")
 
@@ -88,9 +90,10 @@ class Allocator:
         self._free: dict[int, int] = {0: size}  # start -> length
         self.used: dict[int, int] = {}          # allocated offset -> length (rounded)
 
-    def alloc(self, size: int) -> int | None:
-        """The offset of `size` bytes (aligned as alignment() says), or None if nothing fits."""
-        align = alignment(size)
+    def alloc(self, size: int, align: int | None = None) -> int | None:
+        """The offset of `size` bytes (aligned as alignment() says, or to `align`), or None if
+        nothing fits."""
+        align = align or alignment(size)
         n = -(-max(size, 1) // ALIGN) * ALIGN
         for i, start in enumerate(self._starts):
             length = self._free[start]
@@ -182,6 +185,53 @@ class Arena:
             # Not fatal: the pages stay counted in tmpfs until reused (they are still ours).
             log.warning("arena: punching %d bytes failed: %s", hi - lo,
                         os.strerror(ctypes.get_errno()))
+
+    # -- virtual memory management (cuMemAddressReserve, cuMemCreate, cuMemMap) ----------
+    # A reservation is a range of the arena's address space whose identity mapping is
+    # replaced by an inaccessible one (touching it faults, as an unmapped GPU address does);
+    # a physical allocation is a range of the arena file, allocated as alloc() does; a
+    # mapping puts file pages at a reserved address. The client mirrors each step.
+    def reserve(self, size: int, align: int) -> int | None:
+        """`size` bytes of address space aligned to `align`, or None when no range fits."""
+        with self._lock:
+            off = self.allocator.alloc(size, align)
+            if off is None:
+                return None
+            try:
+                self._fixed(self.base + off, size, PROT_NONE, anonymous=True)
+            except OSError:
+                self.allocator.free(off)
+                raise
+            return self.base + off
+
+    def unreserve(self, ptr: int, size: int) -> None:
+        """Give a reservation back: the arena's own pages are mapped there again."""
+        with self._lock:
+            self._fixed(ptr, size, mmap.PROT_READ | mmap.PROT_WRITE, offset=ptr - self.base)
+            self._free_locked(ptr - self.base)
+
+    def map_pages(self, ptr: int, size: int, file_offset: int) -> None:
+        """Put the file's pages at [file_offset, +size) at `ptr`, inaccessible until protect()."""
+        self._fixed(ptr, size, PROT_NONE, offset=file_offset)
+
+    def unmap_pages(self, ptr: int, size: int) -> None:
+        self._fixed(ptr, size, PROT_NONE, anonymous=True)
+
+    def protect(self, ptr: int, size: int, prot: int) -> None:
+        if _libc.mprotect(ptr, size, prot) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mprotect {ptr:#x}+{size}: {os.strerror(err)}")
+
+    def _fixed(self, ptr: int, size: int, prot: int, *, offset: int = 0, anonymous: bool = False) -> None:
+        """mmap MAP_FIXED over [ptr, ptr+size), which must lie inside the arena."""
+        if not (self.base <= ptr and ptr + size <= self.base + self.size):
+            raise OSError(22, f"{ptr:#x}+{size} is outside the arena")
+        flags = MAP_FIXED | getattr(mmap, "MAP_NORESERVE", 0) | (
+            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS if anonymous else mmap.MAP_SHARED)
+        addr = _libc.mmap(ptr, size, prot, flags, -1 if anonymous else self.fd, offset)
+        if addr != ptr:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap at {ptr:#x}+{size}: {os.strerror(err)}")
 
     def close(self) -> None:
         if self.fd < 0:

@@ -62,6 +62,7 @@ INLINE_MAX = 64 << 10               # copies up to this size travel inside the m
 BATCH_MAX_OPS = 256
 BATCH_MAX_BYTES = 256 << 10
 BATCH_DELAY_S = 0.0005
+VMM_GRANULARITY = 2 << 20          # cuMemGetAllocationGranularity: what a GPU reports, and huge pages
 DEFAULT_STAGING_BYTES = 32 << 20    # per-session shared-memory staging segment
 BROKER_MESSAGE_MAX = 16 << 10       # broker requests (hello, open, heartbeat...) are far smaller
 ADMIN_MESSAGE_MAX = 1 << 20         # brokerctl's requests

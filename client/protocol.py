@@ -58,6 +58,7 @@ from .limits import (
     LAUNCH,
     MODULE_IMAGE_MAX,
     MODULE_SOURCE_MAX,
+    VMM_GRANULARITY,
     Limits,
 )
 
@@ -193,6 +194,28 @@ _M: list[Message] = [
     Message("mem_free", EXECUTOR, {"session": SESSION, "ptr": PTR}, reply={}, asynchronous=True,
             doc="runs after the work queued before it; async: cuMemFreeAsync (no wait for that work)"),
     Message("mem_info", EXECUTOR, {"session": SESSION}, reply={"free": COUNT, "total": COUNT}),
+    # Virtual memory management (cuMemAddressReserve/cuMemCreate/cuMemMap...), CPU devices:
+    # a reservation is a range of the arena's address space, a physical allocation a range of
+    # the arena's file, and a mapping puts that file range at a reserved address (executor
+    # and client map the same pages there). Sizes and addresses in VMM_GRANULARITY units.
+    Message("vmm_reserve", EXECUTOR, {"session": SESSION, "size": SIZE,
+                                      "align": F(int, required=False, lo=0, hi=1 << 40)},
+            reply={"ptr": PTR}, doc="cuMemAddressReserve: address space only, not charged"),
+    Message("vmm_free", EXECUTOR, {"session": SESSION, "ptr": PTR, "size": SIZE}, reply={},
+            doc="cuMemAddressFree: a whole reservation, after its mappings are gone"),
+    Message("vmm_create", EXECUTOR, {"session": SESSION, "size": SIZE},
+            reply={"handle": HANDLE}, doc="cuMemCreate: charged against the memory quota"),
+    Message("vmm_release", EXECUTOR, {"session": SESSION, "handle": HANDLE}, reply={},
+            doc="cuMemRelease: the memory goes once no mapping of it is left"),
+    Message("vmm_map", EXECUTOR, {"session": SESSION, "ptr": PTR, "size": SIZE,
+                                  "offset": F(int, lo=0, hi=1 << 48), "handle": HANDLE},
+            reply={"file_offset": COUNT},
+            doc="cuMemMap: no access until vmm_access; file_offset: where the pages are in the arena file"),
+    Message("vmm_unmap", EXECUTOR, {"session": SESSION, "ptr": PTR, "size": SIZE}, reply={},
+            doc="cuMemUnmap: whole mappings; runs after the work queued before it"),
+    Message("vmm_access", EXECUTOR, {"session": SESSION, "ptr": PTR, "size": SIZE,
+                                     "access": F(int, lo=0, hi=3, doc="CUmemAccess_flags: 0, 1 read, 3 read-write")},
+            reply={}, doc="cuMemSetAccess on whole mappings of one reservation"),
     Message("host_alloc", EXECUTOR, {"session": SESSION, "size": SIZE},
             reply={"ptr": PTR, "path": TEXT}, doc="mapped host memory shared with the client"),
     Message("host_mapped", EXECUTOR, {"session": SESSION, "ptr": PTR}, reply={}),
@@ -614,7 +637,7 @@ def export() -> dict[str, Any]:
                      for m in _M],
         "limits": {"inline_max": INLINE_MAX, "default_staging_bytes": DEFAULT_STAGING_BYTES,
                    "batch_max_ops": BATCH_MAX_OPS, "batch_max_bytes": BATCH_MAX_BYTES,
-                   "batch_delay_us": int(BATCH_DELAY_S * 1e6),
+                   "batch_delay_us": int(BATCH_DELAY_S * 1e6), "vmm_granularity": VMM_GRANULARITY,
                    "launch": dataclasses.asdict(LAUNCH)},
         "codes": {c.name: int(c) for c in CUresult},
     }

@@ -170,7 +170,8 @@ def error_codes(inc: str) -> list[tuple[int, str, str]]:
 def attributes(inc: str) -> list[tuple[int, str, str, str, int, int]]:
     """(CUdevice_attribute number, name, kind, property key, index, value) for every attribute
     shim/devattr.py answers: kind "prop" (key[index] of the device description), "const"
-    (value) or "cpu" (value on a CPU device, refused on others)."""
+    (value), "cpu" (value on a CPU device, refused on others) or "on_cpu" (value on a CPU
+    device, index on others)."""
     from kubecash.shim import devattr
     with open(os.path.join(inc, "cuda.h")) as f:
         nums = {n: int(v) for n, v in _ATTR.findall(f.read())}
@@ -179,7 +180,7 @@ def attributes(inc: str) -> list[tuple[int, str, str, str, int, int]]:
         if name not in nums:
             raise GenError(f"shim/devattr.py answers {name}, which cuda.h does not declare")
         if not isinstance(get, types.FunctionType) or get.__closure__ is None:
-            raise GenError(f"devattr {name}: not one of _p/_const/_cpu")
+            raise GenError(f"devattr {name}: not one of _p/_const/_cpu/_on_cpu")
         maker = get.__qualname__.split(".")[0]
         cells = dict(zip(get.__code__.co_freevars, (c.cell_contents for c in get.__closure__), strict=True))
         if maker == "_p":
@@ -188,6 +189,8 @@ def attributes(inc: str) -> list[tuple[int, str, str, str, int, int]]:
             row = ("const", "", -1, cells["v"])
         elif maker == "_cpu":
             row = ("cpu", "", -1, cells["if_cpu"])
+        elif maker == "_on_cpu":
+            row = ("on_cpu", "", cells["otherwise"], cells["if_cpu"])
         else:
             raise GenError(f"devattr {name}: made by {maker}, which this generator does not know")
         out.setdefault(nums[name], (nums[name], name, *row))
@@ -246,7 +249,7 @@ def gen_devattr(incs: list[str]) -> str:
     rows = attributes(incs[0])
     lines = [_banner(incs, "shim/devattr.py's ATTRIBUTES and cuda.h's CUdevice_attribute"),
              '#include "kc.h"\n', "const struct kc_attr kc_attrs[] = {"]
-    kinds = {"prop": "KC_ATTR_PROP", "const": "KC_ATTR_CONST", "cpu": "KC_ATTR_CPU"}
+    kinds = {"prop": "KC_ATTR_PROP", "const": "KC_ATTR_CONST", "cpu": "KC_ATTR_CPU", "on_cpu": "KC_ATTR_ON_CPU"}
     lines += [f"    {{{num}, {kinds[k]}, {_c_str(key)}, {i}, {v}}},  /* {name} */"
               for num, name, k, key, i, v in rows]
     lines.append("};\n")
@@ -267,7 +270,8 @@ def gen_protocol() -> str:
              f"#define KCP_INLINE_MAX {ex['limits']['inline_max']}",
              f"#define KCP_BATCH_MAX_OPS {ex['limits']['batch_max_ops']}",
              f"#define KCP_BATCH_MAX_BYTES {ex['limits']['batch_max_bytes']}",
-             f"#define KCP_BATCH_DELAY_US {ex['limits']['batch_delay_us']}"]
+             f"#define KCP_BATCH_DELAY_US {ex['limits']['batch_delay_us']}",
+             f"#define KCP_VMM_GRANULARITY {ex['limits']['vmm_granularity']}"]
     for k in ex["envelope"]:
         lines.append(f"#define KCP_ENV_{k.upper()} {_c_str(k)}")
     for chan, names in table.MESSAGES_USED.items():

@@ -229,6 +229,17 @@ DRIVER.update({name: LOCAL for name in (
 DRIVER.update({name: BROKER for name in (    # the graph's work, sent as its calls would be
     "cuGraphLaunch", "cuGraphLaunch_ptsz", "cuGraphUpload", "cuGraphUpload_ptsz")})
 
+# -- native/src/cuda_vmm.c: virtual memory management (CPU devices; the executor's ops_vmm.py) --
+# Reservations, physical allocations (charged to the quota), mappings and access are the
+# executor's; handles, properties and retain counts are kept here. Shareable handles
+# (cuMemExportToShareableHandle, cuMemImportFromShareableHandle) are cross-process: stubs.
+DRIVER.update({name: BROKER for name in (
+    "cuMemAddressReserve", "cuMemAddressFree", "cuMemCreate", "cuMemRelease", "cuMemMap", "cuMemUnmap",
+    "cuMemSetAccess")})
+DRIVER.update({name: LOCAL for name in (
+    "cuMemGetAllocationGranularity", "cuMemGetAccess", "cuMemRetainAllocationHandle",
+    "cuMemGetAllocationPropertiesFromHandle")})
+
 # -- native/src/cuda_link.c: the JIT linker, PTX only (the executor translates PTX at load) --
 DRIVER.update({name: LOCAL for name in (
     "cuLinkCreate", "cuLinkCreate_v2", "cuLinkAddData", "cuLinkAddData_v2", "cuLinkAddFile",
@@ -287,6 +298,7 @@ MESSAGES_USED: dict[str, tuple[str, ...]] = {
                  "memcpy_dtod", "memset", "module_load", "module_unload", "get_function", "get_global",
                  "launch", "stream_create", "stream_destroy", "stream_sync", "stream_query",
                  "stream_wait_event", "event_create", "event_destroy", "event_record", "event_sync",
-                 "event_query", "event_elapsed", "batch"),
+                 "event_query", "event_elapsed", "batch", "vmm_reserve", "vmm_free", "vmm_create",
+                 "vmm_release", "vmm_map", "vmm_unmap", "vmm_access"),
     "event": ("stdout", "executor_died", "session_ended", "throttled"),
 }

@@ -23,6 +23,10 @@ def _const(v: int) -> Callable[[kc.Device], int]:
     return lambda d: v
 
 
+def _on_cpu(if_cpu: int, otherwise: int) -> Callable[[kc.Device], int]:
+    return lambda d: if_cpu if d.kind == "cpu" else otherwise
+
+
 def _cpu(if_cpu: int) -> Callable[[kc.Device], int]:
     def get(d: kc.Device) -> int:
         if d.kind != "cpu":
@@ -55,13 +59,14 @@ ATTRIBUTES: dict[str, Callable[[kc.Device], Any]] = {
     "COMPUTE_MODE": _const(0), "KERNEL_EXEC_TIMEOUT": _const(0), "TCC_DRIVER": _const(0),
     "HOST_REGISTER_SUPPORTED": _const(1),
     # Not offered: registered memory stays in the program, managed memory, cooperative
-    # launches, peer access, virtual memory management.
+    # launches, peer access; virtual memory management on CPU devices only (the native
+    # driver library's cuMemCreate/cuMemMap; GPU executors do not offer it yet).
     "CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM": _const(0), "MANAGED_MEMORY": _const(0),
     "CONCURRENT_MANAGED_ACCESS": _const(0), "PAGEABLE_MEMORY_ACCESS": _const(0),
     "PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES": _const(0),
     "DIRECT_MANAGED_MEM_ACCESS_FROM_HOST": _const(0), "COOPERATIVE_LAUNCH": _const(0),
     "COOPERATIVE_MULTI_DEVICE_LAUNCH": _const(0), "MULTI_GPU_BOARD": _const(0),
-    "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": _const(0), "CLUSTER_LAUNCH": _const(0),
+    "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": _on_cpu(1, 0), "CLUSTER_LAUNCH": _const(0),
     "IPC_EVENT_SUPPORTED": _const(0), "GPU_DIRECT_RDMA_SUPPORTED": _const(0),
     "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED": _const(0),
     "MEMPOOL_SUPPORTED_HANDLE_TYPES": _const(0), "READ_ONLY_HOST_REGISTER_SUPPORTED": _const(0),
@@ -120,13 +125,18 @@ ATTRIBUTES["SHARED_MEMORY_PER_BLOCK"] = ATTRIBUTES["MAX_SHARED_MEMORY_PER_BLOCK"
 ATTRIBUTES["REGISTERS_PER_BLOCK"] = ATTRIBUTES["MAX_REGISTERS_PER_BLOCK"]
 
 
+# What this Python shim answers otherwise than the table (which the native library's is made
+# from): it has no virtual memory management of its own.
+SHIM_ONLY: dict[str, int] = {"VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": 0}
+
+
 def attribute(real_driver, device: kc.Device, attrib: Any) -> int:
     try:
         name = real_driver.CUdevice_attribute(int(attrib)).name
     except (ValueError, TypeError):
         raise CudaError(CUresult.CUDA_ERROR_INVALID_VALUE, f"unknown device attribute {attrib!r}") from None
     short = name[len("CU_DEVICE_ATTRIBUTE_"):]
-    get = ATTRIBUTES.get(short)
+    get = (lambda d: SHIM_ONLY[short]) if short in SHIM_ONLY else ATTRIBUTES.get(short)
     try:
         if get is None:
             raise KeyError(short)

@@ -43,6 +43,8 @@ class Accounting:
             self.backend.free(ptr, size)
             self._uncharge(self._granular(size))
         s.allocs.clear()
+        if s.vmm or s.vmm_phys:
+            self._release_vmm(s)
         s.globals.clear()
         for ptr, h in list(s.host.items()):
             self._drop_host(ptr, h)

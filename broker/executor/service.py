@@ -26,6 +26,7 @@ from .ops_copy import CopyOps
 from .ops_memory import MemoryOps
 from .ops_module import ModuleOps
 from .ops_sync import SyncOps
+from .ops_vmm import VmmOps
 from .output import OutputCapture
 from .runner import Runner
 from .state import (
@@ -41,7 +42,7 @@ from .state import (
 SHUTDOWN_LINGER_MS = 500      # how long an exiting executor's last replies may take to go
 
 
-class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps, SyncOps):
+class Executor(Runner, OutputCapture, Accounting, MemoryOps, VmmOps, CopyOps, ModuleOps, SyncOps):
     """One tenant's context on one device (see the package docstring for its threads)."""
 
     def __init__(self, tenant: str, device: dict[str, Any], runtime_dir: str, control_fd: int,
@@ -356,6 +357,8 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, CopyOps, ModuleOps,
         i = bisect.bisect_right(s.bases, ptr) - 1
         if i >= 0:
             base = s.bases[i]
+            if base in s.vmm:
+                return self._vmm_check(s, base, ptr, n, what)
             size = s.allocs.get(base)
             if size is None:
                 size = s.host[base].size if base in s.host else s.globals[base][0]

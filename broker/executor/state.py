@@ -75,8 +75,11 @@ class SessionState:
         self.ident: bytes | None = None         # the client's socket, for kernel output
         self.building = 0                       # module loads submitted, not yet registered
         self.fn_names: dict[tuple[int, str], int] = {}   # (module, name) -> function handle
+        self.vmm: dict[int, Any] = {}           # reserved ranges (ops_vmm.Reservation), in bases too
+        self.vmm_phys: dict[int, Any] = {}      # physical allocations (ops_vmm.Physical) by handle
 
     def handle_count(self) -> int:
         """Everything the session holds a handle to (what max_handles_per_session bounds)."""
         return (len(self.allocs) + len(self.host) + len(self.streams) - 1 + len(self.events)
-                + len(self.modules) + self.building + len(self.functions))
+                + len(self.modules) + self.building + len(self.functions) + len(self.vmm)
+                + len(self.vmm_phys) + sum(len(r.maps) for r in self.vmm.values()))

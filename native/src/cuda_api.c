@@ -230,6 +230,7 @@ KC_EXPORT CUresult cuDeviceGetAttribute(int *pi, int attrib, CUdevice dev) {
         long long v = a->value;
         if (a->kind == KC_ATTR_PROP && desc_int(d, a->key, a->index, &v)) break;
         if (a->kind == KC_ATTR_CPU && strcmp(d->kind, "cpu") != 0) break;
+        if (a->kind == KC_ATTR_ON_CPU && strcmp(d->kind, "cpu") != 0) v = a->index;
         *pi = (int)v;
         rc = CUDA_SUCCESS;
         break;

@@ -6,6 +6,7 @@
 #define KCP_BATCH_MAX_OPS 256
 #define KCP_BATCH_MAX_BYTES 262144
 #define KCP_BATCH_DELAY_US 500
+#define KCP_VMM_GRANULARITY 2097152
 #define KCP_ENV_V "v"
 #define KCP_ENV_ID "id"
 #define KCP_ENV_OP "op"
@@ -157,6 +158,38 @@
 #define KCP_EXECUTOR_BATCH "batch"
 #define KCP_EXECUTOR_BATCH_SESSION "session"  /* bytes */
 #define KCP_EXECUTOR_BATCH_OPS "ops"  /* list */
+#define KCP_EXECUTOR_VMM_RESERVE "vmm_reserve"
+#define KCP_EXECUTOR_VMM_RESERVE_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_VMM_RESERVE_SIZE "size"  /* int */
+#define KCP_EXECUTOR_VMM_RESERVE_ALIGN "align"  /* int, optional */
+#define KCP_EXECUTOR_VMM_RESERVE_R_PTR "ptr"  /* int */
+#define KCP_EXECUTOR_VMM_FREE "vmm_free"
+#define KCP_EXECUTOR_VMM_FREE_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_VMM_FREE_PTR "ptr"  /* int */
+#define KCP_EXECUTOR_VMM_FREE_SIZE "size"  /* int */
+#define KCP_EXECUTOR_VMM_CREATE "vmm_create"
+#define KCP_EXECUTOR_VMM_CREATE_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_VMM_CREATE_SIZE "size"  /* int */
+#define KCP_EXECUTOR_VMM_CREATE_R_HANDLE "handle"  /* int */
+#define KCP_EXECUTOR_VMM_RELEASE "vmm_release"
+#define KCP_EXECUTOR_VMM_RELEASE_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_VMM_RELEASE_HANDLE "handle"  /* int */
+#define KCP_EXECUTOR_VMM_MAP "vmm_map"
+#define KCP_EXECUTOR_VMM_MAP_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_VMM_MAP_PTR "ptr"  /* int */
+#define KCP_EXECUTOR_VMM_MAP_SIZE "size"  /* int */
+#define KCP_EXECUTOR_VMM_MAP_OFFSET "offset"  /* int */
+#define KCP_EXECUTOR_VMM_MAP_HANDLE "handle"  /* int */
+#define KCP_EXECUTOR_VMM_MAP_R_FILE_OFFSET "file_offset"  /* int */
+#define KCP_EXECUTOR_VMM_UNMAP "vmm_unmap"
+#define KCP_EXECUTOR_VMM_UNMAP_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_VMM_UNMAP_PTR "ptr"  /* int */
+#define KCP_EXECUTOR_VMM_UNMAP_SIZE "size"  /* int */
+#define KCP_EXECUTOR_VMM_ACCESS "vmm_access"
+#define KCP_EXECUTOR_VMM_ACCESS_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_VMM_ACCESS_PTR "ptr"  /* int */
+#define KCP_EXECUTOR_VMM_ACCESS_SIZE "size"  /* int */
+#define KCP_EXECUTOR_VMM_ACCESS_ACCESS "access"  /* int */
 #define KCP_EVENT_STDOUT "stdout"
 #define KCP_EVENT_STDOUT_DATA "data"  /* bytes */
 #define KCP_EVENT_EXECUTOR_DIED "executor_died"

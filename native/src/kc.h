@@ -42,7 +42,8 @@ struct kc_errname { int code; const char *name; const char *text; };
 extern const struct kc_errname kc_errnames[];
 extern const int kc_nerrnames;
 extern const int kc_driver_version;
-enum kc_attr_kind { KC_ATTR_PROP, KC_ATTR_CONST, KC_ATTR_CPU };
+/* KC_ATTR_ON_CPU: value on a CPU device, index on others */
+enum kc_attr_kind { KC_ATTR_PROP, KC_ATTR_CONST, KC_ATTR_CPU, KC_ATTR_ON_CPU };
 struct kc_attr { int attr; enum kc_attr_kind kind; const char *key; int index; long long value; };
 extern const struct kc_attr kc_attrs[];
 extern const int kc_nattrs;
@@ -102,6 +103,7 @@ struct kc_device {
     uint8_t *staging; size_t staging_size;
     /* a CPU device's memory itself, mapped (attach's "arena"): copies are one memcpy here */
     uint8_t *arena; size_t arena_size; uint64_t arena_base;
+    int arena_fd;                        /* its file, open while it is mapped (cuda_vmm.c maps it) */
     uint32_t window, posted;             /* async requests allowed before a ctx_sync; sent since */
     /* the push buffer: posted requests, encoded, waiting to leave as one "batch" (session.c) */
     struct kc_buf pb; uint32_t pb_n;

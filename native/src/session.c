@@ -98,7 +98,7 @@ static void drop_session(void) {
         d->pb_n = 0;
         if (d->staging) munmap(d->staging, d->staging_size);
         d->staging = NULL;
-        if (d->arena) munmap(d->arena, d->arena_size);
+        if (d->arena) { munmap(d->arena, d->arena_size); close(d->arena_fd); }
         d->arena = NULL;
         d->attached = 0;
         g.dev_failed[i] = 0;
@@ -606,7 +606,7 @@ CUresult kc_device_attach(int i) {
     char arena[256] = "";
     int64_t asize, abase;
     str_field(&r, KCP_EXECUTOR_ATTACH_R_ARENA, arena, sizeof arena);
-    if (d->arena) munmap(d->arena, d->arena_size);    /* an earlier executor's */
+    if (d->arena) { munmap(d->arena, d->arena_size); close(d->arena_fd); }   /* an earlier executor's */
     d->arena = NULL;
     if (arena[0] && !strchr(arena, '/') && int_field(&r, KCP_EXECUTOR_ATTACH_R_ARENA_SIZE, &asize) == 0 &&
         asize > 0 && int_field(&r, KCP_EXECUTOR_ATTACH_R_ARENA_BASE, &abase) == 0 && abase > 0) {
@@ -626,8 +626,9 @@ CUresult kc_device_attach(int i) {
             }
             if (p == MAP_FAILED)
                 p = mmap(NULL, (size_t)asize, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
-            close(fd);
-            if (p != MAP_FAILED) { d->arena = p; d->arena_size = (size_t)asize; d->arena_base = (uint64_t)abase; }
+            /* the fd stays open while it is mapped: cuMemMap puts its pages elsewhere too */
+            if (p != MAP_FAILED) { d->arena = p; d->arena_size = (size_t)asize; d->arena_base = (uint64_t)abase; d->arena_fd = fd; }
+            else close(fd);
         }
         if (!d->arena) kc_log("kubecash: cannot map the memory arena %s: %s (copies go through the executor)", path, strerror(errno));
     }
