@@ -137,9 +137,10 @@ class Session(_Resource):
         self._flush_wanted.set()
 
     def _flush_later(self) -> None:
-        while not self._hb_stop.is_set():
-            if not self._flush_wanted.wait(0.5):
-                continue
+        while True:
+            self._flush_wanted.wait()        # no timer while nothing is posted
+            if self._hb_stop.is_set():
+                return
             time.sleep(P.BATCH_DELAY_S)
             self._flush_wanted.clear()       # a batch opened after this is flushed next round
             with self._lock:
@@ -289,6 +290,7 @@ class Session(_Resource):
 
     def _release(self) -> None:
         self._hb_stop.set()
+        self._flush_wanted.set()              # the flusher sleeps until work or this
         with self._lock:
             for d in list(self._devices.values()):
                 d._disconnect()

@@ -305,7 +305,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, VmmOps, CopyOps, Mo
                     raise _err(E.CUDA_ERROR_INVALID_CONTEXT,
                                "unknown or ended session (open one through the broker)")
                 s.ident = ident                   # where kernel output for this session goes
-                result = getattr(self, P.handler_name(P.message(P.EXECUTOR, op)))(s, msg, ident)
+                result = self._dispatch(op, s, msg, ident)
             if result is not None:
                 self._send(ident, P.reply(msg["id"], **result))
         except CudaError as e:
@@ -317,6 +317,10 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, VmmOps, CopyOps, Mo
                 s.deferred = s.deferred or e
             else:
                 self._send(ident, P.error_reply(P.request_id_of(msg), e))
+
+    def _dispatch(self, op: str, s: SessionState, msg: dict, ident: bytes) -> dict | None:
+        """Run a checked request's handler (op_<name>): its reply's fields, or None."""
+        return getattr(self, P.handler_name(P.message(P.EXECUTOR, op)))(s, msg, ident)
 
     def op_batch(self, s: SessionState, msg: dict, ident: bytes):
         """The push buffer: each op as if it had come alone (checked, then its handler), in
@@ -330,7 +334,7 @@ class Executor(Runner, OutputCapture, Accounting, MemoryOps, VmmOps, CopyOps, Mo
                         raise _err(E.CUDA_ERROR_INVALID_VALUE,
                                    f"batch op {i} ({op}): a batch holds only asynchronous ops of "
                                    "its own session, no batches")
-                    getattr(self, P.handler_name(P.message(P.EXECUTOR, op)))(s, item, ident)
+                    self._dispatch(op, s, item, ident)
             except ProtocolError as e:
                 s.deferred = s.deferred or _err(E.CUDA_ERROR_INVALID_VALUE, f"batch op {i}: {e}")
             except CudaError as e:

@@ -50,8 +50,10 @@ class LeaseScheduling:
             hx = self.tenants[sched.holder.tenant].executors.get(ex.device.name)
             if hx is not None and preempt:
                 self._lease_send(hx, "preempt", lease=sched.lease)
-            elif hx is not None and sched.contended_told != sched.lease:
-                sched.contended_told = sched.lease     # once per lease: it stops renewing
+            elif hx is not None and sched.contended_told != sched.lease and sched.contended(now):
+                # once per lease, and only for a wanter that may run now (one over its limit
+                # would leave the device idle): the holder stops renewing
+                sched.contended_told = sched.lease
                 self._lease_send(hx, "contended", lease=sched.lease)
 
     def _on_lease_report_renew(self, ex: ExecutorProc, msg: dict, now: int) -> None:
