@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kernels import SPIN
 
 import kubecash.client as kc
 from kubecash.client.limits import VMM_GRANULARITY as G
@@ -151,3 +152,26 @@ def test_a_kernel_touching_an_unmapped_address_ends_only_its_context(broker):
     with broker.connect("alice") as fresh:
         assert fresh.device("cpu0").allocate(16).size == 16
     assert broker.alive()
+
+
+def test_an_unmap_waits_for_the_work_queued_before_it(broker):
+    """Work already queued on the memory still sees it: a kernel queued behind a long one
+    writes through a mapping that the program unmaps right after queueing it."""
+    with broker.connect("alice") as s:
+        dev = s.device("cpu0")
+        a, b = (dev.request("vmm_reserve", size=G)["ptr"] for _ in range(2))
+        h = dev.request("vmm_create", size=G)["handle"]
+        for r in (a, b):
+            dev.request("vmm_map", ptr=r, size=G, offset=0, handle=h)
+            dev.request("vmm_access", ptr=r, size=G, access=RW)
+        put = dev.load_module(WRITE).get_kernel("put")
+        spin = dev.load_module(SPIN).get_kernel("spin")
+        slow = dev.allocate(4)
+        slow.copy_from(np.zeros(1, np.float32))
+        dev.launch(spin, (1,), (1,), [slow, 20_000_000])       # some 50 ms and more
+        dev.launch(put, (1,), (64,), [a, 40])
+        dev.request("vmm_unmap", ptr=a, size=G)                  # answered after both ran
+        got = np.empty(64, np.uint32)
+        dev.read(memoryview(got).cast("B"), b)
+        np.testing.assert_array_equal(got, np.arange(40, 104, dtype=np.uint32))
+        dev.synchronize()                                        # and no fault was kept
