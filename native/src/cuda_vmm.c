@@ -42,7 +42,8 @@ enum { LOC_DEVICE = 1, TYPE_PINNED = 1, ACCESS_NONE = 0, ACCESS_READ = 1, ACCESS
  * mapping; the entry stays while mappings remain (cuMemGetAccess and retains look it up). */
 struct vphys { uint64_t h, exec; int dev; size_t size; unsigned refs, maps; int told; struct mem_prop prop; };
 struct vres { uint64_t p; size_t size; int dev; };
-struct vmap { uint64_t p; size_t size; uint64_t h; int access; };
+/* mirrored: this process's view holds the pages (else copies there go through the executor) */
+struct vmap { uint64_t p; size_t size; uint64_t h; int access, mirrored; };
 static struct vphys *phys; static size_t nphys, capphys;
 static struct vres *res; static size_t nres, capres;
 static struct vmap *maps; static size_t nmaps, capmaps;
@@ -87,13 +88,15 @@ static void *view(int dev, uint64_t p) {
     const struct kc_device *d = kc_device(dev);
     return d && d->arena ? d->arena + (p - d->arena_base) : NULL;
 }
-static void mirror(int dev, uint64_t p, size_t n, int prot, int fd, off_t off, const char *what) {
+/* Do in this process's view what the executor did: 1 done, 0 not (no view, or it failed). */
+static int mirror(int dev, uint64_t p, size_t n, int prot, int fd, off_t off, const char *what) {
     void *v = view(dev, p);
-    if (!v) return;
+    if (!v) return 0;
     int flags = MAP_FIXED | MAP_NORESERVE | (fd < 0 ? MAP_PRIVATE | MAP_ANONYMOUS : MAP_SHARED);
-    if (mmap(v, n, prot, flags, fd, off) == MAP_FAILED)
-        kc_log("kubecash: %s: mirroring %#llx+%zu in this process failed: %s (copies there go through the executor)",
-               what, (unsigned long long)p, n, strerror(errno));
+    if (mmap(v, n, prot, flags, fd, off) != MAP_FAILED) return 1;
+    kc_log("kubecash: %s: mirroring %#llx+%zu in this process failed: %s (copies there go through the executor)",
+           what, (unsigned long long)p, n, strerror(errno));
+    return 0;
 }
 
 static int prot_of(int access) {
@@ -258,8 +261,8 @@ KC_EXPORT CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGe
     }
     if (!rc) {
         const struct kc_device *d = kc_device(v->dev);
-        if (d->arena) mirror(v->dev, ptr, size, PROT_NONE, d->arena_fd, (off_t)file_off, "cuMemMap");
-        maps[nmaps++] = (struct vmap){ptr, size, handle, ACCESS_NONE};
+        int mirrored = d->arena && mirror(v->dev, ptr, size, PROT_NONE, d->arena_fd, (off_t)file_off, "cuMemMap");
+        maps[nmaps++] = (struct vmap){ptr, size, handle, ACCESS_NONE, mirrored};
         v->maps++;                      /* a mapping holds its allocation (cuMemRelease may come first) */
     }
     kc_unlock();
@@ -277,7 +280,7 @@ KC_EXPORT CUresult cuMemUnmap(CUdeviceptr ptr, size_t size) {
             if (maps[i].p >= ptr && maps[i].p - ptr < size) {
                 struct vmap m = maps[i];
                 maps[i] = maps[--nmaps];
-                if (m.access == ACCESS_RW) kc_alloc_forget(m.p);
+                if (m.access == ACCESS_RW) kc_alloc_forget(m.p);     /* noted or not: a no-op then */
                 struct vphys *v = phys_of(m.h);
                 if (v) { v->maps--; drop_if_done(v); }   /* the executor frees it likewise */
             }
@@ -315,13 +318,15 @@ KC_EXPORT CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const struct mem
     }
     if (!rc) {
         void *v = view(rv->dev, ptr);
-        if (v && mprotect(v, size, prot_of(access)))
-            kc_log("kubecash: cuMemSetAccess: mprotect of this process's view failed: %s", strerror(errno));
+        int ok = v && mprotect(v, size, prot_of(access)) == 0;
+        if (v && !ok) kc_log("kubecash: cuMemSetAccess: mprotect of this process's view failed: %s", strerror(errno));
         for (size_t i = 0; i < nmaps; i++)
             if (maps[i].p >= ptr && maps[i].p - ptr < size) {
-                /* read-write mappings are device memory for cuMemcpy and copied in place here */
-                if (maps[i].access == ACCESS_RW && access != ACCESS_RW) kc_alloc_forget(maps[i].p);
-                if (maps[i].access != ACCESS_RW && access == ACCESS_RW) kc_alloc_note(rv->dev, maps[i].p, maps[i].size);
+                /* read-write mappings this view holds are device memory for cuMemcpy and
+                 * copied in place here; the others go through the executor, which checks */
+                if (maps[i].access == ACCESS_RW) kc_alloc_forget(maps[i].p);
+                maps[i].mirrored &= ok;
+                if (access == ACCESS_RW && maps[i].mirrored) kc_alloc_note(rv->dev, maps[i].p, maps[i].size);
                 maps[i].access = access;
             }
     }
