@@ -131,6 +131,8 @@ class BrokerSettings(Limits):
     heartbeat_interval_s: float = _doc(1.0, "clients ping this often ...", lo=0.01, hi=3600)
     heartbeat_timeout_s: float = _doc(5.0, "... and their session ends after this much silence", lo=0.02, hi=86400)
     executor_threads: int = _doc(0, "CPU backend worker threads per executor (0: all cores)", lo=0, hi=4096)
+    cpu_devices: int = _doc(1, "CPU devices presented (cpu0, cpu1, ...: each has its own executors, "
+                            "scheduler and quotas; they share the node's cores; read at start)", lo=1, hi=16)
     executor_start_timeout_s: float = _doc(30.0, "an executor not ready this long after it started is killed "
                                            "(its opens fail, saying so)", lo=1, hi=3600)
     cache_dir: str = _doc("", 'compiled kernels, per tenant in tenants/<tenant> ("": <runtime_dir>/cache; '

@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=a.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     malloc.small_buffers_by_mmap()     # see broker/malloc.py
-    devices = discover()
     try:
+        # cpu_devices (a setting) says how many devices there are, which bounds the limits:
+        # read the settings first, then check the whole file against the devices found.
+        devices = discover(cfg.load(a.config).broker.cpu_devices)
         config = cfg.load(a.config, device_count=len(devices))
     except cfg.ConfigError as e:
         print(f"kubecash-broker: {e}", file=sys.stderr)

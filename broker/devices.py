@@ -1,4 +1,5 @@
-"""Device discovery: the CPU always (cpu0), NVIDIA GPUs through pynvml when NVML is present."""
+"""Device discovery: the CPU always (cpu0, and cpu1... where the broker's cpu_devices asks for
+more), NVIDIA GPUs through pynvml when NVML is present."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_device() -> NodeDevice:
+def cpu_device(index: int = 0) -> NodeDevice:
+    """CPU device `index`. Several are views of the same cores, each with its own executors,
+    lease and quotas (so multi-device programs, and peer copies, run on a CPU-only node)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (psutil.cpu_count() or 1)
     props = {
         "model": f"KubeCASH CPU ({_cpu_model()})",
@@ -51,7 +54,7 @@ def cpu_device() -> NodeDevice:
         "warp_size": 32,
         "clock_rate_khz": int((psutil.cpu_freq().max if psutil.cpu_freq() else 0) * 1000),
     }
-    return NodeDevice("cpu0", "cpu", 0, psutil.virtual_memory().total, props)
+    return NodeDevice(f"cpu{index}", "cpu", index, psutil.virtual_memory().total, props)
 
 
 _nvml_absence_logged = False
@@ -86,5 +89,5 @@ def nvidia_devices() -> list[NodeDevice]:
     return devices
 
 
-def discover() -> list[NodeDevice]:
-    return [cpu_device(), *nvidia_devices()]
+def discover(cpu_devices: int = 1) -> list[NodeDevice]:
+    return [*(cpu_device(i) for i in range(cpu_devices)), *nvidia_devices()]

@@ -143,6 +143,13 @@ DRIVER: dict[str, str] = {
     "cuMemcpy_ptds": BROKER,
     "cuMemcpyAsync": BROKER,
     "cuMemcpyAsync_ptsz": BROKER,
+    # between two devices of the tenant (also cuMemcpy/cuMemcpyDtoD when the pointers say so):
+    # through the program, in pieces; peer access from kernels is not offered
+    "cuMemcpyPeer": BROKER,
+    "cuMemcpyPeer_ptds": BROKER,
+    "cuMemcpyPeerAsync": BROKER,
+    "cuMemcpyPeerAsync_ptsz": BROKER,
+    "cuDeviceCanAccessPeer": LOCAL,       # 0: each device is its own executor process
     "cuMemsetD8_v2": BROKER,
     "cuMemsetD8_v2_ptds": BROKER,
     "cuMemsetD16_v2": BROKER,

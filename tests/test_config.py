@@ -99,6 +99,7 @@ def test_the_reference_documents_every_field_once_and_is_a_valid_quota_file():
     ("max_message_bytes", 1 << 40, "from 1024"),
     ("max_module_bytes", 64 << 20, "to 3.35544e+07"),
     ("executor_threads", 1 << 20, "from 0 to 4096"),
+    ("cpu_devices", 0, "from 1 to 16"),
 ])
 def test_broker_settings_are_finite_in_range_and_paths_absolute(field, value, message):
     with pytest.raises(cfg.ConfigError) as e:

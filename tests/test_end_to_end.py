@@ -444,3 +444,27 @@ def test_a_sync_after_the_queue_drained_still_reports_the_async_error(session):
         with pytest.raises(kc.InvalidValueError):
             dev.request("stream_sync", stream=0)
         dev.request("stream_sync", stream=0)
+
+
+def test_two_cpu_devices_each_have_their_executor_quota_and_lease(broker_factory):
+    """cpu_devices = 2: a tenant sees cpu0 and cpu1, each its own executor process, memory
+    quota and scheduler; kernels run on both."""
+    b = broker_factory(cpu_devices=2)
+    n = 4096
+    x = np.arange(n, dtype=np.float32)
+    with b.connect("alice") as s:
+        assert sorted(d.name for d in s.devices) == ["cpu0", "cpu1"]
+        d0, d1 = s.device("cpu0"), s.device("cpu1")
+        free1 = d1.mem_info()[0]
+        big = d0.allocate(64 << 20)
+        assert d1.mem_info()[0] == free1 and d0.mem_info()[1] == d1.mem_info()[1] == 256 << 20
+        for d, k in ((d0, 1.0), (d1, 2.0)):
+            bx, by = d.allocate(x.nbytes), d.allocate(x.nbytes)
+            bx.copy_from(x * k)
+            vadd = d.load_module(VECADD).get_kernel("vadd")
+            d.launch(vadd, (n // 256,), (256,), [bx, bx, by, np.int32(n)])
+            np.testing.assert_array_equal(by.copy_to(np.empty(n, np.float32)), 2 * k * x)
+        big.close()
+        st = b.admin().call("status")["tenants"]["alice"]["devices"]
+        assert st["cpu0"]["kernels"] == 1 and st["cpu1"]["kernels"] == 1, st
+        assert st["cpu0"]["executor_pid"] != st["cpu1"]["executor_pid"], st

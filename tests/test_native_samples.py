@@ -17,6 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SAMPLES = os.path.join(HERE, "c", "samples")
 NAMES = sorted(f[:-3] for f in os.listdir(SAMPLES) if f.endswith(".cu"))
+# The broker settings a sample needs beyond the default broker's
+SETTINGS = {"multi_device": {"cpu_devices": 2}}
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason=NO_NVCC)
 
@@ -40,7 +42,8 @@ def built(tmp_path_factory):
 @needs_nvcc
 @pytest.mark.parametrize("cudart", ["static", "shared"])
 @pytest.mark.parametrize("name", NAMES)
-def test_sample_runs_brokered(built, broker, name, cudart):
+def test_sample_runs_brokered(built, broker_factory, name, cudart):
+    broker = broker_factory(**SETTINGS.get(name, {}))
     exe = built(name, cudart)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBECASH_", "CUDA_"))}
     env.update(LD_LIBRARY_PATH=_libdir(), KUBECASH_BROKER=broker.address("alice"))

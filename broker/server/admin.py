@@ -138,7 +138,7 @@ class AdminService:
         new = dataclasses.replace(new, tenants={**new.tenants, **self.dynamic})
         self._warn_shared_owners(new)
         restart_only = ("runtime_dir", "cache_dir", "max_message_bytes", "metrics_address",
-                        "admin_socket", "mount_namespace", "state_dir")
+                        "admin_socket", "mount_namespace", "state_dir", "cpu_devices")
         pending = [k for k in restart_only if getattr(new.broker, k) != getattr(self.settings, k)
                    and not (k == "runtime_dir" and os.path.abspath(new.broker.runtime_dir) == self.runtime_dir)]
         self.settings = dataclasses.replace(

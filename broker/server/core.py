@@ -41,7 +41,8 @@ class Broker(TenantService, ExecutorControl, LeaseScheduling, AdminService, Dyna
     def __init__(self, config: cfg.Config, devices: list[NodeDevice] | None = None):
         self.config = config
         self.settings = config.broker
-        self.devices = {d.name: d for d in (devices if devices is not None else discover())}
+        self.devices = {d.name: d for d in (devices if devices is not None
+                                                  else discover(config.broker.cpu_devices))}
         self.runtime_dir = os.path.abspath(self.settings.runtime_dir)
         self.private_dir = os.path.join(self.runtime_dir, "private")
         self.jail_dir = os.path.join(self.private_dir, "jail")

@@ -270,6 +270,24 @@ KC_EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
     return rc;
 }
 
+/* The device of context handle ctx, or -1 (lock held). */
+int kc_ctx_device(void *ctx) {
+    const struct kc_ctx *c = ctx;
+    return c && is_ctx(c) && kc_device(c->device) ? c->device : -1;
+}
+
+/* Peer access (a kernel of one device reaching another's memory) is not offered: each device
+ * is its own executor process. Copies between devices are (cuMemcpyPeer, cuda_exec.c). */
+KC_EXPORT CUresult cuDeviceCanAccessPeer(int *can, CUdevice dev, CUdevice peer) {
+    if (!can) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    rc = kc_device(peer) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_DEVICE;
+    if (!rc) *can = 0;
+    kc_unlock();
+    return rc;
+}
+
 /* The primary context's handle without retaining it (and so without attaching the executor):
  * what cudart asks of CUDART_INTERFACE slot 2 while it merely counts devices. */
 CUresult kc_primary_context(int dev, void **pctx) {

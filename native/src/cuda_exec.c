@@ -53,6 +53,10 @@ struct obj {
     unsigned flags;
     int max_dyn_shared, carveout;    /* function attributes set by the program */
     void *capture;               /* stream: the graph its capture records into (cuda_graph.c) */
+    char *name;                  /* function: its name (to find it in the library on another device) */
+    uint32_t library;            /* module: the library it was loaded for (index + 1), or 0 */
+    uint32_t mods[KC_MAX_DEVICES];   /* library: its module on each device (index + 1), loaded on use */
+    uint8_t *image; size_t image_n;  /* library: its image, kept to load it on other devices */
 };
 static struct obj **objs;
 static uint32_t nobjs, capobjs;
@@ -104,6 +108,8 @@ static int new_obj(enum kind kind, int dev, uint64_t h, uint32_t *idx_out) {
 
 static void drop_obj(uint32_t idx) {
     free(objs[idx]->sizes);
+    free(objs[idx]->name);
+    free(objs[idx]->image);
     free(objs[idx]);
     objs[idx] = NULL;
 }
@@ -470,8 +476,10 @@ static CUresult get_function(uint32_t midx, const char *name, uint32_t *fidx) {
         if (mp_index(&sizes, i, &e) != 1 || mp_as_int(&e, &v) || v < 0 || v > 1 << 20) { free(sz); return CUDA_ERROR_UNKNOWN; }
         sz[i] = (uint32_t)v;
     }
-    if (new_obj(K_FUNCTION, m->dev, h, fidx)) { free(sz); return CUDA_ERROR_OUT_OF_MEMORY; }
+    char *fname = strdup(name);
+    if (!fname || new_obj(K_FUNCTION, m->dev, h, fidx)) { free(sz); free(fname); return CUDA_ERROR_OUT_OF_MEMORY; }
     struct obj *f = objs[*fidx];
+    f->name = fname;
     f->module = midx;
     f->nparams = sizes.len;
     f->sizes = sz;
@@ -497,24 +505,56 @@ static CUresult get_global(uint32_t midx, const char *name, CUdeviceptr *dptr, s
     return CUDA_SUCCESS;
 }
 
-/* ---- libraries (CUDA 12+; cudart loads its fatbins this way, lazily): a library is one
- * module, loaded on the current context's device (device 0 when none is current); a CUkernel
- * is that module's CUfunction, the same handle. ---- */
+/* ---- libraries (CUDA 12+; cudart loads its fatbins this way, lazily): a library is a
+ * module per device, loaded on the current context's device (device 0 when none is current)
+ * and on another device when it is first used there (its image is kept for that); a CUkernel
+ * is the CUfunction of the device it was got on, and a launch on another device finds the
+ * same kernel there (function_on). ---- */
+
+/* Library lidx's module on device dev (lock held) in *midx, loaded there now if it is not
+ * yet; INVALID_HANDLE once the program unloaded the module it had there. */
+static CUresult library_on(uint32_t lidx, int dev, uint32_t *midx) {
+    struct obj *l = lidx < nobjs ? objs[lidx] : NULL;
+    if (!l || l->kind != K_LIBRARY || dev < 0 || dev >= KC_MAX_DEVICES || !kc_device(dev))
+        return CUDA_ERROR_INVALID_HANDLE;
+    uint32_t k = l->mods[dev];
+    if (k) {
+        struct obj *m = k - 1 < nobjs ? objs[k - 1] : NULL;
+        if (!m || m->kind != K_MODULE || m->library != lidx + 1) return CUDA_ERROR_INVALID_HANDLE;
+        *midx = k - 1;
+        return CUDA_SUCCESS;
+    }
+    CUresult rc = load_module(dev, l->image, l->image_n, midx);
+    if (rc) return rc;
+    objs[*midx]->library = lidx + 1;
+    l->mods[dev] = *midx + 1;
+    return CUDA_SUCCESS;
+}
+
 static CUresult load_library(CUhandle *lib, const void *code, size_t avail) {
     if (!lib) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = kc_lock(0);
     if (rc) return rc;
     int dev = kc_current_device();
     if (dev < 0) dev = 0;
-    uint32_t midx, lidx;
-    rc = kc_device(dev) ? load_module(dev, code, avail, &midx) : CUDA_ERROR_NO_DEVICE;
-    if (!rc && new_obj(K_LIBRARY, dev, 0, &lidx)) {
-        unload_module(midx);
-        rc = CUDA_ERROR_OUT_OF_MEMORY;
+    const char *kind;
+    const uint8_t *data;
+    size_t n = 0;
+    uint32_t lidx, midx;
+    uint8_t *copy = NULL;
+    rc = kc_device(dev) ? image_of(code, avail, &kind, &data, &n) : CUDA_ERROR_NO_DEVICE;
+    if (!rc && !(copy = malloc(n + 1))) rc = CUDA_ERROR_OUT_OF_MEMORY;
+    if (!rc) {
+        memcpy(copy, data, n);
+        copy[n] = 0;                     /* PTX text ends at a NUL */
+        if (new_obj(K_LIBRARY, dev, 0, &lidx)) { free(copy); rc = CUDA_ERROR_OUT_OF_MEMORY; }
     }
     if (!rc) {
-        objs[lidx]->h = (uint64_t)(uintptr_t)handle_of(midx);   /* checked on use: it may be unloaded */
-        *lib = handle_of(lidx);
+        objs[lidx]->image = copy;
+        objs[lidx]->image_n = n + 1;
+        rc = library_on(lidx, dev, &midx);
+        if (rc) drop_obj(lidx);
+        else *lib = handle_of(lidx);
     }
     kc_unlock();
     return rc;
@@ -534,19 +574,38 @@ KC_EXPORT CUresult cuLibraryLoadFromFile(CUhandle *library, const char *fileName
     return from_file(fileName, load_library, library);
 }
 
-/* The library's module (lock held), or NULL (also once the program unloaded that module). */
+/* The library's module on the current context's device (lock held), or NULL. */
 static struct obj *library_module(CUhandle library, uint32_t *midx) {
-    struct obj *l = lookup(library, K_LIBRARY, NULL);
-    return l ? lookup((CUhandle)(uintptr_t)l->h, K_MODULE, midx) : NULL;
+    uint32_t lidx;
+    struct obj *l = lookup(library, K_LIBRARY, &lidx);
+    int dev = kc_current_device();
+    return l && !library_on(lidx, dev < 0 ? l->dev : dev, midx) ? objs[*midx] : NULL;
+}
+
+/* f as a function of device dev (lock held): itself, or for a library's kernel the same
+ * kernel of that library on dev; NULL when there is none. */
+static struct obj *function_on(struct obj *f, int dev, uint32_t *fidx) {
+    uint32_t midx;
+    struct obj *m = f ? objs[f->module] : NULL;
+    if (!f || f->dev == dev) return f;
+    if (!m || !m->library || !f->name || library_on(m->library - 1, dev, &midx) ||
+        get_function(midx, f->name, fidx))
+        return NULL;
+    return objs[*fidx];
 }
 
 KC_EXPORT CUresult cuLibraryUnload(CUhandle library) {
     CUresult rc = kc_lock(0);
     if (rc) return rc;
     uint32_t lidx, midx;
-    if (!lookup(library, K_LIBRARY, &lidx)) rc = CUDA_ERROR_INVALID_HANDLE;
+    struct obj *l = lookup(library, K_LIBRARY, &lidx);
+    if (!l) rc = CUDA_ERROR_INVALID_HANDLE;
     else {
-        if (library_module(library, &midx)) rc = unload_module(midx);
+        for (int d = 0; d < KC_MAX_DEVICES; d++)      /* only what it has: none is loaded now */
+            if (l->mods[d] && !library_on(lidx, d, &midx)) {
+                CUresult r = unload_module(midx);
+                if (!rc) rc = r;
+            }
         drop_obj(lidx);
     }
     kc_unlock();
@@ -609,7 +668,11 @@ KC_EXPORT CUresult cuKernelGetFunction(CUhandle *pFunc, CUhandle kernel) {
     if (!pFunc) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = kc_lock(0);
     if (rc) return rc;
-    if (lookup(kernel, K_FUNCTION, NULL)) *pFunc = kernel;
+    uint32_t fidx = 0;
+    struct obj *f = lookup(kernel, K_FUNCTION, &fidx);
+    int dev = kc_current_device();
+    if (f && dev >= 0) f = function_on(f, dev, &fidx);     /* the current context's */
+    if (f) *pFunc = handle_of(fidx);
     else rc = CUDA_ERROR_INVALID_HANDLE;
     kc_unlock();
     return rc;
@@ -908,8 +971,9 @@ static CUresult launch(CUhandle hf, const unsigned grid[3], const unsigned block
     uint64_t sh;
     CUresult rc = lock_stream(stream, &dev, &sh);
     if (rc) return rc;
-    struct obj *f = lookup(hf, K_FUNCTION, NULL);
-    if (!f || f->dev != dev) {
+    uint32_t fidx;
+    struct obj *f = function_on(lookup(hf, K_FUNCTION, NULL), dev, &fidx);
+    if (!f) {
         kc_unlock();
         return CUDA_ERROR_INVALID_HANDLE;
     }
@@ -1305,6 +1369,24 @@ static CUresult dtod(int dev, uint64_t sh, int async, CUdeviceptr dst, CUdevicep
     return rc;
 }
 
+/* A copy between two devices' memory (lock held), through this process in pieces: the
+ * devices are separate executor processes, which cannot reach each other's memory. The
+ * source is read on stream ss of its device (after the work queued there), then the
+ * destination written on stream ds of its own; the call returns when both are done. */
+static CUresult peer_copy(int ddev, uint64_t ds, CUdeviceptr dst, int sdev, uint64_t ss, CUdeviceptr src, size_t n) {
+    size_t piece = n < ((size_t)8 << 20) ? n : ((size_t)8 << 20);
+    uint8_t *buf = n ? malloc(piece) : NULL;
+    if (n && !buf) return CUDA_ERROR_OUT_OF_MEMORY;
+    CUresult rc = CUDA_SUCCESS;
+    for (size_t off = 0; !rc && off < n; off += piece) {
+        size_t m = n - off < piece ? n - off : piece;
+        rc = kc_copy(sdev, 0, ss, 0, src + off, buf, m);
+        if (!rc) rc = kc_copy(ddev, 1, ds, 0, dst + off, buf, m);
+    }
+    free(buf);
+    return rc;
+}
+
 /* Copies with their direction given, on a stream (NULL: the default stream). Host to device
  * queues inline pieces when async (the bytes travel in the message, so the program may reuse
  * its buffer at once); device to host waits for the bytes. */
@@ -1325,7 +1407,10 @@ static CUresult copy_on(CUhandle stream, int what, int async, uint64_t dst, uint
     CUresult rc = lock_stream(stream, &dev, &sh);
     if (rc) return rc;
     if (kc_capture_of(stream)) return capture_copy(stream, what, async, dst, src, n);
-    rc = what == DTOD ? dtod(dev, sh, async, dst, src, n)
+    int ddev = what == DTOD ? device_of(dst) : -1, sdev = what == DTOD ? device_of(src) : -1;
+    if (ddev >= 0 && sdev >= 0 && ddev != sdev)      /* on the stream's side, the stream orders it */
+        rc = peer_copy(ddev, ddev == dev ? sh : 0, dst, sdev, sdev == dev ? sh : 0, src, n);
+    else rc = what == DTOD ? dtod(dev, sh, async, dst, src, n)
        : what == HTOD ? kc_copy(dev, 1, sh, async, dst, (void *)(uintptr_t)src, n)
                       : kc_copy(dev, 0, sh, 0, src, (void *)(uintptr_t)dst, n);
     kc_unlock();
@@ -1361,7 +1446,7 @@ static CUresult memcpy_any(CUhandle stream, int async, CUdeviceptr dst, CUdevice
     int ddev = device_of(dst), sdev = device_of(src);
     if (n == 0) rc = CUDA_SUCCESS;
     else if (ddev >= 0 && sdev >= 0)
-        rc = ddev != sdev ? CUDA_ERROR_NOT_SUPPORTED                 /* peer copies: not yet */
+        rc = ddev != sdev ? peer_copy(ddev, ddev == dev ? sh : 0, dst, sdev, sdev == dev ? sh : 0, src, n)
            : ddev != dev ? CUDA_ERROR_INVALID_VALUE : dtod(dev, sh, async, dst, src, n);
     else if (ddev >= 0)
         rc = ddev != dev ? CUDA_ERROR_INVALID_VALUE : kc_copy(dev, 1, sh, async, dst, (void *)(uintptr_t)src, n);
@@ -1371,6 +1456,42 @@ static CUresult memcpy_any(CUhandle stream, int async, CUdeviceptr dst, CUdevice
     else memmove((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n);
     kc_unlock();
     return rc;
+}
+
+/* cuMemcpyPeer: devices named by their contexts; the Async flavour is ordered on its stream
+ * (of either device) and returns once done, as peer_copy does. */
+static CUresult memcpy_peer(CUdeviceptr dst, void *dctx, CUdeviceptr src, void *sctx, size_t n, int on_stream,
+                            CUhandle stream) {
+    int dev = -1;
+    uint64_t sh = 0;
+    CUresult rc = on_stream ? lock_stream(stream, &dev, &sh) : kc_lock(0);
+    if (rc) return rc;
+    if (on_stream && kc_capture_of(stream)) {
+        void *cap = kc_capture_of(stream);
+        kc_unlock();
+        kc_log("kubecash: cuMemcpyPeerAsync during stream capture is not supported");
+        return kc_capture_fail(cap, CUDA_ERROR_NOT_SUPPORTED);
+    }
+    int ddev = kc_ctx_device(dctx), sdev = kc_ctx_device(sctx);
+    if (ddev < 0 || sdev < 0) rc = CUDA_ERROR_INVALID_CONTEXT;
+    else if (device_of(dst) != ddev || device_of(src) != sdev) rc = CUDA_ERROR_INVALID_VALUE;
+    else if (ddev == sdev) rc = dtod(ddev, ddev == dev ? sh : 0, 0, dst, src, n);
+    else rc = peer_copy(ddev, ddev == dev ? sh : 0, dst, sdev, sdev == dev ? sh : 0, src, n);
+    kc_unlock();
+    return rc;
+}
+KC_EXPORT CUresult cuMemcpyPeer(CUdeviceptr dst, void *dctx, CUdeviceptr src, void *sctx, size_t n) {
+    return memcpy_peer(dst, dctx, src, sctx, n, 0, NULL);
+}
+KC_EXPORT CUresult cuMemcpyPeer_ptds(CUdeviceptr dst, void *dctx, CUdeviceptr src, void *sctx, size_t n) {
+    return memcpy_peer(dst, dctx, src, sctx, n, 0, NULL);
+}
+KC_EXPORT CUresult cuMemcpyPeerAsync(CUdeviceptr dst, void *dctx, CUdeviceptr src, void *sctx, size_t n, CUhandle s) {
+    return memcpy_peer(dst, dctx, src, sctx, n, 1, s);
+}
+KC_EXPORT CUresult cuMemcpyPeerAsync_ptsz(CUdeviceptr dst, void *dctx, CUdeviceptr src, void *sctx, size_t n,
+                                          CUhandle s) {
+    return memcpy_peer(dst, dctx, src, sctx, n, 1, s);
 }
 
 /* the synchronous and stream-ordered flavours of dtod_on and memcpy_any */
