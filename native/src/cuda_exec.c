@@ -524,6 +524,7 @@ static CUresult library_on(uint32_t lidx, int dev, uint32_t *midx) {
         *midx = k - 1;
         return CUDA_SUCCESS;
     }
+    if (!l->image) return CUDA_ERROR_INVALID_HANDLE;      /* one device: never elsewhere */
     CUresult rc = load_module(dev, l->image, l->image_n, midx);
     if (rc) return rc;
     objs[*midx]->library = lidx + 1;
@@ -543,16 +544,23 @@ static CUresult load_library(CUhandle *lib, const void *code, size_t avail) {
     uint32_t lidx, midx;
     uint8_t *copy = NULL;
     rc = kc_device(dev) ? image_of(code, avail, &kind, &data, &n) : CUDA_ERROR_NO_DEVICE;
-    if (!rc && !(copy = malloc(n + 1))) rc = CUDA_ERROR_OUT_OF_MEMORY;
-    if (!rc) {
+    /* The image is kept only where another device may load it later (cudart's fatbins,
+     * PyTorch's included, can be hundreds of MiB): with one device it loads from `code`. */
+    int keep = kc_device_count() > 1;
+    if (!rc && keep && !(copy = malloc(n + 1))) rc = CUDA_ERROR_OUT_OF_MEMORY;
+    if (copy) {
         memcpy(copy, data, n);
         copy[n] = 0;                     /* PTX text ends at a NUL */
-        if (new_obj(K_LIBRARY, dev, 0, &lidx)) { free(copy); rc = CUDA_ERROR_OUT_OF_MEMORY; }
     }
+    if (!rc && new_obj(K_LIBRARY, dev, 0, &lidx)) { free(copy); rc = CUDA_ERROR_OUT_OF_MEMORY; }
     if (!rc) {
         objs[lidx]->image = copy;
         objs[lidx]->image_n = n + 1;
-        rc = library_on(lidx, dev, &midx);
+        rc = keep ? library_on(lidx, dev, &midx) : load_module(dev, code, avail, &midx);
+        if (!rc && !keep) {
+            objs[midx]->library = lidx + 1;
+            objs[lidx]->mods[dev] = midx + 1;
+        }
         if (rc) drop_obj(lidx);
         else *lib = handle_of(lidx);
     }
@@ -1370,10 +1378,11 @@ static CUresult dtod(int dev, uint64_t sh, int async, CUdeviceptr dst, CUdevicep
 }
 
 /* A copy between two devices' memory (lock held), through this process in pieces: the
- * devices are separate executor processes, which cannot reach each other's memory. The
- * source is read on stream ss of its device (after the work queued there), then the
- * destination written on stream ds of its own; the call returns when both are done. */
-static CUresult peer_copy(int ddev, uint64_t ds, CUdeviceptr dst, int sdev, uint64_t ss, CUdeviceptr src, size_t n) {
+ * devices are separate executor processes, which cannot reach each other's memory. Stream sh
+ * is device dev's: the side on that device uses it, the other its device's default stream,
+ * so the copy comes after the work queued on either side; it returns when both are done. */
+static CUresult peer_copy(int dev, uint64_t sh, int ddev, CUdeviceptr dst, int sdev, CUdeviceptr src, size_t n) {
+    uint64_t ds = ddev == dev ? sh : 0, ss = sdev == dev ? sh : 0;
     size_t piece = n < ((size_t)8 << 20) ? n : ((size_t)8 << 20);
     uint8_t *buf = n ? malloc(piece) : NULL;
     if (n && !buf) return CUDA_ERROR_OUT_OF_MEMORY;
@@ -1408,8 +1417,8 @@ static CUresult copy_on(CUhandle stream, int what, int async, uint64_t dst, uint
     if (rc) return rc;
     if (kc_capture_of(stream)) return capture_copy(stream, what, async, dst, src, n);
     int ddev = what == DTOD ? device_of(dst) : -1, sdev = what == DTOD ? device_of(src) : -1;
-    if (ddev >= 0 && sdev >= 0 && ddev != sdev)      /* on the stream's side, the stream orders it */
-        rc = peer_copy(ddev, ddev == dev ? sh : 0, dst, sdev, sdev == dev ? sh : 0, src, n);
+    if (ddev >= 0 && sdev >= 0 && ddev != sdev)
+        rc = peer_copy(dev, sh, ddev, dst, sdev, src, n);
     else rc = what == DTOD ? dtod(dev, sh, async, dst, src, n)
        : what == HTOD ? kc_copy(dev, 1, sh, async, dst, (void *)(uintptr_t)src, n)
                       : kc_copy(dev, 0, sh, 0, src, (void *)(uintptr_t)dst, n);
@@ -1446,7 +1455,7 @@ static CUresult memcpy_any(CUhandle stream, int async, CUdeviceptr dst, CUdevice
     int ddev = device_of(dst), sdev = device_of(src);
     if (n == 0) rc = CUDA_SUCCESS;
     else if (ddev >= 0 && sdev >= 0)
-        rc = ddev != sdev ? peer_copy(ddev, ddev == dev ? sh : 0, dst, sdev, sdev == dev ? sh : 0, src, n)
+        rc = ddev != sdev ? peer_copy(dev, sh, ddev, dst, sdev, src, n)
            : ddev != dev ? CUDA_ERROR_INVALID_VALUE : dtod(dev, sh, async, dst, src, n);
     else if (ddev >= 0)
         rc = ddev != dev ? CUDA_ERROR_INVALID_VALUE : kc_copy(dev, 1, sh, async, dst, (void *)(uintptr_t)src, n);
@@ -1476,7 +1485,7 @@ static CUresult memcpy_peer(CUdeviceptr dst, void *dctx, CUdeviceptr src, void *
     if (ddev < 0 || sdev < 0) rc = CUDA_ERROR_INVALID_CONTEXT;
     else if (device_of(dst) != ddev || device_of(src) != sdev) rc = CUDA_ERROR_INVALID_VALUE;
     else if (ddev == sdev) rc = dtod(ddev, ddev == dev ? sh : 0, 0, dst, src, n);
-    else rc = peer_copy(ddev, ddev == dev ? sh : 0, dst, sdev, sdev == dev ? sh : 0, src, n);
+    else rc = peer_copy(dev, sh, ddev, dst, sdev, src, n);
     kc_unlock();
     return rc;
 }
