@@ -90,14 +90,14 @@ class Allocator:
         self._free: dict[int, int] = {0: size}  # start -> length
         self.used: dict[int, int] = {}          # allocated offset -> length (rounded)
 
-    def alloc(self, size: int, align: int | None = None) -> int | None:
-        """The offset of `size` bytes (aligned as alignment() says, or to `align`), or None if
-        nothing fits."""
+    def alloc(self, size: int, align: int | None = None, origin: int = 0) -> int | None:
+        """The offset of `size` bytes (aligned as alignment() says, or `origin` + it aligned to
+        `align`: an address, where the range starts at `origin`), or None if nothing fits."""
         align = align or alignment(size)
         n = -(-max(size, 1) // ALIGN) * ALIGN
         for i, start in enumerate(self._starts):
             length = self._free[start]
-            off = -(-start // align) * align
+            off = -(-(origin + start) // align) * align - origin
             if off + n > start + length:
                 continue
             del self._starts[i], self._free[start]
@@ -194,7 +194,7 @@ class Arena:
     def reserve(self, size: int, align: int) -> int | None:
         """`size` bytes of address space aligned to `align`, or None when no range fits."""
         with self._lock:
-            off = self.allocator.alloc(size, align)
+            off = self.allocator.alloc(size, align, origin=self.base)   # the address is aligned
             if off is None:
                 return None
             try:

@@ -37,6 +37,7 @@ def test_vmm_requests_are_checked_and_a_refusal_changes_nothing(broker):
         dev, odev = s.device("cpu0"), other.device("cpu0")
         base = dev.request("vmm_reserve", size=4 * G)["ptr"]
         assert base % G == 0
+        assert dev.request("vmm_reserve", size=G, align=1 << 34)["ptr"] % (1 << 34) == 0
         h = dev.request("vmm_create", size=2 * G)["handle"]
         oh = odev.request("vmm_create", size=G)["handle"]
         for op, match, fields in [
