@@ -161,16 +161,28 @@ class CpuBackend:
 
     def launch(self, function, grid, block, shared: int, args: Sequence[bytes], *,
                should_yield: Callable[[], bool] | None = None,
-               progress: list[int] | None = None) -> bool:
+               progress: list[int] | None = None, cooperative: bool = False) -> bool:
         """Run a kernel; True when it has completed.
 
         With `should_yield`, the grid runs in slices of about SLICE_NS, and between slices
         the kernel stops if should_yield() says so, returning False with the next block in
         progress[0]; calling again with the same progress resumes it. Blocks are
-        independent, so a latency tenant need not wait for a long kernel to end."""
+        independent, so a latency tenant need not wait for a long kernel to end.
+        `cooperative`: the whole grid resident at once (never sliced)."""
         module, kernel = function
         grid, block = tuple(grid), tuple(block)
+        if cooperative:
+            nw, per_worker = self.launcher.coop_share(grid, block)
+            threads = per_worker * block[0] * block[1] * block[2]
+            if threads > cpukernels.MAX_COOP_FIBERS:
+                raise error_from_code(CUresult.CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE,
+                                      f"a cooperative grid of {grid[0] * grid[1] * grid[2]} blocks puts "
+                                      f"{threads} threads on each of this executor's {nw} kernel threads; "
+                                      f"at most {cpukernels.MAX_COOP_FIBERS} can be resident on one")
         try:
+            if cooperative:
+                self.launcher.launch(module, kernel, grid, block, shared, args, cooperative=True)
+                return True
             if should_yield is None:
                 self.launcher.launch(module, kernel, grid, block, shared, args)
                 return True

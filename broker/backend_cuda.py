@@ -231,13 +231,17 @@ class CudaBackend:
 
     def launch(self, function, grid, block, shared: int, args: Sequence[bytes], *,
                should_yield: Callable[[], bool] | None = None,
-               progress: list[int] | None = None) -> bool:
+               progress: list[int] | None = None, cooperative: bool = False) -> bool:
         """Run a kernel to completion (a GPU kernel cannot be suspended mid-grid)."""
         self._current()
         bufs = [ctypes.create_string_buffer(a, len(a)) for a in args]
         ptrs = (ctypes.c_void_p * max(1, len(bufs)))(*[ctypes.addressof(b) for b in bufs])
-        _check(cu.cuLaunchKernel(function, *grid, *block, shared, self.stream, ctypes.addressof(ptrs), 0),
-               "cuLaunchKernel")
+        if cooperative:     # the GPU checks the grid against what it holds resident
+            _check(cu.cuLaunchCooperativeKernel(function, *grid, *block, shared, self.stream,
+                                                ctypes.addressof(ptrs)), "cuLaunchCooperativeKernel")
+        else:
+            _check(cu.cuLaunchKernel(function, *grid, *block, shared, self.stream, ctypes.addressof(ptrs), 0),
+                   "cuLaunchKernel")
         self._sync("kernel")
         return True
 

@@ -51,6 +51,9 @@ def cpu_device(index: int = 0) -> NodeDevice:
         "max_block_dim": [1024, 1024, 64],
         "max_grid_dim": [2**31 - 1, 65535, 65535],
         "max_shared_memory_per_block": 48 << 10,
+        # What occupancy (and so a cooperative grid's size) is computed from, as on sm_80.
+        "max_threads_per_multiprocessor": 2048,
+        "max_blocks_per_multiprocessor": 32,
         "warp_size": 32,
         "clock_rate_khz": int((psutil.cpu_freq().max if psutil.cpu_freq() else 0) * 1000),
     }

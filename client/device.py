@@ -338,15 +338,18 @@ class Device:
 
     def launch(self, kernel: Kernel, grid: Iterable[int], block: Iterable[int],
                args: Sequence[Any] = (), *, stream: Stream | None = None,
-               shared_mem: int = 0) -> None:
-        """Queue `kernel` on `stream` (default stream if None). Asynchronous, as in CUDA."""
+               shared_mem: int = 0, cooperative: bool = False) -> None:
+        """Queue `kernel` on `stream` (default stream if None). Asynchronous, as in CUDA.
+        `cooperative`: every block resident at once, as cuLaunchCooperativeKernel (grid-wide
+        barriers); a grid larger than the device holds is CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE."""
         if kernel.device is not self:
             raise ValueError("kernel belongs to another device")
         if not 0 <= int(shared_mem) <= 1 << 32:
             raise ValueError(f"shared_mem={shared_mem} is not a valid byte count")
+        extra = {"cooperative": True} if cooperative else {}
         self.submit("launch", function=kernel.handle, grid=_dim3(grid), block=_dim3(block),
                    shared=int(shared_mem), stream=_stream_handle(stream),
-                   args=encode_args(args, kernel.param_sizes))
+                   args=encode_args(args, kernel.param_sizes), **extra)
 
     def synchronize(self) -> None:
         self.request("ctx_sync")

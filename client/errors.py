@@ -67,6 +67,7 @@ class CUresult(enum.IntEnum):
     CUDA_ERROR_INVALID_ADDRESS_SPACE = 717
     CUDA_ERROR_INVALID_PC = 718
     CUDA_ERROR_LAUNCH_FAILED = 719
+    CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE = 720
     CUDA_ERROR_NOT_PERMITTED = 800
     CUDA_ERROR_NOT_SUPPORTED = 801
     CUDA_ERROR_TIMEOUT = 909
@@ -97,6 +98,7 @@ ERROR_STRINGS: dict[CUresult, str] = {
     E.CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: "too many resources requested for launch",
     E.CUDA_ERROR_LAUNCH_TIMEOUT: "the launch timed out and was terminated",
     E.CUDA_ERROR_LAUNCH_FAILED: "unspecified launch failure",
+    E.CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE: "too many blocks in cooperative launch",
     E.CUDA_ERROR_ASSERT: "device-side assert triggered",
     E.CUDA_ERROR_ILLEGAL_INSTRUCTION: "an illegal instruction was encountered",
     E.CUDA_ERROR_NOT_PERMITTED: "operation not permitted",

@@ -99,6 +99,8 @@ DRIVER: dict[str, str] = {
     # launches: posted ("async"), errors at the next synchronization
     "cuLaunchKernel": BROKER,
     "cuLaunchKernel_ptsz": BROKER,
+    "cuLaunchCooperativeKernel": BROKER,  # every block resident at once (grid.sync)
+    "cuLaunchCooperativeKernel_ptsz": BROKER,
     "cuLaunchKernelEx": BROKER,           # attributes that change nothing accepted, others refused by name
     "cuLaunchKernelEx_ptsz": BROKER,
     # streams (0, CU_STREAM_LEGACY and CU_STREAM_PER_THREAD: the executor's default stream)

@@ -64,7 +64,7 @@ ATTRIBUTES: dict[str, Callable[[kc.Device], Any]] = {
     "CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM": _const(0), "MANAGED_MEMORY": _const(0),
     "CONCURRENT_MANAGED_ACCESS": _const(0), "PAGEABLE_MEMORY_ACCESS": _const(0),
     "PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES": _const(0),
-    "DIRECT_MANAGED_MEM_ACCESS_FROM_HOST": _const(0), "COOPERATIVE_LAUNCH": _const(0),
+    "DIRECT_MANAGED_MEM_ACCESS_FROM_HOST": _const(0), "COOPERATIVE_LAUNCH": _const(1),
     "COOPERATIVE_MULTI_DEVICE_LAUNCH": _const(0), "MULTI_GPU_BOARD": _const(0),
     "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": _on_cpu(1, 0), "CLUSTER_LAUNCH": _const(0),
     "IPC_EVENT_SUPPORTED": _const(0), "GPU_DIRECT_RDMA_SUPPORTED": _const(0),
@@ -76,7 +76,8 @@ ATTRIBUTES: dict[str, Callable[[kc.Device], Any]] = {
     "PCI_BUS_ID": _cpu(0), "PCI_DEVICE_ID": _cpu(0), "PCI_DOMAIN_ID": _cpu(0),
     "TOTAL_CONSTANT_MEMORY": _cpu(64 << 10),
     "MAX_REGISTERS_PER_BLOCK": _cpu(65536), "MAX_REGISTERS_PER_MULTIPROCESSOR": _cpu(65536),
-    "MAX_THREADS_PER_MULTIPROCESSOR": _cpu(2048), "MAX_BLOCKS_PER_MULTIPROCESSOR": _cpu(32),
+    "MAX_THREADS_PER_MULTIPROCESSOR": _p("max_threads_per_multiprocessor"),
+    "MAX_BLOCKS_PER_MULTIPROCESSOR": _p("max_blocks_per_multiprocessor"),
     "GLOBAL_L1_CACHE_SUPPORTED": _cpu(1), "LOCAL_L1_CACHE_SUPPORTED": _cpu(1),
     "L2_CACHE_SIZE": _cpu(0), "MAX_PITCH": _cpu(2**31 - 1), "TEXTURE_ALIGNMENT": _cpu(512),
     "TEXTURE_PITCH_ALIGNMENT": _cpu(32), "SURFACE_ALIGNMENT": _cpu(512),
@@ -126,8 +127,8 @@ ATTRIBUTES["REGISTERS_PER_BLOCK"] = ATTRIBUTES["MAX_REGISTERS_PER_BLOCK"]
 
 
 # What this Python shim answers otherwise than the table (which the native library's is made
-# from): it has no virtual memory management of its own.
-SHIM_ONLY: dict[str, int] = {"VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": 0}
+# from): it has no virtual memory management and no cooperative launch of its own.
+SHIM_ONLY: dict[str, int] = {"VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": 0, "COOPERATIVE_LAUNCH": 0}
 
 
 def attribute(real_driver, device: kc.Device, attrib: Any) -> int:

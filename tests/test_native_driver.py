@@ -373,7 +373,8 @@ def test_exec_tour(exec_tour, quota_broker, kind):
     assert not bad and v["failed"] == "0", (bad, err[-3000:])
     assert sum(1 for k in v if k.startswith("check_")) > 100
     # refused launch attributes are named
-    assert "CU_LAUNCH_ATTRIBUTE_COOPERATIVE (2) with this value is not supported" in err, err
+    assert "CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION (4) with this value is not supported" in err, err
+    assert "cooperative launch of 100000 blocks: at most" in err, err
     assert "CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_EVENT (7) is not supported" in err, err
 
 

@@ -544,9 +544,8 @@ def _ftz_add(x: int) -> int:
 @pytest.mark.parametrize("src, construct", [
     (r"""extern "C" __global__ void k(int* o) { asm("bar.red.u32 %0, 0, 1;" : "=r"(o[0])); }""",
      "expected .popc, .and or .or"),
-    (r"""#include <cooperative_groups.h>
-         extern "C" __global__ void k(int* p) { p[blockIdx.x] = 1; cooperative_groups::this_grid().sync(); }""",
-     "grid-wide synchronisation"),
+    (r"""extern "C" __global__ void k(unsigned* o) { asm("mov.u32 %0, %%envreg7;" : "=r"(o[0])); }""",
+     "special register %envreg7"),
     (r"""extern "C" __global__ void k(cudaTextureObject_t t, float* o) { o[0] = tex1Dfetch<float>(t, 0); }""",
      "textures and surfaces"),
 ])

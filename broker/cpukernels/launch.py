@@ -17,6 +17,12 @@ from ..sandbox import array_type
 from .loader import CompiledModule, KernelInfo
 
 MAX_SHARED_BYTES = 48 * 1024
+# A cooperative launch's blocks are all resident at once, each worker's share as fibers:
+# at most this many threads per worker (each a fiber stack and a guard page, two of the
+# process's memory mappings: vm.max_map_count is 65530 by default).
+MAX_COOP_FIBERS = 8192
+_COOP_WINDOW = 96 * 1024    # kCoopWindow in kubecash_runtime.h: static + dynamic shared
+_COOP_STRIDE = _COOP_WINDOW + 64   # kCoopStride: the window and the block's BlockRun
 _MAX_BLOCK_THREADS = 1024
 _MAX_BLOCK = (1024, 1024, 64)
 _MAX_GRID = (2**31 - 1, 65535, 65535)
@@ -36,14 +42,15 @@ class _KcLaunch(ctypes.Structure):
     _fields_ = [("grid", ctypes.c_uint32 * 3), ("block", ctypes.c_uint32 * 3),
                 ("nblocks", ctypes.c_uint64), ("next_block", ctypes.c_void_p),
                 ("shared_bytes", ctypes.c_uint64), ("module_id", ctypes.c_uint64),
-                ("error", ctypes.c_void_p)]
+                ("error", ctypes.c_void_p), ("coop", ctypes.c_uint64), ("workspace", ctypes.c_void_p)]
 
 
 class _KcWorker(ctypes.Structure):
     _fields_ = [("shared", ctypes.c_void_p), ("stacks", ctypes.c_void_p),
                 ("slot_size", ctypes.c_uint64), ("guard_size", ctypes.c_uint64),
                 ("nslots", ctypes.c_uint64), ("nfibers", ctypes.c_uint64),
-                ("owner_module", ctypes.c_uint64), ("owner_thread", ctypes.c_void_p)]
+                ("owner_module", ctypes.c_uint64), ("owner_thread", ctypes.c_void_p),
+                ("coop_area", ctypes.c_void_p), ("coop_blocks", ctypes.c_uint64)]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)   # the process's own libc; no find_library run
@@ -54,6 +61,15 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _PAGE = mmap.PAGESIZE
+
+
+def _map_private(length: int, what: str) -> int:
+    """Anonymous read-write memory, not reserved (touched pages only)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
+    addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+    if addr in (None, _MAP_FAILED):
+        raise MemoryError(f"cannot map {length} bytes of {what}: {os.strerror(ctypes.get_errno())}")
+    return addr
 
 
 class _WorkerState:
@@ -67,18 +83,32 @@ class _WorkerState:
         self.slot_size = _PAGE + -(-stack_bytes // _PAGE) * _PAGE
         self.stacks = 0
         self.map_len = 0
+        self.coop = 0
+        self.coop_len = 0
+
+    def ensure_coop(self, blocks: int) -> None:
+        """Room for `blocks` resident blocks of a cooperative launch (their shared windows)."""
+        if self.c.coop_blocks >= blocks:
+            return
+        self.free_coop()
+        length = blocks * _COOP_STRIDE
+        addr = _map_private(length, "shared windows")
+        self.coop, self.coop_len = addr, length
+        self.c.coop_area, self.c.coop_blocks = addr, blocks
+
+    def free_coop(self) -> None:
+        if self.coop:
+            _libc.munmap(self.coop, self.coop_len)
+        self.coop, self.coop_len = 0, 0
+        self.c.coop_area, self.c.coop_blocks = None, 0
 
     def ensure_stacks(self, need: int) -> None:
         if self.c.nslots >= need:
             return
-        n = min(_MAX_BLOCK_THREADS, max(32, 1 << (need - 1).bit_length()))
+        n = max(32, 1 << (need - 1).bit_length())   # a block's threads, or a cooperative share
         self.free_stacks()
         length = n * self.slot_size
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
-        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
-        if addr in (None, _MAP_FAILED):
-            raise MemoryError(f"cannot map {length} bytes of fiber stacks: "
-                              f"{os.strerror(ctypes.get_errno())}")
+        addr = _map_private(length, "fiber stacks")
         self.stacks, self.map_len = addr, length
         for i in range(n):  # a guard page under each stack turns overflow into a fault
             if _libc.mprotect(addr + i * self.slot_size, _PAGE, 0) != 0:
@@ -132,14 +162,22 @@ class Launcher:
     def nthreads(self) -> int:
         return len(self._workers)
 
+    def coop_share(self, grid: tuple[int, int, int], block: tuple[int, int, int]) -> tuple[int, int]:
+        """A cooperative launch of grid x block: (workers, blocks resident on each)."""
+        total = grid[0] * grid[1] * grid[2]
+        nw = min(len(self._workers), total)
+        return nw, -(-total // nw)
+
     def launch(self, module: CompiledModule, kernel: KernelInfo, grid: tuple[int, int, int],
                block: tuple[int, int, int], shared_bytes: int, args: Sequence[bytes], *,
-               first_block: int = 0, last_block: int | None = None) -> None:
+               first_block: int = 0, last_block: int | None = None, cooperative: bool = False) -> None:
         """Run the kernel over the grid; returns when every block has run.
 
         With first_block/last_block, only the blocks of linear index [first, last) run: a
         kernel can be run in slices (blocks are independent), so it can yield the device
-        between slices."""
+        between slices. `cooperative`: every block of the grid is resident at once (as
+        cuLaunchCooperativeKernel promises, for grid-wide barriers): the whole grid, each
+        worker's share as fibers that take turns; at most MAX_COOP_FIBERS threads a worker."""
         # Everything is validated before anything runs.
         grid = _dims(grid, "grid", _MAX_GRID)
         block = _dims(block, "block", _MAX_BLOCK)
@@ -153,6 +191,14 @@ class Launcher:
                              "(48 KiB) limit on dynamic shared memory")
         if not isinstance(kernel, KernelInfo):
             raise ValueError(f"kernel must be a KernelInfo, got {type(kernel).__name__}")
+        nw_coop, per_worker = self.coop_share(grid, block)
+        if cooperative:
+            if first_block != 0 or last_block is not None:
+                raise ValueError("a cooperative launch runs its whole grid at once")
+            if per_worker * threads > MAX_COOP_FIBERS:
+                raise ValueError(f"a cooperative grid of {grid[0] * grid[1] * grid[2]} blocks of {threads} "
+                                 f"threads puts {per_worker * threads} threads on each of {nw_coop} "
+                                 f"workers; at most {MAX_COOP_FIBERS} can be resident on one")
         argbuf, argv = _pack_args(kernel, args)
         with self._lock:
             if self._closed:
@@ -168,17 +214,21 @@ class Launcher:
                 # Workers grab block indices from the counter until it reaches nblocks.
                 counter = ctypes.c_uint64(first_block)
                 fault = _KcDeviceError()
+                workspace = (ctypes.c_uint64 * 2)()    # the grid barrier's words, zeroed
                 L = _KcLaunch((ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*block),
                               nblocks, ctypes.addressof(counter), shared_bytes, module._id,
-                              ctypes.addressof(fault))
+                              ctypes.addressof(fault), per_worker if cooperative else 0,
+                              ctypes.addressof(workspace) if cooperative else None)
                 nw = min(len(self._workers), nblocks - first_block)
                 if module.uses_fibers:     # the workers are idle: set up their stacks here
                     for w in self._workers[:nw]:
-                        w.ensure_stacks(threads)
+                        w.ensure_stacks(threads * per_worker if cooperative else threads)
+                        if cooperative:
+                            w.ensure_coop(per_worker)
                 # Blocks until every worker is done (the GIL is released for the call).
                 rcs = self._pool.run(run, idx,
                                      ctypes.addressof(argv), ctypes.addressof(L), nw)
-                del argbuf, counter, L  # kept alive until every worker has finished
+                del argbuf, counter, L, workspace  # kept alive until every worker has finished
             finally:
                 module._release()
         if _DEVICE_ERROR in rcs:
@@ -199,6 +249,7 @@ class Launcher:
             self._pool.close()
             for w in self._workers:
                 w.free_stacks()
+                w.free_coop()
 
     def __enter__(self) -> Launcher:
         return self

@@ -18,7 +18,7 @@ from .. import sandbox as _sandbox
 from .elfcheck import check_load_time_image
 from .errors import KernelCompileError
 
-_ABI_VERSION = 1  # must equal __KC_ABI in kubecash_runtime.h
+_ABI_VERSION = 2  # must equal __KC_ABI in kubecash_runtime.h
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,6 +108,29 @@ class ModuleOps:
             bisect.insort(s.bases, ptr)
         return {"ptr": ptr, "size": size}
 
+    def _check_cooperative(self, grid, block, shared: int) -> None:
+        """A cooperative grid no larger than the device holds resident: blocks per
+        multiprocessor (occupancy from the device's per-multiprocessor limits, as
+        cuOccupancyMaxActiveBlocksPerMultiprocessor computes it; native/src/cuda_exec.c
+        occ_blocks is the same rule) times multiprocessors. A device whose description has
+        no such limits (a GPU) checks this itself."""
+        d = self.device
+        try:
+            warp, per_block = d["warp_size"], d["max_threads_per_block"]
+            threads_sm, blocks_sm = d["max_threads_per_multiprocessor"], d["max_blocks_per_multiprocessor"]
+            smem_sm, sms = d["max_shared_memory_per_block"], d["multiprocessor_count"]
+        except KeyError:
+            return
+        threads = block[0] * block[1] * block[2]
+        per_sm = min(threads_sm // (-(-threads // warp) * warp), blocks_sm) if threads <= per_block else 0
+        if shared:
+            per_sm = min(per_sm, smem_sm // shared)
+        nblocks = grid[0] * grid[1] * grid[2]
+        if nblocks > per_sm * sms:
+            raise _err(E.CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE,
+                       f"a cooperative grid of {nblocks} blocks: at most {per_sm * sms} blocks of "
+                       f"{threads} threads ({per_sm} per multiprocessor x {sms}) are resident at once")
+
     def op_launch(self, s: SessionState, msg: dict, ident: bytes):
         entry = s.functions.get(msg["function"])
         if entry is None:
@@ -124,6 +147,15 @@ class ModuleOps:
                        f"{len(args)} of sizes {[len(a) for a in args]}")
         shared = msg["shared"]
         progress = [0]
+        if msg.get("cooperative"):
+            self._check_cooperative(grid, block, shared)
+
+            def run_whole():
+                # Every block resident at once: not sliced, and so not preempted midway.
+                return self.backend.launch(fn, grid, block, shared, args, cooperative=True) and None
+            self._queue_op(s, msg, ident, run_whole,
+                           stream=self._stream(s, msg), sync_point=False, kernel=True)
+            return
 
         def run():
             # Preemptible only while a latency tenant shares the device (slicing costs a

@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <setjmp.h>
+#include <sched.h>
 #include <dlfcn.h>
 #include <type_traits>
 #include <utility>
@@ -265,7 +266,7 @@ static void* __kc_fiber_frame(uintptr_t top, int idx) {
 #else
 #error "kubecash: no fiber switch for this architecture (x86-64, aarch64 and riscv64 have one)"
 #endif
-#define __KC_ABI 1  /* must match cpukernels._ABI_VERSION */
+#define __KC_ABI 2  /* must match cpukernels._ABI_VERSION */
 
 namespace __kc {
 
@@ -287,6 +288,8 @@ struct Launch {
     uint64_t shared_bytes;
     uint64_t module_id;     /* unique per loaded module instance, never reused */
     DeviceError* error;     /* where a trap or failed assert is recorded (may be null) */
+    uint64_t coop;          /* cooperative launch: the blocks each worker holds resident at once (0: none) */
+    uint64_t* workspace;    /* cooperative launch: the grid's barrier words (%envreg1:2), zeroed; else null */
 };
 /* One per Launcher worker thread, owned by Python, reused by every launch and module. */
 struct Worker {
@@ -298,6 +301,8 @@ struct Worker {
     uint64_t nfibers;       /* fibers already started (parked) for owner_module/owner_thread */
     uint64_t owner_module;
     const void* owner_thread;
+    unsigned char* coop_area;   /* cooperative launches: per resident block, a CoopBlock */
+    uint64_t coop_blocks;       /* how many CoopBlocks it holds */
 };
 
 struct FiberRec {
@@ -363,6 +368,8 @@ struct Rt {
     int res_count, res_n;       /* ... and their results from the last phase */
     uint64_t progress;          /* bumped by whatever lets a waiting lane go on (mbarrier changes...) */
     int busy_yield;             /* a lane yielded this round without waiting on an mbarrier */
+    int coop;                   /* a cooperative launch's blocks run here, a round each in turn */
+    unsigned char* smem;        /* then: the running block's shared window (else the thread's own) */
 };
 static thread_local Rt rt;      /* its address also identifies the OS thread */
 
@@ -495,6 +502,152 @@ static void resolve_warp(Worker* W, uint64_t base, uint64_t n) {
         if (ops[l]) rec(W, base + l)->state = FIBER_READY;
 }
 
+/* One block on its way through its rounds. A worker runs one block at a time, or, in a
+ * cooperative launch, all of its share of the grid at once: a round of each in turn, so
+ * that a block spinning on the grid barrier lets the others reach it. */
+struct BlockRun {
+    uint64_t base;          /* its first fiber slot */
+    uint64_t alive;         /* its threads not yet ended */
+    uint32_t idle;          /* rounds in a row that got nowhere (kIdleRounds) */
+    int bar_count, bar_n, res_count, res_n;    /* Rt's, while another block runs */
+    uint3 idx;
+    unsigned char* smem;    /* its shared window (cooperative launches) */
+};
+/* What a worker holds per resident block of a cooperative launch (Python maps coop_area):
+ * the block's shared window (static and dynamic, as the translator lays them out) and its
+ * BlockRun. */
+static constexpr uint64_t kCoopWindow = 96 * 1024;
+static constexpr uint64_t kCoopStride = kCoopWindow + 64;    /* _COOP_STRIDE in cpukernels/launch.py */
+static_assert(sizeof(BlockRun) <= 64, "a BlockRun fits its place in the stride");
+
+static inline void begin_block(Worker* W, BlockRun* B, uint64_t base, const Launch* L, uint64_t b) {
+    const uint32_t bx = L->block[0], by = L->block[1], bz = L->block[2];
+    set_block(L, b);
+    B->idx = blockIdx;
+    B->base = base;
+    B->alive = (uint64_t)bx * by * bz;
+    B->idle = 0;
+    B->bar_count = B->bar_n = B->res_count = B->res_n = 0;
+    uint64_t i = base;
+    for (uint32_t z = 0; z < bz; ++z)
+        for (uint32_t y = 0; y < by; ++y)
+            for (uint32_t x = 0; x < bx; ++x, ++i) {
+                FiberRec* r = rec(W, i);
+                r->tid = uint3{x, y, z};
+                r->done = 0;
+                r->state = FIBER_READY;
+                r->waiting = 0;
+            }
+}
+
+/* A block that can never go on ends the launch; its fibers are parked mid-kernel, so they
+ * start afresh next time. */
+static int deadlocked(const Launch* L, Worker* W, Rt* R) {
+    fprintf(stderr, "kubecash: block (%u,%u,%u) deadlocked: every live thread waits on an "
+            "mbarrier that cannot complete\n", blockIdx.x, blockIdx.y, blockIdx.z);
+    __atomic_store_n(L->next_block, L->nblocks, __ATOMIC_RELAXED);
+    W->nfibers = 0;
+    R->cur = nullptr;
+    R->coop = 0;
+    R->smem = nullptr;
+    return kDeadlock;
+}
+
+/* One round of block B: a warp at a time, its lanes run until each waits at the block
+ * barrier, has ended, or yielded; lanes waiting at a warp operation get their results and
+ * run on (once no lane of the warp still yields, or the last round got nowhere). Then the
+ * barrier opens, or the lanes that yielded may try again. False: the block can never go on. */
+static inline __attribute__((always_inline)) bool block_round(Worker* W, Rt* R, uint3* tid, BlockRun* B,
+                                                              uint64_t T) {
+    const uint64_t before = R->progress;
+    bool yielded = false;
+    R->busy_yield = 0;
+    for (uint64_t w0 = 0; w0 < T; w0 += 32) {
+        const uint64_t n = T - w0 < 32 ? T - w0 : 32;
+        for (;;) {
+            bool at_warp_op = false, warp_yield = false;
+            for (uint64_t l = 0; l < n; ++l) {
+                FiberRec* r = rec(W, B->base + w0 + l);
+                if (r->done) continue;
+                if (r->state == FIBER_READY) {
+                    if (l + 1 < n) {    /* the next lane's record and stack top, fetched while this one runs */
+                        const char* nx = reinterpret_cast<const char*>(rec(W, B->base + w0 + l + 1));
+                        __builtin_prefetch(nx);
+                        __builtin_prefetch(nx - 64);
+                        __builtin_prefetch(nx - 128);
+                    }
+                    R->cur = r;
+                    *tid = r->tid;
+                    __kc_switch(&R->sched, r->sp);
+                    if (r->done) {
+                        --B->alive;
+                        ++R->progress;
+                        continue;
+                    }
+                    if (r->state != FIBER_YIELD) ++R->progress;
+                }
+                at_warp_op |= r->state == FIBER_AT_WARP_OP;   /* a lane's state changes only as it runs */
+                warp_yield |= r->state == FIBER_YIELD;
+            }
+            yielded |= warp_yield;
+            if (!at_warp_op || (warp_yield && B->idle == 0)) break;
+            resolve_warp(W, B->base + w0, n);
+            ++R->progress;
+        }
+    }
+    if (yielded) {      /* a lane waits: the others run first, then it tries again */
+        B->idle = (R->progress == before && !R->busy_yield) ? B->idle + 1 : 0;
+        if (B->idle > kIdleRounds) return false;
+        for (uint64_t k = 0; k < T; ++k)
+            if (rec(W, B->base + k)->state == FIBER_YIELD) rec(W, B->base + k)->state = FIBER_READY;
+        return true;
+    }
+    B->idle = 0;
+    for (uint64_t k = 0; k < T; ++k) rec(W, B->base + k)->state = FIBER_READY;   /* the barrier opens */
+    R->res_count = R->bar_count;
+    R->res_n = R->bar_n;
+    R->bar_count = R->bar_n = 0;
+    return true;
+}
+
+/* A cooperative launch's share of the grid on this worker: L->coop blocks taken at once,
+ * all resident, each with its own shared window, a round of each in turn. */
+static int run_coop(const Launch* L, Worker* W, Rt* R, uint3* tid, uint64_t T) {
+    const uint64_t first = __atomic_fetch_add(L->next_block, L->coop, __ATOMIC_RELAXED);
+    if (first >= L->nblocks) return 0;
+    const uint64_t nb = L->nblocks - first < L->coop ? L->nblocks - first : L->coop;
+    if (nb * T > W->nslots || nb > W->coop_blocks || !W->coop_area) return -2;
+    if (W->nfibers < nb * T) start_fibers(W, nb * T);
+    R->coop = 1;
+    for (uint64_t j = 0; j < nb; ++j) {
+        BlockRun* B = reinterpret_cast<BlockRun*>(W->coop_area + j * kCoopStride + kCoopWindow);
+        begin_block(W, B, j * T, L, first + j);
+        B->smem = W->coop_area + j * kCoopStride;
+    }
+    for (uint64_t left = nb; left;) {
+        const uint64_t pass = R->progress;
+        for (uint64_t j = 0; j < nb; ++j) {
+            BlockRun* B = reinterpret_cast<BlockRun*>(W->coop_area + j * kCoopStride + kCoopWindow);
+            if (!B->alive) continue;
+            blockIdx = B->idx;
+            R->smem = B->smem;
+            R->bar_count = B->bar_count; R->bar_n = B->bar_n;
+            R->res_count = B->res_count; R->res_n = B->res_n;
+            if (!block_round(W, R, tid, B, T)) return deadlocked(L, W, R);
+            B->bar_count = R->bar_count; B->bar_n = R->bar_n;
+            B->res_count = R->res_count; B->res_n = R->res_n;
+            if (!B->alive) --left;
+        }
+        /* Every block only spun (on the grid barrier: the others are another worker's):
+         * give their worker the core, should they share one. */
+        if (left && R->progress == pass) sched_yield();
+    }
+    R->cur = nullptr;
+    R->coop = 0;
+    R->smem = nullptr;
+    return 0;
+}
+
 /* Runs each block's threads as fibers on this OS thread: each fiber runs until it reaches
  * a barrier (or returns); once every live fiber has, the next phase starts. */
 static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Worker* W) {
@@ -513,89 +666,21 @@ static int run_fibers(void (*invoke)(void**), void** args, const Launch* L, Work
         W->owner_thread = R;
     }
     R->worker = W;
+    R->invoke = invoke;
+    R->args = args;
+    if (L->coop) return run_coop(L, W, R, tid, T);
     if (W->nfibers < T) {
         int rc = start_fibers(W, T);
         if (rc) return rc;
     }
-    R->invoke = invoke;
-    R->args = args;
     for (;;) {
         uint64_t b = __atomic_fetch_add(L->next_block, 1, __ATOMIC_RELAXED);
         if (b >= L->nblocks) break;
-        set_block(L, b);
-        uint64_t i = 0;
-        for (uint32_t z = 0; z < bz; ++z)
-            for (uint32_t y = 0; y < by; ++y)
-                for (uint32_t x = 0; x < bx; ++x, ++i) {
-                    FiberRec* r = rec(W, i);
-                    r->tid = uint3{x, y, z};
-                    r->done = 0;
-                    r->state = FIBER_READY;
-                    r->waiting = 0;
-                }
-        uint64_t alive = T;
-        uint32_t idle = 0;
+        BlockRun B;
+        begin_block(W, &B, 0, L, b);
         R->bar_count = R->bar_n = 0;
-        while (alive) {
-            /* A warp at a time: its lanes run until each waits at the block barrier, has
-             * ended, or yielded; lanes waiting at a warp operation get their results and run
-             * on (once no lane of the warp still yields, or the last round got nowhere). */
-            const uint64_t before = R->progress;
-            bool yielded = false;
-            R->busy_yield = 0;
-            for (uint64_t w0 = 0; w0 < T; w0 += 32) {
-                const uint64_t n = T - w0 < 32 ? T - w0 : 32;
-                for (;;) {
-                    bool at_warp_op = false, warp_yield = false;
-                    for (uint64_t l = 0; l < n; ++l) {
-                        FiberRec* r = rec(W, w0 + l);
-                        if (r->done) continue;
-                        if (r->state == FIBER_READY) {
-                            if (l + 1 < n) {    /* the next lane's record and stack top, fetched while this one runs */
-                                const char* nx = reinterpret_cast<const char*>(rec(W, w0 + l + 1));
-                                __builtin_prefetch(nx);
-                                __builtin_prefetch(nx - 64);
-                                __builtin_prefetch(nx - 128);
-                            }
-                            R->cur = r;
-                            *tid = r->tid;
-                            __kc_switch(&R->sched, r->sp);
-                            if (r->done) {
-                                --alive;
-                                ++R->progress;
-                                continue;
-                            }
-                            if (r->state != FIBER_YIELD) ++R->progress;
-                        }
-                        at_warp_op |= r->state == FIBER_AT_WARP_OP;   /* a lane's state changes only as it runs */
-                        warp_yield |= r->state == FIBER_YIELD;
-                    }
-                    yielded |= warp_yield;
-                    if (!at_warp_op || (warp_yield && idle == 0)) break;
-                    resolve_warp(W, w0, n);
-                    ++R->progress;
-                }
-            }
-            if (yielded) {      /* a lane waits: the others run first, then it tries again */
-                idle = (R->progress == before && !R->busy_yield) ? idle + 1 : 0;
-                if (idle > kIdleRounds) {
-                    fprintf(stderr, "kubecash: block (%u,%u,%u) deadlocked: every live thread waits on an "
-                            "mbarrier that cannot complete\n", blockIdx.x, blockIdx.y, blockIdx.z);
-                    __atomic_store_n(L->next_block, L->nblocks, __ATOMIC_RELAXED);
-                    W->nfibers = 0;     /* they are parked mid-kernel: start them afresh next time */
-                    R->cur = nullptr;
-                    return kDeadlock;
-                }
-                for (uint64_t k = 0; k < T; ++k)
-                    if (rec(W, k)->state == FIBER_YIELD) rec(W, k)->state = FIBER_READY;
-                continue;
-            }
-            idle = 0;
-            for (uint64_t k = 0; k < T; ++k) rec(W, k)->state = FIBER_READY;   /* the barrier opens */
-            R->res_count = R->bar_count;
-            R->res_n = R->bar_n;
-            R->bar_count = R->bar_n = 0;
-        }
+        while (B.alive)
+            if (!block_round(W, R, tid, &B, T)) return deadlocked(L, W, R);
         R->cur = nullptr;
     }
     return 0;
@@ -613,6 +698,8 @@ static thread_local FaultRt fault;
  * (or abandoned mid-block): they start afresh next time. */
 static int after_device_error(Worker* W) {
     rt.cur = nullptr;
+    rt.coop = 0;
+    rt.smem = nullptr;
     W->nfibers = 0;
     return kDeviceError;
 }
@@ -687,6 +774,24 @@ static __attribute__((noinline)) void __kc_yield(void) {
     if (!r->waiting) __kc::rt.busy_yield = 1;
     r->state = __kc::FIBER_YIELD;
     __kc_switch(&r->sp, __kc::rt.sched);
+}
+/* After an ordered load from global memory (ld.acquire / .relaxed / .volatile): in a
+ * cooperative launch the lane yields, since it may be spinning on a flag that a block
+ * resident on the same worker sets (the grid barrier cooperative_groups builds so). */
+static inline void __kc_spin(void) {
+#if __KC_FIBERS
+    if (__builtin_expect(__kc::rt.coop, 0)) __kc_yield();
+#endif
+}
+/* A function's shared window: its block's in a cooperative launch, else the thread's own. */
+static inline unsigned char* __kc_smem(unsigned char* own) {
+    unsigned char* w = __kc::rt.smem;
+    return w ? w : own;
+}
+/* %envreg1:%envreg2: the grid workspace of a cooperative launch (0 in any other). */
+static inline uint64_t __kc_grid_workspace(void) {
+    const __kc::Launch* L = __kc::fault.launch;
+    return L ? (uint64_t)(uintptr_t)L->workspace : 0;
 }
 
 /* trap / __assertfail: record the error (the first thread of the launch to get here wins),

@@ -93,7 +93,8 @@ def _access(tr: Translator, ins: Instr, load: bool) -> str:
     if load:
         parts = [tr.dst(x, t, f"::kc::ld{ordered}<{ctype}>({p} + {i * size})") for i, x in enumerate(items)]
         fence = " __atomic_thread_fence(__ATOMIC_SEQ_CST);" if ".acquire" in mods else ""
-        return f"{{ unsigned char* {p} = {tr.pointer(a, space)}; {' '.join(parts)} }}" + fence
+        spin = " __kc_spin();" if ordered and space != ".shared" else ""   # may be a spin-wait
+        return f"{{ unsigned char* {p} = {tr.pointer(a, space)}; {' '.join(parts)} }}" + fence + spin
     parts = [f"::kc::st{ordered}<{ctype}>({p} + {i * size}, {tr.src(x, t)});" for i, x in enumerate(items)]
     fence = "__atomic_thread_fence(__ATOMIC_SEQ_CST); " if ".release" in mods else ""
     return f"{fence}{{ unsigned char* {p} = {tr.pointer(a, space)}; {' '.join(parts)} }}"

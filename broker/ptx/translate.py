@@ -5,7 +5,8 @@ C++ statement (OPS below: one entry per opcode); branches are gotos. Kernels (.e
 the runtime's tables (kubecash_runtime.h), so they run on the same block scheduler, as
 fibers where the module has barriers. Address spaces are this process's memory: global,
 local, const and param addresses are plain pointers; shared addresses are offsets into the
-block's shared window (a thread_local buffer: one block runs at a time per OS thread).
+block's shared window (a thread_local buffer, as one block runs at a time per OS thread; in a
+cooperative launch each resident block has its own, which __kc_smem picks).
 
 Anything not in OPS, or a modifier an entry does not handle, is PtxUnsupportedError naming
 the instruction and its line: never a wrong result."""
@@ -271,7 +272,7 @@ class Translator:
             # call (a barrier) would look it up again (__tls_get_addr in a dlopen'ed module).
             # Laundered: g++ would otherwise fold a constant offset (an out-of-range index on
             # a path it proves) into a TLS relocation too small for it, and the link fails.
-            lines.append("    unsigned char* _kc_smem = _kc_smem_window;")
+            lines.append("    unsigned char* _kc_smem = __kc_smem(_kc_smem_window);")
             lines.append('    __asm__("" : "+r"(_kc_smem));')
         lines += body
         lines.append("}")
@@ -471,8 +472,12 @@ class Translator:
         }
         if name in simple:
             return simple[name]
-        if name.startswith("%envreg"):     # where cooperative launches hand kernels their grid workspace
-            raise self.refuse(f"special register {name} (grid-wide synchronisation, cooperative launch)")
+        if name in ("%envreg1", "%envreg2"):   # a cooperative launch's grid workspace, high:low
+            self.fibers = True      # its grid barrier spins: resident blocks must take turns
+            ws = "__kc_grid_workspace()"
+            return f"((uint32_t)({ws} >> 32))" if name == "%envreg1" else f"((uint32_t){ws})"
+        if name.startswith("%envreg"):
+            raise self.refuse(f"special register {name} (a driver-defined register KubeCASH does not set)")
         raise self.refuse(f"special register {name}")
 
     def address_of(self, name: str, offset: int = 0) -> str:

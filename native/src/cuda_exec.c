@@ -968,16 +968,33 @@ CUresult kc_flat_args(void *hf, void **params, void **extra, uint8_t **out, size
     return rc;
 }
 
+/* A cooperative grid larger than the device holds resident: refused now, as CUDA does (a
+ * CPU device's limits are known here; a GPU's executor asks the GPU). */
+static CUresult coop_check(CUhandle hf, const unsigned grid[3], const unsigned block[3], unsigned shared) {
+    struct occ o;
+    if (occ_limits(hf, &o)) return CUDA_SUCCESS;
+    uint64_t n = (uint64_t)grid[0] * grid[1] * grid[2];
+    int per_sm = occ_blocks(&o, (int)(block[0] * block[1] * block[2]), shared);
+    if (n <= (uint64_t)per_sm * (uint64_t)o.sm_count) return CUDA_SUCCESS;
+    kc_log("kubecash: cooperative launch of %llu blocks: at most %d (%d per multiprocessor x %d) are resident "
+           "at once", (unsigned long long)n, per_sm * o.sm_count, per_sm, o.sm_count);
+    return CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE;
+}
+
+/* coop: cuLaunchCooperativeKernel (or the COOPERATIVE launch attribute): every block
+ * resident at once, so that grid-wide barriers (cooperative_groups' grid.sync) work. */
 static CUresult launch(CUhandle hf, const unsigned grid[3], const unsigned block[3], unsigned shared,
-                       CUhandle stream, void **params, void **extra) {
+                       CUhandle stream, void **params, void **extra, int coop) {
     /* CUDA's own bounds (LAUNCH in client/limits.py), answered now rather than at the next sync */
     static const unsigned max_grid[3] = {0x7FFFFFFFu, 65535, 65535}, max_block[3] = {1024, 1024, 64};
     for (int i = 0; i < 3; i++)
         if (!grid[i] || !block[i] || grid[i] > max_grid[i] || block[i] > max_block[i]) return CUDA_ERROR_INVALID_VALUE;
     if ((uint64_t)block[0] * block[1] * block[2] > 1024) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = coop ? coop_check(hf, grid, block, shared) : CUDA_SUCCESS;
+    if (rc) return rc;
     int dev;
     uint64_t sh;
-    CUresult rc = lock_stream(stream, &dev, &sh);
+    rc = lock_stream(stream, &dev, &sh);
     if (rc) return rc;
     uint32_t fidx;
     struct obj *f = function_on(lookup(hf, K_FUNCTION, NULL), dev, &fidx);
@@ -991,7 +1008,8 @@ static CUresult launch(CUhandle hf, const unsigned grid[3], const unsigned block
         size_t size = 0;
         rc = flat_args(f, params, extra, &args, &size);
         kc_unlock();
-        struct kc_gnode n = {.kind = KC_G_KERNEL, .f = hf, .shared = shared, .args = args, .size = size};
+        struct kc_gnode n = {.kind = KC_G_KERNEL, .f = hf, .shared = shared, .args = args, .size = size,
+                             .coop = coop};
         memcpy(n.grid, grid, sizeof n.grid);
         memcpy(n.block, block, sizeof n.block);
         return rc ? kc_capture_fail(cap, rc) : kc_capture_add(cap, &n);
@@ -1005,7 +1023,8 @@ static CUresult launch(CUhandle hf, const unsigned grid[3], const unsigned block
     mp_str(&b, KCP_EXECUTOR_LAUNCH_SHARED); mp_uint(&b, shared);
     mp_str(&b, KCP_EXECUTOR_LAUNCH_STREAM); mp_uint(&b, sh);
     rc = pack_args(&b, f, params, extra);
-    if (!rc) rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_post(dev, KCP_EXECUTOR_LAUNCH, &b, 6);
+    if (coop) { mp_str(&b, KCP_EXECUTOR_LAUNCH_COOPERATIVE); mp_bool(&b, 1); }
+    if (!rc) rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_post(dev, KCP_EXECUTOR_LAUNCH, &b, coop ? 7 : 6);
     mp_free(&b);
     kc_unlock();
     return rc;
@@ -1014,7 +1033,25 @@ static CUresult launch(CUhandle hf, const unsigned grid[3], const unsigned block
 KC_EXPORT CUresult cuLaunchKernel(CUhandle f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                   unsigned bz, unsigned shared, CUhandle stream, void **params, void **extra) {
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
-    return launch(f, grid, block, shared, stream, params, extra);
+    return launch(f, grid, block, shared, stream, params, extra, 0);
+}
+
+CUresult kc_launch(void *f, const unsigned grid[3], const unsigned block[3], unsigned shared, void *stream,
+                   void **params, void **extra, int coop) {
+    return launch(f, grid, block, shared, stream, params, extra, coop);
+}
+
+KC_EXPORT CUresult cuLaunchCooperativeKernel(CUhandle f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                                             unsigned by, unsigned bz, unsigned shared, CUhandle stream,
+                                             void **params) {
+    const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+    return launch(f, grid, block, shared, stream, params, NULL, 1);
+}
+
+KC_EXPORT CUresult cuLaunchCooperativeKernel_ptsz(CUhandle f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                                                  unsigned by, unsigned bz, unsigned shared, CUhandle stream,
+                                                  void **params) {
+    return cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shared, stream, params);
 }
 
 KC_EXPORT CUresult cuLaunchKernel_ptsz(CUhandle f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
@@ -1039,28 +1076,29 @@ static const char *const attr_names[] = {
 };
 
 /* Attributes that change nothing here are accepted (hints; priority: the range is (0, 0);
- * cooperative 0 and a 1x1x1 cluster: the plain launch). The rest are refused by name: the
- * protocol has no cooperative or cluster launch yet. */
-static CUresult check_attr(const struct launch_attr *a) {
+ * a 1x1x1 cluster: the plain launch); cooperative sets *coop. The rest are refused by name:
+ * the protocol has no cluster launch yet. */
+static CUresult check_attr(const struct launch_attr *a, int *coop) {
     switch (a->id) {
     case 0: case 1: case 8: case 9: case 10: case 14: return CUDA_SUCCESS;
-    case 2: if (a->value.i == 0) return CUDA_SUCCESS; break;
+    case 2: *coop = a->value.i != 0; return CUDA_SUCCESS;
     case 4: if (a->value.u[0] <= 1 && a->value.u[1] <= 1 && a->value.u[2] <= 1) return CUDA_SUCCESS; break;
     case 6: if (a->value.i == 0) return CUDA_SUCCESS; break;
     }
     int n = (int)(sizeof attr_names / sizeof *attr_names);
     kc_log("kubecash: cuLaunchKernelEx: launch attribute CU_LAUNCH_ATTRIBUTE_%s (%d)%s is not supported",
-           a->id >= 0 && a->id < n ? attr_names[a->id] : "?", a->id, a->id == 2 || a->id == 4 || a->id == 6 ? " with this value" : "");
+           a->id >= 0 && a->id < n ? attr_names[a->id] : "?", a->id, a->id == 4 || a->id == 6 ? " with this value" : "");
     return CUDA_ERROR_NOT_SUPPORTED;
 }
 
 KC_EXPORT CUresult cuLaunchKernelEx(const struct launch_config *config, CUhandle f, void **params, void **extra) {
     if (!config || (config->nattrs && !config->attrs)) return CUDA_ERROR_INVALID_VALUE;
+    int coop = 0;
     for (unsigned i = 0; i < config->nattrs; i++) {
-        CUresult rc = check_attr(&config->attrs[i]);
+        CUresult rc = check_attr(&config->attrs[i], &coop);
         if (rc) return rc;
     }
-    return launch(f, config->grid, config->block, config->shared, config->stream, params, extra);
+    return launch(f, config->grid, config->block, config->shared, config->stream, params, extra, coop);
 }
 
 KC_EXPORT CUresult cuLaunchKernelEx_ptsz(const struct launch_config *config, CUhandle f, void **params, void **extra) {

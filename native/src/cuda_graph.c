@@ -25,8 +25,6 @@
 typedef unsigned long long CUdeviceptr;
 typedef void *CUhandle;
 
-KC_EXPORT CUresult cuLaunchKernel(CUhandle f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                                  unsigned bz, unsigned shared, CUhandle stream, void **params, void **extra);
 KC_EXPORT CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUhandle s);
 KC_EXPORT CUresult cuMemsetD16Async(CUdeviceptr d, unsigned short v, size_t n, CUhandle s);
 KC_EXPORT CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUhandle s);
@@ -600,8 +598,7 @@ static CUresult replay(const struct kc_gnode *n, CUhandle s) {
     case KC_G_KERNEL: {
         size_t size = n->size;
         void *extra[5] = {LAUNCH_PARAM_BUFFER_POINTER, n->args, LAUNCH_PARAM_BUFFER_SIZE, &size, LAUNCH_PARAM_END};
-        return cuLaunchKernel(n->f, n->grid[0], n->grid[1], n->grid[2], n->block[0], n->block[1], n->block[2],
-                              n->shared, s, NULL, extra);
+        return kc_launch(n->f, n->grid, n->block, n->shared, s, NULL, extra, n->coop);
     }
     case KC_G_MEMSET:
         if (n->height <= 1)

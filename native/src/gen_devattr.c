@@ -42,7 +42,7 @@ const struct kc_attr kc_attrs[] = {
     {36, KC_ATTR_CPU, "", -1, 0},  /* MEMORY_CLOCK_RATE */
     {37, KC_ATTR_CPU, "", -1, 0},  /* GLOBAL_MEMORY_BUS_WIDTH */
     {38, KC_ATTR_CPU, "", -1, 0},  /* L2_CACHE_SIZE */
-    {39, KC_ATTR_CPU, "", -1, 2048},  /* MAX_THREADS_PER_MULTIPROCESSOR */
+    {39, KC_ATTR_PROP, "max_threads_per_multiprocessor", -1, 0},  /* MAX_THREADS_PER_MULTIPROCESSOR */
     {40, KC_ATTR_CONST, "", -1, 1},  /* ASYNC_ENGINE_COUNT */
     {41, KC_ATTR_CONST, "", -1, 1},  /* UNIFIED_ADDRESSING */
     {42, KC_ATTR_CPU, "", -1, 32768},  /* MAXIMUM_TEXTURE1D_LAYERED_WIDTH */
@@ -94,7 +94,7 @@ const struct kc_attr kc_attrs[] = {
     {89, KC_ATTR_CONST, "", -1, 0},  /* CONCURRENT_MANAGED_ACCESS */
     {90, KC_ATTR_CPU, "", -1, 0},  /* COMPUTE_PREEMPTION_SUPPORTED */
     {91, KC_ATTR_CONST, "", -1, 0},  /* CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM */
-    {95, KC_ATTR_CONST, "", -1, 0},  /* COOPERATIVE_LAUNCH */
+    {95, KC_ATTR_CONST, "", -1, 1},  /* COOPERATIVE_LAUNCH */
     {96, KC_ATTR_CONST, "", -1, 0},  /* COOPERATIVE_MULTI_DEVICE_LAUNCH */
     {97, KC_ATTR_PROP, "max_shared_memory_per_block", -1, 0},  /* MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */
     {99, KC_ATTR_CONST, "", -1, 1},  /* HOST_REGISTER_SUPPORTED */
@@ -102,7 +102,7 @@ const struct kc_attr kc_attrs[] = {
     {101, KC_ATTR_CONST, "", -1, 0},  /* DIRECT_MANAGED_MEM_ACCESS_FROM_HOST */
     {102, KC_ATTR_ON_CPU, "", 0, 1},  /* VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED */
     {103, KC_ATTR_CONST, "", -1, 0},  /* HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED */
-    {106, KC_ATTR_CPU, "", -1, 32},  /* MAX_BLOCKS_PER_MULTIPROCESSOR */
+    {106, KC_ATTR_PROP, "max_blocks_per_multiprocessor", -1, 0},  /* MAX_BLOCKS_PER_MULTIPROCESSOR */
     {108, KC_ATTR_CPU, "", -1, 0},  /* MAX_PERSISTING_L2_CACHE_SIZE */
     {109, KC_ATTR_CPU, "", -1, 0},  /* MAX_ACCESS_POLICY_WINDOW_SIZE */
     {111, KC_ATTR_CPU, "", -1, 0},  /* RESERVED_SHARED_MEMORY_PER_BLOCK */

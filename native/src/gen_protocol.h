@@ -114,6 +114,7 @@
 #define KCP_EXECUTOR_LAUNCH_SHARED "shared"  /* int */
 #define KCP_EXECUTOR_LAUNCH_STREAM "stream"  /* int, optional */
 #define KCP_EXECUTOR_LAUNCH_ARGS "args"  /* list */
+#define KCP_EXECUTOR_LAUNCH_COOPERATIVE "cooperative"  /* bool, optional */
 #define KCP_EXECUTOR_STREAM_CREATE "stream_create"
 #define KCP_EXECUTOR_STREAM_CREATE_SESSION "session"  /* bytes */
 #define KCP_EXECUTOR_STREAM_CREATE_FLAGS "flags"  /* int, optional */

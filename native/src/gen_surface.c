@@ -200,9 +200,7 @@ KC_STUB(cuKernelGetParamCount)
 KC_STUB(cuKernelGetParamInfo)
 KC_STUB(cuKernelSetCacheConfig)
 KC_STUB(cuLaunch)
-KC_STUB(cuLaunchCooperativeKernel)
 KC_STUB(cuLaunchCooperativeKernelMultiDevice)
-KC_STUB(cuLaunchCooperativeKernel_ptsz)
 KC_STUB(cuLaunchGrid)
 KC_STUB(cuLaunchGridAsync)
 KC_STUB(cuLaunchHostFunc_v2)
@@ -1917,7 +1915,7 @@ const struct kc_errname kc_errnames[] = {
     {717, "CUDA_ERROR_INVALID_ADDRESS_SPACE", "While executing a kernel, the device encountered an instruction which can only operate on memory locations in certain address spaces (global, shared, or local), but was supplied a memory address not belonging to an allowed address space"},
     {718, "CUDA_ERROR_INVALID_PC", "While executing a kernel, the device program counter wrapped its address space"},
     {719, "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure"},
-    {720, "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE", "This error indicates that the number of blocks launched per grid for a kernel that was launched via either cuLaunchCooperativeKernel or cuLaunchCooperativeKernelMultiDevice exceeds the maximum number of blocks as allowed by cuOccupancyMaxActiveBlocksPerMultiprocessor or cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags times the number of multiprocessors as specified by the device attribute CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT"},
+    {720, "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE", "too many blocks in cooperative launch"},
     {721, "CUDA_ERROR_TENSOR_MEMORY_LEAK", "An exception occurred on the device while exiting a kernel using tensor memory: the tensor memory was not completely deallocated"},
     {800, "CUDA_ERROR_NOT_PERMITTED", "operation not permitted"},
     {801, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},

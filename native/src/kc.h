@@ -15,6 +15,7 @@ enum {
     CUDA_ERROR_NOT_INITIALIZED = 3, CUDA_ERROR_NO_DEVICE = 100, CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_CONTEXT = 201, CUDA_ERROR_INVALID_IMAGE = 200, CUDA_ERROR_FILE_NOT_FOUND = 301,
     CUDA_ERROR_INVALID_HANDLE = 400, CUDA_ERROR_ILLEGAL_STATE = 401, CUDA_ERROR_NOT_FOUND = 500, CUDA_ERROR_NOT_READY = 600,
+    CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE = 720,
     CUDA_ERROR_NOT_SUPPORTED = 801, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
     CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901, CUDA_ERROR_STREAM_CAPTURE_UNMATCHED = 903,
     CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD = 908, CUDA_ERROR_UNKNOWN = 999,
@@ -171,6 +172,7 @@ enum { KC_COPY_HTOD, KC_COPY_DTOH, KC_COPY_DTOD, KC_COPY_ANY };
 struct kc_gnode {
     enum kc_gkind kind;
     void *f; unsigned grid[3], block[3], shared; uint8_t *args; size_t size;   /* kernel (args: owned) */
+    int coop;                                                                  /* kernel: cooperative */
     uint64_t dst, src; size_t n; int what;                                     /* copy */
     size_t pitch, width, height; unsigned value, elem;                         /* memset (and dst) */
     void (*fn)(void *); void *data;                                            /* host function */
@@ -180,6 +182,9 @@ struct kc_gnode {
  * `capture` stream s's, returning the one it had. */
 void *kc_capture_of(void *s);
 CUresult kc_capture_swap(void *s, void *capture, void **old);
+/* cuda_exec.c (lock not held): a launch, cooperative (every block resident at once) or not. */
+CUresult kc_launch(void *f, const unsigned grid[3], const unsigned block[3], unsigned shared, void *stream,
+                   void **params, void **extra, int coop);
 /* cuda_exec.c (lock not held): f's launch parameters laid out as an `extra` buffer (malloc'd). */
 CUresult kc_flat_args(void *f, void **params, void **extra, uint8_t **out, size_t *size);
 /* cuda_graph.c, lock not held: append a node (its args are taken over, freed on failure); end

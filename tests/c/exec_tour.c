@@ -486,7 +486,14 @@ int main(int argc, char **argv) {
     OK("dtoh_ex", cuMemcpyDtoH(hc, dc, bytes));
     CHECK("launch_ex_result", same_floats(hc, want, n, &bad), "c[%d] = %f", bad, bad >= 0 ? hc[bad] : 0);
     attrs[1].value.cooperative = 1;
-    RC("launch_ex_cooperative", cuLaunchKernelEx(&cfg, vec_add, args, NULL), CUDA_ERROR_NOT_SUPPORTED);
+    cfg.gridDimX = 100000;      /* cooperative: more blocks than are ever resident at once */
+    RC("launch_ex_cooperative_too_large", cuLaunchKernelEx(&cfg, vec_add, args, NULL),
+       CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE);
+    cfg.gridDimX = (n + 255) / 256;
+    attrs[1].id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attrs[1].value.clusterDim.x = 2;
+    attrs[1].value.clusterDim.y = attrs[1].value.clusterDim.z = 1;
+    RC("launch_ex_cluster", cuLaunchKernelEx(&cfg, vec_add, args, NULL), CUDA_ERROR_NOT_SUPPORTED);
     attrs[1].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_EVENT;
     RC("launch_ex_unknown_attr", cuLaunchKernelEx(&cfg, vec_add, args, NULL), CUDA_ERROR_NOT_SUPPORTED);
 
