@@ -1,9 +1,9 @@
 """Modules on each architecture the CPU backend runs on (x86-64, aarch64, riscv64): kernels
 with barriers, warp shuffles, mbarrier waits (lanes that yield), recursion on fiber stacks,
-half-precision conversions and atomics, compiled by NVRTC, translated, and built with that
-architecture's g++ and the flags modules are built with: as a module (which must carry no
-load-time code: gcc's arm64 outline atomics would add some) and linked into a small driver
-run natively or under qemu-user, its results checked against numpy. The fiber switch
+half-precision conversions, atomics and a cooperative grid (grid.sync), compiled by NVRTC,
+translated, and built with that architecture's g++ and the flags modules are built with: as
+a module (which must carry no load-time code: gcc's arm64 outline atomics would add some)
+and linked into a small driver run natively or under qemu-user, its results checked against numpy. The fiber switch
 (kubecash_runtime.h) is written by hand for each architecture: this is its test there.
 
 The cross compilers and qemu come from Debian's packages (g++-aarch64-linux-gnu,
@@ -81,6 +81,22 @@ extern "C" __global__ void k(const float* a, const float* b, float* c, int n) {
     __half h = __hadd(__hmul(__float2half(a[i]), __float2half(b[i])), __float2half(0.25f));
     c[i] = (float)f + __half2float(h) + __half2float(__float2half(1.0f / 3.0f));
 }""",
+    # a cooperative launch: every block resident on one worker, phases met by grid.sync, each
+    # block's shared memory its own
+    "grid": r"""
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+extern "C" __global__ void k(const float* a, const float* b, float* c, int n) {
+    cg::grid_group g = cg::this_grid();
+    __shared__ float mine;
+    const int i = (int)g.thread_rank();
+    if (threadIdx.x == 0) mine = (float)blockIdx.x;
+    c[i] = a[i] * b[i];
+    g.sync();
+    const float v = c[(i + blockDim.x) % n];
+    g.sync();
+    c[i] = v + mine;
+}""",
     # atomics, global and shared: a histogram of a by value, weighted by b
     "atomics": r"""
 extern "C" __global__ void k(const float* a, const float* b, float* c, int n) {
@@ -109,6 +125,8 @@ def expected(name: str) -> np.ndarray:
     if name == "barrier":
         rev = a.reshape(-1, BLOCK)[:, ::-1].reshape(-1)
         return rev * np.float32(2) + b
+    if name == "grid":
+        return np.roll(a * b, -BLOCK) + (i // BLOCK).astype(np.float32)
     if name == "atomics":
         out = np.zeros(N, np.float32)
         for v in range(7):
@@ -167,7 +185,8 @@ def test_fiber_switch_on_each_architecture(arch, sources, tmp_path):
         r = subprocess.run([compiler, "-std=c++17", "-static", *build._cxx_flags(arch), "-o", exe, DRIVER, tu,
                             "-ldl"], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{arch} {name}: {r.stderr[-3000:]}"
-        r = subprocess.run([*runner, exe, str(N), str(BLOCK)], capture_output=True, text=True, timeout=600)
+        r = subprocess.run([*runner, exe, str(N), str(BLOCK), *(["coop"] if name == "grid" else [])],
+                           capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{arch} {name}: exit {r.returncode}: {r.stderr[-2000:]}"
         got = np.array([float.fromhex(x) for x in r.stdout.split()], np.float32)
         np.testing.assert_array_equal(got, expected(name), err_msg=f"{arch} {name}")
