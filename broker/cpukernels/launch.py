@@ -112,7 +112,9 @@ class _WorkerState:
         self.stacks, self.map_len = addr, length
         for i in range(n):  # a guard page under each stack turns overflow into a fault
             if _libc.mprotect(addr + i * self.slot_size, _PAGE, 0) != 0:
-                raise OSError(ctypes.get_errno(), "mprotect of a fiber guard page failed")
+                err = ctypes.get_errno()    # (ENOMEM: past vm.max_map_count) none kept
+                self.free_stacks()
+                raise OSError(err, f"mprotect of fiber guard page {i} of {n} failed")
         c = self.c
         c.stacks, c.slot_size, c.guard_size, c.nslots = addr, self.slot_size, _PAGE, n
         c.nfibers, c.owner_module, c.owner_thread = 0, 0, None
