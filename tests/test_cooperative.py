@@ -35,6 +35,12 @@ extern "C" __global__ void rounds(int* slots, int* bad, int n_rounds) {
 }
 extern "C" __global__ void valid(int* out) { out[blockIdx.x] = cg::this_grid().is_valid(); }
 extern "C" __global__ void meet(int* out) { cg::this_grid().sync(); out[blockIdx.x] = 1; }
+// the last block traps before the grid barrier: the others wait there for it
+extern "C" __global__ void trap_last(int* out) {
+    if (blockIdx.x == gridDim.x - 1 && threadIdx.x == 0) __trap();
+    cg::this_grid().sync();
+    out[blockIdx.x] = 1;
+}
 """
 
 
@@ -77,6 +83,21 @@ def test_a_grid_barrier_in_an_ordinary_launch_traps_as_on_a_gpu(grid_module):
         lz.launch(grid_module, grid_module.kernel("meet"), (2, 1, 1), (32, 1, 1), 0, [_p(out)],
                   cooperative=True)
         assert out.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_block_that_traps_ends_the_whole_cooperative_grid(grid_module, workers):
+    """The blocks waiting for it at the grid barrier (on its worker and on the others) are
+    abandoned, as a GPU ends the grid: the launch fails rather than hangs, and the next runs."""
+    out = np.zeros(6, np.int32)
+    with ck.Launcher(workers, sandbox=SANDBOX) as lz:
+        with pytest.raises(CudaError) as e:
+            lz.launch(grid_module, grid_module.kernel("trap_last"), (6, 1, 1), (64, 1, 1), 0, [_p(out)],
+                      cooperative=True)
+        assert e.value.name == "CUDA_ERROR_ILLEGAL_INSTRUCTION" and "block: [5,0,0]" in str(e.value), e.value
+        assert out.tolist() == [0] * 6
+        lz.launch(grid_module, grid_module.kernel("meet"), (6, 1, 1), (64, 1, 1), 0, [_p(out)], cooperative=True)
+        assert out.tolist() == [1] * 6
 
 
 def test_a_share_past_the_resident_thread_bound_is_refused(grid_module):

@@ -545,6 +545,12 @@ static inline void begin_block(Worker* W, BlockRun* B, uint64_t base, const Laun
 static int deadlocked(const Launch* L, Worker* W, Rt* R) {
     fprintf(stderr, "kubecash: block (%u,%u,%u) deadlocked: every live thread waits on an "
             "mbarrier that cannot complete\n", blockIdx.x, blockIdx.y, blockIdx.z);
+    uint32_t unclaimed = 0;     /* the launch has failed: a cooperative grid's other workers stop */
+    if (L->error && __atomic_compare_exchange_n(&L->error->claimed, &unclaimed, 1, false, __ATOMIC_ACQ_REL,
+                                                __ATOMIC_RELAXED)) {
+        L->error->code = 702;   /* CUDA_ERROR_LAUNCH_TIMEOUT, as run's kDeadlock reports it */
+        snprintf(L->error->message, sizeof L->error->message, "a block deadlocked");
+    }
     __atomic_store_n(L->next_block, L->nblocks, __ATOMIC_RELAXED);
     W->nfibers = 0;
     R->cur = nullptr;
@@ -641,6 +647,12 @@ static int run_coop(const Launch* L, Worker* W, Rt* R, uint3* tid, uint64_t T) {
         /* Every block only spun (on the grid barrier: the others are another worker's):
          * give their worker the core, should they share one. */
         if (left && R->progress == pass) sched_yield();
+        /* Another worker's block trapped or deadlocked: the grid barrier will never open, and
+         * the launch has failed (that worker reports it). These blocks are abandoned. */
+        if (left && L->error && __atomic_load_n(&L->error->claimed, __ATOMIC_ACQUIRE)) {
+            W->nfibers = 0;
+            break;
+        }
     }
     R->cur = nullptr;
     R->coop = 0;
