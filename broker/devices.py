@@ -56,6 +56,9 @@ def cpu_device(index: int = 0) -> NodeDevice:
         "max_blocks_per_multiprocessor": 32,
         "warp_size": 32,
         "clock_rate_khz": int((psutil.cpu_freq().max if psutil.cpu_freq() else 0) * 1000),
+        # It has none, but programs key devices by it (cudaDeviceGetPCIBusId, NVML by bus id):
+        # domain, bus, device, distinct per CPU device.
+        "pci": [0, 0, index],
     }
     return NodeDevice(f"cpu{index}", "cpu", index, psutil.virtual_memory().total, props)
 
@@ -82,10 +85,12 @@ def nvidia_devices() -> list[NodeDevice]:
             name = pynvml.nvmlDeviceGetName(h)
             uuid = pynvml.nvmlDeviceGetUUID(h)
             cc = list(pynvml.nvmlDeviceGetCudaComputeCapability(h))
+            pci = pynvml.nvmlDeviceGetPciInfo(h)
             devices.append(NodeDevice(f"gpu{i}", "cuda", i, int(mem.total), {
                 "model": name if isinstance(name, str) else name.decode(),
                 "uuid": uuid if isinstance(uuid, str) else uuid.decode(),
                 "compute_capability": cc,
+                "pci": [int(pci.domain), int(pci.bus), int(pci.device)],
             }))
     finally:
         pynvml.nvmlShutdown()

@@ -40,6 +40,8 @@ DRIVER: dict[str, str] = {
     "cuDeviceGetUuid_v2": LOCAL,
     "cuDeviceTotalMem_v2": LOCAL,         # the tenant's memory quota
     "cuDeviceGetAttribute": LOCAL,        # from the device description (shim/devattr.py's table)
+    "cuDeviceGetPCIBusId": LOCAL,         # its "pci" location (a CPU device's: 0000:00:<index>.0)
+    "cuDeviceGetByPCIBusId": LOCAL,
     "cuDeviceComputeCapability": LOCAL,
     "cuDevicePrimaryCtxRetain": BROKER,   # open_device + attach, once per device
     "cuDevicePrimaryCtxRelease_v2": LOCAL,
@@ -270,6 +272,8 @@ NVML: dict[str, str] = {
     "nvmlDeviceGetIndex": LOCAL,
     "nvmlDeviceGetUUID": LOCAL,           # "GPU-" and cuDeviceGetUuid's bytes
     "nvmlDeviceGetHandleByUUID": LOCAL,
+    "nvmlDeviceGetHandleByPciBusId_v2": LOCAL,   # cuDeviceGetPCIBusId's form (PyTorch asks)
+    "nvmlDeviceGetHandleByPciBusId": LOCAL,
     "nvmlDeviceGetCudaComputeCapability": LOCAL,
     "nvmlDeviceGetMultiGpuBoard": LOCAL,
     "nvmlDeviceGetUtilizationRates": BROKER,   # the tenant's share of the device's last second
@@ -282,22 +286,9 @@ NVML: dict[str, str] = {
     "nvmlSystemGetCudaDriverVersion_v2": LOCAL,
 }
 
-# The NVML names exported as NOT_SUPPORTED stubs (no nvml.h ships with the pip packages or
-# the toolkit here, so this list is written out; what pynvml and nvidia-smi-style tools ask first).
-NVML_UNSUPPORTED: tuple[str, ...] = (
-    "nvmlSystemGetDriverVersion", "nvmlSystemGetNVMLVersion", "nvmlSystemGetCudaDriverVersion",
-    "nvmlSystemGetCudaDriverVersion_v2", "nvmlDeviceGetUUID", "nvmlDeviceGetMemoryInfo_v2",
-    "nvmlDeviceGetUtilizationRates", "nvmlDeviceGetComputeRunningProcesses",
-    "nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetPciInfo", "nvmlDeviceGetPciInfo_v3",
-    "nvmlDeviceGetHandleByUUID", "nvmlDeviceGetHandleByPciBusId_v2", "nvmlDeviceGetIndex",
-    "nvmlDeviceGetMinorNumber", "nvmlDeviceGetCudaComputeCapability", "nvmlDeviceGetTemperature",
-    "nvmlDeviceGetPowerUsage", "nvmlDeviceGetClockInfo", "nvmlDeviceGetMaxClockInfo",
-    "nvmlDeviceGetBAR1MemoryInfo", "nvmlDeviceGetPersistenceMode", "nvmlDeviceGetComputeMode",
-    "nvmlDeviceGetMigMode", "nvmlDeviceGetEccMode", "nvmlDeviceGetFanSpeed", "nvmlDeviceGetBrand",
-    "nvmlDeviceGetSerial", "nvmlDeviceGetArchitecture", "nvmlDeviceGetNumGpuCores",
-    "nvmlDeviceGetAttributes_v2", "nvmlDeviceGetP2PStatus", "nvmlDeviceGetTopologyCommonAncestor",
-    "nvmlInitWithFlags",
-)
+# Every other NVML entry point is exported as a NOT_SUPPORTED stub: native/gen.py lists them
+# from nvidia-ml-py's pynvml (no nvml.h ships with the pip packages or the toolkit here).
+# PyTorch, for one, looks up NVLink and fabric calls and refuses to start without them.
 
 # Protocol messages the C side sends, per channel (native/gen.py emits their names and
 # fields from kubecash.client.protocol's export and fails if one is gone).

@@ -58,9 +58,9 @@ ATTRIBUTES: dict[str, Callable[[kc.Device], Any]] = {
     "ASYNC_ENGINE_COUNT": _const(1), "STREAM_PRIORITIES_SUPPORTED": _const(0),
     "COMPUTE_MODE": _const(0), "KERNEL_EXEC_TIMEOUT": _const(0), "TCC_DRIVER": _const(0),
     "HOST_REGISTER_SUPPORTED": _const(1),
-    # Not offered: registered memory stays in the program, managed memory, cooperative
-    # launches, peer access; virtual memory management on CPU devices only (the native
-    # driver library's cuMemCreate/cuMemMap; GPU executors do not offer it yet).
+    # Not offered: registered memory stays in the program, managed memory, peer access;
+    # virtual memory management on CPU devices only (the native driver library's
+    # cuMemCreate/cuMemMap; GPU executors do not offer it yet). Cooperative launches are.
     "CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM": _const(0), "MANAGED_MEMORY": _const(0),
     "CONCURRENT_MANAGED_ACCESS": _const(0), "PAGEABLE_MEMORY_ACCESS": _const(0),
     "PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES": _const(0),
@@ -71,9 +71,26 @@ ATTRIBUTES: dict[str, Callable[[kc.Device], Any]] = {
     "HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED": _const(0),
     "MEMPOOL_SUPPORTED_HANDLE_TYPES": _const(0), "READ_ONLY_HOST_REGISTER_SUPPORTED": _const(0),
     "ECC_ENABLED": _const(0), "MPS_ENABLED": _const(0),
+    # Nor what the node's driver may have and a brokered device does not pass through:
+    # shareable handles other than none, DMA-BUF, RDMA, multicast, stream memory operations,
+    # compression, tensor maps (TMA), host NUMA memory, graphics interop (PyTorch's expandable
+    # segments ask for fabric handles and stop on an error, so each is answered 0).
+    **{name: _const(0) for name in (
+        "HANDLE_TYPE_FABRIC_SUPPORTED", "HANDLE_TYPE_WIN32_HANDLE_SUPPORTED",
+        "HANDLE_TYPE_WIN32_KMT_HANDLE_SUPPORTED", "DMA_BUF_SUPPORTED", "DMA_BUF_MMAP_SUPPORTED",
+        "HOST_ALLOC_DMA_BUF_SUPPORTED", "GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED",
+        "GPU_DIRECT_RDMA_WITH_LOCALIZED_MEMORY_SUPPORTED", "CAN_FLUSH_REMOTE_WRITES", "MULTICAST_SUPPORTED",
+        "CAN_USE_STREAM_MEM_OPS_V1", "CAN_USE_64_BIT_STREAM_MEM_OPS_V1", "CAN_USE_STREAM_WAIT_VALUE_NOR_V1",
+        "CAN_USE_64_BIT_STREAM_MEM_OPS", "CAN_USE_STREAM_WAIT_VALUE_NOR", "GENERIC_COMPRESSION_SUPPORTED",
+        "TENSOR_MAP_ACCESS_SUPPORTED", "HOST_NUMA_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED",
+        "HOST_NUMA_MEMORY_POOLS_SUPPORTED", "HOST_MEMORY_POOLS_SUPPORTED",
+        "HOST_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED", "D3D12_CIG_SUPPORTED", "D3D12_CIG_STREAMS_SUPPORTED",
+        "VULKAN_CIG_SUPPORTED", "VULKAN_CIG_STREAMS_SUPPORTED", "CAN_TEX2D_GATHER",
+        "LOGICAL_ENDPOINT_UNICAST_SUPPORTED", "LOGICAL_ENDPOINT_MULTICAST_SUPPORTED",
+        "LOGICAL_ENDPOINT_COUNTED_OPS_SUPPORTED", "LOGICAL_ENDPOINT_UNICAST_ACCESS_ON_OWNER_DEVICE_SUPPORTED")},
     # A CPU device: host memory is its memory.
     "INTEGRATED": _cpu(1), "HOST_NATIVE_ATOMIC_SUPPORTED": _cpu(1),
-    "PCI_BUS_ID": _cpu(0), "PCI_DEVICE_ID": _cpu(0), "PCI_DOMAIN_ID": _cpu(0),
+    "PCI_DOMAIN_ID": _p("pci", 0), "PCI_BUS_ID": _p("pci", 1), "PCI_DEVICE_ID": _p("pci", 2),
     "TOTAL_CONSTANT_MEMORY": _cpu(64 << 10),
     "MAX_REGISTERS_PER_BLOCK": _cpu(65536), "MAX_REGISTERS_PER_MULTIPROCESSOR": _cpu(65536),
     "MAX_THREADS_PER_MULTIPROCESSOR": _p("max_threads_per_multiprocessor"),

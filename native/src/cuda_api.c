@@ -204,18 +204,27 @@ KC_EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
     return CUDA_SUCCESS;
 }
 
-/* One integer of the device description: key, or element `index` of the list at key. */
-static int desc_int(const struct kc_device *d, const char *key, int index, long long *out) {
-    struct mp_val m, v, e;
-    int64_t i;
-    if (mp_read(d->desc, d->desc + d->desc_len, &m) || mp_find(&m, key, &v) != 1) return -1;
-    if (index >= 0) {
-        if (mp_index(&v, (uint32_t)index, &e) != 1) return -1;
-        v = e;
-    }
-    if (mp_as_int(&v, &i)) return -1;
-    *out = i;
-    return 0;
+/* A device's PCI bus id as CUDA writes it ("0000:3b:00.0"); a CPU device's is 0000:00:<index>.0. */
+KC_EXPORT CUresult cuDeviceGetPCIBusId(char *pciBusId, int len, CUdevice dev) {
+    if (!pciBusId || len <= 0) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    unsigned loc[3];
+    if (kc_pci_of(kc_device(dev), loc)) rc = CUDA_ERROR_NOT_SUPPORTED;
+    else snprintf(pciBusId, (size_t)len, "%04x:%02x:%02x.0", loc[0], loc[1], loc[2]);
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuDeviceGetByPCIBusId(CUdevice *dev, const char *pciBusId) {
+    if (!dev || !pciBusId) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = kc_lock(1);
+    if (rc) return rc;
+    int i = kc_device_by_pci(pciBusId);
+    if (i < 0) rc = CUDA_ERROR_INVALID_DEVICE;
+    else *dev = i;
+    kc_unlock();
+    return rc;
 }
 
 KC_EXPORT CUresult cuDeviceGetAttribute(int *pi, int attrib, CUdevice dev) {
@@ -228,7 +237,7 @@ KC_EXPORT CUresult cuDeviceGetAttribute(int *pi, int attrib, CUdevice dev) {
         const struct kc_attr *a = &kc_attrs[i];
         if (a->attr != attrib) continue;
         long long v = a->value;
-        if (a->kind == KC_ATTR_PROP && desc_int(d, a->key, a->index, &v)) break;
+        if (a->kind == KC_ATTR_PROP && kc_desc_int(d, a->key, a->index, &v)) break;
         if (a->kind == KC_ATTR_CPU && strcmp(d->kind, "cpu") != 0) break;
         if (a->kind == KC_ATTR_ON_CPU && strcmp(d->kind, "cpu") != 0) v = a->index;
         *pi = (int)v;
@@ -245,7 +254,7 @@ KC_EXPORT CUresult cuDeviceComputeCapability(int *major, int *minor, CUdevice de
     if (rc) return rc;
     long long ma, mi;
     const struct kc_device *d = kc_device(dev);
-    if (desc_int(d, "compute_capability", 0, &ma) || desc_int(d, "compute_capability", 1, &mi)) {
+    if (kc_desc_int(d, "compute_capability", 0, &ma) || kc_desc_int(d, "compute_capability", 1, &mi)) {
         rc = CUDA_ERROR_NOT_SUPPORTED;
     } else {
         *major = (int)ma;

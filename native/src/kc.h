@@ -115,6 +115,12 @@ CUresult kc_lock(int open);
 void kc_unlock(void);
 int kc_device_count(void);
 struct kc_device *kc_device(int i);
+/* One integer of a device's description: key, or element `index` (>= 0) of the list at key
+ * (-1 when absent); its PCI location (domain, bus, device: a CPU device's is 0:0:index), and
+ * the device at a PCI bus id string, -1 if none (lock held). */
+int kc_desc_int(const struct kc_device *d, const char *key, int index, long long *out);
+int kc_pci_of(const struct kc_device *d, unsigned loc[3]);
+int kc_device_by_pci(const char *bus_id);
 CUresult kc_device_attach(int i);                         /* lock held */
 /* One executor request for device i (lock held): fields are the map's entries after the
  * envelope and session (nfields of them, already encoded in `body`). The reply is decoded

@@ -199,15 +199,27 @@ KC_EXPORT nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t 
     return rc;
 }
 
-/* One integer of the device description: element `index` of the list at key. */
-static int desc_int(const struct kc_device *d, const char *key, uint32_t index, long long *out) {
-    struct mp_val m, v, e;
-    int64_t i;
-    if (mp_read(d->desc, d->desc + d->desc_len, &m) || mp_find(&m, key, &v) != 1 || mp_index(&v, index, &e) != 1 ||
-        mp_as_int(&e, &i))
-        return -1;
-    *out = i;
-    return 0;
+/* The device at a PCI bus id, as cuDeviceGetPCIBusId writes it (or NVML's 8-digit domain). */
+static nvmlReturn_t by_pci(const char *bus_id, nvmlDevice_t *device) {
+    if (!bus_id || !device) return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t rc = from_cu(kc_lock(0));
+    if (rc) return rc;
+    int i = kc_device_by_pci(bus_id);
+    if (i < 0) rc = NVML_ERROR_NOT_FOUND;
+    else {
+        handles[i].index = i;
+        *device = &handles[i];
+    }
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId_v2(const char *bus_id, nvmlDevice_t *device) {
+    return by_pci(bus_id, device);
+}
+
+KC_EXPORT nvmlReturn_t nvmlDeviceGetHandleByPciBusId(const char *bus_id, nvmlDevice_t *device) {
+    return by_pci(bus_id, device);
 }
 
 KC_EXPORT nvmlReturn_t nvmlDeviceGetCudaComputeCapability(nvmlDevice_t h, int *major, int *minor) {
@@ -216,7 +228,7 @@ KC_EXPORT nvmlReturn_t nvmlDeviceGetCudaComputeCapability(nvmlDevice_t h, int *m
     nvmlReturn_t rc = lock_handle(h, &d);
     if (rc) return rc;
     long long ma, mi;
-    if (desc_int(d, "compute_capability", 0, &ma) || desc_int(d, "compute_capability", 1, &mi)) {
+    if (kc_desc_int(d, "compute_capability", 0, &ma) || kc_desc_int(d, "compute_capability", 1, &mi)) {
         rc = NVML_ERROR_NOT_SUPPORTED;
     } else {
         *major = (int)ma;

@@ -540,6 +540,46 @@ CUresult kc_lock(int open) {
 void kc_unlock(void) { pthread_mutex_unlock(&g_lock); }
 int kc_device_count(void) { return g.ndev; }
 struct kc_device *kc_device(int i) { return i >= 0 && i < g.ndev ? &g.dev[i] : NULL; }
+
+int kc_desc_int(const struct kc_device *d, const char *key, int index, long long *out) {
+    struct mp_val m, v, e;
+    int64_t i;
+    if (mp_read(d->desc, d->desc + d->desc_len, &m) || mp_find(&m, key, &v) != 1) return -1;
+    if (index >= 0) {
+        if (mp_index(&v, (uint32_t)index, &e) != 1) return -1;
+        v = e;
+    }
+    if (mp_as_int(&v, &i)) return -1;
+    *out = i;
+    return 0;
+}
+
+int kc_pci_of(const struct kc_device *d, unsigned loc[3]) {
+    for (int k = 0; k < 3; k++) {
+        long long v;
+        if (kc_desc_int(d, "pci", k, &v) || v < 0 || v > 0xFFFFFFFFll) return -1;
+        loc[k] = (unsigned)v;
+    }
+    return 0;
+}
+
+/* "domain:bus:device.function" (domain optional: CUDA's and NVML's forms, hex), function 0. */
+static int parse_pci(const char *s, unsigned loc[3]) {
+    unsigned a, b, c, f;
+    char end;
+    if (sscanf(s, "%x:%x:%x.%x%c", &a, &b, &c, &f, &end) == 4) { loc[0] = a; loc[1] = b; loc[2] = c; }
+    else if (sscanf(s, "%x:%x.%x%c", &b, &c, &f, &end) == 3) { loc[0] = 0; loc[1] = b; loc[2] = c; }
+    else return -1;
+    return f == 0 ? 0 : -1;
+}
+
+int kc_device_by_pci(const char *bus_id) {
+    unsigned want[3], have[3];
+    if (!bus_id || parse_pci(bus_id, want)) return -1;
+    for (int i = 0; i < g.ndev; i++)
+        if (!kc_pci_of(&g.dev[i], have) && !memcmp(want, have, sizeof want)) return i;
+    return -1;
+}
 const char *kc_address(void) { return g.address; }
 
 /* A refused request's reason, on stderr (as the shim logs it): the error code alone leaves a
