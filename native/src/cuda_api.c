@@ -297,14 +297,19 @@ KC_EXPORT CUresult cuDeviceCanAccessPeer(int *can, CUdevice dev, CUdevice peer) 
     return rc;
 }
 
+void *kc_primary_of(int dev) {
+    if (!kc_device(dev)) return NULL;
+    primary[dev].device = dev;
+    return &primary[dev];
+}
+
 /* The primary context's handle without retaining it (and so without attaching the executor):
  * what cudart asks of CUDART_INTERFACE slot 2 while it merely counts devices. */
 CUresult kc_primary_context(int dev, void **pctx) {
     if (!pctx) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = lock_device(dev);
     if (rc) return rc;
-    primary[dev].device = dev;
-    *pctx = &primary[dev];
+    *pctx = kc_primary_of(dev);
     kc_unlock();
     return CUDA_SUCCESS;
 }

@@ -1675,19 +1675,18 @@ static struct pinfo pointer_info(uint64_t p) {                 /* lock held */
     return i;
 }
 
-/* One attribute into *out. Unknown memory (MT_NONE) reads as CUDA's defaults for it. */
-static CUresult pointer_attr(const struct pinfo *i, int attr, uint64_t p, void *out) {
+/* One attribute into *out. Unknown memory (MT_NONE) reads as CUDA's defaults for it; so
+ * does (`plural`: cuPointerGetAttributes) what the memory has not, as NULL. */
+static CUresult pointer_attr(const struct pinfo *i, int attr, uint64_t p, void *out, int plural) {
     int device = i->type == MT_DEVICE, known = i->type != MT_NONE;
     switch (attr) {
     case PA_CONTEXT: {
-        void *ctx = NULL;
-        if (known && i->dev >= 0) kc_primary_context(i->dev, &ctx);
-        *(void **)out = ctx;
+        *(void **)out = known ? kc_primary_of(i->dev) : NULL;     /* lock held: not kc_primary_context */
         return CUDA_SUCCESS;
     }
     case PA_MEMORY_TYPE: *(unsigned *)out = (unsigned)i->type; return CUDA_SUCCESS;
     case PA_DEVICE_POINTER:                        /* pinned blocks have no device address here */
-        if (known && !device) return CUDA_ERROR_NOT_SUPPORTED;
+        if (known && !device && !plural) return CUDA_ERROR_NOT_SUPPORTED;
         *(uint64_t *)out = device ? p : 0;
         return CUDA_SUCCESS;
     case PA_HOST_POINTER:
@@ -1713,7 +1712,7 @@ KC_EXPORT CUresult cuPointerGetAttribute(void *data, int attribute, CUdeviceptr 
     CUresult rc = kc_lock(0);
     if (rc) return rc;
     struct pinfo i = pointer_info(ptr);
-    rc = i.type == MT_NONE ? CUDA_ERROR_INVALID_VALUE : pointer_attr(&i, attribute, ptr, data);
+    rc = i.type == MT_NONE ? CUDA_ERROR_INVALID_VALUE : pointer_attr(&i, attribute, ptr, data, 0);
     kc_unlock();
     return rc;
 }
@@ -1726,7 +1725,7 @@ KC_EXPORT CUresult cuPointerGetAttributes(unsigned int n, int *attributes, void 
     if (rc) return rc;
     struct pinfo i = pointer_info(ptr);
     for (unsigned k = 0; !rc && k < n; k++)
-        rc = data[k] ? pointer_attr(&i, attributes[k], ptr, data[k]) : CUDA_ERROR_INVALID_VALUE;
+        rc = data[k] ? pointer_attr(&i, attributes[k], ptr, data[k], 1) : CUDA_ERROR_INVALID_VALUE;
     kc_unlock();
     return rc;
 }

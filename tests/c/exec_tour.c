@@ -406,6 +406,19 @@ int main(int argc, char **argv) {
         mt = 99;
         OK("ptr_attrs_unknown", cuPointerGetAttributes(2, which, vals, (CUdeviceptr)(uintptr_t)hc));
         CHECK("ptr_attrs_unknown_value", mt == 0 && ord == -2, "type %u ordinal %d", mt, ord);   /* unregistered */
+        /* the context of a pinned block and of device memory: the device's primary one (what
+         * PyTorch's is_pinned asks, through cudaPointerGetAttributes) */
+        CUcontext pctx = NULL, owner = NULL, cur = NULL;
+        CUdeviceptr dptr = 1;      /* a pinned block has no device address here: NULL, no error */
+        CUpointer_attribute which_ctx[3] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_CONTEXT,
+                                            CU_POINTER_ATTRIBUTE_DEVICE_POINTER};
+        void *vals_ctx[3] = {&mt, &pctx, &dptr};
+        OK("ptr_attrs_pinned_ctx", cuPointerGetAttributes(3, which_ctx, vals_ctx, (CUdeviceptr)(uintptr_t)(ha + 3)));
+        CHECK("ptr_attrs_pinned_dptr", dptr == 0, "device pointer %#llx", (unsigned long long)dptr);
+        OK("ptr_ctx_device", cuPointerGetAttribute(&owner, CU_POINTER_ATTRIBUTE_CONTEXT, da + 100));
+        OK("ptr_ctx_current", cuCtxGetCurrent(&cur));
+        CHECK("ptr_ctx_value", mt == CU_MEMORYTYPE_HOST && pctx == cur && owner == cur, "type %u ctx %p %p, current %p",
+              mt, (void *)pctx, (void *)owner, (void *)cur);
     }
 
     /* -- graphs through the driver API: a capture with an event record node, its error paths -- */
