@@ -172,6 +172,8 @@ DRIVER: dict[str, str] = {
     "cuMemAllocHost_v2": LOCAL,
     "cuMemHostAlloc": LOCAL,
     "cuMemFreeHost": LOCAL,
+    "cuMemHostGetDevicePointer_v2": LOCAL,  # a DEVICEMAP block's: the executor's mapping of it
+    "cuMemHostGetFlags": LOCAL,
     # -- native/src/cuda_more.c ------------------------------------------------------------
     # host functions: run by this library's worker thread once a marker event recorded after
     # the stream's earlier work completes; later work on the stream is sent after them
@@ -299,6 +301,6 @@ MESSAGES_USED: dict[str, tuple[str, ...]] = {
                  "launch", "stream_create", "stream_destroy", "stream_sync", "stream_query",
                  "stream_wait_event", "event_create", "event_destroy", "event_record", "event_sync",
                  "event_query", "event_elapsed", "batch", "vmm_reserve", "vmm_free", "vmm_create",
-                 "vmm_release", "vmm_map", "vmm_unmap", "vmm_access"),
+                 "vmm_release", "vmm_map", "vmm_unmap", "vmm_access", "host_alloc", "host_mapped", "host_free"),
     "event": ("stdout", "executor_died", "session_ended", "throttled"),
 }

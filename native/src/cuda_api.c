@@ -3,6 +3,7 @@
  * generated NOT_SUPPORTED stub (gen_surface.c). */
 #include <pthread.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "gen_protocol.h"

@@ -13,6 +13,7 @@
  * waiting (kc_exec_post): their errors come back from the next synchronizing call, as the
  * executor keeps them, like CUDA's asynchronous errors. Everything runs under the session
  * lock (kc_lock). */
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1601,50 +1602,119 @@ MEMSET_ASYNC(cuMemsetD16Async_ptsz, unsigned short, 2)
 MEMSET_ASYNC(cuMemsetD32Async, unsigned int, 4)
 MEMSET_ASYNC(cuMemsetD32Async_ptsz, unsigned int, 4)
 
-/* ---- pinned host memory: plain page-aligned host memory. Copies from it go as from any
- * host memory (inline or staged); it is not charged to the quota and has no device address
- * (cuMemHostGetDevicePointer stays unsupported). The blocks are remembered so that
- * cuMemFreeHost refuses a pointer that is not one. ---- */
-struct hblock { void *p; size_t n; };
+/* ---- pinned host memory. Plain blocks are page-aligned host memory: copies from them go
+ * as from any host memory (inline or staged); they are not charged to the quota and have no
+ * device address. Mapped blocks (CU_MEMHOSTALLOC_DEVICEMAP, zero-copy) are a file of the
+ * tenant's shm/ the executor made and mapped (host_alloc: charged to the quota on a CPU
+ * device, as the memory it is), mapped here too, at the executor's address where that is
+ * free, so that the device pointer is the host pointer, as with unified addressing. The
+ * blocks are remembered so that cuMemFreeHost refuses a pointer that is not one. ---- */
+enum { HOSTALLOC_DEVICEMAP = 0x2 };
+struct hblock { void *p; size_t n; unsigned flags; int dev; uint64_t dptr; };   /* dptr: mapped ones' */
 static struct hblock *hosts;
 static size_t nhosts, caphosts;
 
-static CUresult host_alloc(void **pp, size_t n) {
+static CUresult map_host(int dev, size_t n, void **pp, uint64_t *dptr) {             /* lock held */
+    struct kc_buf b = {0};
+    mp_str(&b, KCP_EXECUTOR_HOST_ALLOC_SIZE); mp_uint(&b, n);
+    struct mp_val r, path;
+    CUresult rc = b.oom ? CUDA_ERROR_OUT_OF_MEMORY : kc_exec_request(dev, KCP_EXECUTOR_HOST_ALLOC, &b, 1, &r);
+    mp_free(&b);
+    if (rc) return rc;
+    char name[256] = "";
+    if (kc_uint_of(&r, KCP_EXECUTOR_HOST_ALLOC_R_PTR, dptr) || mp_find(&r, KCP_EXECUTOR_HOST_ALLOC_R_PATH, &path) != 1 ||
+        path.type != MP_STR || path.len >= sizeof name)
+        return CUDA_ERROR_UNKNOWN;
+    memcpy(name, path.data, path.len);
+    void *p = kc_shm_map(name, n, *dptr);
+    kc_request1(dev, KCP_EXECUTOR_HOST_MAPPED, KCP_EXECUTOR_HOST_MAPPED_PTR, *dptr, &r);   /* the name can go */
+    if (!p) {
+        kc_log("kubecash: cuMemHostAlloc: cannot map the executor's %zu bytes of mapped host memory: %s", n,
+               strerror(errno));
+        kc_request1(dev, KCP_EXECUTOR_HOST_FREE, KCP_EXECUTOR_HOST_FREE_PTR, *dptr, &r);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *pp = p;
+    return CUDA_SUCCESS;
+}
+
+static CUresult host_alloc(void **pp, size_t n, unsigned flags) {
     if (!pp || n == 0) return CUDA_ERROR_INVALID_VALUE;
     int dev;
     CUresult rc = lock_current(&dev);
     if (rc) return rc;
     void *p = NULL;
+    uint64_t dptr = 0;
     long page = sysconf(_SC_PAGESIZE);
     if (nhosts == caphosts) {
         size_t cap = caphosts ? caphosts * 2 : 16;
         struct hblock *q = realloc(hosts, cap * sizeof *q);
         if (q) { hosts = q; caphosts = cap; }
     }
-    if (nhosts == caphosts || posix_memalign(&p, page > 0 ? (size_t)page : 4096, n)) rc = CUDA_ERROR_OUT_OF_MEMORY;
-    else { hosts[nhosts++] = (struct hblock){p, n}; *pp = p; }
+    if (nhosts == caphosts) rc = CUDA_ERROR_OUT_OF_MEMORY;
+    else if (flags & HOSTALLOC_DEVICEMAP) rc = map_host(dev, n, &p, &dptr);
+    else if (posix_memalign(&p, page > 0 ? (size_t)page : 4096, n)) rc = CUDA_ERROR_OUT_OF_MEMORY;
+    if (!rc) { hosts[nhosts++] = (struct hblock){p, n, flags, dev, dptr}; *pp = p; }
     kc_unlock();
     return rc;
 }
 
-KC_EXPORT CUresult cuMemAllocHost_v2(void **pp, size_t bytesize) { return host_alloc(pp, bytesize); }
+KC_EXPORT CUresult cuMemAllocHost_v2(void **pp, size_t bytesize) { return host_alloc(pp, bytesize, 0); }
 
 KC_EXPORT CUresult cuMemHostAlloc(void **pp, size_t bytesize, unsigned int Flags) {
     if (Flags & ~0x7u) return CUDA_ERROR_INVALID_VALUE;   /* PORTABLE, DEVICEMAP, WRITECOMBINED */
-    return host_alloc(pp, bytesize);
+    return host_alloc(pp, bytesize, Flags);
+}
+
+static struct hblock *host_block(const void *p) {                                    /* lock held */
+    for (size_t i = 0; i < nhosts; i++)
+        if ((uintptr_t)p - (uintptr_t)hosts[i].p < hosts[i].n) return &hosts[i];
+    return NULL;
 }
 
 KC_EXPORT CUresult cuMemFreeHost(void *p) {
     CUresult rc = kc_lock(0);
     if (rc) return rc;
-    rc = CUDA_ERROR_INVALID_VALUE;
-    for (size_t i = 0; i < nhosts; i++)
-        if (hosts[i].p == p) {
+    struct hblock *h = host_block(p);
+    if (!h || h->p != p) rc = CUDA_ERROR_INVALID_VALUE;
+    else {
+        if (h->dptr) {          /* after the work queued before it, as the executor orders it */
+            struct mp_val r;
+            munmap(p, h->n);
+            rc = kc_request1(h->dev, KCP_EXECUTOR_HOST_FREE, KCP_EXECUTOR_HOST_FREE_PTR, h->dptr, &r);
+        } else {
             free(p);
-            hosts[i] = hosts[--nhosts];
-            rc = CUDA_SUCCESS;
-            break;
         }
+        *h = hosts[--nhosts];
+    }
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *pdptr, void *p, unsigned int Flags) {
+    if (!pdptr || !p || Flags) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct hblock *h = host_block(p);
+    if (!h) rc = CUDA_ERROR_INVALID_VALUE;
+    else if (!h->dptr) {
+        kc_log("kubecash: cuMemHostGetDevicePointer: %p is pinned memory not allocated with "
+               "CU_MEMHOSTALLOC_DEVICEMAP (cudaHostAllocMapped): it has no device address here", p);
+        rc = CUDA_ERROR_INVALID_VALUE;
+    } else {
+        *pdptr = h->dptr + ((uintptr_t)p - (uintptr_t)h->p);
+    }
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuMemHostGetFlags(unsigned int *pFlags, void *p) {
+    if (!pFlags || !p) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    struct hblock *h = host_block(p);
+    if (!h) rc = CUDA_ERROR_INVALID_VALUE;
+    else *pFlags = h->flags;
     kc_unlock();
     return rc;
 }
@@ -1657,10 +1727,11 @@ enum {
     PA_RANGE_START_ADDR = 11, PA_RANGE_SIZE = 12, PA_MAPPED = 13, PA_IS_GPU_DIRECT_RDMA_CAPABLE = 15,
 };
 enum { MT_NONE = 0, MT_HOST = 1, MT_DEVICE = 2 };
-struct pinfo { int type, dev; uint64_t base, size; };
+/* dptr, hptr: the address's device and host addresses (0: it has none; a mapped host block has both) */
+struct pinfo { int type, dev; uint64_t base, size, dptr, hptr; };
 
 static struct pinfo pointer_info(uint64_t p) {                 /* lock held */
-    struct pinfo i = {MT_NONE, -2, 0, 0};
+    struct pinfo i = {MT_NONE, -2, 0, 0, 0, 0};
     ranges_fresh();
     size_t lo = 0, hi = nranges;
     while (lo < hi) {
@@ -1668,10 +1739,16 @@ static struct pinfo pointer_info(uint64_t p) {                 /* lock held */
         if (ranges[mid].base <= p) lo = mid + 1; else hi = mid;
     }
     if (lo && p - ranges[lo - 1].base < ranges[lo - 1].size)
-        return (struct pinfo){MT_DEVICE, ranges[lo - 1].dev, ranges[lo - 1].base, ranges[lo - 1].size};
-    for (size_t k = 0; k < nhosts; k++)
-        if (p - (uint64_t)(uintptr_t)hosts[k].p < hosts[k].n)
-            return (struct pinfo){MT_HOST, kc_current_device(), (uint64_t)(uintptr_t)hosts[k].p, hosts[k].n};
+        return (struct pinfo){MT_DEVICE, ranges[lo - 1].dev, ranges[lo - 1].base, ranges[lo - 1].size, p, 0};
+    for (size_t k = 0; k < nhosts; k++) {
+        const struct hblock *h = &hosts[k];
+        const uint64_t host = (uint64_t)(uintptr_t)h->p;
+        if (p - host < h->n)
+            return (struct pinfo){MT_HOST, h->dptr ? h->dev : kc_current_device(), host, h->n,
+                                  h->dptr ? h->dptr + (p - host) : 0, p};
+        if (h->dptr && p - h->dptr < h->n)          /* a mapped block by its device address */
+            return (struct pinfo){MT_HOST, h->dev, host, h->n, p, host + (p - h->dptr)};
+    }
     return i;
 }
 
@@ -1685,13 +1762,13 @@ static CUresult pointer_attr(const struct pinfo *i, int attr, uint64_t p, void *
         return CUDA_SUCCESS;
     }
     case PA_MEMORY_TYPE: *(unsigned *)out = (unsigned)i->type; return CUDA_SUCCESS;
-    case PA_DEVICE_POINTER:                        /* pinned blocks have no device address here */
-        if (known && !device && !plural) return CUDA_ERROR_NOT_SUPPORTED;
-        *(uint64_t *)out = device ? p : 0;
+    case PA_DEVICE_POINTER:                        /* plain pinned blocks have no device address here */
+        if (known && !i->dptr && !plural) return CUDA_ERROR_NOT_SUPPORTED;
+        *(uint64_t *)out = i->dptr;
         return CUDA_SUCCESS;
     case PA_HOST_POINTER:
         if (device) return CUDA_ERROR_INVALID_VALUE;            /* device memory: no host address */
-        *(void **)out = known ? (void *)(uintptr_t)p : NULL;
+        *(void **)out = (void *)(uintptr_t)i->hptr;
         return CUDA_SUCCESS;
     case PA_SYNC_MEMOPS: *(int *)out = known; return CUDA_SUCCESS;   /* the executor orders copies itself */
     case PA_BUFFER_ID: *(unsigned long long *)out = known ? i->base : 0; return CUDA_SUCCESS;
@@ -1701,7 +1778,7 @@ static CUresult pointer_attr(const struct pinfo *i, int attr, uint64_t p, void *
     case PA_DEVICE_ORDINAL: *(int *)out = known ? i->dev : -2; return CUDA_SUCCESS;
     case PA_RANGE_START_ADDR: *(uint64_t *)out = i->base; return CUDA_SUCCESS;
     case PA_RANGE_SIZE: *(size_t *)out = (size_t)i->size; return CUDA_SUCCESS;
-    case PA_MAPPED: *(int *)out = device; return CUDA_SUCCESS;
+    case PA_MAPPED: *(int *)out = device || i->dptr; return CUDA_SUCCESS;
     }
     kc_log("kubecash: cuPointerGetAttribute: attribute %d is not supported", attr);
     return CUDA_ERROR_NOT_SUPPORTED;

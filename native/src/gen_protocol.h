@@ -191,6 +191,17 @@
 #define KCP_EXECUTOR_VMM_ACCESS_PTR "ptr"  /* int */
 #define KCP_EXECUTOR_VMM_ACCESS_SIZE "size"  /* int */
 #define KCP_EXECUTOR_VMM_ACCESS_ACCESS "access"  /* int */
+#define KCP_EXECUTOR_HOST_ALLOC "host_alloc"
+#define KCP_EXECUTOR_HOST_ALLOC_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_HOST_ALLOC_SIZE "size"  /* int */
+#define KCP_EXECUTOR_HOST_ALLOC_R_PTR "ptr"  /* int */
+#define KCP_EXECUTOR_HOST_ALLOC_R_PATH "path"  /* str */
+#define KCP_EXECUTOR_HOST_MAPPED "host_mapped"
+#define KCP_EXECUTOR_HOST_MAPPED_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_HOST_MAPPED_PTR "ptr"  /* int */
+#define KCP_EXECUTOR_HOST_FREE "host_free"
+#define KCP_EXECUTOR_HOST_FREE_SESSION "session"  /* bytes */
+#define KCP_EXECUTOR_HOST_FREE_PTR "ptr"  /* int */
 #define KCP_EVENT_STDOUT "stdout"
 #define KCP_EVENT_STDOUT_DATA "data"  /* bytes */
 #define KCP_EVENT_EXECUTOR_DIED "executor_died"

@@ -119,6 +119,9 @@ struct kc_device *kc_device(int i);
  * (-1 when absent); its PCI location (domain, bus, device: a CPU device's is 0:0:index), and
  * the device at a PCI bus id string, -1 if none (lock held). */
 int kc_desc_int(const struct kc_device *d, const char *key, int index, long long *out);
+/* A file the executor made in the tenant's shm/ directory, mapped shared: at `want` where that
+ * range is free here (0: anywhere), else anywhere; NULL if it cannot be. */
+void *kc_shm_map(const char *name, size_t size, uint64_t want);
 int kc_pci_of(const struct kc_device *d, unsigned loc[3]);
 int kc_device_by_pci(const char *bus_id);
 CUresult kc_device_attach(int i);                         /* lock held */

@@ -541,6 +541,23 @@ void kc_unlock(void) { pthread_mutex_unlock(&g_lock); }
 int kc_device_count(void) { return g.ndev; }
 struct kc_device *kc_device(int i) { return i >= 0 && i < g.ndev ? &g.dev[i] : NULL; }
 
+void *kc_shm_map(const char *name, size_t size, uint64_t want) {
+    if (!name[0] || strchr(name, '/') || !g.dir[0]) return NULL;
+    char path[8192];
+    snprintf(path, sizeof path, "%s/shm/%s", g.dir, name);
+    int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return NULL;
+    void *p = want ? mmap((void *)(uintptr_t)want, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0)
+                   : MAP_FAILED;
+    if (p != MAP_FAILED && (uint64_t)(uintptr_t)p != want) {   /* a hint only (old kernels): moved */
+        munmap(p, size);
+        p = MAP_FAILED;
+    }
+    if (p == MAP_FAILED) p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    return p == MAP_FAILED ? NULL : p;
+}
+
 int kc_desc_int(const struct kc_device *d, const char *key, int index, long long *out) {
     struct mp_val m, v, e;
     int64_t i;
