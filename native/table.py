@@ -47,6 +47,12 @@ DRIVER: dict[str, str] = {
     "cuDevicePrimaryCtxRelease_v2": LOCAL,
     "cuDevicePrimaryCtxRelease": LOCAL,   # the 7.0 name: the same prototype and meaning
     "cuCtxGetCurrent": LOCAL,
+    "cuCtxCreate": LOCAL,                 # a context of the device's session, pushed current
+    "cuCtxCreate_v2": LOCAL,
+    "cuCtxCreate_v3": LOCAL,              # without execution affinity
+    "cuCtxCreate_v4": LOCAL,              # without execution affinity or CIG parameters
+    "cuCtxDestroy": LOCAL,                # its allocations, streams, events and modules go
+    "cuCtxDestroy_v2": LOCAL,
     "cuCtxSetCurrent": LOCAL,
     "cuCtxGetDevice": LOCAL,
     "cuCtxSynchronize": BROKER,           # ctx_sync

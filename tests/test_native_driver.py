@@ -242,6 +242,13 @@ def test_driver_tour(programs, quota_broker):
     assert (v["proc_too_old"], v["proc_too_old_status"]) == ("500", "2")    # VERSION_NOT_SUFFICIENT
     assert (v["proc_unknown"], v["proc_unknown_status"]) == ("500", "1")    # SYMBOL_NOT_FOUND
     assert (v["proc_call"], v["proc_call_count"]) == ("0", "1")
+    # a created context: current, its allocation charged and its stream its own; destroyed,
+    # both go (the stream's handle INVALID_HANDLE, the pointer INVALID_VALUE), the quota is back
+    assert (v["create_rc"], v["create_current"], v["create_alloc"], v["create_stream"]) == ("0", "1", "0", "0")
+    assert (v["create_charged"], v["create_device"], v["create_push_primary"], v["create_pop"]) == ("1", "1", "0", "1")
+    assert (v["destroy_primary"], v["destroy_rc"], v["destroy_popped"], v["destroy_twice"]) == ("201", "0", "1", "201")
+    assert (v["destroy_freed"], v["destroy_stream_gone"], v["destroy_alloc_gone"]) == ("1", "400", "1"), v
+    assert v["create_affinity"] == "801" and "execution affinity parameters are not supported" in err
     assert v["release"] == "0"
     assert v["stdin_open"] == "1"
 

@@ -187,3 +187,23 @@ def test_install_after_the_real_modules_were_imported():
     env = dict(os.environ, KUBECASH_BROKER="ipc:///nonexistent/sock", KUBECASH_SHIM="0")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["cuda.bindings.driver", "cuda.bindings.runtime", "True"], r.stderr
+
+
+@pytest.mark.parametrize("program, marker", [
+    (("vector_add_drv.py", "ptx"), "Result = PASS"),          # cuCtxCreate, a module of PTX
+    (("jit_saxpy_streams.py", "ptx"), "saxpy on a stream: PASS"),
+    (("reduction_shared.py", "ptx"), "sum = 3144630.0: PASS"),
+    (("device_info.py",), '"total_mem": 268435456'),
+])
+def test_examples_run_on_the_native_driver_without_the_shim(broker, program, marker):
+    """The same programs with the Python shim off: cuda-python's real bindings call
+    KubeCASH's libcuda.so.1 (LD_LIBRARY_PATH=$(kubecash-libdir)). The examples that JIT SASS
+    (nvrtcGetCUBIN: simple_zero_copy, stream_ordered_allocation) need the shim, which hands
+    the executor NVRTC's PTX instead; a CPU device cannot run SASS."""
+    pytest.importorskip("cuda.bindings")
+    import kubecash.native as kn
+    with broker.connect("alice") as watcher:
+        r = run_program(broker, *program, env_extra={"KUBECASH_SHIM": "0", "LD_LIBRARY_PATH": kn.libdir()})
+        assert_ok(r, marker)
+        if program[0] != "device_info.py":     # (its marker is the quota: brokered too)
+            assert kernels_run(watcher) >= 1

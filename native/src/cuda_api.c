@@ -18,9 +18,14 @@ typedef struct { char bytes[16]; } CUuuid;
 #define GET_PROC_PER_THREAD_STREAM 2
 enum { PROC_SUCCESS = 0, PROC_SYMBOL_NOT_FOUND = 1, PROC_VERSION_NOT_SUFFICIENT = 2 };
 
-/* One primary context per device; the handle a program sees is its address. */
-struct kc_ctx { int device; int refs; unsigned flags; };
+/* One primary context per device, and created ones (cuCtxCreate) from a fixed pool; the
+ * handle a program sees is its address. A created context shares its device's session:
+ * what is made while it is current (allocations, streams, events, modules) is its, and goes
+ * with cuCtxDestroy. */
+struct kc_ctx { int device; int refs; unsigned flags; int created; };
 static struct kc_ctx primary[KC_MAX_DEVICES];
+#define KC_MAX_CREATED 64
+static struct kc_ctx created[KC_MAX_CREATED];
 /* The calling thread's context stack (cuCtxPushCurrent/PopCurrent; the current context is
  * its top, which cuCtxSetCurrent replaces): a pthread key rather than __thread, whose dynamic
  * TLS model would make the library need ld-linux (__tls_get_addr) besides libc. */
@@ -56,10 +61,15 @@ int kc_current_device(void) {
     return c && kc_device(c->device) ? c->device : -1;
 }
 
-/* One of the handles handed out, exactly: a pointer into the middle of one is no context. */
+void *kc_current_ctx(void) { return get_current(); }
+
+/* One of the handles handed out, exactly: a pointer into the middle of one is no context,
+ * nor is a destroyed one. */
 static int is_ctx(const struct kc_ctx *c) {
-    uintptr_t off = (uintptr_t)c - (uintptr_t)primary;
-    return (uintptr_t)c >= (uintptr_t)primary && off < sizeof primary && off % sizeof primary[0] == 0;
+    uintptr_t off = (uintptr_t)c - (uintptr_t)primary, coff = (uintptr_t)c - (uintptr_t)created;
+    if ((uintptr_t)c >= (uintptr_t)primary && off < sizeof primary && off % sizeof primary[0] == 0) return 1;
+    return (uintptr_t)c >= (uintptr_t)created && coff < sizeof created && coff % sizeof created[0] == 0 &&
+           c->created;
 }
 
 /* The lock on an open session plus a valid device; unlocked again on failure. */
@@ -488,7 +498,7 @@ static int uint_of(const struct mp_val *m, const char *key, uint64_t *out) {
 
 /* Live allocations, per device, so that a primary context's reset frees them as the driver
  * does (cudaDeviceReset). Changed with the session lock held. */
-struct alloc { int dev; CUdeviceptr p; };
+struct alloc { int dev; CUdeviceptr p; void *ctx; };      /* ctx: current when it was made */
 static struct alloc *allocs;
 static size_t nallocs, capallocs;
 
@@ -500,7 +510,7 @@ static void track(int dev, CUdeviceptr p) {
         allocs = a;
         capallocs = cap;
     }
-    allocs[nallocs++] = (struct alloc){dev, p};
+    allocs[nallocs++] = (struct alloc){dev, p, get_current()};
 }
 
 static void untrack(CUdeviceptr p) {
@@ -561,6 +571,93 @@ KC_EXPORT CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev) {
 }
 
 KC_EXPORT CUresult cuDevicePrimaryCtxReset(CUdevice dev) { return cuDevicePrimaryCtxReset_v2(dev); }
+
+/* cuCtxCreate: a context of the device's session, made current (pushed) for this thread. */
+static CUresult ctx_create(CUcontext *pctx, unsigned flags, CUdevice dev) {
+    if (!pctx || flags > 0xFF) return CUDA_ERROR_INVALID_VALUE;   /* CU_CTX_SCHED_* .. CU_CTX_SYNC_MEMOPS */
+    CUresult rc = lock_device(dev);
+    if (rc) return rc;
+    struct kc_ctx *c = NULL;
+    for (int i = 0; i < KC_MAX_CREATED && !c; i++)
+        if (!created[i].created) c = &created[i];
+    struct ctx_stack *s = stack(1);
+    if (!c || !s || s->n == CTX_STACK) rc = CUDA_ERROR_OUT_OF_MEMORY;
+    else if (!(rc = kc_device_attach(dev))) {
+        *c = (struct kc_ctx){.device = dev, .refs = 1, .flags = flags, .created = 1};
+        s->c[s->n++] = c;
+        *pctx = c;
+    }
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev) {
+    return ctx_create(pctx, flags, dev);
+}
+
+KC_EXPORT CUresult cuCtxCreate(CUcontext *pctx, unsigned int flags, CUdevice dev) {
+    return ctx_create(pctx, flags, dev);
+}
+
+/* Execution affinity (SM counts, green contexts' business) cannot be honoured: refused by name. */
+KC_EXPORT CUresult cuCtxCreate_v3(CUcontext *pctx, void *paramsArray, int numParams, unsigned int flags,
+                                  CUdevice dev) {
+    if (numParams < 0 || (numParams && !paramsArray)) return CUDA_ERROR_INVALID_VALUE;
+    if (numParams) {
+        kc_log("kubecash: cuCtxCreate_v3: execution affinity parameters are not supported");
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    return ctx_create(pctx, flags, dev);
+}
+
+struct ctx_create_params { void *exec_affinity; int n_exec_affinity; void *cig; };   /* CUctxCreateParams */
+
+KC_EXPORT CUresult cuCtxCreate_v4(CUcontext *pctx, const struct ctx_create_params *params, unsigned int flags,
+                                  CUdevice dev) {
+    if (params && (params->n_exec_affinity || params->cig)) {
+        kc_log("kubecash: cuCtxCreate_v4: execution affinity and CIG (graphics interop) parameters are not supported");
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    return ctx_create(pctx, flags, dev);
+}
+
+/* cuCtxDestroy: what was queued finishes; the runtime's per-context state, then the context's
+ * allocations, streams, events and modules go; it leaves this thread's stack. A primary
+ * context is released, not destroyed. */
+KC_EXPORT CUresult cuCtxDestroy_v2(CUcontext ctx) {
+    CUresult rc = kc_lock(0);
+    if (rc) return rc;
+    int ok = ctx && is_ctx(ctx) && ctx->created;
+    kc_unlock();
+    if (!ok) return CUDA_ERROR_INVALID_CONTEXT;
+    kc_context_reset(ctx);
+    if ((rc = kc_lock(0))) return rc;
+    if (!is_ctx(ctx) || !ctx->created) {            /* destroyed meanwhile by another thread */
+        kc_unlock();
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    int dev = ctx->device;
+    struct mp_val r;
+    rc = kc_exec_request(dev, KCP_EXECUTOR_CTX_SYNC, NULL, 0, &r);
+    for (size_t i = nallocs; i-- > 0;)
+        if (allocs[i].ctx == ctx) {
+            CUresult e = mem_free(dev, allocs[i].p);
+            if (!rc) rc = e;
+        }
+    for (size_t i = 0; i < nallocs; i++)
+        if (allocs[i].ctx == ctx) allocs[i].ctx = NULL;    /* could not be freed: the session's now */
+    kc_ctx_objects_free(ctx);
+    struct ctx_stack *s = stack(0);
+    for (int i = 0, j = 0; s && i <= s->n; i++) {      /* out of this thread's stack, order kept */
+        if (i == s->n) { s->n = j; break; }
+        if (s->c[i] != ctx) s->c[j++] = s->c[i];
+    }
+    *ctx = (struct kc_ctx){0};
+    kc_unlock();
+    return rc;
+}
+
+KC_EXPORT CUresult cuCtxDestroy(CUcontext ctx) { return cuCtxDestroy_v2(ctx); }
 
 KC_EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
     if (!free_bytes || !total) return CUDA_ERROR_INVALID_VALUE;

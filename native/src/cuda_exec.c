@@ -54,6 +54,7 @@ struct obj {
     unsigned flags;
     int max_dyn_shared, carveout;    /* function attributes set by the program */
     void *capture;               /* stream: the graph its capture records into (cuda_graph.c) */
+    void *ctx;                   /* the context current when it was made (cuCtxDestroy frees it) */
     char *name;                  /* function: its name (to find it in the library on another device) */
     uint32_t library;            /* module: the library it was loaded for (index + 1), or 0 */
     uint32_t mods[KC_MAX_DEVICES];   /* library: its module on each device (index + 1), loaded on use */
@@ -98,6 +99,7 @@ static int new_obj(enum kind kind, int dev, uint64_t h, uint32_t *idx_out) {
     if (!o) return -1;
     o->kind = kind;
     o->dev = dev;
+    o->ctx = kc_current_ctx();
     o->h = h;
     o->epoch = kc_session_epoch();
     o->gen = next_gen++;                 /* a freed slot's old handles no longer match */
@@ -446,6 +448,23 @@ KC_EXPORT CUresult cuModuleUnload(CUhandle hmod) {
     rc = lookup(hmod, K_MODULE, &idx) ? unload_module(idx) : CUDA_ERROR_INVALID_HANDLE;
     kc_unlock();
     return rc;
+}
+
+/* A destroyed context's streams, events and modules (a library's modules are the library's:
+ * libraries belong to no context). */
+void kc_ctx_objects_free(void *ctx) {
+    struct mp_val r;
+    for (uint32_t i = 0; i < nobjs; i++) {
+        struct obj *o = objs[i];
+        if (!o || o->ctx != ctx) continue;
+        if (o->kind == K_MODULE && !o->library) unload_module(i);
+        else if (o->kind == K_STREAM || o->kind == K_EVENT) {
+            if (o->kind == K_STREAM) kc_request1(o->dev, KCP_EXECUTOR_STREAM_DESTROY, KCP_EXECUTOR_STREAM_DESTROY_STREAM,
+                                                 o->h, &r);
+            else kc_request1(o->dev, KCP_EXECUTOR_EVENT_DESTROY, KCP_EXECUTOR_EVENT_DESTROY_EVENT, o->h, &r);
+            drop_obj(i);
+        }
+    }
 }
 
 /* get_function (lock held): one object per kernel, as the executor keeps one handle per

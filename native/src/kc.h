@@ -171,6 +171,8 @@ uint8_t *kc_arena_at(int i, uint64_t ptr, size_t n);
 void kc_context_reset(void *ctx);
 CUresult kc_primary_context(int dev, void **pctx);      /* cuda_api.c: the handle, not retained */
 void *kc_primary_of(int dev);                           /* the same, lock held (NULL: no such device) */
+void *kc_current_ctx(void);                             /* cuda_api.c: the calling thread's, or NULL */
+void kc_ctx_objects_free(void *ctx);                    /* cuda_exec.c, lock held: what ctx made goes */
 int kc_ctx_device(void *ctx);                           /* cuda_api.c, lock held: its device, or -1 */
 void kc_sha256(const void *data, size_t n, uint8_t out[32]);   /* sha256.c */
 

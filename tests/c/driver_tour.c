@@ -235,6 +235,35 @@ int main(int argc, char **argv) {
     int n2 = 0;
     SAY("proc_call", "%d", count_fn ? count_fn(&n2) : -1);
     SAY("proc_call_count", "%d", n2);
+    /* a created context: pushed current, its own allocations and streams, which go with it */
+    CUcontext made = NULL, top = NULL;
+    size_t free_before = 0, free_in = 0, free_after = 0;
+    cuMemGetInfo(&free_before, &tot);
+    SAY("create_rc", "%d", cuCtxCreate(&made, NULL, 0, 0));
+    cuCtxGetCurrent(&top);
+    SAY("create_current", "%d", top == made && made != NULL && made != ctx);
+    CUdeviceptr mine = 0;
+    CUstream ms = NULL;
+    SAY("create_alloc", "%d", cuMemAlloc(&mine, 8u << 20));
+    SAY("create_stream", "%d", cuStreamCreate(&ms, 0));
+    cuMemGetInfo(&free_in, &tot);
+    SAY("create_charged", "%d", free_before - free_in >= (8u << 20));
+    CUdevice mdev = -1;
+    SAY("create_device", "%d", cuCtxGetDevice(&mdev) == CUDA_SUCCESS && mdev == 0);
+    SAY("create_push_primary", "%d", cuCtxPushCurrent(ctx));   /* the primary's work is untouched */
+    CUcontext popped = NULL;
+    SAY("create_pop", "%d", cuCtxPopCurrent(&popped) == CUDA_SUCCESS && popped == ctx);
+    SAY("destroy_primary", "%d", cuCtxDestroy(ctx));           /* released, not destroyed */
+    SAY("destroy_rc", "%d", cuCtxDestroy(made));
+    cuCtxGetCurrent(&top);
+    SAY("destroy_popped", "%d", top == ctx);                   /* off the stack: the primary is current again */
+    SAY("destroy_twice", "%d", cuCtxDestroy(made));
+    cuMemGetInfo(&free_after, &tot);
+    SAY("destroy_freed", "%d", free_after == free_before);
+    SAY("destroy_stream_gone", "%d", cuStreamQuery(ms));
+    SAY("destroy_alloc_gone", "%d", cuMemFree(mine));
+    CUexecAffinityParam aff = {CU_EXEC_AFFINITY_TYPE_SM_COUNT, {{1}}};
+    SAY("create_affinity", "%d", cuCtxCreate_v3(&made, &aff, 1, 0, 0));
     SAY("release", "%d", cuDevicePrimaryCtxRelease(0));
     SAY("stdin_open", "%d", stdin_intact());
     return 0;
