@@ -43,9 +43,12 @@ static struct ctx_stack *stack(int create) {
     }
     return s;
 }
+static int is_ctx(const struct kc_ctx *c);
+/* The top of the stack; a context destroyed while current here (by another thread) is none. */
 static struct kc_ctx *get_current(void) {
     struct ctx_stack *s = stack(0);
-    return s && s->n ? s->c[s->n - 1] : NULL;
+    struct kc_ctx *c = s && s->n ? s->c[s->n - 1] : NULL;
+    return c && is_ctx(c) ? c : NULL;
 }
 static int set_current(struct kc_ctx *c) {
     struct ctx_stack *s = stack(c != NULL);
