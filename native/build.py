@@ -21,7 +21,7 @@ LIBDIR = os.path.join(HERE, "lib")
 COMMON = ("mpack.c", "zmtp.c", "session.c", "sha256.c")
 LIBRARIES = {
     "libcuda.so.1": COMMON + ("cuda_api.c", "cuda_exec.c", "cuda_more.c", "cuda_graph.c", "cuda_link.c",
-                              "cuda_vmm.c",
+                              "cuda_vmm.c", "cuda_logs.c",
                               "export_tables.c",
                               "runtime_init.c", "gen_surface.c", "gen_devattr.c"),
     "libnvidia-ml.so.1": COMMON + ("nvml.c", "gen_nvml.c"),

@@ -53,6 +53,12 @@ DRIVER: dict[str, str] = {
     "cuCtxCreate_v4": LOCAL,              # without execution affinity or CIG parameters
     "cuCtxDestroy": LOCAL,                # its allocations, streams, events and modules go
     "cuCtxDestroy_v2": LOCAL,
+    # the driver's logs (native/src/cuda_logs.c): this library's own messages
+    "cuLogsRegisterCallback": LOCAL,
+    "cuLogsUnregisterCallback": LOCAL,
+    "cuLogsCurrent": LOCAL,
+    "cuLogsDumpToFile": LOCAL,
+    "cuLogsDumpToMemory": LOCAL,
     "cuCtxSetCurrent": LOCAL,
     "cuCtxGetDevice": LOCAL,
     "cuCtxSynchronize": BROKER,           # ctx_sync

@@ -249,6 +249,10 @@ def test_driver_tour(programs, quota_broker):
     assert (v["destroy_primary"], v["destroy_rc"], v["destroy_popped"], v["destroy_twice"]) == ("201", "0", "1", "201")
     assert (v["destroy_freed"], v["destroy_stream_gone"], v["destroy_alloc_gone"]) == ("1", "400", "1"), v
     assert v["create_affinity"] == "801" and "execution affinity parameters are not supported" in err
+    # the driver's logs: that reason reached the callback and the dump, once each
+    assert (v["logs_register"], v["logs_current"], v["logs_callback"]) == ("0", "0", "1"), v
+    assert (v["logs_dump"], v["logs_dump_text"], v["logs_dump_after"]) == ("0", "1", "1"), v
+    assert (v["logs_dump_small"], v["logs_unregister"], v["logs_after_unregister"]) == ("1", "0", "1"), v
     assert v["release"] == "0"
     assert v["stdin_open"] == "1"
 

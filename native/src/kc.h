@@ -23,6 +23,7 @@ enum {
 
 /* ---- logging (session.c) ---- */
 void kc_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void kc_log_record(const char *line, size_t n);   /* cuda_logs.c: each kc_log line, for cuLogs* */
 int kc_debug(void);        /* KUBECASH_DEBUG is set (non-empty): trace what programs ask */
 /* Log "kubecash: <name> is not supported" the first time *once is seen clear. */
 void kc_unsupported_once(const char *name, int *once);

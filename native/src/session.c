@@ -53,6 +53,9 @@ static struct {
     char broken_why[512];
 } g;
 
+/* Where libcuda.so.1 keeps its messages for cuLogs* (cuda_logs.c); nothing in libnvidia-ml. */
+__attribute__((weak)) void kc_log_record(const char *line, size_t n) { (void)line; (void)n; }
+
 void kc_log(const char *fmt, ...) {
     char line[1024];
     va_list ap;
@@ -64,6 +67,7 @@ void kc_log(const char *fmt, ...) {
     line[n++] = '\n';
     ssize_t w = write(2, line, (size_t)n);      /* one write: lines from threads do not interleave */
     (void)w;
+    kc_log_record(line, (size_t)n);
 }
 
 int kc_debug(void) {

@@ -39,6 +39,16 @@ static CUcontext open_ctx(void) {
 }
 
 /* Each thread makes the primary context current (per thread, as in CUDA) and copies. */
+/* cuLogs*: what a registered callback was told */
+static char logged[1024];
+static int logged_level = -1, log_calls;
+static void on_log(void *data, CUlogLevel level, char *message, size_t length) {
+    (void)data;
+    log_calls++;
+    logged_level = (int)level;
+    snprintf(logged, sizeof logged, "%.*s", (int)length, message);
+}
+
 static CUcontext shared_ctx;
 static void *worker(void *arg) {
     long i = (long)arg;
@@ -262,8 +272,29 @@ int main(int argc, char **argv) {
     SAY("destroy_freed", "%d", free_after == free_before);
     SAY("destroy_stream_gone", "%d", cuStreamQuery(ms));
     SAY("destroy_alloc_gone", "%d", cuMemFree(mine));
+    /* the driver's logs: the reason for a refusal reaches a callback and the dumps */
+    CUlogsCallbackHandle cb = NULL;
+    CUlogIterator it = 0;
+    SAY("logs_register", "%d", cuLogsRegisterCallback(on_log, NULL, &cb));
+    SAY("logs_current", "%d", cuLogsCurrent(&it, 0));
     CUexecAffinityParam aff = {CU_EXEC_AFFINITY_TYPE_SM_COUNT, {{1}}};
     SAY("create_affinity", "%d", cuCtxCreate_v3(&made, &aff, 1, 0, 0));
+    SAY("logs_callback", "%d", log_calls == 1 && logged_level == CU_LOG_LEVEL_ERROR &&
+                               strstr(logged, "execution affinity") != NULL && !strchr(logged, '\n'));
+    char dump[4096];
+    size_t dsize = sizeof dump;
+    CUlogIterator it2 = it;
+    SAY("logs_dump", "%d", cuLogsDumpToMemory(&it2, dump, &dsize, 0));
+    SAY("logs_dump_text", "%d", dsize == strlen(dump) && strstr(dump, "execution affinity") != NULL && it2 == it + 1);
+    dsize = sizeof dump;
+    SAY("logs_dump_after", "%d", cuLogsDumpToMemory(&it2, dump, &dsize, 0) == CUDA_SUCCESS && dsize == 0);
+    char small[8];
+    size_t ssize = sizeof small;
+    CUlogIterator it3 = it;
+    SAY("logs_dump_small", "%d", cuLogsDumpToMemory(&it3, small, &ssize, 0));   /* none fits */
+    SAY("logs_unregister", "%d", cuLogsUnregisterCallback(cb));
+    cuCtxCreate_v3(&made, &aff, 1, 0, 0);
+    SAY("logs_after_unregister", "%d", log_calls);
     SAY("release", "%d", cuDevicePrimaryCtxRelease(0));
     SAY("stdin_open", "%d", stdin_intact());
     return 0;
