@@ -1,7 +1,9 @@
 /* The driver's logs (cuLogs*, CUDA 12.9+): what this library says on stderr (kc_log: why a
  * call was refused, what is not supported) is also kept here, the last LOG_BYTES of it, and
  * handed to the callbacks a program registered, as CUDA's driver does with its own messages.
- * Every message is CU_LOG_LEVEL_ERROR: each explains a call that did not do what was asked. */
+ * Every message is CU_LOG_LEVEL_ERROR: each explains a call that did not do what was asked.
+ * A callback runs on the thread whose call failed, often with the session lock held: one that
+ * calls back into CUDA would wait for itself (the dumps take only the logs' own lock). */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
