@@ -238,8 +238,9 @@ DRIVER: dict[str, str] = {
 # A capture records launches, async copies and memsets, host functions, event records and
 # waits made on the stream as a chain of nodes; explicit graphs take kernel, memset, host,
 # event and empty nodes with their dependencies. A launch replays the nodes, in an order the
-# dependencies allow, on its stream. Memory nodes, child graphs, captures across streams,
-# graph update (cuGraphExecUpdate) and the other node kinds: NOT_SUPPORTED.
+# dependencies allow, on its stream; cuGraphExecUpdate puts another graph's parameters into an
+# instantiated one of the same topology. Memory nodes, child graphs, captures across streams
+# and the other node kinds: NOT_SUPPORTED.
 DRIVER.update({name: LOCAL for name in (
     "cuStreamBeginCapture", "cuStreamBeginCapture_ptsz", "cuStreamBeginCapture_v2", "cuStreamBeginCapture_v2_ptsz",
     "cuStreamEndCapture", "cuStreamEndCapture_ptsz", "cuStreamGetCaptureInfo", "cuStreamGetCaptureInfo_ptsz",
@@ -250,7 +251,8 @@ DRIVER.update({name: LOCAL for name in (
     "cuGraphAddEventWaitNode", "cuGraphKernelNodeGetParams", "cuGraphKernelNodeGetParams_v2",
     "cuGraphKernelNodeSetParams", "cuGraphKernelNodeSetParams_v2", "cuGraphInstantiateWithFlags",
     "cuGraphInstantiateWithParams", "cuGraphInstantiateWithParams_ptsz", "cuGraphExecDestroy",
-    "cuGraphExecKernelNodeSetParams", "cuGraphExecKernelNodeSetParams_v2")})
+    "cuGraphExecKernelNodeSetParams", "cuGraphExecKernelNodeSetParams_v2", "cuGraphExecUpdate",
+    "cuGraphExecUpdate_v2")})
 DRIVER.update({name: BROKER for name in (    # the graph's work, sent as its calls would be
     "cuGraphLaunch", "cuGraphLaunch_ptsz", "cuGraphUpload", "cuGraphUpload_ptsz")})
 

@@ -65,6 +65,7 @@ struct graph {
 struct exec {
     struct kc_gnode *nodes;      /* in launch order, args copied */
     struct node **from;          /* the graph node each came from (for SetParams) */
+    size_t **deps, *ndeps;       /* each one's dependencies, as positions in that order (for update) */
     size_t n;
 };
 
@@ -504,19 +505,39 @@ KC_EXPORT CUresult cuGraphKernelNodeSetParams(CUhandle hNode, const struct kerne
 
 /* ---- instantiation and launch ---- */
 static void free_exec(struct exec *e) {
-    for (size_t i = 0; i < e->n; i++) free(e->nodes[i].args);
+    for (size_t i = 0; i < e->n; i++) {
+        free(e->nodes[i].args);
+        if (e->deps) free(e->deps[i]);
+    }
     free(e->nodes);
     free(e->from);
+    free(e->deps);
+    free(e->ndeps);
     free(e);
 }
 
-/* The nodes of g in an order their dependencies allow (Kahn's), copied (gm held). */
-static CUresult instantiate(struct exec **out, struct graph *g) {
+/* Where each node of the order is, by its graph node (positions of its dependencies). */
+static CUresult order_deps(struct exec *e) {
+    for (size_t i = 0; i < e->n; i++) {
+        struct node *x = e->from[i];
+        e->ndeps[i] = x->ndeps;
+        if (x->ndeps && !(e->deps[i] = malloc(x->ndeps * sizeof *e->deps[i]))) return CUDA_ERROR_OUT_OF_MEMORY;
+        for (size_t k = 0; k < x->ndeps; k++)
+            for (size_t j = 0; j < i; j++)              /* a dependency comes earlier in the order */
+                if (e->from[j] == x->deps[k]) { e->deps[i][k] = j; break; }
+    }
+    return CUDA_SUCCESS;
+}
+
+/* The nodes of g in an order their dependencies allow (Kahn's, the lowest index first), copied
+ * (gm held); `publish`: a graph exec handed out (else a scratch one, for an update). */
+static CUresult instantiate(struct exec **out, struct graph *g, int publish) {
     struct exec *e = calloc(1, sizeof *e);
     size_t *left = calloc(g->n ? g->n : 1, sizeof *left);
     char *done = calloc(g->n ? g->n : 1, 1);
-    if (!e || !left || !done || (g->n && (!(e->nodes = calloc(g->n, sizeof *e->nodes)) ||
-                                           !(e->from = calloc(g->n, sizeof *e->from))))) {
+    size_t m = g->n ? g->n : 1;
+    if (!e || !left || !done || !(e->nodes = calloc(m, sizeof *e->nodes)) || !(e->from = calloc(m, sizeof *e->from)) ||
+        !(e->deps = calloc(m, sizeof *e->deps)) || !(e->ndeps = calloc(m, sizeof *e->ndeps))) {
         free(left); free(done);
         if (e) free_exec(e);
         return CUDA_ERROR_OUT_OF_MEMORY;
@@ -542,7 +563,10 @@ static CUresult instantiate(struct exec **out, struct graph *g) {
     }
     free(left);
     free(done);
-    if (push((void ***)&execs, &nexecs, &capexecs, e)) { free_exec(e); return CUDA_ERROR_OUT_OF_MEMORY; }
+    if (order_deps(e) || (publish && push((void ***)&execs, &nexecs, &capexecs, e))) {
+        free_exec(e);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
     *out = e;
     return CUDA_SUCCESS;
 }
@@ -556,7 +580,7 @@ KC_EXPORT CUresult cuGraphInstantiateWithFlags(CUhandle *phExec, CUhandle hGraph
     pthread_mutex_lock(&gm);
     struct graph *g = live_graph(hGraph);
     struct exec *e = NULL;
-    CUresult rc = !g || g->capturing ? CUDA_ERROR_INVALID_VALUE : instantiate(&e, g);
+    CUresult rc = !g || g->capturing ? CUDA_ERROR_INVALID_VALUE : instantiate(&e, g, 1);
     pthread_mutex_unlock(&gm);
     if (!rc) *phExec = e;
     return rc;
@@ -685,6 +709,71 @@ static CUresult exec_kernel_set(CUhandle hExec, CUhandle hNode, const struct ker
         }
     pthread_mutex_unlock(&gm);
     free(n.args);
+    return rc;
+}
+
+/* cuGraphExecUpdate: the parameters of hGraph's nodes into an instantiated graph of the same
+ * topology. Nodes are paired by their place in the launch order (creation order where the
+ * dependencies allow: a capture's chain, or an explicit graph built the same way); a
+ * different count, kind or set of dependencies, a copy between other kinds of memory or a
+ * 2D memset of another shape is refused, naming the node, and nothing is changed. */
+enum { UPDATE_OK, UPDATE_ERROR, UPDATE_TOPOLOGY, UPDATE_NODE_TYPE, UPDATE_PARAMETERS = 5 };
+struct update_info { int result; CUhandle error_node, error_from; };
+
+static int update_check(const struct exec *e, const struct exec *x, struct update_info *info) {
+    if (e->n != x->n) return UPDATE_TOPOLOGY;
+    for (size_t i = 0; i < x->n; i++) {
+        const struct kc_gnode *a = &e->nodes[i], *b = &x->nodes[i];
+        info->error_node = x->from[i];
+        if (a->kind != b->kind) return UPDATE_NODE_TYPE;
+        if (e->ndeps[i] != x->ndeps[i]) return UPDATE_TOPOLOGY;
+        for (size_t k = 0; k < x->ndeps[i]; k++) {
+            int found = 0;
+            for (size_t j = 0; j < e->ndeps[i] && !found; j++) found = e->deps[i][j] == x->deps[i][k];
+            if (!found) { info->error_from = x->from[x->deps[i][k]]; return UPDATE_TOPOLOGY; }
+        }
+        if (a->kind == KC_G_COPY && a->what != b->what) return UPDATE_PARAMETERS;
+        if (a->kind == KC_G_MEMSET && (a->height > 1 || b->height > 1) &&
+            (a->width != b->width || a->height != b->height || a->elem != b->elem))
+            return UPDATE_PARAMETERS;
+        if (a->kind == KC_G_KERNEL && a->coop != b->coop) return UPDATE_PARAMETERS;
+    }
+    info->error_node = NULL;
+    return UPDATE_OK;
+}
+
+static CUresult exec_update(CUhandle hExec, CUhandle hGraph, struct update_info *info) {
+    struct update_info mine = {0};
+    if (!info) info = &mine;
+    *info = (struct update_info){UPDATE_ERROR, NULL, NULL};
+    pthread_mutex_lock(&gm);
+    struct exec *e = live_exec(hExec), *x = NULL;
+    struct graph *g = live_graph(hGraph);
+    CUresult rc = !e || !g || g->capturing ? CUDA_ERROR_INVALID_VALUE : instantiate(&x, g, 0);
+    if (!rc) {
+        info->result = update_check(e, x, info);
+        if (info->result == UPDATE_OK) {   /* x's copies become e's; e's old ones go with x */
+            struct exec t = *e;
+            *e = *x;
+            *x = t;
+        } else {
+            rc = CUDA_ERROR_GRAPH_EXEC_UPDATE_FAILURE;
+        }
+        free_exec(x);
+    }
+    pthread_mutex_unlock(&gm);
+    return rc;
+}
+
+KC_EXPORT CUresult cuGraphExecUpdate_v2(CUhandle hExec, CUhandle hGraph, struct update_info *info) {
+    return exec_update(hExec, hGraph, info);
+}
+
+KC_EXPORT CUresult cuGraphExecUpdate(CUhandle hExec, CUhandle hGraph, CUhandle *error_node, int *result) {
+    struct update_info info;
+    CUresult rc = exec_update(hExec, hGraph, &info);
+    if (error_node) *error_node = info.error_node;
+    if (result) *result = info.result;
     return rc;
 }
 
