@@ -207,3 +207,4 @@ def test_examples_run_on_the_native_driver_without_the_shim(broker, program, mar
         assert_ok(r, marker)
         if program[0] != "device_info.py":     # (its marker is the quota: brokered too)
             assert kernels_run(watcher) >= 1
+            assert "not supported" not in r.stderr, r.stderr     # nothing fell through to a stub

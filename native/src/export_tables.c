@@ -473,9 +473,13 @@ static const struct table tables[] = {
  * f8cff951-2146-8b4e-b9e2-fb469e7c0dd9: cudart 12.9, 13.0 and 13.5 (static and shared) ask
  * for it first, and initialise fully when refused (experiment); other
  * reimplementations report that answering it changes cudart's start-up path, and name no
- * slot's meaning. */
+ * slot's meaning.
+ * da9151d3-3ae6-cc41-a5c0-4f26d533e328: NVRTC 13's nvrtcCompileProgram asks (a breakpoint
+ * here, under cuda-python's jit_saxpy example); refused, it compiles the same PTX, and
+ * CuPy's and cuda-python's NVRTC programs run (tests/test_cupy.py, test_shim_programs.py). */
 static const unsigned char refused[][16] = {
     {0xf8, 0xcf, 0xf9, 0x51, 0x21, 0x46, 0x8b, 0x4e, 0xb9, 0xe2, 0xfb, 0x46, 0x9e, 0x7c, 0x0d, 0xd9},
+    {0xda, 0x91, 0x51, 0xd3, 0x3a, 0xe6, 0xcc, 0x41, 0xa5, 0xc0, 0x4f, 0x26, 0xd5, 0x33, 0xe3, 0x28},
 };
 
 /* Unknown UUIDs already reported (each logged once). */
