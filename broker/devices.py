@@ -85,13 +85,15 @@ def nvidia_devices() -> list[NodeDevice]:
             name = pynvml.nvmlDeviceGetName(h)
             uuid = pynvml.nvmlDeviceGetUUID(h)
             cc = list(pynvml.nvmlDeviceGetCudaComputeCapability(h))
-            pci = pynvml.nvmlDeviceGetPciInfo(h)
-            devices.append(NodeDevice(f"gpu{i}", "cuda", i, int(mem.total), {
-                "model": name if isinstance(name, str) else name.decode(),
-                "uuid": uuid if isinstance(uuid, str) else uuid.decode(),
-                "compute_capability": cc,
-                "pci": [int(pci.domain), int(pci.bus), int(pci.device)],
-            }))
+            props = {"model": name if isinstance(name, str) else name.decode(),
+                     "uuid": uuid if isinstance(uuid, str) else uuid.decode(),
+                     "compute_capability": cc}
+            try:                  # where NVML cannot say, the device has no PCI attributes
+                pci = pynvml.nvmlDeviceGetPciInfo(h)
+                props["pci"] = [int(pci.domain), int(pci.bus), int(pci.device)]
+            except pynvml.NVMLError as e:
+                log.info("gpu%d: no PCI location from NVML (%s)", i, e)
+            devices.append(NodeDevice(f"gpu{i}", "cuda", i, int(mem.total), props))
     finally:
         pynvml.nvmlShutdown()
     return devices
