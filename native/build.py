@@ -30,8 +30,11 @@ LIBRARIES = {
 # libraries' helpers never collide with a program's symbols. -z defs: a table entry without
 # a C definition fails the link instead of the first call. -z nodelete: dlclose leaves the
 # libraries loaded, since the heartbeat thread runs their code until the process ends.
+# What GCC 14 makes errors (Debian trixie's compiler) is an error with every compiler: a
+# missing #include must not build here and fail there.
 CFLAGS = ("-std=gnu11", "-O2", "-g", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra",
-          "-Wno-unused-parameter", "-pthread")
+          "-Wno-unused-parameter", "-Werror=implicit-function-declaration", "-Werror=implicit-int",
+          "-Werror=int-conversion", "-Werror=incompatible-pointer-types", "-pthread")
 LDFLAGS = ("-shared", "-Wl,-z,defs", "-Wl,-z,nodelete", "-Wl,--as-needed", "-pthread")
 
 

@@ -25,6 +25,8 @@ QUOTA = 64 << 20
 RUN_TIMEOUT = 180                       # generous: a loaded 2-core machine
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+# As the tours are built; what GCC 14 (Debian trixie) refuses is refused with every compiler.
+CC = ["cc", "-Wall", "-Wno-deprecated-declarations", "-Werror=implicit-function-declaration"]
 
 
 def _cuda_include() -> str:
@@ -50,7 +52,7 @@ def programs(tmp_path_factory) -> dict[str, str]:
     for name, extra in (("driver_tour", ["-I", _cuda_include(), "-l:libcuda.so.1", "-ldl", "-lpthread"]),
                         ("nvml_tour", ["-l:libnvidia-ml.so.1"])):
         exe = str(out / name)
-        cmd = ["cc", "-Wall", "-Wno-deprecated-declarations", "-o", exe, os.path.join(HERE, "c", f"{name}.c"),
+        cmd = [*CC, "-o", exe, os.path.join(HERE, "c", f"{name}.c"),
                "-L", lib, "-Wl,--no-as-needed", *extra]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
         assert r.returncode == 0, r.stderr
@@ -72,7 +74,7 @@ def exec_tour(tmp_path_factory) -> tuple[str, dict[str, str]]:
                            timeout=RUN_TIMEOUT)
         assert r.returncode == 0, r.stderr
     exe = str(out / "exec_tour")
-    r = subprocess.run(["cc", "-Wall", "-Wno-deprecated-declarations", "-o", exe,
+    r = subprocess.run([*CC, "-o", exe,
                         os.path.join(HERE, "c", "exec_tour.c"), "-I", _cuda_include(), "-L", _libdir(),
                         "-Wl,--no-as-needed", "-l:libcuda.so.1", "-lm", "-lpthread"],
                        capture_output=True, text=True, timeout=RUN_TIMEOUT)
@@ -448,7 +450,7 @@ def test_exec_launch_rate(exec_tour, quota_broker):
 def more_tour(exec_tour, tmp_path_factory) -> tuple[str, str]:
     """tests/c/more_tour.c built against cuda.h, and the PTX of tests/c/kernels.cu."""
     exe = str(tmp_path_factory.mktemp("native-more") / "more_tour")
-    r = subprocess.run(["cc", "-Wall", "-Wno-deprecated-declarations", "-o", exe,
+    r = subprocess.run([*CC, "-o", exe,
                         os.path.join(HERE, "c", "more_tour.c"), "-I", _cuda_include(), "-L", _libdir(),
                         "-Wl,--no-as-needed", "-l:libcuda.so.1"],
                        capture_output=True, text=True, timeout=RUN_TIMEOUT)

@@ -39,6 +39,10 @@ static CUcontext open_ctx(void) {
 }
 
 /* Each thread makes the primary context current (per thread, as in CUDA) and copies. */
+/* cuda.h declares cuCtxCreate_v3 only for the driver's own build: the exported name */
+CUresult cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *paramsArray, int numParams, unsigned int flags,
+                        CUdevice dev);
+
 /* cuLogs*: what a registered callback was told */
 static char logged[1024];
 static int logged_level = -1, log_calls;
