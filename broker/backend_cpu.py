@@ -171,14 +171,6 @@ class CpuBackend:
         `cooperative`: the whole grid resident at once (never sliced)."""
         module, kernel = function
         grid, block = tuple(grid), tuple(block)
-        if cooperative:
-            nw, per_worker = self.launcher.coop_share(grid, block)
-            threads = per_worker * block[0] * block[1] * block[2]
-            if threads > cpukernels.MAX_COOP_FIBERS:
-                raise error_from_code(CUresult.CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE,
-                                      f"a cooperative grid of {grid[0] * grid[1] * grid[2]} blocks puts "
-                                      f"{threads} threads on each of this executor's {nw} kernel threads; "
-                                      f"at most {cpukernels.MAX_COOP_FIBERS} can be resident on one")
         try:
             if cooperative:
                 self.launcher.launch(module, kernel, grid, block, shared, args, cooperative=True)
@@ -201,6 +193,8 @@ class CpuBackend:
                 if progress[0] < total and should_yield():
                     return False
             return True
+        except cpukernels.CoopTooLarge as e:
+            raise error_from_code(CUresult.CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, str(e)) from None
         except ValueError as e:
             raise error_from_code(CUresult.CUDA_ERROR_INVALID_VALUE, str(e)) from None
 

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 from .build import build_module, compile_module, stats
 from .errors import KernelCompileError, UnsupportedConstructError
-from .launch import MAX_COOP_FIBERS, MAX_SHARED_BYTES, Launcher
+from .launch import MAX_COOP_FIBERS, MAX_SHARED_BYTES, CoopTooLarge, Launcher
 from .loader import CompiledModule, KernelInfo
 from .options import parse_options
 
 __all__ = [
     "KernelCompileError", "UnsupportedConstructError", "build_module", "compile_module", "CompiledModule",
-    "KernelInfo", "Launcher", "stats", "MAX_SHARED_BYTES", "MAX_COOP_FIBERS", "parse_options",
+    "KernelInfo", "Launcher", "stats", "MAX_SHARED_BYTES", "MAX_COOP_FIBERS", "CoopTooLarge", "parse_options",
 ]

@@ -21,6 +21,10 @@ MAX_SHARED_BYTES = 48 * 1024
 # at most this many threads per worker (each a fiber stack and a guard page, two of the
 # process's memory mappings: vm.max_map_count is 65530 by default).
 MAX_COOP_FIBERS = 8192
+class CoopTooLarge(ValueError):
+    """A cooperative grid whose share puts more than MAX_COOP_FIBERS threads on a worker."""
+
+
 _COOP_WINDOW = 96 * 1024    # kCoopWindow in kubecash_runtime.h: static + dynamic shared
 _COOP_STRIDE = _COOP_WINDOW + 64   # kCoopStride: the window and the block's BlockRun
 _MAX_BLOCK_THREADS = 1024
@@ -193,14 +197,15 @@ class Launcher:
                              "(48 KiB) limit on dynamic shared memory")
         if not isinstance(kernel, KernelInfo):
             raise ValueError(f"kernel must be a KernelInfo, got {type(kernel).__name__}")
-        nw_coop, per_worker = self.coop_share(grid, block)
+        per_worker = 0
         if cooperative:
             if first_block != 0 or last_block is not None:
                 raise ValueError("a cooperative launch runs its whole grid at once")
+            nw_coop, per_worker = self.coop_share(grid, block)
             if per_worker * threads > MAX_COOP_FIBERS:
-                raise ValueError(f"a cooperative grid of {grid[0] * grid[1] * grid[2]} blocks of {threads} "
-                                 f"threads puts {per_worker * threads} threads on each of {nw_coop} "
-                                 f"workers; at most {MAX_COOP_FIBERS} can be resident on one")
+                raise CoopTooLarge(f"a cooperative grid of {grid[0] * grid[1] * grid[2]} blocks of {threads} "
+                                   f"threads puts {per_worker * threads} threads on each of {nw_coop} "
+                                   f"workers; at most {MAX_COOP_FIBERS} can be resident on one")
         argbuf, argv = _pack_args(kernel, args)
         with self._lock:
             if self._closed:
@@ -219,7 +224,7 @@ class Launcher:
                 workspace = (ctypes.c_uint64 * 2)()    # the grid barrier's words, zeroed
                 L = _KcLaunch((ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*block),
                               nblocks, ctypes.addressof(counter), shared_bytes, module._id,
-                              ctypes.addressof(fault), per_worker if cooperative else 0,
+                              ctypes.addressof(fault), per_worker,
                               ctypes.addressof(workspace) if cooperative else None)
                 nw = min(len(self._workers), nblocks - first_block)
                 if module.uses_fibers:     # the workers are idle: set up their stacks here
